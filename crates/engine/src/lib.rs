@@ -1,0 +1,119 @@
+//! The inference engine contract: a request goes in, a bounded stream of events comes out.
+//! Backends (embedded llama.cpp, an OpenAI-compatible upstream) implement [`Engine`].
+
+mod template;
+mod text;
+pub mod upstream;
+
+use std::pin::Pin;
+
+use futures::Stream;
+use futures::future::BoxFuture;
+
+pub use lattice_api::{FinishReason, Usage};
+pub use template::{ChatTemplate, TemplateError};
+pub use text::{StopMatcher, Utf8Decoder};
+
+/// One chat turn after the API layer has flattened content parts to text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Prompt {
+    /// Rendered with the model's own chat template.
+    Chat(Vec<Message>),
+    /// Plain text completion, no template.
+    Text(String),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// 0 means greedy.
+    pub temperature: f32,
+    pub top_p: f32,
+    /// 0 disables top-k.
+    pub top_k: u32,
+    /// `None` draws a fresh seed per request.
+    pub seed: Option<u64>,
+    pub stop: Vec<String>,
+    /// `None` means "whatever fits in the context window".
+    pub max_tokens: Option<u32>,
+    pub ignore_eos: bool,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            seed: None,
+            stop: Vec::new(),
+            max_tokens: None,
+            ignore_eos: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerateRequest {
+    /// Propagated into logs and, later, to Nexus receipts.
+    pub request_id: String,
+    pub prompt: Prompt,
+    pub params: SamplingParams,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// Newly generated text; never splits a UTF-8 character and never contains a stop sequence.
+    Delta(String),
+    /// Always the last event of a successful stream.
+    Done { finish_reason: FinishReason, usage: Usage },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EngineError {
+    #[error("{0}")]
+    InvalidRequest(String),
+    #[error(
+        "prompt of {prompt_tokens} tokens plus {max_tokens} completion tokens exceeds the context of {limit}"
+    )]
+    ContextOverflow { prompt_tokens: u32, max_tokens: u32, limit: u32 },
+    #[error("engine queue is full ({capacity} requests waiting)")]
+    Overloaded { capacity: usize },
+    #[error("upstream engine failed: {0}")]
+    Upstream(String),
+    #[error("engine failure: {0}")]
+    Internal(String),
+}
+
+pub type EventStream = Pin<Box<dyn Stream<Item = Result<Event, EngineError>> + Send>>;
+
+/// What a backend serves, as advertised to clients and (later) to Nexus.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelCard {
+    pub id: String,
+    /// Tokens available to one request (prompt + completion).
+    pub context_length: u32,
+    pub parallel_slots: u32,
+    pub has_chat_template: bool,
+}
+
+/// Instantaneous load, for `/metrics`, `/health` and heartbeats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Load {
+    pub queued: usize,
+    pub busy_slots: usize,
+    pub slots: usize,
+}
+
+pub trait Engine: Send + Sync + 'static {
+    fn card(&self) -> &ModelCard;
+    fn load(&self) -> Load;
+    /// Admits the request or rejects it before any token is produced. Dropping the returned
+    /// stream cancels the work and frees its slot.
+    fn generate(&self, req: GenerateRequest) -> BoxFuture<'_, Result<EventStream, EngineError>>;
+}

@@ -1,0 +1,190 @@
+//! HTTP handlers. The request path reads top to bottom: parse → validate → generate → respond.
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::Body;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use lattice_api::{ApiError, ChatCompletionRequest, CompletionRequest, ModelList, ModelObject};
+use lattice_engine::{GenerateRequest, Prompt, SamplingParams};
+use serde::de::DeserializeOwned;
+
+use crate::stream::{self, Kind, Meta, Tracker};
+use crate::{ApiErrorResponse, AppState, params};
+
+type HandlerResult = Result<Response, ApiErrorResponse>;
+
+pub(crate) async fn chat_completions(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> HandlerResult {
+    let started = Instant::now();
+    let result = async {
+        let req: ChatCompletionRequest = parse_body(body, &st)?;
+        check_model(&st, &req.model)?;
+        let (prompt, params) = params::chat(&req, &st.limits)?;
+        let include_usage = req.sampling.stream_options.is_some_and(|o| o.include_usage);
+        Ok((prompt, params, req.stream, include_usage))
+    }
+    .await;
+    respond(st, &headers, Kind::Chat, started, result).await
+}
+
+pub(crate) async fn completions(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> HandlerResult {
+    let started = Instant::now();
+    let result = async {
+        let req: CompletionRequest = parse_body(body, &st)?;
+        check_model(&st, &req.model)?;
+        let (prompt, params) = params::completion(&req, &st.limits)?;
+        let include_usage = req.sampling.stream_options.is_some_and(|o| o.include_usage);
+        Ok((prompt, params, req.stream, include_usage))
+    }
+    .await;
+    respond(st, &headers, Kind::Completion, started, result).await
+}
+
+async fn respond(
+    st: Arc<AppState>,
+    headers: &HeaderMap,
+    kind: Kind,
+    started: Instant,
+    validated: Result<(Prompt, SamplingParams, bool, bool), ApiError>,
+) -> HandlerResult {
+    let (prompt, params, streaming, include_usage) = validated.inspect_err(|e| {
+        st.metrics.request(kind.endpoint(), outcome(e.status));
+    })?;
+    let request_id = request_id(headers);
+    let gen_req = GenerateRequest { request_id: request_id.clone(), prompt, params };
+    let events = st.engine.generate(gen_req).await.map_err(|e| {
+        let api = stream::engine_error(&e);
+        st.metrics.request(kind.endpoint(), outcome(api.status));
+        tracing::debug!(request_id = %request_id, error = %e, "request rejected by the engine");
+        api
+    })?;
+    let prefix = match kind {
+        Kind::Chat => "chatcmpl",
+        Kind::Completion => "cmpl",
+    };
+    let meta = Meta {
+        id: format!("{prefix}-{request_id}"),
+        created: unix_now(),
+        model: st.engine.card().id.clone(),
+        kind,
+        include_usage,
+    };
+    let tracker = Tracker::new(st.clone(), kind, request_id.clone(), started);
+    let rid = HeaderValue::from_str(&request_id).unwrap_or(HeaderValue::from_static("invalid"));
+    if streaming {
+        let body = Body::from_stream(stream::sse(meta, events, tracker));
+        let mut resp = (StatusCode::OK, body).into_response();
+        let h = resp.headers_mut();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        h.insert("x-request-id", rid);
+        return Ok(resp);
+    }
+    let json = stream::collect(&meta, events, tracker).await?;
+    let mut resp = (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], json).into_response();
+    resp.headers_mut().insert("x-request-id", rid);
+    Ok(resp)
+}
+
+fn outcome(status: u16) -> &'static str {
+    match status {
+        429 | 503 => "overloaded",
+        400..=499 => "client_error",
+        _ => "error",
+    }
+}
+
+fn parse_body<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>, st: &AppState) -> Result<T, ApiError> {
+    let body = body.map_err(|r| {
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::payload_too_large(st.limits.max_body_bytes)
+        } else {
+            ApiError::invalid_request(format!("Could not read the request body: {r}"))
+        }
+    })?;
+    serde_json::from_slice(&body).map_err(|e| {
+        let msg = if e.is_syntax() || e.is_eof() {
+            format!("We could not parse the JSON body of your request: {e}")
+        } else {
+            format!("Invalid request body: {e}")
+        };
+        ApiError::invalid_request(msg)
+    })
+}
+
+fn check_model(st: &AppState, model: &str) -> Result<(), ApiError> {
+    if model == st.engine.card().id { Ok(()) } else { Err(ApiError::model_not_found(model)) }
+}
+
+/// Keeps a caller's request id (Nexus sets one) when it is short and printable.
+fn request_id(headers: &HeaderMap) -> String {
+    headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|s| {
+            !s.is_empty()
+                && s.len() <= 128
+                && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c))
+        })
+        .map_or_else(|| uuid::Uuid::new_v4().simple().to_string(), str::to_owned)
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+fn model_object(st: &AppState) -> ModelObject {
+    let card = st.engine.card();
+    ModelObject {
+        id: card.id.clone(),
+        object: "model".into(),
+        created: st.started.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+        owned_by: "lattice".into(),
+        context_length: Some(card.context_length),
+    }
+}
+
+pub(crate) async fn models(State(st): State<Arc<AppState>>) -> Response {
+    axum::Json(ModelList { object: "list".into(), data: vec![model_object(&st)] }).into_response()
+}
+
+pub(crate) async fn model(State(st): State<Arc<AppState>>, Path(id): Path<String>) -> HandlerResult {
+    check_model(&st, &id)?;
+    Ok(axum::Json(model_object(&st)).into_response())
+}
+
+pub(crate) async fn health(State(st): State<Arc<AppState>>) -> Response {
+    let load = st.engine.load();
+    let card = st.engine.card();
+    axum::Json(serde_json::json!({
+        "status": "ok",
+        "model": card.id,
+        "context_length": card.context_length,
+        "slots": load.slots,
+        "busy_slots": load.busy_slots,
+        "queued": load.queued,
+    }))
+    .into_response()
+}
+
+pub(crate) async fn metrics(State(st): State<Arc<AppState>>) -> Response {
+    let body = st.metrics.render(st.engine.load());
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        body,
+    )
+        .into_response()
+}

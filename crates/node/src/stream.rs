@@ -1,0 +1,297 @@
+//! Turns an engine event stream into OpenAI responses: SSE chunks in OpenAI's exact format or
+//! one JSON body, while recording time-to-first-token and decode speed.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use lattice_api::{
+    ApiError, AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionChunk, ChunkChoice,
+    Completion, CompletionChoice, Delta, FinishReason, Usage, UsageField,
+};
+use lattice_engine::{EngineError, Event, EventStream};
+
+use crate::AppState;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Chat,
+    Completion,
+}
+
+impl Kind {
+    pub(crate) fn endpoint(self) -> &'static str {
+        match self {
+            Kind::Chat => "chat_completions",
+            Kind::Completion => "completions",
+        }
+    }
+}
+
+/// Fields repeated in every chunk of one response.
+pub(crate) struct Meta {
+    pub(crate) id: String,
+    pub(crate) created: u64,
+    pub(crate) model: String,
+    pub(crate) kind: Kind,
+    pub(crate) include_usage: bool,
+}
+
+pub(crate) fn engine_error(e: &EngineError) -> ApiError {
+    match e {
+        EngineError::InvalidRequest(m) => ApiError::invalid_request(m.clone()),
+        EngineError::ContextOverflow { prompt_tokens, max_tokens, limit } => {
+            ApiError::context_length_exceeded(*prompt_tokens, *max_tokens, *limit)
+        }
+        EngineError::Overloaded { capacity } => ApiError::overloaded(format!(
+            "The node is at capacity ({capacity} requests already waiting); retry shortly."
+        )),
+        EngineError::Upstream(m) => ApiError::upstream(m.clone()),
+        EngineError::Internal(m) => ApiError::internal(m.clone()),
+    }
+}
+
+/// Records one request's outcome exactly once, including when the client goes away.
+pub(crate) struct Tracker {
+    st: Arc<AppState>,
+    kind: Kind,
+    request_id: String,
+    started: Instant,
+    first: Option<Instant>,
+    done: bool,
+}
+
+impl Tracker {
+    pub(crate) fn new(st: Arc<AppState>, kind: Kind, request_id: String, started: Instant) -> Self {
+        Self { st, kind, request_id, started, first: None, done: false }
+    }
+
+    fn on_delta(&mut self) {
+        if self.first.is_none() {
+            let now = Instant::now();
+            self.first = Some(now);
+            self.st.metrics.first_token(now.duration_since(self.started).as_secs_f64());
+        }
+    }
+
+    fn on_done(&mut self, usage: &Usage) {
+        let now = Instant::now();
+        let decode = self.first.map(|f| now.duration_since(f).as_secs_f64()).unwrap_or(0.0);
+        self.st.metrics.finished(
+            usage.prompt_tokens,
+            usage.completion_tokens,
+            decode,
+            now.duration_since(self.started).as_secs_f64(),
+        );
+        self.st.metrics.request(self.kind.endpoint(), "ok");
+        self.done = true;
+        tracing::debug!(request_id = %self.request_id, prompt = usage.prompt_tokens,
+            completion = usage.completion_tokens, "request finished");
+    }
+
+    fn on_error(&mut self, e: &EngineError) {
+        self.st.metrics.request(self.kind.endpoint(), "error");
+        self.done = true;
+        tracing::warn!(request_id = %self.request_id, error = %e, "request failed mid-generation");
+    }
+}
+
+impl Drop for Tracker {
+    fn drop(&mut self) {
+        if !self.done {
+            self.st.metrics.request(self.kind.endpoint(), "cancelled");
+            tracing::debug!(request_id = %self.request_id, "client disconnected; generation cancelled");
+        }
+    }
+}
+
+/// Collects the whole answer for a non-streaming request.
+pub(crate) async fn collect(
+    meta: &Meta,
+    mut events: EventStream,
+    mut tracker: Tracker,
+) -> Result<String, ApiError> {
+    let mut text = String::new();
+    while let Some(ev) = events.next().await {
+        match ev {
+            Ok(Event::Delta(d)) => {
+                tracker.on_delta();
+                text.push_str(&d);
+            }
+            Ok(Event::Done { finish_reason, usage }) => {
+                tracker.on_done(&usage);
+                return Ok(full_body(meta, text, finish_reason, usage));
+            }
+            Err(e) => {
+                tracker.on_error(&e);
+                return Err(engine_error(&e));
+            }
+        }
+    }
+    let e = EngineError::Internal("the engine ended the stream without finishing".into());
+    tracker.on_error(&e);
+    Err(engine_error(&e))
+}
+
+fn full_body(meta: &Meta, text: String, finish_reason: FinishReason, usage: Usage) -> String {
+    let json = match meta.kind {
+        Kind::Chat => serde_json::to_string(&ChatCompletion {
+            id: meta.id.clone(),
+            object: "chat.completion".into(),
+            created: meta.created,
+            model: meta.model.clone(),
+            choices: vec![ChatChoice {
+                index: 0,
+                message: AssistantMessage { role: "assistant".into(), content: Some(text) },
+                logprobs: None,
+                finish_reason: Some(finish_reason),
+            }],
+            usage,
+            system_fingerprint: None,
+        }),
+        Kind::Completion => serde_json::to_string(&Completion {
+            id: meta.id.clone(),
+            object: "text_completion".into(),
+            created: meta.created,
+            model: meta.model.clone(),
+            choices: vec![CompletionChoice {
+                text,
+                index: 0,
+                logprobs: None,
+                finish_reason: Some(finish_reason),
+            }],
+            usage: UsageField::Some(usage),
+        }),
+    };
+    json.unwrap_or_default()
+}
+
+enum Phase {
+    Start,
+    Streaming,
+    Finished,
+}
+
+struct SseState {
+    meta: Meta,
+    events: EventStream,
+    tracker: Tracker,
+    phase: Phase,
+}
+
+/// The SSE body: `data: {chunk}\n\n` per event, then `data: [DONE]\n\n`.
+pub(crate) fn sse(
+    meta: Meta,
+    events: EventStream,
+    tracker: Tracker,
+) -> impl futures::Stream<Item = Result<Bytes, Infallible>> + Send {
+    let state = SseState { meta, events, tracker, phase: Phase::Start };
+    futures::stream::unfold(state, |mut s| async move {
+        match s.phase {
+            Phase::Finished => None,
+            Phase::Start => {
+                s.phase = Phase::Streaming;
+                if s.meta.kind == Kind::Chat {
+                    let delta = Delta { role: Some("assistant".into()), content: Some(String::new()) };
+                    let frame = chunk(&s.meta, delta, String::new(), None);
+                    return Some((Ok(frame), s));
+                }
+                let frame = next_frame(&mut s).await;
+                Some((Ok(frame), s))
+            }
+            Phase::Streaming => {
+                let frame = next_frame(&mut s).await;
+                Some((Ok(frame), s))
+            }
+        }
+    })
+}
+
+async fn next_frame(s: &mut SseState) -> Bytes {
+    match s.events.next().await {
+        Some(Ok(Event::Delta(text))) => {
+            s.tracker.on_delta();
+            let delta = Delta { role: None, content: Some(text.clone()) };
+            chunk(&s.meta, delta, text, None)
+        }
+        Some(Ok(Event::Done { finish_reason, usage })) => {
+            s.tracker.on_done(&usage);
+            s.phase = Phase::Finished;
+            let mut out = chunk(&s.meta, Delta::default(), String::new(), Some(finish_reason)).to_vec();
+            if s.meta.include_usage {
+                out.extend_from_slice(&usage_chunk(&s.meta, usage));
+            }
+            out.extend_from_slice(b"data: [DONE]\n\n");
+            Bytes::from(out)
+        }
+        Some(Err(e)) => {
+            s.tracker.on_error(&e);
+            s.phase = Phase::Finished;
+            error_frame(&engine_error(&e))
+        }
+        None => {
+            let e = EngineError::Internal("the engine ended the stream without finishing".into());
+            s.tracker.on_error(&e);
+            s.phase = Phase::Finished;
+            error_frame(&engine_error(&e))
+        }
+    }
+}
+
+fn frame(json: String) -> Bytes {
+    Bytes::from(format!("data: {json}\n\n"))
+}
+
+pub(crate) fn error_frame(e: &ApiError) -> Bytes {
+    frame(e.to_json())
+}
+
+fn usage_field(meta: &Meta) -> UsageField {
+    if meta.include_usage { UsageField::Null } else { UsageField::Absent }
+}
+
+fn chunk(meta: &Meta, delta: Delta, text: String, finish: Option<FinishReason>) -> Bytes {
+    let json = match meta.kind {
+        Kind::Chat => serde_json::to_string(&ChatCompletionChunk {
+            id: meta.id.clone(),
+            object: "chat.completion.chunk".into(),
+            created: meta.created,
+            model: meta.model.clone(),
+            choices: vec![ChunkChoice { index: 0, delta, logprobs: None, finish_reason: finish }],
+            usage: usage_field(meta),
+        }),
+        Kind::Completion => serde_json::to_string(&Completion {
+            id: meta.id.clone(),
+            object: "text_completion".into(),
+            created: meta.created,
+            model: meta.model.clone(),
+            choices: vec![CompletionChoice { text, index: 0, logprobs: None, finish_reason: finish }],
+            usage: usage_field(meta),
+        }),
+    };
+    frame(json.unwrap_or_default())
+}
+
+fn usage_chunk(meta: &Meta, usage: Usage) -> Bytes {
+    let json = match meta.kind {
+        Kind::Chat => serde_json::to_string(&ChatCompletionChunk {
+            id: meta.id.clone(),
+            object: "chat.completion.chunk".into(),
+            created: meta.created,
+            model: meta.model.clone(),
+            choices: vec![],
+            usage: UsageField::Some(usage),
+        }),
+        Kind::Completion => serde_json::to_string(&Completion {
+            id: meta.id.clone(),
+            object: "text_completion".into(),
+            created: meta.created,
+            model: meta.model.clone(),
+            choices: vec![],
+            usage: UsageField::Some(usage),
+        }),
+    };
+    frame(json.unwrap_or_default())
+}

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Idempotent machine setup for building, running and testing Lattice on Debian/Ubuntu:
+# system packages, a Python venv for the end-to-end tests. Models are pulled by `lattice`.
+set -euo pipefail
+
+CACHE="${LATTICE_CACHE_DIR:-$HOME/.cache/lattice}"
+mkdir -p "$CACHE"
+
+need_apt=()
+command -v cmake >/dev/null 2>&1 || need_apt+=(cmake)
+# bindgen (llama-cpp-sys-2) needs libclang.
+ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || need_apt+=(libclang-dev)
+command -v g++ >/dev/null 2>&1 || need_apt+=(g++)
+python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
+if ((${#need_apt[@]})); then
+  echo "setup: installing ${need_apt[*]}" >&2
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq >&2 || true
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >&2
+fi
+
+# The official OpenAI Python client drives our end-to-end API tests.
+VENV="$CACHE/venv"
+if [ ! -x "$VENV/bin/python" ]; then
+  python3 -m venv "$VENV"
+fi
+if ! "$VENV/bin/python" -c 'import openai, pytest' >/dev/null 2>&1; then
+  echo "setup: installing the test venv (openai, pytest)" >&2
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check 'openai>=1.50,<3' 'pytest>=8,<10' >&2
+fi

@@ -1,0 +1,88 @@
+"""The official `openai` Python client against a real node: chat, streaming, completions, errors."""
+import openai
+import pytest
+
+from conftest import MODEL
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def test_models_list(client):
+    ids = [m.id for m in client.models.list()]
+    assert ids == [MODEL]
+
+
+def test_chat_completion(client):
+    r = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=32)
+    assert r.object == "chat.completion"
+    assert r.model == MODEL
+    choice = r.choices[0]
+    assert choice.message.role == "assistant"
+    assert "Paris" in choice.message.content
+    assert choice.finish_reason in ("stop", "length")
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert r.usage.completion_tokens >= 1
+
+
+def test_chat_streaming_with_usage(client):
+    stream = client.chat.completions.create(
+        model=MODEL, messages=QUESTION, temperature=0, max_tokens=32, stream=True,
+        stream_options={"include_usage": True},
+    )
+    parts, finish, usage = [], None, None
+    for chunk in stream:
+        assert chunk.object == "chat.completion.chunk"
+        if chunk.choices:
+            delta = chunk.choices[0].delta
+            if delta.content:
+                parts.append(delta.content)
+            finish = chunk.choices[0].finish_reason or finish
+        if chunk.usage is not None:
+            usage = chunk.usage
+    text = "".join(parts)
+    assert "Paris" in text
+    assert finish in ("stop", "length")
+    assert usage is not None and usage.completion_tokens >= 1
+    # Greedy: streaming and non-streaming give the same answer.
+    full = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=32)
+    assert full.choices[0].message.content == text
+
+
+def test_text_completion_and_stop(client):
+    r = client.completions.create(model=MODEL, prompt="1, 2, 3, 4,", max_tokens=12, temperature=0, stop=[" 7"])
+    assert r.object == "text_completion"
+    assert r.choices[0].finish_reason == "stop"
+    assert " 7" not in r.choices[0].text
+    assert r.choices[0].text.startswith(" 5")
+
+
+def test_seeded_sampling_is_reproducible(client):
+    kwargs = dict(model=MODEL, messages=[{"role": "user", "content": "Name an animal."}],
+                  temperature=1.0, top_p=0.95, seed=1234, max_tokens=16)
+    a = client.chat.completions.create(**kwargs).choices[0].message.content
+    b = client.chat.completions.create(**kwargs).choices[0].message.content
+    assert a == b
+
+
+def test_unknown_model_is_404(client):
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="gpt-4o", messages=QUESTION)
+    assert e.value.status_code == 404
+    assert e.value.code == "model_not_found"
+
+
+def test_context_overflow_is_400(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hello " * 3000}])
+    assert e.value.code == "context_length_exceeded"
+
+
+def test_max_tokens_out_of_range_is_400(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=0)
+    assert e.value.param == "max_tokens"
+
+
+def test_streaming_error_before_first_token_is_an_http_error(client):
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=5, stream=True)
