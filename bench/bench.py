@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import os
 import random
 import socket
 import statistics
@@ -196,6 +197,32 @@ class Server:
         return out
 
 
+def cpu_idle_fraction(seconds: float = 3.0) -> float | None:
+    """Fraction of all CPUs idle over `seconds` (from /proc/stat), or None if unknown.
+    Measured while the server under test is idle, it shows whether something
+    else is competing for the cores (results are not comparable if so)."""
+    def snap():
+        with open("/proc/stat") as fh:
+            f = [int(x) for x in fh.readline().split()[1:]]
+        return f[3] + (f[4] if len(f) > 4 else 0), sum(f[:8])  # idle+iowait, total
+    try:
+        i0, t0 = snap()
+        time.sleep(seconds)
+        i1, t1 = snap()
+    except (OSError, ValueError, IndexError):
+        return None
+    return (i1 - i0) / (t1 - t0) if t1 > t0 else None
+
+
+def wait_quiet(limit_s: float, min_idle: float) -> float | None:
+    deadline = time.monotonic() + limit_s
+    idle = cpu_idle_fraction()
+    while idle is not None and idle < min_idle and time.monotonic() < deadline:
+        log(f"[bench] machine busy ({idle:.0%} idle < {min_idle:.0%}); waiting")
+        idle = cpu_idle_fraction(5.0)
+    return idle
+
+
 def make_prompt(rng: random.Random, n_words: int) -> list[dict]:
     words = " ".join(rng.choice(WORDS) for _ in range(n_words))
     return [
@@ -345,6 +372,10 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=float, default=600, help="per-request socket timeout (s)")
     ap.add_argument("--wait-health", type=float, default=0,
                     help="first poll GET /health until 200, up to this many seconds")
+    ap.add_argument("--wait-quiet", type=float, default=0,
+                    help="before measuring, wait up to this many seconds for the CPUs to be "
+                         "--min-idle idle (the idle fraction is recorded either way)")
+    ap.add_argument("--min-idle", type=float, default=0.9)
     ap.add_argument("--seed", type=int, default=None, help="prompt RNG seed (default: random)")
     ap.add_argument("--skip", default="", help="comma list of tests to skip: prompt,decode,agg")
     ap.add_argument("--out", default=None, help="write the JSON result here")
@@ -362,6 +393,12 @@ def main(argv=None) -> int:
         log(f"[bench] model: {a.model}")
     rng = random.Random(a.seed)
     skip = {s.strip() for s in a.skip.split(",") if s.strip()}
+
+    idle_before = wait_quiet(a.wait_quiet, a.min_idle)
+    if idle_before is not None:
+        log(f"[bench] CPUs {idle_before:.0%} idle before the run"
+            + ("" if idle_before >= a.min_idle else " -- BUSY: numbers will be low and noisy"))
+    load_before = os.getloadavg()
 
     log(f"[bench] {a.label or a.url}: warm-up + calibrating a ~{a.prompt_tokens}-token prompt")
     srv.stream_chat(make_decode_prompt(rng), 8)  # warm-up
@@ -386,6 +423,10 @@ def main(argv=None) -> int:
         "url": a.url,
         "model": a.model,
         "started_unix": round(t0, 1),
+        "host": {"cpu_idle_before": None if idle_before is None else round(idle_before, 3),
+                 "loadavg_before": [round(x, 2) for x in load_before],
+                 "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+                 "ncpu": os.cpu_count()},
         "params": {"runs": a.runs, "rounds": a.rounds, "prompt_tokens_target": a.prompt_tokens,
                    "prompt_tokens_actual": pt_actual, "prompt_words": n_words,
                    "decode_tokens": a.decode_tokens, "concurrency": a.concurrency,
@@ -400,11 +441,14 @@ def main(argv=None) -> int:
         "runs": {"prompt": prompt_rows, "decode": decode_rows, "aggregate": agg_rows},
     }
     # sanity: did the server honour max_tokens / ignore_eos?
+    if idle_before is not None and idle_before < a.min_idle:
+        res.setdefault("warnings", []).append(
+            f"CPUs only {idle_before:.0%} idle before the run: another process competed")
     short = [r["completion_tokens"] for r in decode_rows if r["completion_tokens"] != a.decode_tokens]
     if short:
-        res["warnings"] = [f"decode runs returned {short} tokens, not {a.decode_tokens} "
-                           "(ignore_eos not honoured?)"]
-        log("[bench] WARNING: " + res["warnings"][0])
+        res.setdefault("warnings", []).append(f"decode runs returned {short} tokens, not {a.decode_tokens} "
+                           "(ignore_eos not honoured?)")
+        log("[bench] WARNING: " + res["warnings"][-1])
     if a.out:
         with open(a.out, "w") as fh:
             json.dump(res, fh, indent=2)

@@ -75,25 +75,28 @@ if [[ ! -x "$SERVER" || ! -x "$BENCHBIN" || "${FORCE_REBUILD:-0}" == 1 ]]; then
 fi
 
 # 4. record versions of both vendored llama.cpp copies
-lcpp_version() {  # $1 = llama.cpp dir; prints "build=N commit=X ggml=V" if known
-  local d="$1" num="" commit="" ggml=""
-  # llama-cpp-python's setup records nothing; llama.cpp's build-info uses git
-  if [[ -f "$d/cmake/build-info.cmake" ]]; then
-    num="$(sed -n 's/^set(BUILD_NUMBER \([0-9]*\)).*/\1/p' "$d/cmake/build-info.cmake" | head -n1)"
-  fi
+lcpp_version() {  # $1 = llama.cpp dir -> "llama.cpp X ggml Y [commit Z]"
+  local d="$1" llama ggml commit=""
+  llama="$(sed -n 's/^set(LLAMA_VERSION_\(MAJOR\|MINOR\|PATCH\) \([0-9]*\)).*/\2/p' "$d/CMakeLists.txt" 2>/dev/null | paste -sd. -)"
   ggml="$(sed -n 's/^set(GGML_VERSION_\(MAJOR\|MINOR\|PATCH\) \([0-9]*\)).*/\2/p' "$d/ggml/CMakeLists.txt" 2>/dev/null | paste -sd. -)"
-  echo "ggml=${ggml:-?} build-info.cmake-default-build-number=${num:-?}"
+  # the llama-cpp-python sdist ships the submodule's git dir; the crate does not
+  if [[ -e "$d/.git" ]]; then
+    commit="$(git -C "$d" rev-parse HEAD 2>/dev/null || true)"
+  fi
+  echo "llama.cpp ${llama:-?}, ggml ${ggml:-?}, commit ${commit:-not recorded}"
 }
 SYS_DIR="$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/llama-cpp-sys-2-0.1.161 2>/dev/null | head -n1 || true)"
 {
   echo "# llama.cpp versions used by bench (written by build-llama-server.sh $(date -u +%Y-%m-%dT%H:%M:%SZ))"
   echo "peer: llama-cpp-python==$LCP_VERSION vendor/llama.cpp: $(lcpp_version "$LCPP")"
+  cl="$(awk -v v="## [$LCP_VERSION]" '$0==v{f=1;next} f&&/^## /{exit} f&&/llama.cpp@/{print; exit}' "$SRC/CHANGELOG.md" 2>/dev/null | sed 's/^- *//')"
+  [[ -n "$cl" ]] && echo "peer: llama-cpp-python $LCP_VERSION CHANGELOG: $cl"
   if [[ -x "$SERVER" ]]; then
     echo "peer: llama-server --version: $("$SERVER" --version 2>&1 | grep -i -m1 'version' || true)"
   fi
   if [[ -n "$SYS_DIR" ]]; then
     sha="$(sed -n 's/.*"sha1": *"\([0-9a-f]*\)".*/\1/p' "$SYS_DIR/.cargo_vcs_info.json" 2>/dev/null || true)"
-    echo "ours: llama-cpp-sys-2 0.1.161 (llama-cpp-rs git $sha) llama.cpp: $(lcpp_version "$SYS_DIR/llama.cpp")"
+    echo "ours: llama-cpp-sys-2 0.1.161 (llama-cpp-rs git $sha) vendored: $(lcpp_version "$SYS_DIR/llama.cpp") (the crate drops llama.cpp's git metadata; its build reports build 0 / commit unknown)"
   else
     echo "ours: llama-cpp-sys-2 0.1.161 not found in cargo registry"
   fi

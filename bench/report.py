@@ -122,6 +122,21 @@ def main(argv=None) -> int:
         md.append(f"| {r['name']} | {fmt(r['llama_server'])} | {fmt(r['lattice'])} | "
                   f"{'–' if ratio is None else f'{ratio:.2f}×'} |")
     md.append("")
+    busy = []
+    for lbl, res in (("llama-server", peer), ("lattice", ours)):
+        if not res:
+            continue
+        idle = (res.get("host") or {}).get("cpu_idle_before")
+        if idle is not None:
+            busy.append(f"{lbl} {idle:.0%}")
+    if busy:
+        md.append("CPUs idle just before each run (other load): " + ", ".join(busy)
+                  + ". Below ~90% the numbers are not comparable.")
+        md.append("")
+    for lbl, res in (("llama-server", peer), ("lattice", ours)):
+        for w in (res or {}).get("warnings", []):
+            md.append(f"Warning ({lbl}): {w}")
+            md.append("")
     if bw:
         bws = ", ".join(f"{v:.1f} GB/s ({k} thr)" for k, v in sorted(bw.items()))
         md.append(f"Memory read bandwidth (membw, best pass): {bws}. Model file "
@@ -153,6 +168,13 @@ def main(argv=None) -> int:
         print(f"membw best: " + ", ".join(f"{k} thr {v:.1f} GB/s" for k, v in sorted(bw.items())))
         print(f"decode ceiling ≈ {fmt(ceiling, 0)} tok/s = {bw_t:.1f} GB/s / "
               f"{gguf_bytes / 1e6:.1f} MB (GGUF file size = bytes read per token)")
+    for lbl, res in (("llama-server", peer), ("lattice", ours)):
+        if res:
+            idle = (res.get("host") or {}).get("cpu_idle_before")
+            if idle is not None:
+                print(f"{lbl}: CPUs {idle:.0%} idle before its run")
+            for w in res.get("warnings", []):
+                print(f"{lbl}: WARNING {w}")
     if not ours:
         print(f"lattice: not measured ({a.ours_note or 'no result'})")
     print(f"\nwrote {a.out_json}\nwrote {a.out_md}")

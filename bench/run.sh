@@ -4,7 +4,7 @@
 #
 #   bench/run.sh [--gguf PATH] [--threads 2] [--runs 5] [--rounds 3]
 #                [--parallel 4] [--ctx-per-slot 2048] [--note TEXT]
-#                [--skip-peer] [--skip-ours]
+#                [--skip-peer] [--skip-ours] [--wait-quiet SECONDS]
 #
 # Steps: build llama-server (build-llama-server.sh, cached), build + run membw,
 # resolve the model, run bench.py against llama-server, then against
@@ -35,6 +35,7 @@ CTX_PER_SLOT=2048
 NOTE=""
 SKIP_PEER=0
 SKIP_OURS=0
+WAIT_QUIET=120   # per server: wait up to this long for the CPUs to be >=90% idle
 MODEL_FILE="SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_SHA256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
@@ -50,6 +51,7 @@ while [[ $# -gt 0 ]]; do
     --note) NOTE="$2"; shift 2 ;;
     --skip-peer) SKIP_PEER=1; shift ;;
     --skip-ours) SKIP_OURS=1; shift ;;
+    --wait-quiet) WAIT_QUIET="$2"; shift 2 ;;
     -h|--help) usage 0 ;;
     *) echo "unknown argument: $1" >&2; usage 2 ;;
   esac
@@ -136,7 +138,7 @@ run_one() {
   local ok=0
   if "$PYTHON" "$HERE/bench.py" --url "http://127.0.0.1:$PORT" --model auto \
        --label "$label" --runs "$RUNS" --rounds "$ROUNDS" --concurrency "$PARALLEL" \
-       --wait-health "$HEALTH_TIMEOUT" --out "$RESULTS/$TS-$label.json"; then
+       --wait-health "$HEALTH_TIMEOUT" --wait-quiet "$WAIT_QUIET" --out "$RESULTS/$TS-$label.json"; then
     ok=1
   fi
   if ! kill -0 "$SERVER_PID" 2>/dev/null; then

@@ -4,7 +4,7 @@ import pytest
 
 from conftest import MODEL
 
-QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+QUESTION = [{"role": "user", "content": "Which city is the capital of France?"}]
 
 
 def test_models_list(client):

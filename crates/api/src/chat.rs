@@ -200,8 +200,16 @@ mod tests {
         let s = serde_json::to_string(&c).unwrap_or_default();
         assert!(!s.contains("usage"));
         c.usage = UsageField::Null;
-        assert!(serde_json::to_string(&c).unwrap_or_default().contains(r#""usage":null"#));
+        assert!(
+            serde_json::to_string(&c)
+                .unwrap_or_default()
+                .contains(r#""usage":null"#)
+        );
         c.usage = UsageField::Some(Usage::new(3, 4));
-        assert!(serde_json::to_string(&c).unwrap_or_default().contains(r#""total_tokens":7"#));
+        assert!(
+            serde_json::to_string(&c)
+                .unwrap_or_default()
+                .contains(r#""total_tokens":7"#)
+        );
     }
 }

@@ -86,11 +86,21 @@ impl ApiError {
     }
 
     pub fn not_found(path: &str) -> Self {
-        Self::new(404, "invalid_request_error", Some("not_found"), format!("No route for {path}."))
+        Self::new(
+            404,
+            "invalid_request_error",
+            Some("not_found"),
+            format!("No route for {path}."),
+        )
     }
 
     pub fn method_not_allowed() -> Self {
-        Self::new(405, "invalid_request_error", Some("method_not_allowed"), "Method not allowed.")
+        Self::new(
+            405,
+            "invalid_request_error",
+            Some("method_not_allowed"),
+            "Method not allowed.",
+        )
     }
 
     pub fn overloaded(message: impl Into<String>) -> Self {
@@ -98,7 +108,12 @@ impl ApiError {
     }
 
     pub fn rate_limited(message: impl Into<String>) -> Self {
-        Self::new(429, "rate_limit_error", Some("rate_limit_exceeded"), message)
+        Self::new(
+            429,
+            "rate_limit_error",
+            Some("rate_limit_exceeded"),
+            message,
+        )
     }
 
     pub fn upstream(message: impl Into<String>) -> Self {
@@ -110,7 +125,9 @@ impl ApiError {
     }
 
     pub fn envelope(&self) -> ErrorEnvelope {
-        ErrorEnvelope { error: self.body.clone() }
+        ErrorEnvelope {
+            error: self.body.clone(),
+        }
     }
 
     pub fn to_json(&self) -> String {
@@ -124,7 +141,11 @@ impl ApiError {
 
 impl std::fmt::Display for ApiError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} {}: {}", self.status, self.body.kind, self.body.message)
+        write!(
+            f,
+            "{} {}: {}",
+            self.status, self.body.kind, self.body.message
+        )
     }
 }
 
@@ -142,7 +163,12 @@ mod tests {
         assert_eq!(v["error"]["type"], "invalid_request_error");
         assert_eq!(v["error"]["code"], "model_not_found");
         assert_eq!(v["error"]["param"], "model");
-        assert!(v["error"]["message"].as_str().unwrap_or("").contains("gpt-9"));
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap_or("")
+                .contains("gpt-9")
+        );
     }
 
     #[test]

@@ -13,7 +13,11 @@ use lattice_engine_llama::{LlamaConfig, LlamaEngine};
 use lattice_models::{ModelSpec, ModelStore, PullOptions, TerminalProgress};
 
 #[derive(Parser)]
-#[command(name = "lattice", version, about = "Lattice: a decentralized network for open-source LLM inference")]
+#[command(
+    name = "lattice",
+    version,
+    about = "Lattice: a decentralized network for open-source LLM inference"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -122,7 +126,9 @@ struct EngineArgs {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     init_tracing();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async move {
         match cli.command {
             Command::Up(a) => up(a).await,
@@ -137,7 +143,10 @@ fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("LATTICE_LOG").unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new("info,llama-cpp-2=warn,llama_cpp_2=warn")
     });
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 async fn model(cmd: ModelCommand) -> Result<()> {
@@ -150,25 +159,47 @@ async fn model(cmd: ModelCommand) -> Result<()> {
                 opts = opts.with_sha256(&h)?;
             }
             let m = store.pull(&spec, &opts).await?;
-            println!("{} ready at {} ({} bytes, sha256 {})", m.name, m.path.display(), m.size,
-                m.sha256.as_deref().unwrap_or("?"));
+            println!(
+                "{} ready at {} ({} bytes, sha256 {})",
+                m.name,
+                m.path.display(),
+                m.size,
+                m.sha256.as_deref().unwrap_or("?")
+            );
         }
         ModelCommand::List => {
             let models = store.list()?;
             if models.is_empty() {
-                println!("No models in {} yet. Try: lattice model pull {}", store.models_dir().display(),
-                    lattice_models::DEFAULT_MODEL);
+                println!(
+                    "No models in {} yet. Try: lattice model pull {}",
+                    store.models_dir().display(),
+                    lattice_models::DEFAULT_MODEL
+                );
             }
             for m in models {
-                let kind = m.kind.map(|k| format!("{k:?}").to_lowercase()).unwrap_or_else(|| "-".into());
+                let kind = m
+                    .kind
+                    .map(|k| format!("{k:?}").to_lowercase())
+                    .unwrap_or_else(|| "-".into());
                 let state = if m.verified { "verified" } else { "unverified" };
-                println!("{:<28} {:>6} {:>10} MB  {:<10} {}", m.name, kind, m.size / 1_000_000, state,
-                    m.path.display());
+                println!(
+                    "{:<28} {:>6} {:>10} MB  {:<10} {}",
+                    m.name,
+                    kind,
+                    m.size / 1_000_000,
+                    state,
+                    m.path.display()
+                );
             }
         }
         ModelCommand::Catalog => {
             for e in lattice_models::catalog() {
-                println!("{:<16} {:>5} MB  {}", e.name, e.size / 1_000_000, e.description);
+                println!(
+                    "{:<16} {:>5} MB  {}",
+                    e.name,
+                    e.size / 1_000_000,
+                    e.description
+                );
             }
         }
     }
@@ -187,7 +218,9 @@ async fn build_engine(
     e: &EngineArgs,
 ) -> Result<Arc<dyn Engine>> {
     if let Some((base_url, upstream_model, api_key)) = upstream {
-        let model_id = model_id.or_else(|| upstream_model.clone()).or_else(|| model.map(str::to_owned))
+        let model_id = model_id
+            .or_else(|| upstream_model.clone())
+            .or_else(|| model.map(str::to_owned))
             .context("--upstream needs --model-id or --upstream-model")?;
         let engine = UpstreamEngine::new(UpstreamConfig {
             base_url,
@@ -195,7 +228,9 @@ async fn build_engine(
             model_id,
             api_key,
             context_length: e.ctx_per_slot,
-            max_in_flight: usize::try_from(e.parallel).unwrap_or(4).saturating_add(e.queue),
+            max_in_flight: usize::try_from(e.parallel)
+                .unwrap_or(4)
+                .saturating_add(e.queue),
             connect_timeout: Duration::from_secs(5),
         })?;
         return Ok(Arc::new(engine));
@@ -205,10 +240,15 @@ async fn build_engine(
     let local = store.resolve(spec, true).await?;
     let id = model_id.unwrap_or_else(|| match ModelSpec::parse(spec) {
         Ok(ModelSpec::Catalog(entry)) => entry.name.to_owned(),
-        _ => local.path.file_stem().map_or_else(|| spec.to_owned(), |s| s.to_string_lossy().into_owned()),
+        _ => local
+            .path
+            .file_stem()
+            .map_or_else(|| spec.to_owned(), |s| s.to_string_lossy().into_owned()),
     });
     let chat_template = match &e.chat_template {
-        Some(p) => Some(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?),
+        Some(p) => {
+            Some(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?)
+        }
         None => None,
     };
     let threads = e.threads.unwrap_or_else(default_threads);
@@ -227,8 +267,14 @@ async fn build_engine(
     Ok(Arc::new(engine))
 }
 
-async fn serve(engine: Arc<dyn Engine>, addr: SocketAddr, limits: lattice_node::Limits) -> Result<SocketAddr> {
-    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+async fn serve(
+    engine: Arc<dyn Engine>,
+    addr: SocketAddr,
+    limits: lattice_node::Limits,
+) -> Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}"))?;
     let bound = listener.local_addr()?;
     let app = lattice_node::router(engine, limits);
     // The line tests and scripts wait for; printed only once the socket accepts connections.
@@ -239,9 +285,14 @@ async fn serve(engine: Arc<dyn Engine>, addr: SocketAddr, limits: lattice_node::
 
 async fn node(a: NodeArgs) -> Result<()> {
     if !a.standalone {
-        bail!("joining a Nexus is not available yet: run with --standalone to serve on this machine");
+        bail!(
+            "joining a Nexus is not available yet: run with --standalone to serve on this machine"
+        );
     }
-    let upstream = a.upstream.clone().map(|u| (u, a.upstream_model.clone(), a.upstream_api_key.clone()));
+    let upstream = a
+        .upstream
+        .clone()
+        .map(|u| (u, a.upstream_model.clone(), a.upstream_api_key.clone()));
     let engine = build_engine(a.model.as_deref(), a.model_id.clone(), upstream, &a.engine).await?;
     let addr: SocketAddr = format!("{}:{}", a.host, a.port)
         .parse()
@@ -258,7 +309,9 @@ async fn node(a: NodeArgs) -> Result<()> {
 async fn up(a: UpArgs) -> Result<()> {
     let engine = build_engine(Some(&a.model), None, None, &a.engine).await?;
     let model_id = engine.card().id.clone();
-    let listener = tokio::net::TcpListener::bind(a.listen).await.with_context(|| format!("binding {}", a.listen))?;
+    let listener = tokio::net::TcpListener::bind(a.listen)
+        .await
+        .with_context(|| format!("binding {}", a.listen))?;
     let bound = listener.local_addr()?;
     let app = lattice_node::router(engine, lattice_node::Limits::default());
     println!("listening on http://{bound}");
@@ -266,10 +319,16 @@ async fn up(a: UpArgs) -> Result<()> {
     println!("Lattice is up. OpenAI-compatible endpoint: http://{bound}/v1   (Ctrl-C stops it)");
     println!();
     println!("  curl http://{bound}/v1/chat/completions -H 'Content-Type: application/json' \\");
-    println!("    -d '{{\"model\":\"{model_id}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello!\"}}]}}'");
+    println!(
+        "    -d '{{\"model\":\"{model_id}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello!\"}}]}}'"
+    );
     println!();
-    println!("  python3 -c \"from openai import OpenAI; c = OpenAI(base_url='http://{bound}/v1', api_key='none'); \\");
-    println!("    print(c.chat.completions.create(model='{model_id}', messages=[{{'role':'user','content':'Hello!'}}]).choices[0].message.content)\"");
+    println!(
+        "  python3 -c \"from openai import OpenAI; c = OpenAI(base_url='http://{bound}/v1', api_key='none'); \\"
+    );
+    println!(
+        "    print(c.chat.completions.create(model='{model_id}', messages=[{{'role':'user','content':'Hello!'}}]).choices[0].message.content)\""
+    );
     lattice_node::serve(listener, app, shutdown_signal()).await?;
     Ok(())
 }

@@ -112,17 +112,26 @@ impl LlamaEngine {
             ));
         }
         let backend = backend()?;
-        let model = LlamaModel::load_from_file(backend, &cfg.model_path, &LlamaModelParams::default())
-            .map_err(|e| LoadError::Model { path: cfg.model_path.clone(), reason: e.to_string() })?;
+        let model =
+            LlamaModel::load_from_file(backend, &cfg.model_path, &LlamaModelParams::default())
+                .map_err(|e| LoadError::Model {
+                    path: cfg.model_path.clone(),
+                    reason: e.to_string(),
+                })?;
         let model = Arc::new(model);
         let vocab = model.vocab();
-        let piece = |t: LlamaToken| String::from_utf8_lossy(&vocab.token_to_piece(t, true, None)).into_owned();
+        let piece = |t: LlamaToken| {
+            String::from_utf8_lossy(&vocab.token_to_piece(t, true, None)).into_owned()
+        };
         let bos_text = piece(vocab.bos());
         let eos_text = piece(vocab.eos());
         let add_bos = vocab.should_add_bos();
         let source = match &cfg.chat_template {
             Some(s) => Some(s.clone()),
-            None => model.chat_template(None).ok().and_then(|t| t.to_string().ok()),
+            None => model
+                .chat_template(None)
+                .ok()
+                .and_then(|t| t.to_string().ok()),
         };
         let template = match source {
             Some(src) => Some(Arc::new(ChatTemplate::new(&src, &bos_text, &eos_text)?)),
@@ -150,13 +159,24 @@ impl LlamaEngine {
         let thread = std::thread::Builder::new()
             .name(format!("llama-{}", cfg.model_id))
             .spawn(move || {
-                scheduler::run(backend, &thread_model, &sched, &rx, &thread_shared, &ready_tx);
+                scheduler::run(
+                    backend,
+                    &thread_model,
+                    &sched,
+                    &rx,
+                    &thread_shared,
+                    &ready_tx,
+                );
             })
             .map_err(|e| LoadError::Context(e.to_string()))?;
         match ready_rx.recv() {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(LoadError::Context(e)),
-            Err(_) => return Err(LoadError::Context("engine thread exited during start-up".into())),
+            Err(_) => {
+                return Err(LoadError::Context(
+                    "engine thread exited during start-up".into(),
+                ));
+            }
         }
         tracing::info!(
             model = %cfg.model_id, path = %cfg.model_path.display(), parallel = cfg.parallel,
@@ -178,7 +198,13 @@ impl LlamaEngine {
 
     /// Renders (for chat) and tokenizes a prompt exactly as the engine will see it.
     pub fn tokenize(&self, prompt: &Prompt) -> Result<Vec<LlamaToken>, EngineError> {
-        tokenize(&self.model, self.template.as_deref(), &self.bos_text, self.add_bos, prompt)
+        tokenize(
+            &self.model,
+            self.template.as_deref(),
+            &self.bos_text,
+            self.add_bos,
+            prompt,
+        )
     }
 }
 
@@ -199,7 +225,8 @@ fn tokenize(
                         .into(),
                 ));
             };
-            t.render(messages).map_err(|e| EngineError::InvalidRequest(e.to_string()))?
+            t.render(messages)
+                .map_err(|e| EngineError::InvalidRequest(e.to_string()))?
         }
     };
     // Templates usually print the BOS token themselves; never add a second one.
@@ -243,10 +270,20 @@ impl Engine for LlamaEngine {
             let room = limit.saturating_sub(prompt_tokens);
             let max_tokens = req.params.max_tokens.unwrap_or(room);
             if prompt_tokens >= limit || max_tokens > room {
-                return Err(EngineError::ContextOverflow { prompt_tokens, max_tokens, limit });
+                return Err(EngineError::ContextOverflow {
+                    prompt_tokens,
+                    max_tokens,
+                    limit,
+                });
             }
             let (events, rx) = tokio::sync::mpsc::unbounded_channel();
-            let job = Job { request_id: req.request_id, tokens, params: req.params, max_tokens, events };
+            let job = Job {
+                request_id: req.request_id,
+                tokens,
+                params: req.params,
+                max_tokens,
+                events,
+            };
             let Some(jobs) = &self.jobs else {
                 return Err(EngineError::Internal("engine is shutting down".into()));
             };
@@ -256,8 +293,12 @@ impl Engine for LlamaEngine {
                 Err(e) => {
                     self.shared.queued.fetch_sub(1, Ordering::AcqRel);
                     Err(match e {
-                        TrySendError::Full(_) => EngineError::Overloaded { capacity: self.queue_capacity },
-                        TrySendError::Disconnected(_) => EngineError::Internal("engine thread stopped".into()),
+                        TrySendError::Full(_) => EngineError::Overloaded {
+                            capacity: self.queue_capacity,
+                        },
+                        TrySendError::Disconnected(_) => {
+                            EngineError::Internal("engine thread stopped".into())
+                        }
                     })
                 }
             }

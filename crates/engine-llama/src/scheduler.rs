@@ -73,7 +73,9 @@ pub(crate) fn run(
     let threads = i32::try_from(cfg.threads).unwrap_or(1);
     let threads_batch = i32::try_from(cfg.threads_batch).unwrap_or(threads);
     let params = LlamaContextParams::default()
-        .with_n_ctx(NonZeroU32::new(cfg.ctx_per_slot.saturating_mul(cfg.parallel)))
+        .with_n_ctx(NonZeroU32::new(
+            cfg.ctx_per_slot.saturating_mul(cfg.parallel),
+        ))
         .with_n_batch(cfg.batch_size)
         .with_n_ubatch(cfg.batch_size)
         .with_n_seq_max(cfg.parallel)
@@ -90,7 +92,11 @@ pub(crate) fn run(
     let batch_cap = usize::try_from(cfg.batch_size).unwrap_or(512);
     let mut batch = LlamaBatch::new(batch_cap, 1);
     let mut slots: Vec<Slot> = (0..cfg.parallel)
-        .map(|i| Slot { seq: i32::try_from(i).unwrap_or(0), cached: Vec::new(), active: None })
+        .map(|i| Slot {
+            seq: i32::try_from(i).unwrap_or(0),
+            cached: Vec::new(),
+            active: None,
+        })
         .collect();
     let _ = ready.send(Ok(()));
 
@@ -99,7 +105,7 @@ pub(crate) fn run(
             return;
         }
         drop_cancelled(&mut slots);
-        shared.busy.store(slots.iter().filter(|s| s.active.is_some()).count(), Ordering::Release);
+        publish_busy(&slots, shared);
         if slots.iter().all(|s| s.active.is_none()) {
             continue;
         }
@@ -113,7 +119,15 @@ pub(crate) fn run(
             continue;
         }
         sample_and_emit(model, &ctx, &mut slots);
+        publish_busy(&slots, shared);
     }
+}
+
+fn publish_busy(slots: &[Slot], shared: &Shared) {
+    shared.busy.store(
+        slots.iter().filter(|s| s.active.is_some()).count(),
+        Ordering::Release,
+    );
 }
 
 /// Moves waiting jobs into free slots. Blocks while nothing is running. Returns false when
@@ -155,7 +169,12 @@ fn start(model: &LlamaModel, ctx: &mut LlamaContext<'_>, slots: &mut [Slot], job
         .iter_mut()
         .filter(|s| s.active.is_none())
         .map(|s| {
-            let common = s.cached.iter().zip(&job.tokens).take_while(|(a, b)| a == b).count();
+            let common = s
+                .cached
+                .iter()
+                .zip(&job.tokens)
+                .take_while(|(a, b)| a == b)
+                .count();
             (common, s)
         })
         .max_by_key(|(common, _)| *common);
@@ -202,13 +221,17 @@ fn build_sampler(model: &LlamaModel, p: &SamplingParams) -> LlamaSampler {
         chain.push(LlamaSampler::greedy());
     } else {
         if p.top_k > 0 {
-            chain.push(LlamaSampler::top_k(i32::try_from(p.top_k).unwrap_or(i32::MAX)));
+            chain.push(LlamaSampler::top_k(
+                i32::try_from(p.top_k).unwrap_or(i32::MAX),
+            ));
         }
         if p.top_p < 1.0 {
             chain.push(LlamaSampler::top_p(p.top_p, 1));
         }
         chain.push(LlamaSampler::temp(p.temperature));
-        let seed = p.seed.unwrap_or_else(|| RandomState::new().hash_one(std::time::Instant::now()));
+        let seed = p
+            .seed
+            .unwrap_or_else(|| RandomState::new().hash_one(std::time::Instant::now()));
         // llama.cpp seeds are 32-bit; fold the high half in so distinct 64-bit seeds differ.
         let seed = u32::try_from((seed ^ (seed >> 32)) & u64::from(u32::MAX)).unwrap_or(0);
         chain.push(LlamaSampler::dist(seed));
@@ -218,10 +241,13 @@ fn build_sampler(model: &LlamaModel, p: &SamplingParams) -> LlamaSampler {
 
 fn drop_cancelled(slots: &mut [Slot]) {
     for slot in slots {
-        if slot.active.as_ref().is_some_and(|a| a.job.events.is_closed()) {
-            if let Some(a) = slot.active.take() {
-                tracing::debug!(request_id = %a.job.request_id, "client went away; slot freed");
-            }
+        if slot
+            .active
+            .as_ref()
+            .is_some_and(|a| a.job.events.is_closed())
+            && let Some(a) = slot.active.take()
+        {
+            tracing::debug!(request_id = %a.job.request_id, "client went away; slot freed");
         }
     }
 }
@@ -231,7 +257,9 @@ fn fill_batch(batch: &mut LlamaBatch<'_>, slots: &mut [Slot], cap: usize) {
     batch.clear();
     for slot in slots.iter_mut() {
         let seq = slot.seq;
-        let Some(a) = slot.active.as_mut() else { continue };
+        let Some(a) = slot.active.as_mut() else {
+            continue;
+        };
         a.logits_at = None;
         if let Some(tok) = a.pending.take() {
             let pos = i32::try_from(slot.cached.len()).unwrap_or(i32::MAX);
@@ -246,10 +274,14 @@ fn fill_batch(batch: &mut LlamaBatch<'_>, slots: &mut [Slot], cap: usize) {
     }
     for slot in slots.iter_mut() {
         let seq = slot.seq;
-        let Some(a) = slot.active.as_mut() else { continue };
+        let Some(a) = slot.active.as_mut() else {
+            continue;
+        };
         let prompt_len = a.job.tokens.len();
         while a.prefill_pos < prompt_len && usize::try_from(batch.n_tokens()).unwrap_or(cap) < cap {
-            let Some(&tok) = a.job.tokens.get(a.prefill_pos) else { break };
+            let Some(&tok) = a.job.tokens.get(a.prefill_pos) else {
+                break;
+            };
             let last = a.prefill_pos + 1 == prompt_len;
             let pos = i32::try_from(a.prefill_pos).unwrap_or(i32::MAX);
             let at = batch.n_tokens();
@@ -267,9 +299,16 @@ fn fill_batch(batch: &mut LlamaBatch<'_>, slots: &mut [Slot], cap: usize) {
 
 fn fail_batch(ctx: &mut LlamaContext<'_>, slots: &mut [Slot], msg: &str) {
     for slot in slots {
-        if slot.active.as_ref().is_some_and(|a| a.logits_at.is_some() || a.prefill_pos > 0) {
+        if slot
+            .active
+            .as_ref()
+            .is_some_and(|a| a.logits_at.is_some() || a.prefill_pos > 0)
+        {
             if let Some(a) = slot.active.take() {
-                let _ = a.job.events.send(Err(EngineError::Internal(msg.to_owned())));
+                let _ = a
+                    .job
+                    .events
+                    .send(Err(EngineError::Internal(msg.to_owned())));
             }
             let _ = ctx.kv_cache_seq_rm(slot.seq, None, None);
             slot.cached.clear();
@@ -280,8 +319,12 @@ fn fail_batch(ctx: &mut LlamaContext<'_>, slots: &mut [Slot], msg: &str) {
 fn sample_and_emit(model: &LlamaModel, ctx: &LlamaContext<'_>, slots: &mut [Slot]) {
     let vocab = model.vocab();
     for slot in slots.iter_mut() {
-        let Some(a) = slot.active.as_mut() else { continue };
-        let Some(at) = a.logits_at.take() else { continue };
+        let Some(a) = slot.active.as_mut() else {
+            continue;
+        };
+        let Some(at) = a.logits_at.take() else {
+            continue;
+        };
         let tok = a.sampler.sample(ctx, at);
         let finish = if vocab.is_eog(tok) && !a.job.params.ignore_eos {
             Some((FinishReason::Stop, false))
@@ -301,10 +344,10 @@ fn sample_and_emit(model: &LlamaModel, ctx: &LlamaContext<'_>, slots: &mut [Slot
                 None
             }
         };
-        if let Some((reason, matched_stop)) = finish {
-            if let Some(a) = slot.active.take() {
-                finish_request(a, reason, matched_stop);
-            }
+        if let Some((reason, matched_stop)) = finish
+            && let Some(a) = slot.active.take()
+        {
+            finish_request(a, reason, matched_stop);
         }
     }
 }

@@ -14,7 +14,11 @@ use lattice_models::ModelStore;
 
 async fn model_path(name: &str) -> std::path::PathBuf {
     let store = ModelStore::from_env().expect("model store");
-    store.resolve(name, true).await.expect("model available").path
+    store
+        .resolve(name, true)
+        .await
+        .expect("model available")
+        .path
 }
 
 async fn engine(name: &str, parallel: u32) -> LlamaEngine {
@@ -22,19 +26,29 @@ async fn engine(name: &str, parallel: u32) -> LlamaEngine {
     cfg.parallel = parallel;
     cfg.ctx_per_slot = 1024;
     cfg.queue_capacity = 8;
-    tokio::task::spawn_blocking(move || LlamaEngine::load(cfg)).await.unwrap().expect("engine loads")
+    tokio::task::spawn_blocking(move || LlamaEngine::load(cfg))
+        .await
+        .unwrap()
+        .expect("engine loads")
 }
 
 fn chat(text: &str, params: SamplingParams) -> GenerateRequest {
     GenerateRequest {
         request_id: "test".into(),
-        prompt: Prompt::Chat(vec![Message { role: "user".into(), content: text.into() }]),
+        prompt: Prompt::Chat(vec![Message {
+            role: "user".into(),
+            content: text.into(),
+        }]),
         params,
     }
 }
 
 fn greedy(max_tokens: u32) -> SamplingParams {
-    SamplingParams { temperature: 0.0, max_tokens: Some(max_tokens), ..SamplingParams::default() }
+    SamplingParams {
+        temperature: 0.0,
+        max_tokens: Some(max_tokens),
+        ..SamplingParams::default()
+    }
 }
 
 /// Drains a stream into (text, finish, usage), asserting it ends with exactly one `Done`.
@@ -47,7 +61,10 @@ async fn drain(mut s: EventStream) -> (String, FinishReason, Usage) {
                 assert!(done.is_none(), "delta after done");
                 text.push_str(&d);
             }
-            Event::Done { finish_reason, usage } => {
+            Event::Done {
+                finish_reason,
+                usage,
+            } => {
                 assert!(done.is_none(), "two done events");
                 done = Some((finish_reason, usage));
             }
@@ -64,13 +81,32 @@ async fn run(e: &LlamaEngine, req: GenerateRequest) -> (String, FinishReason, Us
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chat_template_is_applied_and_answers_are_sensible() {
     let e = engine("smollm2-135m", 1).await;
-    let (text, finish, usage) = run(&e, chat("What is the capital of France?", greedy(48))).await;
-    assert!(text.contains("Paris"), "SmolLM2 should know Paris: {text:?}");
-    assert_eq!(finish, FinishReason::Stop, "instruct model ends its turn by itself: {text:?}");
+    let (text, finish, usage) =
+        run(&e, chat("Which city is the capital of France?", greedy(48))).await;
+    assert!(
+        text.contains("Paris"),
+        "SmolLM2 should know Paris: {text:?}"
+    );
+    assert_eq!(
+        finish,
+        FinishReason::Stop,
+        "instruct model ends its turn by itself: {text:?}"
+    );
     // The ChatML template with SmolLM2's default system prompt is ~30 tokens, the question ~7.
-    assert!(usage.prompt_tokens > 25 && usage.prompt_tokens < 60, "{usage:?}");
-    assert!(usage.completion_tokens >= 1 && usage.completion_tokens < 48, "{usage:?}");
-    let tokens = e.tokenize(&Prompt::Chat(vec![Message { role: "user".into(), content: "Hi".into() }])).unwrap();
+    assert!(
+        usage.prompt_tokens > 25 && usage.prompt_tokens < 60,
+        "{usage:?}"
+    );
+    assert!(
+        usage.completion_tokens >= 1 && usage.completion_tokens < 48,
+        "{usage:?}"
+    );
+    let tokens = e
+        .tokenize(&Prompt::Chat(vec![Message {
+            role: "user".into(),
+            content: "Hi".into(),
+        }]))
+        .unwrap();
     assert!(!tokens.is_empty());
 }
 
@@ -102,10 +138,24 @@ async fn max_tokens_and_stop_sequences() {
         params: p,
     };
     let (out, finish, usage) = run(&e, text(greedy(5))).await;
-    assert_eq!((finish, usage.completion_tokens), (FinishReason::Length, 5), "{out:?}");
-    let (out, finish, _) = run(&e, text(SamplingParams { stop: vec![" 8".into()], ..greedy(40) })).await;
+    assert_eq!(
+        (finish, usage.completion_tokens),
+        (FinishReason::Length, 5),
+        "{out:?}"
+    );
+    let (out, finish, _) = run(
+        &e,
+        text(SamplingParams {
+            stop: vec![" 8".into()],
+            ..greedy(40)
+        }),
+    )
+    .await;
     assert_eq!(finish, FinishReason::Stop);
-    assert_eq!(out, " 6, 7,", "counting continues and stops right before the stop sequence");
+    assert_eq!(
+        out, " 6, 7,",
+        "counting continues and stops right before the stop sequence"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -113,22 +163,44 @@ async fn base_model_refuses_chat_and_context_is_bounded() {
     let e = engine("gemma3-270m", 1).await;
     assert!(!e.card().has_chat_template);
     let err = e.generate(chat("hi", greedy(4))).await.err();
-    assert!(matches!(err, Some(EngineError::InvalidRequest(ref m)) if m.contains("/v1/completions")), "{err:?}");
+    assert!(
+        matches!(err, Some(EngineError::InvalidRequest(ref m)) if m.contains("/v1/completions")),
+        "{err:?}"
+    );
 
     let long = "word ".repeat(2000);
-    let req = GenerateRequest { request_id: "t".into(), prompt: Prompt::Text(long), params: greedy(4) };
+    let req = GenerateRequest {
+        request_id: "t".into(),
+        prompt: Prompt::Text(long),
+        params: greedy(4),
+    };
     let err = e.generate(req).await.err();
-    assert!(matches!(err, Some(EngineError::ContextOverflow { limit: 1024, .. })), "{err:?}");
-    let req = GenerateRequest { request_id: "t".into(), prompt: Prompt::Text("a".into()), params: greedy(5000) };
-    assert!(matches!(e.generate(req).await.err(), Some(EngineError::ContextOverflow { .. })));
+    assert!(
+        matches!(err, Some(EngineError::ContextOverflow { limit: 1024, .. })),
+        "{err:?}"
+    );
+    let req = GenerateRequest {
+        request_id: "t".into(),
+        prompt: Prompt::Text("a".into()),
+        params: greedy(5000),
+    };
+    assert!(matches!(
+        e.generate(req).await.err(),
+        Some(EngineError::ContextOverflow { .. })
+    ));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_requests_are_batched_and_finish_faster_than_sequential() {
     const N: usize = 4;
     let e = engine("smollm2-135m", N as u32).await;
-    let params = || SamplingParams { ignore_eos: true, ..greedy(48) };
-    let prompts: Vec<String> = (0..N).map(|i| format!("Tell me a story about robot number {i}.")).collect();
+    let params = || SamplingParams {
+        ignore_eos: true,
+        ..greedy(48)
+    };
+    let prompts: Vec<String> = (0..N)
+        .map(|i| format!("Tell me a story about robot number {i}."))
+        .collect();
 
     // Warm up so both measurements see the same caches.
     run(&e, chat("warm up", greedy(4))).await;
@@ -162,7 +234,11 @@ async fn concurrent_requests_are_batched_and_finish_faster_than_sequential() {
         assert_eq!(s.2, c.2, "same token accounting batched or not");
         assert!(!c.0.is_empty());
     }
-    assert_eq!(max_busy.load(std::sync::atomic::Ordering::Relaxed), N, "all requests decoded together");
+    assert_eq!(
+        max_busy.load(std::sync::atomic::Ordering::Relaxed),
+        N,
+        "all requests decoded together"
+    );
     assert!(
         concurrent_time.as_secs_f64() < 0.8 * sequential_time.as_secs_f64(),
         "batched {concurrent_time:?} should beat sequential {sequential_time:?}"
@@ -173,7 +249,13 @@ async fn concurrent_requests_are_batched_and_finish_faster_than_sequential() {
 async fn a_request_joins_mid_generation() {
     let e = engine("smollm2-135m", 2).await;
     let mut long = e
-        .generate(chat("Count slowly to one hundred.", SamplingParams { ignore_eos: true, ..greedy(300) }))
+        .generate(chat(
+            "Count slowly to one hundred.",
+            SamplingParams {
+                ignore_eos: true,
+                ..greedy(300)
+            },
+        ))
         .await
         .unwrap();
     // Let the long request get going.
@@ -187,14 +269,23 @@ async fn a_request_joins_mid_generation() {
     assert!(short.2.completion_tokens >= 1);
     // The long request is still running: it had 295 tokens to go when the short one finished.
     let (_, finish, usage) = drain(long).await;
-    assert_eq!((finish, usage.completion_tokens), (FinishReason::Length, 300));
+    assert_eq!(
+        (finish, usage.completion_tokens),
+        (FinishReason::Length, 300)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropping_the_stream_frees_the_slot() {
     let e = engine("smollm2-135m", 1).await;
     let mut s = e
-        .generate(chat("Write a very long essay.", SamplingParams { ignore_eos: true, ..greedy(900) }))
+        .generate(chat(
+            "Write a very long essay.",
+            SamplingParams {
+                ignore_eos: true,
+                ..greedy(900)
+            },
+        ))
         .await
         .unwrap();
     assert!(matches!(s.next().await, Some(Ok(Event::Delta(_)))));
@@ -203,7 +294,8 @@ async fn dropping_the_stream_frees_the_slot() {
     // With one slot, this can only run once the abandoned request is gone; 900 tokens would
     // take many seconds, so finishing within the deadline proves the slot was freed.
     let t = Instant::now();
-    let r = tokio::time::timeout(Duration::from_secs(60), run(&e, chat("Say hi.", greedy(8)))).await;
+    let r =
+        tokio::time::timeout(Duration::from_secs(60), run(&e, chat("Say hi.", greedy(8)))).await;
     assert!(r.is_ok(), "second request never ran");
     let deadline = Instant::now() + Duration::from_secs(5);
     while e.load().busy_slots != 0 && Instant::now() < deadline {
@@ -219,8 +311,19 @@ async fn full_queue_is_rejected_not_buffered() {
     cfg.parallel = 1;
     cfg.ctx_per_slot = 512;
     cfg.queue_capacity = 2;
-    let e = tokio::task::spawn_blocking(move || LlamaEngine::load(cfg)).await.unwrap().unwrap();
-    let long = || chat("Write a long story.", SamplingParams { ignore_eos: true, ..greedy(400) });
+    let e = tokio::task::spawn_blocking(move || LlamaEngine::load(cfg))
+        .await
+        .unwrap()
+        .unwrap();
+    let long = || {
+        chat(
+            "Write a long story.",
+            SamplingParams {
+                ignore_eos: true,
+                ..greedy(400)
+            },
+        )
+    };
     let mut running = e.generate(long()).await.unwrap();
     assert!(matches!(running.next().await, Some(Ok(Event::Delta(_)))));
     let q1 = e.generate(long()).await;
@@ -234,17 +337,33 @@ async fn full_queue_is_rejected_not_buffered() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_continued_conversation_reuses_the_cached_prefix() {
     let e = engine("smollm2-135m", 1).await;
-    let first = vec![Message { role: "user".into(), content: "Give me three fruit names.".into() }];
-    let (answer, _, _) = run(&e, GenerateRequest {
-        request_id: "a".into(),
-        prompt: Prompt::Chat(first.clone()),
-        params: greedy(24),
-    })
+    let first = vec![Message {
+        role: "user".into(),
+        content: "Give me three fruit names.".into(),
+    }];
+    let (answer, _, _) = run(
+        &e,
+        GenerateRequest {
+            request_id: "a".into(),
+            prompt: Prompt::Chat(first.clone()),
+            params: greedy(24),
+        },
+    )
     .await;
     let mut second = first;
-    second.push(Message { role: "assistant".into(), content: answer });
-    second.push(Message { role: "user".into(), content: "And three vegetables?".into() });
-    let req = GenerateRequest { request_id: "b".into(), prompt: Prompt::Chat(second), params: greedy(24) };
+    second.push(Message {
+        role: "assistant".into(),
+        content: answer,
+    });
+    second.push(Message {
+        role: "user".into(),
+        content: "And three vegetables?".into(),
+    });
+    let req = GenerateRequest {
+        request_id: "b".into(),
+        prompt: Prompt::Chat(second),
+        params: greedy(24),
+    };
     let cached = run(&e, req.clone()).await;
     // A fresh engine computes the same continuation from scratch.
     let fresh = engine("smollm2-135m", 1).await;

@@ -71,7 +71,10 @@ pub enum Event {
     /// Newly generated text; never splits a UTF-8 character and never contains a stop sequence.
     Delta(String),
     /// Always the last event of a successful stream.
-    Done { finish_reason: FinishReason, usage: Usage },
+    Done {
+        finish_reason: FinishReason,
+        usage: Usage,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -81,7 +84,11 @@ pub enum EngineError {
     #[error(
         "prompt of {prompt_tokens} tokens plus {max_tokens} completion tokens exceeds the context of {limit}"
     )]
-    ContextOverflow { prompt_tokens: u32, max_tokens: u32, limit: u32 },
+    ContextOverflow {
+        prompt_tokens: u32,
+        max_tokens: u32,
+        limit: u32,
+    },
     #[error("engine queue is full ({capacity} requests waiting)")]
     Overloaded { capacity: usize },
     #[error("upstream engine failed: {0}")]

@@ -36,19 +36,29 @@ impl ChatTemplate {
         minijinja_contrib::add_to_environment(&mut env);
         // Templates call `.strip()`, `.startswith()`, `.items()`… on Python objects.
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
-        });
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+            },
+        );
         // Llama 3 templates print today's date.
         env.add_function("strftime_now", |_fmt: String| -> String { today() });
         env.add_template_owned(NAME, source.to_owned())
             .map_err(|e| TemplateError::Parse(e.to_string()))?;
-        Ok(Self { env, bos_token: bos_token.to_owned(), eos_token: eos_token.to_owned() })
+        Ok(Self {
+            env,
+            bos_token: bos_token.to_owned(),
+            eos_token: eos_token.to_owned(),
+        })
     }
 
     /// Renders the conversation, ending with the assistant's turn opener.
     pub fn render(&self, messages: &[Message]) -> Result<String, TemplateError> {
-        let tmpl = self.env.get_template(NAME).map_err(|e| TemplateError::Parse(e.to_string()))?;
+        let tmpl = self
+            .env
+            .get_template(NAME)
+            .map_err(|e| TemplateError::Parse(e.to_string()))?;
         let messages: Vec<_> = messages
             .iter()
             .map(|m| context! { role => m.role.as_str(), content => m.content.as_str() })
@@ -78,9 +88,13 @@ fn today() -> String {
         .unwrap_or(0);
     let days = i64::try_from(secs / 86_400).unwrap_or(0);
     let (y, m, d) = civil_from_days(days);
-    const MONTHS: [&str; 12] =
-        ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
-    let month = MONTHS.get(usize::try_from(m - 1).unwrap_or(0)).copied().unwrap_or("Jan");
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let month = MONTHS
+        .get(usize::try_from(m - 1).unwrap_or(0))
+        .copied()
+        .unwrap_or("Jan");
     format!("{d:02} {month} {y}")
 }
 
@@ -103,7 +117,13 @@ mod tests {
     use super::*;
 
     fn msgs(pairs: &[(&str, &str)]) -> Vec<Message> {
-        pairs.iter().map(|(r, c)| Message { role: (*r).into(), content: (*c).into() }).collect()
+        pairs
+            .iter()
+            .map(|(r, c)| Message {
+                role: (*r).into(),
+                content: (*c).into(),
+            })
+            .collect()
     }
 
     // The template shipped in SmolLM2-135M-Instruct's GGUF.
@@ -120,7 +140,8 @@ mod tests {
 
     #[test]
     fn smollm2_chatml_with_default_system() {
-        let t = ChatTemplate::new(SMOLLM2, "<|im_start|>", "<|im_end|>").unwrap_or_else(|e| unreachable!("{e}"));
+        let t = ChatTemplate::new(SMOLLM2, "<|im_start|>", "<|im_end|>")
+            .unwrap_or_else(|e| unreachable!("{e}"));
         let out = t.render(&msgs(&[("user", "Hi")])).unwrap_or_default();
         assert_eq!(
             out,
@@ -131,7 +152,14 @@ mod tests {
     #[test]
     fn gemma3_folds_system_into_first_user_turn() {
         let t = ChatTemplate::new(GEMMA3, "<bos>", "<eos>").unwrap_or_else(|e| unreachable!("{e}"));
-        let out = t.render(&msgs(&[("system", "Be brief."), ("user", " Hi "), ("assistant", "Hello"), ("user", "Bye")])).unwrap_or_default();
+        let out = t
+            .render(&msgs(&[
+                ("system", "Be brief."),
+                ("user", " Hi "),
+                ("assistant", "Hello"),
+                ("user", "Bye"),
+            ]))
+            .unwrap_or_default();
         assert_eq!(
             out,
             "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello<end_of_turn>\n<start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n"
@@ -144,15 +172,25 @@ mod tests {
         let err = t.render(&msgs(&[("assistant", "x")])).err();
         assert_eq!(
             err,
-            Some(TemplateError::Render("Conversation roles must alternate user/assistant/user/assistant/...".into()))
+            Some(TemplateError::Render(
+                "Conversation roles must alternate user/assistant/user/assistant/...".into()
+            ))
         );
     }
 
     #[test]
     fn llama3_has_date_and_headers() {
-        let t = ChatTemplate::new(LLAMA3, "<|begin_of_text|>", "<|eot_id|>").unwrap_or_else(|e| unreachable!("{e}"));
-        let out = t.render(&msgs(&[("system", "S"), ("user", "Q")])).unwrap_or_default();
-        assert!(out.starts_with("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nToday Date: "), "{out}");
+        let t = ChatTemplate::new(LLAMA3, "<|begin_of_text|>", "<|eot_id|>")
+            .unwrap_or_else(|e| unreachable!("{e}"));
+        let out = t
+            .render(&msgs(&[("system", "S"), ("user", "Q")]))
+            .unwrap_or_default();
+        assert!(
+            out.starts_with(
+                "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nToday Date: "
+            ),
+            "{out}"
+        );
         assert!(out.ends_with("S<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nQ<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"), "{out}");
     }
 
@@ -160,12 +198,18 @@ mod tests {
     fn qwen_default_system_prompt() {
         let t = ChatTemplate::new(QWEN25, "", "<|im_end|>").unwrap_or_else(|e| unreachable!("{e}"));
         let out = t.render(&msgs(&[("user", "Q")])).unwrap_or_default();
-        assert_eq!(out, "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n");
+        assert_eq!(
+            out,
+            "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n"
+        );
     }
 
     #[test]
     fn broken_template_is_a_parse_error() {
-        assert!(matches!(ChatTemplate::new("{% for %}", "", ""), Err(TemplateError::Parse(_))));
+        assert!(matches!(
+            ChatTemplate::new("{% for %}", "", ""),
+            Err(TemplateError::Parse(_))
+        ));
     }
 
     #[test]

@@ -68,25 +68,41 @@ pub struct StopOutcome {
 
 impl StopMatcher {
     pub fn new(stops: Vec<String>) -> Self {
-        Self { stops: stops.into_iter().filter(|s| !s.is_empty()).collect(), held: String::new() }
+        Self {
+            stops: stops.into_iter().filter(|s| !s.is_empty()).collect(),
+            held: String::new(),
+        }
     }
 
     pub fn push(&mut self, text: &str) -> StopOutcome {
         self.held.push_str(text);
         if self.stops.is_empty() {
-            return StopOutcome { emit: std::mem::take(&mut self.held), stopped: false };
+            return StopOutcome {
+                emit: std::mem::take(&mut self.held),
+                stopped: false,
+            };
         }
-        let first_hit = self.stops.iter().filter_map(|s| self.held.find(s.as_str())).min();
+        let first_hit = self
+            .stops
+            .iter()
+            .filter_map(|s| self.held.find(s.as_str()))
+            .min();
         if let Some(at) = first_hit {
             let emit = self.held.get(..at).unwrap_or_default().to_owned();
             self.held.clear();
-            return StopOutcome { emit, stopped: true };
+            return StopOutcome {
+                emit,
+                stopped: true,
+            };
         }
         let keep = self.partial_suffix_len();
         let cut = self.held.len() - keep;
         let emit = self.held.get(..cut).unwrap_or_default().to_owned();
         self.held = self.held.get(cut..).unwrap_or_default().to_owned();
-        StopOutcome { emit, stopped: false }
+        StopOutcome {
+            emit,
+            stopped: false,
+        }
     }
 
     /// Text held back at the end of generation was not a stop sequence after all.
@@ -96,13 +112,22 @@ impl StopMatcher {
 
     /// Length of the longest suffix of `held` that is a proper prefix of some stop sequence.
     fn partial_suffix_len(&self) -> usize {
-        let max = self.stops.iter().map(String::len).max().unwrap_or(0).saturating_sub(1);
+        let max = self
+            .stops
+            .iter()
+            .map(String::len)
+            .max()
+            .unwrap_or(0)
+            .saturating_sub(1);
         let len = self.held.len();
         (1..=max.min(len))
             .rev()
             .find(|&k| {
                 self.held.is_char_boundary(len - k)
-                    && self.stops.iter().any(|s| s.starts_with(&self.held[len - k..]))
+                    && self
+                        .stops
+                        .iter()
+                        .any(|s| s.starts_with(&self.held[len - k..]))
             })
             .unwrap_or(0)
     }
@@ -133,16 +158,40 @@ mod tests {
     #[test]
     fn stop_across_chunks_is_never_leaked() {
         let mut m = StopMatcher::new(vec!["\nUser:".into()]);
-        assert_eq!(m.push("Hello"), StopOutcome { emit: "Hello".into(), stopped: false });
-        assert_eq!(m.push(" there\nUs"), StopOutcome { emit: " there".into(), stopped: false });
-        assert_eq!(m.push("er: hi"), StopOutcome { emit: "".into(), stopped: true });
+        assert_eq!(
+            m.push("Hello"),
+            StopOutcome {
+                emit: "Hello".into(),
+                stopped: false
+            }
+        );
+        assert_eq!(
+            m.push(" there\nUs"),
+            StopOutcome {
+                emit: " there".into(),
+                stopped: false
+            }
+        );
+        assert_eq!(
+            m.push("er: hi"),
+            StopOutcome {
+                emit: "".into(),
+                stopped: true
+            }
+        );
     }
 
     #[test]
     fn false_alarm_is_released() {
         let mut m = StopMatcher::new(vec!["STOP".into()]);
         assert_eq!(m.push("ST").emit, "");
-        assert_eq!(m.push("ay"), StopOutcome { emit: "STay".into(), stopped: false });
+        assert_eq!(
+            m.push("ay"),
+            StopOutcome {
+                emit: "STay".into(),
+                stopped: false
+            }
+        );
         assert_eq!(m.push("S").emit, "");
         assert_eq!(m.finish(), "S");
     }
@@ -150,19 +199,43 @@ mod tests {
     #[test]
     fn earliest_of_several_stops_wins() {
         let mut m = StopMatcher::new(vec!["c".into(), "ab".into()]);
-        assert_eq!(m.push("xabc"), StopOutcome { emit: "x".into(), stopped: true });
+        assert_eq!(
+            m.push("xabc"),
+            StopOutcome {
+                emit: "x".into(),
+                stopped: true
+            }
+        );
     }
 
     #[test]
     fn multibyte_stop_and_boundaries() {
         let mut m = StopMatcher::new(vec!["é!".into()]);
-        assert_eq!(m.push("café"), StopOutcome { emit: "caf".into(), stopped: false });
-        assert_eq!(m.push("!"), StopOutcome { emit: "".into(), stopped: true });
+        assert_eq!(
+            m.push("café"),
+            StopOutcome {
+                emit: "caf".into(),
+                stopped: false
+            }
+        );
+        assert_eq!(
+            m.push("!"),
+            StopOutcome {
+                emit: "".into(),
+                stopped: true
+            }
+        );
     }
 
     #[test]
     fn no_stops_passes_through() {
         let mut m = StopMatcher::new(vec![String::new()]);
-        assert_eq!(m.push("abc"), StopOutcome { emit: "abc".into(), stopped: false });
+        assert_eq!(
+            m.push("abc"),
+            StopOutcome {
+                emit: "abc".into(),
+                stopped: false
+            }
+        );
     }
 }

@@ -52,7 +52,12 @@ impl UpstreamEngine {
             parallel_slots: u32::try_from(cfg.max_in_flight).unwrap_or(u32::MAX),
             has_chat_template: true,
         };
-        Ok(Self { cfg, card, http, in_flight: Arc::new(AtomicUsize::new(0)) })
+        Ok(Self {
+            cfg,
+            card,
+            http,
+            in_flight: Arc::new(AtomicUsize::new(0)),
+        })
     }
 
     fn body(&self, req: &GenerateRequest) -> (String, Value) {
@@ -69,7 +74,9 @@ impl UpstreamEngine {
                 "chat/completions",
                 "messages",
                 Value::Array(
-                    msgs.iter().map(|m| json!({"role": m.role, "content": m.content})).collect(),
+                    msgs.iter()
+                        .map(|m| json!({"role": m.role, "content": m.content}))
+                        .collect(),
                 ),
             ),
             Prompt::Text(t) => ("completions", "prompt", Value::String(t.clone())),
@@ -92,7 +99,10 @@ impl UpstreamEngine {
                 obj.insert("ignore_eos".into(), json!(true));
             }
         }
-        (format!("{}/{path}", self.cfg.base_url.trim_end_matches('/')), body)
+        (
+            format!("{}/{path}", self.cfg.base_url.trim_end_matches('/')),
+            body,
+        )
     }
 }
 
@@ -111,7 +121,11 @@ impl Engine for UpstreamEngine {
 
     fn load(&self) -> Load {
         let busy = self.in_flight.load(Ordering::Acquire);
-        Load { queued: 0, busy_slots: busy, slots: self.cfg.max_in_flight }
+        Load {
+            queued: 0,
+            busy_slots: busy,
+            slots: self.cfg.max_in_flight,
+        }
     }
 
     fn generate(&self, req: GenerateRequest) -> BoxFuture<'_, Result<EventStream, EngineError>> {
@@ -119,14 +133,23 @@ impl Engine for UpstreamEngine {
             let prev = self.in_flight.fetch_add(1, Ordering::AcqRel);
             let guard = InFlight(self.in_flight.clone());
             if prev >= self.cfg.max_in_flight {
-                return Err(EngineError::Overloaded { capacity: self.cfg.max_in_flight });
+                return Err(EngineError::Overloaded {
+                    capacity: self.cfg.max_in_flight,
+                });
             }
             let (url, body) = self.body(&req);
-            let mut rb = self.http.post(&url).json(&body).header("x-request-id", &req.request_id);
+            let mut rb = self
+                .http
+                .post(&url)
+                .json(&body)
+                .header("x-request-id", &req.request_id);
             if let Some(k) = &self.cfg.api_key {
                 rb = rb.bearer_auth(k);
             }
-            let resp = rb.send().await.map_err(|e| EngineError::Upstream(e.to_string()))?;
+            let resp = rb
+                .send()
+                .await
+                .map_err(|e| EngineError::Upstream(e.to_string()))?;
             let status = resp.status();
             if !status.is_success() {
                 let text = resp.text().await.unwrap_or_default();
@@ -136,13 +159,21 @@ impl Engine for UpstreamEngine {
                     .unwrap_or(text);
                 return Err(match status.as_u16() {
                     400 | 404 | 413 | 422 => EngineError::InvalidRequest(msg),
-                    429 | 503 => EngineError::Overloaded { capacity: self.cfg.max_in_flight },
+                    429 | 503 => EngineError::Overloaded {
+                        capacity: self.cfg.max_in_flight,
+                    },
                     _ => EngineError::Upstream(format!("HTTP {status}: {msg}")),
                 });
             }
             let bytes = resp.bytes_stream();
             let stream = futures::stream::unfold(
-                (bytes, SseParser::default(), Translate::default(), guard, false),
+                (
+                    bytes,
+                    SseParser::default(),
+                    Translate::default(),
+                    guard,
+                    false,
+                ),
                 |(mut bytes, mut parser, mut tr, guard, done)| async move {
                     if done {
                         return None;
@@ -226,13 +257,19 @@ impl Translate {
         }
         let v: Value = match serde_json::from_str(payload) {
             Ok(v) => v,
-            Err(e) => return self.fail(EngineError::Upstream(format!("bad chunk from upstream: {e}"))),
+            Err(e) => {
+                return self.fail(EngineError::Upstream(format!(
+                    "bad chunk from upstream: {e}"
+                )));
+            }
         };
         if let Some(msg) = v["error"]["message"].as_str() {
             return self.fail(EngineError::Upstream(msg.to_owned()));
         }
         if let Some(choice) = v["choices"].get(0) {
-            let text = choice["delta"]["content"].as_str().or_else(|| choice["text"].as_str());
+            let text = choice["delta"]["content"]
+                .as_str()
+                .or_else(|| choice["text"].as_str());
             if let Some(t) = text.filter(|t| !t.is_empty()) {
                 self.out.push_back(Ok(Event::Delta(t.to_owned())));
             }
@@ -272,8 +309,14 @@ mod tests {
     #[test]
     fn sse_parser_handles_split_lines_and_crlf() {
         let mut p = SseParser::default();
-        assert_eq!(p.push(b"data: {\"a\"").unwrap_or_default(), Vec::<String>::new());
-        assert_eq!(p.push(b":1}\r\n\r\ndata: [DONE]\n").unwrap_or_default(), vec!["{\"a\":1}", "[DONE]"]);
+        assert_eq!(
+            p.push(b"data: {\"a\"").unwrap_or_default(),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            p.push(b":1}\r\n\r\ndata: [DONE]\n").unwrap_or_default(),
+            vec!["{\"a\":1}", "[DONE]"]
+        );
     }
 
     #[test]
@@ -288,12 +331,17 @@ mod tests {
         t.feed(r#"{"choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}"#);
         t.feed(r#"{"choices":[{"index":0,"delta":{"content":"Hi"},"finish_reason":null}]}"#);
         t.feed(r#"{"choices":[{"index":0,"delta":{},"finish_reason":"length"}]}"#);
-        t.feed(r#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}"#);
+        t.feed(
+            r#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}"#,
+        );
         t.feed("[DONE]");
         assert_eq!(t.pop(), Some(Ok(Event::Delta("Hi".into()))));
         assert_eq!(
             t.pop(),
-            Some(Ok(Event::Done { finish_reason: FinishReason::Length, usage: Usage::new(3, 1) }))
+            Some(Ok(Event::Done {
+                finish_reason: FinishReason::Length,
+                usage: Usage::new(3, 1)
+            }))
         );
         assert_eq!(t.pop(), None);
     }
@@ -323,10 +371,14 @@ mod tests {
             }),
         );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await;
-        let Ok(listener) = listener else { unreachable!("bind") };
+        let Ok(listener) = listener else {
+            unreachable!("bind")
+        };
         let addr = listener.local_addr().ok();
         tokio::spawn(async move { axum::serve(listener, app).await });
-        let Some(addr) = addr else { unreachable!("addr") };
+        let Some(addr) = addr else {
+            unreachable!("addr")
+        };
         let engine = UpstreamEngine::new(UpstreamConfig {
             base_url: format!("http://{addr}/v1"),
             upstream_model: "up-model".into(),
@@ -336,22 +388,33 @@ mod tests {
             max_in_flight: 2,
             connect_timeout: Duration::from_secs(2),
         });
-        let Ok(engine) = engine else { unreachable!("client") };
+        let Ok(engine) = engine else {
+            unreachable!("client")
+        };
         let req = GenerateRequest {
             request_id: "r1".into(),
             prompt: Prompt::Text("Say".into()),
             params: SamplingParams::default(),
         };
         let stream = engine.generate(req).await;
-        let Ok(stream) = stream else { unreachable!("generate") };
+        let Ok(stream) = stream else {
+            unreachable!("generate")
+        };
         let events: Vec<_> = stream.collect().await;
         assert_eq!(
             events,
             vec![
                 Ok(Event::Delta(" hi".into())),
-                Ok(Event::Done { finish_reason: FinishReason::Stop, usage: Usage::new(1, 1) })
+                Ok(Event::Done {
+                    finish_reason: FinishReason::Stop,
+                    usage: Usage::new(1, 1)
+                })
             ]
         );
-        assert_eq!(engine.load().busy_slots, 0, "slot released when the stream ends");
+        assert_eq!(
+            engine.load().busy_slots,
+            0,
+            "slot released when the stream ends"
+        );
     }
 }

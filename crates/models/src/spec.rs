@@ -82,7 +82,8 @@ impl fmt::Display for ModelSpec {
 pub struct HfFile {
     pub owner: String,
     pub repo: String,
-    /// Branch, tag or commit; a `/` in a branch name is written `%2F`.
+    /// Branch, tag or commit id. Names with `/` (such as `refs/pr/1`) are not accepted:
+    /// the `/` would be ambiguous with the file path, so pin the commit id instead.
     pub revision: String,
     /// Path of the file inside the repository, `/`-separated.
     pub path: String,
@@ -108,7 +109,7 @@ impl HfFile {
             c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')
         })?;
         check_name("revision", revision, MAX_REVISION, |c| {
-            c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '%')
+            c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')
         })?;
         if path.len() > MAX_PATH {
             return Err(format!("the file path is longer than {MAX_PATH} bytes"));
@@ -218,7 +219,12 @@ mod tests {
 
     #[test]
     fn paths() {
-        for p in ["./model.gguf", "/abs/x.bin", "model.GGUF", "dir/smollm2-135m"] {
+        for p in [
+            "./model.gguf",
+            "/abs/x.bin",
+            "model.GGUF",
+            "dir/smollm2-135m",
+        ] {
             assert_eq!(
                 ModelSpec::parse(p).unwrap(),
                 ModelSpec::Path(PathBuf::from(p)),
@@ -229,8 +235,9 @@ mod tests {
 
     #[test]
     fn hf_specs() {
-        let spec = ModelSpec::parse("hf:bartowski/SmolLM2-135M-Instruct-GGUF/q/SmolLM2.Q4_K_M.gguf")
-            .unwrap();
+        let spec =
+            ModelSpec::parse("hf:bartowski/SmolLM2-135M-Instruct-GGUF/q/SmolLM2.Q4_K_M.gguf")
+                .unwrap();
         let ModelSpec::HuggingFace(f) = &spec else {
             panic!("not hf: {spec:?}");
         };
@@ -269,6 +276,7 @@ mod tests {
             "hf:owner/repo/x.bin",
             "hf:own er/repo/x.gguf",
             "hf:owner/repo/c:\\x.gguf",
+            "hf:owner/repo@refs%2Fpr%2F1/x.gguf",
         ] {
             let err = ModelSpec::parse(bad);
             assert!(

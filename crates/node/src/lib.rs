@@ -37,7 +37,12 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { max_body_bytes: 4 << 20, max_in_flight: 256, max_stop_sequences: 4, max_stop_bytes: 256 }
+        Self {
+            max_body_bytes: 4 << 20,
+            max_in_flight: 256,
+            max_stop_sequences: 4,
+            max_stop_bytes: 256,
+        }
     }
 }
 
@@ -66,13 +71,19 @@ impl IntoResponse for ApiErrorResponse {
 pub(crate) fn error_response(e: &ApiError) -> Response {
     let status = axum::http::StatusCode::from_u16(e.status)
         .unwrap_or(axum::http::StatusCode::INTERNAL_SERVER_ERROR);
-    let mut resp = (status, [(axum::http::header::CONTENT_TYPE, "application/json")], e.to_json())
+    let mut resp = (
+        status,
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        e.to_json(),
+    )
         .into_response();
     if status == axum::http::StatusCode::SERVICE_UNAVAILABLE
         || status == axum::http::StatusCode::TOO_MANY_REQUESTS
     {
-        resp.headers_mut()
-            .insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from_static("1"));
+        resp.headers_mut().insert(
+            axum::http::header::RETRY_AFTER,
+            axum::http::HeaderValue::from_static("1"),
+        );
     }
     resp
 }
@@ -100,15 +111,17 @@ pub fn router(engine: Arc<dyn Engine>, limits: Limits) -> Router {
                     ))
                 }))
                 .load_shed()
-                .layer(tower::limit::GlobalConcurrencyLimitLayer::new(max_in_flight)),
+                .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
+                    max_in_flight,
+                )),
         );
     Router::new()
         .merge(api)
         .route("/health", get(handlers::health))
         .route("/metrics", get(handlers::metrics))
-        .fallback(|uri: axum::http::Uri| async move {
-            error_response(&ApiError::not_found(uri.path()))
-        })
+        .fallback(
+            |uri: axum::http::Uri| async move { error_response(&ApiError::not_found(uri.path())) },
+        )
         .method_not_allowed_fallback(|| async { error_response(&ApiError::method_not_allowed()) })
         .layer(DefaultBodyLimit::max(max_body))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_| {
@@ -127,7 +140,10 @@ pub async fn serve(
     let listener = listener.tap_io(|tcp| {
         let _ = tcp.set_nodelay(true);
     });
-    axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(shutdown)
-        .await
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
 }

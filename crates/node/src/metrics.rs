@@ -48,11 +48,31 @@ impl Metrics {
         let ttft = Histogram::new(exponential_buckets(0.005, 2.0, 14));
         let decode_tps = Histogram::new(exponential_buckets(1.0, 1.5, 16));
         let duration = Histogram::new(exponential_buckets(0.01, 2.0, 14));
-        registry.register("requests", "Requests by endpoint and outcome", requests.clone());
-        registry.register("prompt_tokens", "Prompt tokens processed", prompt_tokens.clone());
-        registry.register("completion_tokens", "Completion tokens generated", completion_tokens.clone());
-        registry.register("queue_depth", "Requests waiting for a slot", queue_depth.clone());
-        registry.register("busy_slots", "Slots generating or prefilling", busy_slots.clone());
+        registry.register(
+            "requests",
+            "Requests by endpoint and outcome",
+            requests.clone(),
+        );
+        registry.register(
+            "prompt_tokens",
+            "Prompt tokens processed",
+            prompt_tokens.clone(),
+        );
+        registry.register(
+            "completion_tokens",
+            "Completion tokens generated",
+            completion_tokens.clone(),
+        );
+        registry.register(
+            "queue_depth",
+            "Requests waiting for a slot",
+            queue_depth.clone(),
+        );
+        registry.register(
+            "busy_slots",
+            "Slots generating or prefilling",
+            busy_slots.clone(),
+        );
         registry.register("slots", "Parallel decode slots", slots.clone());
         registry.register(
             "time_to_first_token_seconds",
@@ -64,7 +84,11 @@ impl Metrics {
             "Per-request decode speed after the first token",
             decode_tps.clone(),
         );
-        registry.register("request_duration_seconds", "Whole request duration", duration.clone());
+        registry.register(
+            "request_duration_seconds",
+            "Whole request duration",
+            duration.clone(),
+        );
         Self {
             registry,
             requests,
@@ -81,7 +105,10 @@ impl Metrics {
 
     pub(crate) fn request(&self, endpoint: &str, status: &str) {
         self.requests
-            .get_or_create(&RequestLabels { endpoint: endpoint.to_owned(), status: status.to_owned() })
+            .get_or_create(&RequestLabels {
+                endpoint: endpoint.to_owned(),
+                status: status.to_owned(),
+            })
             .inc();
     }
 
@@ -89,20 +116,30 @@ impl Metrics {
         self.ttft.observe(seconds);
     }
 
-    pub(crate) fn finished(&self, prompt: u32, completion: u32, decode_seconds: f64, total_seconds: f64) {
+    pub(crate) fn finished(
+        &self,
+        prompt: u32,
+        completion: u32,
+        decode_seconds: f64,
+        total_seconds: f64,
+    ) {
         self.prompt_tokens.inc_by(u64::from(prompt));
         self.completion_tokens.inc_by(u64::from(completion));
         if completion > 1 && decode_seconds > 0.0 {
-            self.decode_tps.observe(f64::from(completion - 1) / decode_seconds);
+            self.decode_tps
+                .observe(f64::from(completion - 1) / decode_seconds);
         }
         self.duration.observe(total_seconds);
     }
 
     /// Renders the OpenMetrics text; gauges are read from the engine at scrape time.
     pub(crate) fn render(&self, load: Load) -> String {
-        self.queue_depth.set(i64::try_from(load.queued).unwrap_or(i64::MAX));
-        self.busy_slots.set(i64::try_from(load.busy_slots).unwrap_or(i64::MAX));
-        self.slots.set(i64::try_from(load.slots).unwrap_or(i64::MAX));
+        self.queue_depth
+            .set(i64::try_from(load.queued).unwrap_or(i64::MAX));
+        self.busy_slots
+            .set(i64::try_from(load.busy_slots).unwrap_or(i64::MAX));
+        self.slots
+            .set(i64::try_from(load.slots).unwrap_or(i64::MAX));
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
             out.clear();

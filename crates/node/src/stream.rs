@@ -42,9 +42,11 @@ pub(crate) struct Meta {
 pub(crate) fn engine_error(e: &EngineError) -> ApiError {
     match e {
         EngineError::InvalidRequest(m) => ApiError::invalid_request(m.clone()),
-        EngineError::ContextOverflow { prompt_tokens, max_tokens, limit } => {
-            ApiError::context_length_exceeded(*prompt_tokens, *max_tokens, *limit)
-        }
+        EngineError::ContextOverflow {
+            prompt_tokens,
+            max_tokens,
+            limit,
+        } => ApiError::context_length_exceeded(*prompt_tokens, *max_tokens, *limit),
         EngineError::Overloaded { capacity } => ApiError::overloaded(format!(
             "The node is at capacity ({capacity} requests already waiting); retry shortly."
         )),
@@ -65,20 +67,32 @@ pub(crate) struct Tracker {
 
 impl Tracker {
     pub(crate) fn new(st: Arc<AppState>, kind: Kind, request_id: String, started: Instant) -> Self {
-        Self { st, kind, request_id, started, first: None, done: false }
+        Self {
+            st,
+            kind,
+            request_id,
+            started,
+            first: None,
+            done: false,
+        }
     }
 
     fn on_delta(&mut self) {
         if self.first.is_none() {
             let now = Instant::now();
             self.first = Some(now);
-            self.st.metrics.first_token(now.duration_since(self.started).as_secs_f64());
+            self.st
+                .metrics
+                .first_token(now.duration_since(self.started).as_secs_f64());
         }
     }
 
     fn on_done(&mut self, usage: &Usage) {
         let now = Instant::now();
-        let decode = self.first.map(|f| now.duration_since(f).as_secs_f64()).unwrap_or(0.0);
+        let decode = self
+            .first
+            .map(|f| now.duration_since(f).as_secs_f64())
+            .unwrap_or(0.0);
         self.st.metrics.finished(
             usage.prompt_tokens,
             usage.completion_tokens,
@@ -120,7 +134,10 @@ pub(crate) async fn collect(
                 tracker.on_delta();
                 text.push_str(&d);
             }
-            Ok(Event::Done { finish_reason, usage }) => {
+            Ok(Event::Done {
+                finish_reason,
+                usage,
+            }) => {
                 tracker.on_done(&usage);
                 return Ok(full_body(meta, text, finish_reason, usage));
             }
@@ -144,7 +161,10 @@ fn full_body(meta: &Meta, text: String, finish_reason: FinishReason, usage: Usag
             model: meta.model.clone(),
             choices: vec![ChatChoice {
                 index: 0,
-                message: AssistantMessage { role: "assistant".into(), content: Some(text) },
+                message: AssistantMessage {
+                    role: "assistant".into(),
+                    content: Some(text),
+                },
                 logprobs: None,
                 finish_reason: Some(finish_reason),
             }],
@@ -187,14 +207,22 @@ pub(crate) fn sse(
     events: EventStream,
     tracker: Tracker,
 ) -> impl futures::Stream<Item = Result<Bytes, Infallible>> + Send {
-    let state = SseState { meta, events, tracker, phase: Phase::Start };
+    let state = SseState {
+        meta,
+        events,
+        tracker,
+        phase: Phase::Start,
+    };
     futures::stream::unfold(state, |mut s| async move {
         match s.phase {
             Phase::Finished => None,
             Phase::Start => {
                 s.phase = Phase::Streaming;
                 if s.meta.kind == Kind::Chat {
-                    let delta = Delta { role: Some("assistant".into()), content: Some(String::new()) };
+                    let delta = Delta {
+                        role: Some("assistant".into()),
+                        content: Some(String::new()),
+                    };
                     let frame = chunk(&s.meta, delta, String::new(), None);
                     return Some((Ok(frame), s));
                 }
@@ -213,13 +241,25 @@ async fn next_frame(s: &mut SseState) -> Bytes {
     match s.events.next().await {
         Some(Ok(Event::Delta(text))) => {
             s.tracker.on_delta();
-            let delta = Delta { role: None, content: Some(text.clone()) };
+            let delta = Delta {
+                role: None,
+                content: Some(text.clone()),
+            };
             chunk(&s.meta, delta, text, None)
         }
-        Some(Ok(Event::Done { finish_reason, usage })) => {
+        Some(Ok(Event::Done {
+            finish_reason,
+            usage,
+        })) => {
             s.tracker.on_done(&usage);
             s.phase = Phase::Finished;
-            let mut out = chunk(&s.meta, Delta::default(), String::new(), Some(finish_reason)).to_vec();
+            let mut out = chunk(
+                &s.meta,
+                Delta::default(),
+                String::new(),
+                Some(finish_reason),
+            )
+            .to_vec();
             if s.meta.include_usage {
                 out.extend_from_slice(&usage_chunk(&s.meta, usage));
             }
@@ -249,7 +289,11 @@ pub(crate) fn error_frame(e: &ApiError) -> Bytes {
 }
 
 fn usage_field(meta: &Meta) -> UsageField {
-    if meta.include_usage { UsageField::Null } else { UsageField::Absent }
+    if meta.include_usage {
+        UsageField::Null
+    } else {
+        UsageField::Absent
+    }
 }
 
 fn chunk(meta: &Meta, delta: Delta, text: String, finish: Option<FinishReason>) -> Bytes {
@@ -259,7 +303,12 @@ fn chunk(meta: &Meta, delta: Delta, text: String, finish: Option<FinishReason>) 
             object: "chat.completion.chunk".into(),
             created: meta.created,
             model: meta.model.clone(),
-            choices: vec![ChunkChoice { index: 0, delta, logprobs: None, finish_reason: finish }],
+            choices: vec![ChunkChoice {
+                index: 0,
+                delta,
+                logprobs: None,
+                finish_reason: finish,
+            }],
             usage: usage_field(meta),
         }),
         Kind::Completion => serde_json::to_string(&Completion {
@@ -267,7 +316,12 @@ fn chunk(meta: &Meta, delta: Delta, text: String, finish: Option<FinishReason>) 
             object: "text_completion".into(),
             created: meta.created,
             model: meta.model.clone(),
-            choices: vec![CompletionChoice { text, index: 0, logprobs: None, finish_reason: finish }],
+            choices: vec![CompletionChoice {
+                text,
+                index: 0,
+                logprobs: None,
+                finish_reason: finish,
+            }],
             usage: usage_field(meta),
         }),
     };

