@@ -11,6 +11,9 @@
 # `$LATTICE_BIN node --standalone ...` (skipped with a note if the binary does
 # not exist), then report.py prints ratios and writes results/*.json and a
 # markdown snippet for BENCHMARKS.md (results/ is gitignored).
+# Before each server's run bench.py waits (up to --wait-quiet s, default 120)
+# for the CPUs to be >=90% idle and records the idle fraction: numbers taken
+# while e.g. a cargo build runs are low, erratic and not comparable.
 #
 # Env: LATTICE_BIN (default ${CARGO_TARGET_DIR:-$LATTICE_CACHE_DIR/target}/release/lattice),
 #      LATTICE_MODELS_DIR (default $LATTICE_CACHE_DIR/models), LATTICE_CACHE_DIR
@@ -39,7 +42,7 @@ WAIT_QUIET=120   # per server: wait up to this long for the CPUs to be >=90% idl
 MODEL_FILE="SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_SHA256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
-usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { awk 'NR>1 && /^#/ {sub(/^# ?/, ""); print; next} NR>1 {exit}' "$0"; exit "${1:-0}"; }
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --gguf) GGUF="$2"; shift 2 ;;

@@ -17,4 +17,7 @@ pub struct ModelObject {
     /// Extension: context window per request, in tokens.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub context_length: Option<u32>,
+    /// Extension: how many nodes serve it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nodes: Option<u32>,
 }

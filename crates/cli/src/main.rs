@@ -270,16 +270,16 @@ async fn build_engine(
 async fn serve(
     engine: Arc<dyn Engine>,
     addr: SocketAddr,
-    limits: lattice_node::Limits,
+    limits: lattice_http::Limits,
 ) -> Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding {addr}"))?;
     let bound = listener.local_addr()?;
-    let app = lattice_node::router(engine, limits);
+    let app = lattice_http::router(engine, limits, "lattice_node");
     // The line tests and scripts wait for; printed only once the socket accepts connections.
     println!("listening on http://{bound}");
-    lattice_node::serve(listener, app, shutdown_signal()).await?;
+    lattice_http::serve(listener, app, shutdown_signal()).await?;
     Ok(bound)
 }
 
@@ -297,10 +297,10 @@ async fn node(a: NodeArgs) -> Result<()> {
     let addr: SocketAddr = format!("{}:{}", a.host, a.port)
         .parse()
         .with_context(|| format!("invalid --host/--port {}:{}", a.host, a.port))?;
-    let limits = lattice_node::Limits {
+    let limits = lattice_http::Limits {
         max_body_bytes: a.max_body_bytes,
         max_in_flight: a.max_in_flight,
-        ..lattice_node::Limits::default()
+        ..lattice_http::Limits::default()
     };
     serve(engine, addr, limits).await?;
     Ok(())
@@ -308,12 +308,16 @@ async fn node(a: NodeArgs) -> Result<()> {
 
 async fn up(a: UpArgs) -> Result<()> {
     let engine = build_engine(Some(&a.model), None, None, &a.engine).await?;
-    let model_id = engine.card().id.clone();
+    let model_id = engine
+        .models()
+        .first()
+        .map(|m| m.id.clone())
+        .unwrap_or_default();
     let listener = tokio::net::TcpListener::bind(a.listen)
         .await
         .with_context(|| format!("binding {}", a.listen))?;
     let bound = listener.local_addr()?;
-    let app = lattice_node::router(engine, lattice_node::Limits::default());
+    let app = lattice_http::router(engine, lattice_http::Limits::default(), "lattice_node");
     println!("listening on http://{bound}");
     println!();
     println!("Lattice is up. OpenAI-compatible endpoint: http://{bound}/v1   (Ctrl-C stops it)");
@@ -329,7 +333,7 @@ async fn up(a: UpArgs) -> Result<()> {
     println!(
         "    print(c.chat.completions.create(model='{model_id}', messages=[{{'role':'user','content':'Hello!'}}]).choices[0].message.content)\""
     );
-    lattice_node::serve(listener, app, shutdown_signal()).await?;
+    lattice_http::serve(listener, app, shutdown_signal()).await?;
     Ok(())
 }
 

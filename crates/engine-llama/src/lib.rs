@@ -143,6 +143,7 @@ impl LlamaEngine {
             context_length: ctx_per_slot,
             parallel_slots: cfg.parallel,
             has_chat_template: template.is_some(),
+            nodes: 1,
         };
         let shared = Arc::new(Shared::default());
         let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(cfg.queue_capacity);
@@ -196,6 +197,11 @@ impl LlamaEngine {
         })
     }
 
+    /// The model this engine serves.
+    pub fn card(&self) -> &ModelCard {
+        &self.card
+    }
+
     /// Renders (for chat) and tokenizes a prompt exactly as the engine will see it.
     pub fn tokenize(&self, prompt: &Prompt) -> Result<Vec<LlamaToken>, EngineError> {
         tokenize(
@@ -239,8 +245,8 @@ fn tokenize(
 }
 
 impl Engine for LlamaEngine {
-    fn card(&self) -> &ModelCard {
-        &self.card
+    fn models(&self) -> Vec<ModelCard> {
+        vec![self.card.clone()]
     }
 
     fn load(&self) -> Load {

@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use lattice_engine::{
-    Engine, EngineError, Event, EventStream, FinishReason, GenerateRequest, Message, Prompt,
-    SamplingParams, Usage,
+    Engine, EngineError, Event, EventStream, FinishReason, GenerateRequest, Message, Preference,
+    Prompt, SamplingParams, Usage,
 };
 use lattice_engine_llama::{LlamaConfig, LlamaEngine};
 use lattice_models::ModelStore;
@@ -35,6 +35,8 @@ async fn engine(name: &str, parallel: u32) -> LlamaEngine {
 fn chat(text: &str, params: SamplingParams) -> GenerateRequest {
     GenerateRequest {
         request_id: "test".into(),
+        model: String::new(),
+        preference: Preference::default(),
         prompt: Prompt::Chat(vec![Message {
             role: "user".into(),
             content: text.into(),
@@ -134,6 +136,8 @@ async fn max_tokens_and_stop_sequences() {
     let e = engine("gemma3-270m", 1).await;
     let text = |p: SamplingParams| GenerateRequest {
         request_id: "t".into(),
+        model: String::new(),
+        preference: Preference::default(),
         prompt: Prompt::Text("1, 2, 3, 4, 5,".into()),
         params: p,
     };
@@ -171,6 +175,8 @@ async fn base_model_refuses_chat_and_context_is_bounded() {
     let long = "word ".repeat(2000);
     let req = GenerateRequest {
         request_id: "t".into(),
+        model: String::new(),
+        preference: Preference::default(),
         prompt: Prompt::Text(long),
         params: greedy(4),
     };
@@ -181,6 +187,8 @@ async fn base_model_refuses_chat_and_context_is_bounded() {
     );
     let req = GenerateRequest {
         request_id: "t".into(),
+        model: String::new(),
+        preference: Preference::default(),
         prompt: Prompt::Text("a".into()),
         params: greedy(5000),
     };
@@ -202,6 +210,8 @@ async fn concurrent_requests_are_batched_and_finish_faster_than_sequential() {
     };
     let req = |i: usize| GenerateRequest {
         request_id: format!("r{i}"),
+        model: String::new(),
+        preference: Preference::default(),
         prompt: Prompt::Text(format!("Robot number {i} woke up and")),
         params: params(),
     };
@@ -357,6 +367,8 @@ async fn a_continued_conversation_reuses_the_cached_prefix() {
         &e,
         GenerateRequest {
             request_id: "a".into(),
+            model: String::new(),
+            preference: Preference::default(),
             prompt: Prompt::Chat(first.clone()),
             params: greedy(24),
         },
@@ -373,6 +385,8 @@ async fn a_continued_conversation_reuses_the_cached_prefix() {
     });
     let req = GenerateRequest {
         request_id: "b".into(),
+        model: String::new(),
+        preference: Preference::default(),
         prompt: Prompt::Chat(second),
         params: greedy(24),
     };

@@ -9,19 +9,21 @@ use std::pin::Pin;
 
 use futures::Stream;
 use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
 
 pub use lattice_api::{FinishReason, Usage};
 pub use template::{ChatTemplate, TemplateError};
 pub use text::{StopMatcher, Utf8Decoder};
 
 /// One chat turn after the API layer has flattened content parts to text.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Message {
     pub role: String,
     pub content: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Prompt {
     /// Rendered with the model's own chat template.
     Chat(Vec<Message>),
@@ -29,7 +31,7 @@ pub enum Prompt {
     Text(String),
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SamplingParams {
     /// 0 means greedy.
     pub temperature: f32,
@@ -58,15 +60,40 @@ impl Default for SamplingParams {
     }
 }
 
-#[derive(Debug, Clone, PartialEq)]
-pub struct GenerateRequest {
-    /// Propagated into logs and, later, to Nexus receipts.
-    pub request_id: String,
-    pub prompt: Prompt,
-    pub params: SamplingParams,
+/// What the caller would like the network to optimise for (Nexus routing; ignored by a node).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Preference {
+    #[default]
+    Latency,
+    Cost,
+    Quality,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+impl Preference {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "latency" | "fast" => Some(Self::Latency),
+            "cost" | "cheap" => Some(Self::Cost),
+            "quality" => Some(Self::Quality),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerateRequest {
+    /// Propagated to the node and into both sides' logs.
+    pub request_id: String,
+    pub model: String,
+    pub prompt: Prompt,
+    pub params: SamplingParams,
+    #[serde(default)]
+    pub preference: Preference,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Event {
     /// Newly generated text; never splits a UTF-8 character and never contains a stop sequence.
     Delta(String),
@@ -77,7 +104,8 @@ pub enum Event {
     },
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum EngineError {
     #[error("{0}")]
     InvalidRequest(String),
@@ -99,14 +127,31 @@ pub enum EngineError {
 
 pub type EventStream = Pin<Box<dyn Stream<Item = Result<Event, EngineError>> + Send>>;
 
-/// What a backend serves, as advertised to clients and (later) to Nexus.
-#[derive(Debug, Clone, PartialEq, Eq)]
+impl EngineError {
+    /// Whether another node could succeed where this one failed (Nexus fails over on these).
+    pub fn retryable(&self) -> bool {
+        matches!(
+            self,
+            Self::Overloaded { .. } | Self::Upstream(_) | Self::Internal(_)
+        )
+    }
+}
+
+/// What a backend serves, as advertised to clients and to Nexus.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ModelCard {
     pub id: String,
     /// Tokens available to one request (prompt + completion).
     pub context_length: u32,
     pub parallel_slots: u32,
     pub has_chat_template: bool,
+    /// Nodes serving it (1 on a node; the count across the network on Nexus).
+    #[serde(default = "one")]
+    pub nodes: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 /// Instantaneous load, for `/metrics`, `/health` and heartbeats.
@@ -118,7 +163,8 @@ pub struct Load {
 }
 
 pub trait Engine: Send + Sync + 'static {
-    fn card(&self) -> &ModelCard;
+    /// Models that can be requested right now.
+    fn models(&self) -> Vec<ModelCard>;
     fn load(&self) -> Load;
     /// Admits the request or rejects it before any token is produced. Dropping the returned
     /// stream cancels the work and frees its slot.

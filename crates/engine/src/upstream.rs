@@ -51,6 +51,7 @@ impl UpstreamEngine {
             context_length: cfg.context_length,
             parallel_slots: u32::try_from(cfg.max_in_flight).unwrap_or(u32::MAX),
             has_chat_template: true,
+            nodes: 1,
         };
         Ok(Self {
             cfg,
@@ -115,8 +116,8 @@ impl Drop for InFlight {
 }
 
 impl Engine for UpstreamEngine {
-    fn card(&self) -> &ModelCard {
-        &self.card
+    fn models(&self) -> Vec<ModelCard> {
+        vec![self.card.clone()]
     }
 
     fn load(&self) -> Load {
@@ -393,8 +394,10 @@ mod tests {
         };
         let req = GenerateRequest {
             request_id: "r1".into(),
+            model: "mine".into(),
             prompt: Prompt::Text("Say".into()),
             params: SamplingParams::default(),
+            preference: crate::Preference::default(),
         };
         let stream = engine.generate(req).await;
         let Ok(stream) = stream else {

@@ -18,7 +18,7 @@ struct Node {
     _shutdown: tokio::sync::oneshot::Sender<()>,
 }
 
-async fn start(parallel: u32, queue: usize, limits: lattice_node::Limits) -> Node {
+async fn start(parallel: u32, queue: usize, limits: lattice_http::Limits) -> Node {
     let path = ModelStore::from_env()
         .unwrap()
         .resolve(MODEL, true)
@@ -35,9 +35,9 @@ async fn start(parallel: u32, queue: usize, limits: lattice_node::Limits) -> Nod
         .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr: SocketAddr = listener.local_addr().unwrap();
-    let app = lattice_node::router(Arc::new(engine), limits);
+    let app = lattice_http::router(Arc::new(engine), limits, "lattice_node");
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(lattice_node::serve(listener, app, async {
+    tokio::spawn(lattice_http::serve(listener, app, async {
         let _ = rx.await;
     }));
     Node {
@@ -48,7 +48,7 @@ async fn start(parallel: u32, queue: usize, limits: lattice_node::Limits) -> Nod
 }
 
 async fn default_node() -> Node {
-    start(2, 8, lattice_node::Limits::default()).await
+    start(2, 8, lattice_http::Limits::default()).await
 }
 
 impl Node {
@@ -263,9 +263,9 @@ async fn text_completion_and_models() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_openai_errors() {
-    let limits = lattice_node::Limits {
+    let limits = lattice_http::Limits {
         max_body_bytes: 64 * 1024,
-        ..lattice_node::Limits::default()
+        ..lattice_http::Limits::default()
     };
     let n = start(1, 4, limits).await;
     let (s, b) = n
@@ -344,7 +344,7 @@ async fn bad_input_gets_openai_errors() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overload_is_rejected_with_503() {
-    let n = start(1, 1, lattice_node::Limits::default()).await;
+    let n = start(1, 1, lattice_http::Limits::default()).await;
     let long = chat_body(
         "Write a long story.",
         json!({"max_tokens": 300, "ignore_eos": true, "stream": true}),
@@ -391,7 +391,7 @@ async fn overload_is_rejected_with_503() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_disconnect_frees_the_slot() {
-    let n = start(1, 4, lattice_node::Limits::default()).await;
+    let n = start(1, 4, lattice_http::Limits::default()).await;
     let long = chat_body(
         "Write a long essay.",
         json!({"max_tokens": 450, "ignore_eos": true, "stream": true}),

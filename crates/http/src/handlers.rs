@@ -10,7 +10,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use lattice_api::{ApiError, ChatCompletionRequest, CompletionRequest, ModelList, ModelObject};
-use lattice_engine::{GenerateRequest, Prompt, SamplingParams};
+use lattice_engine::{GenerateRequest, ModelCard, Preference, Prompt, SamplingParams};
 use serde::de::DeserializeOwned;
 
 use crate::stream::{self, Kind, Meta, Tracker};
@@ -29,7 +29,13 @@ pub(crate) async fn chat_completions(
         check_model(&st, &req.model)?;
         let (prompt, params) = params::chat(&req, &st.limits)?;
         let include_usage = req.sampling.stream_options.is_some_and(|o| o.include_usage);
-        Ok((prompt, params, req.stream, include_usage))
+        Ok(Validated {
+            model: req.model,
+            prompt,
+            params,
+            streaming: req.stream,
+            include_usage,
+        })
     }
     .await;
     respond(st, &headers, Kind::Chat, started, result).await
@@ -46,10 +52,24 @@ pub(crate) async fn completions(
         check_model(&st, &req.model)?;
         let (prompt, params) = params::completion(&req, &st.limits)?;
         let include_usage = req.sampling.stream_options.is_some_and(|o| o.include_usage);
-        Ok((prompt, params, req.stream, include_usage))
+        Ok(Validated {
+            model: req.model,
+            prompt,
+            params,
+            streaming: req.stream,
+            include_usage,
+        })
     }
     .await;
     respond(st, &headers, Kind::Completion, started, result).await
+}
+
+struct Validated {
+    model: String,
+    prompt: Prompt,
+    params: SamplingParams,
+    streaming: bool,
+    include_usage: bool,
 }
 
 async fn respond(
@@ -57,16 +77,27 @@ async fn respond(
     headers: &HeaderMap,
     kind: Kind,
     started: Instant,
-    validated: Result<(Prompt, SamplingParams, bool, bool), ApiError>,
+    validated: Result<Validated, ApiError>,
 ) -> HandlerResult {
-    let (prompt, params, streaming, include_usage) = validated.inspect_err(|e| {
+    let Validated {
+        model,
+        prompt,
+        params,
+        streaming,
+        include_usage,
+    } = validated.inspect_err(|e| {
         st.metrics.request(kind.endpoint(), outcome(e.status));
     })?;
     let request_id = request_id(headers);
+    let preference = preference(headers).inspect_err(|e| {
+        st.metrics.request(kind.endpoint(), outcome(e.status));
+    })?;
     let gen_req = GenerateRequest {
         request_id: request_id.clone(),
+        model: model.clone(),
         prompt,
         params,
+        preference,
     };
     let events = st.engine.generate(gen_req).await.map_err(|e| {
         let api = stream::engine_error(&e);
@@ -81,7 +112,7 @@ async fn respond(
     let meta = Meta {
         id: format!("{prefix}-{request_id}"),
         created: unix_now(),
-        model: st.engine.card().id.clone(),
+        model,
         kind,
         include_usage,
     };
@@ -140,10 +171,26 @@ fn parse_body<T: DeserializeOwned>(
 }
 
 fn check_model(st: &AppState, model: &str) -> Result<(), ApiError> {
-    if model == st.engine.card().id {
+    if st.engine.models().iter().any(|m| m.id == model) {
         Ok(())
     } else {
         Err(ApiError::model_not_found(model))
+    }
+}
+
+/// `x-lattice-preference: latency | cost | quality` steers Nexus's routing.
+fn preference(headers: &HeaderMap) -> Result<Preference, ApiError> {
+    match headers
+        .get("x-lattice-preference")
+        .map(|v| v.to_str().unwrap_or(""))
+    {
+        None => Ok(Preference::default()),
+        Some(v) => Preference::parse(v.trim()).ok_or_else(|| {
+            ApiError::invalid_param(
+                "x-lattice-preference",
+                format!("Unknown routing preference `{v}`; use latency, cost or quality."),
+            )
+        }),
     }
 }
 
@@ -168,8 +215,7 @@ fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
-fn model_object(st: &AppState) -> ModelObject {
-    let card = st.engine.card();
+fn model_object(st: &AppState, card: &ModelCard) -> ModelObject {
     ModelObject {
         id: card.id.clone(),
         object: "model".into(),
@@ -180,13 +226,20 @@ fn model_object(st: &AppState) -> ModelObject {
             .unwrap_or(0),
         owned_by: "lattice".into(),
         context_length: Some(card.context_length),
+        nodes: Some(card.nodes),
     }
 }
 
 pub(crate) async fn models(State(st): State<Arc<AppState>>) -> Response {
+    let data = st
+        .engine
+        .models()
+        .iter()
+        .map(|c| model_object(&st, c))
+        .collect();
     axum::Json(ModelList {
         object: "list".into(),
-        data: vec![model_object(&st)],
+        data,
     })
     .into_response()
 }
@@ -195,17 +248,17 @@ pub(crate) async fn model(
     State(st): State<Arc<AppState>>,
     Path(id): Path<String>,
 ) -> HandlerResult {
-    check_model(&st, &id)?;
-    Ok(axum::Json(model_object(&st)).into_response())
+    let card = st.engine.models().into_iter().find(|m| m.id == id);
+    let card = card.ok_or_else(|| ApiError::model_not_found(&id))?;
+    Ok(axum::Json(model_object(&st, &card)).into_response())
 }
 
 pub(crate) async fn health(State(st): State<Arc<AppState>>) -> Response {
     let load = st.engine.load();
-    let card = st.engine.card();
+    let models: Vec<String> = st.engine.models().into_iter().map(|m| m.id).collect();
     axum::Json(serde_json::json!({
         "status": "ok",
-        "model": card.id,
-        "context_length": card.context_length,
+        "models": models,
         "slots": load.slots,
         "busy_slots": load.busy_slots,
         "queued": load.queued,

@@ -1,0 +1,172 @@
+//! Link frames. The node speaks first (`Hello`), proves its key on Nexus's `Challenge`, then
+//! registers; afterwards requests, token events and heartbeats flow, multiplexed by stream id.
+
+use lattice_engine::{EngineError, Event, GenerateRequest};
+use serde::{Deserialize, Serialize};
+
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Largest frame either side accepts: a request carries a whole prompt (bodies are ≤ 4 MiB).
+pub const MAX_FRAME_BYTES: usize = 8 << 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeKind {
+    Llm,
+    Knowledge,
+    Agent,
+}
+
+/// A model a node offers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelAd {
+    pub id: String,
+    pub context_length: u32,
+    /// e.g. `Q4_1`, when known.
+    #[serde(default)]
+    pub quantization: Option<String>,
+}
+
+/// Smallest LAI units per 1M tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Price {
+    pub input_per_mtok: u64,
+    pub output_per_mtok: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum NodeFrame {
+    Hello {
+        version: u32,
+        address: String,
+    },
+    Register {
+        /// Signature of [`crate::challenge_message`] with the node's key (65 bytes, hex).
+        signature: String,
+        kind: NodeKind,
+        models: Vec<ModelAd>,
+        price: Price,
+        slots: u32,
+        /// Measured single-stream decode speed, tokens/s.
+        decode_tps: f64,
+        #[serde(default)]
+        label: Option<String>,
+    },
+    Heartbeat {
+        queued: u32,
+        busy: u32,
+        slots: u32,
+    },
+    /// One event of a request's stream.
+    Event {
+        stream: u64,
+        event: LinkEvent,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LinkEvent {
+    Engine(Event),
+    Error(EngineError),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum NexusFrame {
+    Challenge {
+        nonce: String,
+    },
+    Registered {
+        node_id: u64,
+    },
+    Rejected {
+        reason: String,
+    },
+    Request {
+        stream: u64,
+        request: GenerateRequest,
+    },
+    Cancel {
+        stream: u64,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("frame of {0} bytes exceeds the {MAX_FRAME_BYTES}-byte limit")]
+    TooLarge(usize),
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+}
+
+pub fn encode<T: Serialize>(frame: &T) -> Result<String, FrameError> {
+    let s = serde_json::to_string(frame).map_err(|e| FrameError::Malformed(e.to_string()))?;
+    if s.len() > MAX_FRAME_BYTES {
+        return Err(FrameError::TooLarge(s.len()));
+    }
+    Ok(s)
+}
+
+pub fn decode<T: for<'de> Deserialize<'de>>(text: &str) -> Result<T, FrameError> {
+    if text.len() > MAX_FRAME_BYTES {
+        return Err(FrameError::TooLarge(text.len()));
+    }
+    serde_json::from_str(text).map_err(|e| FrameError::Malformed(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lattice_engine::{FinishReason, Preference, Prompt, SamplingParams, Usage};
+
+    #[test]
+    fn frames_round_trip() {
+        let req = NexusFrame::Request {
+            stream: 7,
+            request: GenerateRequest {
+                request_id: "r".into(),
+                model: "m".into(),
+                prompt: Prompt::Text("hi".into()),
+                params: SamplingParams::default(),
+                preference: Preference::Cost,
+            },
+        };
+        let back: NexusFrame =
+            decode(&encode(&req).unwrap_or_default()).unwrap_or(NexusFrame::Cancel { stream: 0 });
+        assert_eq!(back, req);
+        let done = NodeFrame::Event {
+            stream: 7,
+            event: LinkEvent::Engine(Event::Done {
+                finish_reason: FinishReason::Stop,
+                usage: Usage::new(1, 2),
+            }),
+        };
+        let text = encode(&done).unwrap_or_default();
+        assert!(text.contains(r#""type":"event""#), "{text}");
+        let back: NodeFrame = decode(&text).unwrap_or(NodeFrame::Heartbeat {
+            queued: 0,
+            busy: 0,
+            slots: 0,
+        });
+        assert_eq!(back, done);
+    }
+
+    #[test]
+    fn malformed_and_oversized_frames_are_errors() {
+        assert!(matches!(
+            decode::<NodeFrame>("{\"type\":\"nope\"}"),
+            Err(FrameError::Malformed(_))
+        ));
+        assert!(matches!(
+            decode::<NodeFrame>("not json"),
+            Err(FrameError::Malformed(_))
+        ));
+        let huge = "x".repeat(MAX_FRAME_BYTES + 1);
+        assert!(matches!(
+            decode::<NodeFrame>(&huge),
+            Err(FrameError::TooLarge(_))
+        ));
+    }
+}

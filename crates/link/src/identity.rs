@@ -1,0 +1,197 @@
+//! A node's identity: a secp256k1 key created on first start and kept on disk; its EVM address
+//! names the node (later: staking, signed receipts). Possession is proven by signing a challenge
+//! with EIP-191 `personal_sign`, so any Ethereum tool can verify it.
+
+use std::path::Path;
+
+use k256::ecdsa::{RecoveryId, Signature, SigningKey, VerifyingKey};
+use sha3::{Digest, Keccak256};
+
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("cannot read or write the node key at {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("the node key at {0} is not a valid secp256k1 key (expected 64 hex digits)")]
+    BadKey(String),
+    #[error("no randomness available: {0}")]
+    Random(String),
+    #[error("invalid signature: {0}")]
+    BadSignature(String),
+}
+
+pub struct NodeKey {
+    key: SigningKey,
+}
+
+impl std::fmt::Debug for NodeKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeKey")
+            .field("address", &self.address())
+            .finish_non_exhaustive()
+    }
+}
+
+fn keccak(data: &[u8]) -> [u8; 32] {
+    Keccak256::digest(data).into()
+}
+
+fn address_of(vk: &VerifyingKey) -> String {
+    let point = vk.to_encoded_point(false);
+    let hash = keccak(point.as_bytes().get(1..).unwrap_or_default());
+    format!("0x{}", hex::encode(hash.get(12..).unwrap_or_default()))
+}
+
+/// EIP-191 hash of the text a node signs to prove its key to Nexus.
+fn eip191(message: &str) -> [u8; 32] {
+    let mut data = format!("\x19Ethereum Signed Message:\n{}", message.len()).into_bytes();
+    data.extend_from_slice(message.as_bytes());
+    keccak(&data)
+}
+
+/// The exact text signed for a link challenge; binds nonce and address to this protocol.
+pub fn challenge_message(nonce: &str, address: &str) -> String {
+    format!(
+        "lattice link v1\nnonce: {nonce}\naddress: {}",
+        address.to_lowercase()
+    )
+}
+
+/// Recovers the signer's address of an EIP-191 signature (65 bytes r‖s‖v, hex).
+pub fn recover_address(message: &str, signature_hex: &str) -> Result<String, IdentityError> {
+    let bytes = hex::decode(signature_hex.trim_start_matches("0x"))
+        .map_err(|e| IdentityError::BadSignature(e.to_string()))?;
+    let (rs, v) = match bytes.as_slice() {
+        [rs @ .., v] if rs.len() == 64 => (rs, *v),
+        _ => return Err(IdentityError::BadSignature("expected 65 bytes".into())),
+    };
+    let sig = Signature::from_slice(rs).map_err(|e| IdentityError::BadSignature(e.to_string()))?;
+    let rec = RecoveryId::from_byte(if v >= 27 { v - 27 } else { v })
+        .ok_or_else(|| IdentityError::BadSignature("bad recovery id".into()))?;
+    let vk = VerifyingKey::recover_from_prehash(&eip191(message), &sig, rec)
+        .map_err(|e| IdentityError::BadSignature(e.to_string()))?;
+    Ok(address_of(&vk))
+}
+
+impl NodeKey {
+    pub fn generate() -> Result<Self, IdentityError> {
+        loop {
+            let mut bytes = [0u8; 32];
+            getrandom::getrandom(&mut bytes).map_err(|e| IdentityError::Random(e.to_string()))?;
+            // A random 32-byte value is a valid scalar with overwhelming probability.
+            if let Ok(key) = SigningKey::from_slice(&bytes) {
+                return Ok(Self { key });
+            }
+        }
+    }
+
+    /// Loads the key at `path`, creating it (readable only by the owner) on first start.
+    pub fn load_or_create(path: &Path) -> Result<Self, IdentityError> {
+        let io = |source| IdentityError::Io {
+            path: path.display().to_string(),
+            source,
+        };
+        match std::fs::read_to_string(path) {
+            Ok(text) => {
+                let bytes = hex::decode(text.trim().trim_start_matches("0x"))
+                    .map_err(|_| IdentityError::BadKey(path.display().to_string()))?;
+                let key = SigningKey::from_slice(&bytes)
+                    .map_err(|_| IdentityError::BadKey(path.display().to_string()))?;
+                Ok(Self { key })
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let key = Self::generate()?;
+                if let Some(dir) = path.parent() {
+                    std::fs::create_dir_all(dir).map_err(io)?;
+                }
+                let tmp = path.with_extension("tmp");
+                write_private(&tmp, &hex::encode(key.key.to_bytes())).map_err(io)?;
+                std::fs::rename(&tmp, path).map_err(io)?;
+                Ok(key)
+            }
+            Err(e) => Err(io(e)),
+        }
+    }
+
+    pub fn address(&self) -> String {
+        address_of(self.key.verifying_key())
+    }
+
+    /// EIP-191 signature (r‖s‖v with v = 27/28), hex.
+    pub fn sign(&self, message: &str) -> Result<String, IdentityError> {
+        let (sig, rec) = self
+            .key
+            .sign_prehash_recoverable(&eip191(message))
+            .map_err(|e| IdentityError::BadSignature(e.to_string()))?;
+        let mut out = sig.to_bytes().to_vec();
+        out.push(rec.to_byte() + 27);
+        Ok(hex::encode(out))
+    }
+}
+
+#[cfg(unix)]
+fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()
+}
+
+#[cfg(not(unix))]
+fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    std::fs::write(path, text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn known_vector_matches_ethereum() {
+        // Private key 1 → the well-known address of generator point G.
+        let mut one = [0u8; 32];
+        one[31] = 1;
+        let key = NodeKey {
+            key: SigningKey::from_slice(&one).unwrap_or_else(|_| unreachable!()),
+        };
+        assert_eq!(key.address(), "0x7e5f4552091a69125d5dfcb7b8c2659029395bdf");
+    }
+
+    #[test]
+    fn sign_and_recover() {
+        let key = NodeKey::generate().unwrap_or_else(|e| unreachable!("{e}"));
+        let msg = challenge_message("abc", &key.address());
+        let sig = key.sign(&msg).unwrap_or_default();
+        assert_eq!(recover_address(&msg, &sig).ok(), Some(key.address()));
+        let other = challenge_message("abd", &key.address());
+        assert_ne!(
+            recover_address(&other, &sig).ok(),
+            Some(key.address()),
+            "nonce is bound"
+        );
+        assert!(recover_address(&msg, "00").is_err());
+        assert!(recover_address(&msg, "zz").is_err());
+    }
+
+    #[test]
+    fn key_persists_across_restarts() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| unreachable!("{e}"));
+        let path = dir.path().join("node.key");
+        let a = NodeKey::load_or_create(&path).unwrap_or_else(|e| unreachable!("{e}"));
+        let b = NodeKey::load_or_create(&path).unwrap_or_else(|e| unreachable!("{e}"));
+        assert_eq!(a.address(), b.address());
+        std::fs::write(&path, "garbage").unwrap_or_default();
+        assert!(matches!(
+            NodeKey::load_or_create(&path),
+            Err(IdentityError::BadKey(_))
+        ));
+    }
+}

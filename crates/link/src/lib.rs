@@ -1,0 +1,14 @@
+//! The persistent link a node dials to Nexus (WebSocket, JSON text frames): the frames, their
+//! size bound, and the node's secp256k1 identity whose EVM address names it on the network.
+
+mod frames;
+mod identity;
+
+pub use frames::{
+    FrameError, LinkEvent, MAX_FRAME_BYTES, ModelAd, NexusFrame, NodeFrame, NodeKind,
+    PROTOCOL_VERSION, Price, decode, encode,
+};
+pub use identity::{IdentityError, NodeKey, challenge_message, recover_address};
+
+/// Path on Nexus where nodes open their link.
+pub const LINK_PATH: &str = "/lattice/v1/link";
