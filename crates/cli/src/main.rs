@@ -25,10 +25,17 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Start a local network and print its OpenAI endpoint (today: one node serving the default model).
+    /// Start a whole local network (Nexus + two nodes) and print its OpenAI endpoint.
     Up(UpArgs),
-    /// Run an inference node.
+    /// Run Nexus, the coordinator: one OpenAI endpoint over every linked node.
+    Nexus(NexusArgs),
+    /// Run an inference node, linked to a Nexus or standalone.
     Node(NodeArgs),
+    /// Show the nodes a Nexus knows: models, health, load, reputation.
+    Status {
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        nexus: String,
+    },
     /// Manage local model files.
     #[command(subcommand)]
     Model(ModelCommand),
@@ -52,21 +59,58 @@ enum ModelCommand {
 
 #[derive(Args)]
 struct UpArgs {
-    /// Address the endpoint listens on.
+    /// Address of the network's OpenAI endpoint (Nexus).
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
-    /// Model to serve (catalog name, `hf:` spec or GGUF path).
+    /// Chat model (first node).
     #[arg(long, default_value = lattice_models::DEFAULT_MODEL)]
-    model: String,
-    #[command(flatten)]
-    engine: EngineArgs,
+    chat_model: String,
+    /// Completion model (second node).
+    #[arg(long, default_value = "gemma3-270m")]
+    completion_model: String,
+    /// Threads per node (both nodes share the machine's cores).
+    #[arg(long, default_value_t = 1)]
+    threads: u32,
+}
+
+#[derive(Args)]
+struct NexusArgs {
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// SQLite database for the node registry and reputation (default: under the cache dir).
+    #[arg(long)]
+    db: Option<PathBuf>,
+    /// Seconds between health probes of each node and model.
+    #[arg(long, default_value_t = 30)]
+    probe_interval: u64,
+    /// Largest request body accepted, in bytes.
+    #[arg(long, default_value_t = 4 << 20)]
+    max_body_bytes: usize,
+    /// HTTP requests handled at once (streams included); more get 503.
+    #[arg(long, default_value_t = 4096)]
+    max_in_flight: usize,
 }
 
 #[derive(Args)]
 struct NodeArgs {
     /// Serve on this machine only, without joining a Nexus.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "nexus")]
     standalone: bool,
+    /// Nexus to join, e.g. `http://127.0.0.1:8080` (the node dials out: works behind NAT).
+    #[arg(long)]
+    nexus: Option<String>,
+    /// The node's secp256k1 key (its EVM address), created on first start.
+    #[arg(long)]
+    key: Option<PathBuf>,
+    /// Price per 1M prompt tokens, in the smallest LAI unit.
+    #[arg(long, default_value_t = 100_000)]
+    price_in: u64,
+    /// Price per 1M completion tokens, in the smallest LAI unit.
+    #[arg(long, default_value_t = 200_000)]
+    price_out: u64,
+    /// Human-readable label shown in `lattice status`.
+    #[arg(long)]
+    label: Option<String>,
     /// Model to serve: catalog name, `hf:` spec or GGUF path (pulled if missing).
     #[arg(long, required_unless_present = "upstream")]
     model: Option<String>,
@@ -132,7 +176,9 @@ fn main() -> Result<()> {
     rt.block_on(async move {
         match cli.command {
             Command::Up(a) => up(a).await,
+            Command::Nexus(a) => nexus(a).await,
             Command::Node(a) => node(a).await,
+            Command::Status { nexus } => status(&nexus).await,
             Command::Model(m) => model(m).await,
         }
     })
@@ -267,27 +313,57 @@ async fn build_engine(
     Ok(Arc::new(engine))
 }
 
-async fn serve(
-    engine: Arc<dyn Engine>,
-    addr: SocketAddr,
-    limits: lattice_http::Limits,
-) -> Result<SocketAddr> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding {addr}"))?;
-    let bound = listener.local_addr()?;
-    let app = lattice_http::router(engine, limits, "lattice_node");
-    // The line tests and scripts wait for; printed only once the socket accepts connections.
-    println!("listening on http://{bound}");
-    lattice_http::serve(listener, app, shutdown_signal()).await?;
-    Ok(bound)
+fn cache_dir() -> PathBuf {
+    std::env::var_os("LATTICE_CACHE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            std::env::var_os("HOME").map_or_else(
+                || PathBuf::from(".lattice"),
+                |h| PathBuf::from(h).join(".cache/lattice"),
+            )
+        })
+}
+
+/// Single-stream decode speed, measured once at start-up and advertised to Nexus.
+async fn measure_decode_tps(engine: &Arc<dyn Engine>) -> f64 {
+    let Some(model) = engine.models().first().map(|m| m.id.clone()) else {
+        return 0.0;
+    };
+    let req = lattice_engine::GenerateRequest {
+        request_id: "startup-speed".into(),
+        model,
+        prompt: lattice_engine::Prompt::Text("The history of the city".into()),
+        params: lattice_engine::SamplingParams {
+            temperature: 0.0,
+            max_tokens: Some(24),
+            ignore_eos: true,
+            ..Default::default()
+        },
+        preference: lattice_engine::Preference::default(),
+    };
+    let Ok(mut events) = engine.generate(req).await else {
+        return 0.0;
+    };
+    let mut first = None;
+    let mut n = 0u32;
+    while let Some(Ok(ev)) = futures::StreamExt::next(&mut events).await {
+        match ev {
+            lattice_engine::Event::Delta(_) => {
+                n += 1;
+                first.get_or_insert_with(std::time::Instant::now);
+            }
+            lattice_engine::Event::Done { .. } => break,
+        }
+    }
+    match first {
+        Some(t) if n > 1 => f64::from(n - 1) / t.elapsed().as_secs_f64().max(1e-6),
+        _ => 0.0,
+    }
 }
 
 async fn node(a: NodeArgs) -> Result<()> {
-    if !a.standalone {
-        bail!(
-            "joining a Nexus is not available yet: run with --standalone to serve on this machine"
-        );
+    if !a.standalone && a.nexus.is_none() {
+        bail!("say where to serve: --nexus URL to join a network, or --standalone");
     }
     let upstream = a
         .upstream
@@ -302,38 +378,242 @@ async fn node(a: NodeArgs) -> Result<()> {
         max_in_flight: a.max_in_flight,
         ..lattice_http::Limits::default()
     };
-    serve(engine, addr, limits).await?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}"))?;
+    let bound = listener.local_addr()?;
+    let app = lattice_http::router(engine.clone(), limits, "lattice_node");
+    if let Some(nexus) = a.nexus.clone() {
+        let key_path = a
+            .key
+            .clone()
+            .unwrap_or_else(|| cache_dir().join("keys/node.key"));
+        let key = Arc::new(lattice_link::NodeKey::load_or_create(&key_path)?);
+        let decode_tps = measure_decode_tps(&engine).await;
+        tracing::info!(address = %key.address(), decode_tps = format!("{decode_tps:.1}"), "node identity");
+        let cfg = lattice_node::LinkConfig {
+            nexus_url: nexus,
+            kind: lattice_link::NodeKind::Llm,
+            price: lattice_link::Price {
+                input_per_mtok: a.price_in,
+                output_per_mtok: a.price_out,
+            },
+            label: a.label.clone(),
+            decode_tps,
+            heartbeat: Duration::from_secs(2),
+        };
+        tokio::spawn(lattice_node::run(engine, key, cfg, shutdown_signal()));
+    }
+    // The line tests and scripts wait for; printed only once the socket accepts connections.
+    println!("listening on http://{bound}");
+    lattice_http::serve(listener, app, shutdown_signal()).await?;
     Ok(())
 }
 
-async fn up(a: UpArgs) -> Result<()> {
-    let engine = build_engine(Some(&a.model), None, None, &a.engine).await?;
-    let model_id = engine
-        .models()
-        .first()
-        .map(|m| m.id.clone())
-        .unwrap_or_default();
+async fn nexus(a: NexusArgs) -> Result<()> {
+    let db = a.db.unwrap_or_else(|| cache_dir().join("nexus.db"));
+    if let Some(dir) = db.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let config = lattice_nexus::NexusConfig {
+        database_url: format!("sqlite://{}", db.display()),
+        limits: lattice_http::Limits {
+            max_body_bytes: a.max_body_bytes,
+            max_in_flight: a.max_in_flight,
+            ..lattice_http::Limits::default()
+        },
+        probe_interval: Duration::from_secs(a.probe_interval.max(1)),
+        ..lattice_nexus::NexusConfig::default()
+    };
+    let nexus = lattice_nexus::Nexus::new(config).await?;
     let listener = tokio::net::TcpListener::bind(a.listen)
         .await
         .with_context(|| format!("binding {}", a.listen))?;
     let bound = listener.local_addr()?;
-    let app = lattice_http::router(engine, lattice_http::Limits::default(), "lattice_node");
     println!("listening on http://{bound}");
-    println!();
-    println!("Lattice is up. OpenAI-compatible endpoint: http://{bound}/v1   (Ctrl-C stops it)");
-    println!();
-    println!("  curl http://{bound}/v1/chat/completions -H 'Content-Type: application/json' \\");
+    nexus.serve(listener, shutdown_signal()).await?;
+    Ok(())
+}
+
+async fn status(base: &str) -> Result<()> {
+    let url = format!("{}/lattice/v1/nodes", base.trim_end_matches('/'));
+    let v: serde_json::Value = reqwest::get(&url)
+        .await
+        .with_context(|| format!("cannot reach Nexus at {base}"))?
+        .error_for_status()?
+        .json()
+        .await?;
+    let online = v["online"].as_array().cloned().unwrap_or_default();
+    println!("{} node(s) online at {base}", online.len());
     println!(
-        "    -d '{{\"model\":\"{model_id}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello!\"}}]}}'"
+        "{:<5} {:<12} {:<28} {:>6} {:>8} {:>8} {:>6} {:>6}  address",
+        "id", "label", "models", "load", "tok/s", "ttft ms", "rep", "served"
+    );
+    for n in &online {
+        let models: Vec<String> = n["models"]
+            .as_array()
+            .map(|ms| {
+                ms.iter()
+                    .map(|m| {
+                        let ok = m["admitted"] == true && m["circuit"] == "closed";
+                        format!(
+                            "{}{}",
+                            m["id"].as_str().unwrap_or("?"),
+                            if ok { "" } else { "*" }
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        println!(
+            "{:<5} {:<12} {:<28} {:>6} {:>8.1} {:>8.0} {:>6.3} {:>6}  {}",
+            n["id"].as_u64().unwrap_or(0),
+            n["label"].as_str().unwrap_or("-"),
+            models.join(","),
+            format!(
+                "{}/{}",
+                n["inflight"].as_u64().unwrap_or(0),
+                n["slots"].as_u64().unwrap_or(0)
+            ),
+            n["decode_tps"].as_f64().unwrap_or(0.0),
+            n["ttft_ms"].as_f64().unwrap_or(0.0),
+            n["reputation"].as_f64().unwrap_or(0.0),
+            n["served"].as_u64().unwrap_or(0),
+            n["address"].as_str().unwrap_or("?"),
+        );
+    }
+    println!("(* = calibrating or circuit open: no user traffic)");
+    let known = v["known"].as_array().map_or(0, Vec::len);
+    println!("{known} node(s) in the registry database");
+    Ok(())
+}
+
+/// A child process of `lattice up`, killed when dropped.
+struct Child(tokio::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.start_kill();
+    }
+}
+
+fn spawn_self(args: &[String]) -> Result<Child> {
+    let exe = std::env::current_exe()?;
+    let child = tokio::process::Command::new(exe)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    Ok(Child(child))
+}
+
+fn catalog_name(spec: &str) -> String {
+    match ModelSpec::parse(spec) {
+        Ok(ModelSpec::Catalog(e)) => e.name.to_owned(),
+        _ => spec.to_owned(),
+    }
+}
+
+async fn up(a: UpArgs) -> Result<()> {
+    let store = ModelStore::from_env()?;
+    let progress = Arc::new(TerminalProgress::new());
+    for m in [&a.chat_model, &a.completion_model] {
+        let spec = ModelSpec::parse(m)?;
+        store
+            .pull(
+                &spec,
+                &PullOptions::default().with_progress(progress.clone()),
+            )
+            .await?;
+    }
+    let dir = cache_dir().join("up");
+    std::fs::create_dir_all(&dir)?;
+    let base = format!("http://{}", a.listen);
+    let mut children = vec![spawn_self(&[
+        "nexus".into(),
+        "--listen".into(),
+        a.listen.to_string(),
+        "--db".into(),
+        dir.join("nexus.db").display().to_string(),
+    ])?];
+    for (i, model) in [&a.chat_model, &a.completion_model].into_iter().enumerate() {
+        let args: Vec<String> = [
+            "node",
+            "--nexus",
+            &base,
+            "--model",
+            model,
+            "--port",
+            "0",
+            "--threads",
+            &a.threads.to_string(),
+            "--parallel",
+            "4",
+            "--key",
+            &dir.join(format!("node-{i}.key")).display().to_string(),
+            "--label",
+            &format!("local-{}", i + 1),
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+        children.push(spawn_self(&args)?);
+    }
+    let want = [
+        catalog_name(&a.chat_model),
+        catalog_name(&a.completion_model),
+    ];
+    eprintln!("waiting for the nodes to link and pass calibration…");
+    let client = reqwest::Client::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(300);
+    loop {
+        for c in &mut children {
+            if let Ok(Some(status)) = c.0.try_wait() {
+                bail!("a network process exited early ({status}); LATTICE_LOG=debug shows why");
+            }
+        }
+        let models: Vec<String> = match client.get(format!("{base}/v1/models")).send().await {
+            Ok(r) => r
+                .json::<serde_json::Value>()
+                .await
+                .ok()
+                .and_then(|v| v["data"].as_array().cloned())
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|m| m["id"].as_str().map(str::to_owned))
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        if want.iter().all(|w| models.contains(w)) {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("the network did not become healthy within 5 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let [chat, text] = &want;
+    println!("listening on {base}");
+    println!();
+    println!("Lattice is up: Nexus + 2 nodes ({chat}, {text}). OpenAI endpoint: {base}/v1");
+    println!("(Ctrl-C stops it)");
+    println!();
+    println!("  curl {base}/v1/chat/completions -H 'Content-Type: application/json' \\");
+    println!(
+        "    -d '{{\"model\":\"{chat}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Which city is the capital of France?\"}}]}}'"
     );
     println!();
+    println!("  curl {base}/v1/completions -H 'Content-Type: application/json' \\");
+    println!("    -d '{{\"model\":\"{text}\",\"prompt\":\"Once upon a time\",\"max_tokens\":32}}'");
+    println!();
     println!(
-        "  python3 -c \"from openai import OpenAI; c = OpenAI(base_url='http://{bound}/v1', api_key='none'); \\"
+        "  python3 -c \"from openai import OpenAI; c = OpenAI(base_url='{base}/v1', api_key='none'); print(c.chat.completions.create(model='{chat}', messages=[{{'role':'user','content':'Hello!'}}]).choices[0].message.content)\""
     );
-    println!(
-        "    print(c.chat.completions.create(model='{model_id}', messages=[{{'role':'user','content':'Hello!'}}]).choices[0].message.content)\""
-    );
-    lattice_http::serve(listener, app, shutdown_signal()).await?;
+    println!();
+    println!("  lattice status --nexus {base}");
+    shutdown_signal().await;
+    drop(children);
     Ok(())
 }
 

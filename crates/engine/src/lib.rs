@@ -121,6 +121,9 @@ pub enum EngineError {
     Overloaded { capacity: usize },
     #[error("upstream engine failed: {0}")]
     Upstream(String),
+    /// No healthy node can take the request (Nexus); 503, not worth retrying elsewhere.
+    #[error("{0}")]
+    Unavailable(String),
     #[error("engine failure: {0}")]
     Internal(String),
 }

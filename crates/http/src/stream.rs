@@ -51,6 +51,7 @@ pub(crate) fn engine_error(e: &EngineError) -> ApiError {
             "The node is at capacity ({capacity} requests already waiting); retry shortly."
         )),
         EngineError::Upstream(m) => ApiError::upstream(m.clone()),
+        EngineError::Unavailable(m) => ApiError::overloaded(m.clone()),
         EngineError::Internal(m) => ApiError::internal(m.clone()),
     }
 }

@@ -1,1 +1,333 @@
+//! The node's side of the link: it dials Nexus (so nodes behind NAT work), proves its key,
+//! registers its models, serves multiplexed requests with back-pressure, heartbeats its load,
+//! and reconnects with backoff whenever the link drops.
 
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use lattice_engine::{Engine, EngineError, Event};
+use lattice_link::{
+    LINK_PATH, LinkEvent, MAX_FRAME_BYTES, ModelAd, NexusFrame, NodeFrame, NodeKey, NodeKind,
+    PROTOCOL_VERSION, Price, challenge_message, decode, encode,
+};
+use tokio::sync::mpsc;
+use tokio::task::AbortHandle;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+/// Requests one link may carry at once; beyond this the node answers "overloaded".
+const MAX_STREAMS: usize = 1024;
+/// Frames waiting to be written to Nexus; producers wait when it is full (back-pressure).
+const OUT_QUEUE: usize = 1024;
+const BACKOFF_MIN: Duration = Duration::from_millis(250);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone)]
+pub struct LinkConfig {
+    /// Nexus base URL: `http://host:port`, `https://…`, or `ws(s)://…`.
+    pub nexus_url: String,
+    pub kind: NodeKind,
+    pub price: Price,
+    pub label: Option<String>,
+    /// Measured single-stream decode speed, tokens/s.
+    pub decode_tps: f64,
+    pub heartbeat: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("cannot connect to Nexus at {url}: {reason}")]
+    Connect { url: String, reason: String },
+    #[error("Nexus refused this node: {0}")]
+    Rejected(String),
+    #[error("link protocol error: {0}")]
+    Protocol(String),
+    #[error("link closed: {0}")]
+    Closed(String),
+}
+
+/// The WebSocket URL of Nexus's link endpoint.
+pub fn link_url(base: &str) -> String {
+    let base = base.trim_end_matches('/');
+    let ws = if let Some(rest) = base.strip_prefix("https://") {
+        format!("wss://{rest}")
+    } else if let Some(rest) = base.strip_prefix("http://") {
+        format!("ws://{rest}")
+    } else {
+        base.to_owned()
+    };
+    if ws.ends_with(LINK_PATH) {
+        ws
+    } else {
+        format!("{ws}{LINK_PATH}")
+    }
+}
+
+/// Keeps the node linked to Nexus until `shutdown` resolves, reconnecting with capped
+/// exponential backoff (and re-registering, e.g. after a Nexus restart).
+pub async fn run(
+    engine: Arc<dyn Engine>,
+    key: Arc<NodeKey>,
+    cfg: LinkConfig,
+    shutdown: impl Future<Output = ()> + Send,
+) {
+    tokio::pin!(shutdown);
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        let mut registered = false;
+        let result = tokio::select! {
+            r = session(&engine, &key, &cfg, &mut registered) => r,
+            () = &mut shutdown => return,
+        };
+        if registered {
+            backoff = BACKOFF_MIN;
+        }
+        match result {
+            Err(LinkError::Rejected(reason)) => tracing::error!(%reason, "Nexus refused this node"),
+            Err(e) => tracing::warn!(error = %e, retry_in = ?backoff, "link down"),
+            Ok(()) => {}
+        }
+        // Jitter spreads reconnects of many nodes after a Nexus restart.
+        let jitter = Duration::from_millis(
+            u64::from(std::process::id() % 97) * backoff.as_millis().min(1000) as u64 / 400,
+        );
+        tokio::select! {
+            () = tokio::time::sleep(backoff + jitter) => {}
+            () = &mut shutdown => return,
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn recv(ws: &mut Ws) -> Result<NexusFrame, LinkError> {
+    loop {
+        match ws.next().await {
+            Some(Ok(Message::Text(t))) => {
+                return decode(t.as_str()).map_err(|e| LinkError::Protocol(e.to_string()));
+            }
+            Some(Ok(Message::Close(_))) | None => return Err(LinkError::Closed("by Nexus".into())),
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return Err(LinkError::Closed(e.to_string())),
+        }
+    }
+}
+
+async fn send(ws: &mut Ws, frame: &NodeFrame) -> Result<(), LinkError> {
+    let text = encode(frame).map_err(|e| LinkError::Protocol(e.to_string()))?;
+    ws.send(Message::text(text))
+        .await
+        .map_err(|e| LinkError::Closed(e.to_string()))
+}
+
+async fn session(
+    engine: &Arc<dyn Engine>,
+    key: &NodeKey,
+    cfg: &LinkConfig,
+    registered: &mut bool,
+) -> Result<(), LinkError> {
+    let url = link_url(&cfg.nexus_url);
+    let ws_cfg = WebSocketConfig::default()
+        .max_message_size(Some(MAX_FRAME_BYTES))
+        .max_frame_size(Some(MAX_FRAME_BYTES));
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async_with_config(url.as_str(), Some(ws_cfg), true)
+            .await
+            .map_err(|e| LinkError::Connect {
+                url: url.clone(),
+                reason: e.to_string(),
+            })?;
+    let address = key.address();
+    send(
+        &mut ws,
+        &NodeFrame::Hello {
+            version: PROTOCOL_VERSION,
+            address: address.clone(),
+        },
+    )
+    .await?;
+    let nonce = match recv(&mut ws).await? {
+        NexusFrame::Challenge { nonce } => nonce,
+        NexusFrame::Rejected { reason } => return Err(LinkError::Rejected(reason)),
+        other => {
+            return Err(LinkError::Protocol(format!(
+                "expected a challenge, got {other:?}"
+            )));
+        }
+    };
+    let signature = key
+        .sign(&challenge_message(&nonce, &address))
+        .map_err(|e| LinkError::Protocol(e.to_string()))?;
+    let models: Vec<ModelAd> = engine
+        .models()
+        .into_iter()
+        .map(|m| ModelAd {
+            id: m.id,
+            context_length: m.context_length,
+            quantization: None,
+        })
+        .collect();
+    let slots = u32::try_from(engine.load().slots).unwrap_or(u32::MAX);
+    send(
+        &mut ws,
+        &NodeFrame::Register {
+            signature,
+            kind: cfg.kind,
+            models,
+            price: cfg.price,
+            slots,
+            decode_tps: cfg.decode_tps,
+            label: cfg.label.clone(),
+        },
+    )
+    .await?;
+    let node_id = match recv(&mut ws).await? {
+        NexusFrame::Registered { node_id } => node_id,
+        NexusFrame::Rejected { reason } => return Err(LinkError::Rejected(reason)),
+        other => {
+            return Err(LinkError::Protocol(format!(
+                "expected registration, got {other:?}"
+            )));
+        }
+    };
+    *registered = true;
+    tracing::info!(node_id, %address, nexus = %cfg.nexus_url, "linked to Nexus");
+
+    let (mut sink, mut stream) = ws.split();
+    let (out_tx, mut out_rx) = mpsc::channel::<NodeFrame>(OUT_QUEUE);
+    let writer = tokio::spawn(async move {
+        while let Some(frame) = out_rx.recv().await {
+            let Ok(text) = encode(&frame) else { continue };
+            if sink.send(Message::text(text)).await.is_err() {
+                break;
+            }
+        }
+    });
+    let heartbeat = {
+        let out = out_tx.clone();
+        let engine = engine.clone();
+        let every = cfg.heartbeat;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                let l = engine.load();
+                let frame = NodeFrame::Heartbeat {
+                    queued: u32::try_from(l.queued).unwrap_or(u32::MAX),
+                    busy: u32::try_from(l.busy_slots).unwrap_or(u32::MAX),
+                    slots: u32::try_from(l.slots).unwrap_or(u32::MAX),
+                };
+                if out.send(frame).await.is_err() {
+                    break;
+                }
+            }
+        })
+    };
+    let mut streams: HashMap<u64, AbortHandle> = HashMap::new();
+    let result = loop {
+        let msg = match stream.next().await {
+            Some(Ok(Message::Text(t))) => t,
+            Some(Ok(Message::Close(_))) | None => break Err(LinkError::Closed("by Nexus".into())),
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => break Err(LinkError::Closed(e.to_string())),
+        };
+        match decode::<NexusFrame>(msg.as_str()) {
+            Ok(NexusFrame::Request {
+                stream: id,
+                request,
+            }) => {
+                streams.retain(|_, h| !h.is_finished());
+                if streams.len() >= MAX_STREAMS {
+                    let e = EngineError::Overloaded {
+                        capacity: MAX_STREAMS,
+                    };
+                    let _ = out_tx
+                        .send(NodeFrame::Event {
+                            stream: id,
+                            event: LinkEvent::Error(e),
+                        })
+                        .await;
+                    continue;
+                }
+                tracing::debug!(request_id = %request.request_id, stream = id, "request from Nexus");
+                let task = tokio::spawn(serve_stream(engine.clone(), out_tx.clone(), id, request));
+                streams.insert(id, task.abort_handle());
+            }
+            Ok(NexusFrame::Cancel { stream: id }) => {
+                // Aborting drops the engine stream, which frees the slot.
+                if let Some(h) = streams.remove(&id) {
+                    h.abort();
+                }
+            }
+            Ok(other) => break Err(LinkError::Protocol(format!("unexpected frame {other:?}"))),
+            Err(e) => break Err(LinkError::Protocol(e.to_string())),
+        }
+    };
+    for h in streams.values() {
+        h.abort();
+    }
+    heartbeat.abort();
+    writer.abort();
+    result
+}
+
+async fn serve_stream(
+    engine: Arc<dyn Engine>,
+    out: mpsc::Sender<NodeFrame>,
+    id: u64,
+    request: lattice_engine::GenerateRequest,
+) {
+    let mut events = match engine.generate(request).await {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = out
+                .send(NodeFrame::Event {
+                    stream: id,
+                    event: LinkEvent::Error(e),
+                })
+                .await;
+            return;
+        }
+    };
+    while let Some(ev) = events.next().await {
+        let last = !matches!(ev, Ok(Event::Delta(_)));
+        let event = match ev {
+            Ok(e) => LinkEvent::Engine(e),
+            Err(e) => LinkEvent::Error(e),
+        };
+        if out
+            .send(NodeFrame::Event { stream: id, event })
+            .await
+            .is_err()
+            || last
+        {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn link_urls() {
+        assert_eq!(
+            link_url("http://127.0.0.1:8080"),
+            "ws://127.0.0.1:8080/lattice/v1/link"
+        );
+        assert_eq!(
+            link_url("https://nexus.example/"),
+            "wss://nexus.example/lattice/v1/link"
+        );
+        assert_eq!(
+            link_url("ws://h:1/lattice/v1/link"),
+            "ws://h:1/lattice/v1/link"
+        );
+    }
+}

@@ -1,0 +1,126 @@
+//! Active health checks: canary prompts with a known greedy answer per model. A node must pass
+//! them for each model it claims before it receives user traffic (proof of capability), and
+//! keeps being probed; wrong answers, errors and timeouts drive its circuit breaker.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use lattice_engine::{Event, GenerateRequest, Message, Preference, Prompt, SamplingParams};
+use lattice_link::LinkEvent;
+use lattice_router::Outcome;
+
+use crate::Nexus;
+use crate::network::{Attempt, attempt};
+
+/// A prompt whose greedy answer for a model is known.
+#[derive(Debug, Clone)]
+pub struct Canary {
+    pub prompt: Prompt,
+    pub max_tokens: u32,
+    /// The answer must contain this text.
+    pub expect: String,
+}
+
+/// Canaries for the models of our catalog, checked against llama.cpp's greedy output.
+pub fn builtin_canary(model: &str) -> Option<Canary> {
+    match model {
+        "smollm2-135m" => Some(Canary {
+            prompt: Prompt::Chat(vec![Message {
+                role: "user".into(),
+                content: "Which city is the capital of France?".into(),
+            }]),
+            max_tokens: 16,
+            expect: "Paris".into(),
+        }),
+        "gemma3-270m" => Some(Canary {
+            prompt: Prompt::Text("1, 2, 3, 4, 5,".into()),
+            max_tokens: 8,
+            expect: " 6, 7".into(),
+        }),
+        _ => None,
+    }
+}
+
+/// For models without a known answer the probe checks liveness only: some text comes back.
+fn liveness_canary() -> Canary {
+    Canary {
+        prompt: Prompt::Text("Hello".into()),
+        max_tokens: 4,
+        expect: String::new(),
+    }
+}
+
+pub(crate) async fn run(nexus: Arc<Nexus>) {
+    let mut last_decay = Instant::now();
+    loop {
+        let now = Instant::now();
+        for (node, model) in nexus.registry.probes_due(now, nexus.config.probe_interval) {
+            let nexus = nexus.clone();
+            tokio::spawn(async move {
+                let outcome = probe(&nexus, node, &model).await;
+                match outcome {
+                    Outcome::ProbePassed => tracing::debug!(%node, %model, "probe passed"),
+                    other => tracing::warn!(%node, %model, outcome = ?other, "probe failed"),
+                }
+                nexus.registry.probe_result(node, &model, outcome);
+            });
+        }
+        if last_decay.elapsed() >= Duration::from_secs(60) {
+            for (address, score) in nexus.registry.decay_reputations(last_decay.elapsed()) {
+                nexus.db.save_reputation(&address, score).await;
+            }
+            last_decay = Instant::now();
+        }
+        tokio::select! {
+            () = tokio::time::sleep(nexus.config.probe_tick) => {}
+            () = nexus.health_kick.notified() => {}
+        }
+    }
+}
+
+async fn probe(nexus: &Nexus, node: lattice_router::NodeId, model: &str) -> Outcome {
+    let Some((link, _)) = nexus.registry.link(node) else {
+        return Outcome::Failure;
+    };
+    let canary = nexus.config.canary(model).unwrap_or_else(liveness_canary);
+    let req = GenerateRequest {
+        request_id: format!("probe-{node}-{}", Instant::now().elapsed().as_nanos()),
+        model: model.to_owned(),
+        prompt: canary.prompt.clone(),
+        params: SamplingParams {
+            temperature: 0.0,
+            max_tokens: Some(canary.max_tokens),
+            ..SamplingParams::default()
+        },
+        preference: Preference::default(),
+    };
+    let deadline = Instant::now() + nexus.config.probe_timeout;
+    let (first, mut rx, stream) = match attempt(&link, &req, deadline).await {
+        Attempt::Started { first, rx, stream } => (first, rx, stream),
+        Attempt::Failed { .. } => return Outcome::Failure,
+    };
+    let mut text = String::new();
+    let mut ev = Some(LinkEvent::Engine(first));
+    let finished = loop {
+        match ev {
+            Some(LinkEvent::Engine(Event::Delta(d))) => text.push_str(&d),
+            Some(LinkEvent::Engine(Event::Done { .. })) => break true,
+            Some(LinkEvent::Error(_)) | None => break false,
+        }
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        ev = tokio::time::timeout(remaining, rx.recv())
+            .await
+            .ok()
+            .flatten();
+    };
+    link.close_stream(stream);
+    if !finished {
+        return Outcome::Failure;
+    }
+    if text.contains(&canary.expect) && !text.is_empty() {
+        Outcome::ProbePassed
+    } else {
+        tracing::warn!(%node, %model, answer = %text, expected = %canary.expect, "wrong canary answer");
+        Outcome::ProbeWrong
+    }
+}

@@ -1,0 +1,179 @@
+//! Server side of the node link: challenge–response registration, then a reader that applies
+//! heartbeats and routes token events to their streams, and a writer fed by a bounded queue.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::response::Response;
+use futures::{SinkExt, StreamExt};
+use lattice_link::{
+    MAX_FRAME_BYTES, NexusFrame, NodeFrame, PROTOCOL_VERSION, challenge_message, decode, encode,
+    recover_address,
+};
+use lattice_router::{NodeId, Reputation};
+use tokio::sync::mpsc;
+
+use crate::Nexus;
+use crate::registry::{LINK_QUEUE, LinkHandle};
+
+/// Time a node has to complete the handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A link with no frame for this long is considered dead (heartbeats come every 2 s).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(15);
+
+pub(crate) async fn upgrade(State(nexus): State<Arc<Nexus>>, ws: WebSocketUpgrade) -> Response {
+    ws.max_message_size(MAX_FRAME_BYTES)
+        .max_frame_size(MAX_FRAME_BYTES)
+        .on_upgrade(move |socket| async move { serve(nexus, socket).await })
+}
+
+async fn recv_frame(ws: &mut WebSocket) -> Result<NodeFrame, String> {
+    loop {
+        match ws.recv().await {
+            Some(Ok(Message::Text(t))) => return decode(t.as_str()).map_err(|e| e.to_string()),
+            Some(Ok(Message::Binary(_))) => {
+                return Err("binary frames are not part of the protocol".into());
+            }
+            Some(Ok(Message::Close(_))) | None => return Err("link closed".into()),
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return Err(e.to_string()),
+        }
+    }
+}
+
+async fn send_frame(ws: &mut WebSocket, f: &NexusFrame) -> Result<(), String> {
+    let text = encode(f).map_err(|e| e.to_string())?;
+    ws.send(Message::Text(text.into()))
+        .await
+        .map_err(|e| e.to_string())
+}
+
+async fn serve(nexus: Arc<Nexus>, mut ws: WebSocket) {
+    let registered = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&nexus, &mut ws)).await
+    {
+        Ok(Ok(r)) => r,
+        Ok(Err(reason)) => {
+            tracing::warn!(%reason, "node link refused");
+            let _ = send_frame(&mut ws, &NexusFrame::Rejected { reason }).await;
+            return;
+        }
+        Err(_) => {
+            tracing::warn!("node link handshake timed out");
+            return;
+        }
+    };
+    let (id, link, mut out_rx) = registered;
+    let (mut sink, mut stream) = ws.split();
+    let writer = tokio::spawn(async move {
+        while let Some(frame) = out_rx.recv().await {
+            let Ok(text) = encode(&frame) else { continue };
+            if sink.send(Message::Text(text.into())).await.is_err() {
+                break;
+            }
+        }
+        let _ = sink.close().await;
+    });
+    let reason = loop {
+        let msg = match tokio::time::timeout(IDLE_TIMEOUT, stream.next()).await {
+            Err(_) => break "no heartbeat within the idle timeout".to_owned(),
+            Ok(None) => break "link closed by the node".to_owned(),
+            Ok(Some(Err(e))) => break format!("link error: {e}"),
+            Ok(Some(Ok(m))) => m,
+        };
+        let text = match msg {
+            Message::Text(t) => t,
+            Message::Close(_) => break "link closed by the node".to_owned(),
+            Message::Binary(_) => break "binary frames are not part of the protocol".to_owned(),
+            _ => continue,
+        };
+        match decode::<NodeFrame>(text.as_str()) {
+            Ok(NodeFrame::Heartbeat {
+                queued,
+                busy,
+                slots,
+            }) => nexus.registry.heartbeat(id, queued, busy, slots),
+            Ok(NodeFrame::Event { stream, event }) => link.deliver(stream, event),
+            Ok(other) => break format!("unexpected frame after registration: {other:?}"),
+            Err(e) => break format!("bad frame: {e}"),
+        }
+    };
+    tracing::info!(node = %id, %reason, "node offline");
+    if let Some((address, reputation)) = nexus.registry.remove(id) {
+        nexus.db.save_reputation(&address, reputation).await;
+    }
+    writer.abort();
+}
+
+type Registered = (NodeId, Arc<LinkHandle>, mpsc::Receiver<NexusFrame>);
+
+async fn handshake(nexus: &Nexus, ws: &mut WebSocket) -> Result<Registered, String> {
+    let NodeFrame::Hello { version, address } = recv_frame(ws).await? else {
+        return Err("expected hello".into());
+    };
+    if version != PROTOCOL_VERSION {
+        return Err(format!(
+            "protocol version {version} is not supported (this Nexus speaks {PROTOCOL_VERSION})"
+        ));
+    }
+    let mut nonce = [0u8; 16];
+    getrandom::getrandom(&mut nonce).map_err(|e| e.to_string())?;
+    let nonce = hex::encode(nonce);
+    send_frame(
+        ws,
+        &NexusFrame::Challenge {
+            nonce: nonce.clone(),
+        },
+    )
+    .await?;
+    let NodeFrame::Register {
+        signature,
+        kind,
+        models,
+        price,
+        slots,
+        decode_tps,
+        label,
+    } = recv_frame(ws).await?
+    else {
+        return Err("expected register".into());
+    };
+    let signer = recover_address(&challenge_message(&nonce, &address), &signature)
+        .map_err(|e| e.to_string())?;
+    if signer != address.to_lowercase() {
+        return Err(format!("signature is from {signer}, not {address}"));
+    }
+    if models.is_empty() || models.len() > 64 {
+        return Err("a node must offer between 1 and 64 models".into());
+    }
+    if label.as_ref().is_some_and(|l| l.len() > 64) {
+        return Err("label is longer than 64 bytes".into());
+    }
+    let reputation = nexus
+        .db
+        .upsert_node(&signer, label.as_deref(), kind, &models, price)
+        .await;
+    let (tx, rx) = mpsc::channel(LINK_QUEUE);
+    let link = Arc::new(LinkHandle::new(tx));
+    let id = nexus.registry.add(
+        signer.clone(),
+        label,
+        kind,
+        models.clone(),
+        price,
+        slots,
+        if decode_tps.is_finite() {
+            decode_tps
+        } else {
+            0.0
+        },
+        Reputation::from_score(reputation.unwrap_or(0.5)),
+        link.clone(),
+    );
+    send_frame(ws, &NexusFrame::Registered { node_id: id.0 }).await?;
+    let names: Vec<&str> = models.iter().map(|m| m.id.as_str()).collect();
+    tracing::info!(node = %id, address = %signer, models = ?names, slots, "node registered; calibrating");
+    nexus.health_kick.notify_one();
+    Ok((id, link, rx))
+}

@@ -1,0 +1,318 @@
+//! The network as an [`Engine`]: route the request, send it over the chosen node's link, and
+//! fail over to the next candidate if the node fails before the first token.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use lattice_engine::{
+    Engine, EngineError, Event, EventStream, GenerateRequest, Load, ModelCard, Preference, Prompt,
+};
+use lattice_link::{LinkEvent, NexusFrame};
+use lattice_router::{LiveLoad, NodeId, RouteRequest, SplitMix, conversation_keys, route};
+use tokio::sync::mpsc;
+
+use crate::registry::{LinkHandle, Registry, RequestOutcome};
+
+/// Failover bounds.
+#[derive(Debug, Clone)]
+pub struct Failover {
+    /// Nodes tried per request.
+    pub max_attempts: usize,
+    /// Time allowed from arrival to the first token, across all attempts.
+    pub first_token_deadline: Duration,
+}
+
+impl Default for Failover {
+    fn default() -> Self {
+        Self {
+            max_attempts: 3,
+            first_token_deadline: Duration::from_secs(60),
+        }
+    }
+}
+
+pub(crate) struct NetworkEngine {
+    registry: Arc<Registry>,
+    failover: Failover,
+    seed: AtomicU64,
+}
+
+impl NetworkEngine {
+    pub(crate) fn new(registry: Arc<Registry>, failover: Failover) -> Self {
+        let mut seed = [0u8; 8];
+        let _ = getrandom::getrandom(&mut seed);
+        Self {
+            registry,
+            failover,
+            seed: AtomicU64::new(u64::from_le_bytes(seed)),
+        }
+    }
+}
+
+fn to_router_pref(p: Preference) -> lattice_router::Preference {
+    match p {
+        Preference::Latency => lattice_router::Preference::Latency,
+        Preference::Cost => lattice_router::Preference::Cost,
+        Preference::Quality => lattice_router::Preference::Quality,
+    }
+}
+
+/// Rough token estimate for routing only (the node counts exactly): ~4 bytes per token.
+fn estimate_tokens(p: &Prompt) -> u32 {
+    let bytes = match p {
+        Prompt::Text(t) => t.len(),
+        Prompt::Chat(m) => m.iter().map(|m| m.content.len() + 8).sum(),
+    };
+    u32::try_from(bytes / 4).unwrap_or(u32::MAX)
+}
+
+/// Sends one request to one node and waits for its first event.
+pub(crate) enum Attempt {
+    Started {
+        first: Event,
+        rx: mpsc::UnboundedReceiver<LinkEvent>,
+        stream: u64,
+    },
+    /// The node refused or failed; `retry` tells whether another node could do better.
+    Failed { error: EngineError, retry: bool },
+}
+
+pub(crate) async fn attempt(
+    link: &LinkHandle,
+    req: &GenerateRequest,
+    deadline: Instant,
+) -> Attempt {
+    let Some((stream, mut rx)) = link.open_stream() else {
+        return Attempt::Failed {
+            error: EngineError::Upstream("node went offline".into()),
+            retry: true,
+        };
+    };
+    let frame = NexusFrame::Request {
+        stream,
+        request: req.clone(),
+    };
+    let remaining = deadline.saturating_duration_since(Instant::now());
+    match tokio::time::timeout(remaining, link.tx.send(frame)).await {
+        Ok(Ok(())) => {}
+        _ => {
+            link.close_stream(stream);
+            return Attempt::Failed {
+                error: EngineError::Upstream("node link is congested or closed".into()),
+                retry: true,
+            };
+        }
+    }
+    let remaining = deadline.saturating_duration_since(Instant::now());
+    match tokio::time::timeout(remaining, rx.recv()).await {
+        Ok(Some(LinkEvent::Engine(first))) => Attempt::Started { first, rx, stream },
+        Ok(Some(LinkEvent::Error(error))) => {
+            let retry = error.retryable();
+            Attempt::Failed { error, retry }
+        }
+        Ok(None) => Attempt::Failed {
+            error: EngineError::Upstream("node went offline before answering".into()),
+            retry: true,
+        },
+        Err(_) => {
+            let _ = link.tx.try_send(NexusFrame::Cancel { stream });
+            link.close_stream(stream);
+            Attempt::Failed {
+                error: EngineError::Upstream("node did not answer before the deadline".into()),
+                retry: true,
+            }
+        }
+    }
+}
+
+/// Keeps a routed request's bookkeeping right however its stream ends.
+struct InFlight {
+    registry: Arc<Registry>,
+    link: Arc<LinkHandle>,
+    live: Arc<LiveLoad>,
+    node: NodeId,
+    model: String,
+    stream: u64,
+    first_at: Instant,
+    tokens: u32,
+    done: bool,
+}
+
+impl InFlight {
+    fn finish(&mut self, ok: bool) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        let outcome = if ok {
+            let secs = self.first_at.elapsed().as_secs_f64();
+            let tps = (self.tokens > 1 && secs > 0.0).then(|| f64::from(self.tokens - 1) / secs);
+            RequestOutcome::Finished { decode_tps: tps }
+        } else {
+            RequestOutcome::Failed
+        };
+        self.registry.record(self.node, &self.model, outcome);
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.live.inflight.fetch_sub(1, Ordering::Relaxed);
+        if !self.done {
+            // The client went away: tell the node to stop and free its slot.
+            let _ = self.link.tx.try_send(NexusFrame::Cancel {
+                stream: self.stream,
+            });
+            self.done = true;
+        }
+        self.link.close_stream(self.stream);
+    }
+}
+
+impl Engine for NetworkEngine {
+    fn models(&self) -> Vec<ModelCard> {
+        self.registry.cards().as_ref().clone()
+    }
+
+    fn load(&self) -> Load {
+        let snap = self.registry.snapshot();
+        let mut load = Load::default();
+        for n in snap.nodes() {
+            load.slots += usize::try_from(n.slots).unwrap_or(0);
+            load.busy_slots += usize::try_from(n.in_system().min(n.slots)).unwrap_or(0);
+            load.queued += usize::try_from(n.in_system().saturating_sub(n.slots)).unwrap_or(0);
+        }
+        load
+    }
+
+    fn generate(&self, req: GenerateRequest) -> BoxFuture<'_, Result<EventStream, EngineError>> {
+        async move {
+            let started = Instant::now();
+            let deadline = started + self.failover.first_token_deadline;
+            let (lookup, store) = match &req.prompt {
+                Prompt::Chat(m) => {
+                    let turns: Vec<(&str, &str)> = m.iter().map(|m| (m.role.as_str(), m.content.as_str())).collect();
+                    let (l, s) = conversation_keys(&req.model, &turns);
+                    (l, Some(s))
+                }
+                Prompt::Text(_) => (None, None),
+            };
+            let snap = self.registry.snapshot();
+            let route_req = RouteRequest {
+                model: &req.model,
+                prompt_tokens: estimate_tokens(&req.prompt),
+                max_tokens: req.params.max_tokens.unwrap_or(256),
+                preference: to_router_pref(req.preference),
+                affinity: lookup.and_then(|k| self.registry.affinity(k)),
+            };
+            let mut rng = SplitMix(self.seed.fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed));
+            let candidates = route(&snap, &route_req, &mut rng);
+            if candidates.is_empty() {
+                return Err(EngineError::Unavailable(format!(
+                    "No healthy node is serving `{}` right now; retry shortly.",
+                    req.model
+                )));
+            }
+            let mut last = None;
+            for node in candidates.into_iter().take(self.failover.max_attempts.max(1)) {
+                let Some((link, live)) = self.registry.link(node) else { continue };
+                live.inflight.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(request_id = %req.request_id, %node, model = %req.model, "dispatching");
+                match attempt(&link, &req, deadline).await {
+                    Attempt::Started { first, rx, stream } => {
+                        let ttft = started.elapsed();
+                        self.registry.record(node, &req.model, RequestOutcome::FirstToken { ttft });
+                        if let Some(key) = store {
+                            self.registry.remember_prefix(key, node);
+                        }
+                        let guard = InFlight {
+                            registry: self.registry.clone(),
+                            link,
+                            live,
+                            node,
+                            model: req.model.clone(),
+                            stream,
+                            first_at: Instant::now(),
+                            tokens: 0,
+                            done: false,
+                        };
+                        return Ok(relay(first, rx, guard, req.request_id.clone()));
+                    }
+                    Attempt::Failed { error, retry } => {
+                        live.inflight.fetch_sub(1, Ordering::Relaxed);
+                        if !retry {
+                            return Err(error);
+                        }
+                        tracing::warn!(request_id = %req.request_id, %node, error = %error, "node failed before the first token; trying the next");
+                        self.registry.record(node, &req.model, RequestOutcome::Failed);
+                        last = Some(error);
+                    }
+                }
+                if Instant::now() >= deadline {
+                    break;
+                }
+            }
+            Err(EngineError::Unavailable(format!(
+                "Every node tried for `{}` failed{}; retry shortly.",
+                req.model,
+                last.map(|e| format!(" (last error: {e})")).unwrap_or_default()
+            )))
+        }
+        .boxed()
+    }
+}
+
+/// Yields the first event, then the node's events; a link lost mid-stream ends the stream
+/// with an error (tokens already sent cannot be taken back, so no failover after this point).
+fn relay(
+    first: Event,
+    rx: mpsc::UnboundedReceiver<LinkEvent>,
+    guard: InFlight,
+    request_id: String,
+) -> EventStream {
+    let state = (Some(first), rx, guard, false, request_id);
+    Box::pin(futures::stream::unfold(
+        state,
+        |(first, mut rx, mut guard, ended, rid)| async move {
+            if ended {
+                return None;
+            }
+            let ev = match first {
+                Some(ev) => Some(LinkEvent::Engine(ev)),
+                None => rx.recv().await,
+            };
+            let item = match ev {
+                Some(LinkEvent::Engine(Event::Delta(d))) => {
+                    guard.tokens += 1;
+                    return Some((Ok(Event::Delta(d)), (None, rx, guard, false, rid)));
+                }
+                Some(LinkEvent::Engine(Event::Done {
+                    finish_reason,
+                    usage,
+                })) => {
+                    guard.tokens = usage.completion_tokens;
+                    guard.finish(true);
+                    Ok(Event::Done {
+                        finish_reason,
+                        usage,
+                    })
+                }
+                Some(LinkEvent::Error(e)) => {
+                    guard.finish(false);
+                    Err(e)
+                }
+                None => {
+                    tracing::warn!(request_id = %rid, node = %guard.node, "node lost mid-stream");
+                    guard.finish(false);
+                    Err(EngineError::Upstream(
+                        "the node serving this request went offline mid-stream".into(),
+                    ))
+                }
+            };
+            Some((item, (None, rx, guard, true, rid)))
+        },
+    ))
+}

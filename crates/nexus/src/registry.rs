@@ -1,0 +1,496 @@
+//! Every connected node with its link, load, speed, health and reputation. Mutations take a
+//! short lock and republish an immutable routing snapshot; the request path only reads it.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use lattice_engine::ModelCard;
+use lattice_link::{LinkEvent, ModelAd, NexusFrame, NodeKind, Price};
+use lattice_router::{
+    Breaker, Ewma, LiveLoad, NodeId, NodeView, Outcome, PrefixCache, Reputation, Snapshot,
+};
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+/// Frames waiting to be written to one node; a full queue means the link is congested.
+pub(crate) const LINK_QUEUE: usize = 1024;
+
+/// One node's link: outgoing frames plus the open request streams it multiplexes.
+pub(crate) struct LinkHandle {
+    pub(crate) tx: mpsc::Sender<NexusFrame>,
+    streams: Mutex<HashMap<u64, mpsc::UnboundedSender<LinkEvent>>>,
+    next_stream: AtomicU64,
+    closed: AtomicBool,
+}
+
+impl LinkHandle {
+    pub(crate) fn new(tx: mpsc::Sender<NexusFrame>) -> Self {
+        Self {
+            tx,
+            streams: Mutex::new(HashMap::new()),
+            next_stream: AtomicU64::new(1),
+            closed: AtomicBool::new(false),
+        }
+    }
+
+    /// Opens a stream; its receiver sees the node's events and ends when the link closes.
+    pub(crate) fn open_stream(&self) -> Option<(u64, mpsc::UnboundedReceiver<LinkEvent>)> {
+        let id = self.next_stream.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut streams = self.streams.lock().ok()?;
+        if self.closed.load(Ordering::Acquire) {
+            return None;
+        }
+        streams.insert(id, tx);
+        Some((id, rx))
+    }
+
+    pub(crate) fn close_stream(&self, id: u64) {
+        if let Ok(mut s) = self.streams.lock() {
+            s.remove(&id);
+        }
+    }
+
+    /// Routes an event from the node to its stream; unknown ids (already cancelled) are dropped.
+    pub(crate) fn deliver(&self, id: u64, event: LinkEvent) {
+        let finished = matches!(
+            event,
+            LinkEvent::Error(_) | LinkEvent::Engine(lattice_engine::Event::Done { .. })
+        );
+        if let Ok(mut s) = self.streams.lock() {
+            if let Some(tx) = s.get(&id) {
+                let _ = tx.send(event);
+            }
+            if finished {
+                s.remove(&id);
+            }
+        }
+    }
+
+    /// Ends every open stream: their receivers see the channel close (node lost).
+    pub(crate) fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        if let Ok(mut s) = self.streams.lock() {
+            s.clear();
+        }
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+}
+
+/// Health of one model on one node.
+pub(crate) struct ModelHealth {
+    /// Passed calibration: may receive user traffic (when the breaker is closed too).
+    pub(crate) admitted: bool,
+    pub(crate) breaker: Breaker,
+    pub(crate) last_probe: Option<Instant>,
+    pub(crate) probing: bool,
+}
+
+pub(crate) struct NodeEntry {
+    pub(crate) id: NodeId,
+    pub(crate) address: String,
+    pub(crate) label: Option<String>,
+    pub(crate) kind: NodeKind,
+    pub(crate) models: Vec<ModelAd>,
+    pub(crate) price: Price,
+    pub(crate) slots: u32,
+    pub(crate) queued: u32,
+    pub(crate) busy: u32,
+    pub(crate) ttft: Ewma,
+    pub(crate) tps: Ewma,
+    pub(crate) reputation: Reputation,
+    pub(crate) health: HashMap<String, ModelHealth>,
+    pub(crate) live: Arc<LiveLoad>,
+    pub(crate) link: Arc<LinkHandle>,
+    pub(crate) connected_at: Instant,
+    pub(crate) served: u64,
+    pub(crate) failed: u64,
+}
+
+/// What `lattice status` and `/lattice/v1/nodes` show.
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeStatus {
+    pub id: u64,
+    pub address: String,
+    pub label: Option<String>,
+    pub kind: NodeKind,
+    pub online: bool,
+    pub models: Vec<ModelStatus>,
+    pub slots: u32,
+    pub busy: u32,
+    pub queued: u32,
+    pub inflight: u32,
+    pub ttft_ms: Option<f64>,
+    pub decode_tps: Option<f64>,
+    pub reputation: f64,
+    pub price: Price,
+    pub served: u64,
+    pub failed: u64,
+    pub uptime_s: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelStatus {
+    pub id: String,
+    pub admitted: bool,
+    pub circuit: &'static str,
+}
+
+pub(crate) struct Registry {
+    nodes: Mutex<HashMap<NodeId, NodeEntry>>,
+    next_id: AtomicU64,
+    snapshot: ArcSwap<Snapshot>,
+    cards: ArcSwap<Vec<ModelCard>>,
+    prefix: Mutex<PrefixCache>,
+    breaker_threshold: u32,
+    breaker_cooldown: Duration,
+}
+
+impl Registry {
+    pub(crate) fn new(breaker_threshold: u32, breaker_cooldown: Duration) -> Self {
+        Self {
+            nodes: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            snapshot: ArcSwap::from_pointee(Snapshot::default()),
+            cards: ArcSwap::from_pointee(Vec::new()),
+            prefix: Mutex::new(PrefixCache::new(65_536)),
+            breaker_threshold,
+            breaker_cooldown,
+        }
+    }
+
+    pub(crate) fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
+    }
+
+    pub(crate) fn cards(&self) -> Arc<Vec<ModelCard>> {
+        self.cards.load_full()
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn add(
+        &self,
+        address: String,
+        label: Option<String>,
+        kind: NodeKind,
+        models: Vec<ModelAd>,
+        price: Price,
+        slots: u32,
+        decode_tps: f64,
+        reputation: Reputation,
+        link: Arc<LinkHandle>,
+    ) -> NodeId {
+        let id = NodeId(self.next_id.fetch_add(1, Ordering::Relaxed));
+        let mut tps = Ewma::new(0.2);
+        tps.observe(decode_tps);
+        let health = models
+            .iter()
+            .map(|m| {
+                let h = ModelHealth {
+                    admitted: false,
+                    breaker: Breaker::new(self.breaker_threshold, self.breaker_cooldown),
+                    last_probe: None,
+                    probing: false,
+                };
+                (m.id.clone(), h)
+            })
+            .collect();
+        let entry = NodeEntry {
+            id,
+            address,
+            label,
+            kind,
+            models,
+            price,
+            slots: slots.max(1),
+            queued: 0,
+            busy: 0,
+            ttft: Ewma::new(0.2),
+            tps,
+            reputation,
+            health,
+            live: Arc::default(),
+            link,
+            connected_at: Instant::now(),
+            served: 0,
+            failed: 0,
+        };
+        self.with_nodes(|nodes| {
+            // A node that reconnects replaces its stale entry (same address).
+            let stale: Vec<NodeId> = nodes
+                .values()
+                .filter(|n| n.address == entry.address)
+                .map(|n| n.id)
+                .collect();
+            for s in stale {
+                if let Some(old) = nodes.remove(&s) {
+                    old.link.close();
+                }
+            }
+            nodes.insert(id, entry);
+        });
+        id
+    }
+
+    /// Link lost: the node is offline at once and its streams end.
+    pub(crate) fn remove(&self, id: NodeId) -> Option<(String, f64)> {
+        let removed = self.with_nodes(|nodes| nodes.remove(&id));
+        if let Ok(mut p) = self.prefix.lock() {
+            p.forget_node(id);
+        }
+        removed.map(|n| {
+            n.link.close();
+            (n.address, n.reputation.score())
+        })
+    }
+
+    pub(crate) fn heartbeat(&self, id: NodeId, queued: u32, busy: u32, slots: u32) {
+        // Heartbeats don't change admission, so no snapshot rebuild is needed for correctness;
+        // we still republish so routing sees fresh queue depths.
+        self.with_nodes(|nodes| {
+            if let Some(n) = nodes.get_mut(&id) {
+                n.queued = queued;
+                n.busy = busy;
+                n.slots = slots.max(1);
+            }
+        });
+    }
+
+    pub(crate) fn link(&self, id: NodeId) -> Option<(Arc<LinkHandle>, Arc<LiveLoad>)> {
+        let nodes = self.nodes.lock().ok()?;
+        nodes.get(&id).map(|n| (n.link.clone(), n.live.clone()))
+    }
+
+    /// Records a user request's outcome on `id` for `model`.
+    pub(crate) fn record(&self, id: NodeId, model: &str, result: RequestOutcome) {
+        let now = Instant::now();
+        let median_tps = self.median_tps(model);
+        self.with_nodes(|nodes| {
+            let Some(n) = nodes.get_mut(&id) else { return };
+            match result {
+                RequestOutcome::FirstToken { ttft } => n.ttft.observe(ttft.as_secs_f64()),
+                RequestOutcome::Finished { decode_tps } => {
+                    n.served += 1;
+                    if let Some(t) = decode_tps {
+                        n.tps.observe(t);
+                    }
+                    let ratio = match (median_tps, decode_tps) {
+                        (Some(m), Some(t)) if t > 0.0 => m / t,
+                        _ => 1.0,
+                    };
+                    n.reputation.record(Outcome::Success {
+                        latency_ratio: ratio,
+                    });
+                    if let Some(h) = n.health.get_mut(model) {
+                        h.breaker.on_success();
+                    }
+                }
+                RequestOutcome::Failed => {
+                    n.failed += 1;
+                    n.reputation.record(Outcome::Failure);
+                    if let Some(h) = n.health.get_mut(model) {
+                        h.breaker.on_failure(now);
+                    }
+                }
+            }
+        });
+    }
+
+    fn median_tps(&self, model: &str) -> Option<f64> {
+        let nodes = self.nodes.lock().ok()?;
+        let mut v: Vec<f64> = nodes
+            .values()
+            .filter(|n| n.health.contains_key(model))
+            .filter_map(|n| n.tps.get())
+            .collect();
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+        v.get(v.len() / 2).copied()
+    }
+
+    /// (node, model) pairs that need a probe now: calibration pending, periodic, or half-open.
+    pub(crate) fn probes_due(&self, now: Instant, interval: Duration) -> Vec<(NodeId, String)> {
+        let mut due = Vec::new();
+        self.with_nodes(|nodes| {
+            for n in nodes.values_mut() {
+                for (model, h) in &mut n.health {
+                    if h.probing {
+                        continue;
+                    }
+                    let periodic = h
+                        .last_probe
+                        .is_none_or(|t| now.duration_since(t) >= interval);
+                    if (!h.admitted || periodic) && h.breaker.probe_due(now) {
+                        h.probing = true;
+                        due.push((n.id, model.clone()));
+                    }
+                }
+            }
+        });
+        due
+    }
+
+    pub(crate) fn probe_result(&self, id: NodeId, model: &str, outcome: Outcome) {
+        let now = Instant::now();
+        self.with_nodes(|nodes| {
+            let Some(n) = nodes.get_mut(&id) else { return };
+            n.reputation.record(outcome);
+            if let Some(h) = n.health.get_mut(model) {
+                h.probing = false;
+                h.last_probe = Some(now);
+                match outcome {
+                    Outcome::ProbePassed => {
+                        h.admitted = true;
+                        h.breaker.on_success();
+                    }
+                    _ => h.breaker.on_failure(now),
+                }
+            }
+        });
+    }
+
+    pub(crate) fn decay_reputations(&self, elapsed: Duration) -> Vec<(String, f64)> {
+        let mut out = Vec::new();
+        self.with_nodes(|nodes| {
+            for n in nodes.values_mut() {
+                n.reputation.decay(elapsed);
+                out.push((n.address.clone(), n.reputation.score()));
+            }
+        });
+        out
+    }
+
+    pub(crate) fn affinity(&self, key: u64) -> Option<NodeId> {
+        self.prefix.lock().ok()?.get(key)
+    }
+
+    pub(crate) fn remember_prefix(&self, key: u64, id: NodeId) {
+        if let Ok(mut p) = self.prefix.lock() {
+            p.insert(key, id);
+        }
+    }
+
+    pub(crate) fn status(&self) -> Vec<NodeStatus> {
+        let Ok(nodes) = self.nodes.lock() else {
+            return Vec::new();
+        };
+        let mut v: Vec<NodeStatus> = nodes
+            .values()
+            .map(|n| NodeStatus {
+                id: n.id.0,
+                address: n.address.clone(),
+                label: n.label.clone(),
+                kind: n.kind,
+                online: !n.link.is_closed(),
+                models: n
+                    .models
+                    .iter()
+                    .map(|m| {
+                        let h = n.health.get(&m.id);
+                        ModelStatus {
+                            id: m.id.clone(),
+                            admitted: h.is_some_and(|h| h.admitted),
+                            circuit: match h.map(|h| h.breaker.state()) {
+                                Some(lattice_router::BreakerState::Closed { .. }) => "closed",
+                                Some(lattice_router::BreakerState::HalfOpen) => "half-open",
+                                _ => "open",
+                            },
+                        }
+                    })
+                    .collect(),
+                slots: n.slots,
+                busy: n.busy,
+                queued: n.queued,
+                inflight: n.live.inflight.load(Ordering::Relaxed),
+                ttft_ms: n.ttft.get().map(|s| s * 1000.0),
+                decode_tps: n.tps.get(),
+                reputation: n.reputation.score(),
+                price: n.price,
+                served: n.served,
+                failed: n.failed,
+                uptime_s: n.connected_at.elapsed().as_secs(),
+            })
+            .collect();
+        v.sort_by_key(|s| s.id);
+        v
+    }
+
+    /// Runs `f` under the lock, then republishes the snapshot and model list.
+    fn with_nodes<R>(&self, f: impl FnOnce(&mut HashMap<NodeId, NodeEntry>) -> R) -> R {
+        let Ok(mut nodes) = self.nodes.lock() else {
+            // A panic while holding the lock poisoned it; the map itself is still consistent
+            // because every mutation above is a single assignment.
+            let mut nodes = self
+                .nodes
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let r = f(&mut nodes);
+            self.publish(&nodes);
+            return r;
+        };
+        let r = f(&mut nodes);
+        self.publish(&nodes);
+        r
+    }
+
+    fn publish(&self, nodes: &HashMap<NodeId, NodeEntry>) {
+        let mut views = Vec::with_capacity(nodes.len());
+        let mut cards: HashMap<String, ModelCard> = HashMap::new();
+        for n in nodes.values() {
+            if n.link.is_closed() {
+                continue;
+            }
+            let models: Vec<String> = n
+                .health
+                .iter()
+                .filter(|(_, h)| h.admitted && h.breaker.admits_traffic())
+                .map(|(m, _)| m.clone())
+                .collect();
+            if models.is_empty() {
+                continue;
+            }
+            for ad in n.models.iter().filter(|m| models.contains(&m.id)) {
+                let card = cards.entry(ad.id.clone()).or_insert_with(|| ModelCard {
+                    id: ad.id.clone(),
+                    context_length: ad.context_length,
+                    parallel_slots: 0,
+                    has_chat_template: true,
+                    nodes: 0,
+                });
+                card.nodes += 1;
+                card.parallel_slots += n.slots;
+                card.context_length = card.context_length.min(ad.context_length);
+            }
+            views.push(NodeView {
+                id: n.id,
+                models,
+                slots: n.slots,
+                busy: n.busy,
+                queued: n.queued,
+                ttft_s: n.ttft.get_or(0.2),
+                decode_tps: n.tps.get_or(20.0),
+                price_in: n.price.input_per_mtok,
+                price_out: n.price.output_per_mtok,
+                reputation: n.reputation.score(),
+                live: n.live.clone(),
+            });
+        }
+        let mut cards: Vec<ModelCard> = cards.into_values().collect();
+        cards.sort_by(|a, b| a.id.cmp(&b.id));
+        self.snapshot.store(Arc::new(Snapshot::new(views)));
+        self.cards.store(Arc::new(cards));
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum RequestOutcome {
+    FirstToken { ttft: Duration },
+    Finished { decode_tps: Option<f64> },
+    Failed,
+}
