@@ -62,7 +62,9 @@ pub(crate) async fn run(nexus: Arc<Nexus>) {
                     Outcome::ProbePassed => tracing::debug!(%node, %model, "probe passed"),
                     other => tracing::warn!(%node, %model, outcome = ?other, "probe failed"),
                 }
-                nexus.registry.probe_result(node, &model, outcome);
+                if let Some((address, score)) = nexus.registry.probe_result(node, &model, outcome) {
+                    nexus.db.save_reputation(&address, score).await;
+                }
             });
         }
         if last_decay.elapsed() >= Duration::from_secs(60) {

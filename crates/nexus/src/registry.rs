@@ -336,10 +336,16 @@ impl Registry {
         due
     }
 
-    pub(crate) fn probe_result(&self, id: NodeId, model: &str, outcome: Outcome) {
+    /// Applies a probe outcome; returns the node's address and new reputation to persist.
+    pub(crate) fn probe_result(
+        &self,
+        id: NodeId,
+        model: &str,
+        outcome: Outcome,
+    ) -> Option<(String, f64)> {
         let now = Instant::now();
         self.with_nodes(|nodes| {
-            let Some(n) = nodes.get_mut(&id) else { return };
+            let n = nodes.get_mut(&id)?;
             n.reputation.record(outcome);
             if let Some(h) = n.health.get_mut(model) {
                 h.probing = false;
@@ -352,7 +358,8 @@ impl Registry {
                     _ => h.breaker.on_failure(now),
                 }
             }
-        });
+            Some((n.address.clone(), n.reputation.score()))
+        })
     }
 
     pub(crate) fn decay_reputations(&self, elapsed: Duration) -> Vec<(String, f64)> {

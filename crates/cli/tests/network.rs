@@ -1,0 +1,509 @@
+//! Multi-process tests of a real network on loopback: `lattice nexus` and `lattice node`
+//! processes with real models, driven over HTTP. Each test builds its own network.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use serde_json::{Value, json};
+
+const CHAT: &str = "smollm2-135m";
+const TEXT: &str = "gemma3-270m";
+
+struct Proc {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `lattice ARGS` and waits for its `listening on URL` line.
+fn spawn(args: &[&str]) -> Proc {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lattice"))
+        .args(args)
+        .env("LATTICE_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn lattice");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        for line in lines.by_ref() {
+            let Ok(line) = line else { break };
+            if let Some(url) = line.strip_prefix("listening on ") {
+                let _ = tx.send(url.trim().to_owned());
+                break;
+            }
+        }
+        // Keep draining so the child never blocks on a full pipe.
+        for _ in lines {}
+    });
+    let url = rx
+        .recv_timeout(Duration::from_secs(180))
+        .unwrap_or_else(|_| panic!("lattice {args:?} did not start"));
+    Proc { child, url }
+}
+
+fn nexus_at(dir: &Path, listen: &str) -> Proc {
+    let db = dir.join("nexus.db");
+    spawn(&[
+        "nexus",
+        "--listen",
+        listen,
+        "--db",
+        db.to_str().unwrap(),
+        "--probe-interval",
+        "2",
+    ])
+}
+
+fn node(nexus: &str, model: &str, key: &Path, parallel: &str) -> Proc {
+    spawn(&[
+        "node",
+        "--nexus",
+        nexus,
+        "--model",
+        model,
+        "--port",
+        "0",
+        "--threads",
+        "1",
+        "--parallel",
+        parallel,
+        "--ctx-per-slot",
+        "1024",
+        "--key",
+        key.to_str().unwrap(),
+    ])
+}
+
+fn tmp() -> tempfile::TempDir {
+    tempfile::tempdir().unwrap()
+}
+
+fn key(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!("{name}.key"))
+}
+
+async fn wait_for_models(nexus: &str, want: &[(&str, u64)]) {
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        if let Ok(r) = client.get(format!("{nexus}/v1/models")).send().await
+            && let Ok(v) = r.json::<Value>().await
+        {
+            let ok = want.iter().all(|(m, n)| {
+                v["data"].as_array().is_some_and(|d| {
+                    d.iter()
+                        .any(|e| e["id"] == *m && e["nodes"].as_u64() >= Some(*n))
+                })
+            });
+            if ok {
+                return;
+            }
+        }
+        assert!(Instant::now() < deadline, "network never served {want:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn post(url: &str, body: Value) -> (u16, Value) {
+    let r = reqwest::Client::new()
+        .post(url)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let s = r.status().as_u16();
+    (s, r.json().await.unwrap_or(Value::Null))
+}
+
+async fn nodes(nexus: &str) -> Value {
+    reqwest::get(format!("{nexus}/lattice/v1/nodes"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+fn chat(content: &str, extra: Value) -> Value {
+    let mut b = json!({"model": CHAT, "messages": [{"role": "user", "content": content}], "temperature": 0, "max_tokens": 16});
+    b.as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().cloned().unwrap_or_default());
+    b
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_each_model_to_its_node() {
+    let dir = tmp();
+    let nexus = nexus_at(dir.path(), "127.0.0.1:0");
+    let _a = node(&nexus.url, CHAT, &key(dir.path(), "a"), "2");
+    let _b = node(&nexus.url, TEXT, &key(dir.path(), "b"), "2");
+    wait_for_models(&nexus.url, &[(CHAT, 1), (TEXT, 1)]).await;
+
+    let (s, v) = post(
+        &format!("{}/v1/chat/completions", nexus.url),
+        chat("Which city is the capital of France?", json!({})),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    assert!(
+        v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .contains("Paris"),
+        "{v}"
+    );
+    let (s, v) = post(
+        &format!("{}/v1/completions", nexus.url),
+        json!({"model": TEXT, "prompt": "1, 2, 3, 4, 5,", "max_tokens": 6, "temperature": 0}),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    assert!(
+        v["choices"][0]["text"]
+            .as_str()
+            .unwrap()
+            .starts_with(" 6, 7"),
+        "{v}"
+    );
+    // The node's own error comes back as is (no failover for the caller's mistakes).
+    let (s, v) = post(
+        &format!("{}/v1/chat/completions", nexus.url),
+        json!({"model": TEXT, "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await;
+    assert_eq!(s, 400, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("/v1/completions"),
+        "{v}"
+    );
+    let (s, v) = post(
+        &format!("{}/v1/chat/completions", nexus.url),
+        json!({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (404, Some("model_not_found"))
+    );
+
+    let status = nodes(&nexus.url).await;
+    let served: Vec<u64> = status["online"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["served"].as_u64().unwrap())
+        .collect();
+    assert_eq!(served.len(), 2);
+    assert!(served.iter().all(|&s| s >= 1), "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_spreads_across_nodes_of_one_model() {
+    let dir = tmp();
+    let nexus = nexus_at(dir.path(), "127.0.0.1:0");
+    let _a = node(&nexus.url, CHAT, &key(dir.path(), "a"), "2");
+    let _b = node(&nexus.url, CHAT, &key(dir.path(), "b"), "2");
+    wait_for_models(&nexus.url, &[(CHAT, 2)]).await;
+    let before: u64 = nodes(&nexus.url).await["online"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["served"].as_u64().unwrap())
+        .sum();
+
+    let url = format!("{}/v1/chat/completions", nexus.url);
+    let reqs = (0..8).map(|i| {
+        post(
+            &url,
+            chat(
+                &format!("Tell me about the number {i}."),
+                json!({"max_tokens": 12, "ignore_eos": true}),
+            ),
+        )
+    });
+    for (s, v) in futures::future::join_all(reqs).await {
+        assert_eq!(s, 200, "{v}");
+    }
+    let status = nodes(&nexus.url).await;
+    let served: Vec<u64> = status["online"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["served"].as_u64().unwrap())
+        .collect();
+    assert_eq!(served.iter().sum::<u64>() - before, 8);
+    assert!(
+        served.iter().all(|&s| s >= 3),
+        "8 concurrent requests over 2 equal nodes: {served:?}"
+    );
+}
+
+/// Reads an SSE response to its end; returns (saw [DONE], saw an error event).
+async fn read_sse(resp: reqwest::Response) -> (bool, bool) {
+    let mut body = resp.bytes_stream();
+    let mut text = String::new();
+    while let Some(Ok(chunk)) = body.next().await {
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    (
+        text.contains("data: [DONE]"),
+        text.contains(r#"data: {"error""#),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_a_node_mid_load_retries_waiting_requests_and_errors_live_streams() {
+    let dir = tmp();
+    let nexus = nexus_at(dir.path(), "127.0.0.1:0");
+    let a = node(&nexus.url, CHAT, &key(dir.path(), "a"), "1");
+    let _b = node(&nexus.url, CHAT, &key(dir.path(), "b"), "1");
+    wait_for_models(&nexus.url, &[(CHAT, 2)]).await;
+    let url = format!("{}/v1/chat/completions", nexus.url);
+    let client = reqwest::Client::new();
+
+    // Two long streams, one per node (in-flight-aware routing spreads them), both under way.
+    let mut streams = Vec::new();
+    for i in 0..2 {
+        let body = chat(
+            &format!("Write a long story number {i}."),
+            json!({"stream": true, "max_tokens": 300, "ignore_eos": true}),
+        );
+        let mut r = client.post(&url).json(&body).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let first = r.chunk().await.unwrap();
+        assert!(first.is_some());
+        streams.push(r);
+    }
+    // Two more that wait behind the streams: no token yet when the node dies.
+    let waiting: Vec<_> = (0..2)
+        .map(|i| {
+            let url = url.clone();
+            tokio::spawn(async move {
+                post(
+                    &url,
+                    chat(&format!("Say hello {i}."), json!({"max_tokens": 8})),
+                )
+                .await
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    a.kill();
+
+    let outcome = tokio::time::timeout(Duration::from_secs(120), async {
+        let mut ended = Vec::new();
+        for r in streams {
+            ended.push(read_sse(r).await);
+        }
+        let mut statuses = Vec::new();
+        for w in waiting {
+            statuses.push(w.await.unwrap().0);
+        }
+        (ended, statuses)
+    })
+    .await
+    .expect("nothing may hang when a node dies");
+    let (ended, statuses) = outcome;
+    assert!(
+        ended.contains(&(false, true)),
+        "the stream on the dead node ends with an error event: {ended:?}"
+    );
+    assert!(
+        ended.contains(&(true, false)),
+        "the stream on the live node completes: {ended:?}"
+    );
+    assert_eq!(
+        statuses,
+        vec![200, 200],
+        "requests without a first token are retried on the live node"
+    );
+    let status = nodes(&nexus.url).await;
+    assert_eq!(
+        status["online"].as_array().unwrap().len(),
+        1,
+        "link loss marks the node offline at once"
+    );
+}
+
+/// A fake OpenAI-compatible engine that always answers "London" (fault injection).
+async fn lying_upstream(
+    hits: Arc<AtomicUsize>,
+    seen: Arc<std::sync::Mutex<Vec<String>>>,
+) -> String {
+    use axum::routing::post;
+    let sse = |text: &str| {
+        format!(
+            "data: {{\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{text}\"}},\"text\":\"{text}\",\"finish_reason\":null}}]}}\n\n\
+             data: {{\"choices\":[{{\"index\":0,\"delta\":{{}},\"text\":\"\",\"finish_reason\":\"stop\"}}]}}\n\n\
+             data: {{\"choices\":[],\"usage\":{{\"prompt_tokens\":5,\"completion_tokens\":6,\"total_tokens\":11}}}}\n\ndata: [DONE]\n\n"
+        )
+    };
+    let handler = move |body: axum::Json<Value>| {
+        let hits = hits.clone();
+        let seen = seen.clone();
+        async move {
+            hits.fetch_add(1, Ordering::SeqCst);
+            seen.lock().unwrap().push(body.0.to_string());
+            sse("The capital of France is London.")
+        }
+    };
+    let app = axum::Router::new()
+        .route("/v1/chat/completions", post(handler.clone()))
+        .route("/v1/completions", post(handler));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{addr}/v1")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_answering_the_canary_wrongly_never_gets_traffic() {
+    let dir = tmp();
+    let hits = Arc::new(AtomicUsize::new(0));
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let liar_url = lying_upstream(hits.clone(), seen.clone()).await;
+    let nexus = nexus_at(dir.path(), "127.0.0.1:0");
+    let liar_key = key(dir.path(), "liar");
+    let _liar = spawn(&[
+        "node",
+        "--nexus",
+        &nexus.url,
+        "--upstream",
+        &liar_url,
+        "--model-id",
+        CHAT,
+        "--port",
+        "0",
+        "--key",
+        liar_key.to_str().unwrap(),
+    ]);
+    let _honest = node(&nexus.url, CHAT, &key(dir.path(), "honest"), "2");
+    wait_for_models(&nexus.url, &[(CHAT, 1)]).await;
+    // Give the liar time to be probed (and fail) a few times.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|b| b.contains("capital of France"))
+        .count()
+        < 2
+    {
+        assert!(Instant::now() < deadline, "the liar was never probed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let url = format!("{}/v1/chat/completions", nexus.url);
+    for i in 0..6 {
+        let (s, v) = post(
+            &url,
+            chat(
+                &format!("User question {i}: say hi."),
+                json!({"max_tokens": 6}),
+            ),
+        )
+        .await;
+        assert_eq!(s, 200, "{v}");
+    }
+    let user_hits = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|b| b.contains("User question"))
+        .count();
+    assert_eq!(
+        user_hits, 0,
+        "user traffic reached the node that fails its canary"
+    );
+    let status = nodes(&nexus.url).await;
+    let liar = status["online"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["served"] == 0 && n["models"][0]["admitted"] == false);
+    assert!(liar.is_some(), "the liar stays unadmitted: {status}");
+    let rep = liar.unwrap()["reputation"].as_f64().unwrap();
+    assert!(rep < 0.45, "wrong canaries lower reputation: {rep}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nexus_restart_nodes_reconnect_and_state_survives() {
+    let dir = tmp();
+    let nexus = nexus_at(dir.path(), "127.0.0.1:0");
+    let listen = nexus.url.trim_start_matches("http://").to_owned();
+    let _n = node(&nexus.url, CHAT, &key(dir.path(), "a"), "2");
+    wait_for_models(&nexus.url, &[(CHAT, 1)]).await;
+    let (s, _) = post(
+        &format!("{}/v1/chat/completions", nexus.url),
+        chat("Say hi.", json!({})),
+    )
+    .await;
+    assert_eq!(s, 200);
+    // Wait for a probe to persist the node's reputation.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let before = nodes(&nexus.url).await;
+    let address = before["online"][0]["address"].as_str().unwrap().to_owned();
+    let stored = before["known"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["address"] == address.as_str())
+        .unwrap()["reputation"]
+        .as_f64()
+        .unwrap();
+    assert!(
+        stored > 0.5,
+        "a good node's stored reputation rose: {stored}"
+    );
+    nexus.kill();
+
+    let nexus = nexus_at(dir.path(), &listen);
+    let known = nodes(&nexus.url).await;
+    assert!(
+        known["known"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|k| k["address"] == address.as_str()),
+        "registry survives: {known}"
+    );
+    wait_for_models(&nexus.url, &[(CHAT, 1)]).await;
+    let (s, v) = post(
+        &format!("{}/v1/chat/completions", nexus.url),
+        chat("Which city is the capital of France?", json!({})),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let after = nodes(&nexus.url).await;
+    let rep = after["online"][0]["reputation"].as_f64().unwrap();
+    assert!(
+        rep >= stored - 0.1,
+        "reputation restored from the database: {rep} vs stored {stored}"
+    );
+}
