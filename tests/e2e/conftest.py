@@ -18,11 +18,9 @@ def _binary() -> str:
     return os.path.join(target, "release", "lattice")
 
 
-@pytest.fixture(scope="session")
-def node_url():
-    cmd = [_binary(), "node", "--standalone", "--model", MODEL, "--port", "0",
-           "--parallel", "2", "--ctx-per-slot", "1024"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=sys.stderr, text=True)
+def _start(args):
+    """Starts `lattice ARGS`; returns (process, url) once it prints `listening on URL`."""
+    proc = subprocess.Popen([_binary(), *args], stdout=subprocess.PIPE, stderr=sys.stderr, text=True)
     url = None
     timer = threading.Timer(120, proc.kill)  # loading must not hang the suite
     timer.start()
@@ -35,15 +33,50 @@ def node_url():
         timer.cancel()
     if url is None:
         proc.kill()
-        raise RuntimeError(f"node did not start (exit code {proc.wait()})")
-    # Keep draining stdout so the node never blocks on a full pipe.
+        raise RuntimeError(f"lattice {args} did not start (exit code {proc.wait()})")
+    # Keep draining stdout so the process never blocks on a full pipe.
     threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
-    yield url
+    return proc, url
+
+
+def _stop(proc):
     proc.terminate()
     try:
         proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+@pytest.fixture(scope="session")
+def node_url():
+    proc, url = _start(["node", "--standalone", "--model", MODEL, "--port", "0",
+                        "--parallel", "2", "--ctx-per-slot", "1024"])
+    yield url
+    _stop(proc)
+
+
+@pytest.fixture(scope="session")
+def nexus_url(tmp_path_factory):
+    """A real network: Nexus plus one linked node, ready once the node passed calibration."""
+    import json
+    import time
+    import urllib.request
+
+    d = tmp_path_factory.mktemp("net")
+    nexus, url = _start(["nexus", "--listen", "127.0.0.1:0", "--db", str(d / "nexus.db")])
+    node, _ = _start(["node", "--nexus", url, "--model", MODEL, "--port", "0", "--parallel", "2",
+                      "--ctx-per-slot", "1024", "--key", str(d / "node.key")])
+    deadline = time.time() + 120
+    while True:
+        with urllib.request.urlopen(f"{url}/v1/models") as r:
+            if any(m["id"] == MODEL for m in json.load(r)["data"]):
+                break
+        if time.time() > deadline:
+            raise RuntimeError("node never became healthy behind Nexus")
+        time.sleep(0.2)
+    yield url
+    _stop(node)
+    _stop(nexus)
 
 
 @pytest.fixture()

@@ -30,7 +30,7 @@ enum Command {
     /// Run Nexus, the coordinator: one OpenAI endpoint over every linked node.
     Nexus(NexusArgs),
     /// Run an inference node, linked to a Nexus or standalone.
-    Node(NodeArgs),
+    Node(Box<NodeArgs>),
     /// Show the nodes a Nexus knows: models, health, load, reputation.
     Status {
         #[arg(long, default_value = "http://127.0.0.1:8080")]
@@ -177,7 +177,7 @@ fn main() -> Result<()> {
         match cli.command {
             Command::Up(a) => up(a).await,
             Command::Nexus(a) => nexus(a).await,
-            Command::Node(a) => node(a).await,
+            Command::Node(a) => node(*a).await,
             Command::Status { nexus } => status(&nexus).await,
             Command::Model(m) => model(m).await,
         }

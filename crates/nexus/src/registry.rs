@@ -101,8 +101,6 @@ pub(crate) struct NodeEntry {
     pub(crate) models: Vec<ModelAd>,
     pub(crate) price: Price,
     pub(crate) slots: u32,
-    pub(crate) queued: u32,
-    pub(crate) busy: u32,
     pub(crate) ttft: Ewma,
     pub(crate) tps: Ewma,
     pub(crate) reputation: Reputation,
@@ -210,8 +208,6 @@ impl Registry {
             models,
             price,
             slots: slots.max(1),
-            queued: 0,
-            busy: 0,
             ttft: Ewma::new(0.2),
             tps,
             reputation,
@@ -251,16 +247,22 @@ impl Registry {
         })
     }
 
+    /// Load reports go straight into the node's atomics: no snapshot rebuild, which matters
+    /// with thousands of nodes each reporting every two seconds.
     pub(crate) fn heartbeat(&self, id: NodeId, queued: u32, busy: u32, slots: u32) {
-        // Heartbeats don't change admission, so no snapshot rebuild is needed for correctness;
-        // we still republish so routing sees fresh queue depths.
-        self.with_nodes(|nodes| {
-            if let Some(n) = nodes.get_mut(&id) {
-                n.queued = queued;
-                n.busy = busy;
-                n.slots = slots.max(1);
+        let Ok(nodes) = self.nodes.lock() else { return };
+        if let Some(n) = nodes.get(&id) {
+            n.live.queued.store(queued, Ordering::Relaxed);
+            n.live.busy.store(busy, Ordering::Relaxed);
+            if n.slots != slots.max(1) {
+                drop(nodes);
+                self.with_nodes(|nodes| {
+                    if let Some(n) = nodes.get_mut(&id) {
+                        n.slots = slots.max(1);
+                    }
+                });
             }
-        });
+        }
     }
 
     pub(crate) fn link(&self, id: NodeId) -> Option<(Arc<LinkHandle>, Arc<LiveLoad>)> {
@@ -412,8 +414,8 @@ impl Registry {
                     })
                     .collect(),
                 slots: n.slots,
-                busy: n.busy,
-                queued: n.queued,
+                busy: n.live.busy.load(Ordering::Relaxed),
+                queued: n.live.queued.load(Ordering::Relaxed),
                 inflight: n.live.inflight.load(Ordering::Relaxed),
                 ttft_ms: n.ttft.get().map(|s| s * 1000.0),
                 decode_tps: n.tps.get(),
@@ -478,8 +480,6 @@ impl Registry {
                 id: n.id,
                 models,
                 slots: n.slots,
-                busy: n.busy,
-                queued: n.queued,
                 ttft_s: n.ttft.get_or(0.2),
                 decode_tps: n.tps.get_or(20.0),
                 price_in: n.price.input_per_mtok,

@@ -13,11 +13,25 @@ pub const P2C_THRESHOLD: usize = 64;
 /// Candidates returned for failover.
 pub const MAX_CANDIDATES: usize = 3;
 
-/// Requests Nexus has sent to a node and not yet seen finish: updated on the request path with
-/// one atomic add, so the next decision sees it without rebuilding the snapshot.
+/// A node's load, updated in place with atomics (heartbeats, and Nexus's own dispatches) so the
+/// next decision sees it without rebuilding the snapshot.
 #[derive(Debug, Default)]
 pub struct LiveLoad {
+    /// Requests Nexus has sent and not yet seen finish.
     pub inflight: AtomicU32,
+    /// From the last heartbeat: slots generating and requests waiting.
+    pub busy: AtomicU32,
+    pub queued: AtomicU32,
+}
+
+impl LiveLoad {
+    pub fn new(busy: u32, queued: u32) -> Self {
+        Self {
+            inflight: AtomicU32::new(0),
+            busy: AtomicU32::new(busy),
+            queued: AtomicU32::new(queued),
+        }
+    }
 }
 
 /// What the router knows about one node.
@@ -27,8 +41,6 @@ pub struct NodeView {
     /// Models this node is admitted for (passed calibration, circuit not open).
     pub models: Vec<String>,
     pub slots: u32,
-    pub busy: u32,
-    pub queued: u32,
     /// EWMA of time to first token, seconds.
     pub ttft_s: f64,
     /// EWMA of decode speed, tokens/s.
@@ -44,9 +56,12 @@ pub struct NodeView {
 impl NodeView {
     /// Requests on the node: the larger of its last heartbeat and what Nexus has in flight.
     pub fn in_system(&self) -> u32 {
-        self.busy
-            .saturating_add(self.queued)
-            .max(self.live.inflight.load(Ordering::Relaxed))
+        let reported = self
+            .live
+            .busy
+            .load(Ordering::Relaxed)
+            .saturating_add(self.live.queued.load(Ordering::Relaxed));
+        reported.max(self.live.inflight.load(Ordering::Relaxed))
     }
 
     /// Requests beyond its slots would queue behind others.
@@ -229,8 +244,6 @@ mod tests {
             id: NodeId(id),
             models: vec![model.to_owned()],
             slots: 4,
-            busy: 0,
-            queued: 0,
             ttft_s: 0.1,
             decode_tps: 50.0,
             price_in: 100,
@@ -267,9 +280,10 @@ mod tests {
         let s = Snapshot::new(vec![slow, fast.clone()]);
         assert_eq!(route(&s, &req("m"), &mut SplitMix(1))[0], NodeId(2));
 
-        let mut busy = fast.clone();
-        busy.busy = 4;
-        busy.queued = 8;
+        let busy = NodeView {
+            live: Arc::new(LiveLoad::new(4, 8)),
+            ..fast.clone()
+        };
         let idle = NodeView {
             id: NodeId(3),
             ..fast
@@ -319,7 +333,7 @@ mod tests {
             ..req("m")
         };
         assert_eq!(route(&s, &r, &mut SplitMix(1)), vec![NodeId(1), NodeId(2)]);
-        a.busy = 4;
+        a.live.busy.store(4, Ordering::Relaxed);
         let s = Snapshot::new(vec![a, b]);
         assert_eq!(route(&s, &r, &mut SplitMix(1))[0], NodeId(2));
     }
@@ -370,10 +384,10 @@ mod tests {
         // Half the nodes are saturated; P2C must essentially never pick one when it sampled a free one.
         let nodes: Vec<_> = (0..200)
             .map(|i| {
-                let mut n = node(i, "m");
+                let n = node(i, "m");
                 if i % 2 == 0 {
-                    n.busy = 4;
-                    n.queued = 20;
+                    n.live.busy.store(4, Ordering::Relaxed);
+                    n.live.queued.store(20, Ordering::Relaxed);
                 }
                 n
             })
@@ -381,7 +395,7 @@ mod tests {
         let s = Snapshot::new(nodes);
         let mut rng = SplitMix(7);
         let saturated = (0..1000)
-            .filter(|_| route(&s, &req("m"), &mut rng)[0].0 % 2 == 0)
+            .filter(|_| route(&s, &req("m"), &mut rng)[0].0.is_multiple_of(2))
             .count();
         // All three samples saturated happens with probability 1/8.
         assert!(saturated < 200, "{saturated}");
