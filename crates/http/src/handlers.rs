@@ -18,50 +18,77 @@ use crate::{ApiErrorResponse, AppState, params};
 
 type HandlerResult = Result<Response, ApiErrorResponse>;
 
-pub(crate) async fn chat_completions(
-    State(st): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> HandlerResult {
-    let started = Instant::now();
-    let result = async {
-        let req: ChatCompletionRequest = parse_body(body, &st)?;
-        check_model(&st, &req.model)?;
-        let (prompt, params) = params::chat(&req, &st.limits)?;
-        let include_usage = req.sampling.stream_options.is_some_and(|o| o.include_usage);
+/// An OpenAI request body this API serves, validated into engine terms.
+trait OpenAiRequest: DeserializeOwned {
+    const KIND: Kind;
+    fn validate(self, limits: &crate::Limits) -> Result<Validated, ApiError>;
+}
+
+impl OpenAiRequest for ChatCompletionRequest {
+    const KIND: Kind = Kind::Chat;
+    fn validate(self, limits: &crate::Limits) -> Result<Validated, ApiError> {
+        let (prompt, params) = params::chat(&self, limits)?;
+        let include_usage = self
+            .sampling
+            .stream_options
+            .is_some_and(|o| o.include_usage);
         Ok(Validated {
-            model: req.model,
+            model: self.model,
             prompt,
             params,
-            streaming: req.stream,
+            streaming: self.stream,
             include_usage,
         })
     }
-    .await;
-    respond(st, &headers, Kind::Chat, started, result).await
+}
+
+impl OpenAiRequest for CompletionRequest {
+    const KIND: Kind = Kind::Completion;
+    fn validate(self, limits: &crate::Limits) -> Result<Validated, ApiError> {
+        let (prompt, params) = params::completion(&self, limits)?;
+        let include_usage = self
+            .sampling
+            .stream_options
+            .is_some_and(|o| o.include_usage);
+        Ok(Validated {
+            model: self.model,
+            prompt,
+            params,
+            streaming: self.stream,
+            include_usage,
+        })
+    }
+}
+
+pub(crate) async fn chat_completions(
+    st: State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> HandlerResult {
+    handle::<ChatCompletionRequest>(st, headers, body).await
 }
 
 pub(crate) async fn completions(
+    st: State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> HandlerResult {
+    handle::<CompletionRequest>(st, headers, body).await
+}
+
+async fn handle<R: OpenAiRequest>(
     State(st): State<Arc<AppState>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> HandlerResult {
     let started = Instant::now();
-    let result = async {
-        let req: CompletionRequest = parse_body(body, &st)?;
-        check_model(&st, &req.model)?;
-        let (prompt, params) = params::completion(&req, &st.limits)?;
-        let include_usage = req.sampling.stream_options.is_some_and(|o| o.include_usage);
-        Ok(Validated {
-            model: req.model,
-            prompt,
-            params,
-            streaming: req.stream,
-            include_usage,
-        })
-    }
-    .await;
-    respond(st, &headers, Kind::Completion, started, result).await
+    let validated = parse_body::<R>(body, &st).and_then(|req| {
+        // Validate the fields before the model so the caller learns about all its mistakes first.
+        let v = req.validate(&st.limits)?;
+        check_model(&st, &v.model)?;
+        Ok(v)
+    });
+    respond(st, &headers, R::KIND, started, validated).await
 }
 
 struct Validated {

@@ -297,56 +297,54 @@ fn usage_field(meta: &Meta) -> UsageField {
     }
 }
 
-fn chunk(meta: &Meta, delta: Delta, text: String, finish: Option<FinishReason>) -> Bytes {
+/// One stream chunk: a choice (delta for chat, text for completions) or, with `choice: None`,
+/// the final usage chunk whose `choices` is empty.
+fn encode_chunk(
+    meta: &Meta,
+    choice: Option<(Delta, String, Option<FinishReason>)>,
+    usage: UsageField,
+) -> Bytes {
     let json = match meta.kind {
         Kind::Chat => serde_json::to_string(&ChatCompletionChunk {
             id: meta.id.clone(),
             object: "chat.completion.chunk".into(),
             created: meta.created,
             model: meta.model.clone(),
-            choices: vec![ChunkChoice {
-                index: 0,
-                delta,
-                logprobs: None,
-                finish_reason: finish,
-            }],
-            usage: usage_field(meta),
+            choices: choice
+                .map(|(delta, _, finish_reason)| ChunkChoice {
+                    index: 0,
+                    delta,
+                    logprobs: None,
+                    finish_reason,
+                })
+                .into_iter()
+                .collect(),
+            usage,
         }),
         Kind::Completion => serde_json::to_string(&Completion {
             id: meta.id.clone(),
             object: "text_completion".into(),
             created: meta.created,
             model: meta.model.clone(),
-            choices: vec![CompletionChoice {
-                text,
-                index: 0,
-                logprobs: None,
-                finish_reason: finish,
-            }],
-            usage: usage_field(meta),
+            choices: choice
+                .map(|(_, text, finish_reason)| CompletionChoice {
+                    text,
+                    index: 0,
+                    logprobs: None,
+                    finish_reason,
+                })
+                .into_iter()
+                .collect(),
+            usage,
         }),
     };
     frame(json.unwrap_or_default())
 }
 
+fn chunk(meta: &Meta, delta: Delta, text: String, finish: Option<FinishReason>) -> Bytes {
+    encode_chunk(meta, Some((delta, text, finish)), usage_field(meta))
+}
+
 fn usage_chunk(meta: &Meta, usage: Usage) -> Bytes {
-    let json = match meta.kind {
-        Kind::Chat => serde_json::to_string(&ChatCompletionChunk {
-            id: meta.id.clone(),
-            object: "chat.completion.chunk".into(),
-            created: meta.created,
-            model: meta.model.clone(),
-            choices: vec![],
-            usage: UsageField::Some(usage),
-        }),
-        Kind::Completion => serde_json::to_string(&Completion {
-            id: meta.id.clone(),
-            object: "text_completion".into(),
-            created: meta.created,
-            model: meta.model.clone(),
-            choices: vec![],
-            usage: UsageField::Some(usage),
-        }),
-    };
-    frame(json.unwrap_or_default())
+    encode_chunk(meta, None, UsageField::Some(usage))
 }
