@@ -404,8 +404,14 @@ async fn client_disconnect_frees_the_slot() {
         .await
         .unwrap();
     let mut s = r.bytes_stream();
+    // The role chunk comes before the engine admits the request: wait for real tokens.
     let _ = s.next().await;
-    assert_eq!(n.get_json("/health").await["busy_slots"], 1);
+    let _ = s.next().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while n.get_json("/health").await["busy_slots"] != 1 {
+        assert!(Instant::now() < deadline, "the request never occupied a slot");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     drop(s);
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
