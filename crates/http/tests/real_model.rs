@@ -409,7 +409,10 @@ async fn client_disconnect_frees_the_slot() {
     let _ = s.next().await;
     let deadline = Instant::now() + Duration::from_secs(10);
     while n.get_json("/health").await["busy_slots"] != 1 {
-        assert!(Instant::now() < deadline, "the request never occupied a slot");
+        assert!(
+            Instant::now() < deadline,
+            "the request never occupied a slot"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     drop(s);
