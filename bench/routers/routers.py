@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import re
@@ -458,6 +459,7 @@ def run_wrk(a, stream: bool, target_pids: list[int], upstream_pids: list[int]) -
 def cmd_measure(a) -> None:
     stream = a.mode == "stream"
     pids = [int(x) for x in a.pids.split(",") if x]
+    names = dict(zip(pids, [x for x in a.pid_names.split(",") if x]))
     upids = [int(x) for x in a.upstream_pids.split(",") if x]
     rates = [float(x) for x in a.rates.split(",") if x]
     res = {"label": a.label, "mode": a.mode, "url": a.url, "upstream_path": a.upstream_path,
@@ -467,13 +469,24 @@ def cmd_measure(a) -> None:
         log(f"[measure] {a.label} {a.mode}: {rate:g} req/s for {a.duration:g}s "
             f"(CPUs {q['idle_before']:.0%} idle)")
         tp = proc_tree(pids)
+        roots0 = {p: cpu_seconds(proc_tree([p])) for p in pids}
         c0, w0 = cpu_seconds(tp), time.monotonic()
-        r = asyncio.run(fixed_rate(a.url, stream, rate, a.duration, a.warmup, a.conns, a.timeout))
+        gc.collect()
+        gc.disable()  # no collector pauses inside the timed loop (a run allocates < 100 MB)
+        try:
+            r = asyncio.run(fixed_rate(a.url, stream, rate, a.duration, a.warmup, a.conns,
+                                       a.timeout))
+        finally:
+            gc.enable()
         c1, w1 = cpu_seconds(tp), time.monotonic()
         r.update(q)
         n_all = r["requests"] + int(rate * a.warmup)
         r["target_cpu_us_per_req"] = round((c1 - c0) / max(1, n_all) * 1e6, 1)
         r["target_cores"] = round((c1 - c0) / (w1 - w0), 2)
+        if len(pids) > 1:
+            r["cpu_us_per_req_by_process"] = {
+                names.get(p, str(p)): round((cpu_seconds(proc_tree([p])) - roots0[p]) / max(1, n_all) * 1e6, 1)
+                for p in pids}
         r["saturated"] = (r["ok"] < 0.98 * r["requests"] or r["achieved_rps"] < 0.9 * rate
                           or r["drain_s"] > 1.0)
         log(f"[measure]   p50 {r['p50_ms']} ms  p99 {r['p99_ms']} ms  ok {r['ok']}/{r['requests']}"
@@ -489,14 +502,23 @@ def cmd_measure(a) -> None:
             continue
         res["fixed_rate"].append(one_rate(rate))
     first = res["fixed_rate"][0] if res["fixed_rate"] else None
-    if first and first.get("saturated") and a.fallback_rate and a.fallback_rate < first["rate"]:
+    for fb in [float(x) for x in a.fallback_rate.split(",") if x]:
+        if not (first and first.get("saturated")) or fb >= first["rate"]:
+            break
+        if res.get("fallback") and not res["fallback"].get("saturated"):
+            break
         log(f"[measure] {a.label} {a.mode}: saturated at {first['rate']:g} req/s; "
-            f"also measuring {a.fallback_rate:g} req/s")
-        res["fallback"] = one_rate(a.fallback_rate)
+            f"also measuring {fb:g} req/s")
+        res["fallback"] = one_rate(fb)
     q = wait_quiet(a.wait_quiet, a.min_idle)
     log(f"[measure] {a.label} {a.mode}: wrk -t{a.wrk_threads} -c{a.wrk_conns} -d{a.wrk_duration}s "
         f"(CPUs {q['idle_before']:.0%} idle)")
+    roots0 = {p: cpu_seconds(proc_tree([p])) for p in pids}
     w = run_wrk(a, stream, pids, upids)
+    if len(pids) > 1 and w.get("requests"):
+        w["cpu_us_per_req_by_process"] = {
+            names.get(p, str(p)): round((cpu_seconds(proc_tree([p])) - roots0[p]) / w["requests"] * 1e6, 1)
+            for p in pids}
     w.update(q)
     log(f"[measure]   {w['rps']} req/s  non-2xx {w['non_2xx']}  sockerr {w['socket_errors'] or 'none'}"
         f"  target {w['target_cores']} cores, {w['target_cpu_us_per_req']} us CPU/req")
@@ -614,7 +636,10 @@ def cmd_report(a) -> None:
         for mode, tag in (("nonstream", "ns"), ("stream", "s")):
             w = (summary["targets"][lbl].get(mode) or {}).get("wrk") or {}
             if w.get("target_cpu_us_per_req") is not None:
-                parts.append(f"{tag} {w['target_cpu_us_per_req']:.0f} µs/req @ {w['target_cores']:.2f} cores")
+                txt = f"{tag} {w['target_cpu_us_per_req']:.0f} µs/req @ {w['target_cores']:.2f} cores"
+                if w.get("cpu_us_per_req_by_process"):
+                    txt += " (" + " + ".join(f"{k} {v:.0f}" for k, v in w["cpu_us_per_req_by_process"].items()) + ")"
+                parts.append(txt)
         return "; ".join(parts) or "—"
 
     hdr = ["target", "max req/s non-stream", "max req/s stream", "ratio vs lattice (ns / s)"]
@@ -708,12 +733,13 @@ def main() -> None:
     p.add_argument("--mode", choices=["stream", "nonstream"], required=True)
     p.add_argument("--url", required=True)
     p.add_argument("--pids", default="")
+    p.add_argument("--pid-names", default="", help="names for --pids, for the per-process CPU split")
     p.add_argument("--upstream-pids", default="")
     p.add_argument("--upstream-path", default="")
     p.add_argument("--note", default="")
     p.add_argument("--rates", default="200,1000")
-    p.add_argument("--fallback-rate", type=float, default=50,
-                   help="extra rate measured when the first rate already saturates the target")
+    p.add_argument("--fallback-rate", default="50,20",
+                   help="lower rates tried in turn when the first rate already saturates the target")
     p.add_argument("--duration", type=float, default=5.0)
     p.add_argument("--warmup", type=float, default=1.0)
     p.add_argument("--conns", type=int, default=64, help="most keep-alive connections (fixed rate)")

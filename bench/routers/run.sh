@@ -5,14 +5,15 @@
 # upstream called directly as the baseline. Everything binds to 127.0.0.1.
 #
 #   bench/routers/run.sh [--targets direct,lattice,lattice-node,sglang-router,vllm-router,litellm]
-#                        [--rates 200,1000] [--fallback-rate 50] [--duration 5]
+#                        [--rates 200,1000] [--fallback-rates 50,20] [--duration 5]
 #                        [--wrk-conns 32] [--wrk-duration 5] [--conns 64]
 #                        [--wait-quiet 120] [--no-pin] [--skip-install] [--note TEXT]
 #
 # Per target and mode (non-streaming, streaming POST /v1/chat/completions):
 #   1. fixed-rate open-loop load at each --rates value for --duration s (after 1 s of
 #      warm-up), p50/p99 time to full response; "added" = minus the direct upstream's;
-#      if the first rate already saturates a target it is also measured at --fallback-rate
+#      if the first rate already saturates a target it is also measured at --fallback-rates
+#      (in turn, until one is sustained)
 #   2. max throughput: wrk -t1 -c32 -d5s -s post.lua; CPU s of the target's processes
 # Before every load it waits (up to --wait-quiet s) for the CPUs to be >= 90% idle.
 # By default the router under test is pinned to CPU 0 and nginx + the load generators
@@ -42,7 +43,7 @@ LITELLM_VERSION="1.82.6"
 
 TARGETS="direct,lattice,lattice-node,sglang-router,vllm-router,litellm"
 RATES="200,1000"
-FALLBACK_RATE=50
+FALLBACK_RATES="50,20"
 DURATION=5
 WRK_CONNS=32
 WRK_DURATION=5
@@ -57,7 +58,7 @@ while [[ $# -gt 0 ]]; do
   case "$1" in
     --targets) TARGETS="$2"; shift 2 ;;
     --rates) RATES="$2"; shift 2 ;;
-    --fallback-rate) FALLBACK_RATE="$2"; shift 2 ;;
+    --fallback-rates) FALLBACK_RATES="$2"; shift 2 ;;
     --duration) DURATION="$2"; shift 2 ;;
     --wrk-conns) WRK_CONNS="$2"; shift 2 ;;
     --wrk-duration) WRK_DURATION="$2"; shift 2 ;;
@@ -141,10 +142,10 @@ wait_ok() {  # wait_ok URL [--stream] TIMEOUT_S : one good chat completion throu
   log "no good answer from $url after ${t}s: $(head -c 400 "$WORK/check.out")"
   return 1
 }
-measure() {  # measure LABEL MODE URL PIDS UPSTREAM_PATH NOTE [RATES]
+measure() {  # measure LABEL MODE URL PIDS UPSTREAM_PATH NOTE [RATES] ; PID_NAMES from env
   "${CLIENT_PIN[@]}" "$PYTHON" "$HERE/routers.py" measure --label "$1" --mode "$2" --url "$3" \
-    --pids "$4" --upstream-pids "$NGINX_PID" --upstream-path "$5" --note "$6" \
-    --rates "${7:-$RATES}" --fallback-rate "$FALLBACK_RATE" --duration "$DURATION" \
+    --pids "$4" --pid-names "${PID_NAMES:-}" --upstream-pids "$NGINX_PID" --upstream-path "$5" --note "$6" \
+    --rates "${7:-$RATES}" --fallback-rate "$FALLBACK_RATES" --duration "$DURATION" \
     --conns "$CONNS" --wrk-conns "$WRK_CONNS" --wrk-duration "$WRK_DURATION" \
     ${CLIENT_CPU:+--client-cpu "$CLIENT_CPU"} --wait-quiet "$WAIT_QUIET" \
     --out "$RESULTS/$TS-$1-$2.json" \
@@ -212,22 +213,28 @@ log "upstream: nginx pid $NGINX_PID, JSON $JSON_URL, SSE $SSE_URL (pinned: $([[ 
 
 # ---- 3. targets -------------------------------------------------------------------
 if want direct; then
-  # direct is also measured at the fallback rate: the baseline for peers that saturate
-  measure direct nonstream "$JSON_URL" "$NGINX_PID" "JSON :$JSON_PORT" "" "$FALLBACK_RATE,$RATES"
-  measure direct stream "$SSE_URL" "$NGINX_PID" "SSE :$SSE_PORT" "" "$FALLBACK_RATE,$RATES"
+  # direct is also measured at the fallback rates: the baseline for peers that saturate
+  measure direct nonstream "$JSON_URL" "$NGINX_PID" "JSON :$JSON_PORT" "" "$FALLBACK_RATES,$RATES"
+  measure direct stream "$SSE_URL" "$NGINX_PID" "SSE :$SSE_PORT" "" "$FALLBACK_RATES,$RATES"
 fi
 
 if want lattice || want lattice-node; then
   if [[ ! -x "$LATTICE_BIN" ]]; then
     log "lattice: no binary at $LATTICE_BIN"; note lattice "not run: no binary at $LATTICE_BIN"
   else
+    # run a private copy: a concurrent cargo build may replace $LATTICE_BIN mid-run
+    LATTICE_BUILT="$(date -u -r "$LATTICE_BIN" +%FT%TZ)"
+    cp "$LATTICE_BIN" "$WORK/lattice-bin"
+    LATTICE_SHA="$(sha256sum "$WORK/lattice-bin" | cut -c1-12)"
+    log "lattice: $LATTICE_BIN (built $LATTICE_BUILT, sha256 $LATTICE_SHA)"
+    LATTICE_RUN="$WORK/lattice-bin"
     NEXUS_PORT="$(free_port)"
     mkdir -p "$WORK/lattice"
-    start_bg "$LOGS/lattice-nexus.log" "${ROUTER_PIN[@]}" "$LATTICE_BIN" nexus \
+    start_bg "$LOGS/lattice-nexus.log" "${ROUTER_PIN[@]}" "$LATTICE_RUN" nexus \
       --listen "127.0.0.1:$NEXUS_PORT" --db "$WORK/lattice/nexus.db" --max-in-flight 4096
     NEXUS_PID=$BG_PID
     for _ in $(seq 100); do grep -q "listening on" "$LOGS/lattice-nexus.log" && break; sleep 0.1; done
-    start_bg "$LOGS/lattice-node.log" "${ROUTER_PIN[@]}" "$LATTICE_BIN" node \
+    start_bg "$LOGS/lattice-node.log" "${ROUTER_PIN[@]}" "$LATTICE_RUN" node \
       --nexus "http://127.0.0.1:$NEXUS_PORT" --upstream "$SSE_URL/v1" --model-id bench-model \
       --port 0 --key "$WORK/lattice/node.key" --parallel 256 --queue 4096 --max-in-flight 4096
     NODE_PID=$BG_PID
@@ -236,8 +243,8 @@ if want lattice || want lattice-node; then
        && wait_ok "$NEXUS_URL" "" 30 && wait_ok "$NEXUS_URL" --stream 10; then
       LNOTE="client -> Nexus -> node -> SSE upstream in both modes (Nexus aggregates the stream for non-streaming clients)"
       if want lattice; then
-        measure lattice nonstream "$NEXUS_URL" "$NEXUS_PID,$NODE_PID" "SSE :$SSE_PORT (node always streams)" "$LNOTE"
-        measure lattice stream "$NEXUS_URL" "$NEXUS_PID,$NODE_PID" "SSE :$SSE_PORT" "$LNOTE"
+        PID_NAMES=nexus,node measure lattice nonstream "$NEXUS_URL" "$NEXUS_PID,$NODE_PID" "SSE :$SSE_PORT (node always streams)" "$LNOTE"
+        PID_NAMES=nexus,node measure lattice stream "$NEXUS_URL" "$NEXUS_PID,$NODE_PID" "SSE :$SSE_PORT" "$LNOTE"
       fi
       # the same node called directly (no Nexus): splits lattice's cost into Nexus vs node
       NODE_URL="$(grep -o 'listening on http://[0-9.:]*' "$LOGS/lattice-node.log" | head -n1 | sed 's/listening on //')"
@@ -307,7 +314,7 @@ vers() {  # vers VENV DIST
   "$VENVS/$1/bin/python" -c "import importlib.metadata as m; print(m.version('$2'))" 2>/dev/null || echo "-"
 }
 "$PYTHON" - "$RESULTS/$TS-versions.json" \
-  "lattice=$("$LATTICE_BIN" --version 2>/dev/null | awk '{print $NF}' || echo -) (binary built $(date -u -r "$LATTICE_BIN" +%FT%TZ 2>/dev/null || echo '?'); tree at $(git -C "$HERE" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$HERE" diff --quiet HEAD -- ../../crates 2>/dev/null || echo ', crates/ modified'))" \
+  "lattice=$("${LATTICE_RUN:-$LATTICE_BIN}" --version 2>/dev/null | awk '{print $NF}' || echo -) (binary built ${LATTICE_BUILT:-?}, sha256 ${LATTICE_SHA:-?}; tree at $(git -C "$HERE" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$HERE" diff --quiet HEAD -- ../../crates 2>/dev/null || echo ', crates/ modified'))" \
   "sglang-router=$(vers sglang-router sglang-router)" "vllm-router=$(vers vllm-router vllm-router)" \
   "litellm=$(vers litellm litellm)" "nginx=$("$NGINX" -v 2>&1 | sed 's|.*/||')" \
   "wrk=$(wrk -v 2>&1 | head -n1 | awk '{print $2}')" <<'PY'

@@ -3,8 +3,8 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -15,6 +15,9 @@ use lattice_router::{
 };
 use serde::Serialize;
 use tokio::sync::mpsc;
+
+/// How stale the published speeds (EWMAs) may get before a request outcome republishes them.
+const REPUBLISH_EVERY: Duration = Duration::from_millis(250);
 
 /// Frames waiting to be written to one node; a full queue means the link is congested.
 pub(crate) const LINK_QUEUE: usize = 1024;
@@ -147,6 +150,9 @@ pub(crate) struct Registry {
     snapshot: ArcSwap<Snapshot>,
     cards: ArcSwap<Vec<ModelCard>>,
     prefix: Mutex<PrefixCache>,
+    /// Median decode speed per model, for judging a node's latency against its peers.
+    medians: ArcSwap<HashMap<String, f64>>,
+    last_publish: Mutex<Instant>,
     breaker_threshold: u32,
     breaker_cooldown: Duration,
 }
@@ -159,6 +165,8 @@ impl Registry {
             snapshot: ArcSwap::from_pointee(Snapshot::default()),
             cards: ArcSwap::from_pointee(Vec::new()),
             prefix: Mutex::new(PrefixCache::new(65_536)),
+            medians: ArcSwap::from_pointee(HashMap::new()),
+            last_publish: Mutex::new(Instant::now()),
             breaker_threshold,
             breaker_cooldown,
         }
@@ -270,50 +278,54 @@ impl Registry {
         nodes.get(&id).map(|n| (n.link.clone(), n.live.clone()))
     }
 
-    /// Records a user request's outcome on `id` for `model`.
+    /// Records a user request's outcome on `id` for `model`. On the request path: it republishes
+    /// the snapshot only when admission changed or the published speeds are getting stale.
     pub(crate) fn record(&self, id: NodeId, model: &str, result: RequestOutcome) {
         let now = Instant::now();
-        let median_tps = self.median_tps(model);
-        self.with_nodes(|nodes| {
-            let Some(n) = nodes.get_mut(&id) else { return };
-            match result {
-                RequestOutcome::FirstToken { ttft } => n.ttft.observe(ttft.as_secs_f64()),
-                RequestOutcome::Finished { decode_tps } => {
-                    n.served += 1;
-                    if let Some(t) = decode_tps {
-                        n.tps.observe(t);
-                    }
-                    let ratio = match (median_tps, decode_tps) {
-                        (Some(m), Some(t)) if t > 0.0 => m / t,
-                        _ => 1.0,
-                    };
-                    n.reputation.record(Outcome::Success {
-                        latency_ratio: ratio,
-                    });
-                    if let Some(h) = n.health.get_mut(model) {
-                        h.breaker.on_success();
-                    }
+        let median_tps = self.medians.load().get(model).copied();
+        let mut nodes = self.nodes.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(n) = nodes.get_mut(&id) else { return };
+        let admitted_before = n
+            .health
+            .get(model)
+            .is_some_and(|h| h.breaker.admits_traffic());
+        match result {
+            RequestOutcome::FirstToken { ttft } => n.ttft.observe(ttft.as_secs_f64()),
+            RequestOutcome::Finished { decode_tps } => {
+                n.served += 1;
+                if let Some(t) = decode_tps {
+                    n.tps.observe(t);
                 }
-                RequestOutcome::Failed => {
-                    n.failed += 1;
-                    n.reputation.record(Outcome::Failure);
-                    if let Some(h) = n.health.get_mut(model) {
-                        h.breaker.on_failure(now);
-                    }
+                let ratio = match (median_tps, decode_tps) {
+                    (Some(m), Some(t)) if t > 0.0 => m / t,
+                    _ => 1.0,
+                };
+                n.reputation.record(Outcome::Success {
+                    latency_ratio: ratio,
+                });
+                if let Some(h) = n.health.get_mut(model) {
+                    h.breaker.on_success();
                 }
             }
-        });
-    }
-
-    fn median_tps(&self, model: &str) -> Option<f64> {
-        let nodes = self.nodes.lock().ok()?;
-        let mut v: Vec<f64> = nodes
-            .values()
-            .filter(|n| n.health.contains_key(model))
-            .filter_map(|n| n.tps.get())
-            .collect();
-        v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
-        v.get(v.len() / 2).copied()
+            RequestOutcome::Failed => {
+                n.failed += 1;
+                n.reputation.record(Outcome::Failure);
+                if let Some(h) = n.health.get_mut(model) {
+                    h.breaker.on_failure(now);
+                }
+            }
+        }
+        let admitted_after = n
+            .health
+            .get(model)
+            .is_some_and(|h| h.breaker.admits_traffic());
+        let stale = self
+            .last_publish
+            .lock()
+            .map_or(true, |t| t.elapsed() >= REPUBLISH_EVERY);
+        if admitted_before != admitted_after || stale {
+            self.publish(&nodes);
+        }
     }
 
     /// (node, model) pairs that need a probe now: calibration pending, periodic, or half-open.
@@ -432,23 +444,34 @@ impl Registry {
 
     /// Runs `f` under the lock, then republishes the snapshot and model list.
     fn with_nodes<R>(&self, f: impl FnOnce(&mut HashMap<NodeId, NodeEntry>) -> R) -> R {
-        let Ok(mut nodes) = self.nodes.lock() else {
-            // A panic while holding the lock poisoned it; the map itself is still consistent
-            // because every mutation above is a single assignment.
-            let mut nodes = self
-                .nodes
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let r = f(&mut nodes);
-            self.publish(&nodes);
-            return r;
-        };
+        // A panic while holding the lock poisons it; the map stays consistent because every
+        // mutation is a plain field update, so keep serving.
+        let mut nodes = self.nodes.lock().unwrap_or_else(PoisonError::into_inner);
         let r = f(&mut nodes);
         self.publish(&nodes);
         r
     }
 
     fn publish(&self, nodes: &HashMap<NodeId, NodeEntry>) {
+        if let Ok(mut t) = self.last_publish.lock() {
+            *t = Instant::now();
+        }
+        let mut speeds: HashMap<&str, Vec<f64>> = HashMap::new();
+        for n in nodes.values() {
+            if let Some(t) = n.tps.get() {
+                for m in &n.models {
+                    speeds.entry(m.id.as_str()).or_default().push(t);
+                }
+            }
+        }
+        let medians = speeds
+            .into_iter()
+            .map(|(m, mut v)| {
+                v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+                (m.to_owned(), v.get(v.len() / 2).copied().unwrap_or(0.0))
+            })
+            .collect();
+        self.medians.store(Arc::new(medians));
         let mut views = Vec::with_capacity(nodes.len());
         let mut cards: HashMap<String, ModelCard> = HashMap::new();
         for n in nodes.values() {
