@@ -507,3 +507,42 @@ async fn nexus_restart_nodes_reconnect_and_state_survives() {
         "reputation restored from the database: {rep} vs stored {stored}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_disconnect_through_nexus_frees_the_nodes_slot() {
+    let dir = tmp();
+    let nexus = nexus_at(dir.path(), "127.0.0.1:0");
+    let n = node(&nexus.url, CHAT, &key(dir.path(), "a"), "1");
+    wait_for_models(&nexus.url, &[(CHAT, 1)]).await;
+    let body = chat(
+        "Write a very long essay.",
+        json!({"stream": true, "max_tokens": 900, "ignore_eos": true}),
+    );
+    let mut r = reqwest::Client::new()
+        .post(format!("{}/v1/chat/completions", nexus.url))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.chunk().await.unwrap().is_some());
+    let busy = || async {
+        reqwest::get(format!("{}/health", n.url))
+            .await
+            .unwrap()
+            .json::<Value>()
+            .await
+            .unwrap()["busy_slots"]
+            .clone()
+    };
+    assert_eq!(busy().await, 1, "the node is generating");
+    drop(r);
+    // 900 tokens take many seconds; the slot must be free long before that.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while busy().await != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "Nexus did not cancel the node's work"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
