@@ -144,6 +144,7 @@ impl LlamaEngine {
             parallel_slots: cfg.parallel,
             has_chat_template: template.is_some(),
             nodes: 1,
+            quantization: quantization_from_file_name(&cfg.model_path),
         };
         let shared = Arc::new(Shared::default());
         let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(cfg.queue_capacity);
@@ -212,6 +213,19 @@ impl LlamaEngine {
             prompt,
         )
     }
+}
+
+/// GGUF files name their weight format by convention (`….Q4_1.gguf`, `…-q4_k_m.gguf`).
+fn quantization_from_file_name(path: &std::path::Path) -> Option<String> {
+    let stem = path.file_stem()?.to_str()?;
+    stem.rsplit(['.', '-'])
+        .find(|part| {
+            let p = part.to_ascii_lowercase();
+            let mut c = p.chars();
+            (c.next() == Some('q') && c.next().is_some_and(|d| d.is_ascii_digit()))
+                || ["f16", "bf16", "f32"].contains(&p.as_str())
+        })
+        .map(str::to_ascii_uppercase)
 }
 
 fn tokenize(
@@ -320,5 +334,25 @@ impl Drop for LlamaEngine {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::quantization_from_file_name as q;
+    use std::path::Path;
+
+    #[test]
+    fn quantization_names() {
+        assert_eq!(
+            q(Path::new("/m/SmolLM2-135M-Instruct.Q4_1.gguf")).as_deref(),
+            Some("Q4_1")
+        );
+        assert_eq!(
+            q(Path::new("gemma-3-270m-q4_k_m.gguf")).as_deref(),
+            Some("Q4_K_M")
+        );
+        assert_eq!(q(Path::new("model-f16.gguf")).as_deref(), Some("F16"));
+        assert_eq!(q(Path::new("model.gguf")), None);
     }
 }

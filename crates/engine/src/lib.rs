@@ -151,6 +151,9 @@ pub struct ModelCard {
     /// Nodes serving it (1 on a node; the count across the network on Nexus).
     #[serde(default = "one")]
     pub nodes: u32,
+    /// Weight format, e.g. `Q4_K_M`, when known.
+    #[serde(default)]
+    pub quantization: Option<String>,
 }
 
 fn one() -> u32 {

@@ -52,6 +52,7 @@ impl UpstreamEngine {
             parallel_slots: u32::try_from(cfg.max_in_flight).unwrap_or(u32::MAX),
             has_chat_template: true,
             nodes: 1,
+            quantization: None,
         };
         Ok(Self {
             cfg,

@@ -494,6 +494,7 @@ impl Registry {
                     parallel_slots: 0,
                     has_chat_template: true,
                     nodes: 0,
+                    quantization: ad.quantization.clone(),
                 });
                 card.nodes += 1;
                 card.parallel_slots += n.slots;
