@@ -606,7 +606,7 @@ def cmd_report(a) -> None:
         return f"{e['ratio_vs_lattice']:.2f}" if e.get("ratio_vs_lattice") else "—"
 
     def f_added(e):
-        return f"+{e['added_p50_ms']:.2f} / +{e['added_p99_ms']:.2f}"
+        return f"{e['added_p50_ms']:+.2f} / {e['added_p99_ms']:+.2f}"
 
     def f_lat(lbl, mode, rate):
         m = summary["targets"][lbl].get(mode) or {}

@@ -324,4 +324,6 @@ PY
 "$PYTHON" "$HERE/routers.py" report --dir "$RESULTS" --ts "$TS" --notes "$NOTES" --rates "$RATES" \
   --versions "$RESULTS/$TS-versions.json" --header "$HDR"
 cp "$RESULTS/$TS-summary.md" "$RESULTS/latest.md"
+cp "$NOTES" "$RESULTS/$TS-notes.json"
+printf '%s\n' "$HDR" > "$RESULTS/$TS-header.txt"
 log "results: $RESULTS/$TS-*.json, table: $RESULTS/latest.md"

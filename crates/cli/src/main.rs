@@ -378,9 +378,7 @@ async fn node(a: NodeArgs) -> Result<()> {
         max_in_flight: a.max_in_flight,
         ..lattice_http::Limits::default()
     };
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding {addr}"))?;
+    let listener = lattice_http::bind(addr).with_context(|| format!("binding {addr}"))?;
     let bound = listener.local_addr()?;
     let app = lattice_http::router(engine.clone(), limits, "lattice_node");
     if let Some(nexus) = a.nexus.clone() {
@@ -426,9 +424,7 @@ async fn nexus(a: NexusArgs) -> Result<()> {
         ..lattice_nexus::NexusConfig::default()
     };
     let nexus = lattice_nexus::Nexus::new(config).await?;
-    let listener = tokio::net::TcpListener::bind(a.listen)
-        .await
-        .with_context(|| format!("binding {}", a.listen))?;
+    let listener = lattice_http::bind(a.listen).with_context(|| format!("binding {}", a.listen))?;
     let bound = listener.local_addr()?;
     println!("listening on http://{bound}");
     nexus.serve(listener, shutdown_signal()).await?;

@@ -131,6 +131,19 @@ pub fn router(engine: Arc<dyn Engine>, limits: Limits, metrics_prefix: &str) -> 
         .with_state(state)
 }
 
+/// Binds a listener with a deep accept backlog (4096, like nginx or sglang-router use) so bursts
+/// of new connections are not refused before the server gets to them.
+pub fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
+}
+
 /// Serves `app` on `listener` until `shutdown` resolves. Sets `TCP_NODELAY` on every
 /// connection: tokens are tiny writes and must not wait for Nagle.
 pub async fn serve(

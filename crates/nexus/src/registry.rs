@@ -366,6 +366,9 @@ impl Registry {
                 h.last_probe = Some(now);
                 match outcome {
                     Outcome::ProbePassed => {
+                        if !h.admitted {
+                            tracing::info!(node = %id, %model, "calibration passed; node admitted for traffic");
+                        }
                         h.admitted = true;
                         h.breaker.on_success();
                     }
