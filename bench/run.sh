@@ -5,6 +5,7 @@
 #   bench/run.sh [--gguf PATH] [--threads 2] [--runs 5] [--rounds 3]
 #                [--parallel 4] [--ctx-per-slot 2048] [--note TEXT]
 #                [--skip-peer] [--skip-ours] [--wait-quiet SECONDS]
+#                [--chat-template FILE]  (base models: bench/chatml.jinja = llama-server's fallback)
 #
 # Steps: build llama-server (build-llama-server.sh, cached), build + run membw,
 # resolve the model, run bench.py against llama-server, then against
@@ -52,6 +53,7 @@ while [[ $# -gt 0 ]]; do
     --parallel|-np) PARALLEL="$2"; shift 2 ;;
     --ctx-per-slot) CTX_PER_SLOT="$2"; shift 2 ;;
     --note) NOTE="$2"; shift 2 ;;
+    --chat-template) CHAT_TEMPLATE="$2"; shift 2 ;;
     --skip-peer) SKIP_PEER=1; shift ;;
     --skip-ours) SKIP_OURS=1; shift ;;
     --wait-quiet) WAIT_QUIET="$2"; shift 2 ;;
@@ -173,9 +175,13 @@ elif [[ ! -x "$LATTICE_BIN" ]]; then
   log "lattice: $OURS_NOTE (build it, or set LATTICE_BIN); reporting llama-server only"
 else
   PORT="$(free_port)"
+  # A base model has no chat template; llama-server then falls back to ChatML, so give our
+  # node the same (bench/chatml.jinja) with --chat-template.
+  TEMPLATE_ARGS=()
+  [[ -n "${CHAT_TEMPLATE:-}" ]] && TEMPLATE_ARGS=(--chat-template "$CHAT_TEMPLATE")
   if run_one lattice "$RESULTS/$TS-lattice.log" \
       "$LATTICE_BIN" node --standalone --model "$GGUF" --host 127.0.0.1 --port "$PORT" \
-      --threads "$THREADS" --parallel "$PARALLEL" --ctx-per-slot "$CTX_PER_SLOT"; then
+      --threads "$THREADS" --parallel "$PARALLEL" --ctx-per-slot "$CTX_PER_SLOT" "${TEMPLATE_ARGS[@]}"; then
     OURS_JSON="$RESULTS/$TS-lattice.json"
   else
     OURS_NOTE="lattice run failed (log: $RESULTS/$TS-lattice.log)"

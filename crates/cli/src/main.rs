@@ -405,6 +405,7 @@ async fn node(a: NodeArgs) -> Result<()> {
     // The line tests and scripts wait for; printed only once the socket accepts connections.
     println!("listening on http://{bound}");
     lattice_http::serve(listener, app, shutdown_signal()).await?;
+    tracing::info!("node stopped");
     Ok(())
 }
 
@@ -428,6 +429,7 @@ async fn nexus(a: NexusArgs) -> Result<()> {
     let bound = listener.local_addr()?;
     println!("listening on http://{bound}");
     nexus.serve(listener, shutdown_signal()).await?;
+    tracing::info!("nexus stopped");
     Ok(())
 }
 
@@ -629,5 +631,4 @@ async fn shutdown_signal() {
     #[cfg(not(unix))]
     let term = std::future::pending::<()>();
     tokio::select! { () = ctrl_c => {}, () = term => {} }
-    tracing::info!("shutting down");
 }
