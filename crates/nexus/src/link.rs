@@ -20,6 +20,8 @@ use crate::registry::{LINK_QUEUE, LinkHandle};
 
 /// Time a node has to complete the handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most frames coalesced into one flush.
+const WRITE_BATCH: usize = 64;
 /// A link with no frame for this long is considered dead (heartbeats come every 2 s).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -67,9 +69,21 @@ async fn serve(nexus: Arc<Nexus>, mut ws: WebSocket) {
     let (id, link, mut out_rx) = registered;
     let (mut sink, mut stream) = ws.split();
     let writer = tokio::spawn(async move {
-        while let Some(frame) = out_rx.recv().await {
-            let Ok(text) = encode(&frame) else { continue };
-            if sink.send(Message::Text(text.into())).await.is_err() {
+        // Frames already queued go out in one flush: one write for many requests.
+        'out: while let Some(frame) = out_rx.recv().await {
+            let mut next = Some(frame);
+            let mut queued = 0;
+            while let Some(f) = next.take() {
+                let Ok(text) = encode(&f) else { continue };
+                if sink.feed(Message::Text(text.into())).await.is_err() {
+                    break 'out;
+                }
+                queued += 1;
+                if queued < WRITE_BATCH {
+                    next = out_rx.try_recv().ok();
+                }
+            }
+            if sink.flush().await.is_err() {
                 break;
             }
         }

@@ -22,6 +22,8 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 const MAX_STREAMS: usize = 1024;
 /// Frames waiting to be written to Nexus; producers wait when it is full (back-pressure).
 const OUT_QUEUE: usize = 1024;
+/// Most frames coalesced into one flush.
+const WRITE_BATCH: usize = 64;
 const BACKOFF_MIN: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 
@@ -201,10 +203,22 @@ async fn session(
     let (mut sink, mut stream) = ws.split();
     let (out_tx, mut out_rx) = mpsc::channel::<NodeFrame>(OUT_QUEUE);
     let writer = tokio::spawn(async move {
+        // Frames already queued go out in one flush: one write for many streams' tokens.
         while let Some(frame) = out_rx.recv().await {
-            let Ok(text) = encode(&frame) else { continue };
-            if sink.send(Message::text(text)).await.is_err() {
-                break;
+            let mut next = Some(frame);
+            let mut queued = 0;
+            while let Some(f) = next.take() {
+                let Ok(text) = encode(&f) else { continue };
+                if sink.feed(Message::text(text)).await.is_err() {
+                    return;
+                }
+                queued += 1;
+                if queued < WRITE_BATCH {
+                    next = out_rx.try_recv().ok();
+                }
+            }
+            if sink.flush().await.is_err() {
+                return;
             }
         }
     });
