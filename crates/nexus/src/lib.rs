@@ -116,10 +116,6 @@ impl Nexus {
         health.abort();
         r
     }
-
-    pub fn status(&self) -> Vec<NodeStatus> {
-        self.registry.status()
-    }
 }
 
 #[derive(serde::Serialize)]
