@@ -263,6 +263,10 @@ impl Engine for LlamaEngine {
         vec![self.card.clone()]
     }
 
+    fn serves(&self, model: &str) -> bool {
+        self.card.id == model
+    }
+
     fn load(&self) -> Load {
         Load {
             queued: self.shared.queued.load(Ordering::Acquire),

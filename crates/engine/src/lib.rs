@@ -171,6 +171,11 @@ pub struct Load {
 pub trait Engine: Send + Sync + 'static {
     /// Models that can be requested right now.
     fn models(&self) -> Vec<ModelCard>;
+    /// Whether `model` can be requested right now; called on every request, so backends
+    /// override it to avoid building the whole list.
+    fn serves(&self, model: &str) -> bool {
+        self.models().iter().any(|m| m.id == model)
+    }
     fn load(&self) -> Load;
     /// Admits the request or rejects it before any token is produced. Dropping the returned
     /// stream cancels the work and frees its slot.

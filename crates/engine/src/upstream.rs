@@ -121,6 +121,10 @@ impl Engine for UpstreamEngine {
         vec![self.card.clone()]
     }
 
+    fn serves(&self, model: &str) -> bool {
+        self.card.id == model
+    }
+
     fn load(&self) -> Load {
         let busy = self.in_flight.load(Ordering::Acquire);
         Load {

@@ -198,7 +198,7 @@ fn parse_body<T: DeserializeOwned>(
 }
 
 fn check_model(st: &AppState, model: &str) -> Result<(), ApiError> {
-    if st.engine.models().iter().any(|m| m.id == model) {
+    if st.engine.serves(model) {
         Ok(())
     } else {
         Err(ApiError::model_not_found(model))

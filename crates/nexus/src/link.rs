@@ -158,6 +158,9 @@ async fn handshake(nexus: &Nexus, ws: &mut WebSocket) -> Result<Registered, Stri
     if signer != address.to_lowercase() {
         return Err(format!("signature is from {signer}, not {address}"));
     }
+    if models.iter().any(|m| m.id.is_empty() || m.id.len() > 128) {
+        return Err("model ids must be 1 to 128 bytes".into());
+    }
     if models.is_empty() || models.len() > 64 {
         return Err("a node must offer between 1 and 64 models".into());
     }

@@ -73,7 +73,7 @@ fn estimate_tokens(p: &Prompt) -> u32 {
 pub(crate) enum Attempt {
     Started {
         first: Event,
-        rx: mpsc::UnboundedReceiver<LinkEvent>,
+        rx: mpsc::Receiver<LinkEvent>,
         stream: u64,
     },
     /// The node refused or failed; `retry` tells whether another node could do better.
@@ -177,6 +177,10 @@ impl Engine for NetworkEngine {
         self.registry.cards().as_ref().clone()
     }
 
+    fn serves(&self, model: &str) -> bool {
+        self.registry.snapshot().serves(model)
+    }
+
     fn load(&self) -> Load {
         let snap = self.registry.snapshot();
         let mut load = Load::default();
@@ -269,7 +273,7 @@ impl Engine for NetworkEngine {
 /// with an error (tokens already sent cannot be taken back, so no failover after this point).
 fn relay(
     first: Event,
-    rx: mpsc::UnboundedReceiver<LinkEvent>,
+    rx: mpsc::Receiver<LinkEvent>,
     guard: InFlight,
     request_id: String,
 ) -> EventStream {

@@ -19,13 +19,16 @@ use tokio::sync::mpsc;
 /// How stale the published speeds (EWMAs) may get before a request outcome republishes them.
 const REPUBLISH_EVERY: Duration = Duration::from_millis(250);
 
+/// Events buffered per request between the link and its HTTP response.
+pub(crate) const STREAM_BUFFER: usize = 1024;
+
 /// Frames waiting to be written to one node; a full queue means the link is congested.
 pub(crate) const LINK_QUEUE: usize = 1024;
 
 /// One node's link: outgoing frames plus the open request streams it multiplexes.
 pub(crate) struct LinkHandle {
     pub(crate) tx: mpsc::Sender<NexusFrame>,
-    streams: Mutex<HashMap<u64, mpsc::UnboundedSender<LinkEvent>>>,
+    streams: Mutex<HashMap<u64, mpsc::Sender<LinkEvent>>>,
     next_stream: AtomicU64,
     closed: AtomicBool,
 }
@@ -41,9 +44,9 @@ impl LinkHandle {
     }
 
     /// Opens a stream; its receiver sees the node's events and ends when the link closes.
-    pub(crate) fn open_stream(&self) -> Option<(u64, mpsc::UnboundedReceiver<LinkEvent>)> {
+    pub(crate) fn open_stream(&self) -> Option<(u64, mpsc::Receiver<LinkEvent>)> {
         let id = self.next_stream.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let mut streams = self.streams.lock().ok()?;
         if self.closed.load(Ordering::Acquire) {
             return None;
@@ -65,11 +68,15 @@ impl LinkHandle {
             LinkEvent::Error(_) | LinkEvent::Engine(lattice_engine::Event::Done { .. })
         );
         if let Ok(mut s) = self.streams.lock() {
-            if let Some(tx) = s.get(&id) {
-                let _ = tx.send(event);
-            }
-            if finished {
+            // Never block the link: a stream whose reader fell STREAM_BUFFER events behind (a
+            // stalled client, or a node flooding it) is ended; its reader sees the stream break.
+            let overflow = s.get(&id).is_some_and(|tx| tx.try_send(event).is_err());
+            if finished || overflow {
                 s.remove(&id);
+            }
+            if overflow {
+                tracing::warn!(stream = id, "stream buffer full; ending the stream");
+                let _ = self.tx.try_send(NexusFrame::Cancel { stream: id });
             }
         }
     }
@@ -527,4 +534,34 @@ pub(crate) enum RequestOutcome {
     FirstToken { ttft: Duration },
     Finished { decode_tps: Option<f64> },
     Failed,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lattice_engine::Event;
+
+    #[tokio::test]
+    async fn a_stream_that_falls_too_far_behind_is_ended_not_buffered() {
+        let (tx, mut out) = mpsc::channel(4);
+        let link = LinkHandle::new(tx);
+        let Some((id, mut rx)) = link.open_stream() else {
+            unreachable!("link is open")
+        };
+        for _ in 0..=STREAM_BUFFER {
+            link.deliver(id, LinkEvent::Engine(Event::Delta("x".into())));
+        }
+        let mut got = 0;
+        while rx.recv().await.is_some() {
+            got += 1;
+        }
+        assert_eq!(
+            got, STREAM_BUFFER,
+            "buffered events are delivered, then the stream ends"
+        );
+        assert!(matches!(out.try_recv(), Ok(NexusFrame::Cancel { stream }) if stream == id));
+        // Later events for the ended stream are dropped, not buffered.
+        link.deliver(id, LinkEvent::Engine(Event::Delta("y".into())));
+        assert!(link.streams.lock().map(|s| s.is_empty()).unwrap_or(false));
+    }
 }
