@@ -87,6 +87,12 @@ impl NodeKey {
         }
     }
 
+    /// A key from 32 secret bytes (e.g. derived for a custodial account); `None` if the bytes
+    /// are not a valid secp256k1 scalar.
+    pub fn from_secret(bytes: &[u8; 32]) -> Option<Self> {
+        SigningKey::from_slice(bytes).ok().map(|key| Self { key })
+    }
+
     /// Loads the key at `path`, creating it (readable only by the owner) on first start.
     pub fn load_or_create(path: &Path) -> Result<Self, IdentityError> {
         let io = |source| IdentityError::Io {

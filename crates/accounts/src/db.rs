@@ -1,0 +1,157 @@
+//! The database: SQLite (default) or PostgreSQL, one set of migrations and queries for both
+//! (sqlx's `Any` driver; `$N` placeholders work on both).
+
+use std::time::Duration;
+
+use sqlx::any::{AnyPoolOptions, install_default_drivers};
+use sqlx::{AnyPool, Executor};
+
+use crate::StoreError;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// A connection pool plus what differs between the two backends.
+#[derive(Debug, Clone)]
+pub struct Db {
+    pub(crate) pool: AnyPool,
+    pub(crate) backend: Backend,
+}
+
+impl Db {
+    /// `sqlite://PATH` (created if missing), `sqlite::memory:` or `postgres://…`.
+    pub async fn open(url: &str) -> Result<Self, StoreError> {
+        install_default_drivers();
+        let backend = if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            Backend::Postgres
+        } else if url.starts_with("sqlite:") {
+            Backend::Sqlite
+        } else {
+            return Err(StoreError::Config(format!(
+                "unsupported database URL {url:?} (expected sqlite://PATH or postgres://…)"
+            )));
+        };
+        let mut connect_url = url.to_owned();
+        if backend == Backend::Sqlite && !url.contains("mode=") && !url.contains(":memory:") {
+            connect_url.push_str(if url.contains('?') { "&" } else { "?" });
+            connect_url.push_str("mode=rwc");
+        }
+        let memory = url.contains(":memory:");
+        let pool = AnyPoolOptions::new()
+            // One in-memory SQLite database exists per connection: keep exactly one.
+            .max_connections(match (backend, memory) {
+                (Backend::Sqlite, true) => 1,
+                (Backend::Sqlite, false) => 4,
+                (Backend::Postgres, _) => 16,
+            })
+            .min_connections(if memory { 1 } else { 0 })
+            .idle_timeout(if memory {
+                None
+            } else {
+                Some(Duration::from_secs(600))
+            })
+            .max_lifetime(if memory {
+                None
+            } else {
+                Some(Duration::from_secs(3600))
+            })
+            .acquire_timeout(Duration::from_secs(10))
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    if backend == Backend::Sqlite {
+                        conn.execute("PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 10000;")
+                            .await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect(&connect_url)
+            .await
+            .map_err(|source| StoreError::Open {
+                url: redact(url),
+                source,
+            })?;
+        if backend == Backend::Sqlite && !memory {
+            // WAL lets readers proceed while the ledger writer commits; it persists in the file.
+            pool.execute("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;")
+                .await?;
+        }
+        sqlx::migrate!("./migrations").run(&pool).await?;
+        Ok(Self { pool, backend })
+    }
+
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Row-lock suffix for reads that precede a write in the same transaction. SQLite needs none:
+    /// its writers are serialised by the database lock.
+    pub(crate) fn for_update(&self) -> &'static str {
+        match self.backend {
+            Backend::Postgres => " FOR UPDATE",
+            Backend::Sqlite => "",
+        }
+    }
+}
+
+/// `$start, $start+1, …` for `n` parameters.
+pub(crate) fn placeholders(start: usize, n: usize) -> String {
+    (start..start + n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The URL without its password, for messages.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+pub(crate) fn now() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+/// `YYYY-MM-DD` of a unix time, UTC.
+pub(crate) fn day_of(unix: i64) -> String {
+    let t =
+        time::OffsetDateTime::from_unix_timestamp(unix).unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    let d = t.date();
+    format!("{:04}-{:02}-{:02}", d.year(), u8::from(d.month()), d.day())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(
+            redact("postgres://lattice:secret@127.0.0.1:5432/db"),
+            "postgres://lattice:***@127.0.0.1:5432/db"
+        );
+        assert_eq!(redact("sqlite://x.db"), "sqlite://x.db");
+    }
+
+    #[test]
+    fn days_are_utc_dates() {
+        assert_eq!(day_of(0), "1970-01-01");
+        assert_eq!(day_of(1_795_000_000), "2026-11-18");
+        assert_eq!(placeholders(3, 2), "$3, $4");
+    }
+}

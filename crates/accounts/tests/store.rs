@@ -1,0 +1,470 @@
+//! The accounts store against real databases: SQLite (a file) and PostgreSQL (the server from
+//! `LATTICE_TEST_POSTGRES_URL`, or a throwaway cluster started by scripts/postgres.sh).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use lattice_accounts::{
+    Accounts, AccountsConfig, Db, FaucetOutcome, LedgerConfig, PostError, SiweMessage, UsageGroup,
+    UsageRecord,
+};
+use lattice_ledger::{Account, Applied, LedgerError, Money, Op, Split};
+use lattice_link::NodeKey;
+
+/// A database for one test; dropping it stops a cluster it started.
+struct TestDb {
+    url: String,
+    _dir: Option<tempfile::TempDir>,
+    cluster: Option<String>,
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if let Some(data) = &self.cluster {
+            let _ = std::process::Command::new("sh")
+                .arg("-c")
+                .arg(format!(
+                    "BIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1); \
+                     if [ $(id -u) = 0 ]; then runuser -u postgres -- $BIN/pg_ctl -D {data} -m immediate stop; \
+                     else $BIN/pg_ctl -D {data} -m immediate stop; fi"
+                ))
+                .output();
+        }
+    }
+}
+
+async fn sqlite() -> TestDb {
+    let dir = tempfile::tempdir().unwrap();
+    TestDb {
+        url: format!("sqlite://{}", dir.path().join("nexus.db").display()),
+        _dir: Some(dir),
+        cluster: None,
+    }
+}
+
+async fn postgres() -> TestDb {
+    let (admin, cluster) = match std::env::var("LATTICE_TEST_POSTGRES_URL") {
+        Ok(url) => (url, None),
+        Err(_) => {
+            let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/postgres.sh");
+            let out = std::process::Command::new(script).output().unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let url = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+            let port = url
+                .rsplit(':')
+                .next()
+                .unwrap()
+                .split('/')
+                .next()
+                .unwrap()
+                .to_owned();
+            let cache = std::env::var("LATTICE_CACHE_DIR")
+                .unwrap_or_else(|_| format!("{}/.cache/lattice", std::env::var("HOME").unwrap()));
+            (url, Some(format!("{cache}/postgres/{port}/data")))
+        }
+    };
+    // A fresh database per test.
+    let name = format!("lattice_test_{}", uuid_like());
+    let db = Db::open(&admin).await;
+    // The admin database gets migrated too (harmless); we only need a connection to it.
+    let db = db.unwrap();
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(db.pool())
+        .await
+        .unwrap();
+    let base = admin.rsplit_once('/').unwrap().0;
+    TestDb {
+        url: format!("{base}/{name}"),
+        _dir: None,
+        cluster,
+    }
+}
+
+fn uuid_like() -> String {
+    let mut b = [0u8; 8];
+    getrandom(&mut b);
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn getrandom(b: &mut [u8]) {
+    let k = NodeKey::generate().unwrap();
+    let a = k.address();
+    for (i, x) in b.iter_mut().enumerate() {
+        *x = a.as_bytes()[2 + i];
+    }
+}
+
+fn lai(n: u64) -> Money {
+    Money::from_lai(n).unwrap()
+}
+
+fn config(owner: &str) -> AccountsConfig {
+    AccountsConfig {
+        faucet_amount: lai(10),
+        siwe_domain: "localhost:8080".into(),
+        master_secret: [7; 32],
+        ledger: LedgerConfig {
+            owner: owner.into(),
+            ..LedgerConfig::default()
+        },
+        ..AccountsConfig::default()
+    }
+}
+
+async fn open(url: &str, owner: &str) -> Accounts {
+    Accounts::open(Db::open(url).await.unwrap(), config(owner))
+        .await
+        .unwrap()
+}
+
+/// Signs in a fresh wallet with a real SIWE signature; returns (accounts user id, session).
+async fn siwe_user(acc: &Accounts, client: &str) -> (String, String, NodeKey) {
+    let key = NodeKey::generate().unwrap();
+    let nonce = acc.siwe_nonce().await.unwrap();
+    let text = siwe_text(&key.address(), &nonce);
+    let sig = key.sign(&text).unwrap();
+    let s = acc.siwe_sign_in(&text, &sig, None, client).await.unwrap();
+    (s.user.id, s.session, key)
+}
+
+fn siwe_text(address: &str, nonce: &str) -> String {
+    let now = time::OffsetDateTime::now_utc()
+        .replace_nanosecond(0)
+        .unwrap();
+    SiweMessage {
+        domain: "localhost:8080".into(),
+        address: address.into(),
+        statement: Some("Sign in to Lattice".into()),
+        uri: "http://localhost:8080".into(),
+        version: "1".into(),
+        chain_id: 31337,
+        nonce: nonce.into(),
+        issued_at: now,
+        expiration_time: None,
+        not_before: None,
+    }
+    .to_text()
+}
+
+fn charge_op(request: &str, user: &str, units: u128) -> Op {
+    Op::Charge {
+        request: request.into(),
+        user: user.into(),
+        node: "0xnode".into(),
+        amount: Money::from_units(units),
+        split: Split::default(),
+    }
+}
+
+fn usage(request: &str, user: &str, units: u128) -> UsageRecord {
+    UsageRecord {
+        request_id: request.into(),
+        user_id: user.into(),
+        key_id: None,
+        node: "0xnode".into(),
+        model: "smollm2-135m".into(),
+        prompt_tokens: 10,
+        completion_tokens: 5,
+        cost: Money::from_units(units),
+        receipt: "{}".into(),
+    }
+}
+
+async fn sign_in_faucet_hold_charge(url: &str) {
+    let acc = open(url, "a").await;
+    let (user, session, key) = siwe_user(&acc, "10.0.0.1").await;
+    assert_eq!(acc.balance(&user).await.unwrap().available, lai(10));
+    // Session authenticates; the SIWE account's address is the wallet's.
+    let caller = acc.authenticate(&session).await.unwrap().unwrap();
+    assert_eq!(caller.user_id, user);
+    assert_eq!(caller.address, key.address());
+    // Signing in again: same user, no second faucet.
+    let nonce = acc.siwe_nonce().await.unwrap();
+    let text = siwe_text(&key.address(), &nonce);
+    let sig = key.sign(&text).unwrap();
+    let again = acc
+        .siwe_sign_in(&text, &sig, None, "10.0.0.1")
+        .await
+        .unwrap();
+    assert_eq!(again.user.id, user);
+    assert_eq!(again.faucet, FaucetOutcome::AlreadyClaimed);
+    // Replaying the same signed message (nonce used) is refused.
+    assert!(
+        acc.siwe_sign_in(&text, &sig, None, "10.0.0.1")
+            .await
+            .is_err()
+    );
+
+    let l = acc.ledger();
+    let hold = Op::Hold {
+        request: "r1".into(),
+        user: user.clone(),
+        key: None,
+        amount: lai(4),
+    };
+    assert!(matches!(l.post(hold.clone()).await, Ok(Applied::Posted(_))));
+    assert_eq!(
+        l.post(hold).await,
+        Err(PostError::Ledger(LedgerError::DuplicateHold("r1".into())))
+    );
+    let b = acc.balance(&user).await.unwrap();
+    assert_eq!((b.available, b.held), (lai(6), lai(4)));
+    let cost = 1_000_000_000_000_000_000u128; // 1 LAI
+    assert!(matches!(
+        l.charge(charge_op("r1", &user, cost), usage("r1", &user, cost))
+            .await,
+        Ok(Applied::Posted(_))
+    ));
+    // Replay: no-op, charged once.
+    assert_eq!(
+        l.charge(charge_op("r1", &user, cost), usage("r1", &user, cost))
+            .await,
+        Ok(Applied::Duplicate)
+    );
+    let b = acc.balance(&user).await.unwrap();
+    assert_eq!((b.available, b.held), (lai(9), Money::ZERO));
+    assert_eq!(
+        l.balance(&Account::Node("0xnode".into())).await.unwrap(),
+        Money::from_units(cost * 9 / 10)
+    );
+    let audit = l.audit().await.unwrap();
+    assert!(audit.balanced(), "{audit:?}");
+    assert_eq!(audit.issued, lai(10));
+
+    let today = time::OffsetDateTime::now_utc().date().to_string();
+    let rows = acc
+        .usage(&user, &today, &today, UsageGroup::Model)
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(
+        (
+            rows[0].requests,
+            rows[0].prompt_tokens,
+            rows[0].completion_tokens
+        ),
+        (1, 10, 5)
+    );
+    assert_eq!(rows[0].cost, Money::from_units(cost));
+    let node_rows = acc
+        .node_usage("0xNODE", &today, &today, UsageGroup::Day)
+        .await
+        .unwrap();
+    assert_eq!(node_rows.len(), 1);
+}
+
+async fn concurrent_holds_never_overspend(url: &str) {
+    let acc = Arc::new(open(url, "a").await);
+    let (user, _, _) = siwe_user(&acc, "10.0.0.2").await;
+    // 10 LAI covers 33 holds of 0.3 LAI; 1,000 requests race for them.
+    let each = Money::from_units(300_000_000_000_000_000);
+    let tasks: Vec<_> = (0..1000)
+        .map(|i| {
+            let acc = acc.clone();
+            let user = user.clone();
+            tokio::spawn(async move {
+                let r = format!("req{i}");
+                let held = acc
+                    .ledger()
+                    .post(Op::Hold {
+                        request: r.clone(),
+                        user: user.clone(),
+                        key: None,
+                        amount: each,
+                    })
+                    .await;
+                match held {
+                    Ok(Applied::Posted(_)) => {
+                        let c = acc
+                            .ledger()
+                            .charge(charge_op(&r, &user, 100), usage(&r, &user, 100))
+                            .await;
+                        assert!(matches!(c, Ok(Applied::Posted(_))), "{c:?}");
+                        true
+                    }
+                    Err(PostError::Ledger(LedgerError::InsufficientFunds { .. })) => false,
+                    other => panic!("unexpected {other:?}"),
+                }
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    for t in tasks {
+        if t.await.unwrap() {
+            ok += 1;
+        }
+    }
+    // Charges of 100 units free 0.3 LAI − 100 each time, so later holds fit again: the exact
+    // count depends on interleaving, but every hold was covered when it was placed.
+    assert!(ok >= 33, "only {ok} holds succeeded");
+    assert!(
+        ok < 1000,
+        "balance covered only some requests, yet all {ok} succeeded"
+    );
+    let b = acc.balance(&user).await.unwrap();
+    assert_eq!(b.held, Money::ZERO);
+    assert_eq!(
+        b.available,
+        lai(10).checked_sub(Money::from_units(100 * ok)).unwrap()
+    );
+    let audit = acc.ledger().audit().await.unwrap();
+    assert!(audit.balanced(), "{audit:?}");
+}
+
+async fn holds_are_released_after_a_crash(url: &str) {
+    let (user, open_holds) = {
+        let acc = open(url, "replica-1").await;
+        let (user, _, _) = siwe_user(&acc, "10.0.0.3").await;
+        for i in 0..5 {
+            acc.ledger()
+                .post(Op::Hold {
+                    request: format!("crash{i}"),
+                    user: user.clone(),
+                    key: None,
+                    amount: lai(1),
+                })
+                .await
+                .unwrap();
+        }
+        let b = acc.balance(&user).await.unwrap();
+        (user, b.held)
+        // Dropped without releasing: like a crash.
+    };
+    assert_eq!(open_holds, lai(5));
+    // Another replica leaves them alone (they are not expired)…
+    let other = open(url, "replica-2").await;
+    assert_eq!(other.balance(&user).await.unwrap().held, lai(5));
+    drop(other);
+    // …the restarted owner releases them.
+    let acc = open(url, "replica-1").await;
+    let b = acc.balance(&user).await.unwrap();
+    assert_eq!((b.available, b.held), (lai(10), Money::ZERO));
+    assert!(acc.ledger().audit().await.unwrap().balanced());
+}
+
+async fn api_keys_limits_and_revocation(url: &str) {
+    let acc = open(url, "a").await;
+    let (user, _, _) = siwe_user(&acc, "10.0.0.4").await;
+    let k = acc
+        .create_key(&user, "ci", Some(lai(1)), Some(2))
+        .await
+        .unwrap();
+    assert!(k.secret.starts_with("lk_") && k.secret.len() > 40);
+    let caller = acc.authenticate(&k.secret).await.unwrap().unwrap();
+    assert_eq!(caller.user_id, user);
+    let info = caller.key.clone().unwrap();
+    assert_eq!(info.spend_limit, Some(lai(1)));
+    // Requests per minute.
+    assert!(acc.admit(&caller) && acc.admit(&caller));
+    assert!(!acc.admit(&caller));
+    // Spending limit is enforced by holds.
+    let hold = |r: &str, amount| Op::Hold {
+        request: r.into(),
+        user: user.clone(),
+        key: Some((info.id.clone(), info.spend_limit)),
+        amount,
+    };
+    acc.ledger().post(hold("k1", lai(1))).await.unwrap();
+    assert_eq!(
+        acc.ledger().post(hold("k2", Money::from_units(1))).await,
+        Err(PostError::Ledger(LedgerError::KeyLimitExceeded {
+            limit: lai(1)
+        }))
+    );
+    let listed = acc.list_keys(&user).await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert!(!format!("{listed:?}").contains(&k.secret), "secret listed");
+    assert!(acc.revoke_key(&user, &k.key.id).await.unwrap());
+    assert!(acc.authenticate(&k.secret).await.unwrap().is_none());
+    assert!(!acc.revoke_key(&user, &k.key.id).await.unwrap());
+    assert!(acc.authenticate("lk_wrong").await.unwrap().is_none());
+    assert!(acc.authenticate("ls_wrong").await.unwrap().is_none());
+    assert!(acc.authenticate("").await.unwrap().is_none());
+}
+
+async fn faucet_rate_limit_and_history(url: &str) {
+    let acc = open(url, "a").await;
+    // Five grants per client address per hour; the sixth account gets none.
+    let mut users = Vec::new();
+    for _ in 0..6 {
+        users.push(siwe_user(&acc, "10.9.9.9").await.0);
+    }
+    assert_eq!(acc.balance(&users[4]).await.unwrap().available, lai(10));
+    assert_eq!(acc.balance(&users[5]).await.unwrap().available, Money::ZERO);
+    // Claimable later from another address, once.
+    assert_eq!(
+        acc.claim_faucet(&users[5], "10.1.1.1").await.unwrap(),
+        FaucetOutcome::Granted { amount: lai(10) }
+    );
+    assert_eq!(
+        acc.claim_faucet(&users[5], "10.1.1.2").await.unwrap(),
+        FaucetOutcome::AlreadyClaimed
+    );
+
+    let u = &users[0];
+    let msgs = vec![
+        ("user".to_owned(), "hi".to_owned()),
+        ("assistant".to_owned(), "hello".to_owned()),
+    ];
+    assert!(
+        !acc.record_chat(u, "c1", &msgs, "r1").await.unwrap(),
+        "stored without opt-in"
+    );
+    acc.set_keep_history(u, true).await.unwrap();
+    assert!(acc.record_chat(u, "c1", &msgs, "r1").await.unwrap());
+    assert!(acc.record_chat(u, "c1", &msgs, "r2").await.unwrap());
+    // Someone else can't write into or read it.
+    acc.set_keep_history(&users[1], true).await.unwrap();
+    assert!(!acc.record_chat(&users[1], "c1", &msgs, "r3").await.unwrap());
+    assert_eq!(acc.conversation(&users[1], "c1").await.unwrap(), None);
+    let convs = acc.conversations(u).await.unwrap();
+    assert_eq!(convs.len(), 1);
+    assert_eq!(convs[0].title, "hi");
+    assert_eq!(acc.conversation(u, "c1").await.unwrap().unwrap().len(), 4);
+    assert_eq!(acc.delete_history(u, Some("c1")).await.unwrap(), 1);
+    assert_eq!(acc.conversation(u, "c1").await.unwrap(), None);
+    let left: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM messages")
+        .fetch_one(acc.db().pool())
+        .await
+        .unwrap();
+    assert_eq!(left, 0, "deleted history must be gone from the database");
+}
+
+macro_rules! both {
+    ($name:ident) => {
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                let db = super::sqlite().await;
+                super::$name(&db.url).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                let db = super::postgres().await;
+                super::$name(&db.url).await;
+            }
+        }
+    };
+}
+
+both!(sign_in_faucet_hold_charge);
+both!(concurrent_holds_never_overspend);
+both!(holds_are_released_after_a_crash);
+both!(api_keys_limits_and_revocation);
+both!(faucet_rate_limit_and_history);
+
+#[tokio::test]
+async fn bad_database_urls_are_clear_errors() {
+    let e = Db::open("mysql://x").await.unwrap_err().to_string();
+    assert!(e.contains("unsupported database URL"), "{e}");
+    let e = Db::open("postgres://nobody:pw@127.0.0.1:1/db")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("***") && !e.contains("pw@"), "{e}");
+    let _ = Duration::ZERO;
+}
