@@ -177,7 +177,8 @@ impl Accounts {
             .execute(&self.db.pool)
             .await?;
         }
-        let faucet = if new_identity {
+        // Local operator accounts are funded by their operator, not the public faucet.
+        let faucet = if new_identity && identity.kind != "local" {
             self.grant_faucet(&identity.key(), &user_id, client).await?
         } else {
             FaucetOutcome::AlreadyClaimed

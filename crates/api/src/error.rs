@@ -116,6 +116,26 @@ impl ApiError {
         )
     }
 
+    /// 402: the account's credit does not cover the request.
+    pub fn payment_required(message: impl Into<String>) -> Self {
+        Self::new(
+            402,
+            "insufficient_quota",
+            Some("insufficient_credits"),
+            message,
+        )
+    }
+
+    /// 401, in OpenAI's shape.
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self::new(
+            401,
+            "invalid_request_error",
+            Some("invalid_api_key"),
+            message,
+        )
+    }
+
     pub fn upstream(message: impl Into<String>) -> Self {
         Self::new(502, "server_error", Some("upstream_error"), message)
     }

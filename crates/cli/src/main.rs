@@ -77,9 +77,34 @@ struct UpArgs {
 struct NexusArgs {
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
-    /// SQLite database for the node registry and reputation (default: under the cache dir).
+    /// SQLite database for nodes, accounts and the ledger (default: under the cache dir).
     #[arg(long)]
     db: Option<PathBuf>,
+    /// Database URL instead of --db: `postgres://…` lets several Nexus replicas share it.
+    #[arg(long, env = "LATTICE_DATABASE_URL")]
+    database_url: Option<String>,
+    /// Serve without API keys or charges (a private cluster, a benchmark).
+    #[arg(long)]
+    no_billing: bool,
+    /// Write an API key of the local operator account (1,000 LAI of credit) to this file.
+    #[arg(long)]
+    operator_key_file: Option<PathBuf>,
+    /// Host (and port) users sign in at; SIWE messages must name it. Default: the listen address.
+    #[arg(long)]
+    public_host: Option<String>,
+    /// Starter credit per new sign-in identity, in whole LAI (0 turns the faucet off).
+    #[arg(long, default_value_t = 10)]
+    faucet_lai: u64,
+    /// Chain id in SIWE messages and signed receipts (31337: the local chain).
+    #[arg(long, default_value_t = 31337)]
+    chain_id: u64,
+    /// Name of this replica; on restart it releases the credit holds it left behind.
+    #[arg(long, default_value = "nexus")]
+    replica_id: String,
+    /// Secret custodial addresses are derived from (created, mode 0600, if missing).
+    /// Default: `nexus.secret` beside the database.
+    #[arg(long)]
+    secret_file: Option<PathBuf>,
     /// Seconds between health probes of each node and model.
     #[arg(long, default_value_t = 30)]
     probe_interval: u64,
@@ -102,11 +127,11 @@ struct NodeArgs {
     /// The node's secp256k1 key (its EVM address), created on first start.
     #[arg(long)]
     key: Option<PathBuf>,
-    /// Price per 1M prompt tokens, in the smallest LAI unit.
-    #[arg(long, default_value_t = 100_000)]
+    /// Price per 1M prompt tokens, in the smallest LAI unit (10^-18 LAI; default 0.1 LAI).
+    #[arg(long, default_value_t = 100_000_000_000_000_000)]
     price_in: u64,
-    /// Price per 1M completion tokens, in the smallest LAI unit.
-    #[arg(long, default_value_t = 200_000)]
+    /// Price per 1M completion tokens, in the smallest LAI unit (default 0.2 LAI).
+    #[arg(long, default_value_t = 200_000_000_000_000_000)]
     price_out: u64,
     /// Human-readable label shown in `lattice status`.
     #[arg(long)]
@@ -340,6 +365,9 @@ async fn measure_decode_tps(engine: &Arc<dyn Engine>) -> f64 {
             ..Default::default()
         },
         preference: lattice_engine::Preference::default(),
+        user: None,
+        payer: None,
+        conversation: None,
     };
     let Ok(mut events) = engine.generate(req).await else {
         return 0.0;
@@ -409,13 +437,55 @@ async fn node(a: NodeArgs) -> Result<()> {
     Ok(())
 }
 
+/// 32 secret bytes kept in `path` (hex, mode 0600), created on first use.
+fn load_or_create_secret(path: &std::path::Path) -> Result<[u8; 32]> {
+    if let Ok(text) = std::fs::read_to_string(path) {
+        let bytes = hex::decode(text.trim())
+            .ok()
+            .and_then(|b| <[u8; 32]>::try_from(b).ok())
+            .with_context(|| format!("{} is not 64 hex digits", path.display()))?;
+        return Ok(bytes);
+    }
+    let mut b = [0u8; 32];
+    getrandom::getrandom(&mut b).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new();
+    f.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut f, 0o600);
+    f.open(path)
+        .and_then(|mut f| f.write_all(hex::encode(b).as_bytes()))
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(b)
+}
+
 async fn nexus(a: NexusArgs) -> Result<()> {
     let db = a.db.unwrap_or_else(|| cache_dir().join("nexus.db"));
-    if let Some(dir) = db.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
+    let dir = db
+        .parent()
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_else(cache_dir);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let secret_file = a.secret_file.unwrap_or_else(|| dir.join("nexus.secret"));
+    let master_secret = load_or_create_secret(&secret_file)?;
+    let accounts = lattice_accounts::AccountsConfig {
+        faucet_amount: lattice_ledger::Money::from_lai(a.faucet_lai)
+            .context("--faucet-lai is too large")?,
+        master_secret,
+        siwe_domain: a.public_host.unwrap_or_else(|| a.listen.to_string()),
+        chain_id: a.chain_id,
+        ledger: lattice_accounts::LedgerConfig {
+            owner: a.replica_id,
+            ..lattice_accounts::LedgerConfig::default()
+        },
+        ..lattice_accounts::AccountsConfig::default()
+    };
     let config = lattice_nexus::NexusConfig {
-        database_url: format!("sqlite://{}", db.display()),
+        database_url: a
+            .database_url
+            .unwrap_or_else(|| format!("sqlite://{}", db.display())),
+        billing: !a.no_billing,
+        accounts,
         limits: lattice_http::Limits {
             max_body_bytes: a.max_body_bytes,
             max_in_flight: a.max_in_flight,
@@ -425,6 +495,9 @@ async fn nexus(a: NexusArgs) -> Result<()> {
         ..lattice_nexus::NexusConfig::default()
     };
     let nexus = lattice_nexus::Nexus::new(config).await?;
+    if let Some(path) = &a.operator_key_file {
+        nexus.operator_key(path).await?;
+    }
     let listener = lattice_http::bind(a.listen).with_context(|| format!("binding {}", a.listen))?;
     let bound = listener.local_addr()?;
     println!("listening on http://{bound}");
@@ -534,6 +607,8 @@ async fn up(a: UpArgs) -> Result<()> {
         a.listen.to_string(),
         "--db".into(),
         dir.join("nexus.db").display().to_string(),
+        "--operator-key-file".into(),
+        dir.join("operator.key").display().to_string(),
     ])?];
     for (i, model) in [&a.chat_model, &a.completion_model].into_iter().enumerate() {
         let args: Vec<String> = [
@@ -592,21 +667,32 @@ async fn up(a: UpArgs) -> Result<()> {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     let [chat, text] = &want;
+    let key = std::fs::read_to_string(dir.join("operator.key"))
+        .context("reading the operator API key")?;
+    let key = key.trim();
     println!("listening on {base}");
     println!();
     println!("Lattice is up: Nexus + 2 nodes ({chat}, {text}). OpenAI endpoint: {base}/v1");
     println!("(Ctrl-C stops it)");
     println!();
-    println!("  curl {base}/v1/chat/completions -H 'Content-Type: application/json' \\");
+    println!("API key of the local operator account (1,000 LAI): {key}");
+    println!();
+    println!("  export OPENAI_API_KEY={key}");
+    println!();
+    println!(
+        "  curl {base}/v1/chat/completions -H \"Authorization: Bearer $OPENAI_API_KEY\" -H 'Content-Type: application/json' \\"
+    );
     println!(
         "    -d '{{\"model\":\"{chat}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Which city is the capital of France?\"}}]}}'"
     );
     println!();
-    println!("  curl {base}/v1/completions -H 'Content-Type: application/json' \\");
+    println!(
+        "  curl {base}/v1/completions -H \"Authorization: Bearer $OPENAI_API_KEY\" -H 'Content-Type: application/json' \\"
+    );
     println!("    -d '{{\"model\":\"{text}\",\"prompt\":\"Once upon a time\",\"max_tokens\":32}}'");
     println!();
     println!(
-        "  python3 -c \"from openai import OpenAI; c = OpenAI(base_url='{base}/v1', api_key='none'); print(c.chat.completions.create(model='{chat}', messages=[{{'role':'user','content':'Hello!'}}]).choices[0].message.content)\""
+        "  python3 -c \"from openai import OpenAI; c = OpenAI(base_url='{base}/v1'); print(c.chat.completions.create(model='{chat}', messages=[{{'role':'user','content':'Hello!'}}]).choices[0].message.content)\""
     );
     println!();
     println!("  lattice status --nexus {base}");

@@ -64,9 +64,28 @@ fn spawn(args: &[&str]) -> Proc {
     Proc { child, url }
 }
 
+/// Nexus requires API keys: every request these tests send carries the operator key of the
+/// Nexus it addresses (created with 1,000 LAI by `--operator-key-file`).
+static KEYS: std::sync::Mutex<Vec<(String, String)>> = std::sync::Mutex::new(Vec::new());
+
+fn key_for(url: &str) -> String {
+    KEYS.lock()
+        .unwrap()
+        .iter()
+        .rev()
+        .find(|(base, _)| url.starts_with(base.as_str()))
+        .map(|(_, k)| k.clone())
+        .unwrap_or_default()
+}
+
 fn nexus_at(dir: &Path, listen: &str) -> Proc {
+    nexus_with(dir, listen, &[])
+}
+
+fn nexus_with(dir: &Path, listen: &str, extra: &[&str]) -> Proc {
     let db = dir.join("nexus.db");
-    spawn(&[
+    let key_file = dir.join("operator.key");
+    let mut args = vec![
         "nexus",
         "--listen",
         listen,
@@ -74,7 +93,16 @@ fn nexus_at(dir: &Path, listen: &str) -> Proc {
         db.to_str().unwrap(),
         "--probe-interval",
         "2",
-    ])
+        "--operator-key-file",
+        key_file.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let p = spawn(&args);
+    let key = std::fs::read_to_string(&key_file).unwrap();
+    KEYS.lock()
+        .unwrap()
+        .push((p.url.clone(), key.trim().to_owned()));
+    p
 }
 
 fn node(nexus: &str, model: &str, key: &Path, parallel: &str) -> Proc {
@@ -130,12 +158,24 @@ async fn wait_for_models(nexus: &str, want: &[(&str, u64)]) {
 async fn post(url: &str, body: Value) -> (u16, Value) {
     let r = reqwest::Client::new()
         .post(url)
+        .bearer_auth(key_for(url))
         .json(&body)
         .send()
         .await
         .unwrap();
     let s = r.status().as_u16();
     (s, r.json().await.unwrap_or(Value::Null))
+}
+
+async fn get(url: &str) -> Value {
+    let r = reqwest::Client::new()
+        .get(url)
+        .bearer_auth(key_for(url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "GET {url}");
+    r.json().await.unwrap()
 }
 
 async fn nodes(nexus: &str) -> Value {
@@ -295,7 +335,13 @@ async fn killing_a_node_mid_load_retries_waiting_requests_and_errors_live_stream
             &format!("Write a long story number {i}."),
             json!({"stream": true, "max_tokens": 300, "ignore_eos": true}),
         );
-        let mut r = client.post(&url).json(&body).send().await.unwrap();
+        let mut r = client
+            .post(&url)
+            .bearer_auth(key_for(&url))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 200);
         let first = r.chunk().await.unwrap();
         assert!(first.is_some());
@@ -350,6 +396,31 @@ async fn killing_a_node_mid_load_retries_waiting_requests_and_errors_live_stream
         1,
         "link loss marks the node offline at once"
     );
+    // Money: the stream cut off by the dead node was not charged, every hold was released, and
+    // the balance is exactly the starting credit minus what the usage records say was charged.
+    let usage = get(&format!("{}/lattice/v1/usage?group=model", nexus.url)).await;
+    let rows = usage["data"].as_array().unwrap();
+    let requests: u64 = rows.iter().map(|r| r["requests"].as_u64().unwrap()).sum();
+    assert_eq!(
+        requests, 3,
+        "one finished stream + two retried requests are charged: {usage}"
+    );
+    let spent: u128 = rows
+        .iter()
+        .map(|r| r["cost"].as_str().unwrap().parse::<u128>().unwrap())
+        .sum();
+    assert!(spent > 0);
+    let account = get(&format!("{}/lattice/v1/account", nexus.url)).await;
+    assert_eq!(
+        account["balance"]["held"], "0",
+        "no hold left behind: {account}"
+    );
+    let available: u128 = account["balance"]["available"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(available, 1_000 * 10u128.pow(18) - spent);
 }
 
 /// A fake OpenAI-compatible engine that always answers "London" (fault injection).
@@ -520,6 +591,7 @@ async fn a_client_disconnect_through_nexus_frees_the_nodes_slot() {
     );
     let mut r = reqwest::Client::new()
         .post(format!("{}/v1/chat/completions", nexus.url))
+        .bearer_auth(key_for(&nexus.url))
         .json(&body)
         .send()
         .await
@@ -545,4 +617,314 @@ async fn a_client_disconnect_through_nexus_frees_the_nodes_slot() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Signs a fresh wallet in with a real SIWE signature; returns its session token.
+async fn siwe_sign_in(nexus: &str) -> (String, Value) {
+    let client = reqwest::Client::new();
+    let n: Value = client
+        .get(format!("{nexus}/lattice/v1/auth/siwe/nonce"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let wallet = lattice_link::NodeKey::generate().unwrap();
+    let message = lattice_accounts::SiweMessage {
+        domain: n["domain"].as_str().unwrap().to_owned(),
+        address: wallet.address(),
+        statement: Some("Sign in to Lattice".into()),
+        uri: nexus.to_owned(),
+        version: "1".into(),
+        chain_id: n["chain_id"].as_u64().unwrap(),
+        nonce: n["nonce"].as_str().unwrap().to_owned(),
+        issued_at: time::OffsetDateTime::now_utc()
+            .replace_nanosecond(0)
+            .unwrap(),
+        expiration_time: None,
+        not_before: None,
+    }
+    .to_text();
+    let signature = wallet.sign(&message).unwrap();
+    let r = client
+        .post(format!("{nexus}/lattice/v1/auth/siwe"))
+        .json(&json!({"message": message, "signature": signature}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(
+        r.headers()["set-cookie"]
+            .to_str()
+            .unwrap()
+            .contains("HttpOnly"),
+        "session cookie"
+    );
+    let v: Value = r.json().await.unwrap();
+    // Replaying the signed message fails: the nonce is single-use.
+    let again = client
+        .post(format!("{nexus}/lattice/v1/auth/siwe"))
+        .json(&json!({"message": message, "signature": signature}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 401);
+    (v["session"].as_str().unwrap().to_owned(), v)
+}
+
+async fn call(
+    method: reqwest::Method,
+    url: &str,
+    token: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut r = reqwest::Client::new()
+        .request(method, url)
+        .bearer_auth(token);
+    if let Some(b) = body {
+        r = r.json(&b);
+    }
+    let r = r.send().await.unwrap();
+    let s = r.status().as_u16();
+    (s, r.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_sign_in_get_faucet_credit_pay_per_token_and_keys_are_enforced() {
+    let dir = tmp();
+    let nexus = nexus_with(dir.path(), "127.0.0.1:0", &["--faucet-lai", "1"]);
+    let node_key = key(dir.path(), "a");
+    let _a = node(&nexus.url, CHAT, &node_key, "2");
+    wait_for_models(&nexus.url, &[(CHAT, 1)]).await;
+    let base = &nexus.url;
+    let chat_url = format!("{base}/v1/chat/completions");
+    let body = chat(
+        "Which city is the capital of France?",
+        json!({"max_tokens": 8}),
+    );
+
+    // No key, a wrong key: 401 in OpenAI's error format.
+    let r = reqwest::Client::new()
+        .post(&chat_url)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "invalid_api_key", "{v}");
+    let (s, v) = call(
+        reqwest::Method::POST,
+        &chat_url,
+        "lk_not-a-real-key",
+        Some(body.clone()),
+    )
+    .await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (401, Some("invalid_api_key"))
+    );
+
+    // A new wallet signs in and gets 1 LAI from the faucet.
+    let (session, signed) = siwe_sign_in(base).await;
+    assert_eq!(signed["faucet"]["status"], "granted", "{signed}");
+    let (s, acct) = call(
+        reqwest::Method::GET,
+        &format!("{base}/lattice/v1/account"),
+        &session,
+        None,
+    )
+    .await;
+    assert_eq!(s, 200);
+    assert_eq!(acct["balance"]["available"], "1000000000000000000");
+
+    // It creates a key (shown once) and chats with it.
+    let (s, k) = call(
+        reqwest::Method::POST,
+        &format!("{base}/lattice/v1/keys"),
+        &session,
+        Some(json!({"name": "test", "rpm_limit": 100})),
+    )
+    .await;
+    assert_eq!(s, 201, "{k}");
+    let secret = k["secret"].as_str().unwrap().to_owned();
+    let (s, v) = call(
+        reqwest::Method::POST,
+        &chat_url,
+        &secret,
+        Some(body.clone()),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let prompt = u128::from(v["usage"]["prompt_tokens"].as_u64().unwrap());
+    let completion = u128::from(v["usage"]["completion_tokens"].as_u64().unwrap());
+    // Charged exactly the node's price (default 0.1 / 0.2 LAI per 1M tokens) for the usage.
+    let cost =
+        (prompt * 100_000_000_000_000_000 + completion * 200_000_000_000_000_000) / 1_000_000;
+    let (_, acct) = call(
+        reqwest::Method::GET,
+        &format!("{base}/lattice/v1/account"),
+        &session,
+        None,
+    )
+    .await;
+    let available: u128 = acct["balance"]["available"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(available, 10u128.pow(18) - cost, "{acct}");
+    assert_eq!(acct["balance"]["held"], "0");
+    // The usage API and the node's earnings agree (the node gets 90 %).
+    let (_, u) = call(
+        reqwest::Method::GET,
+        &format!("{base}/lattice/v1/usage?group=key"),
+        &session,
+        None,
+    )
+    .await;
+    assert_eq!(u["data"][0]["group"], k["id"], "{u}");
+    assert_eq!(u["data"][0]["requests"], 1);
+    assert_eq!(u["data"][0]["cost"], cost.to_string());
+    let node_addr = nodes(base).await["online"][0]["address"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let e = get(&format!("{base}/lattice/v1/nodes/{node_addr}/earnings")).await;
+    let earned: u128 = e["earned"].as_str().unwrap().parse().unwrap();
+    assert!(earned >= cost * 9 / 10, "{e}");
+
+    let rich =
+        json!({"model": CHAT, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 900});
+    let (s, ..) = call(
+        reqwest::Method::POST,
+        &chat_url,
+        &secret,
+        Some(rich.clone()),
+    )
+    .await;
+    assert_eq!(s, 200, "900 tokens at 0.2 LAI/1M fit in the balance");
+    // A key with a tiny spending limit gets 402 at once.
+    let (_, small) = call(
+        reqwest::Method::POST,
+        &format!("{base}/lattice/v1/keys"),
+        &session,
+        Some(json!({"name": "small", "spend_limit": "1000"})),
+    )
+    .await;
+    let (s, v) = call(
+        reqwest::Method::POST,
+        &chat_url,
+        small["secret"].as_str().unwrap(),
+        Some(body.clone()),
+    )
+    .await;
+    assert_eq!(s, 402, "{v}");
+    assert_eq!(v["error"]["code"], "insufficient_credits");
+
+    // Revoked: 401 from then on.
+    let (s, _) = call(
+        reqwest::Method::DELETE,
+        &format!("{base}/lattice/v1/keys/{}", k["id"].as_str().unwrap()),
+        &session,
+        None,
+    )
+    .await;
+    assert_eq!(s, 200);
+    let (s, _) = call(
+        reqwest::Method::POST,
+        &chat_url,
+        &secret,
+        Some(body.clone()),
+    )
+    .await;
+    assert_eq!(s, 401);
+
+    // Chat history: kept only after opting in, and really deleted.
+    let with_conv = |c: &str| {
+        let c = c.to_owned();
+        let (url, session) = (chat_url.clone(), session.clone());
+        async move {
+            reqwest::Client::new()
+                .post(url)
+                .bearer_auth(session)
+                .header("x-lattice-conversation", c)
+                .json(&chat("Hello there", json!({"max_tokens": 4})))
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    };
+    assert_eq!(with_conv("c1").await, 200);
+    let (_, h) = call(
+        reqwest::Method::GET,
+        &format!("{base}/lattice/v1/history"),
+        &session,
+        None,
+    )
+    .await;
+    assert_eq!(
+        h["data"].as_array().unwrap().len(),
+        0,
+        "stored without opt-in: {h}"
+    );
+    let (s, _) = call(
+        reqwest::Method::PATCH,
+        &format!("{base}/lattice/v1/account"),
+        &session,
+        Some(json!({"keep_history": true})),
+    )
+    .await;
+    assert_eq!(s, 200);
+    assert_eq!(with_conv("c1").await, 200);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_, m) = call(
+        reqwest::Method::GET,
+        &format!("{base}/lattice/v1/history/c1"),
+        &session,
+        None,
+    )
+    .await;
+    let msgs = m["messages"].as_array().unwrap();
+    assert_eq!(msgs.len(), 2, "{m}");
+    assert_eq!(msgs[0]["content"], "Hello there");
+    let (s, _) = call(
+        reqwest::Method::DELETE,
+        &format!("{base}/lattice/v1/history/c1"),
+        &session,
+        None,
+    )
+    .await;
+    assert_eq!(s, 200);
+    let (s, _) = call(
+        reqwest::Method::GET,
+        &format!("{base}/lattice/v1/history/c1"),
+        &session,
+        None,
+    )
+    .await;
+    assert_eq!(s, 404);
+
+    // A user without credit gets 402 in OpenAI's format.
+    let broke = nexus_with(&dir.path().join("b"), "127.0.0.1:0", &["--faucet-lai", "0"]);
+    let _n = node(&broke.url, CHAT, &key(dir.path(), "c"), "1");
+    wait_for_models(&broke.url, &[(CHAT, 1)]).await;
+    let (session, signed) = siwe_sign_in(&broke.url).await;
+    assert_ne!(signed["faucet"]["status"], "granted");
+    let (s, v) = call(
+        reqwest::Method::POST,
+        &format!("{}/v1/chat/completions", broke.url),
+        &session,
+        Some(body),
+    )
+    .await;
+    assert_eq!(s, 402, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("Insufficient credits")
+    );
 }

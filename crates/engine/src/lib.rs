@@ -90,6 +90,25 @@ pub struct GenerateRequest {
     pub params: SamplingParams,
     #[serde(default)]
     pub preference: Preference,
+    /// The paying user's on-chain address; the node puts it in its signed usage receipt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// Who pays (set by Nexus's authentication; never sent to nodes).
+    #[serde(skip)]
+    pub payer: Option<Payer>,
+    /// Conversation to append this exchange to, if the payer keeps chat history (Nexus only).
+    #[serde(skip)]
+    pub conversation: Option<String>,
+}
+
+/// The account a request is billed to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Payer {
+    pub user_id: String,
+    pub address: String,
+    /// The API key used, and its spending limit in units, when the caller used a key.
+    pub key_id: Option<String>,
+    pub key_spend_limit: Option<u128>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -126,6 +145,9 @@ pub enum EngineError {
     Unavailable(String),
     #[error("engine failure: {0}")]
     Internal(String),
+    /// The payer's credit (or the key's spending limit) does not cover the request (402).
+    #[error("{0}")]
+    PaymentRequired(String),
 }
 
 pub type EventStream = Pin<Box<dyn Stream<Item = Result<Event, EngineError>> + Send>>;

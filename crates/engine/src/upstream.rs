@@ -403,6 +403,9 @@ mod tests {
             prompt: Prompt::Text("Say".into()),
             params: SamplingParams::default(),
             preference: crate::Preference::default(),
+            user: None,
+            payer: None,
+            conversation: None,
         };
         let stream = engine.generate(req).await;
         let Ok(stream) = stream else {

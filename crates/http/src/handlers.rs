@@ -82,13 +82,19 @@ async fn handle<R: OpenAiRequest>(
     body: Result<Bytes, BytesRejection>,
 ) -> HandlerResult {
     let started = Instant::now();
+    let payer = match &st.auth {
+        Some(auth) => Some(auth.authenticate(&headers).await.inspect_err(|e| {
+            st.metrics.request(R::KIND.endpoint(), outcome(e.status));
+        })?),
+        None => None,
+    };
     let validated = parse_body::<R>(body, &st).and_then(|req| {
         // Validate the fields before the model so the caller learns about all its mistakes first.
         let v = req.validate(&st.limits)?;
         check_model(&st, &v.model)?;
         Ok(v)
     });
-    respond(st, &headers, R::KIND, started, validated).await
+    respond(st, &headers, R::KIND, started, validated, payer).await
 }
 
 struct Validated {
@@ -105,6 +111,7 @@ async fn respond(
     kind: Kind,
     started: Instant,
     validated: Result<Validated, ApiError>,
+    payer: Option<lattice_engine::Payer>,
 ) -> HandlerResult {
     let Validated {
         model,
@@ -125,6 +132,9 @@ async fn respond(
         prompt,
         params,
         preference,
+        user: payer.as_ref().map(|p| p.address.clone()),
+        conversation: payer.as_ref().and_then(|_| conversation(headers)),
+        payer,
     };
     let events = st.engine.generate(gen_req).await.map_err(|e| {
         let api = stream::engine_error(&e);
@@ -222,6 +232,16 @@ fn preference(headers: &HeaderMap) -> Result<Preference, ApiError> {
 }
 
 /// Keeps a caller's request id (Nexus sets one) when it is short and printable.
+/// `x-lattice-conversation`: where an opted-in user's exchange is kept (ids like `[A-Za-z0-9_-]{1,64}`).
+fn conversation(headers: &HeaderMap) -> Option<String> {
+    let v = headers.get("x-lattice-conversation")?.to_str().ok()?;
+    (!v.is_empty()
+        && v.len() <= 64
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'))
+    .then(|| v.to_owned())
+}
+
 fn request_id(headers: &HeaderMap) -> String {
     headers
         .get("x-request-id")

@@ -46,8 +46,17 @@ impl Default for Limits {
     }
 }
 
+/// Resolves who is calling the API (Nexus: API keys and sessions); its errors are the response.
+pub trait Authenticator: Send + Sync + 'static {
+    fn authenticate<'a>(
+        &'a self,
+        headers: &'a axum::http::HeaderMap,
+    ) -> futures::future::BoxFuture<'a, Result<lattice_engine::Payer, ApiError>>;
+}
+
 pub(crate) struct AppState {
     pub(crate) engine: Arc<dyn Engine>,
+    pub(crate) auth: Option<Arc<dyn Authenticator>>,
     pub(crate) limits: Limits,
     pub(crate) metrics: Metrics,
     pub(crate) started: std::time::SystemTime,
@@ -68,7 +77,8 @@ impl IntoResponse for ApiErrorResponse {
     }
 }
 
-pub(crate) fn error_response(e: &ApiError) -> Response {
+/// The OpenAI-style JSON error response for `e` (with Retry-After on 429/503).
+pub fn error_response(e: &ApiError) -> Response {
     let status = axum::http::StatusCode::from_u16(e.status)
         .unwrap_or(axum::http::StatusCode::INTERNAL_SERVER_ERROR);
     let mut resp = (
@@ -91,10 +101,22 @@ pub(crate) fn error_response(e: &ApiError) -> Response {
 /// Builds the HTTP application for an engine; metric names start with `metrics_prefix`
 /// (`lattice_node`, `lattice_nexus`).
 pub fn router(engine: Arc<dyn Engine>, limits: Limits, metrics_prefix: &str) -> Router {
+    router_with_auth(engine, limits, metrics_prefix, None)
+}
+
+/// Like [`router`], with completions requiring a caller `auth` accepts (`/v1/models` stays
+/// public, so a sign-in page can show what the network serves).
+pub fn router_with_auth(
+    engine: Arc<dyn Engine>,
+    limits: Limits,
+    metrics_prefix: &str,
+    auth: Option<Arc<dyn Authenticator>>,
+) -> Router {
     let max_in_flight = limits.max_in_flight.max(1);
     let max_body = limits.max_body_bytes;
     let state = Arc::new(AppState {
         engine,
+        auth,
         limits,
         metrics: Metrics::new(metrics_prefix),
         started: std::time::SystemTime::now(),

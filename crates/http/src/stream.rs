@@ -53,6 +53,7 @@ pub(crate) fn engine_error(e: &EngineError) -> ApiError {
         EngineError::Upstream(m) => ApiError::upstream(m.clone()),
         EngineError::Unavailable(m) => ApiError::overloaded(m.clone()),
         EngineError::Internal(m) => ApiError::internal(m.clone()),
+        EngineError::PaymentRequired(m) => ApiError::payment_required(m.clone()),
     }
 }
 

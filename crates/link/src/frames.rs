@@ -70,6 +70,8 @@ pub enum NodeFrame {
 pub enum LinkEvent {
     Engine(Event),
     Error(EngineError),
+    /// Sent just before a successful stream's `Done`: the node's signed usage.
+    Receipt(crate::UsageReceipt),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -80,6 +82,9 @@ pub enum NexusFrame {
     },
     Registered {
         node_id: u64,
+        /// Chain whose id receipts are signed for (EIP-712 domain).
+        #[serde(default = "default_chain_id")]
+        chain_id: u64,
     },
     Rejected {
         reason: String,
@@ -91,6 +96,10 @@ pub enum NexusFrame {
     Cancel {
         stream: u64,
     },
+}
+
+fn default_chain_id() -> u64 {
+    31337
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -131,6 +140,9 @@ mod tests {
                 prompt: Prompt::Text("hi".into()),
                 params: SamplingParams::default(),
                 preference: Preference::Cost,
+                user: None,
+                payer: None,
+                conversation: None,
             },
         };
         let back: NexusFrame =

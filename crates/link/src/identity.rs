@@ -34,11 +34,11 @@ impl std::fmt::Debug for NodeKey {
     }
 }
 
-fn keccak(data: &[u8]) -> [u8; 32] {
+pub(crate) fn keccak(data: &[u8]) -> [u8; 32] {
     Keccak256::digest(data).into()
 }
 
-fn address_of(vk: &VerifyingKey) -> String {
+pub(crate) fn address_of(vk: &VerifyingKey) -> String {
     let point = vk.to_encoded_point(false);
     let hash = keccak(point.as_bytes().get(1..).unwrap_or_default());
     format!("0x{}", hex::encode(hash.get(12..).unwrap_or_default()))
@@ -61,6 +61,14 @@ pub fn challenge_message(nonce: &str, address: &str) -> String {
 
 /// Recovers the signer's address of an EIP-191 signature (65 bytes r‖s‖v, hex).
 pub fn recover_address(message: &str, signature_hex: &str) -> Result<String, IdentityError> {
+    recover_digest(&eip191(message), signature_hex)
+}
+
+/// Recovers the signer's address of a signature over a 32-byte digest.
+pub(crate) fn recover_digest(
+    digest: &[u8; 32],
+    signature_hex: &str,
+) -> Result<String, IdentityError> {
     let bytes = hex::decode(signature_hex.trim_start_matches("0x"))
         .map_err(|e| IdentityError::BadSignature(e.to_string()))?;
     let (rs, v) = match bytes.as_slice() {
@@ -70,7 +78,7 @@ pub fn recover_address(message: &str, signature_hex: &str) -> Result<String, Ide
     let sig = Signature::from_slice(rs).map_err(|e| IdentityError::BadSignature(e.to_string()))?;
     let rec = RecoveryId::from_byte(if v >= 27 { v - 27 } else { v })
         .ok_or_else(|| IdentityError::BadSignature("bad recovery id".into()))?;
-    let vk = VerifyingKey::recover_from_prehash(&eip191(message), &sig, rec)
+    let vk = VerifyingKey::recover_from_prehash(digest, &sig, rec)
         .map_err(|e| IdentityError::BadSignature(e.to_string()))?;
     Ok(address_of(&vk))
 }
@@ -123,6 +131,17 @@ impl NodeKey {
 
     pub fn address(&self) -> String {
         address_of(self.key.verifying_key())
+    }
+
+    /// Signature of a 32-byte digest (r‖s‖v with v = 27/28), hex.
+    pub(crate) fn sign_digest(&self, digest: &[u8; 32]) -> Result<String, IdentityError> {
+        let (sig, rec) = self
+            .key
+            .sign_prehash_recoverable(digest)
+            .map_err(|e| IdentityError::BadSignature(e.to_string()))?;
+        let mut out = sig.to_bytes().to_vec();
+        out.push(rec.to_byte() + 27);
+        Ok(hex::encode(out))
     }
 
     /// EIP-191 signature (r‖s‖v with v = 27/28), hex.

@@ -3,12 +3,14 @@
 
 mod frames;
 mod identity;
+mod receipt;
 
 pub use frames::{
     FrameError, LinkEvent, MAX_FRAME_BYTES, ModelAd, NexusFrame, NodeFrame, NodeKind,
     PROTOCOL_VERSION, Price, decode, encode,
 };
 pub use identity::{IdentityError, NodeKey, challenge_message, recover_address};
+pub use receipt::{NO_USER, ReceiptError, UsageReceipt};
 
 /// Path on Nexus where nodes open their link.
 pub const LINK_PATH: &str = "/lattice/v1/link";

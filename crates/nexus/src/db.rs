@@ -2,19 +2,10 @@
 //! `migrations/`). Failures to write are logged, never fatal to serving.
 
 use lattice_link::{ModelAd, NodeKind, Price};
-use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
-use sqlx::{Row, SqlitePool};
+use sqlx::{AnyPool, Row};
 
 pub(crate) struct Db {
-    pool: SqlitePool,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum DbError {
-    #[error("database {url}: {source}")]
-    Open { url: String, source: sqlx::Error },
-    #[error("database migration failed: {0}")]
-    Migrate(#[from] sqlx::migrate::MigrateError),
+    pool: AnyPool,
 }
 
 fn now() -> i64 {
@@ -26,23 +17,11 @@ fn now() -> i64 {
 }
 
 impl Db {
-    /// `url` like `sqlite://path/nexus.db` (created if missing) or `sqlite::memory:`.
-    pub(crate) async fn open(url: &str) -> Result<Self, DbError> {
-        let err = |source| DbError::Open {
-            url: url.to_owned(),
-            source,
-        };
-        let opts: SqliteConnectOptions = url.parse().map_err(err)?;
-        let opts = opts
-            .create_if_missing(true)
-            .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal);
-        let pool = SqlitePoolOptions::new()
-            .max_connections(4)
-            .connect_with(opts)
-            .await
-            .map_err(err)?;
-        sqlx::migrate!("./migrations").run(&pool).await?;
-        Ok(Self { pool })
+    /// Node state lives in the accounts database (one set of migrations, SQLite or PostgreSQL).
+    pub(crate) fn new(db: &lattice_accounts::Db) -> Self {
+        Self {
+            pool: db.pool().clone(),
+        }
     }
 
     /// Records a (re)connecting node; returns its stored reputation if it was seen before.
@@ -54,7 +33,7 @@ impl Db {
         models: &[ModelAd],
         price: Price,
     ) -> Option<f64> {
-        let previous = sqlx::query("SELECT reputation FROM nodes WHERE address = ?")
+        let previous = sqlx::query("SELECT reputation FROM nodes WHERE address = $1")
             .bind(address)
             .fetch_optional(&self.pool)
             .await
@@ -70,7 +49,7 @@ impl Db {
         let t = now();
         let r = sqlx::query(
             "INSERT INTO nodes (address, label, kind, models, price_in, price_out, reputation, first_seen, last_seen)
-             VALUES (?, ?, ?, ?, ?, ?, 0.5, ?, ?)
+             VALUES ($1, $2, $3, $4, $5, $6, 0.5, $7, $8)
              ON CONFLICT(address) DO UPDATE SET label = excluded.label, kind = excluded.kind,
                models = excluded.models, price_in = excluded.price_in, price_out = excluded.price_out,
                last_seen = excluded.last_seen",
@@ -79,8 +58,8 @@ impl Db {
         .bind(label)
         .bind(kind)
         .bind(models)
-        .bind(i64::try_from(price.input_per_mtok).unwrap_or(i64::MAX))
-        .bind(i64::try_from(price.output_per_mtok).unwrap_or(i64::MAX))
+        .bind(price.input_per_mtok.to_string())
+        .bind(price.output_per_mtok.to_string())
         .bind(t)
         .bind(t)
         .execute(&self.pool)
@@ -92,7 +71,7 @@ impl Db {
     }
 
     pub(crate) async fn save_reputation(&self, address: &str, reputation: f64) {
-        let r = sqlx::query("UPDATE nodes SET reputation = ?, last_seen = ? WHERE address = ?")
+        let r = sqlx::query("UPDATE nodes SET reputation = $1, last_seen = $2 WHERE address = $3")
             .bind(reputation)
             .bind(now())
             .bind(address)

@@ -95,10 +95,15 @@ async fn probe(nexus: &Nexus, node: lattice_router::NodeId, model: &str) -> Outc
             ..SamplingParams::default()
         },
         preference: Preference::default(),
+        user: None,
+        payer: None,
+        conversation: None,
     };
     let deadline = Instant::now() + nexus.config.probe_timeout;
     let (first, mut rx, stream) = match attempt(&link, &req, deadline).await {
-        Attempt::Started { first, rx, stream } => (first, rx, stream),
+        Attempt::Started {
+            first, rx, stream, ..
+        } => (first, rx, stream),
         Attempt::Failed { .. } => return Outcome::Failure,
     };
     let mut text = String::new();
@@ -107,6 +112,16 @@ async fn probe(nexus: &Nexus, node: lattice_router::NodeId, model: &str) -> Outc
         match ev {
             Some(LinkEvent::Engine(Event::Delta(d))) => text.push_str(&d),
             Some(LinkEvent::Engine(Event::Done { .. })) => break true,
+            // Probes also check that the node signs its receipts with its registered key.
+            Some(LinkEvent::Receipt(r)) => {
+                let signed = nexus
+                    .registry
+                    .address_price(node)
+                    .is_some_and(|(address, _)| r.verify(&address).is_ok());
+                if !signed {
+                    break false;
+                }
+            }
             Some(LinkEvent::Error(_)) | None => break false,
         }
         let remaining = deadline.saturating_duration_since(Instant::now());

@@ -1,6 +1,8 @@
 //! Nexus, the coordinator: one OpenAI-compatible endpoint over many nodes. Nodes dial in over a
 //! persistent link; Nexus routes each request to the best healthy node and fails over.
 
+mod api;
+mod billing;
 mod db;
 mod health;
 mod link;
@@ -14,22 +16,31 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::State;
 use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::routing::{delete, get, post};
+use lattice_accounts::{Accounts, AccountsConfig, StoreError};
+use lattice_ledger::{Money, Op, Split};
 use tokio::sync::Notify;
 
-pub use db::{DbError, KnownNode};
+pub use db::KnownNode;
 pub use health::{Canary, builtin_canary};
 pub use network::Failover;
 pub use registry::{ModelStatus, NodeStatus};
 
+use crate::billing::Billing;
 use crate::db::Db;
 use crate::network::NetworkEngine;
 use crate::registry::Registry;
 
 #[derive(Debug, Clone)]
 pub struct NexusConfig {
-    /// `sqlite://PATH` (created if missing) or `sqlite::memory:`.
+    /// `sqlite://PATH` (created if missing), `sqlite::memory:` or `postgres://…`.
     pub database_url: String,
+    /// Require API keys and charge credits (off: an open endpoint, for private clusters and
+    /// benchmarks).
+    pub billing: bool,
+    pub accounts: AccountsConfig,
+    /// How charges are divided between the node, its staking pool and the treasury.
+    pub split: Split,
     pub limits: lattice_http::Limits,
     pub failover: Failover,
     /// How often each admitted (node, model) is re-probed.
@@ -48,6 +59,9 @@ impl Default for NexusConfig {
     fn default() -> Self {
         Self {
             database_url: "sqlite::memory:".into(),
+            billing: true,
+            accounts: AccountsConfig::default(),
+            split: Split::default(),
             limits: lattice_http::Limits::default(),
             failover: Failover::default(),
             probe_interval: Duration::from_secs(30),
@@ -73,12 +87,18 @@ pub struct Nexus {
     config: NexusConfig,
     registry: Arc<Registry>,
     db: Db,
+    accounts: Arc<Accounts>,
     health_kick: Notify,
 }
 
+/// Credit given to the local operator account that `lattice up` creates.
+const OPERATOR_CREDIT_LAI: u64 = 1_000;
+
 impl Nexus {
-    pub async fn new(config: NexusConfig) -> Result<Arc<Self>, DbError> {
-        let db = Db::open(&config.database_url).await?;
+    pub async fn new(config: NexusConfig) -> Result<Arc<Self>, StoreError> {
+        let store = lattice_accounts::Db::open(&config.database_url).await?;
+        let db = Db::new(&store);
+        let accounts = Arc::new(Accounts::open(store, config.accounts.clone()).await?);
         let registry = Arc::new(Registry::new(
             config.breaker_threshold,
             config.breaker_cooldown,
@@ -87,21 +107,103 @@ impl Nexus {
             config,
             registry,
             db,
+            accounts,
             health_kick: Notify::new(),
         }))
     }
 
+    pub fn accounts(&self) -> &Arc<Accounts> {
+        &self.accounts
+    }
+
+    /// An API key for the local operator account (created with starter credit on first use),
+    /// kept in `path` (mode 0600) so `lattice up` can print a working example.
+    pub async fn operator_key(&self, path: &std::path::Path) -> Result<String, StoreError> {
+        if let Ok(existing) = std::fs::read_to_string(path) {
+            let existing = existing.trim().to_owned();
+            if self.accounts.authenticate(&existing).await?.is_some() {
+                return Ok(existing);
+            }
+        }
+        let identity = lattice_accounts::Identity {
+            kind: "local".into(),
+            subject: "operator".into(),
+            detail: None,
+        };
+        let s = self
+            .accounts
+            .sign_in(&identity, None, None, "local")
+            .await?;
+        let amount = Money::from_lai(OPERATOR_CREDIT_LAI).unwrap_or_default();
+        self.accounts
+            .ledger()
+            .post(Op::Faucet {
+                op: "bootstrap:operator".into(),
+                user: s.user.id.clone(),
+                amount,
+            })
+            .await
+            .map_err(|e| StoreError::Ledger(e.to_string()))?;
+        let key = self
+            .accounts
+            .create_key(&s.user.id, "lattice up", None, None)
+            .await?;
+        write_private(path, &key.secret)
+            .map_err(|e| StoreError::Config(format!("cannot write {}: {e}", path.display())))?;
+        Ok(key.secret)
+    }
+
     /// The HTTP application: the OpenAI API over the network, the node link and status.
     pub fn router(self: &Arc<Self>) -> Router {
+        let billing = self.config.billing.then(|| {
+            Arc::new(Billing {
+                accounts: self.accounts.clone(),
+                split: self.config.split,
+                chain_id: self.config.accounts.chain_id,
+            })
+        });
         let engine = Arc::new(NetworkEngine::new(
             self.registry.clone(),
             self.config.failover.clone(),
+            billing,
         ));
+        let auth: Option<Arc<dyn lattice_http::Authenticator>> = self
+            .config
+            .billing
+            .then(|| Arc::new(api::NexusAuth(self.accounts.clone())) as _);
         let lattice = Router::new()
             .route(lattice_link::LINK_PATH, get(link::upgrade))
             .route("/lattice/v1/nodes", get(nodes))
+            .route(
+                "/lattice/v1/nodes/{address}/earnings",
+                get(api::node_earnings),
+            )
+            .route("/lattice/v1/auth/siwe/nonce", get(api::siwe_nonce))
+            .route("/lattice/v1/auth/siwe", post(api::siwe_sign_in))
+            .route("/lattice/v1/auth/logout", post(api::sign_out))
+            .route(
+                "/lattice/v1/account",
+                get(api::account).patch(api::update_account),
+            )
+            .route("/lattice/v1/account/faucet", post(api::faucet))
+            .route(
+                "/lattice/v1/keys",
+                get(api::list_keys).post(api::create_key),
+            )
+            .route("/lattice/v1/keys/{id}", delete(api::revoke_key))
+            .route("/lattice/v1/usage", get(api::usage))
+            .route(
+                "/lattice/v1/history",
+                get(api::conversations).delete(api::delete_history),
+            )
+            .route(
+                "/lattice/v1/history/{id}",
+                get(api::conversation).delete(api::delete_conversation),
+            )
+            .layer(axum::extract::DefaultBodyLimit::max(64 << 10))
             .with_state(self.clone());
-        lattice_http::router(engine, self.config.limits.clone(), "lattice_nexus").merge(lattice)
+        lattice_http::router_with_auth(engine, self.config.limits.clone(), "lattice_nexus", auth)
+            .merge(lattice)
     }
 
     /// Starts background work (health probes) and serves until `shutdown`.
@@ -111,9 +213,11 @@ impl Nexus {
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         let health = tokio::spawn(health::run(self.clone()));
+        let sweeper = tokio::spawn(sweep_holds(self.accounts.clone()));
         let app = self.router();
         let r = lattice_http::serve(listener, app, shutdown).await;
         health.abort();
+        sweeper.abort();
         r
     }
 }
@@ -128,4 +232,36 @@ async fn nodes(State(nexus): State<Arc<Nexus>>) -> impl IntoResponse {
     let online = nexus.registry.status();
     let known = nexus.db.known_nodes().await;
     axum::Json(NodesResponse { online, known })
+}
+
+/// Releases holds that outlived their time-to-live (a crashed replica's, or lost releases).
+async fn sweep_holds(accounts: Arc<Accounts>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tick.tick().await;
+        match accounts.ledger().sweep_holds(false).await {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(released = n, "released expired holds"),
+            Err(e) => tracing::error!(error = %e, "sweeping holds"),
+        }
+    }
+}
+
+#[cfg(unix)]
+fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()
+}
+
+#[cfg(not(unix))]
+fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    std::fs::write(path, text)
 }

@@ -188,7 +188,14 @@ async fn handshake(nexus: &Nexus, ws: &mut WebSocket) -> Result<Registered, Stri
         Reputation::from_score(reputation.unwrap_or(0.5)),
         link.clone(),
     );
-    send_frame(ws, &NexusFrame::Registered { node_id: id.0 }).await?;
+    send_frame(
+        ws,
+        &NexusFrame::Registered {
+            node_id: id.0,
+            chain_id: nexus.config.accounts.chain_id,
+        },
+    )
+    .await?;
     let names: Vec<&str> = models.iter().map(|m| m.id.as_str()).collect();
     tracing::info!(node = %id, address = %signer, models = ?names, slots, "node registered; calibrating");
     nexus.health_kick.notify_one();

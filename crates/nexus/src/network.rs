@@ -14,6 +14,7 @@ use lattice_link::{LinkEvent, NexusFrame};
 use lattice_router::{LiveLoad, NodeId, RouteRequest, SplitMix, conversation_keys, route};
 use tokio::sync::mpsc;
 
+use crate::billing::{Bill, Billing, Settlement, rate, token_bounds};
 use crate::registry::{LinkHandle, Registry, RequestOutcome};
 
 /// Failover bounds.
@@ -38,17 +39,83 @@ pub(crate) struct NetworkEngine {
     registry: Arc<Registry>,
     failover: Failover,
     seed: AtomicU64,
+    billing: Option<Arc<Billing>>,
 }
 
 impl NetworkEngine {
-    pub(crate) fn new(registry: Arc<Registry>, failover: Failover) -> Self {
+    pub(crate) fn new(
+        registry: Arc<Registry>,
+        failover: Failover,
+        billing: Option<Arc<Billing>>,
+    ) -> Self {
         let mut seed = [0u8; 8];
         let _ = getrandom::getrandom(&mut seed);
         Self {
             registry,
             failover,
             seed: AtomicU64::new(u64::from_le_bytes(seed)),
+            billing,
         }
+    }
+
+    /// Holds the most `req` can cost on any of the nodes it may be sent to.
+    /// The price bound is the highest of every admitted node serving the model, so the hold
+    /// can be placed before routing: routing stays one synchronous step with the in-flight
+    /// count taken, and concurrent requests still spread.
+    async fn open_bill(
+        &self,
+        req: &GenerateRequest,
+        snap: &lattice_router::Snapshot,
+    ) -> Result<Option<Bill>, EngineError> {
+        let (Some(billing), Some(payer)) = (&self.billing, &req.payer) else {
+            return Ok(None);
+        };
+        let context = self
+            .registry
+            .cards()
+            .iter()
+            .find(|c| c.id == req.model)
+            .map_or(4096, |c| c.context_length);
+        let (p, c) = token_bounds(&req.prompt, req.params.max_tokens, context);
+        let mut worst = lattice_ledger::Rate::default();
+        for n in snap
+            .nodes()
+            .iter()
+            .filter(|n| n.models.iter().any(|m| *m == req.model))
+        {
+            worst = worst.max(rate(lattice_link::Price {
+                input_per_mtok: n.price_in,
+                output_per_mtok: n.price_out,
+            }));
+        }
+        let amount = worst.cost(p, c).ok_or_else(|| {
+            EngineError::InvalidRequest("the request's cost bound overflows".into())
+        })?;
+        billing.hold(&req.request_id, payer, amount).await?;
+        let history = req
+            .conversation
+            .as_ref()
+            .and_then(|conv| match &req.prompt {
+                Prompt::Chat(m) => m.iter().rev().find(|m| m.role == "user").map(|u| {
+                    (
+                        conv.clone(),
+                        vec![("user".to_owned(), u.content.clone())],
+                        String::new(),
+                    )
+                }),
+                Prompt::Text(_) => None,
+            });
+        Ok(Some(Bill {
+            billing: billing.clone(),
+            request: req.request_id.clone(),
+            payer: payer.clone(),
+            model: req.model.clone(),
+            hold: amount,
+            node: None,
+            receipt: None,
+            settled: false,
+            history,
+        }))
     }
 }
 
@@ -75,6 +142,8 @@ pub(crate) enum Attempt {
         first: Event,
         rx: mpsc::Receiver<LinkEvent>,
         stream: u64,
+        /// A receipt that arrived before the first engine event (an empty answer).
+        receipt: Option<lattice_link::UsageReceipt>,
     },
     /// The node refused or failed; `retry` tells whether another node could do better.
     Failed { error: EngineError, retry: bool },
@@ -106,9 +175,25 @@ pub(crate) async fn attempt(
             };
         }
     }
-    let remaining = deadline.saturating_duration_since(Instant::now());
-    match tokio::time::timeout(remaining, rx.recv()).await {
-        Ok(Some(LinkEvent::Engine(first))) => Attempt::Started { first, rx, stream },
+    let mut receipt = None;
+    let first = loop {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(remaining, rx.recv()).await {
+            Ok(Some(LinkEvent::Receipt(r))) => receipt = Some(r),
+            other => break other,
+        }
+    };
+    match first {
+        Ok(Some(LinkEvent::Engine(first))) => Attempt::Started {
+            first,
+            rx,
+            stream,
+            receipt,
+        },
+        Ok(Some(LinkEvent::Receipt(_))) => Attempt::Failed {
+            error: EngineError::Upstream("unexpected receipt".into()),
+            retry: true,
+        },
         Ok(Some(LinkEvent::Error(error))) => {
             let retry = error.retryable();
             Attempt::Failed { error, retry }
@@ -213,20 +298,29 @@ impl Engine for NetworkEngine {
                 affinity: lookup.and_then(|k| self.registry.affinity(k)),
             };
             let mut rng = SplitMix(self.seed.fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed));
-            let candidates = route(&snap, &route_req, &mut rng);
+            if !snap.serves(&req.model) {
+                return Err(EngineError::Unavailable(format!(
+                    "No healthy node is serving `{}` right now; retry shortly.",
+                    req.model
+                )));
+            }
+            // Dropped unsettled (every attempt failed), the bill releases its hold.
+            let mut bill = self.open_bill(&req, &snap).await?;
+            let mut candidates = route(&snap, &route_req, &mut rng);
             if candidates.is_empty() {
                 return Err(EngineError::Unavailable(format!(
                     "No healthy node is serving `{}` right now; retry shortly.",
                     req.model
                 )));
             }
+            candidates.truncate(self.failover.max_attempts.max(1));
             let mut last = None;
-            for node in candidates.into_iter().take(self.failover.max_attempts.max(1)) {
+            for node in candidates {
                 let Some((link, live)) = self.registry.link(node) else { continue };
                 live.inflight.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(request_id = %req.request_id, %node, model = %req.model, "dispatching");
                 match attempt(&link, &req, deadline).await {
-                    Attempt::Started { first, rx, stream } => {
+                    Attempt::Started { first, rx, stream, receipt } => {
                         let ttft = started.elapsed();
                         self.registry.record(node, &req.model, RequestOutcome::FirstToken { ttft });
                         if let Some(key) = store {
@@ -243,7 +337,11 @@ impl Engine for NetworkEngine {
                             tokens: 0,
                             done: false,
                         };
-                        return Ok(relay(first, rx, guard, req.request_id.clone()));
+                        if let Some(b) = &mut bill {
+                            b.node = self.registry.address_price(node);
+                            b.receipt = receipt;
+                        }
+                        return Ok(relay(first, rx, guard, bill, req.request_id.clone()));
                     }
                     Attempt::Failed { error, retry } => {
                         live.inflight.fetch_sub(1, Ordering::Relaxed);
@@ -271,52 +369,80 @@ impl Engine for NetworkEngine {
 
 /// Yields the first event, then the node's events; a link lost mid-stream ends the stream
 /// with an error (tokens already sent cannot be taken back, so no failover after this point).
+/// A successful end settles the bill before the final event goes to the client.
 fn relay(
     first: Event,
     rx: mpsc::Receiver<LinkEvent>,
     guard: InFlight,
+    bill: Option<Bill>,
     request_id: String,
 ) -> EventStream {
-    let state = (Some(first), rx, guard, false, request_id);
+    let state = (Some(first), rx, guard, bill, false, request_id);
     Box::pin(futures::stream::unfold(
         state,
-        |(first, mut rx, mut guard, ended, rid)| async move {
+        |(mut first, mut rx, mut guard, mut bill, ended, rid)| async move {
             if ended {
                 return None;
             }
-            let ev = match first {
-                Some(ev) => Some(LinkEvent::Engine(ev)),
-                None => rx.recv().await,
-            };
-            let item = match ev {
-                Some(LinkEvent::Engine(Event::Delta(d))) => {
-                    guard.tokens += 1;
-                    return Some((Ok(Event::Delta(d)), (None, rx, guard, false, rid)));
-                }
-                Some(LinkEvent::Engine(Event::Done {
-                    finish_reason,
-                    usage,
-                })) => {
-                    guard.tokens = usage.completion_tokens;
-                    guard.finish(true);
-                    Ok(Event::Done {
+            let item = loop {
+                let ev = match first.take() {
+                    Some(ev) => Some(LinkEvent::Engine(ev)),
+                    None => rx.recv().await,
+                };
+                match ev {
+                    Some(LinkEvent::Engine(Event::Delta(d))) => {
+                        guard.tokens += 1;
+                        if let Some(b) = &mut bill {
+                            b.on_delta(&d);
+                        }
+                        return Some((Ok(Event::Delta(d)), (None, rx, guard, bill, false, rid)));
+                    }
+                    Some(LinkEvent::Receipt(r)) => {
+                        if let Some(b) = &mut bill {
+                            b.receipt = Some(r);
+                        }
+                    }
+                    Some(LinkEvent::Engine(Event::Done {
                         finish_reason,
                         usage,
-                    })
-                }
-                Some(LinkEvent::Error(e)) => {
-                    guard.finish(false);
-                    Err(e)
-                }
-                None => {
-                    tracing::warn!(request_id = %rid, node = %guard.node, "node lost mid-stream");
-                    guard.finish(false);
-                    Err(EngineError::Upstream(
-                        "the node serving this request went offline mid-stream".into(),
-                    ))
+                    })) => {
+                        guard.tokens = usage.completion_tokens;
+                        guard.finish(true);
+                        if let Some(b) = &mut bill {
+                            match b.settle(&usage).await {
+                                Settlement::Charged(cost) => {
+                                    tracing::debug!(request_id = %rid, %cost, "charged");
+                                }
+                                Settlement::Refused(why) => {
+                                    tracing::warn!(request_id = %rid, node = %guard.node, reason = %why, "usage receipt refused; nothing charged");
+                                    guard.registry.record(
+                                        guard.node,
+                                        &guard.model,
+                                        RequestOutcome::Failed,
+                                    );
+                                }
+                                Settlement::Deferred(_) => {}
+                            }
+                        }
+                        break Ok(Event::Done {
+                            finish_reason,
+                            usage,
+                        });
+                    }
+                    Some(LinkEvent::Error(e)) => {
+                        guard.finish(false);
+                        break Err(e);
+                    }
+                    None => {
+                        tracing::warn!(request_id = %rid, node = %guard.node, "node lost mid-stream");
+                        guard.finish(false);
+                        break Err(EngineError::Upstream(
+                            "the node serving this request went offline mid-stream".into(),
+                        ));
+                    }
                 }
             };
-            Some((item, (None, rx, guard, true, rid)))
+            Some((item, (None, rx, guard, bill, true, rid)))
         },
     ))
 }

@@ -280,6 +280,11 @@ impl Registry {
         }
     }
 
+    pub(crate) fn address_price(&self, id: NodeId) -> Option<(String, Price)> {
+        let nodes = self.nodes.lock().ok()?;
+        nodes.get(&id).map(|n| (n.address.clone(), n.price))
+    }
+
     pub(crate) fn link(&self, id: NodeId) -> Option<(Arc<LinkHandle>, Arc<LiveLoad>)> {
         let nodes = self.nodes.lock().ok()?;
         nodes.get(&id).map(|n| (n.link.clone(), n.live.clone()))

@@ -10,8 +10,8 @@ use std::time::Duration;
 use futures::{SinkExt, StreamExt};
 use lattice_engine::{Engine, EngineError, Event};
 use lattice_link::{
-    LINK_PATH, LinkEvent, MAX_FRAME_BYTES, ModelAd, NexusFrame, NodeFrame, NodeKey, NodeKind,
-    PROTOCOL_VERSION, Price, challenge_message, decode, encode,
+    LINK_PATH, LinkEvent, MAX_FRAME_BYTES, ModelAd, NO_USER, NexusFrame, NodeFrame, NodeKey,
+    NodeKind, PROTOCOL_VERSION, Price, UsageReceipt, challenge_message, decode, encode,
 };
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
@@ -81,7 +81,7 @@ pub async fn run(
     loop {
         let mut registered = false;
         let result = tokio::select! {
-            r = session(&engine, &key, &cfg, &mut registered) => r,
+            r = session(&engine, key.clone(), &cfg, &mut registered) => r,
             () = &mut shutdown => return,
         };
         if registered {
@@ -129,7 +129,7 @@ async fn send(ws: &mut Ws, frame: &NodeFrame) -> Result<(), LinkError> {
 
 async fn session(
     engine: &Arc<dyn Engine>,
-    key: &NodeKey,
+    key: Arc<NodeKey>,
     cfg: &LinkConfig,
     registered: &mut bool,
 ) -> Result<(), LinkError> {
@@ -188,8 +188,8 @@ async fn session(
         },
     )
     .await?;
-    let node_id = match recv(&mut ws).await? {
-        NexusFrame::Registered { node_id } => node_id,
+    let (node_id, chain_id) = match recv(&mut ws).await? {
+        NexusFrame::Registered { node_id, chain_id } => (node_id, chain_id),
         NexusFrame::Rejected { reason } => return Err(LinkError::Rejected(reason)),
         other => {
             return Err(LinkError::Protocol(format!(
@@ -198,7 +198,12 @@ async fn session(
         }
     };
     *registered = true;
-    tracing::info!(node_id, %address, nexus = %cfg.nexus_url, "linked to Nexus");
+    tracing::info!(node_id, chain_id, %address, nexus = %cfg.nexus_url, "linked to Nexus");
+    let signer = Arc::new(Signer {
+        key: key.clone(),
+        price: cfg.price,
+        chain_id,
+    });
 
     let (mut sink, mut stream) = ws.split();
     let (out_tx, mut out_rx) = mpsc::channel::<NodeFrame>(OUT_QUEUE);
@@ -269,7 +274,13 @@ async fn session(
                     continue;
                 }
                 tracing::debug!(request_id = %request.request_id, stream = id, "request from Nexus");
-                let task = tokio::spawn(serve_stream(engine.clone(), out_tx.clone(), id, request));
+                let task = tokio::spawn(serve_stream(
+                    engine.clone(),
+                    signer.clone(),
+                    out_tx.clone(),
+                    id,
+                    request,
+                ));
                 streams.insert(id, task.abort_handle());
             }
             Ok(NexusFrame::Cancel { stream: id }) => {
@@ -290,12 +301,55 @@ async fn session(
     result
 }
 
+/// Signs usage receipts for this session (price and chain as registered).
+struct Signer {
+    key: Arc<NodeKey>,
+    price: Price,
+    chain_id: u64,
+}
+
+impl Signer {
+    fn receipt(
+        &self,
+        request_id: &str,
+        user: Option<&str>,
+        model: &str,
+        usage: &lattice_engine::Usage,
+    ) -> Option<UsageReceipt> {
+        let timestamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        UsageReceipt {
+            request_id: request_id.to_owned(),
+            user: user.unwrap_or(NO_USER).to_owned(),
+            model: model.to_owned(),
+            prompt_tokens: u64::from(usage.prompt_tokens),
+            completion_tokens: u64::from(usage.completion_tokens),
+            price_in: self.price.input_per_mtok,
+            price_out: self.price.output_per_mtok,
+            timestamp,
+            chain_id: self.chain_id,
+            signature: String::new(),
+        }
+        .sign(&self.key)
+        .inspect_err(|e| tracing::warn!(request_id, error = %e, "cannot sign the usage receipt"))
+        .ok()
+    }
+}
+
 async fn serve_stream(
     engine: Arc<dyn Engine>,
+    signer: Arc<Signer>,
     out: mpsc::Sender<NodeFrame>,
     id: u64,
     request: lattice_engine::GenerateRequest,
 ) {
+    let (request_id, user, model) = (
+        request.request_id.clone(),
+        request.user.clone(),
+        request.model.clone(),
+    );
     let mut events = match engine.generate(request).await {
         Ok(s) => s,
         Err(e) => {
@@ -310,6 +364,17 @@ async fn serve_stream(
     };
     while let Some(ev) = events.next().await {
         let last = !matches!(ev, Ok(Event::Delta(_)));
+        if let Ok(Event::Done { usage, .. }) = &ev
+            && let Some(r) = signer.receipt(&request_id, user.as_deref(), &model, usage)
+        {
+            let receipt = NodeFrame::Event {
+                stream: id,
+                event: LinkEvent::Receipt(r),
+            };
+            if out.send(receipt).await.is_err() {
+                return;
+            }
+        }
         let event = match ev {
             Ok(e) => LinkEvent::Engine(e),
             Err(e) => LinkEvent::Error(e),
