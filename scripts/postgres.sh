@@ -2,8 +2,18 @@
 # Starts a throwaway PostgreSQL cluster on 127.0.0.1 (port from $1, or a free one) under
 # $LATTICE_CACHE_DIR/postgres and prints its admin URL. Used by ./test and by the ledger tests
 # when LATTICE_TEST_POSTGRES_URL is not set. Installs the server with apt-get if missing.
+#   scripts/postgres.sh [PORT]       start; prints postgres://lattice@127.0.0.1:PORT/postgres
+#   scripts/postgres.sh --stop PORT  stop and delete that cluster
 set -euo pipefail
 CACHE="${LATTICE_CACHE_DIR:-$HOME/.cache/lattice}"
+if [ "${1:-}" = "--stop" ]; then
+  DIR="$CACHE/postgres/$2"
+  BIN="$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)"
+  if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$BIN/pg_ctl" -D "$DIR/data" -m fast stop >/dev/null || true
+  else "$BIN/pg_ctl" -D "$DIR/data" -m fast stop >/dev/null || true; fi
+  rm -rf "$DIR"
+  exit 0
+fi
 BIN="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1 || true)"
 if [ -z "$BIN" ] || [ ! -x "$BIN/postgres" ]; then
   echo "installing postgresql with apt-get" >&2

@@ -63,7 +63,9 @@ def nexus_url(tmp_path_factory):
     import urllib.request
 
     d = tmp_path_factory.mktemp("net")
-    nexus, url = _start(["nexus", "--listen", "127.0.0.1:0", "--db", str(d / "nexus.db")])
+    key_file = d / "operator.key"
+    nexus, url = _start(["nexus", "--listen", "127.0.0.1:0", "--db", str(d / "nexus.db"),
+                         "--operator-key-file", str(key_file)])
     node, _ = _start(["node", "--nexus", url, "--model", MODEL, "--port", "0", "--parallel", "2",
                       "--ctx-per-slot", "1024", "--key", str(d / "node.key")])
     deadline = time.time() + 120
@@ -74,7 +76,7 @@ def nexus_url(tmp_path_factory):
         if time.time() > deadline:
             raise RuntimeError("node never became healthy behind Nexus")
         time.sleep(0.2)
-    yield url
+    yield url, key_file.read_text().strip()
     _stop(node)
     _stop(nexus)
 

@@ -10,7 +10,8 @@ QUESTION = [{"role": "user", "content": "Which city is the capital of France?"}]
 
 @pytest.fixture()
 def nexus(nexus_url):
-    return OpenAI(base_url=f"{nexus_url}/v1", api_key="not-needed-yet", max_retries=0, timeout=120)
+    url, key = nexus_url
+    return OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=120)
 
 
 def test_models_lists_the_network(nexus):
@@ -49,3 +50,33 @@ def test_errors_through_nexus(nexus):
     with pytest.raises(openai.BadRequestError) as e:
         nexus.chat.completions.create(model=MODEL, messages=QUESTION, extra_headers={"x-lattice-preference": "fastest"})
     assert e.value.param == "x-lattice-preference"
+
+
+def test_wrong_or_missing_key_is_an_authentication_error(nexus_url):
+    url, key = nexus_url
+    bad = OpenAI(base_url=f"{url}/v1", api_key="lk_wrong", max_retries=0, timeout=30)
+    with pytest.raises(openai.AuthenticationError) as e:
+        bad.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=4)
+    assert e.value.status_code == 401
+    assert e.value.code == "invalid_api_key"
+
+
+def test_usage_is_charged_to_the_key(nexus_url):
+    import json
+    import urllib.request
+
+    url, key = nexus_url
+
+    def account():
+        req = urllib.request.Request(f"{url}/lattice/v1/account", headers={"Authorization": f"Bearer {key}"})
+        with urllib.request.urlopen(req) as r:
+            return json.load(r)
+
+    before = int(account()["balance"]["available"])
+    client = OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=120)
+    r = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=8)
+    after = account()["balance"]
+    # Node default price: 0.1 LAI per 1M prompt tokens, 0.2 LAI per 1M completion tokens.
+    cost = (r.usage.prompt_tokens * 10**17 + r.usage.completion_tokens * 2 * 10**17) // 10**6
+    assert before - int(after["available"]) == cost
+    assert after["held"] == "0"

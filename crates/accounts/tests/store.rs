@@ -1,5 +1,6 @@
 //! The accounts store against real databases: SQLite (a file) and PostgreSQL (the server from
 //! `LATTICE_TEST_POSTGRES_URL`, or a throwaway cluster started by scripts/postgres.sh).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::sync::Arc;
 use std::time::Duration;

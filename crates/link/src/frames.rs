@@ -91,7 +91,7 @@ pub enum NexusFrame {
     },
     Request {
         stream: u64,
-        request: GenerateRequest,
+        request: Box<GenerateRequest>,
     },
     Cancel {
         stream: u64,
@@ -134,7 +134,7 @@ mod tests {
     fn frames_round_trip() {
         let req = NexusFrame::Request {
             stream: 7,
-            request: GenerateRequest {
+            request: Box::new(GenerateRequest {
                 request_id: "r".into(),
                 model: "m".into(),
                 prompt: Prompt::Text("hi".into()),
@@ -143,7 +143,7 @@ mod tests {
                 user: None,
                 payer: None,
                 conversation: None,
-            },
+            }),
         };
         let back: NexusFrame =
             decode(&encode(&req).unwrap_or_default()).unwrap_or(NexusFrame::Cancel { stream: 0 });

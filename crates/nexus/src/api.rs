@@ -1,6 +1,8 @@
 //! Accounts API: sign-in (SIWE), the signed-in account, API keys, faucet, usage, node earnings
 //! and chat history. Browser sessions use an HttpOnly cookie; scripts may send the session or an
 //! API key as `Authorization: Bearer`. Errors use the OpenAI JSON envelope.
+// Handlers return axum's `Response` as their error (the OpenAI error envelope), as axum intends.
+#![allow(clippy::result_large_err)]
 
 use std::net::SocketAddr;
 use std::sync::Arc;

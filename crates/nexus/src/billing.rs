@@ -44,6 +44,7 @@ pub(crate) fn token_bounds(prompt: &Prompt, max_tokens: Option<u32>, context: u3
 }
 
 /// Why a receipt was refused.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn check_receipt(
     r: &UsageReceipt,
     request: &str,
@@ -114,6 +115,10 @@ impl Billing {
     }
 }
 
+/// Conversation id, the request's (role, content) messages and the answer so far, for
+/// opted-in chat history.
+pub(crate) type History = (String, Vec<(String, String)>, String);
+
 /// One request's bill; releases its hold when dropped unsettled.
 pub(crate) struct Bill {
     pub(crate) billing: Arc<Billing>,
@@ -124,8 +129,7 @@ pub(crate) struct Bill {
     pub(crate) node: Option<(String, Price)>,
     pub(crate) receipt: Option<UsageReceipt>,
     pub(crate) settled: bool,
-    /// Conversation id, the request's messages and the answer so far, for opted-in history.
-    pub(crate) history: Option<(String, Vec<(String, String)>, String)>,
+    pub(crate) history: Option<History>,
 }
 
 /// What happened to a finished request's bill.

@@ -81,7 +81,7 @@ impl NetworkEngine {
         for n in snap
             .nodes()
             .iter()
-            .filter(|n| n.models.iter().any(|m| *m == req.model))
+            .filter(|n| n.models.contains(&req.model))
         {
             worst = worst.max(rate(lattice_link::Price {
                 input_per_mtok: n.price_in,
@@ -162,7 +162,7 @@ pub(crate) async fn attempt(
     };
     let frame = NexusFrame::Request {
         stream,
-        request: req.clone(),
+        request: Box::new(req.clone()),
     };
     let remaining = deadline.saturating_duration_since(Instant::now());
     match tokio::time::timeout(remaining, link.tx.send(frame)).await {

@@ -279,7 +279,7 @@ async fn session(
                     signer.clone(),
                     out_tx.clone(),
                     id,
-                    request,
+                    *request,
                 ));
                 streams.insert(id, task.abort_handle());
             }
