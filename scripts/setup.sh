@@ -14,6 +14,8 @@ command -v g++ >/dev/null 2>&1 || need_apt+=(g++)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
 # PostgreSQL server for the ledger tests against a second database (scripts/postgres.sh).
 ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || need_apt+=(postgresql)
+# Node.js runs the local OpenID provider for the OpenID Connect sign-in test (tests/oidc).
+{ command -v node && command -v npm; } >/dev/null 2>&1 || need_apt+=(nodejs npm)
 if ((${#need_apt[@]})); then
   echo "setup: installing ${need_apt[*]}" >&2
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
@@ -29,4 +31,11 @@ fi
 if ! "$VENV/bin/python" -c 'import openai, pytest' >/dev/null 2>&1; then
   echo "setup: installing the test venv (openai, pytest)" >&2
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check 'openai>=1.50,<3' 'pytest>=8,<10' >&2
+fi
+
+# oidc-provider, the real OpenID provider crates/accounts/tests/oidc.rs signs in against.
+OIDC_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/tests/oidc"
+if [ ! -d "$OIDC_DIR/node_modules/oidc-provider" ]; then
+  echo "setup: installing the test OpenID provider (npm ci in tests/oidc)" >&2
+  (cd "$OIDC_DIR" && npm ci --silent --no-audit --no-fund >&2)
 fi

@@ -1,5 +1,5 @@
-//! Nexus's accounts and money store: users and the ways they sign in (SIWE here; passkeys and
-//! OpenID Connect build on [`Accounts::sign_in`]), sessions, API keys, the faucet, the ledger
+//! Nexus's accounts and money store: users and the ways they sign in (SIWE, passkeys, OpenID
+//! Connect — all through [`Accounts::sign_in`]), sessions, API keys, the faucet, the ledger
 //! (see [`ledger`]), usage and opt-in chat history. SQLite by default, PostgreSQL when
 //! configured — the same migrations and queries.
 
@@ -7,6 +7,8 @@ mod db;
 mod history;
 mod keys;
 pub mod ledger;
+mod oidc;
+mod passkey;
 pub mod siwe;
 mod usage;
 mod users;
@@ -20,9 +22,16 @@ pub use db::{Backend, Db};
 pub use history::{Conversation, StoredMessage};
 pub use keys::{ApiKey, KEY_PREFIX, NewKey};
 pub use ledger::{Audit, LedgerConfig, LedgerStore, PostError, UsageRecord};
+pub use oidc::{OidcConfig, OidcProvider};
+pub use passkey::PasskeyConfig;
 pub use siwe::{SiweError, SiweMessage};
 pub use usage::{UsageGroup, UsageRow};
 pub use users::{FaucetOutcome, Identity, SESSION_PREFIX, SignIn, User};
+/// The WebAuthn JSON types browsers exchange with the passkey endpoints.
+pub use webauthn_rs::prelude::{
+    CreationChallengeResponse, PublicKeyCredential, RegisterPublicKeyCredential,
+    RequestChallengeResponse,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -62,6 +71,8 @@ pub struct AccountsConfig {
     /// `host[:port]` users sign in at (SIWE messages must name it) and the chain id.
     pub siwe_domain: String,
     pub chain_id: u64,
+    /// Passkey relying party; `None` turns passkeys off.
+    pub passkeys: Option<PasskeyConfig>,
     pub ledger: LedgerConfig,
 }
 
@@ -76,6 +87,7 @@ impl Default for AccountsConfig {
             master_secret: [0; 32],
             siwe_domain: "127.0.0.1".into(),
             chain_id: 31337,
+            passkeys: None,
             ledger: LedgerConfig::default(),
         }
     }
@@ -107,12 +119,14 @@ pub struct Accounts {
     pub(crate) db: Db,
     pub(crate) config: AccountsConfig,
     pub(crate) ledger: LedgerStore,
+    pub(crate) webauthn: Option<webauthn_rs::Webauthn>,
     keys: keys::KeyCache,
 }
 
 impl Accounts {
     /// Starts the ledger writer and releases holds this replica left behind when it stopped.
     pub async fn open(db: Db, config: AccountsConfig) -> Result<Self, StoreError> {
+        let webauthn = config.passkeys.as_ref().map(passkey::build).transpose()?;
         let ledger = LedgerStore::start(db.clone(), config.ledger.clone());
         let released = ledger.sweep_holds(true).await?;
         if released > 0 {
@@ -120,6 +134,7 @@ impl Accounts {
         }
         Ok(Self {
             keys: keys::KeyCache::new(config.key_cache_ttl),
+            webauthn,
             db,
             config,
             ledger,

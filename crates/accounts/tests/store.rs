@@ -105,6 +105,10 @@ fn lai(n: u64) -> Money {
 
 fn config(owner: &str) -> AccountsConfig {
     AccountsConfig {
+        passkeys: Some(lattice_accounts::PasskeyConfig {
+            rp_id: "localhost".into(),
+            origin: "http://localhost:8080".into(),
+        }),
         faucet_amount: lai(10),
         siwe_domain: "localhost:8080".into(),
         master_secret: [7; 32],
@@ -435,6 +439,70 @@ async fn faucet_rate_limit_and_history(url: &str) {
     assert_eq!(left, 0, "deleted history must be gone from the database");
 }
 
+async fn passkeys_register_and_sign_in(url: &str) {
+    use webauthn_authenticator_rs::WebauthnAuthenticator as _;
+    use webauthn_authenticator_rs::softpasskey::SoftPasskey;
+    let acc = open(url, "a").await;
+    let origin = webauthn_authenticator_rs::prelude::Url::parse("http://localhost:8080").unwrap();
+    let mut authenticator = SoftPasskey::new(true);
+    // Register: the JSON crosses HTTP both ways.
+    let (challenge, ccr) = acc.passkey_register_start("alice", None).await.unwrap();
+    let ccr = serde_json::from_str(&serde_json::to_string(&ccr).unwrap()).unwrap();
+    let cred = authenticator.do_registration(origin.clone(), ccr).unwrap();
+    let cred = serde_json::from_str(&serde_json::to_string(&cred).unwrap()).unwrap();
+    let s = acc
+        .passkey_register_finish(&challenge, &cred, "10.0.0.7")
+        .await
+        .unwrap();
+    assert!(s.new_user);
+    assert_eq!(s.faucet, FaucetOutcome::Granted { amount: lai(10) });
+    assert!(s.user.custodial && s.user.address.starts_with("0x") && s.user.address.len() == 42);
+    // The challenge is single-use; the name is taken now.
+    assert!(
+        acc.passkey_register_finish(&challenge, &cred, "10.0.0.7")
+            .await
+            .is_err()
+    );
+    assert!(acc.passkey_register_start("alice", None).await.is_err());
+    assert!(
+        acc.passkey_register_start("a", None).await.is_err(),
+        "too short"
+    );
+    // Sign in twice (the signature counter is updated and checked).
+    for _ in 0..2 {
+        let (challenge, rcr) = acc.passkey_login_start("alice").await.unwrap();
+        let rcr = serde_json::from_str(&serde_json::to_string(&rcr).unwrap()).unwrap();
+        let assertion = authenticator
+            .do_authentication(origin.clone(), rcr)
+            .unwrap();
+        let again = acc
+            .passkey_login_finish(&challenge, &assertion, "10.0.0.7")
+            .await
+            .unwrap();
+        assert_eq!(again.user.id, s.user.id);
+        assert_eq!(again.faucet, FaucetOutcome::AlreadyClaimed);
+        assert!(acc.authenticate(&again.session).await.unwrap().is_some());
+        // Replaying the assertion on its consumed challenge fails.
+        assert!(
+            acc.passkey_login_finish(&challenge, &assertion, "10.0.0.7")
+                .await
+                .is_err()
+        );
+    }
+    // Another authenticator cannot sign in as alice.
+    let (challenge, rcr) = acc.passkey_login_start("alice").await.unwrap();
+    let mut stranger = SoftPasskey::new(true);
+    let forged = stranger.do_authentication(origin, rcr);
+    if let Ok(forged) = forged {
+        assert!(
+            acc.passkey_login_finish(&challenge, &forged, "10.0.0.7")
+                .await
+                .is_err()
+        );
+    }
+    assert!(acc.passkey_login_start("nobody").await.is_err());
+}
+
 macro_rules! both {
     ($name:ident) => {
         mod $name {
@@ -457,6 +525,7 @@ both!(concurrent_holds_never_overspend);
 both!(holds_are_released_after_a_crash);
 both!(api_keys_limits_and_revocation);
 both!(faucet_rate_limit_and_history);
+both!(passkeys_register_and_sign_in);
 
 #[tokio::test]
 async fn bad_database_urls_are_clear_errors() {

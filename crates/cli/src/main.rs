@@ -89,9 +89,10 @@ struct NexusArgs {
     /// Write an API key of the local operator account (1,000 LAI of credit) to this file.
     #[arg(long)]
     operator_key_file: Option<PathBuf>,
-    /// Host (and port) users sign in at; SIWE messages must name it. Default: the listen address.
+    /// URL users open Nexus at; SIWE messages name its host, passkeys its domain (browsers
+    /// refuse passkeys on IP addresses). Default: http://localhost:PORT.
     #[arg(long)]
-    public_host: Option<String>,
+    public_url: Option<String>,
     /// Starter credit per new sign-in identity, in whole LAI (0 turns the faucet off).
     #[arg(long, default_value_t = 10)]
     faucet_lai: u64,
@@ -468,11 +469,34 @@ async fn nexus(a: NexusArgs) -> Result<()> {
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let secret_file = a.secret_file.unwrap_or_else(|| dir.join("nexus.secret"));
     let master_secret = load_or_create_secret(&secret_file)?;
+    let public = reqwest::Url::parse(
+        &a.public_url
+            .clone()
+            .unwrap_or_else(|| format!("http://localhost:{}", a.listen.port())),
+    )
+    .context("--public-url is not a URL")?;
+    let passkeys = match public.domain() {
+        Some(d) => Some(lattice_accounts::PasskeyConfig {
+            rp_id: d.to_owned(),
+            origin: public.origin().ascii_serialization(),
+        }),
+        None => {
+            tracing::warn!("passkeys are off: --public-url must name a domain, not an IP address");
+            None
+        }
+    };
     let accounts = lattice_accounts::AccountsConfig {
         faucet_amount: lattice_ledger::Money::from_lai(a.faucet_lai)
             .context("--faucet-lai is too large")?,
         master_secret,
-        siwe_domain: a.public_host.unwrap_or_else(|| a.listen.to_string()),
+        siwe_domain: public.host_str().map_or_else(
+            || a.listen.to_string(),
+            |h| match public.port() {
+                Some(p) => format!("{h}:{p}"),
+                None => h.to_owned(),
+            },
+        ),
+        passkeys,
         chain_id: a.chain_id,
         ledger: lattice_accounts::LedgerConfig {
             owner: a.replica_id,

@@ -928,3 +928,114 @@ async fn users_sign_in_get_faucet_credit_pay_per_token_and_keys_are_enforced() {
             .contains("Insufficient credits")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passkey_sign_up_and_sign_in_over_http() {
+    use webauthn_authenticator_rs::WebauthnAuthenticator as _;
+    use webauthn_authenticator_rs::softpasskey::SoftPasskey;
+    let dir = tmp();
+    let nexus = nexus_at(dir.path(), "127.0.0.1:0");
+    let base = &nexus.url;
+    // Browsers only allow passkeys on domain names: the page is http://localhost:PORT.
+    let port = base.rsplit(':').next().unwrap();
+    let origin =
+        webauthn_authenticator_rs::prelude::Url::parse(&format!("http://localhost:{port}"))
+            .unwrap();
+    let mut authenticator = SoftPasskey::new(true);
+    let client = reqwest::Client::new();
+    let start: Value = client
+        .post(format!("{base}/lattice/v1/auth/passkey/register/start"))
+        .json(&json!({"name": "alice"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let options = serde_json::from_value(start["options"].clone()).unwrap();
+    let credential = authenticator
+        .do_registration(origin.clone(), options)
+        .unwrap();
+    let r = client
+        .post(format!("{base}/lattice/v1/auth/passkey/register/finish"))
+        .json(&json!({"challenge": start["challenge"], "credential": credential}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["faucet"]["status"], "granted", "{v}");
+
+    let start: Value = client
+        .post(format!("{base}/lattice/v1/auth/passkey/login/start"))
+        .json(&json!({"name": "alice"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let options = serde_json::from_value(start["options"].clone()).unwrap();
+    let assertion = authenticator.do_authentication(origin, options).unwrap();
+    let finish = json!({"challenge": start["challenge"], "credential": assertion});
+    let (s, v) = call(
+        reqwest::Method::POST,
+        &format!("{base}/lattice/v1/auth/passkey/login/finish"),
+        "",
+        Some(finish.clone()),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let session = v["session"].as_str().unwrap();
+    let (s, acct) = call(
+        reqwest::Method::GET,
+        &format!("{base}/lattice/v1/account"),
+        session,
+        None,
+    )
+    .await;
+    assert_eq!(s, 200);
+    assert_eq!(acct["identities"][0]["kind"], "passkey");
+    // A replayed assertion, a wrong name, a garbage body: clean 4xx errors.
+    let (s, v) = call(
+        reqwest::Method::POST,
+        &format!("{base}/lattice/v1/auth/passkey/login/finish"),
+        "",
+        Some(finish),
+    )
+    .await;
+    assert_eq!(s, 401, "{v}");
+    let (s, _) = call(
+        reqwest::Method::POST,
+        &format!("{base}/lattice/v1/auth/passkey/login/start"),
+        "",
+        Some(json!({"name": "nobody"})),
+    )
+    .await;
+    assert_eq!(s, 401);
+    let r = client
+        .post(format!("{base}/lattice/v1/auth/passkey/login/finish"))
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let r = client
+        .post(format!("{base}/lattice/v1/auth/passkey/register/start"))
+        .header("content-type", "application/json")
+        .body(vec![b' '; 100 << 10])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413, "bodies of the accounts API are bounded");
+    // Expired or unknown sessions are refused.
+    let (s, _) = call(
+        reqwest::Method::GET,
+        &format!("{base}/lattice/v1/account"),
+        "ls_expired",
+        None,
+    )
+    .await;
+    assert_eq!(s, 401);
+}

@@ -35,6 +35,7 @@ fn err(e: ApiError) -> Response {
 fn store_err(e: StoreError) -> Response {
     match e {
         StoreError::SignIn(m) => err(ApiError::unauthorized(m)),
+        StoreError::Config(m) => err(ApiError::invalid_request(m)),
         StoreError::Limit(m) | StoreError::Conflict(m) => err(ApiError::invalid_request(m)),
         e => {
             tracing::error!(error = %e, "accounts store");
@@ -45,9 +46,17 @@ fn store_err(e: StoreError) -> Response {
     }
 }
 
+/// Largest body of an accounts-API request.
+pub(crate) const MAX_BODY_BYTES: usize = 64 << 10;
+
 fn body<T>(b: Result<Json<T>, JsonRejection>) -> Result<T, Response> {
-    b.map(|Json(v)| v)
-        .map_err(|e| err(ApiError::invalid_request(format!("Invalid JSON body: {e}"))))
+    b.map(|Json(v)| v).map_err(|e| {
+        if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+            err(ApiError::payload_too_large(MAX_BODY_BYTES))
+        } else {
+            err(ApiError::invalid_request(format!("Invalid JSON body: {e}")))
+        }
+    })
 }
 
 /// The bearer token or session cookie of a request.
@@ -184,30 +193,13 @@ pub(crate) async fn siwe_sign_in(
 ) -> ApiResult {
     let b = body(b)?;
     // Signed in already: the wallet is linked to the current account.
-    let link_to = match token(&headers) {
-        Some(t) => nexus
-            .accounts
-            .authenticate(t)
-            .await
-            .ok()
-            .flatten()
-            .map(|c| c.user_id),
-        None => None,
-    };
+    let link_to = current_user(&nexus, &headers).await;
     let s = nexus
         .accounts
         .siwe_sign_in(&b.message, &b.signature, link_to.as_deref(), &client)
         .await
         .map_err(store_err)?;
-    let max_age = nexus.accounts.config().session_ttl.as_secs();
-    let resp = Json(json!({
-        "user": s.user,
-        "new_user": s.new_user,
-        "faucet": s.faucet,
-        "session": s.session,
-    }))
-    .into_response();
-    Ok(with_session(resp, &s.session, max_age))
+    Ok(signed_in(&nexus, s))
 }
 
 pub(crate) async fn sign_out(State(nexus): State<Arc<Nexus>>, headers: HeaderMap) -> ApiResult {
@@ -469,4 +461,101 @@ pub(crate) async fn delete_history(
         .await
         .map_err(store_err)?;
     Ok(Json(json!({"deleted": n})).into_response())
+}
+
+#[derive(Deserialize)]
+pub(crate) struct PasskeyStart {
+    name: String,
+}
+
+#[derive(Deserialize)]
+pub(crate) struct PasskeyRegisterFinish {
+    challenge: String,
+    credential: lattice_accounts::RegisterPublicKeyCredential,
+}
+
+#[derive(Deserialize)]
+pub(crate) struct PasskeyLoginFinish {
+    challenge: String,
+    credential: lattice_accounts::PublicKeyCredential,
+}
+
+fn signed_in(nexus: &Nexus, s: lattice_accounts::SignIn) -> Response {
+    let max_age = nexus.accounts.config().session_ttl.as_secs();
+    let resp = Json(json!({
+        "user": s.user,
+        "new_user": s.new_user,
+        "faucet": s.faucet,
+        "session": s.session,
+    }))
+    .into_response();
+    with_session(resp, &s.session, max_age)
+}
+
+async fn current_user(nexus: &Nexus, headers: &HeaderMap) -> Option<String> {
+    let t = token(headers)?;
+    nexus
+        .accounts
+        .authenticate(t)
+        .await
+        .ok()
+        .flatten()
+        .map(|c| c.user_id)
+}
+
+/// Starts registering a passkey (a new account, or added to the signed-in one).
+pub(crate) async fn passkey_register_start(
+    State(nexus): State<Arc<Nexus>>,
+    headers: HeaderMap,
+    b: Result<Json<PasskeyStart>, JsonRejection>,
+) -> ApiResult {
+    let b = body(b)?;
+    let link_to = current_user(&nexus, &headers).await;
+    let (challenge, options) = nexus
+        .accounts
+        .passkey_register_start(&b.name, link_to.as_deref())
+        .await
+        .map_err(store_err)?;
+    Ok(Json(json!({"challenge": challenge, "options": options})).into_response())
+}
+
+pub(crate) async fn passkey_register_finish(
+    State(nexus): State<Arc<Nexus>>,
+    Client(client): Client,
+    b: Result<Json<PasskeyRegisterFinish>, JsonRejection>,
+) -> ApiResult {
+    let b = body(b)?;
+    let s = nexus
+        .accounts
+        .passkey_register_finish(&b.challenge, &b.credential, &client)
+        .await
+        .map_err(store_err)?;
+    Ok(signed_in(&nexus, s))
+}
+
+pub(crate) async fn passkey_login_start(
+    State(nexus): State<Arc<Nexus>>,
+    b: Result<Json<PasskeyStart>, JsonRejection>,
+) -> ApiResult {
+    let b = body(b)?;
+    let (challenge, options) = nexus
+        .accounts
+        .passkey_login_start(&b.name)
+        .await
+        .map_err(store_err)?;
+    Ok(Json(json!({"challenge": challenge, "options": options})).into_response())
+}
+
+pub(crate) async fn passkey_login_finish(
+    State(nexus): State<Arc<Nexus>>,
+    Client(client): Client,
+    b: Result<Json<PasskeyLoginFinish>, JsonRejection>,
+) -> ApiResult {
+    let b = body(b)?;
+    let s = nexus
+        .accounts
+        .passkey_login_finish(&b.challenge, &b.credential, &client)
+        .await
+        .map_err(store_err)?;
+    Ok(signed_in(&nexus, s))
 }

@@ -182,6 +182,22 @@ impl Nexus {
             .route("/lattice/v1/auth/siwe", post(api::siwe_sign_in))
             .route("/lattice/v1/auth/logout", post(api::sign_out))
             .route(
+                "/lattice/v1/auth/passkey/register/start",
+                post(api::passkey_register_start),
+            )
+            .route(
+                "/lattice/v1/auth/passkey/register/finish",
+                post(api::passkey_register_finish),
+            )
+            .route(
+                "/lattice/v1/auth/passkey/login/start",
+                post(api::passkey_login_start),
+            )
+            .route(
+                "/lattice/v1/auth/passkey/login/finish",
+                post(api::passkey_login_finish),
+            )
+            .route(
                 "/lattice/v1/account",
                 get(api::account).patch(api::update_account),
             )
@@ -200,7 +216,7 @@ impl Nexus {
                 "/lattice/v1/history/{id}",
                 get(api::conversation).delete(api::delete_conversation),
             )
-            .layer(axum::extract::DefaultBodyLimit::max(64 << 10))
+            .layer(axum::extract::DefaultBodyLimit::max(api::MAX_BODY_BYTES))
             .with_state(self.clone());
         lattice_http::router_with_auth(engine, self.config.limits.clone(), "lattice_nexus", auth)
             .merge(lattice)
