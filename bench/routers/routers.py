@@ -35,6 +35,17 @@ CONTENT = ["Hello", " from", " the", " canned", " upstream", "."]
 CREATED = 1700000000
 
 
+def auth_header() -> dict:
+    """`Authorization` for targets that require an API key (lattice-billed), from $BENCH_AUTH."""
+    key = os.environ.get("BENCH_AUTH")
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def auth_line() -> str:
+    key = os.environ.get("BENCH_AUTH")
+    return f"Authorization: Bearer {key}\r\n" if key else ""
+
+
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -176,7 +187,7 @@ def request_body(stream: bool) -> bytes:
 def cmd_check(a) -> None:
     req = urllib.request.Request(a.url.rstrip("/") + "/v1/chat/completions",
                                  data=request_body(a.stream),
-                                 headers={"Content-Type": "application/json"})
+                                 headers={"Content-Type": "application/json", **auth_header()})
     try:
         with urllib.request.urlopen(req, timeout=a.timeout) as r:
             body = r.read().decode("utf-8", "replace")
@@ -315,7 +326,7 @@ async def fixed_rate(url: str, stream: bool, rate: float, duration: float, warmu
     host, port = u.hostname or "127.0.0.1", u.port or 80
     body = request_body(stream)
     req = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}:{port}\r\n"
-           f"Content-Type: application/json\r\nAccept: */*\r\n"
+           f"Content-Type: application/json\r\nAccept: */*\r\n{auth_line()}"
            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
     sem = asyncio.Semaphore(conns)  # at most `conns` requests (= connections) in flight
     idle: list[Conn] = []             # keep-alive connections not in use
@@ -540,7 +551,7 @@ def cmd_report(a) -> None:
     if a.notes and os.path.exists(a.notes):
         with open(a.notes) as fh:
             notes = json.load(fh)
-    order = ["direct", "lattice", "lattice-node", "sglang-router", "vllm-router", "litellm"]
+    order = ["direct", "lattice", "lattice-billed", "lattice-node", "sglang-router", "vllm-router", "litellm"]
     labels = [x for x in order if any(k[0] == x for k in runs) or x in notes]
     labels += sorted({k[0] for k in runs} - set(labels))
     if a.rates:

@@ -41,7 +41,7 @@ VLLM_SPEC="vllm-router==0.1.17"
 LITELLM_SPEC="litellm[proxy]==1.82.6"
 LITELLM_VERSION="1.82.6"
 
-TARGETS="direct,lattice,lattice-node,sglang-router,vllm-router,litellm"
+TARGETS="direct,lattice,lattice-billed,lattice-node,sglang-router,vllm-router,litellm"
 RATES="200,1000"
 FALLBACK_RATES="50,20"
 DURATION=5
@@ -218,7 +218,7 @@ if want direct; then
   measure direct stream "$SSE_URL" "$NGINX_PID" "SSE :$SSE_PORT" "" "$FALLBACK_RATES,$RATES"
 fi
 
-if want lattice || want lattice-node; then
+if want lattice || want lattice-node || want lattice-billed; then
   if [[ ! -x "$LATTICE_BIN" ]]; then
     log "lattice: no binary at $LATTICE_BIN"; note lattice "not run: no binary at $LATTICE_BIN"
   else
@@ -230,7 +230,7 @@ if want lattice || want lattice-node; then
     LATTICE_RUN="$WORK/lattice-bin"
     NEXUS_PORT="$(free_port)"
     mkdir -p "$WORK/lattice"
-    start_bg "$LOGS/lattice-nexus.log" "${ROUTER_PIN[@]}" "$LATTICE_RUN" nexus \
+    start_bg "$LOGS/lattice-nexus.log" "${ROUTER_PIN[@]}" "$LATTICE_RUN" nexus --no-billing \
       --listen "127.0.0.1:$NEXUS_PORT" --db "$WORK/lattice/nexus.db" --max-in-flight 4096
     NEXUS_PID=$BG_PID
     for _ in $(seq 100); do grep -q "listening on" "$LOGS/lattice-nexus.log" && break; sleep 0.1; done
@@ -258,6 +258,32 @@ if want lattice || want lattice-node; then
       note lattice "not run: Nexus never listed bench-model / answered (see $TS-logs/)"
     fi
     stop_pid "$NODE_PID"; stop_pid "$NEXUS_PID"
+    # The same network with billing on: API key auth, hold, signed receipt, charge per request.
+    if want lattice-billed; then
+      BPORT="$(free_port)"; mkdir -p "$WORK/billed"
+      start_bg "$LOGS/lattice-billed-nexus.log" "${ROUTER_PIN[@]}" "$LATTICE_RUN" nexus \
+        --listen "127.0.0.1:$BPORT" --db "$WORK/billed/nexus.db" --max-in-flight 4096 \
+        --operator-key-file "$WORK/billed/operator.key"
+      BNEXUS_PID=$BG_PID
+      for _ in $(seq 100); do grep -q "listening on" "$LOGS/lattice-billed-nexus.log" && break; sleep 0.1; done
+      start_bg "$LOGS/lattice-billed-node.log" "${ROUTER_PIN[@]}" "$LATTICE_RUN" node \
+        --nexus "http://127.0.0.1:$BPORT" --upstream "$SSE_URL/v1" --model-id bench-model \
+        --port 0 --key "$WORK/billed/node.key" --parallel 256 --queue 4096 --max-in-flight 4096
+      BNODE_PID=$BG_PID
+      export BENCH_AUTH="$(cat "$WORK/billed/operator.key" 2>/dev/null)"
+      BURL="http://127.0.0.1:$BPORT"
+      if "$PYTHON" "$HERE/routers.py" wait-models --url "$BURL" --timeout 60 > "$WORK/models.out" 2>&1 \
+         && wait_ok "$BURL" "" 30 && wait_ok "$BURL" --stream 10; then
+        BNOTE="as lattice, with billing on: API key, hold, EIP-712 receipt verified, charge (SQLite ledger)"
+        PID_NAMES=nexus,node measure lattice-billed nonstream "$BURL" "$BNEXUS_PID,$BNODE_PID" "SSE :$SSE_PORT (node always streams)" "$BNOTE"
+        PID_NAMES=nexus,node measure lattice-billed stream "$BURL" "$BNEXUS_PID,$BNODE_PID" "SSE :$SSE_PORT" "$BNOTE"
+      else
+        log "lattice-billed did not come up"; tail -n 20 "$LOGS"/lattice-billed-*.log >&2
+        note lattice-billed "not run: did not come up (see $TS-logs/)"
+      fi
+      unset BENCH_AUTH
+      stop_pid "$BNODE_PID"; stop_pid "$BNEXUS_PID"
+    fi
   fi
 fi
 

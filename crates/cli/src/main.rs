@@ -93,6 +93,14 @@ struct NexusArgs {
     /// refuse passkeys on IP addresses). Default: http://localhost:PORT.
     #[arg(long)]
     public_url: Option<String>,
+    /// OpenID Connect issuer for "Sign in with …" (e.g. https://accounts.google.com); the
+    /// redirect URL to register with it is PUBLIC_URL/lattice/v1/auth/oidc/callback.
+    #[arg(long, requires_all = ["oidc_client_id", "oidc_client_secret"])]
+    oidc_issuer: Option<String>,
+    #[arg(long)]
+    oidc_client_id: Option<String>,
+    #[arg(long, env = "LATTICE_OIDC_CLIENT_SECRET", hide_env_values = true)]
+    oidc_client_secret: Option<String>,
     /// Starter credit per new sign-in identity, in whole LAI (0 turns the faucet off).
     #[arg(long, default_value_t = 10)]
     faucet_lai: u64,
@@ -509,6 +517,18 @@ async fn nexus(a: NexusArgs) -> Result<()> {
             .database_url
             .unwrap_or_else(|| format!("sqlite://{}", db.display())),
         billing: !a.no_billing,
+        oidc: a
+            .oidc_issuer
+            .clone()
+            .map(|issuer| lattice_accounts::OidcConfig {
+                issuer,
+                client_id: a.oidc_client_id.clone().unwrap_or_default(),
+                client_secret: a.oidc_client_secret.clone().unwrap_or_default(),
+                redirect_url: format!(
+                    "{}/lattice/v1/auth/oidc/callback",
+                    public.as_str().trim_end_matches('/')
+                ),
+            }),
         accounts,
         limits: lattice_http::Limits {
             max_body_bytes: a.max_body_bytes,

@@ -559,3 +559,99 @@ pub(crate) async fn passkey_login_finish(
         .map_err(store_err)?;
     Ok(signed_in(&nexus, s))
 }
+
+const OIDC_STATE_COOKIE: &str = "lattice_oidc_state";
+const OIDC_PATH: &str = "/lattice/v1/auth/oidc";
+
+fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|c| c.trim().strip_prefix(name)?.strip_prefix('='))
+}
+
+/// Redirects to the identity provider; the flow's `state` is bound to this browser by a cookie.
+pub(crate) async fn oidc_start(State(nexus): State<Arc<Nexus>>) -> ApiResult {
+    let Some(p) = &nexus.oidc else {
+        return Err(err(ApiError::invalid_request(
+            "OpenID Connect sign-in is not configured on this Nexus.",
+        )));
+    };
+    let url = nexus.accounts.oidc_start(p).await.map_err(store_err)?;
+    let state = reqwest_state(&url).unwrap_or_default();
+    let mut resp = axum::response::Redirect::to(&url).into_response();
+    let c = format!(
+        "{OIDC_STATE_COOKIE}={state}; Path={OIDC_PATH}; HttpOnly; SameSite=Lax; Max-Age=600"
+    );
+    if let Ok(v) = HeaderValue::from_str(&c) {
+        resp.headers_mut().insert(header::SET_COOKIE, v);
+    }
+    Ok(resp)
+}
+
+fn reqwest_state(url: &str) -> Option<String> {
+    let q = url.split_once('?')?.1;
+    q.split('&')
+        .find_map(|kv| kv.strip_prefix("state="))
+        .map(str::to_owned)
+}
+
+#[derive(Deserialize)]
+pub(crate) struct OidcCallback {
+    code: Option<String>,
+    state: Option<String>,
+    error: Option<String>,
+    error_description: Option<String>,
+}
+
+/// The provider sends the browser back here: check the state against the cookie, finish the
+/// sign-in, set the session and return to the app.
+pub(crate) async fn oidc_callback(
+    State(nexus): State<Arc<Nexus>>,
+    Client(client): Client,
+    headers: HeaderMap,
+    q: Result<Query<OidcCallback>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult {
+    let Some(p) = &nexus.oidc else {
+        return Err(err(ApiError::invalid_request(
+            "OpenID Connect sign-in is not configured on this Nexus.",
+        )));
+    };
+    let Query(q) = q.map_err(|e| err(ApiError::invalid_request(e.to_string())))?;
+    if let Some(e) = q.error {
+        return Err(err(ApiError::unauthorized(format!(
+            "The identity provider refused the sign-in: {e}{}",
+            q.error_description
+                .map(|d| format!(" ({d})"))
+                .unwrap_or_default()
+        ))));
+    }
+    let (Some(code), Some(state)) = (q.code, q.state) else {
+        return Err(err(ApiError::invalid_request("Missing code or state.")));
+    };
+    if cookie(&headers, OIDC_STATE_COOKIE) != Some(state.as_str()) {
+        return Err(err(ApiError::unauthorized(
+            "This sign-in was not started in this browser; start again.",
+        )));
+    }
+    let link_to = current_user(&nexus, &headers).await;
+    let s = nexus
+        .accounts
+        .oidc_finish(p, &code, &state, link_to.as_deref(), &client)
+        .await
+        .map_err(store_err)?;
+    let max_age = nexus.accounts.config().session_ttl.as_secs();
+    let mut resp = with_session(
+        axum::response::Redirect::to("/").into_response(),
+        &s.session,
+        max_age,
+    );
+    let clear =
+        format!("{OIDC_STATE_COOKIE}=; Path={OIDC_PATH}; HttpOnly; SameSite=Lax; Max-Age=0");
+    if let Ok(v) = HeaderValue::from_str(&clear) {
+        resp.headers_mut().append(header::SET_COOKIE, v);
+    }
+    Ok(resp)
+}

@@ -41,6 +41,8 @@ pub struct NexusConfig {
     pub accounts: AccountsConfig,
     /// How charges are divided between the node, its staking pool and the treasury.
     pub split: Split,
+    /// "Sign in with Google" or any OpenID Connect issuer (discovered at start).
+    pub oidc: Option<lattice_accounts::OidcConfig>,
     pub limits: lattice_http::Limits,
     pub failover: Failover,
     /// How often each admitted (node, model) is re-probed.
@@ -62,6 +64,7 @@ impl Default for NexusConfig {
             billing: true,
             accounts: AccountsConfig::default(),
             split: Split::default(),
+            oidc: None,
             limits: lattice_http::Limits::default(),
             failover: Failover::default(),
             probe_interval: Duration::from_secs(30),
@@ -88,6 +91,7 @@ pub struct Nexus {
     registry: Arc<Registry>,
     db: Db,
     accounts: Arc<Accounts>,
+    oidc: Option<lattice_accounts::OidcProvider>,
     health_kick: Notify,
 }
 
@@ -99,6 +103,10 @@ impl Nexus {
         let store = lattice_accounts::Db::open(&config.database_url).await?;
         let db = Db::new(&store);
         let accounts = Arc::new(Accounts::open(store, config.accounts.clone()).await?);
+        let oidc = match config.oidc.clone() {
+            Some(c) => Some(lattice_accounts::OidcProvider::discover(c).await?),
+            None => None,
+        };
         let registry = Arc::new(Registry::new(
             config.breaker_threshold,
             config.breaker_cooldown,
@@ -108,6 +116,7 @@ impl Nexus {
             registry,
             db,
             accounts,
+            oidc,
             health_kick: Notify::new(),
         }))
     }
@@ -181,6 +190,8 @@ impl Nexus {
             .route("/lattice/v1/auth/siwe/nonce", get(api::siwe_nonce))
             .route("/lattice/v1/auth/siwe", post(api::siwe_sign_in))
             .route("/lattice/v1/auth/logout", post(api::sign_out))
+            .route("/lattice/v1/auth/oidc/start", get(api::oidc_start))
+            .route("/lattice/v1/auth/oidc/callback", get(api::oidc_callback))
             .route(
                 "/lattice/v1/auth/passkey/register/start",
                 post(api::passkey_register_start),

@@ -1,0 +1,140 @@
+//! Ledger throughput: charged requests per second through the real store (hold + charge per
+//! request, many in flight so the writer commits them in batches), on SQLite and PostgreSQL, and
+//! the pure in-memory rules for comparison.
+//!
+//! cargo bench -p lattice-accounts --bench ledger      (PostgreSQL: LATTICE_TEST_POSTGRES_URL)
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use lattice_accounts::{Accounts, AccountsConfig, Db, Identity, UsageRecord};
+use lattice_ledger::{Ledger, Money, Op, Split};
+
+const REQUESTS: usize = 20_000;
+const IN_FLIGHT: usize = 512;
+
+fn hold(r: &str, user: &str) -> Op {
+    Op::Hold {
+        request: r.into(),
+        user: user.into(),
+        key: None,
+        amount: Money::from_units(1_000_000),
+    }
+}
+
+fn charge(r: &str, user: &str) -> Op {
+    Op::Charge {
+        request: r.into(),
+        user: user.into(),
+        node: "0x00000000000000000000000000000000000000aa".into(),
+        amount: Money::from_units(600_000),
+        split: Split::default(),
+    }
+}
+
+fn pure() {
+    let mut l = Ledger::default();
+    l.apply(&Op::Faucet {
+        op: "f".into(),
+        user: "u".into(),
+        amount: Money::from_lai(1_000_000).unwrap(),
+    })
+    .unwrap();
+    let t = Instant::now();
+    for i in 0..REQUESTS * 10 {
+        let r = format!("r{i}");
+        l.apply(&hold(&r, "u")).unwrap();
+        l.apply(&charge(&r, "u")).unwrap();
+    }
+    let s = t.elapsed().as_secs_f64();
+    println!(
+        "pure Ledger (in memory)      {:>9.0} charged requests/s ({} in {s:.2} s)",
+        (REQUESTS * 10) as f64 / s,
+        REQUESTS * 10
+    );
+}
+
+async fn store(name: &str, url: &str, users: usize) {
+    let db = Db::open(url).await.unwrap();
+    let acc = Arc::new(Accounts::open(db, AccountsConfig::default()).await.unwrap());
+    let mut ids = Vec::new();
+    for u in 0..users {
+        let s = acc
+            .sign_in(
+                &Identity {
+                    kind: "bench".into(),
+                    subject: format!("{u}-{}", std::process::id()),
+                    detail: None,
+                },
+                None,
+                None,
+                "bench",
+            )
+            .await
+            .unwrap();
+        acc.ledger()
+            .post(Op::Deposit {
+                op: format!("dep-{}", s.user.id),
+                user: s.user.id.clone(),
+                amount: Money::from_lai(1_000).unwrap(),
+            })
+            .await
+            .unwrap();
+        ids.push(s.user.id);
+    }
+    let ids = Arc::new(ids);
+    let sem = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
+    let t = Instant::now();
+    let mut tasks = Vec::with_capacity(REQUESTS);
+    for i in 0..REQUESTS {
+        let permit = sem.clone().acquire_owned().await.unwrap();
+        let (acc, ids) = (acc.clone(), ids.clone());
+        tasks.push(tokio::spawn(async move {
+            let user = &ids[i % ids.len()];
+            let r = format!("bench-{}-{i}", std::process::id());
+            acc.ledger().post(hold(&r, user)).await.unwrap();
+            let usage = UsageRecord {
+                request_id: r.clone(),
+                user_id: user.clone(),
+                key_id: None,
+                node: "0x00000000000000000000000000000000000000aa".into(),
+                model: "bench".into(),
+                prompt_tokens: 10,
+                completion_tokens: 16,
+                cost: Money::from_units(600_000),
+                receipt: "{}".into(),
+            };
+            acc.ledger().charge(charge(&r, user), usage).await.unwrap();
+            drop(permit);
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let s = t.elapsed().as_secs_f64();
+    let audit = acc.ledger().audit().await.unwrap();
+    assert!(audit.balanced(), "{audit:?}");
+    println!(
+        "{name:<28} {:>9.0} charged requests/s (hold + charge + usage row; {REQUESTS} requests, {IN_FLIGHT} in flight, {users} users, {s:.2} s)",
+        REQUESTS as f64 / s
+    );
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    pure();
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = format!("sqlite://{}", dir.path().join("bench.db").display());
+    store("SQLite (WAL, 1 user)", &sqlite, 1).await;
+    store("SQLite (WAL, 100 users)", &sqlite, 100).await;
+    match std::env::var("LATTICE_TEST_POSTGRES_URL") {
+        Ok(pg) => {
+            store("PostgreSQL (1 user)", &pg, 1).await;
+            store("PostgreSQL (100 users)", &pg, 100).await;
+        }
+        Err(_) => {
+            println!("PostgreSQL: set LATTICE_TEST_POSTGRES_URL (scripts/postgres.sh prints one)")
+        }
+    }
+}
