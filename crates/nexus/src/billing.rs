@@ -252,6 +252,129 @@ mod tests {
     use lattice_engine::Message;
     use lattice_link::NodeKey;
 
+    async fn funded() -> (Arc<Billing>, Payer) {
+        let db = lattice_accounts::Db::open("sqlite::memory:").await.unwrap();
+        let accounts = Arc::new(
+            Accounts::open(db, lattice_accounts::AccountsConfig::default())
+                .await
+                .unwrap(),
+        );
+        let identity = lattice_accounts::Identity {
+            kind: "test".into(),
+            subject: "u".into(),
+            detail: None,
+        };
+        let s = accounts.sign_in(&identity, None, None, "t").await.unwrap();
+        let payer = Payer {
+            user_id: s.user.id,
+            address: s.user.address,
+            key_id: None,
+            key_spend_limit: None,
+        };
+        let billing = Arc::new(Billing {
+            accounts,
+            split: Split::default(),
+            chain_id: 31337,
+        });
+        (billing, payer)
+    }
+
+    fn bill(billing: &Arc<Billing>, payer: &Payer, node: &NodeKey, request: &str) -> Bill {
+        Bill {
+            billing: billing.clone(),
+            request: request.into(),
+            payer: payer.clone(),
+            model: "m".into(),
+            hold: Money::from_units(1_000_000),
+            node: Some((
+                node.address(),
+                Price {
+                    input_per_mtok: 1_000_000,
+                    output_per_mtok: 2_000_000,
+                },
+            )),
+            receipt: None,
+            settled: false,
+            history: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn only_a_valid_receipt_is_charged_and_holds_are_always_released() {
+        let (billing, payer) = funded().await;
+        let start = billing
+            .accounts
+            .balance(&payer.user_id)
+            .await
+            .unwrap()
+            .available;
+        let node = NodeKey::generate().unwrap();
+        let usage = Usage::new(3, 4);
+        let receipt = |request: &str, key: &NodeKey| {
+            UsageReceipt {
+                request_id: request.into(),
+                user: payer.address.clone(),
+                model: "m".into(),
+                prompt_tokens: 3,
+                completion_tokens: 4,
+                price_in: 1_000_000,
+                price_out: 2_000_000,
+                timestamp: 1,
+                chain_id: 31337,
+                signature: String::new(),
+            }
+            .sign(key)
+            .unwrap()
+        };
+        let accounts = billing.accounts.clone();
+        let settle = |request: &'static str, r: Option<UsageReceipt>| {
+            let (billing, payer, node) = (billing.clone(), payer.clone(), &node);
+            async move {
+                billing
+                    .hold(request, &payer, Money::from_units(1_000_000))
+                    .await
+                    .unwrap();
+                let mut b = bill(&billing, &payer, node, request);
+                b.receipt = r;
+                b.settle(&usage).await
+            }
+        };
+        // No receipt, a forged one: nothing charged.
+        assert!(matches!(settle("none", None).await, Settlement::Refused(_)));
+        let forger = NodeKey::generate().unwrap();
+        let forged = receipt("forged", &forger);
+        assert!(matches!(
+            settle("forged", Some(forged)).await,
+            Settlement::Refused(_)
+        ));
+        // A valid one: 3 × 1 + 4 × 2 = 11 units.
+        let good = receipt("good", &node);
+        assert_eq!(
+            settle("good", Some(good)).await,
+            Settlement::Charged(Money::from_units(11))
+        );
+        // A bill dropped before the end (client gone, node lost) releases its hold.
+        billing
+            .hold("dropped", &payer, Money::from_units(5))
+            .await
+            .unwrap();
+        drop(bill(&billing, &payer, &node, "dropped"));
+        // Releases are queued; wait for the writer.
+        for _ in 0..100 {
+            if accounts.balance(&payer.user_id).await.unwrap().held == Money::ZERO {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let b = accounts.balance(&payer.user_id).await.unwrap();
+        assert_eq!(b.held, Money::ZERO);
+        assert_eq!(
+            b.available,
+            start.checked_sub(Money::from_units(11)).unwrap()
+        );
+        assert!(accounts.ledger().audit().await.unwrap().balanced());
+    }
+
     #[test]
     fn bounds_cover_the_prompt_and_respect_the_context() {
         let chat = Prompt::Chat(vec![Message {
