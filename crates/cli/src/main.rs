@@ -28,7 +28,7 @@ enum Command {
     /// Start a whole local network (Nexus + two nodes) and print its OpenAI endpoint.
     Up(UpArgs),
     /// Run Nexus, the coordinator: one OpenAI endpoint over every linked node.
-    Nexus(NexusArgs),
+    Nexus(Box<NexusArgs>),
     /// Run an inference node, linked to a Nexus or standalone.
     Node(Box<NodeArgs>),
     /// Show the nodes a Nexus knows: models, health, load, reputation.
@@ -210,7 +210,7 @@ fn main() -> Result<()> {
     rt.block_on(async move {
         match cli.command {
             Command::Up(a) => up(a).await,
-            Command::Nexus(a) => nexus(a).await,
+            Command::Nexus(a) => nexus(*a).await,
             Command::Node(a) => node(*a).await,
             Command::Status { nexus } => status(&nexus).await,
             Command::Model(m) => model(m).await,
