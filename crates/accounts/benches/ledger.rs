@@ -89,10 +89,10 @@ async fn store(name: &str, url: &str, users: usize) {
     let mut tasks = Vec::with_capacity(REQUESTS);
     for i in 0..REQUESTS {
         let permit = sem.clone().acquire_owned().await.unwrap();
-        let (acc, ids) = (acc.clone(), ids.clone());
+        let (acc, ids, users) = (acc.clone(), ids.clone(), users);
         tasks.push(tokio::spawn(async move {
             let user = &ids[i % ids.len()];
-            let r = format!("bench-{}-{i}", std::process::id());
+            let r = format!("bench-{}-{users}-{i}", std::process::id());
             acc.ledger().post(hold(&r, user)).await.unwrap();
             let usage = UsageRecord {
                 request_id: r.clone(),

@@ -456,157 +456,228 @@ pub(crate) async fn apply_batch(
     }
     let changes = ledger.take_changes();
 
-    // Write back.
-    for account in &changes.balances {
-        let amount = ledger.balance(account).to_string();
-        sqlx::query(
-            "INSERT INTO balances (account, amount) VALUES ($1, $2)
-             ON CONFLICT (account) DO UPDATE SET amount = excluded.amount",
-        )
-        .bind(account.key())
-        .bind(amount)
-        .execute(&mut *tx)
-        .await?;
-    }
-    for request in &changes.holds_removed {
-        sqlx::query("DELETE FROM holds WHERE request_id = $1")
-            .bind(request)
-            .execute(&mut *tx)
-            .await?;
-    }
-    for request in &changes.holds_added {
-        if let Some(h) = ledger.holds.get(request) {
-            sqlx::query(
-                "INSERT INTO holds (request_id, user_id, key_id, amount, owner, expires_at)
-                 VALUES ($1, $2, $3, $4, $5, $6)
-                 ON CONFLICT (request_id) DO UPDATE SET user_id = excluded.user_id,
-                   key_id = excluded.key_id, amount = excluded.amount, owner = excluded.owner,
-                   expires_at = excluded.expires_at",
-            )
-            .bind(request)
-            .bind(&h.user)
-            .bind(&h.key)
-            .bind(h.amount.to_string())
-            .bind(&config.owner)
-            .bind(expires)
-            .execute(&mut *tx)
-            .await?;
-        }
-    }
-    for request in &changes.charges {
-        if let Some(c) = ledger.charges.get(request) {
-            sqlx::query(
-                "INSERT INTO charges (request_id, user_id, key_id, node, amount, node_part, pool_part, treasury_part, refunded, created_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
-                 ON CONFLICT (request_id) DO UPDATE SET refunded = excluded.refunded",
-            )
-            .bind(request)
-            .bind(&c.user)
-            .bind(&c.key)
-            .bind(&c.node)
-            .bind(c.amount.to_string())
-            .bind(c.node_part.to_string())
-            .bind(c.pool_part.to_string())
-            .bind(c.treasury_part.to_string())
-            .bind(i64::from(c.refunded))
-            .bind(t)
-            .execute(&mut *tx)
-            .await?;
-        }
-    }
-    for key in &changes.keys {
-        if let Some(u) = ledger.keys.get(key) {
-            sqlx::query(
-                "INSERT INTO key_usage (key_id, spent, held) VALUES ($1, $2, $3)
-                 ON CONFLICT (key_id) DO UPDATE SET spent = excluded.spent, held = excluded.held",
-            )
-            .bind(key)
-            .bind(u.spent.to_string())
-            .bind(u.held.to_string())
-            .execute(&mut *tx)
-            .await?;
-        }
-    }
-    for op in &changes.applied {
-        sqlx::query("INSERT INTO applied_ops (op, created_at) VALUES ($1, $2)")
-            .bind(op)
-            .bind(t)
-            .execute(&mut *tx)
-            .await?;
-    }
-    for a in [Account::Faucet, Account::Chain] {
-        let issued = ledger.issued.get(&a).copied().unwrap_or_default();
-        let redeemed = ledger.redeemed.get(&a).copied().unwrap_or_default();
-        if issued.is_zero() && redeemed.is_zero() {
-            continue;
-        }
-        sqlx::query(
-            "INSERT INTO external_totals (account, issued, redeemed) VALUES ($1, $2, $3)
-             ON CONFLICT (account) DO UPDATE SET issued = excluded.issued, redeemed = excluded.redeemed",
-        )
-        .bind(a.key())
-        .bind(issued.to_string())
-        .bind(redeemed.to_string())
-        .execute(&mut *tx)
-        .await?;
-    }
-    // Journal and usage rows, many per statement.
-    for chunk in postings.chunks(100) {
-        let mut sql = String::from(
-            "INSERT INTO journal (op, leg, debit, credit, amount, created_at) VALUES ",
+    // Write back: a few multi-row statements per batch, not one per row.
+    let rows: Vec<Vec<V>> = changes
+        .balances
+        .iter()
+        .map(|a| vec![V::T(a.key()), V::T(ledger.balance(a).to_string())])
+        .collect();
+    insert_rows(
+        &mut tx,
+        "INSERT INTO balances (account, amount) VALUES",
+        rows,
+        "ON CONFLICT (account) DO UPDATE SET amount = excluded.amount",
+    )
+    .await?;
+    let removed: BTreeSet<String> = changes.holds_removed.iter().cloned().collect();
+    let removed: Vec<&String> = removed.iter().collect();
+    for chunk in removed.chunks(500) {
+        let sql = format!(
+            "DELETE FROM holds WHERE request_id IN ({})",
+            placeholders(1, chunk.len())
         );
-        for i in 0..chunk.len() {
-            if i > 0 {
-                sql.push_str(", ");
-            }
-            sql.push('(');
-            sql.push_str(&placeholders(i * 6 + 1, 6));
-            sql.push(')');
-        }
         let mut q = sqlx::query(&sql);
-        for (leg, p) in chunk {
-            q = q
-                .bind(&p.op)
-                .bind(i64::try_from(*leg).unwrap_or(i64::MAX))
-                .bind(p.debit.key())
-                .bind(p.credit.key())
-                .bind(p.amount.to_string())
-                .bind(t);
+        for r in chunk {
+            q = q.bind(*r);
         }
         q.execute(&mut *tx).await?;
     }
+    let rows: Vec<Vec<V>> = changes
+        .holds_added
+        .iter()
+        .filter_map(|r| {
+            ledger.holds.get(r).map(|h| {
+                vec![
+                    V::T(r.clone()),
+                    V::T(h.user.clone()),
+                    V::O(h.key.clone()),
+                    V::T(h.amount.to_string()),
+                    V::T(config.owner.clone()),
+                    V::I(expires),
+                ]
+            })
+        })
+        .collect();
+    insert_rows(
+        &mut tx,
+        "INSERT INTO holds (request_id, user_id, key_id, amount, owner, expires_at) VALUES",
+        rows,
+        "ON CONFLICT (request_id) DO UPDATE SET user_id = excluded.user_id, key_id = excluded.key_id,
+         amount = excluded.amount, owner = excluded.owner, expires_at = excluded.expires_at",
+    )
+    .await?;
+    let rows: Vec<Vec<V>> = changes
+        .charges
+        .iter()
+        .filter_map(|r| {
+            ledger.charges.get(r).map(|c| {
+                vec![
+                    V::T(r.clone()),
+                    V::T(c.user.clone()),
+                    V::O(c.key.clone()),
+                    V::T(c.node.clone()),
+                    V::T(c.amount.to_string()),
+                    V::T(c.node_part.to_string()),
+                    V::T(c.pool_part.to_string()),
+                    V::T(c.treasury_part.to_string()),
+                    V::I(i64::from(c.refunded)),
+                    V::I(t),
+                ]
+            })
+        })
+        .collect();
+    insert_rows(
+        &mut tx,
+        "INSERT INTO charges (request_id, user_id, key_id, node, amount, node_part, pool_part, treasury_part, refunded, created_at) VALUES",
+        rows,
+        "ON CONFLICT (request_id) DO UPDATE SET refunded = excluded.refunded",
+    )
+    .await?;
+    let rows: Vec<Vec<V>> = changes
+        .keys
+        .iter()
+        .filter_map(|k| {
+            ledger.keys.get(k).map(|u| {
+                vec![
+                    V::T(k.clone()),
+                    V::T(u.spent.to_string()),
+                    V::T(u.held.to_string()),
+                ]
+            })
+        })
+        .collect();
+    insert_rows(
+        &mut tx,
+        "INSERT INTO key_usage (key_id, spent, held) VALUES",
+        rows,
+        "ON CONFLICT (key_id) DO UPDATE SET spent = excluded.spent, held = excluded.held",
+    )
+    .await?;
+    let rows: Vec<Vec<V>> = changes
+        .applied
+        .iter()
+        .map(|op| vec![V::T(op.clone()), V::I(t)])
+        .collect();
+    insert_rows(
+        &mut tx,
+        "INSERT INTO applied_ops (op, created_at) VALUES",
+        rows,
+        "",
+    )
+    .await?;
+    let rows: Vec<Vec<V>> = [Account::Faucet, Account::Chain]
+        .into_iter()
+        .filter_map(|a| {
+            let issued = ledger.issued.get(&a).copied().unwrap_or_default();
+            let redeemed = ledger.redeemed.get(&a).copied().unwrap_or_default();
+            (!issued.is_zero() || !redeemed.is_zero()).then(|| {
+                vec![
+                    V::T(a.key()),
+                    V::T(issued.to_string()),
+                    V::T(redeemed.to_string()),
+                ]
+            })
+        })
+        .collect();
+    insert_rows(
+        &mut tx,
+        "INSERT INTO external_totals (account, issued, redeemed) VALUES",
+        rows,
+        "ON CONFLICT (account) DO UPDATE SET issued = excluded.issued, redeemed = excluded.redeemed",
+    )
+    .await?;
+    let rows: Vec<Vec<V>> = postings
+        .iter()
+        .map(|(leg, p)| {
+            vec![
+                V::T(p.op.clone()),
+                V::I(i64::try_from(*leg).unwrap_or(i64::MAX)),
+                V::T(p.debit.key()),
+                V::T(p.credit.key()),
+                V::T(p.amount.to_string()),
+                V::I(t),
+            ]
+        })
+        .collect();
+    insert_rows(
+        &mut tx,
+        "INSERT INTO journal (op, leg, debit, credit, amount, created_at) VALUES",
+        rows,
+        "",
+    )
+    .await?;
     let day = day_of(t);
-    for chunk in usages.chunks(50) {
-        let mut sql = String::from(
-            "INSERT INTO usage_records (request_id, user_id, key_id, node, model, prompt_tokens, completion_tokens, cost, day, receipt, created_at) VALUES ",
-        );
-        for i in 0..chunk.len() {
-            if i > 0 {
-                sql.push_str(", ");
-            }
-            sql.push('(');
-            sql.push_str(&placeholders(i * 11 + 1, 11));
-            sql.push(')');
-        }
-        let mut q = sqlx::query(&sql);
-        for u in chunk {
-            q = q
-                .bind(&u.request_id)
-                .bind(&u.user_id)
-                .bind(&u.key_id)
-                .bind(&u.node)
-                .bind(&u.model)
-                .bind(i64::try_from(u.prompt_tokens).unwrap_or(i64::MAX))
-                .bind(i64::try_from(u.completion_tokens).unwrap_or(i64::MAX))
-                .bind(u.cost.to_string())
-                .bind(&day)
-                .bind(&u.receipt)
-                .bind(t);
-        }
-        q.execute(&mut *tx).await?;
-    }
+    let rows: Vec<Vec<V>> = usages
+        .iter()
+        .map(|u| {
+            vec![
+                V::T(u.request_id.clone()),
+                V::T(u.user_id.clone()),
+                V::O(u.key_id.clone()),
+                V::T(u.node.clone()),
+                V::T(u.model.clone()),
+                V::I(i64::try_from(u.prompt_tokens).unwrap_or(i64::MAX)),
+                V::I(i64::try_from(u.completion_tokens).unwrap_or(i64::MAX)),
+                V::T(u.cost.to_string()),
+                V::T(day.clone()),
+                V::T(u.receipt.clone()),
+                V::I(t),
+            ]
+        })
+        .collect();
+    insert_rows(
+        &mut tx,
+        "INSERT INTO usage_records (request_id, user_id, key_id, node, model, prompt_tokens, completion_tokens, cost, day, receipt, created_at) VALUES",
+        rows,
+        "",
+    )
+    .await?;
     tx.commit().await?;
     Ok(results)
+}
+
+/// A bound value of a multi-row insert.
+enum V {
+    T(String),
+    O(Option<String>),
+    I(i64),
+}
+
+/// `HEAD (…), (…), … TAIL` in chunks of at most ~1,000 parameters (every SQLite and PostgreSQL
+/// accepts that many).
+async fn insert_rows(
+    tx: &mut Transaction<'static, Any>,
+    head: &str,
+    rows: Vec<Vec<V>>,
+    tail: &str,
+) -> Result<(), StoreError> {
+    let Some(cols) = rows.first().map(Vec::len) else {
+        return Ok(());
+    };
+    let per = (1000 / cols.max(1)).max(1);
+    for chunk in rows.chunks(per) {
+        let mut sql = String::with_capacity(head.len() + chunk.len() * cols * 5 + tail.len());
+        sql.push_str(head);
+        for (i, _) in chunk.iter().enumerate() {
+            sql.push_str(if i == 0 { " (" } else { ", (" });
+            sql.push_str(&placeholders(i * cols + 1, cols));
+            sql.push(')');
+        }
+        sql.push(' ');
+        sql.push_str(tail);
+        let mut q = sqlx::query(&sql);
+        for row in chunk {
+            for v in row {
+                q = match v {
+                    V::T(s) => q.bind(s.as_str()),
+                    V::O(s) => q.bind(s.as_deref()),
+                    V::I(i) => q.bind(*i),
+                };
+            }
+        }
+        q.execute(&mut **tx).await?;
+    }
+    Ok(())
 }
 
 /// `SELECT … WHERE col IN (…)` over a set, in chunks within every backend's parameter limit.
