@@ -95,30 +95,38 @@ async fn probe(nexus: &Nexus, node: lattice_router::NodeId, model: &str) -> Outc
             ..SamplingParams::default()
         },
         preference: Preference::default(),
-        user: None,
+        // A (zero) user makes the node sign a receipt, which the probe checks.
+        user: Some(lattice_link::NO_USER.to_owned()),
         payer: None,
         conversation: None,
     };
     let deadline = Instant::now() + nexus.config.probe_timeout;
-    let (first, mut rx, stream) = match attempt(&link, &req, deadline).await {
+    let (first, mut rx, stream, early) = match attempt(&link, &req, deadline).await {
         Attempt::Started {
-            first, rx, stream, ..
-        } => (first, rx, stream),
+            first,
+            rx,
+            stream,
+            receipt,
+        } => (first, rx, stream, receipt),
         Attempt::Failed { .. } => return Outcome::Failure,
     };
+    let signed_by_node = |r: &lattice_link::UsageReceipt| {
+        nexus
+            .registry
+            .address_price(node)
+            .is_some_and(|(address, _)| r.verify(&address).is_ok())
+    };
+    let mut receipt = early.as_ref().is_some_and(signed_by_node);
     let mut text = String::new();
     let mut ev = Some(LinkEvent::Engine(first));
     let finished = loop {
         match ev {
             Some(LinkEvent::Engine(Event::Delta(d))) => text.push_str(&d),
-            Some(LinkEvent::Engine(Event::Done { .. })) => break true,
             // Probes also check that the node signs its receipts with its registered key.
+            Some(LinkEvent::Engine(Event::Done { .. })) => break receipt,
             Some(LinkEvent::Receipt(r)) => {
-                let signed = nexus
-                    .registry
-                    .address_price(node)
-                    .is_some_and(|(address, _)| r.verify(&address).is_ok());
-                if !signed {
+                receipt = signed_by_node(&r);
+                if !receipt {
                     break false;
                 }
             }

@@ -364,7 +364,9 @@ async fn serve_stream(
     };
     while let Some(ev) = events.next().await {
         let last = !matches!(ev, Ok(Event::Delta(_)));
+        // Receipts are for paid requests (Nexus sets the payer); unbilled ones skip the signature.
         if let Ok(Event::Done { usage, .. }) = &ev
+            && user.is_some()
             && let Some(r) = signer.receipt(&request_id, user.as_deref(), &model, usage)
         {
             let receipt = NodeFrame::Event {
