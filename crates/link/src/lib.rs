@@ -9,7 +9,7 @@ pub use frames::{
     FrameError, LinkEvent, MAX_FRAME_BYTES, ModelAd, NexusFrame, NodeFrame, NodeKind,
     PROTOCOL_VERSION, Price, decode, encode,
 };
-pub use identity::{IdentityError, NodeKey, challenge_message, recover_address};
+pub use identity::{IdentityError, NodeKey, challenge_message, recover_address, write_private};
 pub use receipt::{NO_USER, ReceiptError, UsageReceipt};
 
 /// Path on Nexus where nodes open their link.

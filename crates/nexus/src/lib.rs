@@ -157,7 +157,7 @@ impl Nexus {
             .accounts
             .create_key(&s.user.id, "lattice up", None, None)
             .await?;
-        write_private(path, &key.secret)
+        lattice_link::write_private(path, &key.secret)
             .map_err(|e| StoreError::Config(format!("cannot write {}: {e}", path.display())))?;
         Ok(key.secret)
     }
@@ -272,23 +272,4 @@ async fn sweep_holds(accounts: Arc<Accounts>) {
             Err(e) => tracing::error!(error = %e, "sweeping holds"),
         }
     }
-}
-
-#[cfg(unix)]
-fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)?;
-    f.write_all(text.as_bytes())?;
-    f.sync_all()
-}
-
-#[cfg(not(unix))]
-fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
-    std::fs::write(path, text)
 }
