@@ -91,7 +91,6 @@ impl NetworkEngine {
         let amount = worst.cost(p, c).ok_or_else(|| {
             EngineError::InvalidRequest("the request's cost bound overflows".into())
         })?;
-        billing.hold(&req.request_id, payer, amount).await?;
         let history = req
             .conversation
             .as_ref()
@@ -105,7 +104,9 @@ impl NetworkEngine {
                 }),
                 Prompt::Text(_) => None,
             });
-        Ok(Some(Bill {
+        // The bill exists before the hold is awaited: if this future is dropped mid-await (the
+        // client went away) after the writer applied the hold, the bill's drop releases it.
+        let mut bill = Bill {
             billing: billing.clone(),
             request: req.request_id.clone(),
             payer: payer.clone(),
@@ -115,7 +116,13 @@ impl NetworkEngine {
             receipt: None,
             settled: false,
             history,
-        }))
+        };
+        if let Err(e) = billing.hold(&req.request_id, payer, amount).await {
+            // Refused by the ledger: nothing was held, nothing to release.
+            bill.settled = matches!(e, EngineError::PaymentRequired(_));
+            return Err(e);
+        }
+        Ok(Some(bill))
     }
 }
 
