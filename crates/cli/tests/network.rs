@@ -787,6 +787,14 @@ async fn users_sign_in_get_faucet_credit_pay_per_token_and_keys_are_enforced() {
     assert_eq!(u["data"][0]["group"], k["id"], "{u}");
     assert_eq!(u["data"][0]["requests"], 1);
     assert_eq!(u["data"][0]["cost"], cost.to_string());
+    let (s, _) = call(
+        reqwest::Method::GET,
+        &format!("{base}/lattice/v1/usage?from=2020-01-01&to=2026-01-01"),
+        &session,
+        None,
+    )
+    .await;
+    assert_eq!(s, 400, "usage ranges are bounded");
     let node_addr = nodes(base).await["online"][0]["address"]
         .as_str()
         .unwrap()

@@ -330,14 +330,16 @@ pub(crate) struct UsageQuery {
     group: Option<UsageGroup>,
 }
 
+/// Longest usage range one request may scan (rows are summed as they stream).
+const MAX_USAGE_DAYS: i64 = 366;
+
 fn day_range(q: &UsageQuery) -> Result<(String, String), Response> {
     let today = time::OffsetDateTime::now_utc().date();
-    let parse = |s: &Option<String>, default: time::Date| -> Result<String, Response> {
+    let parse = |s: &Option<String>, default: time::Date| -> Result<time::Date, Response> {
         match s {
-            None => Ok(default.to_string()),
+            None => Ok(default),
             Some(d) => {
                 time::Date::parse(d, time::macros::format_description!("[year]-[month]-[day]"))
-                    .map(|d| d.to_string())
                     .map_err(|_| {
                         err(ApiError::invalid_request(format!(
                             "Bad date {d:?}: use YYYY-MM-DD."
@@ -346,10 +348,15 @@ fn day_range(q: &UsageQuery) -> Result<(String, String), Response> {
             }
         }
     };
-    Ok((
-        parse(&q.from, today - time::Duration::days(30))?,
-        parse(&q.to, today)?,
-    ))
+    let from = parse(&q.from, today - time::Duration::days(30))?;
+    let to = parse(&q.to, today)?;
+    let days = (to - from).whole_days();
+    if !(0..=MAX_USAGE_DAYS).contains(&days) {
+        return Err(err(ApiError::invalid_request(format!(
+            "`from` must not be after `to`, and a range spans at most {MAX_USAGE_DAYS} days."
+        ))));
+    }
+    Ok((from.to_string(), to.to_string()))
 }
 
 pub(crate) async fn usage(
@@ -580,7 +587,7 @@ pub(crate) async fn oidc_start(State(nexus): State<Arc<Nexus>>) -> ApiResult {
         )));
     };
     let url = nexus.accounts.oidc_start(p).await.map_err(store_err)?;
-    let state = reqwest_state(&url).unwrap_or_default();
+    let state = state_param(&url).unwrap_or_default();
     let mut resp = axum::response::Redirect::to(&url).into_response();
     let c = format!(
         "{OIDC_STATE_COOKIE}={state}; Path={OIDC_PATH}; HttpOnly; SameSite=Lax; Max-Age=600"
@@ -591,7 +598,7 @@ pub(crate) async fn oidc_start(State(nexus): State<Arc<Nexus>>) -> ApiResult {
     Ok(resp)
 }
 
-fn reqwest_state(url: &str) -> Option<String> {
+fn state_param(url: &str) -> Option<String> {
     let q = url.split_once('?')?.1;
     q.split('&')
         .find_map(|kv| kv.strip_prefix("state="))
