@@ -117,6 +117,17 @@ impl KeyCache {
     }
 }
 
+fn spend_limit(r: &sqlx::any::AnyRow) -> Result<Option<Money>, StoreError> {
+    r.try_get::<Option<String>, _>("spend_limit")?
+        .map(|s| parse_money(&s))
+        .transpose()
+}
+
+fn rpm_limit(r: &sqlx::any::AnyRow) -> Result<Option<u32>, StoreError> {
+    Ok(r.try_get::<Option<i64>, _>("rpm_limit")?
+        .and_then(|v| u32::try_from(v).ok()))
+}
+
 pub(crate) async fn create(
     db: &Db,
     user_id: &str,
@@ -182,13 +193,8 @@ pub(crate) async fn list(db: &Db, user_id: &str) -> Result<Vec<ApiKey>, StoreErr
                 id: r.try_get("id")?,
                 name: r.try_get("name")?,
                 prefix: r.try_get("prefix")?,
-                spend_limit: r
-                    .try_get::<Option<String>, _>("spend_limit")?
-                    .map(|s| parse_money(&s))
-                    .transpose()?,
-                rpm_limit: r
-                    .try_get::<Option<i64>, _>("rpm_limit")?
-                    .and_then(|v| u32::try_from(v).ok()),
+                spend_limit: spend_limit(r)?,
+                rpm_limit: rpm_limit(r)?,
                 spent: r
                     .try_get::<Option<String>, _>("spent")?
                     .map(|s| parse_money(&s))
@@ -240,13 +246,8 @@ pub(crate) async fn authenticate(
         address: r.try_get("address")?,
         key: Some(KeyInfo {
             id: r.try_get("id")?,
-            spend_limit: r
-                .try_get::<Option<String>, _>("spend_limit")?
-                .map(|s| parse_money(&s))
-                .transpose()?,
-            rpm_limit: r
-                .try_get::<Option<i64>, _>("rpm_limit")?
-                .and_then(|v| u32::try_from(v).ok()),
+            spend_limit: spend_limit(&r)?,
+            rpm_limit: rpm_limit(&r)?,
         }),
     };
     cache.put(hash, caller.clone());

@@ -3,7 +3,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use lattice_accounts::{
     Accounts, AccountsConfig, Db, FaucetOutcome, LedgerConfig, PostError, SiweMessage, UsageGroup,
@@ -489,17 +488,6 @@ async fn passkeys_register_and_sign_in(url: &str) {
                 .is_err()
         );
     }
-    // Another authenticator cannot sign in as alice.
-    let (challenge, rcr) = acc.passkey_login_start("alice").await.unwrap();
-    let mut stranger = SoftPasskey::new(true);
-    let forged = stranger.do_authentication(origin, rcr);
-    if let Ok(forged) = forged {
-        assert!(
-            acc.passkey_login_finish(&challenge, &forged, "10.0.0.7")
-                .await
-                .is_err()
-        );
-    }
     assert!(acc.passkey_login_start("nobody").await.is_err());
 }
 
@@ -536,5 +524,4 @@ async fn bad_database_urls_are_clear_errors() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("***") && !e.contains("pw@"), "{e}");
-    let _ = Duration::ZERO;
 }
