@@ -1,0 +1,297 @@
+//! An in-process EVM (revm) that keeps its state in one file.
+//!
+//! Every transaction is its own block, mined at once. After each block the whole state (accounts,
+//! code, storage), the block counter and the logs are written to a temporary file and renamed
+//! over the previous one, so a crash leaves either the old or the new state, never a mix; a
+//! restart continues from the last committed block. Transactions carry no signatures: the sender
+//! is whoever holds the embedding process, which is why this chain is for a local network.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use alloy::primitives::{Address, Bytes, TxKind, U256, keccak256};
+use revm::context::result::{ExecutionResult, Output};
+use revm::context::{Context, TxEnv};
+use revm::database::{Cache, CacheDB, EmptyDB};
+use revm::{ExecuteCommitEvm, ExecuteEvm, MainBuilder, MainContext};
+use serde::{Deserialize, Serialize};
+
+use crate::{ChainError, ChainLog, Receipt, revert_reason};
+
+/// Gas limit of every block, like a mainnet block.
+const BLOCK_GAS_LIMIT: u64 = 30_000_000;
+/// Most gas one transaction may use: 2^24, the per-transaction cap of EIP-7825 (Osaka), which
+/// revm enforces and settlement batches are sized for.
+pub const TX_GAS_LIMIT: u64 = 1 << 24;
+
+#[derive(Serialize, Deserialize)]
+struct State {
+    chain_id: u64,
+    block: u64,
+    timestamp: u64,
+    /// Seconds added to the wall clock (tests move time forward to end epochs).
+    time_offset: u64,
+    cache: Cache,
+    logs: Vec<ChainLog>,
+}
+
+pub struct Embedded {
+    chain_id: u64,
+    path: Option<PathBuf>,
+    state: Mutex<State>,
+}
+
+impl Embedded {
+    /// Opens the chain persisted at `path`, or starts a new one there.
+    pub fn open(path: &Path, chain_id: u64) -> Result<Self, ChainError> {
+        let err = |message: String| ChainError::State {
+            path: path.display().to_string(),
+            message,
+        };
+        let state = match std::fs::read(path) {
+            Ok(bytes) => {
+                let state: State =
+                    serde_json::from_slice(&bytes).map_err(|e| err(e.to_string()))?;
+                if state.chain_id != chain_id {
+                    return Err(err(format!(
+                        "holds chain {} but chain {chain_id} was asked for",
+                        state.chain_id
+                    )));
+                }
+                state
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => State::new(chain_id),
+            Err(e) => return Err(err(e.to_string())),
+        };
+        Ok(Self {
+            chain_id,
+            path: Some(path.to_owned()),
+            state: Mutex::new(state),
+        })
+    }
+
+    /// A chain that lives only in memory.
+    pub fn in_memory(chain_id: u64) -> Self {
+        Self {
+            chain_id,
+            path: None,
+            state: Mutex::new(State::new(chain_id)),
+        }
+    }
+
+    pub fn chain_id(&self) -> u64 {
+        self.chain_id
+    }
+
+    pub fn block_number(&self) -> u64 {
+        self.lock().block
+    }
+
+    /// Moves this chain's clock forward (block timestamps are the wall clock plus this offset).
+    pub fn advance_time(&self, seconds: u64) -> Result<(), ChainError> {
+        let mut state = self.lock();
+        state.time_offset = state.time_offset.saturating_add(seconds);
+        self.persist(&state)
+    }
+
+    pub(crate) fn send(
+        &self,
+        from: Address,
+        to: Option<Address>,
+        data: Bytes,
+    ) -> Result<Receipt, ChainError> {
+        let mut state = self.lock();
+        let block = state.block + 1;
+        let timestamp = state.now();
+        let hash = keccak256(
+            [
+                &self.chain_id.to_be_bytes()[..],
+                &block.to_be_bytes(),
+                from.as_slice(),
+                &data,
+            ]
+            .concat(),
+        );
+        let tx = TxEnv::builder()
+            .caller(from)
+            .kind(to.map_or(TxKind::Create, TxKind::Call))
+            .data(data)
+            .gas_limit(TX_GAS_LIMIT)
+            .gas_price(0)
+            .chain_id(Some(self.chain_id))
+            .build()
+            .map_err(|e| ChainError::Evm(format!("{e:?}")))?;
+        let db = CacheDB {
+            cache: std::mem::take(&mut state.cache),
+            db: EmptyDB::default(),
+        };
+        let mut evm = Context::mainnet()
+            .modify_cfg_chained(|cfg| {
+                cfg.chain_id = self.chain_id;
+                cfg.disable_nonce_check = true;
+            })
+            .modify_block_chained(|b| {
+                b.number = U256::from(block);
+                b.timestamp = U256::from(timestamp);
+                b.gas_limit = BLOCK_GAS_LIMIT;
+                b.basefee = 0;
+            })
+            .with_db(db)
+            .build_mainnet();
+        let result = evm.transact_commit(tx);
+        // Take the state back whatever happened: a failed transaction changed nothing.
+        state.cache = std::mem::take(&mut evm.ctx.journaled_state.database.cache);
+        let result = result.map_err(|e| ChainError::Evm(format!("{e:?}")))?;
+        match result {
+            ExecutionResult::Success {
+                gas, logs, output, ..
+            } => {
+                let created = match output {
+                    Output::Create(_, address) => address,
+                    Output::Call(_) => None,
+                };
+                state.block = block;
+                state.timestamp = timestamp;
+                let first = state.logs.len();
+                state
+                    .logs
+                    .extend(logs.iter().enumerate().map(|(i, log)| ChainLog {
+                        block,
+                        tx_hash: hash,
+                        index: i as u64,
+                        log: log.clone(),
+                    }));
+                if let Err(e) = self.persist(&state) {
+                    state.logs.truncate(first);
+                    return Err(e);
+                }
+                Ok(Receipt {
+                    hash,
+                    block,
+                    gas_used: gas.tx_gas_used(),
+                    logs,
+                    created,
+                })
+            }
+            ExecutionResult::Revert { output, .. } => {
+                Err(ChainError::Reverted(revert_reason(&output)))
+            }
+            ExecutionResult::Halt { reason, .. } => {
+                Err(ChainError::Reverted(format!("halted: {reason:?}")))
+            }
+        }
+    }
+
+    pub(crate) fn call(&self, to: Address, data: Bytes) -> Result<Bytes, ChainError> {
+        let state = self.lock();
+        let tx = TxEnv::builder()
+            .caller(Address::ZERO)
+            .kind(TxKind::Call(to))
+            .data(data)
+            .gas_limit(TX_GAS_LIMIT)
+            .gas_price(0)
+            .chain_id(Some(self.chain_id))
+            .build()
+            .map_err(|e| ChainError::Evm(format!("{e:?}")))?;
+        // A read works on a copy; nothing is committed.
+        let db = CacheDB {
+            cache: state.cache.clone(),
+            db: EmptyDB::default(),
+        };
+        let block = state.block;
+        let timestamp = state.now();
+        drop(state);
+        let mut evm = Context::mainnet()
+            .modify_cfg_chained(|cfg| {
+                cfg.chain_id = self.chain_id;
+                cfg.disable_nonce_check = true;
+            })
+            .modify_block_chained(|b| {
+                b.number = U256::from(block);
+                b.timestamp = U256::from(timestamp);
+                b.gas_limit = BLOCK_GAS_LIMIT;
+                b.basefee = 0;
+            })
+            .with_db(db)
+            .build_mainnet();
+        let result = evm
+            .transact(tx)
+            .map_err(|e| ChainError::Evm(format!("{e:?}")))?
+            .result;
+        match result {
+            ExecutionResult::Success { output, .. } => Ok(output.into_data()),
+            ExecutionResult::Revert { output, .. } => {
+                Err(ChainError::Reverted(revert_reason(&output)))
+            }
+            ExecutionResult::Halt { reason, .. } => {
+                Err(ChainError::Reverted(format!("halted: {reason:?}")))
+            }
+        }
+    }
+
+    pub(crate) fn logs(&self, address: Address, from: u64, to: u64) -> Vec<ChainLog> {
+        let state = self.lock();
+        // Logs are stored in block order: find the first one at or after `from`.
+        let start = state.logs.partition_point(|l| l.block < from);
+        state.logs[start..]
+            .iter()
+            .take_while(|l| l.block <= to)
+            .filter(|l| l.log.address == address)
+            .cloned()
+            .collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave a half-applied block: the state is only
+        // replaced as a whole. So a poisoned lock is safe to keep using.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn persist(&self, state: &State) -> Result<(), ChainError> {
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
+        let err = |e: std::io::Error| ChainError::State {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        };
+        let bytes = serde_json::to_vec(state).map_err(|e| ChainError::State {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(err)?;
+        }
+        let tmp = path.with_extension("tmp");
+        {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp).map_err(err)?;
+            f.write_all(&bytes).map_err(err)?;
+            f.sync_all().map_err(err)?;
+        }
+        std::fs::rename(&tmp, path).map_err(err)
+    }
+}
+
+impl State {
+    fn new(chain_id: u64) -> Self {
+        Self {
+            chain_id,
+            block: 0,
+            timestamp: 0,
+            time_offset: 0,
+            cache: Cache::default(),
+            logs: Vec::new(),
+        }
+    }
+
+    /// The next block's timestamp: the clock (plus offset), never earlier than the last block.
+    fn now(&self) -> u64 {
+        let wall = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        wall.saturating_add(self.time_offset).max(self.timestamp)
+    }
+}

@@ -1,0 +1,222 @@
+//! The protocol driven from Rust, on the embedded chain and on a real anvil (from npm).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+use std::sync::Arc;
+
+use alloy::node_bindings::Anvil;
+use lattice_chain::{
+    Address, B256, Chain, ChainError, DeployParams, Embedded, GrantEntry, NodeOffer,
+    PrivateKeySigner, Protocol, Rpc, SettleEntry, U256,
+};
+
+fn addr(n: u8) -> Address {
+    Address::repeat_byte(n)
+}
+
+fn anvil_path() -> std::path::PathBuf {
+    std::env::var_os("LATTICE_ANVIL").map_or_else(
+        || {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../../contracts/node_modules/@foundry-rs/anvil-linux-amd64/bin/anvil")
+        },
+        Into::into,
+    )
+}
+
+/// Grants, settlement (with a shortfall), idempotency by id, access control, node sponsoring
+/// and deposits — the same script on any chain.
+async fn exercise(chain: Chain, operator: PrivateKeySigner) {
+    let treasury = addr(0xee);
+    let p = Protocol::deploy(
+        chain.clone(),
+        operator.clone(),
+        &DeployParams::local(treasury),
+    )
+    .await
+    .expect("deploy");
+    let (alice, bob, node) = (addr(1), addr(2), addr(10));
+
+    let grant = B256::repeat_byte(1);
+    let grants = [
+        GrantEntry {
+            user: alice,
+            amount: U256::from(100),
+        },
+        GrantEntry {
+            user: bob,
+            amount: U256::from(50),
+        },
+    ];
+    assert!(!p.grant_applied(grant).await.unwrap());
+    assert!(
+        p.grant_batch(grant, &grants).await.unwrap(),
+        "first grant applies"
+    );
+    assert!(
+        !p.grant_batch(grant, &grants).await.unwrap(),
+        "resent grant is a no-op"
+    );
+    assert!(p.grant_applied(grant).await.unwrap());
+    assert_eq!(p.user_balance(alice).await.unwrap(), U256::from(100));
+    assert_eq!(p.user_balance(bob).await.unwrap(), U256::from(50));
+
+    let batch = B256::repeat_byte(2);
+    let entries = [
+        SettleEntry {
+            user: alice,
+            node,
+            amount: U256::from(30),
+            tokens: 100,
+            requests: 2,
+        },
+        // Bob owes more than he has: he pays what is left, the batch still applies.
+        SettleEntry {
+            user: bob,
+            node,
+            amount: U256::from(60),
+            tokens: 40,
+            requests: 1,
+        },
+    ];
+    assert!(!p.batch_settled(batch).await.unwrap());
+    assert!(
+        p.settle_batch(batch, &entries).await.unwrap(),
+        "first settle applies"
+    );
+    assert!(
+        !p.settle_batch(batch, &entries).await.unwrap(),
+        "resent batch is a no-op"
+    );
+    assert!(p.batch_settled(batch).await.unwrap());
+    assert_eq!(p.user_balance(alice).await.unwrap(), U256::from(70));
+    assert_eq!(p.user_balance(bob).await.unwrap(), U256::ZERO);
+    assert_eq!(p.total_settled().await.unwrap(), U256::from(80));
+    // 90/5/5 per entry, rounded down for node and pool; nobody stakes, so the pool share goes
+    // to the node: alice's 30 → 27 + 1 (treasury 2); bob's 50 → 45 + 2 (treasury 3).
+    assert_eq!(p.node_earned(node).await.unwrap(), U256::from(75));
+    assert_eq!(p.node_balance(node).await.unwrap(), U256::from(75));
+    assert_eq!(p.treasury_balance().await.unwrap(), U256::from(5));
+
+    // Only the settler may settle; the custom error comes back decoded.
+    let stranger = Protocol::attach(
+        chain.clone(),
+        PrivateKeySigner::random(),
+        p.deployment().clone(),
+    );
+    match stranger.settle_batch(B256::repeat_byte(3), &entries).await {
+        Err(ChainError::Reverted(reason)) => {
+            assert!(
+                reason.contains("AccessControlUnauthorizedAccount"),
+                "{reason}"
+            )
+        }
+        other => panic!("a stranger settled: {other:?}"),
+    }
+    assert!(!p.batch_settled(B256::repeat_byte(3)).await.unwrap());
+
+    // The operator sponsors a node's stake.
+    let min = p.min_stake().await.unwrap();
+    let offer = NodeOffer {
+        kind: 0,
+        models: vec!["smollm2-135m".into()],
+        price_in: 100,
+        price_out: 200,
+        metadata_uri: String::new(),
+    };
+    assert!(!p.node_active(node).await.unwrap());
+    p.sponsor_node(node, &offer, min).await.expect("sponsor");
+    assert!(p.node_active(node).await.unwrap());
+    let state = p.node(node).await.unwrap();
+    assert_eq!(state.stake, min);
+    assert_eq!(state.models, offer.models);
+
+    // A deposit shows up as exactly one deposit event.
+    let from_block = p.chain().block_number().await.unwrap() + 1;
+    let operator_key = p.operator();
+    p.mint(operator_key, U256::from(5)).await.unwrap();
+    p.deposit_for(&operator, alice, U256::from(5))
+        .await
+        .expect("deposit");
+    let latest = p.chain().block_number().await.unwrap();
+    let deposits = p.deposits(from_block, latest).await.unwrap();
+    assert_eq!(deposits.len(), 1, "{deposits:?}");
+    assert_eq!(deposits[0].user, alice);
+    assert_eq!(deposits[0].from, operator_key);
+    assert_eq!(deposits[0].amount, U256::from(5));
+    assert_eq!(p.user_balance(alice).await.unwrap(), U256::from(75));
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn embedded_chain_runs_the_protocol() {
+    let operator = PrivateKeySigner::random();
+    let chain = Chain::Embedded(Arc::new(Embedded::in_memory(31_337)));
+    exercise(chain, operator).await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn anvil_runs_the_protocol() {
+    let anvil = Anvil::new()
+        .path(anvil_path())
+        .try_spawn()
+        .expect("start anvil");
+    let operator = PrivateKeySigner::from(anvil.keys()[0].clone());
+    let chain = Chain::Rpc(Arc::new(
+        Rpc::connect(&anvil.endpoint()).await.expect("connect"),
+    ));
+    exercise(chain, operator).await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn embedded_state_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("chain.json");
+    let deployment_file = dir.path().join("deployment.json");
+    let operator = PrivateKeySigner::random();
+    let params = DeployParams::local(addr(0xee));
+    let grant = B256::repeat_byte(7);
+    let (deployment, block) = {
+        let chain = Chain::Embedded(Arc::new(Embedded::open(&state, 9).unwrap()));
+        let p =
+            Protocol::open_or_deploy(chain.clone(), operator.clone(), &deployment_file, &params)
+                .await
+                .unwrap();
+        assert!(
+            p.grant_batch(
+                grant,
+                &[GrantEntry {
+                    user: addr(1),
+                    amount: U256::from(42)
+                }]
+            )
+            .await
+            .unwrap()
+        );
+        (p.deployment().clone(), chain.block_number().await.unwrap())
+    };
+    let chain = Chain::Embedded(Arc::new(Embedded::open(&state, 9).unwrap()));
+    assert_eq!(chain.block_number().await.unwrap(), block);
+    let p = Protocol::open_or_deploy(chain, operator, &deployment_file, &params)
+        .await
+        .unwrap();
+    assert_eq!(
+        p.deployment(),
+        &deployment,
+        "reopening attaches, it does not redeploy"
+    );
+    assert_eq!(p.user_balance(addr(1)).await.unwrap(), U256::from(42));
+    assert!(
+        !p.grant_batch(
+            grant,
+            &[GrantEntry {
+                user: addr(1),
+                amount: U256::from(42)
+            }]
+        )
+        .await
+        .unwrap()
+    );
+    assert_eq!(p.user_balance(addr(1)).await.unwrap(), U256::from(42));
+
+    // A state file of another chain id is refused rather than silently reused.
+    assert!(Embedded::open(&state, 10).is_err());
+}
