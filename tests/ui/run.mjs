@@ -1,0 +1,438 @@
+// The web UI in a real browser against a real network: `lattice nexus` on a free loopback port,
+// opened as http://localhost:PORT (passkeys refuse IP addresses), and a real `lattice node` with
+// SmolLM2-135M. Headless Debian Chromium is driven by playwright-core; axe-core checks each page.
+//
+//   LATTICE_BIN=…/release/lattice node tests/ui/run.mjs
+//
+// Screenshots of every page go to tests/ui/artifacts/.
+
+import { after, before, describe, it } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { createServer } from 'node:net';
+import { mkdtempSync, mkdirSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir, homedir } from 'node:os';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { createRequire } from 'node:module';
+import { chromium } from 'playwright-core';
+
+const HERE = dirname(fileURLToPath(import.meta.url));
+const ARTIFACTS = join(HERE, 'artifacts');
+const MODEL = 'smollm2-135m';
+const BIN = process.env.LATTICE_BIN || join(process.env.CARGO_TARGET_DIR
+  || join(process.env.LATTICE_CACHE_DIR || join(homedir(), '.cache/lattice'), 'target'), 'release/lattice');
+const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
+const AXE = readFileSync(createRequire(import.meta.url).resolve('axe-core/axe.min.js'), 'utf8');
+const LONG = 180_000; // generous waits: a cold model load, a slow CI machine
+
+const procs = [];
+const dir = mkdtempSync(join(tmpdir(), 'lattice-ui-'));
+mkdirSync(ARTIFACTS, { recursive: true });
+
+/** Starts `lattice ARGS`; resolves with {child, url} once it prints `listening on URL`. */
+function lattice(args, name) {
+  return new Promise((resolve, reject) => {
+    const child = spawn(BIN, args, { stdio: ['ignore', 'pipe', 'inherit'], env: { ...process.env, LATTICE_LOG: 'warn' } });
+    procs.push(child);
+    const timer = setTimeout(() => reject(new Error(`${name} did not start`)), LONG);
+    let buf = '';
+    child.stdout.setEncoding('utf8');
+    child.stdout.on('data', (d) => {
+      buf += d;
+      const m = /listening on (\S+)/.exec(buf);
+      if (m) {
+        clearTimeout(timer);
+        buf = '';
+        resolve({ child, url: m[1] });
+      }
+    });
+    child.on('exit', (code) => { clearTimeout(timer); reject(new Error(`${name} exited (${code}) before listening`)); });
+  });
+}
+
+function freePort() {
+  return new Promise((resolve, reject) => {
+    const s = createServer();
+    s.listen(0, '127.0.0.1', () => {
+      const { port } = s.address();
+      s.close(() => resolve(port));
+    });
+    s.on('error', reject);
+  });
+}
+
+async function waitFor(what, fn, ms = LONG) {
+  const deadline = Date.now() + ms;
+  let last;
+  while (Date.now() < deadline) {
+    try {
+      const v = await fn();
+      if (v) return v;
+    } catch (e) { last = e; }
+    await new Promise((r) => setTimeout(r, 250));
+  }
+  throw new Error(`timed out waiting for ${what}${last ? `: ${last.message}` : ''}`);
+}
+
+function nodeArgs(nexus, key, extra = []) {
+  return ['node', '--nexus', nexus, '--model', MODEL, '--port', '0', '--threads', '1', '--parallel', '2',
+    '--ctx-per-slot', '1024', '--key', key, ...extra];
+}
+
+async function json(url, init) {
+  const r = await fetch(url, init);
+  return { status: r.status, headers: r.headers, body: await r.json().catch(() => null) };
+}
+
+async function metric(base, name, match) {
+  const text = await (await fetch(`${base}/metrics`)).text();
+  return text.split('\n').filter((l) => l.startsWith(name) && l.includes(match))
+    .reduce((a, l) => a + Number(l.split(' ').pop()), 0);
+}
+
+let nexus; // {child, url}
+let base; // http://localhost:PORT — what the browser opens
+let api; // http://127.0.0.1:PORT — what the test's own HTTP calls use
+let node1;
+let browser;
+let context;
+let page;
+const problems = []; // console errors and CSP violations seen by the browser
+
+async function shot(name) {
+  await page.screenshot({ path: join(ARTIFACTS, `${name}.png`), fullPage: true });
+}
+
+/** axe-core on the current page: no serious or critical violation. */
+async function accessible(name) {
+  await page.evaluate(AXE); // CDP evaluation: not subject to the page's CSP
+  const result = await page.evaluate(async () => {
+    // eslint-disable-next-line no-undef
+    const r = await axe.run(document, { resultTypes: ['violations'] });
+    return r.violations.map((v) => ({ id: v.id, impact: v.impact, nodes: v.nodes.map((n) => n.target.join(' ')).slice(0, 3) }));
+  });
+  const bad = result.filter((v) => v.impact === 'serious' || v.impact === 'critical');
+  assert.deepEqual(bad, [], `${name}: accessibility violations ${JSON.stringify(bad)}`);
+}
+
+async function go(route, heading) {
+  await page.goto(`${base}/#/${route}`);
+  if (heading) await page.getByRole('heading', { name: heading, level: 1 }).waitFor({ timeout: 30_000 });
+}
+
+async function balanceUnits() {
+  const a = await page.evaluate(async () => (await fetch('/lattice/v1/account')).json());
+  return BigInt(a.balance.available);
+}
+
+describe('web UI', { timeout: 20 * 60_000 }, () => {
+  before(async () => {
+    const port = await freePort();
+    base = `http://localhost:${port}`;
+    api = `http://127.0.0.1:${port}`;
+    nexus = await lattice(['nexus', '--listen', `127.0.0.1:${port}`, '--public-url', base, '--db', join(dir, 'nexus.db'),
+      '--probe-interval', '5'], 'nexus');
+    node1 = await lattice(nodeArgs(api, join(dir, 'node1.key'), ['--label', 'ui-node-1']), 'node');
+    await waitFor('the node to pass calibration', async () => {
+      const m = await json(`${api}/v1/models`);
+      return m.body?.data?.some((x) => x.id === MODEL);
+    });
+    browser = await chromium.launch({
+      executablePath: CHROMIUM,
+      headless: true,
+      args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+        '--disable-background-networking', '--disable-component-update', '--disable-sync',
+        `--user-data-dir=${join(dir, 'chromium')}`],
+    });
+    context = await browser.newContext({ viewport: { width: 1280, height: 860 } });
+    page = await context.newPage();
+    page.on('console', (m) => { if (m.type() === 'error' && !/Failed to load resource/.test(m.text())) problems.push(m.text()); });
+    page.on('pageerror', (e) => problems.push(`page error: ${e.message}`));
+    page.on('dialog', (d) => d.accept());
+    const cdp = await context.newCDPSession(page);
+    await cdp.send('WebAuthn.enable');
+    await cdp.send('WebAuthn.addVirtualAuthenticator', {
+      options: { protocol: 'ctap2', transport: 'internal', hasResidentKey: true, hasUserVerification: true, isUserVerified: true },
+    });
+  });
+
+  after(async () => {
+    await browser?.close().catch(() => {});
+    for (const p of procs) p.kill('SIGKILL');
+    rmSync(dir, { recursive: true, force: true });
+  });
+
+  it('serves the app with a strict content security policy', async () => {
+    const r = await fetch(`${api}/`);
+    assert.equal(r.status, 200);
+    assert.match(r.headers.get('content-type'), /text\/html/);
+    assert.match(r.headers.get('content-security-policy'), /script-src 'self'/);
+    assert.equal(r.headers.get('x-content-type-options'), 'nosniff');
+    const js = await fetch(`${api}/assets/app.js`);
+    assert.match(js.headers.get('content-type'), /text\/javascript/);
+    assert.equal((await fetch(`${api}/assets/missing.js`)).status, 404);
+  });
+
+  it('signed out: the sign-in page and an inviting chat page', async () => {
+    await go('chat');
+    await page.getByText('Sign in to chat').waitFor();
+    await shot('chat-signed-out');
+    await go('signin', 'Sign in to Lattice');
+    await shot('signin');
+    await accessible('signin');
+  });
+
+  it('signs up with a passkey and lands on the faucet credit', async () => {
+    await page.fill('#username', 'ada.ui');
+    await page.click('#passkey-signup');
+    await page.getByRole('heading', { name: 'Welcome to Lattice' }).waitFor({ timeout: 30_000 });
+    assert.equal(await page.textContent('#faucet-amount'), '10 LAI');
+    assert.match(await page.textContent('#balance'), /10 LAI/);
+    assert.equal(await balanceUnits(), 10n * 10n ** 18n);
+    await shot('welcome');
+    await accessible('welcome');
+  });
+
+  it('signs out and back in with the same passkey', async () => {
+    await page.getByRole('button', { name: 'Sign out' }).click();
+    await page.getByRole('heading', { name: 'Sign in to Lattice' }).waitFor();
+    await page.fill('#username', 'ada.ui');
+    await page.click('#passkey-signin');
+    await page.locator('#balance').waitFor();
+    assert.match(page.url(), /#\/chat$/);
+    assert.equal(await balanceUnits(), 10n * 10n ** 18n, 'the same account, credited once');
+  });
+
+  it('chats with streaming, shows the node and the cost, and the balance drops by exactly that', async () => {
+    await go('chat');
+    await page.locator(`#model option[value="${MODEL}"]`).waitFor({ state: 'attached' });
+    const nodes = await json(`${api}/lattice/v1/nodes`);
+    const address = nodes.body.online[0].address;
+    const before = await balanceUnits();
+    // Record every distinct text the answer shows while it streams.
+    await page.evaluate(() => {
+      window.__seen = [];
+      new MutationObserver(() => {
+        const b = document.querySelector('.msg.assistant:last-child .body');
+        const t = b?.textContent || '';
+        if (t && window.__seen[window.__seen.length - 1] !== t) window.__seen.push(t);
+      }).observe(document.getElementById('messages'), { childList: true, subtree: true, characterData: true });
+    });
+    await page.fill('#prompt', 'Which city is the capital of France? Answer in a short paragraph.');
+    await page.press('#prompt', 'Enter');
+    const meta = page.locator('.msg.assistant .meta .cost');
+    await meta.waitFor({ timeout: 120_000 });
+    const answer = await page.textContent('.msg.assistant .body');
+    assert.match(answer, /Paris/i);
+    const seen = await page.evaluate(() => window.__seen);
+    assert.ok(seen.length >= 3, `the answer should render as it streams, saw ${seen.length} states`);
+    assert.ok(seen.every((t, i) => i === 0 || t.startsWith(seen[i - 1].slice(0, 1))), 'the text grows');
+    assert.equal(await page.getAttribute('.msg.assistant .meta .node', 'title'), address, 'which node answered');
+    const cost = BigInt(await meta.getAttribute('data-units'));
+    assert.ok(cost > 0n, 'a priced answer costs something');
+    const after = await waitFor('the charge', async () => { const b = await balanceUnits(); return b < before ? b : null; }, 30_000);
+    assert.equal(before - after, cost, 'the cost shown is exactly what was charged');
+    await waitFor('the top bar balance', async () => BigInt(await page.getAttribute('#balance', 'data-units')) === after, 30_000);
+    await shot('chat');
+    await accessible('chat');
+  });
+
+  it('renders model Markdown safely', async () => {
+    // The renderer itself, in the page: markup in model output stays text.
+    const r = await page.evaluate(async () => {
+      const { render } = await import('/assets/markdown.js');
+      const div = document.createElement('div');
+      div.append(render('**bold** and `<b>code</b>`\n\n<img src=x onerror="window.__xss=1">\n\n```js\nlet a = "<script>";\n```\n- one\n- two'));
+      return { html: div.innerHTML, img: div.querySelector('img'), strong: div.querySelector('strong')?.textContent, li: div.querySelectorAll('li').length, pre: div.querySelector('pre code')?.textContent, xss: window.__xss };
+    });
+    assert.equal(r.img, null);
+    assert.equal(r.xss, undefined);
+    assert.equal(r.strong, 'bold');
+    assert.equal(r.li, 2);
+    assert.equal(r.pre, 'let a = "<script>";');
+    assert.match(r.html, /&lt;img src=x/);
+  });
+
+  it('stops a generation: the request is cut short and nothing is charged', async () => {
+    // A long answer for sure: the test adds max_tokens and ignore_eos to the UI's request.
+    await page.route('**/v1/chat/completions', async (route) => {
+      const body = JSON.parse(route.request().postData());
+      await route.continue({ postData: JSON.stringify({ ...body, max_tokens: 900, ignore_eos: true }) });
+    });
+    const cancelledBefore = await metric(api, 'lattice_nexus_requests_total', 'outcome="cancelled"');
+    const tokensBefore = await metric(api, 'lattice_nexus_completion_tokens_total', '');
+    const before = await balanceUnits();
+    await page.click('#new-chat');
+    await page.fill('#prompt', 'Tell me a very long story about a lighthouse keeper.');
+    await page.click('#send');
+    await page.locator('#stop').waitFor({ state: 'visible' });
+    await waitFor('some streamed text', async () => ((await page.textContent('.msg.assistant:last-child .body')) || '').length > 40, 120_000);
+    await page.click('#stop');
+    await page.getByText('Stopped · not charged').waitFor();
+    const stoppedAt = (await page.textContent('.msg.assistant:last-child .body')).length;
+    await waitFor('Nexus to count the cancelled request', async () =>
+      (await metric(api, 'lattice_nexus_requests_total', 'outcome="cancelled"')) === cancelledBefore + 1, 30_000);
+    // The node's slot is freed (it stopped generating), no tokens were counted as completed,
+    // the hold is released and nothing was charged.
+    await waitFor('the node to be idle', async () => (await json(`${api}/lattice/v1/nodes`)).body.online.every((n) => n.busy === 0), 30_000);
+    assert.equal(await metric(api, 'lattice_nexus_completion_tokens_total', ''), tokensBefore);
+    const acct = await page.evaluate(async () => (await fetch('/lattice/v1/account')).json());
+    assert.equal(BigInt(acct.balance.available), before, 'a stopped answer is not charged');
+    assert.equal(acct.balance.held, '0');
+    assert.equal((await page.textContent('.msg.assistant:last-child .body')).length, stoppedAt, 'no text after stop');
+    assert.ok(await page.locator('#send').isEnabled());
+    await page.unroute('**/v1/chat/completions');
+    await shot('chat-stopped');
+  });
+
+  it('shows 402 and 429 from the API as clear messages', async () => {
+    for (const [status, code, text] of [[402, 'insufficient_credits', /Not enough credit/], [429, 'rate_limit_exceeded', /Too many requests/]]) {
+      await page.route('**/v1/chat/completions', (route) => route.fulfill({
+        status, contentType: 'application/json',
+        body: JSON.stringify({ error: { message: `simulated ${status}`, type: 'x', param: null, code } }),
+      }));
+      await page.click('#new-chat');
+      await page.fill('#prompt', 'hello');
+      await page.press('#prompt', 'Enter');
+      await page.locator('.msg.assistant [role=alert]').waitFor();
+      assert.match(await page.textContent('.msg.assistant [role=alert]'), text);
+      await page.unroute('**/v1/chat/completions');
+    }
+    await shot('chat-402-429');
+  });
+
+  it('creates an API key shown once, which works with curl-like calls until revoked', async () => {
+    await go('account', 'Account');
+    await page.fill('#key-name', 'ui test key');
+    await page.click('#create-key button[type=submit]');
+    const secret = (await page.locator('#new-key-secret').textContent()).trim();
+    assert.match(secret, /^lk_/);
+    const call = () => json(`${api}/v1/chat/completions`, {
+      method: 'POST',
+      headers: { authorization: `Bearer ${secret}`, 'content-type': 'application/json' },
+      body: JSON.stringify({ model: MODEL, messages: [{ role: 'user', content: 'Say hi.' }], max_tokens: 8 }),
+    });
+    const ok = await call();
+    assert.equal(ok.status, 200, JSON.stringify(ok.body));
+    assert.ok(ok.body.choices[0].message.content.length > 0);
+    assert.match(ok.headers.get('x-lattice-node'), /^0x[0-9a-f]{40}$/);
+    const row = page.locator('tr', { hasText: 'ui test key' });
+    await row.waitFor();
+    await shot('account');
+    await accessible('account');
+    // After a reload the secret is gone for good.
+    await page.reload();
+    await page.locator('tr', { hasText: 'ui test key' }).waitFor();
+    assert.equal(await page.locator('#new-key-secret').count(), 0);
+    assert.equal(await page.getByText(secret).count(), 0);
+    await page.getByRole('button', { name: 'Revoke key ui test key' }).click();
+    await page.getByText('Key “ui test key” revoked.').waitFor();
+    const revoked = await call();
+    assert.equal(revoked.status, 401);
+    assert.equal(revoked.body.error.code, 'invalid_api_key');
+  });
+
+  it('shows usage over time as a chart', async () => {
+    await page.locator('#usage svg.chart rect.bar').first().waitFor();
+    const heights = await page.$$eval('#usage svg.chart rect.bar', (rs) => rs.map((r) => Number(r.getAttribute('height'))));
+    assert.ok(heights.some((x) => x > 0), 'a bar for today');
+    await page.selectOption('#usage-group', 'model');
+    await page.locator('#usage svg.chart text', { hasText: MODEL }).waitFor();
+  });
+
+  it('keeps chat history only after opting in, and deleting it works', async () => {
+    await page.check('#keep-history');
+    await page.getByText('Saved: new chats are kept.').waitFor();
+    await go('chat');
+    await page.locator(`#model option[value="${MODEL}"]`).waitFor({ state: 'attached' });
+    await page.click('#new-chat');
+    await page.fill('#prompt', 'Name a colour of the sky.');
+    await page.press('#prompt', 'Enter');
+    await page.locator('.msg.assistant .meta .cost').waitFor({ timeout: 120_000 });
+    const item = page.locator('#conversations li', { hasText: 'Name a colour of the sky.' });
+    await item.waitFor();
+    await shot('chat-history');
+    await item.getByRole('button', { name: /Delete conversation/ }).click();
+    await page.getByText('Conversation deleted.').waitFor();
+    const list = await page.evaluate(async () => (await fetch('/lattice/v1/history')).json());
+    assert.equal(list.data.length, 0);
+  });
+
+  it('the network explorer shows live nodes and the settlement state', async () => {
+    await go('network', 'Network');
+    const row = page.locator('#nodes tr', { hasText: 'ui-node-1' });
+    await row.waitFor();
+    await row.getByText('Healthy').waitFor();
+    await page.locator('#chain').getByText(/not connected to a chain|Pending batches/).waitFor();
+    // Updated without a reload.
+    const t1 = await page.textContent('#live');
+    await waitFor('a refresh', async () => (await page.textContent('#live')) !== t1, 30_000);
+    await shot('network');
+    await accessible('network');
+  });
+
+  it('run a node: the exact command, and the node started with it appears and calibrates', async () => {
+    await go('node', 'Run a node');
+    const cmd = await page.textContent('#node-command');
+    assert.equal(cmd, `lattice node --nexus ${base} --model ${MODEL} --price-in 100000000000000000 --price-out 200000000000000000`);
+    await page.fill('#price-out', '0.3');
+    await page.fill('#node-label', 'ui-node-2');
+    const mine = (await page.textContent('#node-command')).split(' ');
+    assert.deepEqual(mine.slice(0, 2), ['lattice', 'node']);
+    assert.ok(mine.join(' ').includes('--price-out 300000000000000000 --label ui-node-2'));
+    await page.getByText(/Waiting for a new node/).waitFor();
+    // Run exactly that command (plus a key file and a free port for this test).
+    const node2 = await lattice([...mine.slice(1), '--port', '0', '--threads', '1', '--ctx-per-slot', '1024', '--key', join(dir, 'node2.key')], 'node 2');
+    await page.locator('#my-node').getByText('Calibrated').waitFor({ timeout: LONG });
+    await shot('run-a-node');
+    await accessible('run-a-node');
+    // And it goes offline in the explorer when its process is killed.
+    await go('network', 'Network');
+    await page.locator('#nodes tr', { hasText: 'ui-node-2' }).waitFor();
+    node2.child.kill('SIGKILL');
+    await page.locator('#known tr', { hasText: 'ui-node-2' }).waitFor({ timeout: 60_000 });
+    assert.equal(await page.locator('#nodes tr', { hasText: 'ui-node-2' }).count(), 0);
+    await page.locator('#nodes tr', { hasText: 'ui-node-1' }).waitFor();
+    await shot('network-node-offline');
+  });
+
+  it('fits a phone screen', async () => {
+    await page.setViewportSize({ width: 390, height: 844 });
+    for (const route of ['chat', 'network', 'account', 'node', 'signin']) {
+      await go(route);
+      await page.waitForTimeout(500);
+      const overflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
+      assert.ok(overflow <= 1, `${route} overflows a phone screen by ${overflow}px`);
+      await shot(`phone-${route}`);
+    }
+    await page.setViewportSize({ width: 1280, height: 860 });
+  });
+
+  it('is usable by keyboard', async () => {
+    await go('chat');
+    await page.locator(`#model option[value="${MODEL}"]`).waitFor({ state: 'attached' });
+    await page.keyboard.press('Tab');
+    assert.equal(await page.evaluate(() => document.activeElement.textContent), 'Skip to content');
+    // Every interactive element on the page can be reached by Tab.
+    const reached = new Set();
+    for (let i = 0; i < 40; i += 1) {
+      await page.keyboard.press('Tab');
+      reached.add(await page.evaluate(() => document.activeElement.id || document.activeElement.textContent.trim().slice(0, 20)));
+    }
+    for (const id of ['model', 'preference', 'prompt', 'new-chat']) assert.ok(reached.has(id), `Tab reaches #${id}`);
+  });
+
+  it('shows when Nexus is down, the node gone offline, and no console errors', async () => {
+    await go('network', 'Network');
+    await page.locator('#nodes tr', { hasText: 'ui-node-1' }).waitFor();
+    node1.child.kill('SIGKILL');
+    await page.getByText('No node is online').waitFor({ timeout: 60_000 });
+    nexus.child.kill('SIGKILL');
+    await page.locator('#banner').getByText('Cannot reach Nexus').waitFor({ timeout: 30_000 });
+    await page.locator('#live').getByText('Connection lost').waitFor();
+    await shot('network-down');
+    const real = problems.filter((p) => !/net::ERR_CONNECTION_REFUSED|Failed to fetch/.test(p));
+    assert.deepEqual(real, [], 'console errors or CSP violations in the browser');
+  });
+});
