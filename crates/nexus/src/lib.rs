@@ -1,6 +1,7 @@
 //! Nexus, the coordinator: one OpenAI-compatible endpoint over many nodes. Nodes dial in over a
 //! persistent link; Nexus routes each request to the best healthy node and fails over.
 
+mod answered;
 mod api;
 mod billing;
 mod db;
@@ -229,8 +230,14 @@ impl Nexus {
             )
             .layer(axum::extract::DefaultBodyLimit::max(api::MAX_BODY_BYTES))
             .with_state(self.clone());
+        let web = lattice_web::Features {
+            oidc: self.oidc.is_some(),
+            passkeys: self.accounts.config().passkeys.is_some(),
+        };
         lattice_http::router_with_auth(engine, self.config.limits.clone(), "lattice_nexus", auth)
+            .layer(axum::middleware::from_fn(answered::layer))
             .merge(lattice)
+            .merge(lattice_web::router(web))
     }
 
     /// Starts background work (health probes) and serves until `shutdown`.

@@ -344,8 +344,12 @@ impl Engine for NetworkEngine {
                             tokens: 0,
                             done: false,
                         };
+                        let answering = self.registry.address_price(node);
+                        if let Some((address, _)) = &answering {
+                            crate::answered::record(address);
+                        }
                         if let Some(b) = &mut bill {
-                            b.node = self.registry.address_price(node);
+                            b.node = answering;
                             b.receipt = receipt;
                         }
                         return Ok(relay(first, rx, guard, bill, req.request_id.clone()));

@@ -35,7 +35,7 @@ struct Asset {
 }
 
 macro_rules! assets {
-    ($($path:literal => $ct:literal),* $(,)?) => {
+    ($($path:literal => $ct:expr),* $(,)?) => {
         &[$(Asset {
             path: $path,
             content_type: $ct,

@@ -41,9 +41,9 @@ function modelLabel(m, s) {
     const outs = s.prices.map((p) => BigInt(p.output_per_mtok));
     const lo = outs.reduce((a, b) => (b < a ? b : a));
     const hi = outs.reduce((a, b) => (b > a ? b : a));
-    parts.push(`${lai(lo, 4)}${hi !== lo ? '–' + lai(hi, 4) : ''}/1M out`);
+    parts.push(`${lai(lo, 4).replace(' LAI', '')}${hi !== lo ? '–' + lai(hi, 4).replace(' LAI', '') : ''} LAI/1M`);
   }
-  if (s?.speeds.length) parts.push(`~${num(s.speeds.reduce((a, b) => a + b, 0) / s.speeds.length)} tok/s`);
+  if (s?.speeds.length) parts.push(`${num(s.speeds.reduce((a, b) => a + b, 0) / s.speeds.length)} tok/s`);
   return parts.join(' · ');
 }
 
@@ -85,7 +85,8 @@ export async function mount(root, ctx) {
 
   const convList = h('ul', { class: 'convs', id: 'conversations', 'aria-label': 'Conversations' });
   const aside = h('aside', { 'aria-label': 'Conversations' },
-    h('button', { type: 'button', id: 'new-chat', onclick: () => newChat() }, '+ New chat'),
+    h('button', { type: 'button', id: 'new-chat', class: 'full', onclick: () => newChat() }, '+ New chat'),
+    h('h2', { id: 'history-h' }, 'History'),
     h('div', { id: 'history-area' }));
   const main = h('section', { class: 'chat-main', 'aria-label': 'Chat' },
     h('div', { class: 'toolbar' },

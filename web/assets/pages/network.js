@@ -91,23 +91,23 @@ export async function mount(root) {
       return;
     }
     const rows = online.map((n) => h('tr', { 'data-address': n.address },
-      h('td', {}, h('div', {}, h('strong', {}, n.label || shortAddr(n.address))),
-        h('div', { class: 'small muted mono', title: n.address }, shortAddr(n.address))),
+      h('td', { title: n.address }, h('div', {}, h('strong', {}, n.label || shortAddr(n.address))),
+        n.label ? h('div', { class: 'small muted mono' }, shortAddr(n.address)) : null),
       h('td', {}, n.models.map((m) => h('div', {}, m.id))),
-      h('td', {}, n.kind),
+      h('td', {}, n.kind.toUpperCase()),
       h('td', { class: 'health' }, health(n)),
       h('td', {}, meter(n.slots ? n.busy / n.slots : 0, `${n.busy} of ${n.slots} slots busy`), `${n.busy}/${n.slots}`, n.queued ? h('span', { class: 'muted' }, ` +${n.queued}`) : null),
-      h('td', { class: 'num' }, n.decode_tps ? num(n.decode_tps, 1) : '—'),
-      h('td', { class: 'num' }, n.ttft_ms ? `${num(n.ttft_ms)} ms` : '—'),
-      h('td', { class: 'num' }, h('div', {}, lai(n.price.input_per_mtok, 4)), h('div', { class: 'muted small' }, lai(n.price.output_per_mtok, 4))),
+      h('td', { class: 'num' }, h('div', {}, n.decode_tps ? `${num(n.decode_tps, 1)} tok/s` : '—'),
+        h('div', { class: 'small muted' }, n.ttft_ms ? `${num(n.ttft_ms)} ms to first` : '')),
+      h('td', { class: 'num' }, `${lai(n.price.input_per_mtok, 4).replace(' LAI', '')} / ${lai(n.price.output_per_mtok, 4).replace(' LAI', '')}`),
       h('td', {}, meter(n.reputation, `reputation ${num(n.reputation, 2)}`), num(n.reputation, 2)),
-      h('td', { class: 'num' }, duration(n.uptime_s)),
-      h('td', { class: 'num' }, num(n.served), n.failed ? h('div', { class: 'small muted' }, `${num(n.failed)} failed`) : null)));
+      h('td', { class: 'num' }, h('div', {}, `${num(n.served)} served`),
+        h('div', { class: 'small muted' }, `up ${duration(n.uptime_s)}${n.failed ? ` · ${num(n.failed)} failed` : ''}`))));
     replace(nodesEl, h('div', { class: 'table-wrap', tabindex: '0', role: 'region', 'aria-label': 'Online nodes' },
       h('table', {},
         h('thead', {}, h('tr', {},
-          ['Node', 'Models', 'Kind', 'Health', 'Load', 'Tokens/s', 'First token', 'Price in / out per 1M', 'Reputation', 'Uptime', 'Served']
-            .map((t, i) => h('th', { scope: 'col', class: i >= 5 && i !== 8 ? 'num' : '' }, t)))),
+          ['Node', 'Models', 'Kind', 'Health', 'Load', 'Speed', 'Price in/out (LAI/1M)', 'Reputation', 'Activity']
+            .map((t, i) => h('th', { scope: 'col', class: [5, 6, 8].includes(i) ? 'num' : '' }, t)))),
         h('tbody', {}, rows))));
   }
 
@@ -121,7 +121,7 @@ export async function mount(root) {
       h('div', { class: 'table-wrap', tabindex: '0', role: 'region', 'aria-label': 'Offline nodes' },
         h('table', {}, h('thead', {}, h('tr', {}, ['Node', 'Models', 'Reputation', 'Last seen'].map((t) => h('th', { scope: 'col' }, t)))),
           h('tbody', {}, offline.map((k) => h('tr', { 'data-address': k.address },
-            h('td', {}, h('span', { class: 'dot down', 'aria-hidden': 'true' }), ' ', h('strong', {}, k.label || shortAddr(k.address)), h('div', { class: 'small muted mono' }, shortAddr(k.address))),
+            h('td', { title: k.address }, h('span', { class: 'dot down', 'aria-hidden': 'true' }), ' ', h('strong', {}, k.label || shortAddr(k.address)), k.label ? h('div', { class: 'small muted mono' }, shortAddr(k.address)) : null),
             h('td', {}, k.models.join(', ')),
             h('td', {}, num(k.reputation, 2)),
             h('td', {}, ago(k.last_seen)))))))));
