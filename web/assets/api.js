@@ -57,7 +57,7 @@ export async function request(path, { method = 'GET', body, headers = {}, signal
     resp = await fetch(path, init);
   } catch (err) {
     if (err?.name === 'AbortError') throw err;
-    const e = new ApiError(0, 'Cannot reach Nexus. Check your connection; retrying when you act again.');
+    const e = new ApiError(0, 'Cannot reach Nexus: it may be down, or your connection was lost.');
     report(e);
     throw e;
   }

@@ -72,6 +72,9 @@ mod tests {
     #[tokio::test]
     async fn no_node_no_header_and_recording_outside_a_request_is_harmless() {
         super::record("0x1");
-        assert_eq!(call(Router::new().route("/", get(|| async { "ok" }))).await, None);
+        assert_eq!(
+            call(Router::new().route("/", get(|| async { "ok" }))).await,
+            None
+        );
     }
 }

@@ -65,6 +65,23 @@ static ASSETS: &[Asset] = assets! {
 
 const INDEX: &[u8] = include_bytes!("../../../web/index.html");
 
+/// `LATTICE_WEB_DIR=web`: serve the UI's files from that directory instead of the embedded
+/// copies (only the files that are embedded, by the same names), so editing the UI needs no
+/// rebuild. Read once.
+fn dev_dir() -> Option<&'static std::path::Path> {
+    static DIR: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| std::env::var_os("LATTICE_WEB_DIR").map(std::path::PathBuf::from))
+        .as_deref()
+}
+
+/// The bytes of `rel` (relative to `web/`): from the dev directory when set and readable.
+fn body_of(rel: &str, embedded: &'static [u8]) -> std::borrow::Cow<'static, [u8]> {
+    match dev_dir().and_then(|d| std::fs::read(d.join(rel)).ok()) {
+        Some(b) => std::borrow::Cow::Owned(b),
+        None => std::borrow::Cow::Borrowed(embedded),
+    }
+}
+
 /// The UI's routes, to merge into Nexus's router.
 pub fn router(features: Features) -> Router {
     let config = serde_json::json!({
@@ -73,7 +90,12 @@ pub fn router(features: Features) -> Router {
     })
     .to_string();
     Router::new()
-        .route("/", get(|h: HeaderMap| async move { serve(&h, INDEX, "text/html; charset=utf-8") }))
+        .route(
+            "/",
+            get(|h: HeaderMap| async move {
+                serve(&h, body_of("index.html", INDEX), "text/html; charset=utf-8")
+            }),
+        )
         .route(
             "/assets/config.json",
             get(move |h: HeaderMap| {
@@ -86,7 +108,11 @@ pub fn router(features: Features) -> Router {
 
 async fn asset(Path(path): Path<String>, headers: HeaderMap) -> Response {
     match ASSETS.iter().find(|a| a.path == path) {
-        Some(a) => serve(&headers, a.body, a.content_type),
+        Some(a) => serve(
+            &headers,
+            body_of(&format!("assets/{}", a.path), a.body),
+            a.content_type,
+        ),
         None => not_found(),
     }
 }
@@ -128,8 +154,17 @@ fn secure(h: &mut HeaderMap) {
     );
 }
 
-fn serve(headers: &HeaderMap, body: &'static [u8], content_type: &'static str) -> Response {
-    respond(headers, Body::from(body), &etag(body), content_type)
+fn serve(
+    headers: &HeaderMap,
+    body: std::borrow::Cow<'static, [u8]>,
+    content_type: &'static str,
+) -> Response {
+    let tag = etag(&body);
+    let body = match body {
+        std::borrow::Cow::Borrowed(b) => Body::from(b),
+        std::borrow::Cow::Owned(b) => Body::from(b),
+    };
+    respond(headers, body, &tag, content_type)
 }
 
 fn serve_owned(headers: &HeaderMap, body: Vec<u8>, content_type: &'static str) -> Response {
@@ -196,7 +231,10 @@ mod tests {
         assert_eq!(r.status(), StatusCode::OK);
         assert_eq!(header(&r, "content-type"), "text/html; charset=utf-8");
         let csp = header(&r, "content-security-policy");
-        assert!(csp.contains("script-src 'self'") && !csp.contains("unsafe"), "{csp}");
+        assert!(
+            csp.contains("script-src 'self'") && !csp.contains("unsafe"),
+            "{csp}"
+        );
         assert_eq!(header(&r, "x-content-type-options"), "nosniff");
         assert_eq!(header(&r, "cache-control"), "no-cache");
         let html = text(r).await;
@@ -212,7 +250,11 @@ mod tests {
         assert_eq!(header(&r, "content-type"), "text/css; charset=utf-8");
         let r = get("/assets/pages/chat.js", &[]).await;
         assert_eq!(r.status(), StatusCode::OK);
-        for bad in ["/assets/nope.js", "/assets/../Cargo.toml", "/assets/%2e%2e/index.html"] {
+        for bad in [
+            "/assets/nope.js",
+            "/assets/../Cargo.toml",
+            "/assets/%2e%2e/index.html",
+        ] {
             let r = get(bad, &[]).await;
             assert_eq!(r.status(), StatusCode::NOT_FOUND, "{bad}");
             assert_eq!(header(&r, "x-content-type-options"), "nosniff");
@@ -227,7 +269,11 @@ mod tests {
         let again = get("/assets/app.js", &[("if-none-match", &tag)]).await;
         assert_eq!(again.status(), StatusCode::NOT_MODIFIED);
         assert!(text(again).await.is_empty());
-        let other = get("/assets/app.js", &[("if-none-match", "\"0000000000000000\"")]).await;
+        let other = get(
+            "/assets/app.js",
+            &[("if-none-match", "\"0000000000000000\"")],
+        )
+        .await;
         assert_eq!(other.status(), StatusCode::OK);
     }
 
@@ -237,7 +283,11 @@ mod tests {
             oidc: true,
             passkeys: false,
         })
-        .oneshot(Request::get("/assets/config.json").body(Body::empty()).unwrap())
+        .oneshot(
+            Request::get("/assets/config.json")
+                .body(Body::empty())
+                .unwrap(),
+        )
         .await
         .unwrap();
         assert_eq!(header(&r, "content-type"), "application/json");
@@ -273,7 +323,10 @@ mod tests {
             assert!(tag.contains(" src="), "inline script: {tag}");
         }
         assert!(!html.contains(" style="), "inline style attribute");
-        assert!(!html.contains(" onclick=") && !html.contains(" onload="), "inline handler");
+        assert!(
+            !html.contains(" onclick=") && !html.contains(" onload="),
+            "inline handler"
+        );
         for a in ASSETS.iter().filter(|a| a.content_type == JS) {
             let js = std::str::from_utf8(a.body).unwrap();
             assert!(!js.contains(".innerHTML"), "{} sets innerHTML", a.path);

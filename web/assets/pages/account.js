@@ -107,7 +107,9 @@ export async function mount(root, ctx) {
         h('h2', { id: 'id-h' }, 'Identity'),
         h('p', {}, h('span', { class: 'muted' }, a.user.custodial ? 'Address (held for you by Nexus): ' : 'Wallet: '),
           h('code', { title: a.user.address }, a.user.address)),
-        h('p', { class: 'muted small' }, 'Sign-in methods: ', (a.identities || []).map((i) => i.kind.replace(/^oidc:.*/, 'identity provider')).join(', ') || '—'),
+        (a.identities || []).filter((i) => i.kind === 'passkey-name').map((i) => h('p', { class: 'small' }, h('span', { class: 'muted' }, 'User name: '), h('strong', {}, i.subject))),
+        h('p', { class: 'muted small' }, 'Signs in with: ', [...new Set((a.identities || []).filter((i) => i.kind !== 'passkey-name')
+          .map((i) => ({ passkey: 'passkey', siwe: 'wallet', local: 'operator key' }[i.kind] || (i.kind.startsWith('oidc:') ? 'identity provider' : i.kind))))].join(', ') || '—'),
         h('p', { class: 'muted small' }, 'Deposits and withdrawals to this address on-chain are not available in this version; credit comes from the faucet.'))));
   }
 
@@ -202,13 +204,17 @@ export async function mount(root, ctx) {
       if (!Number.isInteger(n) || n < 1) { replace(newKeyEl, h('div', { class: 'notice error', role: 'alert' }, 'Requests per minute is a whole number, at least 1.')); return; }
       body.rpm_limit = n;
     }
+    let firstModel = 'smollm2-135m';
+    try {
+      firstModel = (await api('/v1/models')).data?.[0]?.id || firstModel;
+    } catch { /* the example keeps the default model */ }
     try {
       const k = await api('/lattice/v1/keys', { method: 'POST', body });
       keyForm.reset();
       replace(newKeyEl, h('div', { class: 'notice ok' },
         h('p', {}, h('strong', {}, `Key “${k.name}” created.`), ' Copy it now: it is not shown again.'),
         h('div', { class: 'secret' }, h('code', { id: 'new-key-secret' }, k.secret), copyButton(() => k.secret)),
-        h('p', { class: 'small' }, 'Try it: ', h('code', {}, `curl ${location.origin}/v1/models -H "Authorization: Bearer ${k.prefix}…"`))));
+        h('p', { class: 'small' }, 'Try it: ', h('code', {}, `curl ${location.origin}/v1/chat/completions -H "Authorization: Bearer ${k.secret}" -H "Content-Type: application/json" -d '{"model":"${firstModel}","messages":[{"role":"user","content":"Hello!"}]}'`))));
       loadKeys();
     } catch (e) {
       replace(newKeyEl, errorBox(e));

@@ -27,7 +27,7 @@ function counters(text) {
   let requests = 0;
   let tokens = 0;
   for (const line of text.split('\n')) {
-    if (line.startsWith('lattice_nexus_requests_total{') && line.includes('outcome="ok"')) {
+    if (line.startsWith('lattice_nexus_requests_total{') && /(status|outcome)="ok"/.test(line)) {
       requests += Number(line.split(' ').pop()) || 0;
     } else if (line.startsWith('lattice_nexus_completion_tokens_total')) {
       tokens += Number(line.split(' ').pop()) || 0;
@@ -136,14 +136,14 @@ export async function mount(root) {
         h('div', { class: 'stats' },
           stat('Chain', String(c.chain_id), c.block !== null && c.block !== undefined ? `block ${num(c.block)}` : 'block unknown'),
           stat('Pending batches', num(c.pending_batches), 'recorded, not yet confirmed'),
-          rec ? stat('Reconciliation', rec.ok === false || (rec.mismatches && rec.mismatches.length) ? 'Mismatch' : 'OK', 'ledger vs chain') : null),
+          rec ? stat('Reconciliation', rec.mismatches?.length ? `${rec.mismatches.length} mismatch${rec.mismatches.length === 1 ? '' : 'es'}` : 'OK', `ledger vs chain${rec.at ? `, ${ago(rec.at)}` : ''}`) : null),
         batches.length
           ? h('div', { class: 'table-wrap', tabindex: '0', role: 'region', 'aria-label': 'Settlement batches' },
-            h('table', {}, h('thead', {}, h('tr', {}, ['Batch', 'Kind', 'Entries', 'Total', 'Status', 'Created', 'Transaction'].map((t) => h('th', { scope: 'col' }, t)))),
+            h('table', {}, h('thead', {}, h('tr', {}, ['Batch', 'Kind', 'Entries', 'Total', 'Status', 'Created', 'Transaction'].map((t, i) => h('th', { scope: 'col', class: i === 2 || i === 3 ? 'num' : '' }, t)))),
               h('tbody', {}, batches.map((b) => h('tr', {},
                 h('td', {}, `#${b.seq ?? b.id}`),
                 h('td', {}, b.kind),
-                h('td', { class: 'num' }, num(b.entries)),
+                h('td', { class: 'num' }, num(Array.isArray(b.entries) ? b.entries.length : b.entries)),
                 h('td', { class: 'num' }, lai(b.total)),
                 h('td', {}, b.confirmed ? h('span', { class: 'badge ok' }, 'Confirmed') : h('span', { class: 'badge warn' }, 'Pending')),
                 h('td', {}, typeof b.created_at === 'number' ? date(b.created_at) : String(b.created_at ?? '—')),

@@ -64,7 +64,7 @@ export async function mount(root, ctx, route) {
   if (ctx.account) {
     replace(root, h('section', { class: 'auth' }, h('div', { class: 'card' },
       h('h1', {}, 'You are signed in'),
-      h('p', { class: 'muted' }, `Account ${ctx.account.user.address}`),
+      h('p', { class: 'muted' }, 'Account ', h('code', {}, ctx.account.user.address)),
       h('div', { class: 'row' }, h('a', { class: 'button primary', href: '#/chat' }, 'Go to chat'),
         h('a', { class: 'button', href: '#/account' }, 'Account')))));
     return null;
@@ -117,7 +117,7 @@ export async function mount(root, ctx, route) {
   h('div', { class: 'field' },
     h('label', { for: 'username' }, 'User name'),
     name,
-    h('span', { class: 'hint', id: 'username-hint' }, '3–64 letters, digits or . _ @ -. No password: your device’s passkey signs you in.')),
+    h('span', { class: 'hint', id: 'username-hint' }, 'New here? Pick a name and create an account. No password: your device’s passkey signs you in.')),
   h('div', { class: 'stack' },
     h('button', { type: 'submit', class: 'primary full', id: 'passkey-signin' }, 'Sign in with a passkey'),
     h('button', { type: 'button', class: 'full', id: 'passkey-signup', onclick: () => {
@@ -143,7 +143,7 @@ export async function mount(root, ctx, route) {
           : 'Passkeys are off on this Nexus: it must be opened at a domain name such as http://localhost:PORT (see --public-url).')
         : form,
       others.length ? [h('div', { class: 'divider' }, 'or'), h('div', { class: 'stack' }, others)] : null,
-      !window.ethereum ? h('p', { class: 'muted small' }, 'Have an Ethereum wallet? Install a browser wallet to sign in with it (Sign-In with Ethereum).') : null,
+      !window.ethereum ? h('p', { class: 'muted small wallet-note' }, 'Have an Ethereum wallet? Install a browser wallet to sign in with it (Sign-In with Ethereum).') : null,
       status)));
   return null;
 }
