@@ -40,20 +40,6 @@ if [ ! -d "$OIDC_DIR/node_modules/oidc-provider" ]; then
   (cd "$OIDC_DIR" && npm ci --silent --no-audit --no-fund >&2)
 fi
 
-# Headless Chromium and playwright-core + axe-core (tests/ui/package-lock.json) for the web UI
-# tests in a real browser. Debian's chromium: playwright never downloads a browser here.
-if [ ! -x /usr/bin/chromium ]; then
-  echo "setup: installing chromium (web UI tests)" >&2
-  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-  $SUDO apt-get update -qq >&2 || true
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >&2
-fi
-UI_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/tests/ui"
-if [ ! -d "$UI_DIR/node_modules/playwright-core" ] || [ ! -d "$UI_DIR/node_modules/axe-core" ]; then
-  echo "setup: installing the web UI test driver (npm ci in tests/ui)" >&2
-  (cd "$UI_DIR" && npm ci --silent --no-audit --no-fund >&2)
-fi
-
 # bindgen (llama-cpp-sys-2) loads libclang.so itself: an image with only libclang-cpp (which the
 # check at the top accepts) still needs libclang-dev.
 if ! ls /usr/lib/llvm-*/lib/libclang.so >/dev/null 2>&1; then
