@@ -456,4 +456,41 @@ describe('web UI', { timeout: 20 * 60_000 }, () => {
     const real = problems.filter((p) => !/net::ERR_CONNECTION_REFUSED|Failed to fetch/.test(p));
     assert.deepEqual(real, [], 'console errors or CSP violations in the browser');
   });
+
+  // Last: cookies are per host, not per port, so this Nexus's session replaces the first one's.
+  it('signs in with an OpenID provider when one is configured', async () => {
+    const port = await freePort();
+    const base2 = `http://localhost:${port}`;
+    const provider = await new Promise((resolve, reject) => {
+      const child = spawn('node', ['provider.mjs', '0'], {
+        cwd: join(HERE, '../oidc'), stdio: ['pipe', 'pipe', 'ignore'],
+        env: { ...process.env, OIDC_CLIENT_ID: 'ui-client', OIDC_CLIENT_SECRET: 'ui-secret',
+          OIDC_REDIRECT_URIS: `${base2}/lattice/v1/auth/oidc/callback`, OIDC_EXIT_ON_STDIN_EOF: '1' },
+      });
+      procs.push(child);
+      let buf = '';
+      child.stdout.setEncoding('utf8');
+      child.stdout.on('data', (d) => {
+        buf += d;
+        const m = /READY (\S+)/.exec(buf);
+        if (m) resolve(m[1]);
+      });
+      child.on('exit', (code) => reject(new Error(`the OpenID provider exited (${code})`)));
+    });
+    await lattice(['nexus', '--listen', `127.0.0.1:${port}`, '--public-url', base2, '--db', join(dir, 'nexus2.db'),
+      '--oidc-issuer', provider, '--oidc-client-id', 'ui-client', '--oidc-client-secret', 'ui-secret'], 'nexus 2');
+    await page.goto(`${base2}/#/signin`);
+    await page.getByRole('heading', { name: 'Sign in to Lattice', level: 1 }).waitFor();
+    await page.click('#oidc');
+    // The provider's own login and consent forms.
+    await page.locator('input[name=login]').fill('grace');
+    await page.locator('input[name=password]').fill('any-password');
+    await page.locator('button[type=submit]').click();
+    await page.locator('button[type=submit]').click(); // consent
+    await page.getByRole('heading', { name: 'Welcome to Lattice' }).waitFor({ timeout: 30_000 });
+    assert.equal(await page.textContent('#faucet-amount'), '10 LAI');
+    const a = await page.evaluate(async () => (await fetch('/lattice/v1/account')).json());
+    assert.ok(a.identities.some((i) => i.kind.startsWith('oidc:')), JSON.stringify(a.identities));
+    await shot('welcome-oidc');
+  });
 });

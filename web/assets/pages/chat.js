@@ -41,7 +41,7 @@ function modelLabel(m, s) {
     const outs = s.prices.map((p) => BigInt(p.output_per_mtok));
     const lo = outs.reduce((a, b) => (b < a ? b : a));
     const hi = outs.reduce((a, b) => (b > a ? b : a));
-    parts.push(`${lai(lo, 4).replace(' LAI', '')}${hi !== lo ? '–' + lai(hi, 4).replace(' LAI', '') : ''} LAI/1M`);
+    parts.push(`${lai(lo, 4).replace(' LAI', '')}${hi !== lo ? '–' + lai(hi, 4).replace(' LAI', '') : ''} LAI/1M out`);
   }
   if (s?.speeds.length) parts.push(`${num(s.speeds.reduce((a, b) => a + b, 0) / s.speeds.length)} tok/s`);
   return parts.join(' · ');
@@ -53,6 +53,7 @@ export async function mount(root, ctx) {
   let conv = { id: newId(), messages: [], stored: false };
   let controller = null;
   let conversations = [];
+  let stopped = false;
   const signedIn = () => Boolean(ctx.account);
   const keepHistory = () => Boolean(ctx.account?.user?.keep_history);
 
@@ -137,6 +138,14 @@ export async function mount(root, ctx) {
       replace(area, conversations.length ? convList : h('p', { class: 'small muted' }, 'No saved conversations yet.'));
     } catch (e) {
       replace(area, errorBox(e));
+    }
+  }
+
+  /** Nexus stores an exchange just after answering: reload the list until it shows `id`. */
+  async function historyShows(id, tries = 5) {
+    await loadHistory();
+    if (tries > 1 && !stopped && !conversations.some((c) => c.id === id)) {
+      setTimeout(() => historyShows(id, tries - 1), 700);
     }
   }
 
@@ -286,7 +295,7 @@ export async function mount(root, ctx) {
       setStreaming(false);
       renderMessages();
       ctx.refreshAccount();
-      if (keepHistory()) loadHistory();
+      if (keepHistory()) historyShows(conv.id);
     }
   }
 
@@ -315,6 +324,7 @@ export async function mount(root, ctx) {
   input.focus();
   const poll = setInterval(() => { if (!controller && !document.hidden) loadModels(); }, 15000);
   return () => {
+    stopped = true;
     clearInterval(poll);
     stop();
   };

@@ -67,6 +67,7 @@ export async function mount(root) {
     const queued = online.reduce((a, n) => a + n.queued, 0);
     let rpm = null;
     let tps = null;
+    let span = '';
     if (samples.length >= 2) {
       const a = samples[0];
       const b = samples[samples.length - 1];
@@ -74,12 +75,13 @@ export async function mount(root) {
       if (secs > 0) {
         rpm = ((b.requests - a.requests) / secs) * 60;
         tps = (b.tokens - a.tokens) / secs;
+        span = secs >= 59 ? 'last minute' : `last ${Math.round(secs)} s`;
       }
     }
     replace(statsEl,
       stat('Active nodes', num(online.length), `${models.size} model${models.size === 1 ? '' : 's'}`, 'stat-nodes'),
-      stat('Requests / min', rpm === null ? '—' : num(rpm, 1), 'last minute', 'stat-rpm'),
-      stat('Tokens / s', tps === null ? '—' : num(tps, 1), 'generated, last minute', 'stat-tps'),
+      stat('Requests / min', rpm === null ? '—' : num(rpm, 1), span || 'measuring…', 'stat-rpm'),
+      stat('Tokens / s', tps === null ? '—' : num(tps, 1), span ? `generated, ${span}` : 'measuring…', 'stat-tps'),
       stat('Slots busy', `${busy} / ${slots}`, queued ? `${queued} queued` : 'none queued', 'stat-slots'),
       stat('Served', num(online.reduce((a, n) => a + n.served, 0)), 'requests by online nodes', 'stat-served'));
   }
@@ -103,11 +105,12 @@ export async function mount(root) {
       h('td', {}, meter(n.reputation, `reputation ${num(n.reputation, 2)}`), num(n.reputation, 2)),
       h('td', { class: 'num' }, h('div', {}, `${num(n.served)} served`),
         h('div', { class: 'small muted' }, `up ${duration(n.uptime_s)}${n.failed ? ` · ${num(n.failed)} failed` : ''}`))));
+    const labels = ['Node', 'Models', 'Kind', 'Health', 'Load', 'Speed', 'Price in/out (LAI/1M)', 'Reputation', 'Activity'];
+    for (const tr of rows) [...tr.children].forEach((td, i) => td.setAttribute('data-label', labels[i]));
     replace(nodesEl, h('div', { class: 'table-wrap', tabindex: '0', role: 'region', 'aria-label': 'Online nodes' },
-      h('table', {},
+      h('table', { class: 'cards' },
         h('thead', {}, h('tr', {},
-          ['Node', 'Models', 'Kind', 'Health', 'Load', 'Speed', 'Price in/out (LAI/1M)', 'Reputation', 'Activity']
-            .map((t, i) => h('th', { scope: 'col', class: [5, 6, 8].includes(i) ? 'num' : '' }, t)))),
+          labels.map((t, i) => h('th', { scope: 'col', class: [5, 6, 8].includes(i) ? 'num' : '' }, t)))),
         h('tbody', {}, rows))));
   }
 
