@@ -249,7 +249,7 @@ contract Tokenomics is AccessControl {
         _accrue(p, st);
         IERC20(address(token)).safeTransferFrom(msg.sender, address(this), amount);
         st.amount += amount;
-        st.debt = st.amount * p.accPerShare / PRECISION;
+        st.debt = _debt(st.amount, p.accPerShare);
         p.staked += amount;
         totalPoolStaked += amount;
         emit Staked(node, msg.sender, amount);
@@ -262,7 +262,7 @@ contract Tokenomics is AccessControl {
         if (amount > st.amount) revert InsufficientBalance(st.amount, amount);
         _accrue(p, st);
         st.amount -= amount;
-        st.debt = st.amount * p.accPerShare / PRECISION;
+        st.debt = _debt(st.amount, p.accPerShare);
         p.staked -= amount;
         totalPoolStaked -= amount;
         IERC20(address(token)).safeTransfer(msg.sender, amount);
@@ -286,13 +286,23 @@ contract Tokenomics is AccessControl {
     function pendingReward(address node, address staker) external view returns (uint256) {
         Pool storage p = pools[node];
         Stake storage st = stakes[node][staker];
-        return st.owed + st.amount * p.accPerShare / PRECISION - st.debt;
+        uint256 accrued = st.amount * p.accPerShare / PRECISION;
+        return accrued > st.debt ? st.owed + accrued - st.debt : st.owed;
     }
 
     function _accrue(Pool storage p, Stake storage st) internal {
         uint256 accrued = st.amount * p.accPerShare / PRECISION;
+        // Right after a stake change the rounded-up debt may exceed the rounded-down accrual.
+        if (accrued <= st.debt) return;
         st.owed += accrued - st.debt;
         st.debt = accrued;
+    }
+
+    /// What a stake of `amount` is deemed to have already received at `accPerShare`, rounded
+    /// up: rounded down, every stake change would credit up to 1 wei never earned, and a pool
+    /// could end up owing its stakers more than it holds (the last claim then reverts).
+    function _debt(uint256 amount, uint256 accPerShare) internal pure returns (uint256) {
+        return Math.mulDiv(amount, accPerShare, PRECISION, Math.Rounding.Ceil);
     }
 
     // ---------------------------------------------------------------- epoch rewards

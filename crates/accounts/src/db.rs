@@ -101,6 +101,20 @@ impl Db {
     }
 }
 
+impl Db {
+    /// A transaction that will write. On SQLite it takes the write lock up front (`BEGIN
+    /// IMMEDIATE`): a deferred transaction that read first fails at once with "database is
+    /// locked" when another connection wrote in between, instead of waiting its turn.
+    pub(crate) async fn begin_write(
+        &self,
+    ) -> Result<sqlx::Transaction<'static, sqlx::Any>, sqlx::Error> {
+        match self.backend {
+            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await,
+            Backend::Postgres => self.pool.begin().await,
+        }
+    }
+}
+
 /// `$start, $start+1, …` for `n` parameters.
 pub(crate) fn placeholders(start: usize, n: usize) -> String {
     (start..start + n)

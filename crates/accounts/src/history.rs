@@ -42,7 +42,7 @@ impl Accounts {
         if !user.keep_history || conversation.is_empty() || conversation.len() > 64 {
             return Ok(false);
         }
-        let mut tx = self.db.pool.begin().await?;
+        let mut tx = self.db.begin_write().await?;
         let t = now();
         let owner = sqlx::query("SELECT user_id FROM conversations WHERE id = $1")
             .bind(conversation)
@@ -167,7 +167,7 @@ impl Accounts {
 
     /// Deletes one conversation (or all of the user's with `None`); returns how many.
     pub async fn delete_history(&self, user_id: &str, id: Option<&str>) -> Result<u64, StoreError> {
-        let mut tx = self.db.pool.begin().await?;
+        let mut tx = self.db.begin_write().await?;
         let ids: Vec<String> = match id {
             Some(id) => {
                 sqlx::query("SELECT id FROM conversations WHERE id = $1 AND user_id = $2")

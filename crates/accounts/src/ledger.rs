@@ -268,10 +268,7 @@ pub(crate) async fn apply_batch(
     config: &LedgerConfig,
     ops: &[(&Op, Option<&UsageRecord>)],
 ) -> Result<Vec<Result<Applied, LedgerError>>, StoreError> {
-    let mut tx = match db.backend {
-        Backend::Sqlite => db.pool.begin_with("BEGIN IMMEDIATE").await?,
-        Backend::Postgres => db.pool.begin().await?,
-    };
+    let mut tx = db.begin_write().await?;
     let lock = db.for_update();
     let mut ledger = Ledger::default();
 
@@ -444,12 +441,23 @@ pub(crate) async fn apply_batch(
     let mut results = Vec::with_capacity(ops.len());
     let mut postings = Vec::new();
     let mut usages = Vec::new();
+    let mut grants = Vec::new();
     for (op, usage) in ops {
         let r = ledger.apply(op);
         if let Ok(Applied::Posted(p)) = &r {
             postings.extend(p.iter().cloned().enumerate());
-            if let (Op::Charge { .. }, Some(u)) = (op, usage) {
-                usages.push(*u);
+            match (op, usage) {
+                (Op::Charge { .. }, Some(u)) => usages.push(*u),
+                // Credit created off-chain must be minted into custody on-chain (settlement).
+                (Op::Faucet { op, user, amount }, _) => {
+                    grants.push(vec![
+                        V::T(op.clone()),
+                        V::T(user.clone()),
+                        V::T(amount.to_string()),
+                        V::I(t),
+                    ]);
+                }
+                _ => {}
             }
         }
         results.push(r);
@@ -603,6 +611,13 @@ pub(crate) async fn apply_batch(
         &mut tx,
         "INSERT INTO journal (op, leg, debit, credit, amount, created_at) VALUES",
         rows,
+        "",
+    )
+    .await?;
+    insert_rows(
+        &mut tx,
+        "INSERT INTO chain_grants (op, user_id, amount, created_at) VALUES",
+        grants,
         "",
     )
     .await?;

@@ -100,7 +100,7 @@ impl Accounts {
         if id.len() > 64 {
             return Err(refuse("unknown challenge"));
         }
-        let mut tx = self.db.pool.begin().await?;
+        let mut tx = self.db.begin_write().await?;
         let row = sqlx::query(
             "SELECT data FROM challenges WHERE id = $1 AND purpose = $2 AND expires_at > $3",
         )

@@ -40,15 +40,28 @@ pub struct Embedded {
     chain_id: u64,
     path: Option<PathBuf>,
     state: Mutex<State>,
+    /// Held for as long as this process owns the state file: two writers would fork the chain.
+    _lock: Option<std::fs::File>,
 }
 
 impl Embedded {
-    /// Opens the chain persisted at `path`, or starts a new one there.
+    /// Opens the chain persisted at `path`, or starts a new one there. Only one process may have
+    /// it open at a time.
     pub fn open(path: &Path, chain_id: u64) -> Result<Self, ChainError> {
         let err = |message: String| ChainError::State {
             path: path.display().to_string(),
             message,
         };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
+        }
+        let lock =
+            std::fs::File::create(path.with_extension("lock")).map_err(|e| err(e.to_string()))?;
+        if lock.try_lock().is_err() {
+            return Err(err(
+                "is in use by another process (a running Nexus owns its embedded chain)".into(),
+            ));
+        }
         let state = match std::fs::read(path) {
             Ok(bytes) => {
                 let state: State =
@@ -68,6 +81,7 @@ impl Embedded {
             chain_id,
             path: Some(path.to_owned()),
             state: Mutex::new(state),
+            _lock: Some(lock),
         })
     }
 
@@ -77,6 +91,7 @@ impl Embedded {
             chain_id,
             path: None,
             state: Mutex::new(State::new(chain_id)),
+            _lock: None,
         }
     }
 

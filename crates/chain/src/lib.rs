@@ -11,12 +11,13 @@ mod embedded;
 mod protocol;
 mod rpc;
 
-pub use alloy::primitives::{Address, B256, Bytes, U256};
+pub use alloy::primitives::{Address, B256, Bytes, U256, keccak256};
 pub use alloy::signers::local::PrivateKeySigner;
 pub use bindings::{LAIToken, NetworkStatus, NodeRegistry, Tokenomics, UserRegistry};
 pub use embedded::{Embedded, TX_GAS_LIMIT};
 pub use protocol::{
     DeployParams, Deployment, Deposit, GrantEntry, NodeOffer, NodeState, Protocol, SettleEntry,
+    Submitted,
 };
 pub use rpc::Rpc;
 

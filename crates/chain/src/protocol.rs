@@ -101,6 +101,14 @@ pub struct NodeState {
     pub models: Vec<String>,
 }
 
+/// The outcome of submitting an idempotent batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Submitted {
+    /// False when the id had already been applied (this submission changed nothing).
+    pub applied: bool,
+    pub tx_hash: B256,
+}
+
 /// An on-chain deposit into a user's custody balance.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Deposit {
@@ -352,13 +360,12 @@ impl Protocol {
 
     // ------------------------------------------------------------ settlement
 
-    /// Submits settlement batch `id`. Returns whether this submission applied it (false: it had
-    /// already been applied, and nothing changed).
+    /// Submits settlement batch `id`; applying an id that was already applied changes nothing.
     pub async fn settle_batch(
         &self,
         id: B256,
         entries: &[SettleEntry],
-    ) -> Result<bool, ChainError> {
+    ) -> Result<Submitted, ChainError> {
         let entries = entries
             .iter()
             .map(|e| {
@@ -397,9 +404,13 @@ impl Protocol {
         .await
     }
 
-    /// Submits faucet grant batch `id` (minted into custody). Returns whether this submission
-    /// applied it.
-    pub async fn grant_batch(&self, id: B256, entries: &[GrantEntry]) -> Result<bool, ChainError> {
+    /// Submits faucet grant batch `id` (minted into custody); applying an id that was already
+    /// applied changes nothing.
+    pub async fn grant_batch(
+        &self,
+        id: B256,
+        entries: &[GrantEntry],
+    ) -> Result<Submitted, ChainError> {
         let receipt = self
             .send(
                 self.deployment.users,
@@ -635,13 +646,17 @@ impl Protocol {
 }
 
 /// Whether a receipt shows event `A` (applied) rather than `S` (skipped: already applied).
-fn applied<A: SolEvent, S: SolEvent>(receipt: &Receipt) -> Result<bool, ChainError> {
+fn applied<A: SolEvent, S: SolEvent>(receipt: &Receipt) -> Result<Submitted, ChainError> {
     for log in &receipt.logs {
-        match log.topics().first() {
-            Some(t) if *t == A::SIGNATURE_HASH => return Ok(true),
-            Some(t) if *t == S::SIGNATURE_HASH => return Ok(false),
-            _ => {}
-        }
+        let applied = match log.topics().first() {
+            Some(t) if *t == A::SIGNATURE_HASH => true,
+            Some(t) if *t == S::SIGNATURE_HASH => false,
+            _ => continue,
+        };
+        return Ok(Submitted {
+            applied,
+            tx_hash: receipt.hash,
+        });
     }
     Err(ChainError::Decode(
         "the receipt has neither the applied nor the skipped event".into(),

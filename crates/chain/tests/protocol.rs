@@ -49,11 +49,11 @@ async fn exercise(chain: Chain, operator: PrivateKeySigner) {
     ];
     assert!(!p.grant_applied(grant).await.unwrap());
     assert!(
-        p.grant_batch(grant, &grants).await.unwrap(),
+        p.grant_batch(grant, &grants).await.unwrap().applied,
         "first grant applies"
     );
     assert!(
-        !p.grant_batch(grant, &grants).await.unwrap(),
+        !p.grant_batch(grant, &grants).await.unwrap().applied,
         "resent grant is a no-op"
     );
     assert!(p.grant_applied(grant).await.unwrap());
@@ -80,11 +80,11 @@ async fn exercise(chain: Chain, operator: PrivateKeySigner) {
     ];
     assert!(!p.batch_settled(batch).await.unwrap());
     assert!(
-        p.settle_batch(batch, &entries).await.unwrap(),
+        p.settle_batch(batch, &entries).await.unwrap().applied,
         "first settle applies"
     );
     assert!(
-        !p.settle_batch(batch, &entries).await.unwrap(),
+        !p.settle_batch(batch, &entries).await.unwrap().applied,
         "resent batch is a no-op"
     );
     assert!(p.batch_settled(batch).await.unwrap());
@@ -190,11 +190,16 @@ async fn embedded_state_survives_a_restart() {
             )
             .await
             .unwrap()
+            .applied
         );
         (p.deployment().clone(), chain.block_number().await.unwrap())
     };
     let chain = Chain::Embedded(Arc::new(Embedded::open(&state, 9).unwrap()));
     assert_eq!(chain.block_number().await.unwrap(), block);
+    assert!(
+        Embedded::open(&state, 9).is_err(),
+        "a second process must not open a chain that is in use"
+    );
     let p = Protocol::open_or_deploy(chain, operator, &deployment_file, &params)
         .await
         .unwrap();
@@ -214,9 +219,15 @@ async fn embedded_state_survives_a_restart() {
         )
         .await
         .unwrap()
+        .applied
     );
     assert_eq!(p.user_balance(addr(1)).await.unwrap(), U256::from(42));
 
     // A state file of another chain id is refused rather than silently reused.
-    assert!(Embedded::open(&state, 10).is_err());
+    drop(p);
+    match Embedded::open(&state, 10) {
+        Err(ChainError::State { message, .. }) => assert!(message.contains("chain 9"), "{message}"),
+        Err(e) => panic!("unexpected error: {e}"),
+        Ok(_) => panic!("opened a chain 9 state file as chain 10"),
+    }
 }

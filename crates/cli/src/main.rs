@@ -12,6 +12,8 @@ use lattice_engine::upstream::{UpstreamConfig, UpstreamEngine};
 use lattice_engine_llama::{LlamaConfig, LlamaEngine};
 use lattice_models::{ModelSpec, ModelStore, PullOptions, TerminalProgress};
 
+mod chain;
+
 #[derive(Parser)]
 #[command(
     name = "lattice",
@@ -39,6 +41,19 @@ enum Command {
     /// Manage local model files.
     #[command(subcommand)]
     Model(ModelCommand),
+    /// The protocol contracts: deploy, status, faucet, balances, reconciliation.
+    Chain {
+        #[command(flatten)]
+        chain: chain::ChainArgs,
+        /// Directory of Nexus's database (the embedded chain and its key live beside it).
+        #[arg(long)]
+        db: Option<PathBuf>,
+        /// Chain id of the embedded chain.
+        #[arg(long, default_value_t = 31337)]
+        chain_id: u64,
+        #[command(subcommand)]
+        command: chain::ChainCommand,
+    },
 }
 
 #[derive(Subcommand)]
@@ -123,6 +138,24 @@ struct NexusArgs {
     /// HTTP requests handled at once (streams included); more get 503.
     #[arg(long, default_value_t = 4096)]
     max_in_flight: usize,
+    #[command(flatten)]
+    chain: chain::ChainArgs,
+    /// Do not settle to a chain (the ledger stays off-chain only).
+    #[arg(long)]
+    no_chain: bool,
+    /// Do not run the settlement loop on this replica (another one does).
+    #[arg(long)]
+    no_settle: bool,
+    /// Seconds between settlement passes.
+    #[arg(long, default_value_t = 5)]
+    settle_interval: u64,
+    /// Credit on-chain deposits this many blocks behind the head.
+    #[arg(long, default_value_t = 0)]
+    deposit_confirmations: u64,
+    /// Node admission by on-chain stake (default: sponsor on the embedded chain — the operator
+    /// stakes for nodes of a local network — and require with --chain-rpc).
+    #[arg(long, value_enum)]
+    node_stake: Option<chain::NodeStake>,
 }
 
 #[derive(Args)]
@@ -214,6 +247,19 @@ fn main() -> Result<()> {
             Command::Node(a) => node(*a).await,
             Command::Status { nexus } => status(&nexus).await,
             Command::Model(m) => model(m).await,
+            Command::Chain {
+                chain: args,
+                db,
+                chain_id,
+                command,
+            } => {
+                let db = db.unwrap_or_else(|| cache_dir().join("nexus.db"));
+                let dir = db
+                    .parent()
+                    .map(std::path::Path::to_path_buf)
+                    .unwrap_or_else(cache_dir);
+                chain::run(command, &args, &dir, chain_id, &db).await
+            }
         }
     })
 }
@@ -475,6 +521,31 @@ async fn nexus(a: NexusArgs) -> Result<()> {
         .map(std::path::Path::to_path_buf)
         .unwrap_or_else(cache_dir);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let settle = if a.no_billing || a.no_chain {
+        None
+    } else {
+        let protocol = chain::open(&a.chain, &dir, a.chain_id).await?;
+        let stake = match a.node_stake {
+            Some(chain::NodeStake::Off) => lattice_nexus::StakePolicy::Off,
+            Some(chain::NodeStake::Require) => lattice_nexus::StakePolicy::Require,
+            Some(chain::NodeStake::Sponsor) => lattice_nexus::StakePolicy::Sponsor,
+            None if a.chain.chain_rpc.is_some() => lattice_nexus::StakePolicy::Require,
+            None => lattice_nexus::StakePolicy::Sponsor,
+        };
+        tracing::info!(chain_id = protocol.chain().chain_id(), tokenomics = %protocol.deployment().tokenomics, "settling to the chain");
+        Some(lattice_nexus::ChainSettings {
+            protocol,
+            settle: !a.no_settle,
+            interval: Duration::from_secs(a.settle_interval.max(1)),
+            limits: lattice_accounts::BatchLimits::default(),
+            confirmations: a.deposit_confirmations,
+            stake,
+        })
+    };
+    // Receipts and SIWE messages name the chain that is settled to.
+    let chain_id = settle
+        .as_ref()
+        .map_or(a.chain_id, |s| s.protocol.chain().chain_id());
     let secret_file = a.secret_file.unwrap_or_else(|| dir.join("nexus.secret"));
     let master_secret = load_or_create_secret(&secret_file)?;
     let public = reqwest::Url::parse(
@@ -505,7 +576,7 @@ async fn nexus(a: NexusArgs) -> Result<()> {
             },
         ),
         passkeys,
-        chain_id: a.chain_id,
+        chain_id,
         ledger: lattice_accounts::LedgerConfig {
             owner: a.replica_id,
             ..lattice_accounts::LedgerConfig::default()
@@ -538,7 +609,7 @@ async fn nexus(a: NexusArgs) -> Result<()> {
         probe_interval: Duration::from_secs(a.probe_interval.max(1)),
         ..lattice_nexus::NexusConfig::default()
     };
-    let nexus = lattice_nexus::Nexus::new(config).await?;
+    let nexus = lattice_nexus::Nexus::new(config, settle).await?;
     if let Some(path) = &a.operator_key_file {
         nexus.operator_key(path).await?;
     }
@@ -740,6 +811,9 @@ async fn up(a: UpArgs) -> Result<()> {
     );
     println!();
     println!("  lattice status --nexus {base}");
+    println!(
+        "  curl {base}/lattice/v1/chain   # the embedded chain: contracts, settlement batches"
+    );
     shutdown_signal().await;
     drop(children);
     Ok(())

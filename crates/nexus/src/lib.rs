@@ -9,6 +9,7 @@ mod health;
 mod link;
 mod network;
 mod registry;
+mod settlement;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -26,6 +27,9 @@ pub use db::KnownNode;
 pub use health::{Canary, builtin_canary};
 pub use network::Failover;
 pub use registry::{ModelStatus, NodeStatus};
+pub use settlement::{
+    ChainSettings, Mismatch, Pass, Reconciliation, SettleError, StakePolicy, reconcile,
+};
 
 use crate::billing::Billing;
 use crate::db::Db;
@@ -94,13 +98,19 @@ pub struct Nexus {
     accounts: Arc<Accounts>,
     oidc: Option<lattice_accounts::OidcProvider>,
     health_kick: Notify,
+    chain: Option<ChainSettings>,
+    reconciliation: std::sync::Mutex<Option<Reconciliation>>,
 }
 
 /// Credit given to the local operator account that `lattice up` creates.
 const OPERATOR_CREDIT_LAI: u64 = 1_000;
 
 impl Nexus {
-    pub async fn new(config: NexusConfig) -> Result<Arc<Self>, StoreError> {
+    /// A Nexus; with `chain`, it settles to the protocol contracts and checks node stake.
+    pub async fn new(
+        config: NexusConfig,
+        chain: Option<ChainSettings>,
+    ) -> Result<Arc<Self>, StoreError> {
         let store = lattice_accounts::Db::open(&config.database_url).await?;
         let db = Db::new(&store);
         let accounts = Arc::new(Accounts::open(store, config.accounts.clone()).await?);
@@ -119,6 +129,8 @@ impl Nexus {
             accounts,
             oidc,
             health_kick: Notify::new(),
+            chain,
+            reconciliation: std::sync::Mutex::new(None),
         }))
     }
 
@@ -184,6 +196,7 @@ impl Nexus {
         let lattice = Router::new()
             .route(lattice_link::LINK_PATH, get(link::upgrade))
             .route("/lattice/v1/nodes", get(nodes))
+            .route("/lattice/v1/chain", get(chain))
             .route(
                 "/lattice/v1/nodes/{address}/earnings",
                 get(api::node_earnings),
@@ -248,10 +261,18 @@ impl Nexus {
     ) -> std::io::Result<()> {
         let health = tokio::spawn(health::run(self.clone()));
         let sweeper = tokio::spawn(sweep_holds(self.accounts.clone()));
+        let settler = self
+            .chain
+            .clone()
+            .filter(|c| c.settle)
+            .map(|c| tokio::spawn(settlement::run(self.clone(), c)));
         let app = self.router();
         let r = lattice_http::serve(listener, app, shutdown).await;
         health.abort();
         sweeper.abort();
+        if let Some(s) = settler {
+            s.abort();
+        }
         r
     }
 }
@@ -260,6 +281,55 @@ impl Nexus {
 struct NodesResponse {
     online: Vec<NodeStatus>,
     known: Vec<KnownNode>,
+}
+
+#[derive(serde::Serialize)]
+struct ChainResponse {
+    chain_id: u64,
+    block: Option<u64>,
+    deployment: lattice_chain::Deployment,
+    /// Batches recorded but not yet confirmed on-chain.
+    pending_batches: usize,
+    batches: Vec<lattice_accounts::ChainBatch>,
+    reconciliation: Option<Reconciliation>,
+}
+
+/// The chain Nexus settles to: contracts, recent batches and the last reconciliation.
+async fn chain(State(nexus): State<Arc<Nexus>>) -> axum::response::Response {
+    let Some(c) = &nexus.chain else {
+        return lattice_http::error_response(&lattice_api::ApiError::new(
+            404,
+            "invalid_request_error",
+            Some("no_chain"),
+            "this Nexus is not connected to a chain",
+        ));
+    };
+    let batches = match nexus.accounts.recent_batches(20).await {
+        Ok(b) => b,
+        Err(e) => {
+            return lattice_http::error_response(&lattice_api::ApiError::internal(e.to_string()));
+        }
+    };
+    let pending_batches = match nexus.accounts.unconfirmed_batches().await {
+        Ok(p) => p.len(),
+        Err(e) => {
+            return lattice_http::error_response(&lattice_api::ApiError::internal(e.to_string()));
+        }
+    };
+    let reconciliation = nexus
+        .reconciliation
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    axum::Json(ChainResponse {
+        chain_id: c.protocol.chain().chain_id(),
+        block: c.protocol.chain().block_number().await.ok(),
+        deployment: c.protocol.deployment().clone(),
+        pending_batches,
+        batches,
+        reconciliation,
+    })
+    .into_response()
 }
 
 async fn nodes(State(nexus): State<Arc<Nexus>>) -> impl IntoResponse {

@@ -17,6 +17,7 @@ use tokio::sync::mpsc;
 
 use crate::Nexus;
 use crate::registry::{LINK_QUEUE, LinkHandle};
+use crate::settlement;
 
 /// Time a node has to complete the handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -166,6 +167,19 @@ async fn handshake(nexus: &Nexus, ws: &mut WebSocket) -> Result<Registered, Stri
     }
     if label.as_ref().is_some_and(|l| l.len() > 64) {
         return Err("label is longer than 64 bytes".into());
+    }
+    if let Some(chain) = &nexus.chain {
+        let ids: Vec<String> = models.iter().map(|m| m.id.clone()).collect();
+        settlement::admit(
+            chain,
+            &signer,
+            &ids,
+            (
+                u128::from(price.input_per_mtok),
+                u128::from(price.output_per_mtok),
+            ),
+        )
+        .await?;
     }
     let reputation = nexus
         .db

@@ -1,0 +1,392 @@
+//! The off-chain side of settlement: which credit and usage still has to reach the chain, the
+//! batches it was put in, and what the chain should show once they are applied.
+//!
+//! A batch is written here, entries and id included, *before* it is sent, and every item it
+//! covers is marked with its id in the same transaction. So an item is in at most one batch,
+//! and after a crash the settler only has to ask the chain whether each unconfirmed id was
+//! applied (the contracts apply an id at most once) and resend the ones that were not.
+
+use std::collections::BTreeMap;
+
+use lattice_ledger::{Money, Op};
+use serde::{Deserialize, Serialize};
+use sqlx::Row;
+
+use crate::db::{Backend, now, placeholders};
+use crate::ledger::parse_money;
+use crate::{Accounts, StoreError};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BatchKind {
+    /// Faucet credit minted into users' custody.
+    Grant,
+    /// Usage moved from users to nodes.
+    Settle,
+}
+
+impl BatchKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            BatchKind::Grant => "grant",
+            BatchKind::Settle => "settle",
+        }
+    }
+
+    fn parse(s: &str) -> Result<Self, StoreError> {
+        match s {
+            "grant" => Ok(BatchKind::Grant),
+            "settle" => Ok(BatchKind::Settle),
+            other => Err(StoreError::Corrupt(format!("unknown batch kind {other}"))),
+        }
+    }
+}
+
+/// One line of a batch: netted per user (grants) or per (user, node) (settlement).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchEntry {
+    /// The user's on-chain address.
+    pub user: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    pub amount: Money,
+    #[serde(default)]
+    pub tokens: u64,
+    #[serde(default)]
+    pub requests: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ChainBatch {
+    /// `0x` + 64 hex digits, the id used on-chain.
+    pub id: String,
+    pub kind: BatchKind,
+    pub seq: i64,
+    pub entries: Vec<BatchEntry>,
+    pub total: Money,
+    pub confirmed: bool,
+    pub created_at: i64,
+    pub tx_hash: Option<String>,
+}
+
+/// What the chain should hold for one user once every confirmed batch is applied.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Expected {
+    pub granted: Money,
+    pub deposited: Money,
+    pub settled: Money,
+}
+
+impl Expected {
+    /// The custody balance the chain should show (None if the records are inconsistent).
+    pub fn balance(&self) -> Option<Money> {
+        self.granted
+            .checked_add(self.deposited)?
+            .checked_sub(self.settled)
+    }
+}
+
+/// Bounds of one batch.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchLimits {
+    /// Lines per batch. Each costs gas on-chain: ~33k when the pair was settled before in the
+    /// epoch, up to ~150k when the node is paid for the first time and feeds a staked pool
+    /// (`contracts/test/Gas.t.sol`); 100 of the worst kind fit a 16.7M-gas transaction.
+    pub max_entries: usize,
+    /// Items (charges or grants) looked at per batch.
+    pub max_items: usize,
+}
+
+impl Default for BatchLimits {
+    fn default() -> Self {
+        Self {
+            max_entries: 100,
+            max_items: 20_000,
+        }
+    }
+}
+
+impl Accounts {
+    /// Puts items not yet in any batch into a new batch `id` (recorded, not yet sent).
+    /// Returns None when there is nothing to put in.
+    pub async fn prepare_batch(
+        &self,
+        kind: BatchKind,
+        id: &str,
+        limits: BatchLimits,
+    ) -> Result<Option<ChainBatch>, StoreError> {
+        let mut tx = self.db.begin_write().await?;
+        let lock = match self.db.backend {
+            Backend::Postgres => " FOR UPDATE OF i SKIP LOCKED",
+            Backend::Sqlite => "",
+        };
+        let limit = i64::try_from(limits.max_items).unwrap_or(i64::MAX);
+        let rows = match kind {
+            BatchKind::Grant => {
+                sqlx::query(&format!(
+                    "SELECT i.op AS item, u.address, NULL AS node, i.amount, 0 AS tokens
+                     FROM chain_grants i JOIN users u ON u.id = i.user_id
+                     WHERE i.batch_id IS NULL ORDER BY i.created_at, i.op LIMIT $1{lock}"
+                ))
+                .bind(limit)
+                .fetch_all(&mut *tx)
+                .await?
+            }
+            BatchKind::Settle => {
+                sqlx::query(&format!(
+                    "SELECT i.request_id AS item, u.address, i.node, i.amount,
+                            COALESCE(r.prompt_tokens + r.completion_tokens, 0) AS tokens
+                     FROM charges i JOIN users u ON u.id = i.user_id
+                     LEFT JOIN usage_records r ON r.request_id = i.request_id
+                     WHERE i.batch_id IS NULL AND i.refunded = 0
+                     ORDER BY i.created_at, i.request_id LIMIT $1{lock}"
+                ))
+                .bind(limit)
+                .fetch_all(&mut *tx)
+                .await?
+            }
+        };
+        // Net per line, in order of first appearance; items past the last line that fits wait
+        // for the next batch.
+        let mut lines: Vec<BatchEntry> = Vec::new();
+        let mut index: BTreeMap<(String, Option<String>), usize> = BTreeMap::new();
+        let mut items = Vec::new();
+        for r in rows {
+            let item: String = r.try_get("item")?;
+            let user: String = r.try_get("address")?;
+            let node: Option<String> = r.try_get("node")?;
+            let amount = parse_money(&r.try_get::<String, _>("amount")?)?;
+            let tokens = u64::try_from(r.try_get::<i64, _>("tokens")?).unwrap_or(0);
+            let key = (user.clone(), node.clone());
+            let i = match index.get(&key) {
+                Some(&i) => i,
+                None if lines.len() < limits.max_entries => {
+                    lines.push(BatchEntry {
+                        user,
+                        node,
+                        amount: Money::ZERO,
+                        tokens: 0,
+                        requests: 0,
+                    });
+                    index.insert(key, lines.len() - 1);
+                    lines.len() - 1
+                }
+                None => continue,
+            };
+            let line = &mut lines[i];
+            line.amount = line
+                .amount
+                .checked_add(amount)
+                .ok_or_else(|| StoreError::Corrupt("batch amount overflow".into()))?;
+            line.tokens = line.tokens.saturating_add(tokens);
+            if kind == BatchKind::Settle {
+                line.requests = line.requests.saturating_add(1);
+            }
+            items.push(item);
+        }
+        if items.is_empty() {
+            tx.rollback().await?;
+            return Ok(None);
+        }
+        let (table, key) = match kind {
+            BatchKind::Grant => ("chain_grants", "op"),
+            BatchKind::Settle => ("charges", "request_id"),
+        };
+        for chunk in items.chunks(500) {
+            let sql = format!(
+                "UPDATE {table} SET batch_id = $1 WHERE {key} IN ({})",
+                placeholders(2, chunk.len())
+            );
+            let mut q = sqlx::query(&sql).bind(id);
+            for item in chunk {
+                q = q.bind(item.as_str());
+            }
+            q.execute(&mut *tx).await?;
+        }
+        let total = lines
+            .iter()
+            .try_fold(Money::ZERO, |t, l| t.checked_add(l.amount))
+            .ok_or_else(|| StoreError::Corrupt("batch total overflow".into()))?;
+        let seq: i64 = sqlx::query("SELECT COALESCE(MAX(seq), 0) + 1 AS seq FROM chain_batches")
+            .fetch_one(&mut *tx)
+            .await?
+            .try_get("seq")?;
+        let created_at = now();
+        let entries = serde_json::to_string(&lines)
+            .map_err(|e| StoreError::Corrupt(format!("batch entries: {e}")))?;
+        sqlx::query(
+            "INSERT INTO chain_batches (id, kind, seq, status, entries, total, created_at)
+             VALUES ($1, $2, $3, 'prepared', $4, $5, $6)",
+        )
+        .bind(id)
+        .bind(kind.as_str())
+        .bind(seq)
+        .bind(entries)
+        .bind(total.to_string())
+        .bind(created_at)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Some(ChainBatch {
+            id: id.to_owned(),
+            kind,
+            seq,
+            entries: lines,
+            total,
+            confirmed: false,
+            created_at,
+            tx_hash: None,
+        }))
+    }
+
+    /// Batches recorded but not yet confirmed on-chain, oldest first.
+    pub async fn unconfirmed_batches(&self) -> Result<Vec<ChainBatch>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, kind, seq, status, entries, total, created_at, tx_hash FROM chain_batches
+             WHERE status = 'prepared' ORDER BY seq",
+        )
+        .fetch_all(&self.db.pool)
+        .await?;
+        rows.iter().map(batch_of).collect()
+    }
+
+    /// The most recent batches, newest first.
+    pub async fn recent_batches(&self, limit: u32) -> Result<Vec<ChainBatch>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, kind, seq, status, entries, total, created_at, tx_hash FROM chain_batches
+             ORDER BY seq DESC LIMIT $1",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&self.db.pool)
+        .await?;
+        rows.iter().map(batch_of).collect()
+    }
+
+    /// Marks batch `id` as applied on-chain (by transaction `tx_hash`, when this replica sent it).
+    pub async fn confirm_batch(&self, id: &str, tx_hash: Option<&str>) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE chain_batches SET status = 'confirmed', confirmed_at = $1,
+             tx_hash = COALESCE($2, tx_hash) WHERE id = $3",
+        )
+        .bind(now())
+        .bind(tx_hash)
+        .bind(id)
+        .execute(&self.db.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn cursor(&self, name: &str) -> Result<Option<i64>, StoreError> {
+        Ok(
+            sqlx::query("SELECT value FROM chain_cursors WHERE name = $1")
+                .bind(name)
+                .fetch_optional(&self.db.pool)
+                .await?
+                .map(|r| r.try_get("value"))
+                .transpose()?,
+        )
+    }
+
+    pub async fn set_cursor(&self, name: &str, value: i64) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO chain_cursors (name, value) VALUES ($1, $2)
+             ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+        )
+        .bind(name)
+        .bind(value)
+        .execute(&self.db.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Credits on-chain deposit `id` (`txhash:logindex`) to the user owning `address`, once.
+    /// Returns false when no user has that address (the deposit stays on-chain, uncredited)
+    /// or it was already credited.
+    pub async fn credit_deposit(
+        &self,
+        id: &str,
+        address: &str,
+        amount: Money,
+        block: i64,
+    ) -> Result<bool, StoreError> {
+        let Some(user) = sqlx::query("SELECT id FROM users WHERE LOWER(address) = LOWER($1)")
+            .bind(address)
+            .fetch_optional(&self.db.pool)
+            .await?
+        else {
+            return Ok(false);
+        };
+        let user_id: String = user.try_get("id")?;
+        // The ledger applies op `deposit:<id>` at most once; the row below is its record for
+        // reconciliation, written after so a crash in between is repaired by the next scan.
+        let applied = self
+            .ledger
+            .post(Op::Deposit {
+                op: format!("deposit:{id}"),
+                user: user_id.clone(),
+                amount,
+            })
+            .await
+            .map_err(|e| StoreError::Ledger(e.to_string()))?;
+        sqlx::query(
+            "INSERT INTO chain_deposits (id, user_id, amount, block, created_at)
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(id)
+        .bind(&user_id)
+        .bind(amount.to_string())
+        .bind(block)
+        .bind(now())
+        .execute(&self.db.pool)
+        .await?;
+        Ok(matches!(applied, lattice_ledger::Applied::Posted(_)))
+    }
+
+    /// Per on-chain address, what confirmed batches and credited deposits imply.
+    pub async fn chain_expectations(&self) -> Result<BTreeMap<String, Expected>, StoreError> {
+        let mut out: BTreeMap<String, Expected> = BTreeMap::new();
+        type Field = fn(&mut Expected) -> &mut Money;
+        let queries: [(&str, Field); 3] = [
+            (
+                "SELECT u.address, i.amount FROM chain_grants i JOIN users u ON u.id = i.user_id
+                 JOIN chain_batches b ON b.id = i.batch_id WHERE b.status = 'confirmed'",
+                |e| &mut e.granted,
+            ),
+            (
+                "SELECT u.address, i.amount FROM chain_deposits i JOIN users u ON u.id = i.user_id",
+                |e| &mut e.deposited,
+            ),
+            (
+                "SELECT u.address, i.amount FROM charges i JOIN users u ON u.id = i.user_id
+                 JOIN chain_batches b ON b.id = i.batch_id WHERE b.status = 'confirmed'",
+                |e| &mut e.settled,
+            ),
+        ];
+        for (sql, field) in queries {
+            for r in sqlx::query(sql).fetch_all(&self.db.pool).await? {
+                let address: String = r.try_get("address")?;
+                let amount = parse_money(&r.try_get::<String, _>("amount")?)?;
+                let slot = field(out.entry(address.to_lowercase()).or_default());
+                *slot = slot
+                    .checked_add(amount)
+                    .ok_or_else(|| StoreError::Corrupt("expected balance overflow".into()))?;
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn batch_of(r: &sqlx::any::AnyRow) -> Result<ChainBatch, StoreError> {
+    let entries: String = r.try_get("entries")?;
+    Ok(ChainBatch {
+        id: r.try_get("id")?,
+        kind: BatchKind::parse(&r.try_get::<String, _>("kind")?)?,
+        seq: r.try_get("seq")?,
+        entries: serde_json::from_str(&entries)
+            .map_err(|e| StoreError::Corrupt(format!("batch entries: {e}")))?,
+        total: parse_money(&r.try_get::<String, _>("total")?)?,
+        confirmed: r.try_get::<String, _>("status")? == "confirmed",
+        created_at: r.try_get("created_at")?,
+        tx_hash: r.try_get("tx_hash")?,
+    })
+}

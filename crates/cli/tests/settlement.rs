@@ -1,0 +1,250 @@
+//! Settlement to the chain, end to end: a real Nexus with billing, a real node and model, the
+//! embedded chain (or a real anvil), paid requests, batches on-chain, reconciliation by the
+//! `lattice chain` command — and the same while Nexus is killed at random points of settlement.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+mod common;
+use common::*;
+
+/// Anvil's first well-known development key (funded on every fresh anvil).
+const ANVIL_KEY: &str = "ac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80";
+
+/// Whether Nexus answers and lists `model` as served (false while it is down or starting).
+async fn serves(nexus: &str, model: &str) -> bool {
+    let Ok(r) = reqwest::get(format!("{nexus}/v1/models")).await else {
+        return false;
+    };
+    let Ok(v) = r.json::<Value>().await else {
+        return false;
+    };
+    v["data"]
+        .as_array()
+        .is_some_and(|d| d.iter().any(|m| m["id"] == model))
+}
+
+async fn chain_state(nexus: &str) -> Value {
+    get(&format!("{nexus}/lattice/v1/chain")).await
+}
+
+/// Requests counted in confirmed settlement batches.
+fn settled_requests(chain: &Value) -> u64 {
+    chain["batches"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|b| b["kind"] == "settle" && b["confirmed"] == true)
+        .flat_map(|b| b["entries"].as_array().unwrap().clone())
+        .map(|e| e["requests"].as_u64().unwrap())
+        .sum()
+}
+
+async fn wait_settled(nexus: &str, at_least_requests: u64) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let c = chain_state(nexus).await;
+        if c["pending_batches"] == 0 && settled_requests(&c) >= at_least_requests {
+            return c;
+        }
+        assert!(Instant::now() < deadline, "never settled: {c}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+fn chain_cli(dir: &Path, chain_args: &[&str], command: &[&str]) -> (bool, String) {
+    let db = dir.join("nexus.db");
+    let mut args = vec!["chain", "--db", db.to_str().unwrap()];
+    args.extend_from_slice(chain_args);
+    args.extend_from_slice(command);
+    run(&args)
+}
+
+fn reconcile(dir: &Path, chain_args: &[&str]) -> Value {
+    let (ok, out) = chain_cli(dir, chain_args, &["reconcile"]);
+    let r: Value = serde_json::from_str(&out).unwrap_or_else(|_| panic!("reconcile said {out}"));
+    assert!(ok, "reconciliation found differences: {r}");
+    assert_eq!(r["mismatches"], json!([]), "{r}");
+    assert_eq!(r["pending_batches"], 0, "{r}");
+    assert_eq!(r["settled_expected"], r["settled_on_chain"], "{r}");
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paid_usage_settles_on_chain_and_reconciles() {
+    let dir = tmp();
+    let n = nexus_with(dir.path(), "127.0.0.1:0", &["--settle-interval", "1"]);
+    let _node = node(&n.url, CHAT, &key(dir.path(), "n1"), "2");
+    wait_for_models(&n.url, &[(CHAT, 1)]).await;
+
+    // The operator sponsored the node's stake on the embedded chain when it registered.
+    let node_address = nodes(&n.url).await["online"][0]["address"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    const REQUESTS: u64 = 6;
+    for i in 0..REQUESTS {
+        let (s, v) = post(
+            &format!("{}/v1/chat/completions", n.url),
+            chat(&format!("Count to {i}."), json!({})),
+        )
+        .await;
+        assert_eq!(s, 200, "{v}");
+    }
+    let c = wait_settled(&n.url, REQUESTS).await;
+    let grants: Vec<&Value> = c["batches"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|b| b["kind"] == "grant")
+        .collect();
+    assert!(
+        !grants.is_empty(),
+        "the operator's starter credit is minted on-chain: {c}"
+    );
+    let settle = c["batches"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["kind"] == "settle")
+        .unwrap();
+    assert_eq!(
+        settle["entries"][0]["node"]
+            .as_str()
+            .unwrap()
+            .to_lowercase(),
+        node_address.to_lowercase()
+    );
+    assert!(settle["tx_hash"].as_str().unwrap().starts_with("0x"));
+    n.kill();
+
+    // With Nexus stopped, the CLI opens the same embedded chain and the same database.
+    let r = reconcile(dir.path(), &[]);
+    assert!(r["checked"].as_u64().unwrap() >= 1, "{r}");
+    assert_ne!(r["settled_on_chain"], "0", "{r}");
+    let (ok, out) = chain_cli(dir.path(), &[], &["balance", &node_address]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("active"),
+        "the node is staked and active: {out}"
+    );
+    let earnings = out
+        .lines()
+        .find(|l| l.starts_with("earnings"))
+        .unwrap()
+        .to_owned();
+    assert!(!earnings.contains(" 0 LAI"), "the node was paid: {out}");
+}
+
+/// Drives paid load at a Nexus that aborts at random points of settlement, restarting it each
+/// time, then lets it finish and checks that ledger and chain agree to the unit.
+async fn chaos(dir: &Path, chain_args: &[&str], nexus_args: &[&str]) {
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let url = format!("http://{listen}");
+    let mut extra = vec!["--settle-interval", "1"];
+    extra.extend_from_slice(chain_args);
+    extra.extend_from_slice(nexus_args);
+    let faults = [("LATTICE_FAULT_SETTLE_ABORT", "0.4")];
+    let mut n = nexus_env(dir, &listen, &extra, &faults);
+    let _node = node(&url, CHAT, &key(dir, "n1"), "2");
+
+    // Nexus may abort at any moment, even before the node has linked (its first pass mints the
+    // operator's starter credit): every step checks whether it is still alive.
+    let client = reqwest::Client::new();
+    let mut crashes = 0;
+    let mut served = 0;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    const CRASHES: u32 = 3;
+    const REQUESTS: u32 = 12;
+    while crashes < CRASHES || served < REQUESTS {
+        assert!(
+            Instant::now() < deadline,
+            "only {crashes} crashes after {served} requests"
+        );
+        if n.child.try_wait().unwrap().is_some() {
+            crashes += 1;
+            n = nexus_env(dir, &listen, &extra, &faults);
+            continue;
+        }
+        if !serves(&url, CHAT).await {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        }
+        let r = client
+            .post(format!("{url}/v1/chat/completions"))
+            .bearer_auth(key_for(&url))
+            .json(&chat("Say hi.", json!({"max_tokens": 4})))
+            .timeout(Duration::from_secs(30))
+            .send()
+            .await;
+        if matches!(&r, Ok(r) if r.status() == 200) {
+            served += 1;
+        }
+    }
+    n.kill();
+    // Without faults, the restarted Nexus finishes every recorded batch.
+    let n = nexus_with(dir, &listen, &extra);
+    wait_for_models(&url, &[(CHAT, 1)]).await;
+    let c = wait_settled(&url, 1).await;
+    n.kill();
+    let r = reconcile(dir, chain_args);
+    assert_ne!(r["settled_on_chain"], "0", "{r} {c}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settlement_survives_nexus_crashes_on_the_embedded_chain() {
+    let dir = tmp();
+    chaos(dir.path(), &[], &[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settlement_survives_nexus_crashes_against_anvil() {
+    let dir = tmp();
+    let anvil_bin = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../contracts/node_modules/@foundry-rs/anvil-linux-amd64/bin/anvil");
+    let port = free_port().to_string();
+    let _anvil = Reaped(
+        std::process::Command::new(anvil_bin)
+            .args(["--host", "127.0.0.1", "--port", &port])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("start anvil"),
+    );
+    let rpc = format!("http://127.0.0.1:{port}");
+    // Anvil answers within a fraction of a second.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while reqwest::Client::new()
+        .post(&rpc)
+        .json(&json!({"jsonrpc": "2.0", "id": 1, "method": "eth_chainId", "params": []}))
+        .send()
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "anvil did not start");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let key_file = dir.path().join("anvil.key");
+    std::fs::write(&key_file, ANVIL_KEY).unwrap();
+    let key_path = key_file.to_str().unwrap().to_owned();
+    chaos(
+        dir.path(),
+        &["--chain-rpc", &rpc, "--chain-key-file", &key_path],
+        &["--node-stake", "sponsor"],
+    )
+    .await;
+}
+
+/// Kills its process when dropped, also when the test fails.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
