@@ -18,7 +18,8 @@ export function onApiError(fn) { listeners.add(fn); }
 function report(e) { for (const fn of listeners) fn(e); }
 
 /** A friendly message for an HTTP error, keeping the server's words where they help. */
-function explain(status, message, code) {
+function explain(status, raw, code) {
+  const message = raw && !/[.!?]$/.test(raw.trim()) ? `${raw.trim()}.` : raw;
   switch (status) {
     case 401: return code === 'invalid_api_key' || /sign in|session/i.test(message) ? 'You are signed out. Sign in to continue.' : message;
     case 402: return `Not enough credit. ${message}`;
