@@ -477,7 +477,11 @@ describe('web UI', { timeout: 20 * 60_000 }, () => {
       });
       child.on('exit', (code) => reject(new Error(`the OpenID provider exited (${code})`)));
     });
-    await lattice(['nexus', '--listen', `127.0.0.1:${port}`, '--public-url', base2, '--db', join(dir, 'nexus2.db'),
+    // A directory of its own: the embedded chain lives beside the database, and two databases
+    // settling to one chain do not reconcile (Nexus reports it).
+    const dir2 = join(dir, 'oidc');
+    mkdirSync(dir2, { recursive: true });
+    await lattice(['nexus', '--listen', `127.0.0.1:${port}`, '--public-url', base2, '--db', join(dir2, 'nexus.db'),
       '--oidc-issuer', provider, '--oidc-client-id', 'ui-client', '--oidc-client-secret', 'ui-secret'], 'nexus 2');
     await page.goto(`${base2}/#/signin`);
     await page.getByRole('heading', { name: 'Sign in to Lattice', level: 1 }).waitFor();
