@@ -788,6 +788,10 @@ async fn up(a: UpArgs) -> Result<()> {
     println!("listening on {base}");
     println!();
     println!("Lattice is up: Nexus + 2 nodes ({chat}, {text}). OpenAI endpoint: {base}/v1");
+    println!(
+        "Web UI: http://localhost:{}/ (passkeys need the name localhost, not 127.0.0.1)",
+        a.listen.port()
+    );
     println!("(Ctrl-C stops it)");
     println!();
     println!("API key of the local operator account (1,000 LAI): {key}");

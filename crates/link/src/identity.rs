@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use k256::ecdsa::{RecoveryId, Signature, SigningKey, VerifyingKey};
+use k256::ecdsa::{SigningKey, VerifyingKey};
 use sha3::{Digest, Keccak256};
 
 #[derive(Debug, thiserror::Error)]
@@ -64,7 +64,14 @@ pub fn recover_address(message: &str, signature_hex: &str) -> Result<String, Ide
     recover_digest(&eip191(message), signature_hex)
 }
 
+/// libsecp256k1's verification context, built once (building it costs more than a recovery).
+static SECP: std::sync::LazyLock<secp256k1::Secp256k1<secp256k1::VerifyOnly>> =
+    std::sync::LazyLock::new(secp256k1::Secp256k1::verification_only);
+
 /// Recovers the signer's address of a signature over a 32-byte digest.
+///
+/// Uses libsecp256k1 (Bitcoin Core's C library): Nexus recovers one signer per billed request,
+/// and this is ~4× faster than `k256`'s pure-Rust recovery (`cargo bench -p lattice-link`).
 pub(crate) fn recover_digest(
     digest: &[u8; 32],
     signature_hex: &str,
@@ -75,12 +82,24 @@ pub(crate) fn recover_digest(
         [rs @ .., v] if rs.len() == 64 => (rs, *v),
         _ => return Err(IdentityError::BadSignature("expected 65 bytes".into())),
     };
-    let sig = Signature::from_slice(rs).map_err(|e| IdentityError::BadSignature(e.to_string()))?;
-    let rec = RecoveryId::from_byte(if v >= 27 { v - 27 } else { v })
-        .ok_or_else(|| IdentityError::BadSignature("bad recovery id".into()))?;
-    let vk = VerifyingKey::recover_from_prehash(digest, &sig, rec)
+    let v = if v >= 27 { v - 27 } else { v };
+    if v > 1 {
+        // 2 and 3 (an r beyond the group order) never occur for real signatures.
+        return Err(IdentityError::BadSignature("bad recovery id".into()));
+    }
+    let rec = secp256k1::ecdsa::RecoveryId::try_from(i32::from(v))
         .map_err(|e| IdentityError::BadSignature(e.to_string()))?;
-    Ok(address_of(&vk))
+    let sig = secp256k1::ecdsa::RecoverableSignature::from_compact(rs, rec)
+        .map_err(|e| IdentityError::BadSignature(e.to_string()))?;
+    let key = SECP
+        .recover_ecdsa(secp256k1::Message::from_digest(*digest), &sig)
+        .map_err(|e| IdentityError::BadSignature(e.to_string()))?;
+    let point = key.serialize_uncompressed();
+    let hash = keccak(point.get(1..).unwrap_or_default());
+    Ok(format!(
+        "0x{}",
+        hex::encode(hash.get(12..).unwrap_or_default())
+    ))
 }
 
 impl NodeKey {
