@@ -25,7 +25,7 @@ pub use keys::{ApiKey, KEY_PREFIX, NewKey};
 pub use ledger::{Audit, LedgerConfig, LedgerStore, PostError, UsageRecord};
 pub use oidc::{OidcConfig, OidcProvider};
 pub use passkey::PasskeyConfig;
-pub use settlement::{BatchEntry, BatchKind, BatchLimits, ChainBatch, Expected};
+pub use settlement::{BatchEntry, BatchKind, BatchLimits, ChainBatch, ChainPosition, Expected};
 pub use siwe::{SiweError, SiweMessage};
 pub use usage::{UsageGroup, UsageRow};
 pub use users::{FaucetOutcome, Identity, SESSION_PREFIX, SignIn, User};

@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 
+use futures::TryStreamExt;
 use lattice_ledger::{Money, Op};
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
@@ -80,6 +81,30 @@ pub struct Expected {
 impl Expected {
     /// The custody balance the chain should show (None if the records are inconsistent).
     pub fn balance(&self) -> Option<Money> {
+        self.granted
+            .checked_add(self.deposited)?
+            .checked_sub(self.settled)
+    }
+}
+
+/// One user's credit on its way to and from the chain.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ChainPosition {
+    /// Faucet credit minted into custody by confirmed grant batches.
+    pub granted: Money,
+    /// On-chain deposits credited off-chain.
+    pub deposited: Money,
+    /// Charges taken from custody by confirmed settlement batches.
+    pub settled: Money,
+    /// Faucet credit not yet minted on-chain (no batch yet, or its batch is not confirmed).
+    pub unminted: Money,
+    /// Charges not yet settled on-chain.
+    pub unsettled: Money,
+}
+
+impl ChainPosition {
+    /// The custody balance the chain should show for this user (None if inconsistent).
+    pub fn expected_custody(&self) -> Option<Money> {
         self.granted
             .checked_add(self.deposited)?
             .checked_sub(self.settled)
@@ -340,6 +365,51 @@ impl Accounts {
         .execute(&self.db.pool)
         .await?;
         Ok(matches!(applied, lattice_ledger::Applied::Posted(_)))
+    }
+
+    /// What of a user's credit is on-chain already and what is still on its way.
+    pub async fn chain_position(&self, user_id: &str) -> Result<ChainPosition, StoreError> {
+        let mut out = ChainPosition::default();
+        type Field = fn(&mut ChainPosition) -> &mut Money;
+        let queries: [(&str, Field); 5] = [
+            (
+                "SELECT i.amount FROM chain_grants i JOIN chain_batches b ON b.id = i.batch_id
+                 WHERE i.user_id = $1 AND b.status = 'confirmed'",
+                |p| &mut p.granted,
+            ),
+            (
+                "SELECT i.amount FROM chain_grants i LEFT JOIN chain_batches b ON b.id = i.batch_id
+                 WHERE i.user_id = $1 AND (i.batch_id IS NULL OR b.status <> 'confirmed')",
+                |p| &mut p.unminted,
+            ),
+            (
+                "SELECT i.amount FROM chain_deposits i WHERE i.user_id = $1",
+                |p| &mut p.deposited,
+            ),
+            (
+                "SELECT i.amount FROM charges i JOIN chain_batches b ON b.id = i.batch_id
+                 WHERE i.user_id = $1 AND b.status = 'confirmed'",
+                |p| &mut p.settled,
+            ),
+            (
+                "SELECT i.amount FROM charges i LEFT JOIN chain_batches b ON b.id = i.batch_id
+                 WHERE i.user_id = $1 AND i.refunded = 0
+                 AND (i.batch_id IS NULL OR b.status <> 'confirmed')",
+                |p| &mut p.unsettled,
+            ),
+        ];
+        for (sql, field) in queries {
+            // Streamed: a busy account has many charges.
+            let mut rows = sqlx::query(sql).bind(user_id).fetch(&self.db.pool);
+            while let Some(r) = rows.try_next().await? {
+                let amount = parse_money(&r.try_get::<String, _>("amount")?)?;
+                let slot = field(&mut out);
+                *slot = slot
+                    .checked_add(amount)
+                    .ok_or_else(|| StoreError::Corrupt("chain position overflow".into()))?;
+            }
+        }
+        Ok(out)
     }
 
     /// Per on-chain address, what confirmed batches and credited deposits imply.

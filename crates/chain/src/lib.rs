@@ -16,8 +16,8 @@ pub use alloy::signers::local::PrivateKeySigner;
 pub use bindings::{LAIToken, NetworkStatus, NodeRegistry, Tokenomics, UserRegistry};
 pub use embedded::{Embedded, TX_GAS_LIMIT};
 pub use protocol::{
-    DeployParams, Deployment, Deposit, GrantEntry, NodeOffer, NodeState, Protocol, SettleEntry,
-    Submitted,
+    DeployParams, Deployment, Deposit, FeeSplit, GrantEntry, NodeOffer, NodeState, PoolState,
+    Protocol, SettleEntry, StakePosition, Submitted, deposit_calls, stake_calls,
 };
 pub use rpc::Rpc;
 
@@ -71,6 +71,14 @@ impl Chain {
         match self {
             Chain::Embedded(c) => c.chain_id(),
             Chain::Rpc(c) => c.chain_id(),
+        }
+    }
+
+    /// "embedded" (in Nexus's process, no RPC endpoint for wallets) or "rpc".
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Chain::Embedded(_) => "embedded",
+            Chain::Rpc(_) => "rpc",
         }
     }
 

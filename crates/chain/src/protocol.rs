@@ -101,6 +101,31 @@ pub struct NodeState {
     pub models: Vec<String>,
 }
 
+/// A node's staking pool in Tokenomics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolState {
+    /// Everything staked into the pool.
+    pub staked: U256,
+    /// Pool income received and not yet claimed by its stakers.
+    pub unclaimed: U256,
+}
+
+/// How Tokenomics splits each settled charge, in basis points.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FeeSplit {
+    pub node_bps: u16,
+    pub pool_bps: u16,
+    pub treasury_bps: u16,
+}
+
+/// One staker's position in a node's pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StakePosition {
+    pub amount: U256,
+    /// Rewards earned and not yet claimed.
+    pub pending_reward: U256,
+}
+
 /// The outcome of submitting an idempotent batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Submitted {
@@ -607,6 +632,66 @@ impl Protocol {
             .await
     }
 
+    /// A node's staking pool.
+    pub async fn pool(&self, node: Address) -> Result<PoolState, ChainError> {
+        let p = self
+            .call(self.deployment.tokenomics, Tokenomics::poolsCall { node })
+            .await?;
+        Ok(PoolState {
+            staked: p.staked,
+            unclaimed: p.unclaimed,
+        })
+    }
+
+    /// `staker`'s stake in `node`'s pool and the reward it could claim now.
+    pub async fn stake_of(
+        &self,
+        node: Address,
+        staker: Address,
+    ) -> Result<StakePosition, ChainError> {
+        let s = self
+            .call(
+                self.deployment.tokenomics,
+                Tokenomics::stakesCall { node, staker },
+            )
+            .await?;
+        let pending_reward = self
+            .call(
+                self.deployment.tokenomics,
+                Tokenomics::pendingRewardCall { node, staker },
+            )
+            .await?;
+        Ok(StakePosition {
+            amount: s.amount,
+            pending_reward,
+        })
+    }
+
+    /// The fee split settlement applies on-chain.
+    pub async fn split(&self) -> Result<FeeSplit, ChainError> {
+        let s = self
+            .call(self.deployment.tokenomics, Tokenomics::splitCall {})
+            .await?;
+        Ok(FeeSplit {
+            node_bps: s.nodeBps,
+            pool_bps: s.poolBps,
+            treasury_bps: s.treasuryBps,
+        })
+    }
+
+    /// Stakes `amount` of `from`'s LAI into `node`'s pool (approve + Tokenomics.stake).
+    pub async fn stake(
+        &self,
+        from: &PrivateKeySigner,
+        node: Address,
+        amount: U256,
+    ) -> Result<(), ChainError> {
+        for (to, data) in stake_calls(&self.deployment, node, amount) {
+            self.chain.send(from, Some(to), data).await?;
+        }
+        Ok(())
+    }
+
     pub async fn min_stake(&self) -> Result<U256, ChainError> {
         self.call(self.deployment.nodes, NodeRegistry::minStakeCall {})
             .await
@@ -615,6 +700,21 @@ impl Protocol {
     pub async fn current_epoch(&self) -> Result<u64, ChainError> {
         self.call(self.deployment.status, NetworkStatus::currentEpochCall {})
             .await
+    }
+
+    /// The Merkle root posted for `epoch` (zero until a snapshot is posted) and `node`'s uptime
+    /// in it (basis points).
+    pub async fn status_of(&self, epoch: u64, node: Address) -> Result<(B256, u16), ChainError> {
+        let root = self
+            .call(self.deployment.status, NetworkStatus::rootOfCall { epoch })
+            .await?;
+        let uptime = self
+            .call(
+                self.deployment.status,
+                NetworkStatus::uptimeOfCall { epoch, node },
+            )
+            .await?;
+        Ok((root, uptime))
     }
 
     /// Posts node status for `epoch`: (node, uptime bps, reputation bps) entries and their root.
@@ -643,6 +743,48 @@ impl Protocol {
         .await?;
         Ok(())
     }
+}
+
+/// The two transactions that stake `amount` into `node`'s pool from any wallet:
+/// `LAIToken.approve(tokenomics, amount)`, then `Tokenomics.stake(node, amount)`.
+pub fn stake_calls(d: &Deployment, node: Address, amount: U256) -> [(Address, Bytes); 2] {
+    [
+        (
+            d.token,
+            LAIToken::approveCall {
+                spender: d.tokenomics,
+                value: amount,
+            }
+            .abi_encode()
+            .into(),
+        ),
+        (
+            d.tokenomics,
+            Tokenomics::stakeCall { node, amount }.abi_encode().into(),
+        ),
+    ]
+}
+
+/// The two transactions that deposit `amount` from any wallet into `user`'s custody:
+/// `LAIToken.approve(users, amount)`, then `UserRegistry.depositFor(user, amount)`.
+pub fn deposit_calls(d: &Deployment, user: Address, amount: U256) -> [(Address, Bytes); 2] {
+    [
+        (
+            d.token,
+            LAIToken::approveCall {
+                spender: d.users,
+                value: amount,
+            }
+            .abi_encode()
+            .into(),
+        ),
+        (
+            d.users,
+            UserRegistry::depositForCall { user, amount }
+                .abi_encode()
+                .into(),
+        ),
+    ]
 }
 
 /// Whether a receipt shows event `A` (applied) rather than `S` (skipped: already applied).

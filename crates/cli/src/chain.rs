@@ -47,6 +47,9 @@ pub(crate) enum ChainCommand {
     /// Mint LAI from the operator's allowance into ADDRESS's custody balance (credited
     /// off-chain by Nexus's deposit watcher).
     Faucet { address: Address, lai: u64 },
+    /// Mint LAI from the operator's allowance and stake it into NODE's staking pool (the
+    /// operator is the staker; a local network's way to try pools and their APY).
+    Stake { node: Address, lai: u64 },
     /// Custody, wallet and node balances of ADDRESS.
     Balance { address: Address },
     /// Compare off-chain settled balances with on-chain ones (needs the Nexus database).
@@ -173,6 +176,24 @@ pub(crate) async fn run(
             p.deposit_for(&operator, address, units).await?;
             println!("deposited {} into the custody of {address}", lai(units));
         }
+        ChainCommand::Stake { node, lai: amount } => {
+            let units = U256::from(amount) * U256::from(10u64).pow(U256::from(18u64));
+            p.mint(p.operator(), units).await?;
+            let operator = load_or_create_key(
+                &args
+                    .chain_key_file
+                    .clone()
+                    .unwrap_or_else(|| dir.join("chain").join("operator.key")),
+                false,
+            )?;
+            p.stake(&operator, node, units).await?;
+            let pool = p.pool(node).await?;
+            println!(
+                "staked {} into the pool of {node} (pool total {})",
+                lai(units),
+                lai(pool.staked)
+            );
+        }
         ChainCommand::Balance { address } => {
             println!("custody  {}", lai(p.user_balance(address).await?));
             println!("wallet   {}", lai(p.token_balance(address).await?));
@@ -185,6 +206,15 @@ pub(crate) async fn run(
                     n.reputation,
                     if n.active { "active" } else { "inactive" }
                 );
+                // The snapshot of the last ended epoch (posted by Nexus after it ends).
+                if let Some(ended) = p.current_epoch().await?.checked_sub(1) {
+                    let (root, uptime) = p.status_of(ended, address).await?;
+                    if root.is_zero() {
+                        println!("status   epoch {ended}: not posted");
+                    } else {
+                        println!("status   epoch {ended}: uptime {uptime} bps, root {root}");
+                    }
+                }
             }
         }
         ChainCommand::Reconcile { database_url } => {

@@ -309,3 +309,240 @@ impl Drop for Reaped {
         let _ = self.0.wait();
     }
 }
+
+/// Once an epoch ends, Nexus posts every node's uptime and reputation to NetworkStatus; the
+/// node keeps its stake and stays active. Against anvil, so the chain can be read while Nexus
+/// runs; paid requests keep blocks (and so the chain's clock) moving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn network_status_is_posted_each_epoch() {
+    let dir = tmp();
+    let (_anvil, rpc) = anvil().await;
+    let key_file = dir.path().join("anvil.key");
+    std::fs::write(&key_file, ANVIL_KEY).unwrap();
+    let key_path = key_file.to_str().unwrap().to_owned();
+    let chain = [
+        "--chain-rpc",
+        rpc.as_str(),
+        "--chain-key-file",
+        key_path.as_str(),
+    ];
+    let mut extra = vec![
+        "--settle-interval",
+        "1",
+        "--epoch-secs",
+        "3",
+        "--node-stake",
+        "sponsor",
+    ];
+    extra.extend_from_slice(&chain);
+    let n = nexus_with(dir.path(), "127.0.0.1:0", &extra);
+    let _node = node(&n.url, CHAT, &key(dir.path(), "n1"), "1");
+    wait_for_models(&n.url, &[(CHAT, 1)]).await;
+    let address = nodes(&n.url).await["online"][0]["address"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let out = loop {
+        let (s, v) = post(
+            &format!("{}/v1/chat/completions", n.url),
+            chat("Say hi.", json!({"max_tokens": 4})),
+        )
+        .await;
+        assert_eq!(s, 200, "{v}");
+        let (ok, out) = chain_cli(dir.path(), &chain, &["balance", &address]);
+        assert!(ok, "{out}");
+        let uptime = out
+            .lines()
+            .find_map(|l| l.strip_prefix("status")?.split("uptime ").nth(1))
+            .and_then(|rest| rest.split(' ').next()?.parse::<u16>().ok());
+        if uptime.is_some_and(|u| u > 0) {
+            break out;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no status with the node's uptime was posted: {out}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert!(out.contains(", active"), "the node stays active: {out}");
+    assert!(out.contains("root 0x"), "{out}");
+}
+
+async fn get_status(url: &str) -> (u16, Value) {
+    let r = reqwest::Client::new()
+        .get(url)
+        .bearer_auth(key_for(url))
+        .send()
+        .await
+        .unwrap();
+    let s = r.status().as_u16();
+    (s, r.json().await.unwrap_or(Value::Null))
+}
+
+fn units(v: &Value) -> u128 {
+    v.as_str()
+        .unwrap_or_else(|| panic!("not a decimal string: {v}"))
+        .parse()
+        .unwrap()
+}
+
+/// The chain API: custody next to the off-chain balance, a node's stake, reputation, earnings
+/// and pool with the expected APY from its last 7 days of earnings, the wallet calls for
+/// staking, bounded input, and 404 `no_chain` without a chain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chain_accounts_show_custody_stake_and_pool_apy() {
+    let dir = tmp();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let n = nexus_with(dir.path(), &listen, &["--settle-interval", "1"]);
+    let _node = node(&n.url, CHAT, &key(dir.path(), "n1"), "2");
+    wait_for_models(&n.url, &[(CHAT, 1)]).await;
+    let node_address = nodes(&n.url).await["online"][0]["address"]
+        .as_str()
+        .unwrap()
+        .to_lowercase();
+
+    // Bounded input: anything but 0x + 40 hex digits is a 400 in OpenAI's envelope.
+    for bad in [
+        "0x1234",
+        "not-an-address",
+        "0xzz00000000000000000000000000000000000000",
+        &format!("{node_address}00"),
+    ] {
+        let (s, v) = get_status(&format!("{}/lattice/v1/chain/accounts/{bad}", n.url)).await;
+        assert_eq!(s, 400, "{bad}: {v}");
+        assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
+        assert_eq!(v["error"]["param"], "address", "{v}");
+    }
+    let (s, v) = get_status(&format!(
+        "{}/lattice/v1/chain/calls/stake?to={node_address}&amount=-1",
+        n.url
+    ))
+    .await;
+    assert_eq!(s, 400, "{v}");
+
+    for i in 0..3 {
+        let (s, v) = post(
+            &format!("{}/v1/chat/completions", n.url),
+            chat(&format!("Name {i} colours."), json!({})),
+        )
+        .await;
+        assert_eq!(s, 200, "{v}");
+    }
+    wait_settled(&n.url, 3).await;
+
+    // The operator account: everything credited off-chain is settled, custody matches it.
+    let me = get(&format!("{}/lattice/v1/account/chain", n.url)).await;
+    assert_eq!(me["in_sync"], true, "{me}");
+    assert_eq!(me["chain"]["kind"], "embedded", "{me}");
+    assert_eq!(me["position"]["unsettled"], "0", "{me}");
+    assert_eq!(me["position"]["unminted"], "0", "{me}");
+    let custody = units(&me["on_chain"]["custody"]);
+    assert_eq!(custody, units(&me["expected_custody"]), "{me}");
+    assert_eq!(custody, units(&me["off_chain"]["available"]), "{me}");
+    assert!(
+        units(&me["position"]["settled"]) > 0,
+        "the chats were settled: {me}"
+    );
+    let account = get(&format!("{}/lattice/v1/account", n.url)).await;
+    assert_eq!(me["address"], account["user"]["address"]);
+
+    // The node: sponsored stake, active, paid on-chain, an empty pool (no APY).
+    let url = format!("{}/lattice/v1/chain/accounts/{node_address}", n.url);
+    let a = get(&url).await;
+    let info = &a["node"];
+    assert_eq!(info["registered"], true, "{a}");
+    assert_eq!(info["active"], true, "{a}");
+    assert_eq!(info["stake"], a["min_stake"], "{a}");
+    assert!(units(&info["stake"]) > 0, "{a}");
+    assert!(
+        units(&info["earnings"]) > 0,
+        "the node was paid on-chain: {a}"
+    );
+    assert_eq!(info["pool"]["staked"], "0", "{a}");
+    assert_eq!(info["pool"]["expected_apy"], Value::Null, "{a}");
+    let earnings = get(&format!(
+        "{}/lattice/v1/nodes/{node_address}/earnings",
+        n.url
+    ))
+    .await;
+    let paid: u128 = earnings["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| units(&r["cost"]))
+        .sum();
+    assert!(paid > 0, "{earnings}");
+    assert_eq!(units(&info["pool"]["charges"]), paid, "{a} {earnings}");
+    let pool_bps = u128::from(info["pool"]["pool_bps"].as_u64().unwrap());
+    assert_eq!(pool_bps, 500, "the default on-chain split: {a}");
+    let income = paid * pool_bps / 10_000;
+    assert_eq!(units(&info["pool"]["income"]), income, "{a}");
+    let list = get(&format!("{}/lattice/v1/chain/nodes", n.url)).await;
+    assert_eq!(list["data"][0]["address"], node_address.as_str(), "{list}");
+    assert_eq!(list["data"][0]["active"], true, "{list}");
+
+    // The transactions a wallet would send to stake.
+    let calls = get(&format!(
+        "{}/lattice/v1/chain/calls/stake?to={node_address}&amount=5000000000000000000",
+        n.url
+    ))
+    .await;
+    let txs = calls["transactions"].as_array().unwrap();
+    assert_eq!(txs.len(), 2, "{calls}");
+    assert_eq!(txs[0]["to"], a["chain"]["token"], "{calls}");
+    assert!(
+        txs[0]["data"].as_str().unwrap().starts_with("0x095ea7b3"),
+        "approve: {calls}"
+    );
+    assert_eq!(txs[1]["to"], a["chain"]["tokenomics"], "{calls}");
+    assert!(
+        txs[1]["data"]
+            .as_str()
+            .unwrap()
+            .contains(node_address.trim_start_matches("0x")),
+        "stake names the node: {calls}"
+    );
+    n.kill();
+
+    // Stake 50 LAI into the node's pool (the CLI: the embedded chain is free once Nexus stops),
+    // then the pool has stake and an expected APY from the same 7 days of earnings.
+    let (ok, out) = chain_cli(dir.path(), &[], &["stake", &node_address, "50"]);
+    assert!(ok, "{out}");
+    let (ok, status) = chain_cli(dir.path(), &[], &["status"]);
+    assert!(ok, "{status}");
+    let operator = status
+        .lines()
+        .find_map(|l| l.strip_prefix("operator"))
+        .unwrap()
+        .trim()
+        .to_lowercase();
+    let n = nexus_with(dir.path(), &listen, &["--settle-interval", "1"]);
+    let a = get(&format!(
+        "{}/lattice/v1/chain/accounts/{node_address}?staker={operator}",
+        n.url
+    ))
+    .await;
+    let staked: u128 = 50 * 10u128.pow(18);
+    assert_eq!(units(&a["node"]["pool"]["staked"]), staked, "{a}");
+    assert_eq!(units(&a["stake"]["amount"]), staked, "{a}");
+    let apy = a["node"]["pool"]["expected_apy"].as_f64().unwrap();
+    let want = income as f64 * 365.0 / 7.0 / staked as f64;
+    assert!(apy > 0.0, "{a}");
+    assert!((apy - want).abs() < 2e-6, "APY {apy}, expected {want}: {a}");
+    n.kill();
+
+    // Without a chain: 404 no_chain.
+    let dir2 = tmp();
+    let n = nexus_with(dir2.path(), "127.0.0.1:0", &["--no-chain"]);
+    for path in [
+        format!("/lattice/v1/chain/accounts/{node_address}"),
+        "/lattice/v1/chain/nodes".into(),
+        "/lattice/v1/account/chain".into(),
+    ] {
+        let (s, v) = get_status(&format!("{}{path}", n.url)).await;
+        assert_eq!(s, 404, "{path}: {v}");
+        assert_eq!(v["error"]["code"], "no_chain", "{path}: {v}");
+    }
+}

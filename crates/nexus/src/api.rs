@@ -123,7 +123,7 @@ impl lattice_http::Authenticator for NexusAuth {
 }
 
 /// The signed-in caller of an accounts-API request.
-pub(crate) struct Signed(Caller);
+pub(crate) struct Signed(pub(crate) Caller);
 
 impl FromRequestParts<Arc<Nexus>> for Signed {
     type Rejection = Response;

@@ -8,6 +8,7 @@ mod db;
 mod health;
 mod link;
 mod network;
+mod onchain;
 mod registry;
 mod settlement;
 
@@ -197,6 +198,13 @@ impl Nexus {
             .route(lattice_link::LINK_PATH, get(link::upgrade))
             .route("/lattice/v1/nodes", get(nodes))
             .route("/lattice/v1/chain", get(chain))
+            .route("/lattice/v1/chain/nodes", get(onchain::nodes))
+            .route(
+                "/lattice/v1/chain/accounts/{address}",
+                get(onchain::account),
+            )
+            .route("/lattice/v1/chain/calls/{action}", get(onchain::calls))
+            .route("/lattice/v1/account/chain", get(onchain::my_account))
             .route(
                 "/lattice/v1/nodes/{address}/earnings",
                 get(api::node_earnings),
