@@ -342,6 +342,34 @@ describe('web UI', { timeout: 20 * 60_000 }, () => {
     assert.equal(revoked.body.error.code, 'invalid_api_key');
   });
 
+  it('the account page shows the account on-chain, how to deposit, and no withdrawal', async () => {
+    await go('account', 'Account');
+    const acct = await page.evaluate(async () => (await fetch('/lattice/v1/account')).json());
+    await page.locator('#chain-address').waitFor();
+    assert.equal(await page.textContent('#chain-address'), acct.user.address.toLowerCase());
+    // Settlement runs every 5 s: wait until the chats are settled and the faucet credit minted.
+    await waitFor('the ledger and the chain to agree', async () => {
+      const c = await page.evaluate(async () => (await fetch('/lattice/v1/account/chain')).json());
+      return c.in_sync && c.position.unsettled === '0' && c.position.unminted === '0';
+    }, 60_000);
+    const c = await page.evaluate(async () => (await fetch('/lattice/v1/account/chain')).json());
+    assert.ok(BigInt(c.position.settled) > 0n, 'the chats were settled on-chain');
+    await page.reload();
+    await page.locator('#chain-sync', { hasText: 'Ledger and chain agree' }).waitFor({ timeout: 30_000 });
+    const custody = BigInt(await page.getAttribute('#chain-custody .value', 'data-units'));
+    const offChain = BigInt(await page.getAttribute('#chain-offchain .value', 'data-units'));
+    assert.equal(custody, BigInt(c.on_chain.custody), 'custody as the chain says');
+    assert.equal(custody, offChain, 'everything off-chain is settled: custody = credit');
+    assert.equal(BigInt(await page.getAttribute('#chain-settled .value', 'data-units')), BigInt(c.position.settled));
+    assert.match(await page.textContent('#chain-pending'), /Everything credited to you off-chain is reflected on-chain/);
+    assert.equal(await page.textContent('#faucet-command'), `lattice chain faucet ${acct.user.address.toLowerCase()} 10`);
+    assert.match(await page.textContent('#onchain'), new RegExp(`UserRegistry\\.depositFor\\(${acct.user.address.toLowerCase()}, amount\\)`));
+    assert.match(await page.textContent('#no-withdraw'), /Withdrawals are not available yet/);
+    assert.equal(await page.getByRole('button', { name: /withdraw/i }).count(), 0, 'no withdrawal button');
+    await shot('account-onchain');
+    await accessible('account-onchain');
+  });
+
   it('shows usage over time as a chart', async () => {
     await page.locator('#usage svg.chart rect.bar').first().waitFor({ state: 'attached' });
     const heights = await page.$$eval('#usage svg.chart rect.bar', (rs) => rs.map((r) => Number(r.getAttribute('height'))));
@@ -375,7 +403,21 @@ describe('web UI', { timeout: 20 * 60_000 }, () => {
     const row = page.locator('#nodes tr', { hasText: 'ui-node-1' });
     await row.waitFor();
     await row.getByText('Healthy').waitFor();
-    await page.locator('#chain').getByText(/not connected to a chain|Pending batches/).waitFor();
+    await page.locator('#chain').getByText('Pending batches').waitFor();
+    // Each node on-chain: the operator sponsored its stake when it registered, so it is active
+    // with the minimum stake, and nothing is staked in its pool yet (no APY).
+    const address = (await json(`${api}/lattice/v1/nodes`)).body.online[0].address.toLowerCase();
+    const onchain = (await json(`${api}/lattice/v1/chain/accounts/${address}`)).body;
+    const chainRow = page.locator(`#onchain-nodes tr[data-address="${address}"]`);
+    await chainRow.waitFor({ timeout: 30_000 });
+    assert.match(await chainRow.textContent(), /ui-node-1/);
+    assert.equal(await chainRow.locator('.chain-status').textContent(), 'Active');
+    const stake = BigInt(await chainRow.locator('.chain-stake').getAttribute('data-units'));
+    assert.ok(stake > 0n, 'the node has stake on-chain');
+    assert.equal(stake, BigInt(onchain.node.stake));
+    assert.equal(stake, BigInt(onchain.min_stake));
+    assert.equal(await chainRow.locator('.chain-pool').getAttribute('data-units'), '0');
+    assert.equal(await chainRow.locator('.chain-apy').textContent(), '—');
     // Updated without a reload.
     const t1 = await page.textContent('#live');
     await waitFor('a refresh', async () => (await page.textContent('#live')) !== t1, 30_000);
@@ -396,6 +438,7 @@ describe('web UI', { timeout: 20 * 60_000 }, () => {
     // Run exactly that command (plus a key file and a free port for this test).
     const node2 = await lattice([...mine.slice(1), '--port', '0', '--threads', '1', '--ctx-per-slot', '1024', '--key', join(dir, 'node2.key')], 'node 2');
     await page.locator('#my-node').getByText('Calibrated').waitFor({ timeout: LONG });
+    await page.locator('#my-node-chain').getByText('Active on-chain').waitFor({ timeout: 30_000 });
     await shot('run-a-node');
     await accessible('run-a-node');
     // And it goes offline in the explorer when its process is killed.
@@ -406,6 +449,57 @@ describe('web UI', { timeout: 20 * 60_000 }, () => {
     assert.equal(await page.locator('#nodes tr', { hasText: 'ui-node-2' }).count(), 0);
     await page.locator('#nodes tr', { hasText: 'ui-node-1' }).waitFor();
     await shot('network-node-offline');
+  });
+
+  it('run a node: each pool with its expected APY, the exact staking calls, and a wallet sends them', async () => {
+    await go('node', 'Run a node');
+    const address = (await json(`${api}/lattice/v1/nodes`)).body.online[0].address.toLowerCase();
+    await page.locator(`#stake-node option[value="${address}"]`).waitFor({ state: 'attached' });
+    await page.selectOption('#stake-node', address);
+    await page.locator('#stake-calls li').nth(1).waitFor();
+    assert.equal(await page.textContent('#stake-apy'), '—', 'nothing staked: no APY');
+    assert.equal(await page.textContent('#stake-command'), `lattice chain stake ${address} 10`);
+    assert.match(await page.textContent('#wallet-none'), /no RPC endpoint a wallet could send to/);
+    assert.equal(await page.locator('#stake-wallet').count(), 0, 'no wallet button on the embedded chain');
+    const calls = (await json(`${api}/lattice/v1/chain/calls/stake?to=${address}&amount=${10n * 10n ** 18n}`)).body;
+    const shown = await page.$$eval('#stake-calls li', (lis) => lis.map((li) => li.querySelector('code.calldata').textContent));
+    assert.deepEqual(shown, calls.transactions.map((t) => t.data));
+    assert.match(calls.transactions[0].data, /^0x095ea7b3/, 'approve first');
+    await shot('run-a-node-stake');
+
+    // A wallet on an RPC chain (simulated: an injected EIP-1193 provider that records what it is
+    // asked to send, and the chain reported as "rpc"): the page sends exactly the two calls.
+    const p2 = await context.newPage();
+    try {
+      await p2.addInitScript((chainId) => {
+        window.__sent = [];
+        window.ethereum = {
+          request: async ({ method, params }) => {
+            if (method === 'eth_requestAccounts') return ['0x00000000000000000000000000000000000000aa'];
+            if (method === 'eth_chainId') return `0x${chainId.toString(16)}`;
+            if (method === 'eth_sendTransaction') { window.__sent.push(params[0]); return `0x${String(window.__sent.length).padStart(64, '0')}`; }
+            throw new Error(`unexpected ${method}`);
+          },
+        };
+      }, calls.chain_id);
+      await p2.route('**/lattice/v1/chain/nodes', async (route) => {
+        const r = await route.fetch();
+        const body = await r.json();
+        body.chain.kind = 'rpc';
+        await route.fulfill({ response: r, json: body });
+      });
+      await p2.goto(`${base}/#/node`);
+      await p2.locator(`#stake-node option[value="${address}"]`).waitFor({ state: 'attached' });
+      await p2.selectOption('#stake-node', address);
+      await p2.fill('#stake-amount', '10');
+      await p2.locator('#stake-wallet').click();
+      await p2.locator('#stake-sent').waitFor();
+      const sent = await p2.evaluate(() => window.__sent);
+      assert.deepEqual(sent, calls.transactions.map((t) => ({ from: '0x00000000000000000000000000000000000000aa', to: t.to, data: t.data })));
+      await p2.screenshot({ path: join(ARTIFACTS, 'run-a-node-wallet.png'), fullPage: true });
+    } finally {
+      await p2.close();
+    }
   });
 
   it('fits a phone screen', async () => {

@@ -67,3 +67,14 @@ export function date(unix) {
   if (!unix) return '—';
   return new Date(unix * 1000).toLocaleString('en-GB', { dateStyle: 'medium', timeStyle: 'short' });
 }
+
+/** An expected APY (a fraction, 0.12 = 12 %) as a percentage; "—" when there is none. */
+export function apy(v) {
+  if (v === null || v === undefined || Number.isNaN(Number(v))) return '—';
+  return `${Number(v * 100).toLocaleString('en-US', { maximumFractionDigits: 2 })} %`;
+}
+
+/** On-chain reputation in basis points as the explorer's 0–1 scale. */
+export function bps(v) {
+  return num((Number(v) || 0) / 10000, 2);
+}

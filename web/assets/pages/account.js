@@ -1,5 +1,6 @@
-// Account & billing: balance and holds, usage over time (an inline SVG chart), API keys
-// (created keys are shown once), the chat-history opt-in, and the faucet.
+// Account & billing: balance and holds, the account on-chain (custody, what is settled, how to
+// deposit), usage over time (an inline SVG chart), API keys (created keys are shown once), the
+// chat-history opt-in, and the faucet.
 
 import { api } from '../api.js';
 import { h, replace, errorBox, emptyState, copyButton } from '../dom.js';
@@ -40,6 +41,7 @@ export async function mount(root, ctx) {
     return null;
   }
   const balanceEl = h('div', { id: 'account-balance' });
+  const chainEl = h('div', { id: 'onchain' }, h('p', { class: 'loading' }, 'Loading the chain…'));
   const usageEl = h('div', { id: 'usage' }, h('p', { class: 'loading' }, 'Loading usage…'));
   const keysEl = h('div', { id: 'keys' }, h('p', { class: 'loading' }, 'Loading keys…'));
   const newKeyEl = h('div', { id: 'new-key', 'aria-live': 'polite' });
@@ -78,6 +80,7 @@ export async function mount(root, ctx) {
   replace(root,
     h('div', { class: 'page-head' }, h('div', {}, h('h1', {}, 'Account'), h('p', {}, 'Credit, usage and API keys.'))),
     balanceEl,
+    h('section', { class: 'card', 'aria-labelledby': 'chain-h' }, h('h2', { id: 'chain-h' }, 'On-chain'), chainEl),
     h('section', { class: 'card', 'aria-labelledby': 'usage-h' },
       h('div', { class: 'page-head' }, h('h2', { id: 'usage-h' }, 'Usage, last 30 days'), h('div', { class: 'row' }, metricSel, groupSel)),
       usageEl),
@@ -110,7 +113,61 @@ export async function mount(root, ctx) {
         (a.identities || []).filter((i) => i.kind === 'passkey-name').map((i) => h('p', { class: 'small' }, h('span', { class: 'muted' }, 'User name: '), h('strong', {}, i.subject))),
         h('p', { class: 'muted small' }, 'Signs in with: ', [...new Set((a.identities || []).filter((i) => i.kind !== 'passkey-name')
           .map((i) => ({ passkey: 'passkey', siwe: 'wallet', local: 'operator key' }[i.kind] || (i.kind.startsWith('oidc:') ? 'identity provider' : i.kind))))].join(', ') || '—'),
-        h('p', { class: 'muted small' }, 'Deposits and withdrawals to this address on-chain are not available in this version; credit comes from the faucet.'))));
+        h('p', { class: 'muted small' }, 'This is your address on the chain Nexus settles to: see “On-chain” below.'))));
+  }
+
+  function chainStat(label, value, sub, id) {
+    return h('div', { class: 'stat', id }, h('div', { class: 'label' }, label),
+      h('div', { class: 'value', 'data-units': value }, lai(value)), sub ? h('div', { class: 'sub' }, sub) : null);
+  }
+
+  async function loadChain() {
+    let c;
+    try {
+      c = await api('/lattice/v1/account/chain');
+    } catch (e) {
+      replace(chainEl, e.status === 404
+        ? h('p', { class: 'muted', id: 'no-chain' }, 'This Nexus is not connected to a chain: your credit lives only in its ledger, and there is nothing to deposit to.')
+        : errorBox(e));
+      return;
+    }
+    const p = c.position;
+    const offChain = units(c.off_chain.available) + units(c.off_chain.held);
+    const sync = c.in_sync
+      ? h('span', { class: 'badge ok', id: 'chain-sync' }, 'Ledger and chain agree')
+      : h('span', { class: 'badge warn', id: 'chain-sync', title: `expected ${lai(c.expected_custody ?? 0)} in custody` }, 'Chain differs from the ledger');
+    const example = `lattice chain faucet ${c.address} 10`;
+    const faucetCmd = c.chain.kind === 'embedded' ? example
+      : `lattice chain --chain-rpc RPC_URL --chain-key-file OPERATOR_KEY faucet ${c.address} 10`;
+    const pending = [];
+    if (units(p.unsettled) > 0n) pending.push(`${lai(p.unsettled, 9)} of charges wait for the next settlement batch`);
+    if (units(p.unminted) > 0n) pending.push(`${lai(p.unminted)} of free credit is not minted into custody yet`);
+    replace(chainEl,
+      h('p', {}, h('span', { class: 'muted' }, `Address on chain ${c.chain.chain_id}: `), h('code', { id: 'chain-address' }, c.address), ' ', sync),
+      h('div', { class: 'stats' },
+        chainStat('Credit off-chain', offChain.toString(), 'what Nexus lets you spend now', 'chain-offchain'),
+        chainStat('Custody on-chain', c.on_chain.custody, 'UserRegistry balance', 'chain-custody'),
+        chainStat('Settled on-chain', p.settled, 'charges paid from custody', 'chain-settled'),
+        chainStat('Wallet on-chain', c.on_chain.wallet, 'LAI the address holds itself', 'chain-wallet')),
+      h('p', { class: 'small', id: 'chain-pending' }, pending.length
+        ? `On its way: ${pending.join('; ')}. Nexus settles every few seconds.`
+        : 'Everything credited to you off-chain is reflected on-chain.'),
+      h('details', { class: 'small' }, h('summary', {}, 'How this adds up'),
+        h('p', { class: 'muted' }, `Custody should be ${lai(c.expected_custody ?? 0, 9)}: free credit minted (${lai(p.granted)}) + deposits (${lai(p.deposited)}) − charges settled (${lai(p.settled, 9)}). `,
+          'Your off-chain credit also counts what is on its way.')),
+      h('h3', {}, 'Deposit'),
+      h('p', { class: 'small' }, 'Deposits go into custody on-chain and Nexus credits them to this account by itself once they are a few blocks deep. From any wallet holding LAI, send ',
+        h('code', {}, `LAIToken.approve(${c.chain.users}, amount)`), ' to ', h('code', {}, c.chain.token), ', then ',
+        h('code', {}, `UserRegistry.depositFor(${c.address}, amount)`), ' to ', h('code', {}, c.chain.users), '.'),
+      h('p', { class: 'small' }, 'On a local network the operator can mint and deposit test LAI:'),
+      h('div', { class: 'command' }, h('code', { id: 'faucet-command' }, faucetCmd), copyButton(() => faucetCmd)),
+      c.chain.kind === 'embedded'
+        ? h('p', { class: 'muted small' }, 'This Nexus runs the chain inside its own process: stop Nexus, run the command (add ', h('code', {}, '--db'), ' with the path you gave Nexus, if any), and start Nexus again; the deposit is credited when it is back.')
+        : null,
+      h('h3', {}, 'Withdraw'),
+      h('p', { class: 'small', id: 'no-withdraw' }, 'Withdrawals are not available yet. A withdrawal made directly on-chain (',
+        h('code', {}, 'UserRegistry.withdraw'), ') would not be taken off your off-chain credit, so Nexus does not offer one until it can debit the ledger first.',
+        c.custodial ? ' Your address is held for you by Nexus, so you could not sign one anyway.' : ''));
   }
 
   async function claim() {
@@ -236,12 +293,14 @@ export async function mount(root, ctx) {
   metricSel.addEventListener('change', loadUsage);
   await ctx.refreshAccount();
   renderBalance();
+  loadChain();
   loadUsage();
   loadKeys();
   const poll = setInterval(async () => {
     if (document.hidden) return;
     await ctx.refreshAccount();
     renderBalance();
+    loadChain();
   }, 10000);
   return () => clearInterval(poll);
 }

@@ -1,10 +1,11 @@
 // Network explorer: the online nodes (model, kind, label, health, load, speed, price,
 // reputation, uptime) and totals, refreshed every 2 s without reloading; nodes seen before that
-// are offline now; and the settlement batches on the chain, when Nexus settles to one.
+// are offline now; each node on-chain (stake, active flag, reputation, earnings, staking pool and
+// its expected APY); and the settlement batches on the chain, when Nexus settles to one.
 
 import { api, request } from '../api.js';
 import { h, replace, errorBox, emptyState } from '../dom.js';
-import { lai, num, shortAddr, duration, ago, date } from '../format.js';
+import { lai, num, shortAddr, duration, ago, date, apy, bps } from '../format.js';
 
 const POLL_MS = 2000;
 
@@ -45,6 +46,7 @@ export async function mount(root) {
   const nodesEl = h('div', { id: 'nodes' }, h('p', { class: 'loading' }, 'Loading nodes…'));
   const knownEl = h('div', { id: 'known' });
   const chainEl = h('div', { id: 'chain' }, h('p', { class: 'loading' }, 'Loading…'));
+  const onchainEl = h('div', { id: 'onchain-nodes' }, h('p', { class: 'loading' }, 'Loading…'));
   const live = h('span', { class: 'pill', id: 'live', 'aria-live': 'polite' }, h('span', { class: 'dot' }), 'Connecting…');
   replace(root,
     h('div', { class: 'page-head' },
@@ -53,7 +55,9 @@ export async function mount(root) {
     statsEl,
     h('section', { class: 'card', 'aria-labelledby': 'nodes-h' }, h('h2', { id: 'nodes-h' }, 'Online nodes'), nodesEl),
     knownEl,
+    h('section', { class: 'card', 'aria-labelledby': 'onchain-h' }, h('h2', { id: 'onchain-h' }, 'Nodes on-chain'), onchainEl),
     h('section', { class: 'card', 'aria-labelledby': 'chain-h' }, h('h2', { id: 'chain-h' }, 'Settlement'), chainEl));
+  const labels = new Map(); // address → label, from /lattice/v1/nodes
 
   const samples = []; // counters over the last minute, for rates
   let timer = null;
@@ -130,6 +134,45 @@ export async function mount(root) {
             h('td', {}, ago(k.last_seen)))))))));
   }
 
+  async function loadOnchain() {
+    try {
+      const r = await api('/lattice/v1/chain/nodes');
+      const data = r.data || [];
+      if (!data.length) {
+        replace(onchainEl, h('p', { class: 'muted' }, 'No node has linked to this Nexus yet.'));
+        return;
+      }
+      const cols = ['Node', 'Status', 'Stake', 'Reputation', 'Earnings', 'Staking pool', 'Expected APY'];
+      const rows = data.map((n) => {
+        const status = !n.registered ? h('span', { class: 'badge' }, 'Not registered')
+          : n.active ? h('span', { class: 'badge ok' }, 'Active') : h('span', { class: 'badge bad' }, 'Inactive');
+        const tr = h('tr', { 'data-address': n.address },
+          h('td', { title: n.address }, h('strong', {}, labels.get(n.address) || shortAddr(n.address)),
+            labels.get(n.address) ? h('div', { class: 'small muted mono' }, shortAddr(n.address)) : null),
+          h('td', { class: 'chain-status' }, status),
+          h('td', { class: 'num chain-stake', 'data-units': n.stake }, lai(n.stake, 2)),
+          h('td', { class: 'num' }, n.registered ? bps(n.reputation_bps) : '—'),
+          h('td', { class: 'num', 'data-units': n.earnings }, lai(n.earnings, 6)),
+          h('td', { class: 'num chain-pool', 'data-units': n.pool.staked }, lai(n.pool.staked, 2)),
+          h('td', { class: 'num chain-apy', title: `the pool's ${n.pool.pool_bps / 100} % of ${lai(n.pool.charges, 9)} paid to this node in ${n.pool.window_days} days, annualised over its stake` },
+            apy(n.pool.expected_apy)));
+        [...tr.children].forEach((td, i) => td.setAttribute('data-label', cols[i]));
+        return tr;
+      });
+      replace(onchainEl,
+        h('p', { class: 'muted small' }, `Read from chain ${r.chain.chain_id}. A node needs at least ${lai(r.min_stake)} staked to be admitted; reputation is posted on-chain once per epoch. `,
+          'Expected APY: the pool’s share of what users paid the node over the last 7 days, annualised, over what is staked in the pool (— when nothing is). ',
+          h('a', { href: '#/node' }, 'Stake into a pool')),
+        h('div', { class: 'table-wrap', tabindex: '0', role: 'region', 'aria-label': 'Nodes on-chain' },
+          h('table', { class: 'cards' }, h('thead', {}, h('tr', {}, cols.map((t, i) => h('th', { scope: 'col', class: i >= 2 ? 'num' : '' }, t)))),
+            h('tbody', {}, rows))));
+    } catch (e) {
+      replace(onchainEl, e.status === 404
+        ? h('p', { class: 'muted' }, 'This Nexus is not connected to a chain: nodes have no stake or pool.')
+        : errorBox(e));
+    }
+  }
+
   async function loadChain() {
     try {
       const c = await api('/lattice/v1/chain');
@@ -173,6 +216,7 @@ export async function mount(root) {
         while (samples.length > 2 && samples[samples.length - 1].at - samples[0].at > 60000) samples.shift();
       }
       const online = n.online || [];
+      for (const x of [...(n.known || []), ...online]) if (x.label) labels.set(x.address.toLowerCase(), x.label);
       renderTotals(online);
       renderNodes(online);
       renderKnown(online, n.known || []);
@@ -183,7 +227,7 @@ export async function mount(root) {
       replace(live, h('span', { class: 'dot down', 'aria-hidden': 'true' }), e.offline ? 'Connection lost — retrying' : 'Update failed — retrying');
       if (!nodesEl.querySelector('table')) replace(nodesEl, errorBox(e));
     }
-    if (chainTick++ % 3 === 0) await loadChain();
+    if (chainTick++ % 3 === 0) await Promise.all([loadChain(), loadOnchain()]);
     if (!stopped) timer = setTimeout(tick, POLL_MS);
   }
 

@@ -1,9 +1,11 @@
 // Run a node: pick a model and a price, copy the one-line command, and watch the node link,
-// pass calibration and start earning.
+// pass calibration and start earning (its stake, reputation and earnings on-chain too); then
+// stake into a node's pool: its expected APY, the exact calls, and with an injected EIP-1193
+// wallet on an RPC chain, the two transactions sent from the wallet.
 
 import { api } from '../api.js';
 import { h, replace, copyButton, errorBox } from '../dom.js';
-import { lai, parseLai, num, shortAddr } from '../format.js';
+import { lai, parseLai, num, shortAddr, apy, bps } from '../format.js';
 
 // `lattice model catalog`: the models known by name (any GGUF works with hf:OWNER/REPO/FILE.gguf).
 const CATALOG = [
@@ -25,6 +27,12 @@ export async function mount(root) {
   const cmd = h('code', { id: 'node-command' });
   const problem = h('div', { 'aria-live': 'polite' });
   const watchEl = h('div', { id: 'node-watch' }, h('p', { class: 'muted' }, 'Looking for new nodes…'));
+  const stakeEl = h('div', { id: 'stake' }, h('p', { class: 'loading' }, 'Loading pools…'));
+  const stakeNode = h('select', { id: 'stake-node' });
+  const stakeAmount = h('input', { id: 'stake-amount', inputmode: 'decimal', value: '10', 'aria-describedby': 'stake-hint' });
+  const stakeOut = h('div', { id: 'stake-out', 'aria-live': 'polite' });
+  const walletOut = h('div', { id: 'wallet-out', 'aria-live': 'polite' });
+  let pools = null;
 
   function command() {
     const m = model.value === 'other' ? other.value.trim() : model.value;
@@ -63,9 +71,103 @@ export async function mount(root) {
           h('li', {}, 'Run the command. The model is downloaded and verified on first start; your node key is created in ', h('code', {}, '~/.cache/lattice'), '.'),
           h('li', {}, 'The node dials out to this Nexus — no open port needed — answers a calibration prompt, then gets traffic.')),
         h('div', { class: 'command' }, cmd, copyButton(() => cmd.textContent)),
-        h('p', { class: 'muted small' }, 'Staking into node pools and pre-registered node tokens are not available in this version: any node that passes calibration is admitted.'))),
-    h('section', { class: 'card', 'aria-labelledby': 'watch-h' }, h('h2', { id: 'watch-h' }, '3. Watch it join'), watchEl));
+        h('p', { class: 'muted small' }, 'With a chain, a node is admitted once it is active on-chain with the minimum stake; on a local network (', h('code', {}, 'lattice up'),
+          ') the operator stakes it for you. Pre-registered node tokens are not available in this version.'))),
+    h('section', { class: 'card', 'aria-labelledby': 'watch-h' }, h('h2', { id: 'watch-h' }, '3. Watch it join'), watchEl),
+    h('section', { class: 'card', 'aria-labelledby': 'stake-h' }, h('h2', { id: 'stake-h' }, '4. Stake into a node’s pool'), stakeEl));
   update();
+  loadPools();
+
+  async function loadPools() {
+    try {
+      pools = await api('/lattice/v1/chain/nodes');
+    } catch (e) {
+      replace(stakeEl, e.status === 404
+        ? h('p', { class: 'muted', id: 'stake-no-chain' }, 'This Nexus is not connected to a chain: there are no staking pools.')
+        : errorBox(e));
+      return;
+    }
+    const nodes = (pools.data || []).filter((n) => n.registered);
+    if (!nodes.length) {
+      replace(stakeEl, h('p', { class: 'muted' }, 'No node is registered on-chain yet: pools appear with their nodes.'));
+      return;
+    }
+    replace(stakeNode, nodes.map((n) => h('option', { value: n.address },
+      `${shortAddr(n.address)} — pool ${lai(n.pool.staked, 2)}, expected APY ${apy(n.pool.expected_apy)}`)));
+    replace(stakeEl,
+      h('p', { class: 'small' }, 'Stakers share each node’s pool income: ', h('strong', {}, `${(nodes[0].pool.pool_bps / 100)} %`),
+        ' of everything users pay the node, in proportion to their stake. The expected APY is that share of the last 7 days of the node’s earnings, annualised, over what is staked now; it is an estimate, not a promise, and — when nothing is staked.'),
+      h('div', { class: 'row' },
+        h('div', { class: 'field' }, h('label', { for: 'stake-node' }, 'Node'), stakeNode),
+        h('div', { class: 'field' }, h('label', { for: 'stake-amount' }, 'Amount (LAI)'), stakeAmount)),
+      h('p', { class: 'hint muted small', id: 'stake-hint' }, 'Staking is an on-chain transaction signed by the staker’s own wallet: Nexus cannot stake your off-chain credit.'),
+      stakeOut, walletOut);
+    renderStake();
+  }
+
+  async function renderStake() {
+    replace(walletOut);
+    const node = (pools?.data || []).find((n) => n.address === stakeNode.value);
+    const units = parseLai(stakeAmount.value);
+    if (!node) return;
+    if (units === null || units === 0n) {
+      replace(stakeOut, h('p', { class: 'notice warn' }, 'Enter an amount of LAI, like 10.'));
+      return;
+    }
+    let calls;
+    try {
+      calls = await api(`/lattice/v1/chain/calls/stake?to=${node.address}&amount=${units}`);
+    } catch (e) {
+      replace(stakeOut, errorBox(e));
+      return;
+    }
+    const whole = stakeAmount.value.trim();
+    const cli = `lattice chain stake ${node.address} ${/^\d+$/.test(whole) ? whole : '10'}`;
+    const embedded = pools.chain.kind === 'embedded';
+    replace(stakeOut,
+      h('dl', { class: 'kv small', id: 'stake-pool' },
+        h('dt', {}, 'Pool total'), h('dd', { 'data-units': node.pool.staked }, lai(node.pool.staked, 6)),
+        h('dt', {}, 'Pool income, 7 days'), h('dd', {}, lai(node.pool.income, 9)),
+        h('dt', {}, 'Expected APY'), h('dd', { id: 'stake-apy' }, apy(node.pool.expected_apy))),
+      h('h3', {}, 'From a wallet'),
+      h('p', { class: 'small' }, `Send these two transactions on chain ${calls.chain_id}, in order:`),
+      h('ol', { class: 'small', id: 'stake-calls' }, calls.transactions.map((t) => h('li', {},
+        h('code', {}, t.call), ' to ', h('code', {}, t.to),
+        h('details', {}, h('summary', {}, 'calldata'), h('code', { class: 'calldata' }, t.data))))),
+      h('p', { class: 'muted small' }, 'Later: ', h('code', {}, 'Tokenomics.claim(node)'), ' pays your share of the pool income, ', h('code', {}, 'Tokenomics.unstake(node, amount)'), ' takes the stake back.'),
+      embedded
+        ? h('p', { class: 'muted small', id: 'wallet-none' }, 'This Nexus runs its chain inside its own process, with no RPC endpoint a wallet could send to. On this local network the operator can stake test LAI instead (stop Nexus first, then start it again):')
+        : null,
+      embedded ? h('div', { class: 'command' }, h('code', { id: 'stake-command' }, cli), copyButton(() => cli)) : null,
+      !embedded && window.ethereum
+        ? h('button', { type: 'button', class: 'primary', id: 'stake-wallet', onclick: () => stakeWithWallet(calls) }, `Stake ${lai(units)} with your wallet`)
+        : null,
+      !embedded && !window.ethereum ? h('p', { class: 'muted small' }, 'With a browser wallet (an injected EIP-1193 provider) this page can send them for you.') : null);
+  }
+
+  async function stakeWithWallet(calls) {
+    const eth = window.ethereum;
+    try {
+      const [from] = await eth.request({ method: 'eth_requestAccounts' });
+      const chainId = parseInt(await eth.request({ method: 'eth_chainId' }), 16);
+      if (chainId !== calls.chain_id) {
+        replace(walletOut, h('div', { class: 'notice warn', role: 'alert' }, `Your wallet is on chain ${chainId}; switch it to chain ${calls.chain_id} and try again.`));
+        return;
+      }
+      const hashes = [];
+      for (const [i, t] of calls.transactions.entries()) {
+        replace(walletOut, h('p', { class: 'muted' }, `Confirm transaction ${i + 1} of 2 in your wallet (${t.call})…`));
+        hashes.push(await eth.request({ method: 'eth_sendTransaction', params: [{ from, to: t.to, data: t.data }] }));
+      }
+      replace(walletOut, h('div', { class: 'notice ok', id: 'stake-sent' }, 'Sent: ', hashes.map((x) => h('code', { title: x }, shortAddr(x))).flatMap((c, i) => (i ? [', ', c] : [c])),
+        '. The pool shows your stake once they are mined.'));
+      setTimeout(loadPools, 5000);
+    } catch (e) {
+      replace(walletOut, h('div', { class: 'notice error', role: 'alert' }, `The wallet did not send it: ${e?.message || e}`));
+    }
+  }
+  stakeNode.addEventListener('change', renderStake);
+  stakeAmount.addEventListener('input', renderStake);
 
   // Nodes online when the page opened are not "yours"; the first new one is watched.
   let before = null;
@@ -87,14 +189,18 @@ export async function mount(root) {
       } else {
         const admitted = node.models.filter((m) => m.admitted);
         let earned = null;
+        let chain = null;
         try { earned = await api(`/lattice/v1/nodes/${node.address}/earnings`); } catch { /* shown without */ }
+        try { chain = (await api(`/lattice/v1/chain/accounts/${node.address}`)).node; } catch { /* no chain */ }
         replace(watchEl, h('div', { id: 'my-node', 'data-address': node.address },
           h('ol', { class: 'steps' },
             h('li', {}, h('span', { class: 'badge ok' }, 'Linked'), ` ${node.label || shortAddr(node.address)} (${node.address}) signed in with its key.`),
             h('li', {}, admitted.length ? h('span', { class: 'badge ok' }, 'Calibrated') : h('span', { class: 'badge warn' }, 'Calibrating…'),
               admitted.length ? ` Serving ${admitted.map((m) => m.id).join(', ')}.` : ' Answering the canary prompt.'),
             h('li', {}, h('span', { class: 'badge' }, 'Earning'), ` ${num(node.served)} requests served`,
-              earned ? ` · ${lai(earned.earned?.available ?? earned.earned, 9)} earned · staking pool ${lai(earned.staking_pool?.available ?? earned.staking_pool, 9)}` : '')),
+              earned ? ` · ${lai(earned.earned?.available ?? earned.earned, 9)} earned · staking pool ${lai(earned.staking_pool?.available ?? earned.staking_pool, 9)}` : ''),
+            chain ? h('li', { id: 'my-node-chain' }, chain.active ? h('span', { class: 'badge ok' }, 'Active on-chain') : h('span', { class: 'badge warn' }, 'Not active on-chain'),
+              ` stake ${lai(chain.stake, 2)} · reputation ${bps(chain.reputation_bps)} · ${lai(chain.earnings, 9)} to withdraw on-chain · pool ${lai(chain.pool.staked, 2)}, expected APY ${apy(chain.pool.expected_apy)}`) : null),
           h('p', {}, h('a', { href: '#/network' }, 'See it in the network explorer'))));
       }
     } catch (e) {
