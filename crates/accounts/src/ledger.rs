@@ -14,7 +14,7 @@ use sqlx::{Any, Row, Transaction};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::StoreError;
-use crate::db::{Backend, Db, day_of, now, placeholders};
+use crate::db::{Backend, Db, day_of, now};
 
 /// Bounds of the writer; every one is explicit.
 #[derive(Debug, Clone)]
@@ -279,6 +279,7 @@ pub(crate) async fn apply_batch(
         .collect();
     for r in select_in(
         &mut tx,
+        db.backend,
         "SELECT request_id, user_id, key_id, amount FROM holds WHERE request_id IN",
         &requests,
         lock,
@@ -294,8 +295,7 @@ pub(crate) async fn apply_batch(
             },
         );
     }
-    for r in select_in(
-        &mut tx,
+    for r in select_in(&mut tx, db.backend,
         "SELECT request_id, user_id, key_id, node, amount, node_part, pool_part, treasury_part, refunded FROM charges WHERE request_id IN",
         &requests,
         lock,
@@ -383,6 +383,7 @@ pub(crate) async fn apply_batch(
     }
     for r in select_in(
         &mut tx,
+        db.backend,
         "SELECT account, amount FROM balances WHERE account IN",
         &accounts,
         lock,
@@ -398,6 +399,7 @@ pub(crate) async fn apply_batch(
     }
     for r in select_in(
         &mut tx,
+        db.backend,
         "SELECT key_id, spent, held FROM key_usage WHERE key_id IN",
         &keys,
         lock,
@@ -412,12 +414,21 @@ pub(crate) async fn apply_batch(
             },
         );
     }
-    for r in select_in(&mut tx, "SELECT op FROM applied_ops WHERE op IN", &once, "").await? {
+    for r in select_in(
+        &mut tx,
+        db.backend,
+        "SELECT op FROM applied_ops WHERE op IN",
+        &once,
+        "",
+    )
+    .await?
+    {
         ledger.applied.insert(r.try_get("op")?);
     }
     let externals: BTreeSet<String> = ["faucet".to_owned(), "chain".to_owned()].into();
     for r in select_in(
         &mut tx,
+        db.backend,
         "SELECT account, issued, redeemed FROM external_totals WHERE account IN",
         &externals,
         lock,
@@ -472,6 +483,7 @@ pub(crate) async fn apply_batch(
         .collect();
     insert_rows(
         &mut tx,
+        db.backend,
         "INSERT INTO balances (account, amount) VALUES",
         rows,
         "ON CONFLICT (account) DO UPDATE SET amount = excluded.amount",
@@ -482,7 +494,7 @@ pub(crate) async fn apply_batch(
     for chunk in removed.chunks(500) {
         let sql = format!(
             "DELETE FROM holds WHERE request_id IN ({})",
-            placeholders(1, chunk.len())
+            db.backend.placeholders(1, chunk.len())
         );
         let mut q = sqlx::query(&sql);
         for r in chunk {
@@ -506,8 +518,7 @@ pub(crate) async fn apply_batch(
             })
         })
         .collect();
-    insert_rows(
-        &mut tx,
+    insert_rows(&mut tx, db.backend,
         "INSERT INTO holds (request_id, user_id, key_id, amount, owner, expires_at) VALUES",
         rows,
         "ON CONFLICT (request_id) DO UPDATE SET user_id = excluded.user_id, key_id = excluded.key_id,
@@ -534,8 +545,7 @@ pub(crate) async fn apply_batch(
             })
         })
         .collect();
-    insert_rows(
-        &mut tx,
+    insert_rows(&mut tx, db.backend,
         "INSERT INTO charges (request_id, user_id, key_id, node, amount, node_part, pool_part, treasury_part, refunded, created_at) VALUES",
         rows,
         "ON CONFLICT (request_id) DO UPDATE SET refunded = excluded.refunded",
@@ -556,6 +566,7 @@ pub(crate) async fn apply_batch(
         .collect();
     insert_rows(
         &mut tx,
+        db.backend,
         "INSERT INTO key_usage (key_id, spent, held) VALUES",
         rows,
         "ON CONFLICT (key_id) DO UPDATE SET spent = excluded.spent, held = excluded.held",
@@ -568,6 +579,7 @@ pub(crate) async fn apply_batch(
         .collect();
     insert_rows(
         &mut tx,
+        db.backend,
         "INSERT INTO applied_ops (op, created_at) VALUES",
         rows,
         "",
@@ -587,8 +599,7 @@ pub(crate) async fn apply_batch(
             })
         })
         .collect();
-    insert_rows(
-        &mut tx,
+    insert_rows(&mut tx, db.backend,
         "INSERT INTO external_totals (account, issued, redeemed) VALUES",
         rows,
         "ON CONFLICT (account) DO UPDATE SET issued = excluded.issued, redeemed = excluded.redeemed",
@@ -609,6 +620,7 @@ pub(crate) async fn apply_batch(
         .collect();
     insert_rows(
         &mut tx,
+        db.backend,
         "INSERT INTO journal (op, leg, debit, credit, amount, created_at) VALUES",
         rows,
         "",
@@ -616,6 +628,7 @@ pub(crate) async fn apply_batch(
     .await?;
     insert_rows(
         &mut tx,
+        db.backend,
         "INSERT INTO chain_grants (op, user_id, amount, created_at) VALUES",
         grants,
         "",
@@ -640,8 +653,7 @@ pub(crate) async fn apply_batch(
             ]
         })
         .collect();
-    insert_rows(
-        &mut tx,
+    insert_rows(&mut tx, db.backend,
         "INSERT INTO usage_records (request_id, user_id, key_id, node, model, prompt_tokens, completion_tokens, cost, day, receipt, created_at) VALUES",
         rows,
         "",
@@ -662,6 +674,7 @@ enum V {
 /// accepts that many).
 async fn insert_rows(
     tx: &mut Transaction<'static, Any>,
+    backend: Backend,
     head: &str,
     rows: Vec<Vec<V>>,
     tail: &str,
@@ -675,7 +688,7 @@ async fn insert_rows(
         sql.push_str(head);
         for (i, _) in chunk.iter().enumerate() {
             sql.push_str(if i == 0 { " (" } else { ", (" });
-            sql.push_str(&placeholders(i * cols + 1, cols));
+            sql.push_str(&backend.placeholders(i * cols + 1, cols));
             sql.push(')');
         }
         sql.push(' ');
@@ -698,6 +711,7 @@ async fn insert_rows(
 /// `SELECT … WHERE col IN (…)` over a set, in chunks within every backend's parameter limit.
 async fn select_in(
     tx: &mut Transaction<'static, Any>,
+    backend: Backend,
     prefix: &str,
     values: &BTreeSet<String>,
     suffix: &str,
@@ -705,7 +719,10 @@ async fn select_in(
     let mut out = Vec::new();
     let values: Vec<&String> = values.iter().collect();
     for chunk in values.chunks(500) {
-        let sql = format!("{prefix} ({}){suffix}", placeholders(1, chunk.len()));
+        let sql = format!(
+            "{prefix} ({}){suffix}",
+            backend.placeholders(1, chunk.len())
+        );
         let mut q = sqlx::query(&sql);
         for v in chunk {
             q = q.bind(*v);
