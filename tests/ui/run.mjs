@@ -363,7 +363,9 @@ describe('web UI', { timeout: 20 * 60_000 }, () => {
     assert.equal(BigInt(await page.getAttribute('#chain-settled .value', 'data-units')), BigInt(c.position.settled));
     assert.match(await page.textContent('#chain-pending'), /Everything credited to you off-chain is reflected on-chain/);
     assert.equal(await page.textContent('#faucet-command'), `lattice chain faucet ${acct.user.address.toLowerCase()} 10`);
-    assert.match(await page.textContent('#onchain'), new RegExp(`UserRegistry\\.depositFor\\(${acct.user.address.toLowerCase()}, amount\\)`));
+    const deposit = await page.$$eval('#deposit-calls li', (lis) => lis.map((li) => li.textContent));
+    assert.deepEqual(deposit, [`approve(${c.chain.users}, amount) to the LAI token ${c.chain.token}`,
+      `depositFor(${acct.user.address.toLowerCase()}, amount) to the UserRegistry ${c.chain.users}`]);
     assert.match(await page.textContent('#no-withdraw'), /Withdrawals are not available yet/);
     assert.equal(await page.getByRole('button', { name: /withdraw/i }).count(), 0, 'no withdrawal button');
     await shot('account-onchain');
@@ -496,6 +498,7 @@ describe('web UI', { timeout: 20 * 60_000 }, () => {
       await p2.locator('#stake-sent').waitFor();
       const sent = await p2.evaluate(() => window.__sent);
       assert.deepEqual(sent, calls.transactions.map((t) => ({ from: '0x00000000000000000000000000000000000000aa', to: t.to, data: t.data })));
+      await p2.evaluate(() => window.scrollTo(0, 0));
       await p2.screenshot({ path: join(ARTIFACTS, 'run-a-node-wallet.png'), fullPage: true });
     } finally {
       await p2.close();

@@ -116,9 +116,9 @@ export async function mount(root, ctx) {
         h('p', { class: 'muted small' }, 'This is your address on the chain Nexus settles to: see “On-chain” below.'))));
   }
 
-  function chainStat(label, value, sub, id) {
+  function chainStat(label, value, sub, id, digits = 6) {
     return h('div', { class: 'stat', id }, h('div', { class: 'label' }, label),
-      h('div', { class: 'value', 'data-units': value }, lai(value)), sub ? h('div', { class: 'sub' }, sub) : null);
+      h('div', { class: 'value', 'data-units': value }, lai(value, digits)), sub ? h('div', { class: 'sub' }, sub) : null);
   }
 
   async function loadChain() {
@@ -147,7 +147,7 @@ export async function mount(root, ctx) {
       h('div', { class: 'stats' },
         chainStat('Credit off-chain', offChain.toString(), 'what Nexus lets you spend now', 'chain-offchain'),
         chainStat('Custody on-chain', c.on_chain.custody, 'UserRegistry balance', 'chain-custody'),
-        chainStat('Settled on-chain', p.settled, 'charges paid from custody', 'chain-settled'),
+        chainStat('Settled on-chain', p.settled, 'charges paid from custody', 'chain-settled', 9),
         chainStat('Wallet on-chain', c.on_chain.wallet, 'LAI the address holds itself', 'chain-wallet')),
       h('p', { class: 'small', id: 'chain-pending' }, pending.length
         ? `On its way: ${pending.join('; ')}. Nexus settles every few seconds.`
@@ -156,9 +156,11 @@ export async function mount(root, ctx) {
         h('p', { class: 'muted' }, `Custody should be ${lai(c.expected_custody ?? 0, 9)}: free credit minted (${lai(p.granted)}) + deposits (${lai(p.deposited)}) − charges settled (${lai(p.settled, 9)}). `,
           'Your off-chain credit also counts what is on its way.')),
       h('h3', {}, 'Deposit'),
-      h('p', { class: 'small' }, 'Deposits go into custody on-chain and Nexus credits them to this account by itself once they are a few blocks deep. From any wallet holding LAI, send ',
-        h('code', {}, `LAIToken.approve(${c.chain.users}, amount)`), ' to ', h('code', {}, c.chain.token), ', then ',
-        h('code', {}, `UserRegistry.depositFor(${c.address}, amount)`), ' to ', h('code', {}, c.chain.users), '.'),
+      h('p', { class: 'small' }, 'Deposits go into custody on-chain; Nexus credits them to this account by itself once they are a few blocks deep. From any wallet holding LAI, send two transactions:'),
+      h('ol', { class: 'small calls', id: 'deposit-calls' },
+        h('li', {}, h('code', {}, `approve(${c.chain.users}, amount)`), ' to the LAI token ', h('code', {}, c.chain.token)),
+        h('li', {}, h('code', {}, `depositFor(${c.address}, amount)`), ' to the UserRegistry ', h('code', {}, c.chain.users))),
+      h('p', { class: 'muted small' }, 'amount is in units of 10⁻¹⁸ LAI (1 LAI = 1000000000000000000).'),
       h('p', { class: 'small' }, 'On a local network the operator can mint and deposit test LAI:'),
       h('div', { class: 'command' }, h('code', { id: 'faucet-command' }, faucetCmd), copyButton(() => faucetCmd)),
       c.chain.kind === 'embedded'

@@ -77,10 +77,15 @@ export async function mount(root) {
     h('section', { class: 'card', 'aria-labelledby': 'stake-h' }, h('h2', { id: 'stake-h' }, '4. Stake into a node’s pool'), stakeEl));
   update();
   loadPools();
+  const poolTimer = setInterval(() => { if (!document.hidden) loadPools(); }, 6000);
 
+  const labels = new Map();
+  let poolsShown = '';
   async function loadPools() {
     try {
-      pools = await api('/lattice/v1/chain/nodes');
+      const [p, n] = await Promise.all([api('/lattice/v1/chain/nodes'), api('/lattice/v1/nodes').catch(() => null)]);
+      pools = p;
+      for (const x of [...(n?.known || []), ...(n?.online || [])]) if (x.label) labels.set(x.address.toLowerCase(), x.label);
     } catch (e) {
       replace(stakeEl, e.status === 404
         ? h('p', { class: 'muted', id: 'stake-no-chain' }, 'This Nexus is not connected to a chain: there are no staking pools.')
@@ -92,11 +97,18 @@ export async function mount(root) {
       replace(stakeEl, h('p', { class: 'muted' }, 'No node is registered on-chain yet: pools appear with their nodes.'));
       return;
     }
-    replace(stakeNode, nodes.map((n) => h('option', { value: n.address },
-      `${shortAddr(n.address)} — pool ${lai(n.pool.staked, 2)}, expected APY ${apy(n.pool.expected_apy)}`)));
+    // Refreshed every few seconds: only redrawn when something changed, keeping the selection.
+    const key = JSON.stringify(nodes) + [...labels].join();
+    if (key === poolsShown) return;
+    const first = !poolsShown;
+    poolsShown = key;
+    const selected = stakeNode.value;
+    replace(stakeNode, nodes.map((n) => h('option', { value: n.address, selected: n.address === selected },
+      `${labels.get(n.address) ? `${labels.get(n.address)} (${shortAddr(n.address)})` : shortAddr(n.address)} — pool ${lai(n.pool.staked, 2)}, expected APY ${apy(n.pool.expected_apy)}`)));
+    if (!first) { renderStake(true); return; }
     replace(stakeEl,
       h('p', { class: 'small' }, 'Stakers share each node’s pool income: ', h('strong', {}, `${(nodes[0].pool.pool_bps / 100)} %`),
-        ' of everything users pay the node, in proportion to their stake. The expected APY is that share of the last 7 days of the node’s earnings, annualised, over what is staked now; it is an estimate, not a promise, and — when nothing is staked.'),
+        ' of everything users pay the node, in proportion to their stake. The expected APY is that share of what users paid the node over the last 7 days, annualised, over what is staked in the pool now: an estimate from recent traffic, not a promise. With nothing staked there is no APY to show (—).'),
       h('div', { class: 'row' },
         h('div', { class: 'field' }, h('label', { for: 'stake-node' }, 'Node'), stakeNode),
         h('div', { class: 'field' }, h('label', { for: 'stake-amount' }, 'Amount (LAI)'), stakeAmount)),
@@ -105,8 +117,8 @@ export async function mount(root) {
     renderStake();
   }
 
-  async function renderStake() {
-    replace(walletOut);
+  async function renderStake(refresh = false) {
+    if (refresh !== true) replace(walletOut);
     const node = (pools?.data || []).find((n) => n.address === stakeNode.value);
     const units = parseLai(stakeAmount.value);
     if (!node) return;
@@ -126,13 +138,15 @@ export async function mount(root) {
     const embedded = pools.chain.kind === 'embedded';
     replace(stakeOut,
       h('dl', { class: 'kv small', id: 'stake-pool' },
-        h('dt', {}, 'Pool total'), h('dd', { 'data-units': node.pool.staked }, lai(node.pool.staked, 6)),
-        h('dt', {}, 'Pool income, 7 days'), h('dd', {}, lai(node.pool.income, 9)),
+        h('dt', {}, 'Staked in the pool'), h('dd', { 'data-units': node.pool.staked }, lai(node.pool.staked, 6)),
+        h('dt', {}, 'Paid to the node, 7 days'), h('dd', {}, lai(node.pool.charges, 9)),
+        h('dt', {}, 'The pool’s share'), h('dd', {}, lai(node.pool.income, 9)),
         h('dt', {}, 'Expected APY'), h('dd', { id: 'stake-apy' }, apy(node.pool.expected_apy))),
       h('h3', {}, 'From a wallet'),
-      h('p', { class: 'small' }, `Send these two transactions on chain ${calls.chain_id}, in order:`),
-      h('ol', { class: 'small', id: 'stake-calls' }, calls.transactions.map((t) => h('li', {},
-        h('code', {}, t.call), ' to ', h('code', {}, t.to),
+      h('p', { class: 'small' }, `Send these two transactions on chain ${calls.chain_id}, in order (amount = ${calls.amount} units, ${lai(calls.amount)}):`),
+      h('ol', { class: 'small calls', id: 'stake-calls' }, calls.transactions.map((t, i) => h('li', {},
+        h('code', {}, i === 0 ? `approve(${pools.chain.tokenomics}, amount)` : `stake(${node.address}, amount)`),
+        i === 0 ? ' to the LAI token ' : ' to Tokenomics ', h('code', {}, t.to),
         h('details', {}, h('summary', {}, 'calldata'), h('code', { class: 'calldata' }, t.data))))),
       h('p', { class: 'muted small' }, 'Later: ', h('code', {}, 'Tokenomics.claim(node)'), ' pays your share of the pool income, ', h('code', {}, 'Tokenomics.unstake(node, amount)'), ' takes the stake back.'),
       embedded
@@ -166,8 +180,8 @@ export async function mount(root) {
       replace(walletOut, h('div', { class: 'notice error', role: 'alert' }, `The wallet did not send it: ${e?.message || e}`));
     }
   }
-  stakeNode.addEventListener('change', renderStake);
-  stakeAmount.addEventListener('input', renderStake);
+  stakeNode.addEventListener('change', () => renderStake());
+  stakeAmount.addEventListener('input', () => renderStake());
 
   // Nodes online when the page opened are not "yours"; the first new one is watched.
   let before = null;
@@ -209,5 +223,5 @@ export async function mount(root) {
     if (!stopped) timer = setTimeout(tick, 2000);
   }
   tick();
-  return () => { stopped = true; clearTimeout(timer); };
+  return () => { stopped = true; clearTimeout(timer); clearInterval(poolTimer); };
 }
