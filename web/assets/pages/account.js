@@ -121,11 +121,17 @@ export async function mount(root, ctx) {
       h('div', { class: 'value', 'data-units': value }, lai(value, digits)), sub ? h('div', { class: 'sub' }, sub) : null);
   }
 
+  let lastChain = null;
   async function loadChain() {
     let c;
     try {
       c = await api('/lattice/v1/account/chain');
+      // Polled: redrawn only when something changed, so an open "How this adds up" stays open.
+      const key = JSON.stringify(c);
+      if (key === lastChain) return;
+      lastChain = key;
     } catch (e) {
+      lastChain = null;
       replace(chainEl, e.status === 404
         ? h('p', { class: 'muted', id: 'no-chain' }, 'This Nexus is not connected to a chain: your credit lives only in its ledger, and there is nothing to deposit to.')
         : errorBox(e));
