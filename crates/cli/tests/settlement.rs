@@ -546,3 +546,124 @@ async fn chain_accounts_show_custody_stake_and_pool_apy() {
         assert_eq!(v["error"]["code"], "no_chain", "{path}: {v}");
     }
 }
+
+/// Anvil's dev accounts are unlocked: `eth_sendTransaction` from one is what a browser wallet
+/// does. Returns the transaction hash after checking the receipt succeeded.
+async fn send_tx(rpc: &str, from: &str, to: &str, data: &str) -> String {
+    let c = reqwest::Client::new();
+    let r: Value = c
+        .post(rpc)
+        .json(
+            &json!({"jsonrpc": "2.0", "id": 1, "method": "eth_sendTransaction",
+            "params": [{"from": from, "to": to, "data": data}]}),
+        )
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let hash = r["result"]
+        .as_str()
+        .unwrap_or_else(|| panic!("eth_sendTransaction: {r}"))
+        .to_owned();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let receipt: Value = c
+            .post(rpc)
+            .json(
+                &json!({"jsonrpc": "2.0", "id": 1, "method": "eth_getTransactionReceipt",
+                "params": [hash]}),
+            )
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if !receipt["result"].is_null() {
+            assert_eq!(receipt["result"]["status"], "0x1", "{receipt}");
+            return hash;
+        }
+        assert!(Instant::now() < deadline, "{hash} was never mined");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A wallet stakes with exactly the two transactions `/lattice/v1/chain/calls/stake` builds, on
+/// a real anvil, and the pool and the staker's position show it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wallet_stakes_with_the_calls_nexus_builds() {
+    const OPERATOR: &str = "0xf39fd6e51aad88f6f4ce6ab8827279cfffb92266"; // anvil #0 (ANVIL_KEY)
+    const WALLET: &str = "0x70997970c51812dc3a010c7d01b50e0d17dc79c8"; // anvil #1
+    const NODE: &str = "0x00000000000000000000000000000000000000a1";
+    let dir = tmp();
+    let (_anvil, rpc) = anvil().await;
+    let key_file = dir.path().join("anvil.key");
+    std::fs::write(&key_file, ANVIL_KEY).unwrap();
+    let key_path = key_file.to_str().unwrap().to_owned();
+    let n = nexus_with(
+        dir.path(),
+        "127.0.0.1:0",
+        &[
+            "--settle-interval",
+            "1",
+            "--chain-rpc",
+            &rpc,
+            "--chain-key-file",
+            &key_path,
+        ],
+    );
+    // Nexus's first pass (the starter-credit grant) sends from the operator key: let it finish.
+    wait_settled(&n.url, 0).await;
+    let before = get(&format!("{}/lattice/v1/chain/accounts/{NODE}", n.url)).await;
+    assert_eq!(before["chain"]["kind"], "rpc", "{before}");
+    assert_eq!(
+        before["node"],
+        Value::Null,
+        "neither registered nor staked: {before}"
+    );
+
+    // The wallet gets 10 LAI: the operator mints it (mint(address,uint256) = 0x40c10f19).
+    let amount: u128 = 10 * 10u128.pow(18);
+    let token = before["chain"]["token"].as_str().unwrap().to_owned();
+    let mint = format!(
+        "0x40c10f19{:0>64}{amount:064x}",
+        WALLET.trim_start_matches("0x")
+    );
+    send_tx(&rpc, OPERATOR, &token, &mint).await;
+    let w = get(&format!("{}/lattice/v1/chain/accounts/{WALLET}", n.url)).await;
+    assert_eq!(units(&w["wallet"]), amount, "{w}");
+
+    let calls = get(&format!(
+        "{}/lattice/v1/chain/calls/stake?to={NODE}&amount={amount}",
+        n.url
+    ))
+    .await;
+    assert_eq!(calls["kind"], "rpc");
+    for t in calls["transactions"].as_array().unwrap() {
+        send_tx(
+            &rpc,
+            WALLET,
+            t["to"].as_str().unwrap(),
+            t["data"].as_str().unwrap(),
+        )
+        .await;
+    }
+    let a = get(&format!(
+        "{}/lattice/v1/chain/accounts/{NODE}?staker={WALLET}",
+        n.url
+    ))
+    .await;
+    assert_eq!(units(&a["stake"]["amount"]), amount, "{a}");
+    assert_eq!(a["stake"]["pending_reward"], "0", "{a}");
+    assert_eq!(a["node"]["registered"], false, "{a}");
+    assert_eq!(units(&a["node"]["pool"]["staked"]), amount, "{a}");
+    assert_eq!(
+        a["node"]["pool"]["expected_apy"].as_f64(),
+        Some(0.0),
+        "staked, but the address earned nothing in 7 days: {a}"
+    );
+    let w = get(&format!("{}/lattice/v1/chain/accounts/{WALLET}", n.url)).await;
+    assert_eq!(w["wallet"], "0", "the wallet's LAI is in the pool now: {w}");
+}

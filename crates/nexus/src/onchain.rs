@@ -212,7 +212,8 @@ pub(crate) struct AccountQuery {
 }
 
 /// `GET /lattice/v1/chain/accounts/{address}`: custody and wallet balances of any address, and
-/// when it is a registered node its stake, reputation, earnings and pool. Public: the chain is.
+/// when it is a registered node (or has a staked pool) its stake, reputation, earnings and
+/// pool. Public: the chain is.
 pub(crate) async fn account(
     State(nexus): State<Arc<Nexus>>,
     Path(address): Path<String>,
@@ -230,7 +231,8 @@ pub(crate) async fn account(
         futures::try_join!(p.user_balance(addr), p.token_balance(addr), p.min_stake())
             .map_err(chain_err)?;
     let info = node_info(&nexus, p, addr).await?;
-    let node = info.registered.then_some(info);
+    // A registered node, or an address whose pool holds stake (staking needs no registration).
+    let node = (info.registered || info.pool.staked != "0").then_some(info);
     let stake = match staker {
         Some(s) => {
             let pos = p.stake_of(addr, s).await.map_err(chain_err)?;
