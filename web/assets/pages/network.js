@@ -142,7 +142,7 @@ export async function mount(root) {
         replace(onchainEl, h('p', { class: 'muted' }, 'No node has linked to this Nexus yet.'));
         return;
       }
-      const cols = ['Node', 'Status', 'Stake', 'Reputation', 'Earnings', 'Staking pool', 'Expected APY'];
+      const cols = ['Node', 'On-chain status', 'Stake', 'Reputation (last epoch)', 'Earnings to withdraw', 'Staking pool', 'Expected APY'];
       const rows = data.map((n) => {
         const status = !n.registered ? h('span', { class: 'badge' }, 'Not registered')
           : n.active ? h('span', { class: 'badge ok' }, 'Active') : h('span', { class: 'badge bad' }, 'Inactive');
