@@ -133,6 +133,26 @@ fn lai(units: U256) -> String {
     }
 }
 
+/// Mints `lai` whole LAI from the operator's allowance to the operator, who then spends it:
+/// the operator's signer and the amount in units.
+async fn mint_to_operator(
+    p: &Protocol,
+    args: &ChainArgs,
+    dir: &Path,
+    lai: u64,
+) -> Result<(PrivateKeySigner, U256)> {
+    let units = U256::from(lai) * U256::from(10u64).pow(U256::from(18u64));
+    p.mint(p.operator(), units).await?;
+    let operator = load_or_create_key(
+        &args
+            .chain_key_file
+            .clone()
+            .unwrap_or_else(|| dir.join("chain").join("operator.key")),
+        false,
+    )?;
+    Ok((operator, units))
+}
+
 pub(crate) async fn run(
     cmd: ChainCommand,
     args: &ChainArgs,
@@ -164,28 +184,12 @@ pub(crate) async fn run(
             address,
             lai: amount,
         } => {
-            let units = U256::from(amount) * U256::from(10u64).pow(U256::from(18u64));
-            p.mint(p.operator(), units).await?;
-            let operator = load_or_create_key(
-                &args
-                    .chain_key_file
-                    .clone()
-                    .unwrap_or_else(|| dir.join("chain").join("operator.key")),
-                false,
-            )?;
+            let (operator, units) = mint_to_operator(&p, args, dir, amount).await?;
             p.deposit_for(&operator, address, units).await?;
             println!("deposited {} into the custody of {address}", lai(units));
         }
         ChainCommand::Stake { node, lai: amount } => {
-            let units = U256::from(amount) * U256::from(10u64).pow(U256::from(18u64));
-            p.mint(p.operator(), units).await?;
-            let operator = load_or_create_key(
-                &args
-                    .chain_key_file
-                    .clone()
-                    .unwrap_or_else(|| dir.join("chain").join("operator.key")),
-                false,
-            )?;
+            let (operator, units) = mint_to_operator(&p, args, dir, amount).await?;
             p.stake(&operator, node, units).await?;
             let pool = p.pool(node).await?;
             println!(

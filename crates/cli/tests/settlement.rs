@@ -205,16 +205,25 @@ async fn settlement_survives_nexus_crashes_on_the_embedded_chain() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn settlement_survives_nexus_crashes_against_anvil() {
     let dir = tmp();
-    let (_anvil, rpc) = anvil().await;
-    let key_file = dir.path().join("anvil.key");
+    let (_anvil, chain) = anvil_chain(dir.path()).await;
+    let chain: Vec<&str> = chain.iter().map(String::as_str).collect();
+    chaos(dir.path(), &chain, &["--node-stake", "sponsor"]).await;
+}
+
+/// A real anvil and the `--chain-rpc … --chain-key-file …` arguments that use it with its first
+/// development key (written into `dir`).
+async fn anvil_chain(dir: &Path) -> (Reaped, Vec<String>) {
+    let (anvil, rpc) = anvil().await;
+    let key_file = dir.join("anvil.key");
     std::fs::write(&key_file, ANVIL_KEY).unwrap();
     let key_path = key_file.to_str().unwrap().to_owned();
-    chaos(
-        dir.path(),
-        &["--chain-rpc", &rpc, "--chain-key-file", &key_path],
-        &["--node-stake", "sponsor"],
-    )
-    .await;
+    let args = vec![
+        "--chain-rpc".to_owned(),
+        rpc,
+        "--chain-key-file".to_owned(),
+        key_path,
+    ];
+    (anvil, args)
 }
 
 /// A real anvil on a free loopback port, and its RPC URL.
@@ -259,16 +268,8 @@ async fn available(nexus: &str) -> u128 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deposits_on_chain_are_credited_once() {
     let dir = tmp();
-    let (_anvil, rpc) = anvil().await;
-    let key_file = dir.path().join("anvil.key");
-    std::fs::write(&key_file, ANVIL_KEY).unwrap();
-    let key_path = key_file.to_str().unwrap().to_owned();
-    let chain = [
-        "--chain-rpc",
-        rpc.as_str(),
-        "--chain-key-file",
-        key_path.as_str(),
-    ];
+    let (_anvil, chain) = anvil_chain(dir.path()).await;
+    let chain: Vec<&str> = chain.iter().map(String::as_str).collect();
     let listen = format!("127.0.0.1:{}", free_port());
     let mut extra = vec!["--settle-interval", "1"];
     extra.extend_from_slice(&chain);
@@ -316,16 +317,8 @@ impl Drop for Reaped {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn network_status_is_posted_each_epoch() {
     let dir = tmp();
-    let (_anvil, rpc) = anvil().await;
-    let key_file = dir.path().join("anvil.key");
-    std::fs::write(&key_file, ANVIL_KEY).unwrap();
-    let key_path = key_file.to_str().unwrap().to_owned();
-    let chain = [
-        "--chain-rpc",
-        rpc.as_str(),
-        "--chain-key-file",
-        key_path.as_str(),
-    ];
+    let (_anvil, chain) = anvil_chain(dir.path()).await;
+    let chain: Vec<&str> = chain.iter().map(String::as_str).collect();
     let mut extra = vec![
         "--settle-interval",
         "1",
