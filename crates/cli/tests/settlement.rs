@@ -255,12 +255,7 @@ async fn anvil() -> (Reaped, String) {
 }
 
 async fn available(nexus: &str) -> u128 {
-    let a = get(&format!("{nexus}/lattice/v1/account")).await;
-    a["balance"]["available"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no balance in {a}"))
-        .parse()
-        .unwrap()
+    units(&get(&format!("{nexus}/lattice/v1/account")).await["balance"]["available"])
 }
 
 /// An on-chain deposit into a user's custody becomes off-chain credit exactly once, also across
@@ -361,17 +356,6 @@ async fn network_status_is_posted_each_epoch() {
     };
     assert!(out.contains(", active"), "the node stays active: {out}");
     assert!(out.contains("root 0x"), "{out}");
-}
-
-async fn get_status(url: &str) -> (u16, Value) {
-    let r = reqwest::Client::new()
-        .get(url)
-        .bearer_auth(key_for(url))
-        .send()
-        .await
-        .unwrap();
-    let s = r.status().as_u16();
-    (s, r.json().await.unwrap_or(Value::Null))
 }
 
 fn units(v: &Value) -> u128 {

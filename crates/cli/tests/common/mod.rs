@@ -179,15 +179,22 @@ pub async fn post(url: &str, body: Value) -> (u16, Value) {
     (s, r.json().await.unwrap_or(Value::Null))
 }
 
-pub async fn get(url: &str) -> Value {
+/// GET with the URL's Nexus key: (status, JSON body or null).
+pub async fn get_status(url: &str) -> (u16, Value) {
     let r = reqwest::Client::new()
         .get(url)
         .bearer_auth(key_for(url))
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 200, "GET {url}");
-    r.json().await.unwrap()
+    let s = r.status().as_u16();
+    (s, r.json().await.unwrap_or(Value::Null))
+}
+
+pub async fn get(url: &str) -> Value {
+    let (s, v) = get_status(url).await;
+    assert_eq!(s, 200, "GET {url}: {v}");
+    v
 }
 
 pub async fn nodes(nexus: &str) -> Value {
