@@ -415,32 +415,40 @@ impl Accounts {
     /// Per on-chain address, what confirmed batches and credited deposits imply.
     pub async fn chain_expectations(&self) -> Result<BTreeMap<String, Expected>, StoreError> {
         let mut out: BTreeMap<String, Expected> = BTreeMap::new();
-        type Field = fn(&mut Expected) -> &mut Money;
-        let queries: [(&str, Field); 3] = [
-            (
-                "SELECT u.address, i.amount FROM chain_grants i JOIN users u ON u.id = i.user_id
-                 JOIN chain_batches b ON b.id = i.batch_id WHERE b.status = 'confirmed'",
-                |e| &mut e.granted,
-            ),
-            (
-                "SELECT u.address, i.amount FROM chain_deposits i JOIN users u ON u.id = i.user_id",
-                |e| &mut e.deposited,
-            ),
-            (
-                "SELECT u.address, i.amount FROM charges i JOIN users u ON u.id = i.user_id
-                 JOIN chain_batches b ON b.id = i.batch_id WHERE b.status = 'confirmed'",
-                |e| &mut e.settled,
-            ),
-        ];
-        for (sql, field) in queries {
-            for r in sqlx::query(sql).fetch_all(&self.db.pool).await? {
-                let address: String = r.try_get("address")?;
-                let amount = parse_money(&r.try_get::<String, _>("amount")?)?;
-                let slot = field(out.entry(address.to_lowercase()).or_default());
-                *slot = slot
-                    .checked_add(amount)
-                    .ok_or_else(|| StoreError::Corrupt("expected balance overflow".into()))?;
+        let mut add = |address: &str, field: fn(&mut Expected) -> &mut Money, amount: Money| {
+            let slot = field(out.entry(address.to_lowercase()).or_default());
+            *slot = slot
+                .checked_add(amount)
+                .ok_or_else(|| StoreError::Corrupt("expected balance overflow".into()))?;
+            Ok::<(), StoreError>(())
+        };
+        // Confirmed batches carry their lines already netted per user (and node): summing them
+        // reads one row per batch instead of every charge ever made.
+        let batches = sqlx::query(
+            "SELECT id, kind, seq, status, entries, total, created_at, tx_hash FROM chain_batches
+             WHERE status = 'confirmed'",
+        )
+        .fetch_all(&self.db.pool)
+        .await?;
+        for b in batches.iter().map(batch_of) {
+            let b = b?;
+            let field: fn(&mut Expected) -> &mut Money = match b.kind {
+                BatchKind::Grant => |e| &mut e.granted,
+                BatchKind::Settle => |e| &mut e.settled,
+            };
+            for line in &b.entries {
+                add(&line.user, field, line.amount)?;
             }
+        }
+        let deposits = sqlx::query(
+            "SELECT u.address, i.amount FROM chain_deposits i JOIN users u ON u.id = i.user_id",
+        )
+        .fetch_all(&self.db.pool)
+        .await?;
+        for r in deposits {
+            let address: String = r.try_get("address")?;
+            let amount = parse_money(&r.try_get::<String, _>("amount")?)?;
+            add(&address, |e| &mut e.deposited, amount)?;
         }
         Ok(out)
     }
