@@ -140,13 +140,22 @@ async fn killing_a_node_mid_load_retries_waiting_requests_and_errors_live_stream
     let dir = tmp();
     let nexus = nexus_at(dir.path(), "127.0.0.1:0");
     let a = node(&nexus.url, CHAT, &key(dir.path(), "a"), "1");
-    let _b = node(&nexus.url, CHAT, &key(dir.path(), "b"), "1");
+    let b = node(&nexus.url, CHAT, &key(dir.path(), "b"), "1");
+    let address_of = |name: &str| {
+        lattice_link::NodeKey::load_or_create(&key(dir.path(), name))
+            .unwrap()
+            .address()
+            .to_lowercase()
+    };
     wait_for_models(&nexus.url, &[(CHAT, 2)]).await;
     let url = format!("{}/v1/chat/completions", nexus.url);
     let client = reqwest::Client::new();
 
-    // Two long streams, one per node (in-flight-aware routing spreads them), both under way.
+    // Two long streams, both under way. Routing usually spreads them one per node, but not
+    // always (both can land on one node, the second queued behind the first), so the node
+    // killed is the one serving the first stream, named by `x-lattice-node`.
     let mut streams = Vec::new();
+    let mut serving = Vec::new();
     for i in 0..2 {
         let body = chat(
             &format!("Write a long story number {i}."),
@@ -160,6 +169,13 @@ async fn killing_a_node_mid_load_retries_waiting_requests_and_errors_live_stream
             .await
             .unwrap();
         assert_eq!(r.status(), 200);
+        serving.push(
+            r.headers()
+                .get("x-lattice-node")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_lowercase(),
+        );
         let first = r.chunk().await.unwrap();
         assert!(first.is_some());
         streams.push(r);
@@ -178,7 +194,16 @@ async fn killing_a_node_mid_load_retries_waiting_requests_and_errors_live_stream
         })
         .collect();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    a.kill();
+    if serving[0] == address_of("a") {
+        a.kill();
+    } else {
+        assert_eq!(
+            serving[0],
+            address_of("b"),
+            "the first stream names its node"
+        );
+        b.kill();
+    }
 
     let outcome = tokio::time::timeout(Duration::from_secs(120), async {
         let mut ended = Vec::new();
@@ -200,7 +225,8 @@ async fn killing_a_node_mid_load_retries_waiting_requests_and_errors_live_stream
     );
     assert!(
         ended.contains(&(true, false)),
-        "the stream on the live node completes: {ended:?}"
+        "the other stream completes (on the live node, or retried there if it was still queued \
+         behind the first): {ended:?}"
     );
     assert_eq!(
         statuses,
