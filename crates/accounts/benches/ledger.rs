@@ -8,7 +8,9 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use lattice_accounts::{Accounts, AccountsConfig, Db, Identity, UsageRecord};
+use lattice_accounts::{
+    Accounts, AccountsConfig, Db, Identity, LedgerConfig, LedgerMode, UsageRecord,
+};
 use lattice_ledger::{Ledger, Money, Op, Split};
 
 const REQUESTS: usize = 20_000;
@@ -55,9 +57,16 @@ fn pure() {
     );
 }
 
-async fn store(name: &str, url: &str, users: usize) {
+async fn store(name: &str, url: &str, users: usize, mode: LedgerMode) {
     let db = Db::open(url).await.unwrap();
-    let acc = Arc::new(Accounts::open(db, AccountsConfig::default()).await.unwrap());
+    let config = AccountsConfig {
+        ledger: LedgerConfig {
+            mode,
+            ..LedgerConfig::default()
+        },
+        ..AccountsConfig::default()
+    };
+    let acc = Arc::new(Accounts::open(db, config).await.unwrap());
     let mut ids = Vec::new();
     for u in 0..users {
         let s = acc
@@ -92,8 +101,8 @@ async fn store(name: &str, url: &str, users: usize) {
         let (acc, ids, users) = (acc.clone(), ids.clone(), users);
         tasks.push(tokio::spawn(async move {
             let user = &ids[i % ids.len()];
-            let r = format!("bench-{}-{users}-{i}", std::process::id());
-            acc.ledger().post(hold(&r, user)).await.unwrap();
+            let r = format!("bench-{}-{users}-{mode:?}-{i}", std::process::id());
+            acc.ledger().apply(hold(&r, user)).await.unwrap();
             let usage = UsageRecord {
                 request_id: r.clone(),
                 user_id: user.clone(),
@@ -112,11 +121,13 @@ async fn store(name: &str, url: &str, users: usize) {
     for t in tasks {
         t.await.unwrap();
     }
+    // Durable: the exclusive writer's last cut is committed.
+    acc.ledger().sync().await.unwrap();
     let s = t.elapsed().as_secs_f64();
     let audit = acc.ledger().audit().await.unwrap();
     assert!(audit.balanced(), "{audit:?}");
     println!(
-        "{name:<28} {:>9.0} charged requests/s (hold + charge + usage row; {REQUESTS} requests, {IN_FLIGHT} in flight, {users} users, {s:.2} s)",
+        "{name:<32} {:>9.0} charged requests/s (hold + charge + usage row; {REQUESTS} requests, {IN_FLIGHT} in flight, {users} users, {s:.2} s)",
         REQUESTS as f64 / s
     );
 }
@@ -126,12 +137,17 @@ async fn main() {
     pure();
     let dir = tempfile::tempdir().unwrap();
     let sqlite = format!("sqlite://{}", dir.path().join("bench.db").display());
-    store("SQLite (WAL, 1 user)", &sqlite, 1).await;
-    store("SQLite (WAL, 100 users)", &sqlite, 100).await;
+    use LedgerMode::{Exclusive, Shared};
+    store("SQLite exclusive, 1 user", &sqlite, 1, Exclusive).await;
+    store("SQLite exclusive, 100 users", &sqlite, 100, Exclusive).await;
+    store("SQLite shared, 1 user", &sqlite, 1, Shared).await;
+    store("SQLite shared, 100 users", &sqlite, 100, Shared).await;
     match std::env::var("LATTICE_TEST_POSTGRES_URL") {
         Ok(pg) => {
-            store("PostgreSQL (1 user)", &pg, 1).await;
-            store("PostgreSQL (100 users)", &pg, 100).await;
+            store("PostgreSQL exclusive, 1 user", &pg, 1, Exclusive).await;
+            store("PostgreSQL exclusive, 100 users", &pg, 100, Exclusive).await;
+            store("PostgreSQL shared, 1 user", &pg, 1, Shared).await;
+            store("PostgreSQL shared, 100 users", &pg, 100, Shared).await;
         }
         Err(_) => {
             println!("PostgreSQL: set LATTICE_TEST_POSTGRES_URL (scripts/postgres.sh prints one)")

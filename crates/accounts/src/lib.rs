@@ -22,7 +22,7 @@ use serde::Serialize;
 pub use db::{Backend, Db};
 pub use history::{Conversation, StoredMessage};
 pub use keys::{ApiKey, KEY_PREFIX, NewKey};
-pub use ledger::{Audit, LedgerConfig, LedgerStore, PostError, UsageRecord};
+pub use ledger::{Audit, LedgerConfig, LedgerMode, LedgerStore, PostError, UsageRecord};
 pub use oidc::{OidcConfig, OidcProvider};
 pub use passkey::PasskeyConfig;
 pub use settlement::{BatchEntry, BatchKind, BatchLimits, ChainBatch, ChainPosition, Expected};
@@ -129,7 +129,7 @@ impl Accounts {
     /// Starts the ledger writer and releases holds this replica left behind when it stopped.
     pub async fn open(db: Db, config: AccountsConfig) -> Result<Self, StoreError> {
         let webauthn = config.passkeys.as_ref().map(passkey::build).transpose()?;
-        let ledger = LedgerStore::start(db.clone(), config.ledger.clone());
+        let ledger = LedgerStore::start(db.clone(), config.ledger.clone()).await?;
         let released = ledger.sweep_holds(true).await?;
         if released > 0 {
             tracing::warn!(released, "released holds left by a previous run");

@@ -72,6 +72,11 @@ impl Accounts {
         to: &str,
         group: UsageGroup,
     ) -> Result<Vec<UsageRow>, StoreError> {
+        // Read your own writes: usage records are written behind the charges.
+        self.ledger
+            .sync()
+            .await
+            .map_err(|e| StoreError::Ledger(e.to_string()))?;
         // Money is summed in Rust (it exceeds 64 bits); rows stream rather than load at once.
         let sql = format!(
             "SELECT {} AS g, prompt_tokens, completion_tokens, cost FROM usage_records

@@ -5,8 +5,8 @@
 use std::sync::Arc;
 
 use lattice_accounts::{
-    Accounts, AccountsConfig, Db, FaucetOutcome, LedgerConfig, PostError, SiweMessage, UsageGroup,
-    UsageRecord,
+    Accounts, AccountsConfig, Db, FaucetOutcome, LedgerConfig, LedgerMode, PostError, SiweMessage,
+    UsageGroup, UsageRecord,
 };
 use lattice_ledger::{Account, Applied, LedgerError, Money, Op, Split};
 use lattice_link::NodeKey;
@@ -102,7 +102,7 @@ fn lai(n: u64) -> Money {
     Money::from_lai(n).unwrap()
 }
 
-fn config(owner: &str) -> AccountsConfig {
+fn config(owner: &str, mode: LedgerMode) -> AccountsConfig {
     AccountsConfig {
         passkeys: Some(lattice_accounts::PasskeyConfig {
             rp_id: "localhost".into(),
@@ -112,6 +112,7 @@ fn config(owner: &str) -> AccountsConfig {
         siwe_domain: "localhost:8080".into(),
         master_secret: [7; 32],
         ledger: LedgerConfig {
+            mode,
             owner: owner.into(),
             ..LedgerConfig::default()
         },
@@ -119,8 +120,8 @@ fn config(owner: &str) -> AccountsConfig {
     }
 }
 
-async fn open(url: &str, owner: &str) -> Accounts {
-    Accounts::open(Db::open(url).await.unwrap(), config(owner))
+async fn open(url: &str, mode: LedgerMode, owner: &str) -> Accounts {
+    Accounts::open(Db::open(url).await.unwrap(), config(owner, mode))
         .await
         .unwrap()
 }
@@ -178,8 +179,8 @@ fn usage(request: &str, user: &str, units: u128) -> UsageRecord {
     }
 }
 
-async fn sign_in_faucet_hold_charge(url: &str) {
-    let acc = open(url, "a").await;
+async fn sign_in_faucet_hold_charge(url: &str, mode: LedgerMode) {
+    let acc = open(url, mode, "a").await;
     let (user, session, key) = siwe_user(&acc, "10.0.0.1").await;
     assert_eq!(acc.balance(&user).await.unwrap().available, lai(10));
     // Session authenticates; the SIWE account's address is the wallet's.
@@ -261,8 +262,8 @@ async fn sign_in_faucet_hold_charge(url: &str) {
     assert_eq!(node_rows.len(), 1);
 }
 
-async fn concurrent_holds_never_overspend(url: &str) {
-    let acc = Arc::new(open(url, "a").await);
+async fn concurrent_holds_never_overspend(url: &str, mode: LedgerMode) {
+    let acc = Arc::new(open(url, mode, "a").await);
     let (user, _, _) = siwe_user(&acc, "10.0.0.2").await;
     // 10 LAI covers 33 holds of 0.3 LAI; 1,000 requests race for them.
     let each = Money::from_units(300_000_000_000_000_000);
@@ -319,9 +320,9 @@ async fn concurrent_holds_never_overspend(url: &str) {
     assert!(audit.balanced(), "{audit:?}");
 }
 
-async fn holds_are_released_after_a_crash(url: &str) {
+async fn holds_are_released_after_a_crash(url: &str, mode: LedgerMode) {
     let (user, open_holds) = {
-        let acc = open(url, "replica-1").await;
+        let acc = open(url, mode, "replica-1").await;
         let (user, _, _) = siwe_user(&acc, "10.0.0.3").await;
         for i in 0..5 {
             acc.ledger()
@@ -339,19 +340,110 @@ async fn holds_are_released_after_a_crash(url: &str) {
         // Dropped without releasing: like a crash.
     };
     assert_eq!(open_holds, lai(5));
-    // Another replica leaves them alone (they are not expired)…
-    let other = open(url, "replica-2").await;
-    assert_eq!(other.balance(&user).await.unwrap().held, lai(5));
-    drop(other);
-    // …the restarted owner releases them.
-    let acc = open(url, "replica-1").await;
+    if mode == LedgerMode::Shared {
+        // Another replica leaves them alone (they are not expired)…
+        let other = open(url, mode, "replica-2").await;
+        assert_eq!(other.balance(&user).await.unwrap().held, lai(5));
+        drop(other);
+    }
+    // …the restarted owner releases them (an exclusive writer owns every hold it finds).
+    let acc = open(url, mode, "replica-1").await;
     let b = acc.balance(&user).await.unwrap();
     assert_eq!((b.available, b.held), (lai(10), Money::ZERO));
     assert!(acc.ledger().audit().await.unwrap().balanced());
+
+    // Holds and a charge applied without waiting for the disk, then a stop: what was synced
+    // is kept, every hold is released on the next start, the books balance.
+    for i in 0..3 {
+        acc.ledger()
+            .apply(Op::Hold {
+                request: format!("late{i}"),
+                user: user.clone(),
+                key: None,
+                amount: lai(1),
+            })
+            .await
+            .unwrap();
+    }
+    acc.ledger()
+        .charge(
+            charge_op("late0", &user, 1_000),
+            usage("late0", &user, 1_000),
+        )
+        .await
+        .unwrap();
+    acc.ledger().sync().await.unwrap();
+    drop(acc);
+    let acc = open(url, mode, "replica-1").await;
+    let b = acc.balance(&user).await.unwrap();
+    assert_eq!(
+        (b.available, b.held),
+        (
+            lai(10).checked_sub(Money::from_units(1_000)).unwrap(),
+            Money::ZERO
+        )
+    );
+    let audit = acc.ledger().audit().await.unwrap();
+    assert!(audit.balanced(), "{audit:?}");
+    assert_eq!(audit.hold_count, 0);
 }
 
-async fn api_keys_limits_and_revocation(url: &str) {
-    let acc = open(url, "a").await;
+/// Charges beyond the exclusive writer's memory are read back: a replay is still a no-op and a
+/// refund still finds its charge.
+async fn old_charges_are_read_back(url: &str, mode: LedgerMode) {
+    let mut cfg = config("a", mode);
+    cfg.ledger.recent_charges = 2;
+    let acc = Accounts::open(Db::open(url).await.unwrap(), cfg)
+        .await
+        .unwrap();
+    let (user, _, _) = siwe_user(&acc, "10.0.0.8").await;
+    let l = acc.ledger();
+    for i in 0..6 {
+        let r = format!("old{i}");
+        l.apply(Op::Hold {
+            request: r.clone(),
+            user: user.clone(),
+            key: None,
+            amount: lai(1),
+        })
+        .await
+        .unwrap();
+        l.charge(charge_op(&r, &user, 100), usage(&r, &user, 100))
+            .await
+            .unwrap();
+        // Each charge durable before the next, so the oldest ones leave memory.
+        l.sync().await.unwrap();
+    }
+    assert_eq!(
+        l.charge(charge_op("old0", &user, 100), usage("old0", &user, 100))
+            .await,
+        Ok(Applied::Duplicate)
+    );
+    let before = acc.balance(&user).await.unwrap().available;
+    assert!(matches!(
+        l.post(Op::Refund {
+            request: "old0".into()
+        })
+        .await,
+        Ok(Applied::Posted(_))
+    ));
+    assert_eq!(
+        acc.balance(&user).await.unwrap().available,
+        before.checked_add(Money::from_units(100)).unwrap()
+    );
+    assert_eq!(
+        l.post(Op::Refund {
+            request: "old0".into()
+        })
+        .await,
+        Ok(Applied::Duplicate)
+    );
+    let audit = l.audit().await.unwrap();
+    assert!(audit.balanced(), "{audit:?}");
+}
+
+async fn api_keys_limits_and_revocation(url: &str, mode: LedgerMode) {
+    let acc = open(url, mode, "a").await;
     let (user, _, _) = siwe_user(&acc, "10.0.0.4").await;
     let k = acc
         .create_key(&user, "ci", Some(lai(1)), Some(2))
@@ -390,8 +482,8 @@ async fn api_keys_limits_and_revocation(url: &str) {
     assert!(acc.authenticate("").await.unwrap().is_none());
 }
 
-async fn faucet_rate_limit_and_history(url: &str) {
-    let acc = open(url, "a").await;
+async fn faucet_rate_limit_and_history(url: &str, mode: LedgerMode) {
+    let acc = open(url, mode, "a").await;
     // Five grants per client address per hour; the sixth account gets none.
     let mut users = Vec::new();
     for _ in 0..6 {
@@ -438,10 +530,10 @@ async fn faucet_rate_limit_and_history(url: &str) {
     assert_eq!(left, 0, "deleted history must be gone from the database");
 }
 
-async fn passkeys_register_and_sign_in(url: &str) {
+async fn passkeys_register_and_sign_in(url: &str, mode: LedgerMode) {
     use webauthn_authenticator_rs::WebauthnAuthenticator as _;
     use webauthn_authenticator_rs::softpasskey::SoftPasskey;
-    let acc = open(url, "a").await;
+    let acc = open(url, mode, "a").await;
     let origin = webauthn_authenticator_rs::prelude::Url::parse("http://localhost:8080").unwrap();
     let mut authenticator = SoftPasskey::new(true);
     // Register: the JSON crosses HTTP both ways.
@@ -491,18 +583,31 @@ async fn passkeys_register_and_sign_in(url: &str) {
     assert!(acc.passkey_login_start("nobody").await.is_err());
 }
 
+/// Each scenario on SQLite and PostgreSQL, with the exclusive (write-behind) and the shared
+/// (commit per batch) writer.
 macro_rules! both {
     ($name:ident) => {
         mod $name {
+            use lattice_accounts::LedgerMode::{Exclusive, Shared};
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn sqlite() {
                 let db = super::sqlite().await;
-                super::$name(&db.url).await;
+                super::$name(&db.url, Exclusive).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite_shared() {
+                let db = super::sqlite().await;
+                super::$name(&db.url, Shared).await;
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn postgres() {
                 let db = super::postgres().await;
-                super::$name(&db.url).await;
+                super::$name(&db.url, Shared).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres_exclusive() {
+                let db = super::postgres().await;
+                super::$name(&db.url, Exclusive).await;
             }
         }
     };
@@ -511,6 +616,7 @@ macro_rules! both {
 both!(sign_in_faucet_hold_charge);
 both!(concurrent_holds_never_overspend);
 both!(holds_are_released_after_a_crash);
+both!(old_charges_are_read_back);
 both!(api_keys_limits_and_revocation);
 both!(faucet_rate_limit_and_history);
 both!(passkeys_register_and_sign_in);

@@ -125,6 +125,12 @@ struct NexusArgs {
     /// Name of this replica; on restart it releases the credit holds it left behind.
     #[arg(long, default_value = "nexus")]
     replica_id: String,
+    /// How this Nexus writes the ledger: `exclusive` (it owns the database: balances in
+    /// memory, written behind in group commits) or `shared` (several replicas on one PostgreSQL
+    /// database: row locks, a commit per batch before replying). Default: exclusive on SQLite,
+    /// shared on PostgreSQL.
+    #[arg(long, value_enum)]
+    ledger_mode: Option<LedgerModeArg>,
     /// Secret custodial addresses are derived from (created, mode 0600, if missing).
     /// Default: `nexus.secret` beside the database.
     #[arg(long)]
@@ -156,6 +162,12 @@ struct NexusArgs {
     /// stakes for nodes of a local network — and require with --chain-rpc).
     #[arg(long, value_enum)]
     node_stake: Option<chain::NodeStake>,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum LedgerModeArg {
+    Exclusive,
+    Shared,
 }
 
 #[derive(Args)]
@@ -578,6 +590,18 @@ async fn nexus(a: NexusArgs) -> Result<()> {
         passkeys,
         chain_id,
         ledger: lattice_accounts::LedgerConfig {
+            mode: match a.ledger_mode {
+                Some(LedgerModeArg::Exclusive) => lattice_accounts::LedgerMode::Exclusive,
+                Some(LedgerModeArg::Shared) => lattice_accounts::LedgerMode::Shared,
+                None if a
+                    .database_url
+                    .as_deref()
+                    .is_some_and(|u| u.starts_with("postgres")) =>
+                {
+                    lattice_accounts::LedgerMode::Shared
+                }
+                None => lattice_accounts::LedgerMode::Exclusive,
+            },
             owner: a.replica_id,
             ..lattice_accounts::LedgerConfig::default()
         },

@@ -122,7 +122,17 @@ async fn respond(
     } = validated.inspect_err(|e| {
         st.metrics.request(kind.endpoint(), outcome(e.status));
     })?;
-    let request_id = request_id(headers);
+    // A paid request's id keys its hold, charge and receipt, so it is always fresh: the
+    // caller's `x-request-id` is kept only for unpaid requests (Nexus → node) and logged.
+    let request_id = if payer.is_some() {
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        if let Some(theirs) = headers.get("x-request-id").and_then(|v| v.to_str().ok()) {
+            tracing::debug!(request_id = %id, client_request_id = %theirs, "paid request");
+        }
+        id
+    } else {
+        request_id(headers)
+    };
     let preference = preference(headers).inspect_err(|e| {
         st.metrics.request(kind.endpoint(), outcome(e.status));
     })?;

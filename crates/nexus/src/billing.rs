@@ -92,7 +92,7 @@ impl Billing {
                 .map(|k| (k, payer.key_spend_limit.map(Money::from_units))),
             amount,
         };
-        match self.accounts.ledger().post(op).await {
+        match self.accounts.ledger().apply(op).await {
             Ok(_) => Ok(()),
             Err(PostError::Ledger(LedgerError::InsufficientFunds { needed, available })) => {
                 Err(EngineError::PaymentRequired(format!(

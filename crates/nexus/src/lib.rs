@@ -278,6 +278,10 @@ impl Nexus {
         let r = lattice_http::serve(listener, app, shutdown).await;
         health.abort();
         sweeper.abort();
+        // Charges of the last requests are written behind them: make them durable before exiting.
+        if let Err(e) = self.accounts.ledger().sync().await {
+            tracing::error!(error = %e, "ledger not fully written at shutdown");
+        }
         if let Some(s) = settler {
             s.abort();
         }

@@ -1,0 +1,423 @@
+//! The exclusive writer: the ledger's hot rows in memory, written behind.
+//!
+//! Every operation is applied under one short lock (no I/O inside it). Rows an operation needs
+//! that are not in memory yet are read from the database first, outside the lock; since this
+//! writer is the only one, a row not in memory is current on disk. A background task takes a
+//! cut of everything changed since the previous one — the changed rows' current values and the
+//! journal lines, usage records and grants appended meanwhile — and commits it in one
+//! transaction; `durable` then advances to the last operation the cut contains.
+
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use lattice_ledger::{Account, Applied, Charge, Hold, KeyUsage, Ledger, Money, Op};
+use sqlx::Row;
+use tokio::sync::{Notify, watch};
+
+use super::sql::{Loader, WriteSet, write_back};
+use super::{LedgerConfig, Needs, PostError, UsageRecord, parse_money, side_rows};
+use crate::StoreError;
+use crate::db::{Db, now};
+
+pub(super) struct Hot {
+    db: Db,
+    config: LedgerConfig,
+    state: Mutex<State>,
+    /// Something was applied (or the handles are gone): the writer has work.
+    wake: Notify,
+    /// The sequence number of the last operation that is durable.
+    durable: watch::Sender<u64>,
+    closing: AtomicBool,
+}
+
+/// Dropped with the last [`super::LedgerStore`] handle: tells the writer to write what is
+/// pending and stop.
+pub(super) struct Alive(Arc<Hot>);
+
+impl Drop for Alive {
+    fn drop(&mut self) {
+        self.0.closing.store(true, Ordering::SeqCst);
+        self.0.wake.notify_one();
+    }
+}
+
+#[derive(Default)]
+struct State {
+    ledger: Ledger,
+    /// Accounts, keys and one-off ids whose rows were read (a missing row is zero or absent).
+    accounts: HashSet<Account>,
+    keys: HashSet<String>,
+    once: HashSet<String>,
+    /// When each open hold expires (unix seconds).
+    expiry: HashMap<String, i64>,
+    /// Operations applied so far.
+    seq: u64,
+    /// Journal lines, usage records and grants since the last cut.
+    appended: WriteSet,
+    /// Charges in memory, oldest first, with the sequence number that last touched them.
+    recent: VecDeque<(String, u64)>,
+    touched: HashMap<String, u64>,
+}
+
+/// Rows to read before an operation can be applied.
+#[derive(Debug, Default)]
+struct Missing {
+    accounts: BTreeSet<String>,
+    keys: BTreeSet<String>,
+    once: BTreeSet<String>,
+    /// A charge that may be on disk only (a replay or refund of an old request).
+    charge: Option<String>,
+}
+
+impl Missing {
+    fn is_empty(&self) -> bool {
+        self.accounts.is_empty()
+            && self.keys.is_empty()
+            && self.once.is_empty()
+            && self.charge.is_none()
+    }
+}
+
+/// What was read for a [`Missing`].
+struct Loaded {
+    balances: HashMap<Account, Money>,
+    keys: HashMap<String, KeyUsage>,
+    applied: Vec<String>,
+    charge: Option<(String, Charge)>,
+}
+
+impl State {
+    fn missing(&self, op: &Op, charge_checked: bool) -> Missing {
+        let mut needs = Needs::default();
+        needs.add(op, &self.ledger);
+        let mut m = Missing {
+            accounts: needs
+                .accounts
+                .into_iter()
+                .filter(|k| Account::from_key(k).is_some_and(|a| !self.accounts.contains(&a)))
+                .collect(),
+            keys: needs
+                .keys
+                .into_iter()
+                .filter(|k| !self.keys.contains(k))
+                .collect(),
+            once: needs
+                .once
+                .into_iter()
+                .filter(|o| !self.once.contains(o) && !self.ledger.applied.contains(o))
+                .collect(),
+            charge: None,
+        };
+        if let Some(r) = op.request()
+            && !charge_checked
+            && matches!(op, Op::Charge { .. } | Op::Refund { .. })
+            && !self.ledger.holds.contains_key(r)
+            && !self.ledger.charges.contains_key(r)
+        {
+            m.charge = Some(r.to_owned());
+        }
+        m
+    }
+
+    fn merge(&mut self, missing: Missing, loaded: Loaded) {
+        for k in missing.accounts {
+            if let Some(a) = Account::from_key(&k)
+                && self.accounts.insert(a.clone())
+                && let Some(v) = loaded.balances.get(&a)
+            {
+                self.ledger.balances.insert(a, *v);
+            }
+        }
+        for k in missing.keys {
+            if self.keys.insert(k.clone())
+                && let Some(u) = loaded.keys.get(&k)
+            {
+                self.ledger.keys.insert(k, *u);
+            }
+        }
+        self.once.extend(missing.once);
+        self.ledger.applied.extend(loaded.applied);
+        if let Some((r, c)) = loaded.charge
+            && !self.ledger.charges.contains_key(&r)
+        {
+            self.ledger.charges.insert(r.clone(), c);
+            self.recent.push_back((r.clone(), 0));
+            self.touched.insert(r, 0);
+        }
+    }
+}
+
+impl Hot {
+    /// Reads what outlives a restart (external totals, holds left behind), then starts the
+    /// writer task.
+    pub(super) async fn start(
+        db: Db,
+        config: LedgerConfig,
+    ) -> Result<(Arc<Self>, Arc<Alive>), StoreError> {
+        let mut st = State::default();
+        {
+            let mut conn = db.pool.acquire().await?;
+            let mut load = Loader {
+                ex: &mut *conn,
+                backend: db.backend,
+                lock: "",
+            };
+            for (a, issued, redeemed) in load.externals().await? {
+                st.ledger.issued.insert(a.clone(), issued);
+                st.ledger.redeemed.insert(a, redeemed);
+            }
+        }
+        // Holds on disk are a previous run's: they expire now and the first sweep releases them.
+        for r in sqlx::query("SELECT request_id, user_id, key_id, amount FROM holds")
+            .fetch_all(&db.pool)
+            .await?
+        {
+            let request: String = r.try_get("request_id")?;
+            st.ledger.holds.insert(
+                request.clone(),
+                Hold {
+                    user: r.try_get("user_id")?,
+                    key: r.try_get("key_id")?,
+                    amount: parse_money(&r.try_get::<String, _>("amount")?)?,
+                },
+            );
+            st.expiry.insert(request, 0);
+        }
+        let (durable, _) = watch::channel(0);
+        let hot = Arc::new(Self {
+            db,
+            config,
+            state: Mutex::new(st),
+            wake: Notify::new(),
+            durable,
+            closing: AtomicBool::new(false),
+        });
+        tokio::spawn(hot.clone().run());
+        let alive = Arc::new(Alive(hot.clone()));
+        Ok((hot, alive))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // The state is only changed by whole, non-panicking operations.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(super) fn seq(&self) -> u64 {
+        self.lock().seq
+    }
+
+    /// Applies `op` (reading rows it needs first); returns the outcome and the sequence number
+    /// that must be durable for the outcome to be.
+    pub(super) async fn apply(
+        &self,
+        op: &Op,
+        usage: Option<UsageRecord>,
+    ) -> Result<(Applied, u64), PostError> {
+        let mut charge_checked = false;
+        // Each round reads rows the previous one revealed (a charge read back names its node).
+        for _ in 0..4 {
+            let missing = {
+                let mut st = self.lock();
+                let missing = st.missing(op, charge_checked);
+                if missing.is_empty() {
+                    return self.apply_locked(&mut st, op, usage.as_ref());
+                }
+                missing
+            };
+            charge_checked |= missing.charge.is_some();
+            let loaded = self
+                .load(&missing)
+                .await
+                .map_err(|e| PostError::Store(e.to_string()))?;
+            self.lock().merge(missing, loaded);
+        }
+        Err(PostError::Store(
+            "the ledger could not read the rows of an operation".into(),
+        ))
+    }
+
+    /// Applies `op` now when every row it needs is in memory, else in a task; false when neither
+    /// is possible (no runtime), leaving it to the hold sweeper.
+    pub(super) fn apply_detached(self: &Arc<Self>, op: Op) -> bool {
+        {
+            let mut st = self.lock();
+            if st.missing(&op, false).is_empty() {
+                let _ = self.apply_locked(&mut st, &op, None);
+                return true;
+            }
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return false;
+        };
+        let hot = self.clone();
+        rt.spawn(async move {
+            if let Err(e) = hot.apply(&op, None).await {
+                tracing::warn!(op = %op.id(), error = %e, "detached ledger operation failed");
+            }
+        });
+        true
+    }
+
+    fn apply_locked(
+        &self,
+        st: &mut State,
+        op: &Op,
+        usage: Option<&UsageRecord>,
+    ) -> Result<(Applied, u64), PostError> {
+        if matches!(op, Op::Hold { .. })
+            && st.seq.saturating_sub(*self.durable.borrow()) >= self.config.queue as u64
+        {
+            return Err(PostError::Store(format!(
+                "{} ledger operations are waiting to be written; retry shortly",
+                self.config.queue
+            )));
+        }
+        let applied = st.ledger.apply(op)?;
+        if let Applied::Posted(p) = &applied {
+            st.seq += 1;
+            let seq = st.seq;
+            side_rows(&mut st.appended, op, usage, p);
+            match op {
+                Op::Hold { request, .. } => {
+                    let ttl = i64::try_from(self.config.hold_ttl.as_secs()).unwrap_or(i64::MAX);
+                    st.expiry.insert(request.clone(), now().saturating_add(ttl));
+                }
+                Op::Charge { request, .. } | Op::Refund { request } => {
+                    st.expiry.remove(request);
+                    st.recent.push_back((request.clone(), seq));
+                    st.touched.insert(request.clone(), seq);
+                }
+                Op::Release { request } => {
+                    st.expiry.remove(request);
+                }
+                _ => {}
+            }
+            self.wake.notify_one();
+        }
+        Ok((applied, st.seq))
+    }
+
+    async fn load(&self, m: &Missing) -> Result<Loaded, StoreError> {
+        let mut conn = self.db.pool.acquire().await?;
+        let mut load = Loader {
+            ex: &mut *conn,
+            backend: self.db.backend,
+            lock: "",
+        };
+        let charge = match &m.charge {
+            Some(r) => load
+                .charges(&BTreeSet::from([r.clone()]))
+                .await?
+                .into_iter()
+                .next(),
+            None => None,
+        };
+        Ok(Loaded {
+            balances: load.balances(&m.accounts).await?,
+            keys: load.keys(&m.keys).await?,
+            applied: load.applied(&m.once).await?,
+            charge,
+        })
+    }
+
+    /// Waits until operation `seq` is durable.
+    pub(super) async fn durable(&self, seq: u64) -> Result<(), PostError> {
+        let mut rx = self.durable.subscribe();
+        rx.wait_for(|d| *d >= seq)
+            .await
+            .map(|_| ())
+            .map_err(|_| PostError::Closed)
+    }
+
+    /// The balance in memory, when the account's row has been read.
+    pub(super) fn balance(&self, account: &Account) -> Option<Money> {
+        let st = self.lock();
+        st.accounts
+            .contains(account)
+            .then(|| st.ledger.balance(account))
+    }
+
+    /// Holds whose time ran out (bounded: the sweeper comes back for the rest).
+    pub(super) fn expired_holds(&self, now: i64) -> Vec<String> {
+        let st = self.lock();
+        st.expiry
+            .iter()
+            .filter(|(_, e)| **e < now)
+            .map(|(r, _)| r.clone())
+            .take(10_000)
+            .collect()
+    }
+
+    /// The writer: commits one cut at a time until the handles are gone and nothing is left.
+    async fn run(self: Arc<Self>) {
+        loop {
+            let (cut, seq) = {
+                let mut st = self.lock();
+                let State {
+                    ledger,
+                    expiry,
+                    appended,
+                    seq,
+                    ..
+                } = &mut *st;
+                let ttl = i64::try_from(self.config.hold_ttl.as_secs()).unwrap_or(i64::MAX);
+                let t = now();
+                let mut cut = WriteSet::cut(ledger, |r| {
+                    expiry.get(r).copied().unwrap_or(t.saturating_add(ttl))
+                });
+                let appended = std::mem::take(appended);
+                cut.postings = appended.postings;
+                cut.grants = appended.grants;
+                cut.usages = appended.usages;
+                (cut, *seq)
+            };
+            if cut.is_empty() {
+                self.durable.send_if_modified(|d| {
+                    let moved = *d < seq;
+                    *d = seq.max(*d);
+                    moved
+                });
+                if self.closing.load(Ordering::SeqCst) {
+                    return;
+                }
+                self.wake.notified().await;
+                continue;
+            }
+            let mut backoff = Duration::from_millis(20);
+            while let Err(e) = self.write(&cut).await {
+                tracing::error!(error = %e, rows = cut.postings.len(), "ledger write failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+            self.durable.send_replace(seq);
+            self.evict(seq);
+        }
+    }
+
+    async fn write(&self, cut: &WriteSet) -> Result<(), StoreError> {
+        let mut tx = self.db.begin_write().await?;
+        write_back(&mut tx, self.db.backend, cut, now(), &self.config.owner).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Forgets the oldest durable charges beyond the configured number.
+    fn evict(&self, durable: u64) {
+        let mut st = self.lock();
+        while st.recent.len() > self.config.recent_charges {
+            let Some((r, s)) = st.recent.front().cloned() else {
+                break;
+            };
+            if s > durable {
+                break;
+            }
+            st.recent.pop_front();
+            if st.touched.get(&r) == Some(&s) {
+                st.touched.remove(&r);
+                st.ledger.charges.remove(&r);
+            }
+        }
+    }
+}

@@ -1,0 +1,403 @@
+//! The ledger on disk, behind one of two writers (both apply operations with the pure
+//! [`lattice_ledger::Ledger`] rules and write each batch with a few multi-row statements in one
+//! transaction; a replayed operation is a no-op):
+//!
+//! - **Exclusive** (the default; one Nexus owns the database): the ledger's hot rows live in
+//!   memory, loaded on first touch. An operation is applied there at once — a hold or a charge
+//!   costs microseconds and no database round trip — and a background task writes every change
+//!   behind it, one consistent cut per transaction (group commit). [`LedgerStore::post`] waits
+//!   until its operation is durable; [`LedgerStore::apply`] and [`LedgerStore::charge`] (the
+//!   request path) do not. What a crash can lose is the cut not yet committed: holds (harmless:
+//!   a hold only reserves) and the charges of requests that ended in the last few milliseconds.
+//! - **Shared** (several Nexus replicas on one PostgreSQL database): every batch loads the rows it
+//!   touches row-locked, applies, writes back and commits before anyone hears the outcome.
+
+mod hot;
+mod shared;
+mod sql;
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use lattice_ledger::{Account, Applied, Ledger, LedgerError, Money, Op, Posting};
+use serde::Serialize;
+use sqlx::Row;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::StoreError;
+use crate::db::{Db, now};
+use sql::WriteSet;
+
+/// Which writer owns the ledger.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LedgerMode {
+    /// One Nexus owns the database: state in memory, written behind (see the module docs).
+    #[default]
+    Exclusive,
+    /// Several replicas share a PostgreSQL database: row locks, commit before replying.
+    Shared,
+}
+
+/// Bounds of the writer; every one is explicit.
+#[derive(Debug, Clone)]
+pub struct LedgerConfig {
+    pub mode: LedgerMode,
+    /// Which Nexus replica places holds (crash recovery releases its own stale holds).
+    pub owner: String,
+    /// A hold not charged or released within this time is released by the sweeper.
+    pub hold_ttl: Duration,
+    /// Operations committed in one transaction at most (shared writer).
+    pub max_batch: usize,
+    /// Operations applied but not yet durable at most; beyond, new holds are refused (exclusive)
+    /// or posting waits (shared).
+    pub queue: usize,
+    /// Charges kept in memory for replay detection and refunds (exclusive); older ones are read
+    /// back from the database when needed.
+    pub recent_charges: usize,
+}
+
+impl Default for LedgerConfig {
+    fn default() -> Self {
+        Self {
+            mode: LedgerMode::Exclusive,
+            owner: "nexus".into(),
+            hold_ttl: Duration::from_secs(15 * 60),
+            max_batch: 1024,
+            queue: 64 * 1024,
+            recent_charges: 100_000,
+        }
+    }
+}
+
+/// What a charged request consumed, stored with its charge.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UsageRecord {
+    pub request_id: String,
+    pub user_id: String,
+    pub key_id: Option<String>,
+    pub node: String,
+    pub model: String,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub cost: Money,
+    /// The node's signed receipt (JSON).
+    pub receipt: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PostError {
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+    #[error("ledger storage failed: {0}")]
+    Store(String),
+    #[error("the ledger writer has stopped")]
+    Closed,
+}
+
+#[derive(Clone)]
+enum Writer {
+    Shared(mpsc::Sender<shared::Job>),
+    Exclusive(Arc<hot::Hot>),
+}
+
+/// Handle to the ledger; cheap to clone.
+#[derive(Clone)]
+pub struct LedgerStore {
+    writer: Writer,
+    /// The exclusive writer flushes and stops when the last handle drops this.
+    _alive: Option<Arc<hot::Alive>>,
+    db: Db,
+    config: LedgerConfig,
+}
+
+impl LedgerStore {
+    /// Starts the writer task (it ends, after writing what is pending, when every handle is
+    /// dropped).
+    pub async fn start(db: Db, config: LedgerConfig) -> Result<Self, StoreError> {
+        let (writer, alive) = match config.mode {
+            LedgerMode::Shared => {
+                let (tx, rx) = mpsc::channel(config.queue.max(1));
+                tokio::spawn(shared::writer(db.clone(), config.clone(), rx));
+                (Writer::Shared(tx), None)
+            }
+            LedgerMode::Exclusive => {
+                let (hot, alive) = hot::Hot::start(db.clone(), config.clone()).await?;
+                (Writer::Exclusive(hot), Some(alive))
+            }
+        };
+        Ok(Self {
+            writer,
+            _alive: alive,
+            db,
+            config,
+        })
+    }
+
+    pub fn config(&self) -> &LedgerConfig {
+        &self.config
+    }
+
+    /// Applies `op` and returns once it is durable.
+    pub async fn post(&self, op: Op) -> Result<Applied, PostError> {
+        match &self.writer {
+            Writer::Shared(tx) => submit(tx, op, None).await,
+            Writer::Exclusive(hot) => {
+                let (applied, seq) = hot.apply(&op, None).await?;
+                hot.durable(seq).await?;
+                Ok(applied)
+            }
+        }
+    }
+
+    /// Applies `op`; on the exclusive writer it becomes durable with the next commit, without
+    /// waiting for it (holds and releases on the request path).
+    pub async fn apply(&self, op: Op) -> Result<Applied, PostError> {
+        match &self.writer {
+            Writer::Shared(tx) => submit(tx, op, None).await,
+            Writer::Exclusive(hot) => Ok(hot.apply(&op, None).await?.0),
+        }
+    }
+
+    /// Applies a charge together with the usage record it is based on, like [`Self::apply`].
+    pub async fn charge(&self, op: Op, usage: UsageRecord) -> Result<Applied, PostError> {
+        match &self.writer {
+            Writer::Shared(tx) => submit(tx, op, Some(usage)).await,
+            Writer::Exclusive(hot) => Ok(hot.apply(&op, Some(usage)).await?.0),
+        }
+    }
+
+    /// Returns once everything applied before the call is durable.
+    pub async fn sync(&self) -> Result<(), PostError> {
+        match &self.writer {
+            Writer::Shared(_) => Ok(()),
+            Writer::Exclusive(hot) => hot.durable(hot.seq()).await,
+        }
+    }
+
+    /// Queues an operation without waiting for it (used from `Drop`); returns false when it
+    /// could not be queued, in which case the hold sweeper recovers it later.
+    pub fn post_detached(&self, op: Op) -> bool {
+        match &self.writer {
+            Writer::Shared(tx) => {
+                let (reply, _rx) = oneshot::channel();
+                tx.try_send(shared::Job {
+                    op,
+                    usage: None,
+                    reply,
+                })
+                .is_ok()
+            }
+            Writer::Exclusive(hot) => hot.apply_detached(op),
+        }
+    }
+
+    pub async fn balance(&self, account: &Account) -> Result<Money, StoreError> {
+        if let Writer::Exclusive(hot) = &self.writer
+            && let Some(v) = hot.balance(account)
+        {
+            return Ok(v);
+        }
+        let row = sqlx::query("SELECT amount FROM balances WHERE account = $1")
+            .bind(account.key())
+            .fetch_optional(&self.db.pool)
+            .await?;
+        match row {
+            Some(r) => parse_money(&r.try_get::<String, _>("amount")?),
+            None => Ok(Money::ZERO),
+        }
+    }
+
+    /// Releases holds that outlived their time-to-live, and (`own_too`) every hold this replica
+    /// placed before it restarted (the exclusive writer owns every hold it finds at start).
+    /// Returns how many were released.
+    pub async fn sweep_holds(&self, own_too: bool) -> Result<usize, StoreError> {
+        let requests: Vec<String> = match &self.writer {
+            Writer::Exclusive(hot) => hot.expired_holds(now()),
+            Writer::Shared(_) => {
+                let rows = if own_too {
+                    sqlx::query(
+                        "SELECT request_id FROM holds WHERE expires_at < $1 OR owner = $2 LIMIT 10000",
+                    )
+                    .bind(now())
+                    .bind(&self.config.owner)
+                    .fetch_all(&self.db.pool)
+                    .await?
+                } else {
+                    sqlx::query("SELECT request_id FROM holds WHERE expires_at < $1 LIMIT 10000")
+                        .bind(now())
+                        .fetch_all(&self.db.pool)
+                        .await?
+                };
+                rows.iter()
+                    .map(|r| r.try_get("request_id"))
+                    .collect::<Result<_, _>>()?
+            }
+        };
+        let mut released = 0;
+        for request in requests {
+            if let Ok(Applied::Posted(_)) = self.post(Op::Release { request }).await {
+                released += 1;
+            }
+        }
+        Ok(released)
+    }
+
+    /// Reads the whole ledger back and checks its invariants (tests, `lattice` reconciliation).
+    pub async fn audit(&self) -> Result<Audit, StoreError> {
+        self.sync()
+            .await
+            .map_err(|e| StoreError::Ledger(e.to_string()))?;
+        let mut a = Audit::default();
+        for r in sqlx::query("SELECT account, amount FROM balances")
+            .fetch_all(&self.db.pool)
+            .await?
+        {
+            let account: String = r.try_get("account")?;
+            let amount = parse_money(&r.try_get::<String, _>("amount")?)?;
+            a.internal = add(a.internal, amount)?;
+            if account.starts_with("held:") {
+                a.held = add(a.held, amount)?;
+            }
+        }
+        for r in sqlx::query("SELECT issued, redeemed FROM external_totals")
+            .fetch_all(&self.db.pool)
+            .await?
+        {
+            a.issued = add(a.issued, parse_money(&r.try_get::<String, _>("issued")?)?)?;
+            a.redeemed = add(
+                a.redeemed,
+                parse_money(&r.try_get::<String, _>("redeemed")?)?,
+            )?;
+        }
+        for r in sqlx::query("SELECT amount FROM holds")
+            .fetch_all(&self.db.pool)
+            .await?
+        {
+            a.open_holds = add(
+                a.open_holds,
+                parse_money(&r.try_get::<String, _>("amount")?)?,
+            )?;
+            a.hold_count += 1;
+        }
+        // Every journal line moves money between two accounts; per op its legs are unique.
+        let r = sqlx::query("SELECT COUNT(*) AS n FROM journal")
+            .fetch_one(&self.db.pool)
+            .await?;
+        a.journal_lines = r.try_get::<i64, _>("n")?;
+        Ok(a)
+    }
+}
+
+async fn submit(
+    tx: &mpsc::Sender<shared::Job>,
+    op: Op,
+    usage: Option<UsageRecord>,
+) -> Result<Applied, PostError> {
+    let (reply, rx) = oneshot::channel();
+    tx.send(shared::Job { op, usage, reply })
+        .await
+        .map_err(|_| PostError::Closed)?;
+    rx.await.map_err(|_| PostError::Closed)?
+}
+
+/// The rows an operation reads: accounts, API keys and one-off ids.
+#[derive(Debug, Default)]
+struct Needs {
+    accounts: BTreeSet<String>,
+    keys: BTreeSet<String>,
+    once: BTreeSet<String>,
+}
+
+impl Needs {
+    /// Adds what `op` touches, including through the hold or charge `ledger` has for its request.
+    fn add(&mut self, op: &Op, ledger: &Ledger) {
+        let user = |u: &str, acc: &mut BTreeSet<String>| {
+            acc.insert(Account::User(u.to_owned()).key());
+            acc.insert(Account::Held(u.to_owned()).key());
+        };
+        let node = |n: &str, acc: &mut BTreeSet<String>| {
+            acc.insert(Account::Node(n.to_owned()).key());
+            acc.insert(Account::Pool(n.to_owned()).key());
+            acc.insert(Account::Treasury.key());
+        };
+        match op {
+            Op::Deposit { op, user: u, .. }
+            | Op::Faucet { op, user: u, .. }
+            | Op::Withdraw { op, user: u, .. } => {
+                user(u, &mut self.accounts);
+                self.once.insert(op.clone());
+            }
+            Op::Hold { user: u, key, .. } => {
+                user(u, &mut self.accounts);
+                if let Some((k, _)) = key {
+                    self.keys.insert(k.clone());
+                }
+            }
+            Op::Charge {
+                user: u, node: n, ..
+            } => {
+                user(u, &mut self.accounts);
+                node(n, &mut self.accounts);
+            }
+            Op::Release { .. } => {}
+            Op::Refund { request } => {
+                self.once.insert(format!("refund:{request}"));
+            }
+        }
+        if let Some(r) = op.request() {
+            if let Some(h) = ledger.holds.get(r) {
+                user(&h.user, &mut self.accounts);
+                self.keys.extend(h.key.clone());
+            }
+            if let Some(c) = ledger.charges.get(r) {
+                user(&c.user, &mut self.accounts);
+                node(&c.node, &mut self.accounts);
+                self.keys.extend(c.key.clone());
+            }
+        }
+    }
+}
+
+/// The append-only rows of an applied operation: its journal legs, the usage record of a charge,
+/// and the on-chain mint a faucet grant needs (settlement).
+fn side_rows(ws: &mut WriteSet, op: &Op, usage: Option<&UsageRecord>, postings: &[Posting]) {
+    ws.postings.extend(postings.iter().cloned().enumerate());
+    match (op, usage) {
+        (Op::Charge { .. }, Some(u)) => ws.usages.push(u.clone()),
+        (Op::Faucet { op, user, amount }, _) => {
+            ws.grants.push((op.clone(), user.clone(), *amount));
+        }
+        _ => {}
+    }
+}
+
+/// Totals read back from the database.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Audit {
+    pub internal: Money,
+    pub held: Money,
+    pub issued: Money,
+    pub redeemed: Money,
+    pub open_holds: Money,
+    pub hold_count: u64,
+    pub journal_lines: i64,
+}
+
+impl Audit {
+    /// Σ internal balances = issued − redeemed, and held balances = open holds.
+    pub fn balanced(&self) -> bool {
+        self.issued.checked_sub(self.redeemed) == Some(self.internal)
+            && self.held == self.open_holds
+    }
+}
+
+fn add(a: Money, b: Money) -> Result<Money, StoreError> {
+    a.checked_add(b)
+        .ok_or_else(|| StoreError::Corrupt("money overflow".into()))
+}
+
+pub(crate) fn parse_money(s: &str) -> Result<Money, StoreError> {
+    s.parse()
+        .map_err(|e: lattice_ledger::ParseMoneyError| StoreError::Corrupt(e.to_string()))
+}
