@@ -4,7 +4,8 @@
 use lattice_engine::{EngineError, Event, GenerateRequest};
 use serde::{Deserialize, Serialize};
 
-pub const PROTOCOL_VERSION: u32 = 1;
+/// 2: paid requests' receipts are signed in batches ([`NodeFrame::Receipts`]).
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Largest frame either side accepts: a request carries a whole prompt (bodies are ≤ 4 MiB).
 pub const MAX_FRAME_BYTES: usize = 8 << 20;
@@ -63,6 +64,12 @@ pub enum NodeFrame {
         stream: u64,
         event: LinkEvent,
     },
+    /// The node's signature over the receipts it sent unsigned for these requests, in this
+    /// order (at most [`crate::MAX_BATCH_RECEIPTS`]): see [`crate::sign_batch`].
+    Receipts {
+        requests: Vec<String>,
+        signature: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -70,7 +77,8 @@ pub enum NodeFrame {
 pub enum LinkEvent {
     Engine(Event),
     Error(EngineError),
-    /// Sent just before a successful stream's `Done`: the node's signed usage.
+    /// Sent just before a successful stream's `Done`: the node's usage. Signed alone for
+    /// Nexus's probes; for paid requests unsigned, and signed by a later [`NodeFrame::Receipts`].
     Receipt(crate::UsageReceipt),
 }
 

@@ -10,7 +10,10 @@ pub use frames::{
     PROTOCOL_VERSION, Price, decode, encode,
 };
 pub use identity::{IdentityError, NodeKey, challenge_message, recover_address, write_private};
-pub use receipt::{NO_USER, ReceiptError, UsageReceipt};
+pub use receipt::{
+    BatchedReceipt, MAX_BATCH_RECEIPTS, NO_USER, ReceiptError, UsageReceipt, merkle_proof,
+    merkle_root, sign_batch, verify_batch, verify_proof,
+};
 
 /// Path on Nexus where nodes open their link.
 pub const LINK_PATH: &str = "/lattice/v1/link";

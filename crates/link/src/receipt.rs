@@ -4,6 +4,12 @@
 //! Domain `EIP712Domain(string name,string version,uint256 chainId)` = ("Lattice", "1", chain);
 //! struct `Usage(string requestId,address user,string model,uint64 promptTokens,
 //! uint64 completionTokens,uint256 priceIn,uint256 priceOut,uint64 timestamp)`.
+//!
+//! Paid requests are signed in batches: the leaves are the requests' `Usage` struct hashes, the
+//! node signs `UsageBatch(bytes32 root,uint64 count)` over their Merkle root (pairs hashed
+//! sorted, an odd node carried up: what OpenZeppelin's `MerkleProof.verify` checks), and one
+//! receipt's evidence is its fields, its proof and the batch signature. One signature and one
+//! recovery per batch instead of per request.
 
 use serde::{Deserialize, Serialize};
 
@@ -11,6 +17,10 @@ use crate::identity::{IdentityError, NodeKey, keccak, recover_digest};
 
 const DOMAIN_TYPE: &str = "EIP712Domain(string name,string version,uint256 chainId)";
 const USAGE_TYPE: &str = "Usage(string requestId,address user,string model,uint64 promptTokens,uint64 completionTokens,uint256 priceIn,uint256 priceOut,uint64 timestamp)";
+const BATCH_TYPE: &str = "UsageBatch(bytes32 root,uint64 count)";
+
+/// Most receipts one batch covers.
+pub const MAX_BATCH_RECEIPTS: usize = 256;
 
 /// The address used when a request has no paying user (Nexus's own health probes).
 pub const NO_USER: &str = "0x0000000000000000000000000000000000000000";
@@ -71,9 +81,22 @@ fn domain_separator(chain_id: u64) -> [u8; 32] {
     keccak(&enc)
 }
 
+fn typed_digest(chain_id: u64, struct_hash: &[u8; 32]) -> [u8; 32] {
+    let mut msg = Vec::with_capacity(66);
+    msg.extend_from_slice(b"\x19\x01");
+    msg.extend_from_slice(&domain_separator(chain_id));
+    msg.extend_from_slice(struct_hash);
+    keccak(&msg)
+}
+
 impl UsageReceipt {
-    /// The EIP-712 digest that is signed.
+    /// The EIP-712 digest that is signed when the receipt is signed alone.
     pub fn digest(&self) -> Result<[u8; 32], ReceiptError> {
+        Ok(typed_digest(self.chain_id, &self.struct_hash()?))
+    }
+
+    /// `hashStruct(Usage)`: the receipt's leaf in a batch.
+    pub fn struct_hash(&self) -> Result<[u8; 32], ReceiptError> {
         let mut enc = Vec::with_capacity(9 * 32);
         enc.extend_from_slice(&keccak(USAGE_TYPE.as_bytes()));
         enc.extend_from_slice(&keccak(self.request_id.as_bytes()));
@@ -84,11 +107,7 @@ impl UsageReceipt {
         enc.extend_from_slice(&word_u64(self.price_in));
         enc.extend_from_slice(&word_u64(self.price_out));
         enc.extend_from_slice(&word_u64(self.timestamp));
-        let mut msg = Vec::with_capacity(66);
-        msg.extend_from_slice(b"\x19\x01");
-        msg.extend_from_slice(&domain_separator(self.chain_id));
-        msg.extend_from_slice(&keccak(&enc));
-        Ok(keccak(&msg))
+        Ok(keccak(&enc))
     }
 
     /// Fills in the signature with the node's key.
@@ -103,6 +122,145 @@ impl UsageReceipt {
     /// Checks that `node` signed exactly these fields.
     pub fn verify(&self, node: &str) -> Result<(), ReceiptError> {
         let signer = recover_digest(&self.digest()?, &self.signature)
+            .map_err(|e| ReceiptError::BadSignature(e.to_string()))?;
+        if !signer.eq_ignore_ascii_case(node) {
+            return Err(ReceiptError::WrongSigner {
+                signer,
+                node: node.to_owned(),
+            });
+        }
+        Ok(())
+    }
+}
+
+fn hash_pair(a: &[u8; 32], b: &[u8; 32]) -> [u8; 32] {
+    let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
+    let mut buf = [0u8; 64];
+    buf[..32].copy_from_slice(lo);
+    buf[32..].copy_from_slice(hi);
+    keccak(&buf)
+}
+
+/// The Merkle root of `leaves` (a lone leaf is its own root; none gives zero).
+pub fn merkle_root(leaves: &[[u8; 32]]) -> [u8; 32] {
+    let mut level: Vec<[u8; 32]> = leaves.to_vec();
+    while level.len() > 1 {
+        level = level
+            .chunks(2)
+            .map(|p| match p {
+                [a, b] => hash_pair(a, b),
+                [a] => *a,
+                _ => [0; 32],
+            })
+            .collect();
+    }
+    level.first().copied().unwrap_or([0; 32])
+}
+
+/// The sibling hashes from leaf `index` up to the root.
+pub fn merkle_proof(leaves: &[[u8; 32]], mut index: usize) -> Vec<[u8; 32]> {
+    let mut proof = Vec::new();
+    let mut level: Vec<[u8; 32]> = leaves.to_vec();
+    while level.len() > 1 {
+        if let Some(sibling) = level.get(index ^ 1) {
+            proof.push(*sibling);
+        }
+        level = level
+            .chunks(2)
+            .map(|p| match p {
+                [a, b] => hash_pair(a, b),
+                [a] => *a,
+                _ => [0; 32],
+            })
+            .collect();
+        index /= 2;
+    }
+    proof
+}
+
+/// Whether `proof` leads from `leaf` to `root`.
+pub fn verify_proof(leaf: &[u8; 32], proof: &[[u8; 32]], root: &[u8; 32]) -> bool {
+    proof.iter().fold(*leaf, |acc, p| hash_pair(&acc, p)) == *root
+}
+
+/// The EIP-712 digest a node signs for a batch of `count` receipts with Merkle root `root`.
+pub(crate) fn batch_digest(chain_id: u64, root: &[u8; 32], count: u64) -> [u8; 32] {
+    let mut enc = Vec::with_capacity(96);
+    enc.extend_from_slice(&keccak(BATCH_TYPE.as_bytes()));
+    enc.extend_from_slice(root);
+    enc.extend_from_slice(&word_u64(count));
+    typed_digest(chain_id, &keccak(&enc))
+}
+
+/// Signs a batch of receipt leaves (in the order the batch frame lists them).
+pub fn sign_batch(
+    key: &NodeKey,
+    chain_id: u64,
+    leaves: &[[u8; 32]],
+) -> Result<String, ReceiptError> {
+    let count = u64::try_from(leaves.len()).unwrap_or(u64::MAX);
+    key.sign_digest(&batch_digest(chain_id, &merkle_root(leaves), count))
+        .map_err(|e: IdentityError| ReceiptError::BadSignature(e.to_string()))
+}
+
+/// Checks that `node` signed this batch of leaves; returns its root.
+pub fn verify_batch(
+    node: &str,
+    chain_id: u64,
+    leaves: &[[u8; 32]],
+    signature: &str,
+) -> Result<[u8; 32], ReceiptError> {
+    let root = merkle_root(leaves);
+    let count = u64::try_from(leaves.len()).unwrap_or(u64::MAX);
+    let signer = recover_digest(&batch_digest(chain_id, &root, count), signature)
+        .map_err(|e| ReceiptError::BadSignature(e.to_string()))?;
+    if !signer.eq_ignore_ascii_case(node) {
+        return Err(ReceiptError::WrongSigner {
+            signer,
+            node: node.to_owned(),
+        });
+    }
+    Ok(root)
+}
+
+/// What is kept with a charge whose receipt was signed in a batch: enough for anyone to check
+/// that the node signed exactly this usage.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchedReceipt {
+    pub receipt: UsageReceipt,
+    /// Merkle root, hex.
+    pub root: String,
+    pub count: u64,
+    /// Sibling hashes from the receipt's leaf to the root, hex.
+    pub proof: Vec<String>,
+    /// The node's signature of `UsageBatch(root, count)`, hex.
+    pub signature: String,
+}
+
+impl BatchedReceipt {
+    /// Checks the proof and the batch signature against `node`.
+    pub fn verify(&self, node: &str) -> Result<(), ReceiptError> {
+        let bad = |what: &str| ReceiptError::BadSignature(format!("malformed {what}"));
+        let word = |h: &str| -> Option<[u8; 32]> {
+            hex::decode(h.strip_prefix("0x").unwrap_or(h))
+                .ok()?
+                .try_into()
+                .ok()
+        };
+        let root = word(&self.root).ok_or_else(|| bad("root"))?;
+        let proof = self
+            .proof
+            .iter()
+            .map(|p| word(p))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| bad("proof"))?;
+        if !verify_proof(&self.receipt.struct_hash()?, &proof, &root) {
+            return Err(ReceiptError::BadSignature(
+                "the receipt is not in the signed batch".into(),
+            ));
+        }
+        let digest = batch_digest(self.receipt.chain_id, &root, self.count);
+        let signer = recover_digest(&digest, &self.signature)
             .map_err(|e| ReceiptError::BadSignature(e.to_string()))?;
         if !signer.eq_ignore_ascii_case(node) {
             return Err(ReceiptError::WrongSigner {
@@ -180,5 +338,51 @@ mod tests {
             bad_user.sign(&key),
             Err(ReceiptError::BadAddress(_))
         ));
+    }
+
+    #[test]
+    fn batches_verify_and_every_receipt_proves_membership() {
+        let key = NodeKey::generate().unwrap();
+        for n in [1usize, 2, 3, 5, 8, 13] {
+            let receipts: Vec<UsageReceipt> = (0..n)
+                .map(|i| UsageReceipt {
+                    request_id: format!("req-{i}"),
+                    ..receipt()
+                })
+                .collect();
+            let leaves: Vec<[u8; 32]> = receipts.iter().map(|r| r.struct_hash().unwrap()).collect();
+            let sig = sign_batch(&key, 31337, &leaves).unwrap();
+            let root = verify_batch(&key.address(), 31337, &leaves, &sig).unwrap();
+            assert_eq!(root, merkle_root(&leaves));
+            for (i, r) in receipts.iter().enumerate() {
+                let b = BatchedReceipt {
+                    receipt: r.clone(),
+                    root: hex::encode(root),
+                    count: n as u64,
+                    proof: merkle_proof(&leaves, i).iter().map(hex::encode).collect(),
+                    signature: sig.clone(),
+                };
+                assert_eq!(b.verify(&key.address()), Ok(()), "n={n} i={i}");
+                let mut more = b.clone();
+                more.receipt.completion_tokens += 1;
+                assert!(more.verify(&key.address()).is_err());
+                let mut count = b.clone();
+                count.count += 1;
+                assert!(count.verify(&key.address()).is_err());
+            }
+            // Another order, another chain, another signer, a leaf left out: refused.
+            if n > 1 {
+                let mut swapped = leaves.clone();
+                swapped.swap(0, n - 1);
+                assert!(
+                    verify_batch(&key.address(), 31337, &swapped, &sig).is_err()
+                        || merkle_root(&swapped) == root
+                );
+                assert!(verify_batch(&key.address(), 31337, &leaves[1..], &sig).is_err());
+            }
+            assert!(verify_batch(&key.address(), 1, &leaves, &sig).is_err());
+            let other = NodeKey::generate().unwrap();
+            assert!(verify_batch(&other.address(), 31337, &leaves, &sig).is_err());
+        }
     }
 }

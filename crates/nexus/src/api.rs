@@ -216,6 +216,7 @@ pub(crate) async fn sign_out(State(nexus): State<Arc<Nexus>>, headers: HeaderMap
 pub(crate) async fn account(State(nexus): State<Arc<Nexus>>, Signed(c): Signed) -> ApiResult {
     let a = &nexus.accounts;
     let user = a.user(&c.user_id).await.map_err(store_err)?;
+    nexus.settled(&c.user_id).await;
     let balance = a.balance(&c.user_id).await.map_err(store_err)?;
     let identities = a.identities(&c.user_id).await.map_err(store_err)?;
     Ok(Json(json!({
@@ -367,6 +368,7 @@ pub(crate) async fn usage(
     let Query(q) = q.map_err(|e| err(ApiError::invalid_request(e.to_string())))?;
     let (from, to) = day_range(&q)?;
     let group = q.group.unwrap_or(UsageGroup::Day);
+    nexus.settled(&c.user_id).await;
     let rows = nexus
         .accounts
         .usage(&c.user_id, &from, &to, group)

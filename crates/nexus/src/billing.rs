@@ -1,21 +1,176 @@
 //! Billing on the request path: before routing, hold the most the request can cost; when the
-//! node's signed receipt arrives with the answer, verify it and charge the actual cost (the rest
-//! is released in the same transaction). Without a valid receipt — a node lost mid-stream, a
-//! client gone, a forged or inconsistent receipt — nothing is charged and the hold is released.
-//! A Nexus crash leaves holds behind; the restarted replica releases its own, and a sweeper
-//! releases any that outlive their time-to-live.
+//! answer ends, check the node's receipt against the stream and park the charge until the node's
+//! batch signature covers the receipt (`crate::receipts`), then charge the actual cost (the rest
+//! of the hold is released in the same operation). Without a valid receipt — a node lost
+//! mid-stream, a client gone, a forged or inconsistent receipt, a batch never signed — nothing
+//! is charged and the hold is released. A Nexus crash leaves holds behind; the restarted replica
+//! releases its own, and a sweeper releases any that outlive their time-to-live.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use lattice_accounts::{Accounts, PostError, UsageRecord};
 use lattice_engine::{EngineError, Payer, Prompt, Usage};
 use lattice_ledger::{Applied, LedgerError, Money, Op, Rate, Split};
-use lattice_link::{Price, UsageReceipt};
+use lattice_link::{BatchedReceipt, Price, UsageReceipt};
+use tokio::sync::Notify;
+
+use crate::receipts::{Evidence, ReceiptBook};
 
 pub(crate) struct Billing {
     pub(crate) accounts: Arc<Accounts>,
     pub(crate) split: Split,
     pub(crate) chain_id: u64,
+    pub(crate) unsettled: Arc<Unsettled>,
+}
+
+/// Charges parked until their batch signature arrives, counted per user, so that a user's own
+/// reads (balance, usage) see every answer they already received.
+#[derive(Default)]
+pub(crate) struct Unsettled {
+    counts: Mutex<HashMap<String, usize>>,
+    changed: Notify,
+}
+
+impl Unsettled {
+    fn add(&self, user: &str) {
+        let mut c = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        *c.entry(user.to_owned()).or_default() += 1;
+    }
+
+    fn done(&self, user: &str) {
+        {
+            let mut c = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(n) = c.get_mut(user) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    c.remove(user);
+                }
+            }
+        }
+        self.changed.notify_waiters();
+    }
+
+    fn pending(&self, user: &str) -> bool {
+        self.counts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(user)
+    }
+
+    /// Waits (at most `limit`) until none of `user`'s charges is parked.
+    pub(crate) async fn wait(&self, user: &str, limit: Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if !self.pending(user) {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// A finished request's charge, waiting for the node's batch signature. Dropped unsettled, it
+/// releases the hold.
+pub(crate) struct Parked {
+    billing: Arc<Billing>,
+    op: Op,
+    record: UsageRecord,
+    receipt: UsageReceipt,
+    history: Option<History>,
+    done: bool,
+}
+
+impl std::fmt::Debug for Parked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Parked")
+            .field("request", &self.record.request_id)
+            .field("cost", &self.record.cost)
+            .finish()
+    }
+}
+
+impl Parked {
+    pub(crate) fn model(&self) -> &str {
+        &self.record.model
+    }
+
+    /// Charges with the batch's evidence stored as the receipt.
+    pub(crate) async fn charge(mut self, ev: Evidence) {
+        self.done = true;
+        let evidence = BatchedReceipt {
+            receipt: self.receipt.clone(),
+            root: hex::encode(ev.root),
+            count: ev.count,
+            proof: ev.proof.iter().map(hex::encode).collect(),
+            signature: ev.signature,
+        };
+        let mut record = self.record.clone();
+        record.receipt = serde_json::to_string(&evidence).unwrap_or_default();
+        let outcome = charge(&self.billing, self.op.clone(), record, self.history.take()).await;
+        if let Err(e) = outcome {
+            tracing::error!(request_id = %self.record.request_id, error = %e, "charge failed; the hold will be released");
+            release(&self.billing, &self.record.request_id);
+        }
+        self.billing.unsettled.done(&self.record.user_id);
+    }
+
+    /// Nothing is charged (the batch was refused or never came): the hold is released.
+    pub(crate) fn refuse(mut self, why: &str) {
+        self.done = true;
+        tracing::warn!(request_id = %self.record.request_id, reason = %why, "usage receipt refused; nothing charged");
+        release(&self.billing, &self.record.request_id);
+        self.billing.unsettled.done(&self.record.user_id);
+    }
+}
+
+impl Drop for Parked {
+    fn drop(&mut self) {
+        if !self.done {
+            release(&self.billing, &self.record.request_id);
+            self.billing.unsettled.done(&self.record.user_id);
+        }
+    }
+}
+
+/// Posts a charge; on success saves the opted-in exchange (in the background).
+async fn charge(
+    billing: &Arc<Billing>,
+    op: Op,
+    record: UsageRecord,
+    history: Option<History>,
+) -> Result<(), PostError> {
+    let (user, request) = (record.user_id.clone(), record.request_id.clone());
+    match billing.accounts.ledger().charge(op, record).await? {
+        Applied::Posted(_) | Applied::Duplicate => {}
+    }
+    if let Some((conv, messages, _)) = history {
+        let accounts = billing.accounts.clone();
+        tokio::spawn(async move {
+            if let Err(e) = accounts
+                .record_chat(&user, &conv, &messages, &request)
+                .await
+            {
+                tracing::warn!(request_id = %request, error = %e, "chat history not saved");
+            }
+        });
+    }
+    Ok(())
+}
+
+fn release(billing: &Billing, request: &str) {
+    let op = Op::Release {
+        request: request.to_owned(),
+    };
+    if !billing.accounts.ledger().post_detached(op) {
+        tracing::warn!(request_id = %request, "ledger queue full; the sweeper will release the hold");
+    }
 }
 
 pub(crate) fn rate(p: Price) -> Rate {
@@ -43,7 +198,7 @@ pub(crate) fn token_bounds(prompt: &Prompt, max_tokens: Option<u32>, context: u3
     (prompt, completion)
 }
 
-/// Why a receipt was refused.
+/// Why a receipt was refused (its fields; the signature is checked alone or with its batch).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn check_receipt(
     r: &UsageReceipt,
@@ -72,7 +227,12 @@ pub(crate) fn check_receipt(
     {
         return Err("receipt token counts differ from the stream's usage".into());
     }
-    r.verify(node).map_err(|e| e.to_string())
+    // A receipt signed alone must carry the node's signature; an unsigned one is charged only
+    // once a batch signed by the node covers it.
+    if !r.signature.is_empty() {
+        r.verify(node).map_err(|e| e.to_string())?;
+    }
+    Ok(())
 }
 
 impl Billing {
@@ -127,6 +287,8 @@ pub(crate) struct Bill {
     pub(crate) model: String,
     pub(crate) hold: Money,
     pub(crate) node: Option<(String, Price)>,
+    /// Where the answering node's batch signatures arrive.
+    pub(crate) book: Option<Arc<ReceiptBook>>,
     pub(crate) receipt: Option<UsageReceipt>,
     pub(crate) settled: bool,
     pub(crate) history: Option<History>,
@@ -136,6 +298,8 @@ pub(crate) struct Bill {
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Settlement {
     Charged(Money),
+    /// Checked; charged when the node's batch signature covers the receipt.
+    Parked(Money),
     /// No valid receipt: nothing charged, the node is penalised.
     Refused(String),
     /// Storage failed: nothing charged now; the hold is released by the sweeper.
@@ -155,19 +319,20 @@ impl Bill {
             self.release();
             return Settlement::Refused("no node".into());
         };
-        let checked = match &self.receipt {
-            None => Err("the node sent no receipt".to_owned()),
-            Some(r) => check_receipt(
-                r,
-                &self.request,
-                &self.payer,
-                &self.model,
-                &node,
-                price,
-                self.billing.chain_id,
-                usage,
-            ),
+        let Some(receipt) = self.receipt.take() else {
+            self.release();
+            return Settlement::Refused("the node sent no receipt".into());
         };
+        let checked = check_receipt(
+            &receipt,
+            &self.request,
+            &self.payer,
+            &self.model,
+            &node,
+            price,
+            self.billing.chain_id,
+            usage,
+        );
         let cost = checked.and_then(|()| {
             rate(price)
                 .cost(
@@ -184,7 +349,6 @@ impl Bill {
                 return Settlement::Refused(why);
             }
         };
-        let receipt = serde_json::to_string(&self.receipt).unwrap_or_default();
         let op = Op::Charge {
             request: self.request.clone(),
             user: self.payer.user_id.clone(),
@@ -201,25 +365,38 @@ impl Bill {
             prompt_tokens: u64::from(usage.prompt_tokens),
             completion_tokens: u64::from(usage.completion_tokens),
             cost,
-            receipt,
+            receipt: String::new(),
         };
-        match self.billing.accounts.ledger().charge(op, record).await {
-            Ok(Applied::Posted(_) | Applied::Duplicate) => {
-                if let Some((conv, mut messages, answer)) = self.history.take() {
-                    messages.push(("assistant".into(), answer));
-                    let accounts = self.billing.accounts.clone();
-                    let (user, request) = (self.payer.user_id.clone(), self.request.clone());
-                    tokio::spawn(async move {
-                        if let Err(e) = accounts
-                            .record_chat(&user, &conv, &messages, &request)
-                            .await
-                        {
-                            tracing::warn!(request_id = %request, error = %e, "chat history not saved");
-                        }
-                    });
+        let history = self.history.take().map(|(conv, mut messages, answer)| {
+            messages.push(("assistant".into(), answer));
+            (conv, messages, String::new())
+        });
+        if receipt.signature.is_empty() {
+            let Some(book) = &self.book else {
+                self.release();
+                return Settlement::Refused("an unsigned receipt outside a link".into());
+            };
+            self.billing.unsettled.add(&self.payer.user_id);
+            let parked = Parked {
+                billing: self.billing.clone(),
+                op,
+                record,
+                receipt,
+                history,
+                done: false,
+            };
+            return match book.park(&self.request, parked) {
+                Some((p, ev)) => {
+                    p.charge(ev).await;
+                    Settlement::Charged(cost)
                 }
-                Settlement::Charged(cost)
-            }
+                None => Settlement::Parked(cost),
+            };
+        }
+        let mut record = record;
+        record.receipt = serde_json::to_string(&receipt).unwrap_or_default();
+        match charge(&self.billing, op, record, history).await {
+            Ok(()) => Settlement::Charged(cost),
             Err(e) => {
                 tracing::error!(request_id = %self.request, error = %e, "charge failed; the hold will be released");
                 self.release();
@@ -229,12 +406,7 @@ impl Bill {
     }
 
     fn release(&self) {
-        let op = Op::Release {
-            request: self.request.clone(),
-        };
-        if !self.billing.accounts.ledger().post_detached(op) {
-            tracing::warn!(request_id = %self.request, "ledger queue full; the sweeper will release the hold");
-        }
+        release(&self.billing, &self.request);
     }
 }
 
@@ -275,6 +447,7 @@ mod tests {
             accounts,
             split: Split::default(),
             chain_id: 31337,
+            unsettled: Arc::default(),
         });
         (billing, payer)
     }
@@ -293,6 +466,7 @@ mod tests {
                     output_per_mtok: 2_000_000,
                 },
             )),
+            book: Some(Arc::default()),
             receipt: None,
             settled: false,
             history: None,
@@ -372,6 +546,122 @@ mod tests {
             b.available,
             start.checked_sub(Money::from_units(11)).unwrap()
         );
+        assert!(accounts.ledger().audit().await.unwrap().balanced());
+    }
+
+    #[tokio::test]
+    async fn unsigned_receipts_are_charged_once_their_batch_is_signed() {
+        let (billing, payer) = funded().await;
+        let accounts = billing.accounts.clone();
+        let start = accounts.balance(&payer.user_id).await.unwrap().available;
+        let node = NodeKey::generate().unwrap();
+        let usage = Usage::new(3, 4);
+        let book: Arc<ReceiptBook> = Arc::default();
+        let unsigned = |request: &str| UsageReceipt {
+            request_id: request.into(),
+            user: payer.address.clone(),
+            model: "m".into(),
+            prompt_tokens: 3,
+            completion_tokens: 4,
+            price_in: 1_000_000,
+            price_out: 2_000_000,
+            timestamp: 1,
+            chain_id: 31337,
+            signature: String::new(),
+        };
+        let finish = async |request: &str| {
+            billing
+                .hold(request, &payer, Money::from_units(1_000_000))
+                .await
+                .unwrap();
+            let r = unsigned(request);
+            book.seen(&r).unwrap();
+            let mut b = bill(&billing, &payer, &node, request);
+            b.book = Some(book.clone());
+            b.receipt = Some(r);
+            b.settle(&usage).await
+        };
+        // Two answers end; their charges wait for the signature (the user's reads wait too).
+        let cost = Money::from_units(11);
+        assert_eq!(finish("a").await, Settlement::Parked(cost));
+        assert_eq!(finish("b").await, Settlement::Parked(cost));
+        assert!(billing.unsettled.pending(&payer.user_id));
+        let leaves = [
+            unsigned("a").struct_hash().unwrap(),
+            unsigned("b").struct_hash().unwrap(),
+        ];
+        // Signed by someone else: refused, nothing charged, holds released.
+        let forger = NodeKey::generate().unwrap();
+        let forged = lattice_link::sign_batch(&forger, 31337, &leaves).unwrap();
+        let refused = book
+            .batch(&node.address(), 31337, &["a".into(), "b".into()], &forged)
+            .err()
+            .unwrap();
+        assert!(!refused.fatal);
+        assert_eq!(refused.parked.len(), 2);
+        for p in refused.parked {
+            p.refuse(&refused.why);
+        }
+        assert!(!billing.unsettled.pending(&payer.user_id));
+        // The receipts' leaves were consumed by that batch: naming them again is a protocol
+        // violation.
+        let good = lattice_link::sign_batch(&node, 31337, &leaves).unwrap();
+        assert!(
+            book.batch(&node.address(), 31337, &["a".into(), "b".into()], &good)
+                .err()
+                .unwrap()
+                .fatal
+        );
+        // A batch verified before the bill settles: the evidence waits and the charge is
+        // immediate when the bill comes.
+        billing
+            .hold("c", &payer, Money::from_units(1_000_000))
+            .await
+            .unwrap();
+        let c = unsigned("c");
+        book.seen(&c).unwrap();
+        let sig = lattice_link::sign_batch(&node, 31337, &[c.struct_hash().unwrap()]).unwrap();
+        assert!(
+            book.batch(&node.address(), 31337, &["c".into()], &sig)
+                .unwrap()
+                .is_empty()
+        );
+        let mut b = bill(&billing, &payer, &node, "c");
+        b.book = Some(book.clone());
+        b.receipt = Some(c);
+        assert_eq!(b.settle(&usage).await, Settlement::Charged(cost));
+        accounts.ledger().sync().await.unwrap();
+        for _ in 0..100 {
+            if accounts.balance(&payer.user_id).await.unwrap().held == Money::ZERO {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let bal = accounts.balance(&payer.user_id).await.unwrap();
+        assert_eq!(bal.held, Money::ZERO);
+        assert_eq!(bal.available, start.checked_sub(cost).unwrap());
+        // The stored receipt is the batch evidence, and it verifies.
+        let today = time::OffsetDateTime::now_utc().date().to_string();
+        let rows = accounts
+            .usage(
+                &payer.user_id,
+                &today,
+                &today,
+                lattice_accounts::UsageGroup::Model,
+            )
+            .await
+            .unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].requests, 1);
+        let stored: String =
+            sqlx::query_scalar("SELECT receipt FROM usage_records WHERE request_id = 'c'")
+                .fetch_one(accounts.db().pool())
+                .await
+                .unwrap();
+        let evidence: BatchedReceipt = serde_json::from_str(&stored).unwrap();
+        assert_eq!(evidence.count, 1);
+        assert_eq!(evidence.verify(&node.address()), Ok(()));
+        assert!(evidence.verify(&forger.address()).is_err());
         assert!(accounts.ledger().audit().await.unwrap().balanced());
     }
 

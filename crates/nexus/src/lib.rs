@@ -9,6 +9,7 @@ mod health;
 mod link;
 mod network;
 mod onchain;
+mod receipts;
 mod registry;
 mod settlement;
 
@@ -101,6 +102,8 @@ pub struct Nexus {
     health_kick: Notify,
     chain: Option<ChainSettings>,
     reconciliation: std::sync::Mutex<Option<Reconciliation>>,
+    /// Charges waiting for their batch signature, per user.
+    unsettled: Arc<billing::Unsettled>,
 }
 
 /// Credit given to the local operator account that `lattice up` creates.
@@ -132,7 +135,14 @@ impl Nexus {
             health_kick: Notify::new(),
             chain,
             reconciliation: std::sync::Mutex::new(None),
+            unsettled: Arc::default(),
         }))
+    }
+
+    /// Waits (briefly) until the answers `user` already received are charged: their charges wait
+    /// for the nodes' batch signatures, and a user's own reads should include them.
+    pub(crate) async fn settled(&self, user: &str) {
+        self.unsettled.wait(user, Duration::from_secs(2)).await;
     }
 
     pub fn accounts(&self) -> &Arc<Accounts> {
@@ -183,6 +193,7 @@ impl Nexus {
                 accounts: self.accounts.clone(),
                 split: self.config.split,
                 chain_id: self.config.accounts.chain_id,
+                unsettled: self.unsettled.clone(),
             })
         });
         let engine = Arc::new(NetworkEngine::new(

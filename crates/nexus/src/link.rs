@@ -9,10 +9,12 @@ use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::response::Response;
 use futures::{SinkExt, StreamExt};
 use lattice_link::{
-    MAX_FRAME_BYTES, NexusFrame, NodeFrame, PROTOCOL_VERSION, challenge_message, decode, encode,
-    recover_address,
+    LinkEvent, MAX_BATCH_RECEIPTS, MAX_FRAME_BYTES, NexusFrame, NodeFrame, PROTOCOL_VERSION,
+    challenge_message, decode, encode, recover_address,
 };
 use lattice_router::{NodeId, Reputation};
+
+use crate::registry::RequestOutcome;
 use tokio::sync::mpsc;
 
 use crate::Nexus;
@@ -67,7 +69,8 @@ async fn serve(nexus: Arc<Nexus>, mut ws: WebSocket) {
             return;
         }
     };
-    let (id, link, mut out_rx) = registered;
+    let (id, address, link, mut out_rx) = registered;
+    let chain_id = nexus.config.accounts.chain_id;
     let (mut sink, mut stream) = ws.split();
     let writer = tokio::spawn(async move {
         // Frames already queued go out in one flush: one write for many requests.
@@ -108,20 +111,69 @@ async fn serve(nexus: Arc<Nexus>, mut ws: WebSocket) {
                 queued,
                 busy,
                 slots,
-            }) => nexus.registry.heartbeat(id, queued, busy, slots),
-            Ok(NodeFrame::Event { stream, event }) => link.deliver(stream, event),
+            }) => {
+                nexus.registry.heartbeat(id, queued, busy, slots);
+                for p in link.book.expire(crate::receipts::WAIT) {
+                    nexus.registry.record(id, p.model(), RequestOutcome::Failed);
+                    p.refuse("the node never signed a batch covering the receipt");
+                }
+            }
+            Ok(NodeFrame::Event { stream, event }) => {
+                // Recorded here, in link order, so the batch frame that follows finds it.
+                if let LinkEvent::Receipt(r) = &event
+                    && r.signature.is_empty()
+                    && let Err(why) = link.book.seen(r)
+                {
+                    break why;
+                }
+                link.deliver(stream, event);
+            }
+            Ok(NodeFrame::Receipts {
+                requests,
+                signature,
+            }) => {
+                if requests.is_empty() || requests.len() > MAX_BATCH_RECEIPTS {
+                    break format!(
+                        "a receipt batch must cover 1 to {MAX_BATCH_RECEIPTS} requests, not {}",
+                        requests.len()
+                    );
+                }
+                match link.book.batch(&address, chain_id, &requests, &signature) {
+                    Ok(ready) if ready.is_empty() => {}
+                    Ok(ready) => {
+                        tokio::spawn(async move {
+                            for (p, ev) in ready {
+                                p.charge(ev).await;
+                            }
+                        });
+                    }
+                    Err(refused) => {
+                        tracing::warn!(node = %id, reason = %refused.why, receipts = requests.len(), "receipt batch refused; nothing charged for it");
+                        for p in refused.parked {
+                            nexus.registry.record(id, p.model(), RequestOutcome::Failed);
+                            p.refuse(&refused.why);
+                        }
+                        if refused.fatal {
+                            break format!("receipt batch refused: {}", refused.why);
+                        }
+                    }
+                }
+            }
             Ok(other) => break format!("unexpected frame after registration: {other:?}"),
             Err(e) => break format!("bad frame: {e}"),
         }
     };
     tracing::info!(node = %id, %reason, "node offline");
+    for p in link.book.close() {
+        p.refuse("the node's link closed before it signed the receipt");
+    }
     if let Some((address, reputation)) = nexus.registry.remove(id) {
         nexus.db.save_reputation(&address, reputation).await;
     }
     writer.abort();
 }
 
-type Registered = (NodeId, Arc<LinkHandle>, mpsc::Receiver<NexusFrame>);
+type Registered = (NodeId, String, Arc<LinkHandle>, mpsc::Receiver<NexusFrame>);
 
 async fn handshake(nexus: &Nexus, ws: &mut WebSocket) -> Result<Registered, String> {
     let NodeFrame::Hello { version, address } = recv_frame(ws).await? else {
@@ -213,5 +265,5 @@ async fn handshake(nexus: &Nexus, ws: &mut WebSocket) -> Result<Registered, Stri
     let names: Vec<&str> = models.iter().map(|m| m.id.as_str()).collect();
     tracing::info!(node = %id, address = %signer, models = ?names, slots, "node registered; calibrating");
     nexus.health_kick.notify_one();
-    Ok((id, link, rx))
+    Ok((id, signer, link, rx))
 }

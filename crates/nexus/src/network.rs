@@ -113,6 +113,7 @@ impl NetworkEngine {
             model: req.model.clone(),
             hold: amount,
             node: None,
+            book: None,
             receipt: None,
             settled: false,
             history,
@@ -350,6 +351,7 @@ impl Engine for NetworkEngine {
                         }
                         if let Some(b) = &mut bill {
                             b.node = answering;
+                            b.book = Some(guard.link.book.clone());
                             b.receipt = receipt;
                         }
                         return Ok(relay(first, rx, guard, bill, req.request_id.clone()));
@@ -423,6 +425,9 @@ fn relay(
                             match b.settle(&usage).await {
                                 Settlement::Charged(cost) => {
                                     tracing::debug!(request_id = %rid, %cost, "charged");
+                                }
+                                Settlement::Parked(cost) => {
+                                    tracing::debug!(request_id = %rid, %cost, "charge waits for the node's batch signature");
                                 }
                                 Settlement::Refused(why) => {
                                     tracing::warn!(request_id = %rid, node = %guard.node, reason = %why, "usage receipt refused; nothing charged");

@@ -304,6 +304,7 @@ pub(crate) async fn my_account(State(nexus): State<Arc<Nexus>>, Signed(c): Signe
         .map_err(store_err)?
         .ok_or_else(|| err(ApiError::unauthorized("Sign in again.")))?;
     let addr = parse_address(&user.address.to_lowercase(), "address")?;
+    nexus.settled(&c.user_id).await;
     let balance = a.balance(&c.user_id).await.map_err(store_err)?;
     let position: ChainPosition = a.chain_position(&c.user_id).await.map_err(store_err)?;
     let (custody, wallet) =

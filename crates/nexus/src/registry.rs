@@ -28,6 +28,8 @@ pub(crate) const LINK_QUEUE: usize = 1024;
 /// One node's link: outgoing frames plus the open request streams it multiplexes.
 pub(crate) struct LinkHandle {
     pub(crate) tx: mpsc::Sender<NexusFrame>,
+    /// Unsigned receipts and parked charges waiting for the node's batch signatures.
+    pub(crate) book: Arc<crate::receipts::ReceiptBook>,
     streams: Mutex<HashMap<u64, mpsc::Sender<LinkEvent>>>,
     next_stream: AtomicU64,
     closed: AtomicBool,
@@ -37,6 +39,7 @@ impl LinkHandle {
     pub(crate) fn new(tx: mpsc::Sender<NexusFrame>) -> Self {
         Self {
             tx,
+            book: Arc::default(),
             streams: Mutex::new(HashMap::new()),
             next_stream: AtomicU64::new(1),
             closed: AtomicBool::new(false),

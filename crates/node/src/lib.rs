@@ -203,6 +203,8 @@ async fn session(
         key: key.clone(),
         price: cfg.price,
         chain_id,
+        pending: std::sync::Mutex::new(Vec::new()),
+        paid: std::sync::atomic::AtomicUsize::new(0),
     });
 
     let (mut sink, mut stream) = ws.split();
@@ -227,6 +229,21 @@ async fn session(
             }
         }
     });
+    let batches = {
+        let (out, signer) = (out_tx.clone(), signer.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(RECEIPT_BATCH_WINDOW);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                if let Some(b) = signer.flush()
+                    && out.send(b).await.is_err()
+                {
+                    break;
+                }
+            }
+        })
+    };
     let heartbeat = {
         let out = out_tx.clone();
         let engine = engine.clone();
@@ -297,32 +314,43 @@ async fn session(
         h.abort();
     }
     heartbeat.abort();
+    batches.abort();
     writer.abort();
     result
 }
 
-/// Signs usage receipts for this session (price and chain as registered).
+/// Most receipts waiting for a batch signature before the batch is signed at once.
+const RECEIPT_BATCH: usize = 64;
+/// A receipt waits at most this long for its batch signature.
+const RECEIPT_BATCH_WINDOW: Duration = Duration::from_millis(10);
+
+/// Signs usage receipts for this session (price and chain as registered): probes' alone, paid
+/// requests' in batches (one signature per up to [`RECEIPT_BATCH`] requests).
 struct Signer {
     key: Arc<NodeKey>,
     price: Price,
     chain_id: u64,
+    /// Request id and leaf of receipts sent unsigned, in order.
+    pending: std::sync::Mutex<Vec<(String, [u8; 32])>>,
+    /// Paid streams still running: the last one to finish signs at once.
+    paid: std::sync::atomic::AtomicUsize,
 }
 
 impl Signer {
     fn receipt(
         &self,
         request_id: &str,
-        user: Option<&str>,
+        user: &str,
         model: &str,
         usage: &lattice_engine::Usage,
-    ) -> Option<UsageReceipt> {
+    ) -> UsageReceipt {
         let timestamp = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
         UsageReceipt {
             request_id: request_id.to_owned(),
-            user: user.unwrap_or(NO_USER).to_owned(),
+            user: user.to_owned(),
             model: model.to_owned(),
             prompt_tokens: u64::from(usage.prompt_tokens),
             completion_tokens: u64::from(usage.completion_tokens),
@@ -332,9 +360,54 @@ impl Signer {
             chain_id: self.chain_id,
             signature: String::new(),
         }
-        .sign(&self.key)
-        .inspect_err(|e| tracing::warn!(request_id, error = %e, "cannot sign the usage receipt"))
-        .ok()
+    }
+
+    /// Queues a paid receipt's leaf (after the receipt itself went out); returns the batch frame
+    /// when the batch is full or no other paid stream is running.
+    fn add(&self, request_id: &str, leaf: [u8; 32], last: bool) -> Option<NodeFrame> {
+        let batch = {
+            let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            p.push((request_id.to_owned(), leaf));
+            if p.len() < RECEIPT_BATCH && !last {
+                return None;
+            }
+            std::mem::take(&mut *p)
+        };
+        self.sign(batch)
+    }
+
+    /// Signs whatever waits (the batch window ran out).
+    fn flush(&self) -> Option<NodeFrame> {
+        let batch = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()));
+        self.sign(batch)
+    }
+
+    fn sign(&self, batch: Vec<(String, [u8; 32])>) -> Option<NodeFrame> {
+        if batch.is_empty() {
+            return None;
+        }
+        let leaves: Vec<[u8; 32]> = batch.iter().map(|(_, l)| *l).collect();
+        match lattice_link::sign_batch(&self.key, self.chain_id, &leaves) {
+            Ok(signature) => Some(NodeFrame::Receipts {
+                requests: batch.into_iter().map(|(r, _)| r).collect(),
+                signature,
+            }),
+            Err(e) => {
+                tracing::warn!(receipts = batch.len(), error = %e, "cannot sign a receipt batch");
+                None
+            }
+        }
+    }
+}
+
+/// Counts a paid stream as running until dropped.
+struct Paid(Arc<Signer>);
+
+impl Drop for Paid {
+    fn drop(&mut self) {
+        self.0
+            .paid
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 }
 
@@ -362,19 +435,45 @@ async fn serve_stream(
             return;
         }
     };
+    let paid = user.as_deref().filter(|u| *u != NO_USER).map(|_| {
+        signer
+            .paid
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Paid(signer.clone())
+    });
     while let Some(ev) = events.next().await {
         let last = !matches!(ev, Ok(Event::Delta(_)));
-        // Receipts are for paid requests (Nexus sets the payer); unbilled ones skip the signature.
+        // Receipts are for paid requests (Nexus sets the payer) and probes (the zero user);
+        // unbilled ones skip them. A probe's is signed alone, a paid one's in a batch.
+        let mut batch = None;
         if let Ok(Event::Done { usage, .. }) = &ev
-            && user.is_some()
-            && let Some(r) = signer.receipt(&request_id, user.as_deref(), &model, usage)
+            && let Some(u) = user.as_deref()
         {
+            let mut r = signer.receipt(&request_id, u, &model, usage);
+            let leaf = match (&paid, r.struct_hash()) {
+                (_, Err(e)) => {
+                    tracing::warn!(request_id, error = %e, "cannot build the usage receipt");
+                    None
+                }
+                (Some(_), Ok(leaf)) => Some(leaf),
+                (None, Ok(_)) => {
+                    match r.clone().sign(&signer.key) {
+                        Ok(signed) => r = signed,
+                        Err(e) => tracing::warn!(request_id, error = %e, "cannot sign the receipt"),
+                    }
+                    None
+                }
+            };
             let receipt = NodeFrame::Event {
                 stream: id,
                 event: LinkEvent::Receipt(r),
             };
             if out.send(receipt).await.is_err() {
                 return;
+            }
+            if let Some(leaf) = leaf {
+                let alone = signer.paid.load(std::sync::atomic::Ordering::Acquire) <= 1;
+                batch = signer.add(&request_id, leaf, alone);
             }
         }
         let event = match ev {
@@ -385,8 +484,15 @@ async fn serve_stream(
             .send(NodeFrame::Event { stream: id, event })
             .await
             .is_err()
-            || last
         {
+            return;
+        }
+        if let Some(b) = batch
+            && out.send(b).await.is_err()
+        {
+            return;
+        }
+        if last {
             return;
         }
     }
