@@ -11,13 +11,16 @@ import {LAIToken} from "./LAIToken.sol";
 /// them: the faucet, an exchange) and withdraws it. Settlement (the Tokenomics contract, holder of
 /// SETTLER_ROLE) debits users for the inference they used; the debited LAI moves to Tokenomics.
 /// Starter credits (the faucet) are granted in idempotent batches minted straight into custody,
-/// within the mint allowance governance gave this contract.
+/// within the mint allowance governance gave this contract. Withdrawals of custodial users (whose
+/// key is Nexus's) are released in idempotent batches by the holder of WITHDRAWER_ROLE after
+/// Nexus debited the off-chain credit.
 /// Invariant: token.balanceOf(this) == totalBalances == Σ balanceOf.
 contract UserRegistry is AccessControl {
     using SafeERC20 for IERC20;
 
     bytes32 public constant SETTLER_ROLE = keccak256("SETTLER_ROLE");
     bytes32 public constant FAUCET_ROLE = keccak256("FAUCET_ROLE");
+    bytes32 public constant WITHDRAWER_ROLE = keccak256("WITHDRAWER_ROLE");
 
     uint256 public constant MAX_BATCH = 2_048;
 
@@ -28,12 +31,17 @@ contract UserRegistry is AccessControl {
     mapping(address user => uint256) public balanceOf;
     uint256 public totalBalances;
     mapping(bytes32 grantId => bool) public granted;
+    mapping(bytes32 batchId => bool) public withdrawalApplied;
 
     event Registered(address indexed user, bytes32 indexed accountId);
     event Deposited(address indexed user, address indexed from, uint256 amount);
     event Withdrawn(address indexed user, address indexed to, uint256 amount);
     event Granted(bytes32 indexed grantId, uint256 users, uint256 total);
     event GrantAlreadyApplied(bytes32 indexed grantId);
+    event WithdrawalBatch(bytes32 indexed batchId, uint256 users, uint256 total);
+    event WithdrawalBatchAlreadyApplied(bytes32 indexed batchId);
+    /// A user's custody held less than the batch asked to release for them: `paid` was sent.
+    event WithdrawalShortfall(bytes32 indexed batchId, address indexed user, uint256 requested, uint256 paid);
 
     error ZeroAmount();
     error ZeroAccount();
@@ -41,6 +49,7 @@ contract UserRegistry is AccessControl {
     error AccountTaken(bytes32 accountId, address user);
     error InsufficientBalance(address user, uint256 balance, uint256 requested);
     error LengthMismatch(uint256 users, uint256 amounts);
+    error BadDestination(uint256 index, address to);
     error BatchTooLarge(uint256 entries, uint256 max);
 
     constructor(address admin, IERC20 token_) {
@@ -109,6 +118,52 @@ contract UserRegistry is AccessControl {
         totalBalances += total;
         if (total != 0) LAIToken(address(token)).mint(address(this), total);
         emit Granted(grantId, n, total);
+        return true;
+    }
+
+    /// Releases withdrawals Nexus already debited off-chain (batch `batchId`, applied at most
+    /// once: resending an applied id changes nothing and emits WithdrawalBatchAlreadyApplied).
+    /// Each `users[i]`'s custody pays up to `amounts[i]` to `to[i]`; a user whose custody holds
+    /// less (it withdrew on-chain itself meanwhile) pays what it holds and the difference is
+    /// reported by WithdrawalShortfall, so one such user can never block a whole batch.
+    /// @return applied false when the batch had already been applied.
+    function withdrawBatch(
+        bytes32 batchId,
+        address[] calldata users,
+        address[] calldata to,
+        uint256[] calldata amounts
+    ) external onlyRole(WITHDRAWER_ROLE) returns (bool applied) {
+        if (withdrawalApplied[batchId]) {
+            emit WithdrawalBatchAlreadyApplied(batchId);
+            return false;
+        }
+        uint256 n = users.length;
+        if (amounts.length != n) revert LengthMismatch(n, amounts.length);
+        if (to.length != n) revert LengthMismatch(n, to.length);
+        if (n > MAX_BATCH) revert BatchTooLarge(n, MAX_BATCH);
+        withdrawalApplied[batchId] = true;
+        uint256 total;
+        for (uint256 i; i < n; ++i) {
+            address user = users[i];
+            address dest = to[i];
+            if (dest == address(0) || dest == address(this)) revert BadDestination(i, dest);
+            uint256 balance = balanceOf[user];
+            uint256 amount = amounts[i];
+            uint256 take = amount <= balance ? amount : balance;
+            unchecked {
+                balanceOf[user] = balance - take;
+                total += take;
+            }
+            if (take != amount) emit WithdrawalShortfall(batchId, user, amount, take);
+            if (take != 0) {
+                token.safeTransfer(dest, take);
+                emit Withdrawn(user, dest, take);
+            }
+        }
+        unchecked {
+            totalBalances -= total;
+        }
+        emit WithdrawalBatch(batchId, n, total);
         return true;
     }
 

@@ -47,6 +47,7 @@ abstract contract Base is Test {
 
         users.grantRole(users.SETTLER_ROLE(), address(tokenomics));
         users.grantRole(users.FAUCET_ROLE(), operator);
+        users.grantRole(users.WITHDRAWER_ROLE(), operator);
         token.setMintAllowance(address(users), FAUCET_BUDGET);
         token.setMintAllowance(address(tokenomics), EMISSION_BUDGET);
         token.setMintAllowance(admin, ADMIN_BUDGET);

@@ -13,12 +13,18 @@ contract UserRegistryTest is Base {
 
     bytes32 internal constant ALICE_ACCOUNT = keccak256("acct_alice");
     bytes32 internal constant GRANT = keccak256("grant-1");
+    bytes32 internal constant WITHDRAWAL = keccak256("withdraw-1");
+    address internal carol = makeAddr("carol");
+    address internal dave = makeAddr("dave");
 
     event Registered(address indexed user, bytes32 indexed accountId);
     event Deposited(address indexed user, address indexed from, uint256 amount);
     event Withdrawn(address indexed user, address indexed to, uint256 amount);
     event Granted(bytes32 indexed grantId, uint256 users, uint256 total);
     event GrantAlreadyApplied(bytes32 indexed grantId);
+    event WithdrawalBatch(bytes32 indexed batchId, uint256 users, uint256 total);
+    event WithdrawalBatchAlreadyApplied(bytes32 indexed batchId);
+    event WithdrawalShortfall(bytes32 indexed batchId, address indexed user, uint256 requested, uint256 paid);
 
     function setUp() public override {
         super.setUp();
@@ -323,6 +329,156 @@ contract UserRegistryTest is Base {
         vm.expectRevert(_unauthorized(stranger, users.SETTLER_ROLE()));
         vm.prank(stranger);
         users.settleDebits(_pair(alice, bob), _pair(100, 0));
+    }
+
+    // ------------------------------------------------------------------ withdrawBatch
+
+    function _withdrawBatch(bytes32 id, address[] memory who, address[] memory to, uint256[] memory amounts)
+        internal
+        returns (bool)
+    {
+        vm.prank(operator);
+        return users.withdrawBatch(id, who, to, amounts);
+    }
+
+    function test_WithdrawBatch_PaysDestinationsFromCustodyAndEmits() public {
+        _grant(GRANT, _pair(alice, bob), _pair(100, 200));
+
+        vm.expectEmit(address(users));
+        emit Withdrawn(alice, carol, 40);
+        vm.expectEmit(address(users));
+        emit Withdrawn(bob, dave, 200);
+        vm.expectEmit(address(users));
+        emit WithdrawalBatch(WITHDRAWAL, 2, 240);
+        assertTrue(_withdrawBatch(WITHDRAWAL, _pair(alice, bob), _pair(carol, dave), _pair(40, 200)));
+
+        assertEq(users.balanceOf(alice), 60);
+        assertEq(users.balanceOf(bob), 0);
+        assertEq(users.totalBalances(), 60);
+        assertEq(token.balanceOf(carol), 40);
+        assertEq(token.balanceOf(dave), 200);
+        assertTrue(users.withdrawalApplied(WITHDRAWAL));
+        _assertCustody();
+    }
+
+    function test_WithdrawBatch_AppliedOnce_SecondCallIsNoOp() public {
+        _grant(GRANT, _pair(alice, bob), _pair(100, 200));
+        _withdrawBatch(WITHDRAWAL, _pair(alice, bob), _pair(carol, dave), _pair(40, 50));
+
+        vm.expectEmit(address(users));
+        emit WithdrawalBatchAlreadyApplied(WITHDRAWAL);
+        assertFalse(_withdrawBatch(WITHDRAWAL, _pair(alice, bob), _pair(carol, dave), _pair(40, 50)));
+
+        assertEq(users.balanceOf(alice), 60);
+        assertEq(users.balanceOf(bob), 150);
+        assertEq(token.balanceOf(carol), 40);
+        assertEq(token.balanceOf(dave), 50);
+        _assertCustody();
+
+        // Even malformed entries under an applied id are a no-op rather than a revert.
+        address[] memory one = new address[](1);
+        assertFalse(_withdrawBatch(WITHDRAWAL, one, _pair(carol, dave), _pair(1, 2)));
+    }
+
+    function test_WithdrawBatch_ShortfallPaysWhatCustodyHolds() public {
+        _deposit(alice, 100);
+        vm.prank(alice);
+        users.withdraw(70, alice);
+
+        vm.expectEmit(address(users));
+        emit WithdrawalShortfall(WITHDRAWAL, alice, 50, 30);
+        vm.expectEmit(address(users));
+        emit WithdrawalShortfall(WITHDRAWAL, bob, 10, 0);
+        vm.expectEmit(address(users));
+        emit WithdrawalBatch(WITHDRAWAL, 2, 30);
+        assertTrue(_withdrawBatch(WITHDRAWAL, _pair(alice, bob), _pair(carol, dave), _pair(50, 10)));
+
+        assertEq(users.balanceOf(alice), 0);
+        assertEq(token.balanceOf(carol), 30);
+        assertEq(token.balanceOf(dave), 0);
+        assertTrue(users.withdrawalApplied(WITHDRAWAL));
+        _assertCustody();
+    }
+
+    function test_WithdrawBatch_SameUserTwiceDrawsOnRemainingBalance() public {
+        _deposit(alice, 100);
+        assertTrue(_withdrawBatch(WITHDRAWAL, _pair(alice, alice), _pair(carol, dave), _pair(80, 80)));
+        assertEq(token.balanceOf(carol), 80);
+        assertEq(token.balanceOf(dave), 20);
+        assertEq(users.balanceOf(alice), 0);
+        _assertCustody();
+    }
+
+    function test_WithdrawBatch_DoesNotTouchTheSettlementOrGrantIds() public {
+        _grant(GRANT, _pair(alice, bob), _pair(100, 200));
+        // The same 32 bytes as a grant id: the two id spaces are separate.
+        assertTrue(_withdrawBatch(GRANT, _pair(alice, bob), _pair(carol, dave), _pair(1, 1)));
+        assertFalse(_grant(GRANT, _pair(alice, bob), _pair(100, 200)));
+        assertEq(users.balanceOf(alice), 99);
+    }
+
+    function test_Revert_When_WithdrawBatchLengthMismatch_IdNotConsumed() public {
+        address[] memory one = new address[](1);
+        one[0] = alice;
+        vm.expectRevert(abi.encodeWithSelector(UserRegistry.LengthMismatch.selector, 1, 2));
+        _withdrawBatch(WITHDRAWAL, one, one, _pair(1, 2));
+        vm.expectRevert(abi.encodeWithSelector(UserRegistry.LengthMismatch.selector, 2, 1));
+        _withdrawBatch(WITHDRAWAL, _pair(alice, bob), one, _pair(1, 2));
+        assertFalse(users.withdrawalApplied(WITHDRAWAL));
+    }
+
+    function test_Revert_When_WithdrawBatchTooLarge() public {
+        uint256 n = users.MAX_BATCH() + 1;
+        vm.expectRevert(abi.encodeWithSelector(UserRegistry.BatchTooLarge.selector, n, n - 1));
+        _withdrawBatch(WITHDRAWAL, new address[](n), new address[](n), new uint256[](n));
+    }
+
+    function test_Revert_When_WithdrawBatchToZeroOrCustody_IdNotConsumed() public {
+        _deposit(alice, 100);
+        vm.expectRevert(abi.encodeWithSelector(UserRegistry.BadDestination.selector, 1, address(0)));
+        _withdrawBatch(WITHDRAWAL, _pair(alice, alice), _pair(carol, address(0)), _pair(1, 1));
+        vm.expectRevert(abi.encodeWithSelector(UserRegistry.BadDestination.selector, 0, address(users)));
+        _withdrawBatch(WITHDRAWAL, _pair(alice, alice), _pair(address(users), carol), _pair(1, 1));
+        assertFalse(users.withdrawalApplied(WITHDRAWAL));
+        assertEq(users.balanceOf(alice), 100);
+        assertEq(token.balanceOf(carol), 0);
+    }
+
+    function test_Revert_When_WithdrawBatchByNonWithdrawer() public {
+        _deposit(alice, 100);
+        bytes32 role = users.WITHDRAWER_ROLE();
+        vm.expectRevert(_unauthorized(stranger, role));
+        vm.prank(stranger);
+        users.withdrawBatch(WITHDRAWAL, _pair(alice, bob), _pair(carol, dave), _pair(1, 0));
+        // Neither the settler nor the faucet role may release custody.
+        vm.expectRevert(_unauthorized(settler, role));
+        vm.prank(settler);
+        users.withdrawBatch(WITHDRAWAL, _pair(alice, bob), _pair(carol, dave), _pair(1, 0));
+        bytes32 faucet = users.FAUCET_ROLE();
+        vm.prank(admin);
+        users.grantRole(faucet, stranger);
+        vm.expectRevert(_unauthorized(stranger, role));
+        vm.prank(stranger);
+        users.withdrawBatch(WITHDRAWAL, _pair(alice, bob), _pair(carol, dave), _pair(1, 0));
+        assertEq(users.balanceOf(alice), 100);
+    }
+
+    function testFuzz_WithdrawBatch_PaysMinOfAskedAndHeld(uint128 held, uint128 asked, uint128 other) public {
+        held = uint128(bound(held, 0, 1_000_000 * LAI));
+        other = uint128(bound(other, 1, 1_000_000 * LAI));
+        if (held != 0) _deposit(alice, held);
+        _deposit(bob, other);
+        uint256 paid = asked <= held ? asked : held;
+
+        assertTrue(_withdrawBatch(WITHDRAWAL, _pair(alice, bob), _pair(carol, dave), _pair(asked, other)));
+        assertFalse(_withdrawBatch(WITHDRAWAL, _pair(alice, bob), _pair(carol, dave), _pair(asked, other)));
+
+        assertEq(token.balanceOf(carol), paid);
+        assertEq(users.balanceOf(alice), held - paid);
+        assertEq(token.balanceOf(dave), other);
+        assertEq(users.balanceOf(bob), 0);
+        assertEq(users.totalBalances(), held - paid);
+        _assertCustody();
     }
 
     function testFuzz_DepositWithdraw_CustodyMatchesBalances(uint128 deposited, uint128 withdrawn) public {

@@ -15,7 +15,7 @@ contract ProtocolInvariantTest is StdInvariant, Base {
         super.setUp();
         handler = new ProtocolHandler(token, users, registry, status, tokenomics, admin, operator, treasury);
 
-        bytes4[] memory selectors = new bytes4[](17);
+        bytes4[] memory selectors = new bytes4[](18);
         selectors[0] = ProtocolHandler.deposit.selector;
         selectors[1] = ProtocolHandler.depositFor.selector;
         selectors[2] = ProtocolHandler.withdraw.selector;
@@ -33,6 +33,7 @@ contract ProtocolInvariantTest is StdInvariant, Base {
         selectors[14] = ProtocolHandler.claim.selector;
         selectors[15] = ProtocolHandler.warp.selector;
         selectors[16] = ProtocolHandler.settleBatch.selector; // settlement twice as likely
+        selectors[17] = ProtocolHandler.withdrawBatch.selector;
         targetSelector(FuzzSelector({addr: address(handler), selectors: selectors}));
         targetContract(address(handler));
     }
@@ -123,6 +124,12 @@ contract ProtocolInvariantTest is StdInvariant, Base {
             assertLe(applied, 1, "grant batch applied twice");
             assertEq(applied == 1, users.granted(id), "granted flag");
         }
+        for (uint256 i; i < handler.withdrawIdCount(); ++i) {
+            bytes32 id = handler.withdrawIds(i);
+            uint256 applied = handler.withdrawApplications(id);
+            assertLe(applied, 1, "withdrawal batch applied twice");
+            assertEq(applied == 1, users.withdrawalApplied(id), "withdrawal flag");
+        }
     }
 
     /// (f) Every token is held by someone the handler knows: no LAI leaks to an unknown address.
@@ -142,7 +149,7 @@ contract ProtocolInvariantTest is StdInvariant, Base {
         assertEq(token.totalSupply(), held, "supply != sum of known holders");
     }
 
-    /// Settlements, grants within budget and claims never revert.
+    /// Settlements, withdrawal batches, grants within budget and claims never revert.
     function invariant_NoUnexpectedReverts() public view {
         assertEq(handler.unexpectedReverts(), 0);
     }

@@ -29,11 +29,13 @@ contract ProtocolHandler is CommonBase, StdUtils {
     address[] public stakerActors;
     bytes32[] public settleIds;
     bytes32[] public grantIds;
+    bytes32[] public withdrawIds;
 
     /// Everything minted, by anyone, since the token was deployed.
     uint256 public ghostMinted;
     mapping(bytes32 id => uint256) public settleApplications;
     mapping(bytes32 id => uint256) public grantApplications;
+    mapping(bytes32 id => uint256) public withdrawApplications;
     /// Calls that must always succeed (claims, settlements, grants within budget) but reverted.
     uint256 public unexpectedReverts;
     /// Block time, re-applied at the start of every action so warps persist across calls.
@@ -64,6 +66,7 @@ contract ProtocolHandler is CommonBase, StdUtils {
         }
         for (uint256 i; i < 3; ++i) {
             grantIds.push(keccak256(abi.encode("grant", i)));
+            withdrawIds.push(keccak256(abi.encode("withdraw", i)));
         }
         // Two nodes stake for themselves, the operator sponsors the third.
         uint256 minStake = registry.minStake();
@@ -103,6 +106,10 @@ contract ProtocolHandler is CommonBase, StdUtils {
 
     function grantIdCount() external view returns (uint256) {
         return grantIds.length;
+    }
+
+    function withdrawIdCount() external view returns (uint256) {
+        return withdrawIds.length;
     }
 
     // ------------------------------------------------------------------ users
@@ -152,6 +159,28 @@ contract ProtocolHandler is CommonBase, StdUtils {
                 grantApplications[id]++;
                 ghostMinted += total;
             }
+        } catch {
+            unexpectedReverts++;
+        }
+    }
+
+    /// A withdrawal batch of up to 4 random lines (user custody → a user's or a staker's wallet);
+    /// amounts may exceed what users hold (shortfalls), and ids are often resent.
+    function withdrawBatch(uint256 idSeed, uint256 seed, uint256 count) external action {
+        bytes32 id = withdrawIds[idSeed % withdrawIds.length];
+        uint256 n = count % 5;
+        address[] memory who = new address[](n);
+        address[] memory to = new address[](n);
+        uint256[] memory amounts = new uint256[](n);
+        for (uint256 i; i < n; ++i) {
+            uint256 r = uint256(keccak256(abi.encode(seed, i)));
+            who[i] = _pick(userActors, r);
+            to[i] = (r >> 8) % 2 == 0 ? _pick(userActors, r >> 16) : _pick(stakerActors, r >> 16);
+            amounts[i] = (r >> 24) % (300 * LAI);
+        }
+        vm.prank(operator);
+        try users.withdrawBatch(id, who, to, amounts) returns (bool applied) {
+            if (applied) withdrawApplications[id]++;
         } catch {
             unexpectedReverts++;
         }

@@ -4,7 +4,7 @@
 //! its state persisted on disk — the default for `lattice up`) or on any EVM node over JSON-RPC
 //! ([`Rpc`], e.g. anvil). [`Protocol`] deploys the five contracts (the committed artifacts in
 //! `contracts/artifacts/`, so neither Node nor solc is needed to build) and wraps the calls Nexus
-//! makes: idempotent faucet grants and usage settlement, node registration and status, balances.
+//! makes: idempotent faucet grants, usage settlement and withdrawals, node registration and status, balances.
 
 mod bindings;
 mod embedded;
@@ -17,7 +17,8 @@ pub use bindings::{LAIToken, NetworkStatus, NodeRegistry, Tokenomics, UserRegist
 pub use embedded::{Embedded, TX_GAS_LIMIT};
 pub use protocol::{
     DeployParams, Deployment, Deposit, FeeSplit, GrantEntry, NodeOffer, NodeState, PoolState,
-    Protocol, SettleEntry, StakePosition, Submitted, deposit_calls, stake_calls,
+    Protocol, SettleEntry, Shortfall, StakePosition, Submitted, WithdrawEntry, deposit_calls,
+    stake_calls,
 };
 pub use rpc::Rpc;
 

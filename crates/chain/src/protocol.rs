@@ -80,6 +80,22 @@ pub struct GrantEntry {
     pub amount: U256,
 }
 
+/// One line of a withdrawal batch: custody of `user` pays `amount` to `to`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WithdrawEntry {
+    pub user: Address,
+    pub to: Address,
+    pub amount: U256,
+}
+
+/// A withdrawal line the chain paid only in part (custody held less than asked).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Shortfall {
+    pub user: Address,
+    pub requested: U256,
+    pub paid: U256,
+}
+
 /// What a node offers, as registered on-chain.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeOffer {
@@ -293,9 +309,10 @@ impl Protocol {
             }
             .abi_encode()
         };
-        let wiring: [(Address, Vec<u8>); 10] = [
+        let wiring: [(Address, Vec<u8>); 11] = [
             (users, grant("SETTLER_ROLE", tokenomics)),
             (users, grant("FAUCET_ROLE", admin)),
+            (users, grant("WITHDRAWER_ROLE", admin)),
             (token, allowance(users, params.faucet_budget)),
             (token, allowance(tokenomics, params.emission_budget)),
             (token, allowance(admin, params.operator_budget)),
@@ -454,6 +471,82 @@ impl Protocol {
         self.call(
             self.deployment.users,
             UserRegistry::grantedCall { grantId: id },
+        )
+        .await
+    }
+
+    /// Submits withdrawal batch `id` (custody → destination wallets, for withdrawals already
+    /// debited off-chain); applying an id that was already applied changes nothing. Lines the
+    /// custody could only pay in part are returned as shortfalls.
+    pub async fn withdraw_batch(
+        &self,
+        id: B256,
+        entries: &[WithdrawEntry],
+    ) -> Result<(Submitted, Vec<Shortfall>), ChainError> {
+        let receipt = self
+            .send(
+                self.deployment.users,
+                UserRegistry::withdrawBatchCall {
+                    batchId: id,
+                    users: entries.iter().map(|e| e.user).collect(),
+                    to: entries.iter().map(|e| e.to).collect(),
+                    amounts: entries.iter().map(|e| e.amount).collect(),
+                }
+                .abi_encode(),
+            )
+            .await?;
+        let submitted = applied::<
+            UserRegistry::WithdrawalBatch,
+            UserRegistry::WithdrawalBatchAlreadyApplied,
+        >(&receipt)?;
+        let mut shortfalls = Vec::new();
+        for log in &receipt.logs {
+            if log.topics().first() != Some(&UserRegistry::WithdrawalShortfall::SIGNATURE_HASH) {
+                continue;
+            }
+            let s = UserRegistry::WithdrawalShortfall::decode_log(log)
+                .map_err(|e| ChainError::Decode(e.to_string()))?;
+            shortfalls.push(Shortfall {
+                user: s.user,
+                requested: s.requested,
+                paid: s.paid,
+            });
+        }
+        Ok((submitted, shortfalls))
+    }
+
+    /// The transaction that applied withdrawal batch `id`, if its `WithdrawalBatch` event is
+    /// in blocks `from..=to` (scanned in spans of 5,000 blocks).
+    pub async fn withdrawal_tx(
+        &self,
+        id: B256,
+        from: u64,
+        to: u64,
+    ) -> Result<Option<B256>, ChainError> {
+        const SPAN: u64 = 5_000;
+        let mut start = from;
+        while start <= to {
+            let end = to.min(start.saturating_add(SPAN - 1));
+            for l in self.chain.logs(self.deployment.users, start, end).await? {
+                let topics = l.log.topics();
+                if topics.first() == Some(&UserRegistry::WithdrawalBatch::SIGNATURE_HASH)
+                    && topics.get(1) == Some(&id)
+                {
+                    return Ok(Some(l.tx_hash));
+                }
+            }
+            if end == u64::MAX {
+                break;
+            }
+            start = end + 1;
+        }
+        Ok(None)
+    }
+
+    pub async fn withdrawal_applied(&self, id: B256) -> Result<bool, ChainError> {
+        self.call(
+            self.deployment.users,
+            UserRegistry::withdrawalAppliedCall { batchId: id },
         )
         .await
     }

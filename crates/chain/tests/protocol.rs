@@ -6,7 +6,7 @@ use std::sync::Arc;
 use alloy::node_bindings::Anvil;
 use lattice_chain::{
     Address, B256, Chain, ChainError, DeployParams, Embedded, GrantEntry, NodeOffer,
-    PrivateKeySigner, Protocol, Rpc, SettleEntry, U256,
+    PrivateKeySigner, Protocol, Rpc, SettleEntry, Shortfall, U256, WithdrawEntry,
 };
 
 fn addr(n: u8) -> Address {
@@ -23,8 +23,8 @@ fn anvil_path() -> std::path::PathBuf {
     )
 }
 
-/// Grants, settlement (with a shortfall), idempotency by id, access control, node sponsoring
-/// and deposits — the same script on any chain.
+/// Grants, settlement (with a shortfall), idempotency by id, access control, node sponsoring,
+/// deposits and withdrawal batches — the same script on any chain.
 async fn exercise(chain: Chain, operator: PrivateKeySigner) {
     let treasury = addr(0xee);
     let p = Protocol::deploy(
@@ -144,6 +144,76 @@ async fn exercise(chain: Chain, operator: PrivateKeySigner) {
     assert_eq!(deposits[0].from, operator_key);
     assert_eq!(deposits[0].amount, U256::from(5));
     assert_eq!(p.user_balance(alice).await.unwrap(), U256::from(75));
+
+    // A withdrawal batch pays destinations from custody, once per id; bob's custody is empty,
+    // so his line is a shortfall and the batch still applies.
+    let (dest_a, dest_b) = (addr(20), addr(21));
+    let withdrawal = B256::repeat_byte(4);
+    let lines = [
+        WithdrawEntry {
+            user: alice,
+            to: dest_a,
+            amount: U256::from(25),
+        },
+        WithdrawEntry {
+            user: bob,
+            to: dest_b,
+            amount: U256::from(5),
+        },
+    ];
+    assert!(!p.withdrawal_applied(withdrawal).await.unwrap());
+    let (sent, shortfalls) = p.withdraw_batch(withdrawal, &lines).await.unwrap();
+    assert!(sent.applied, "first withdrawal batch applies");
+    assert_eq!(
+        shortfalls,
+        vec![Shortfall {
+            user: bob,
+            requested: U256::from(5),
+            paid: U256::ZERO
+        }]
+    );
+    let (resent, shortfalls) = p.withdraw_batch(withdrawal, &lines).await.unwrap();
+    assert!(!resent.applied, "resent withdrawal batch is a no-op");
+    assert!(shortfalls.is_empty());
+    assert!(p.withdrawal_applied(withdrawal).await.unwrap());
+    let head = p.chain().block_number().await.unwrap();
+    assert_eq!(
+        p.withdrawal_tx(withdrawal, 0, head).await.unwrap(),
+        Some(sent.tx_hash),
+        "the applying transaction is found by the batch id"
+    );
+    assert_eq!(
+        p.withdrawal_tx(B256::repeat_byte(9), 0, head)
+            .await
+            .unwrap(),
+        None
+    );
+    assert!(
+        !p.grant_applied(withdrawal).await.unwrap(),
+        "a withdrawal id is not a grant id"
+    );
+    assert_eq!(p.user_balance(alice).await.unwrap(), U256::from(50));
+    assert_eq!(p.token_balance(dest_a).await.unwrap(), U256::from(25));
+    assert_eq!(p.token_balance(dest_b).await.unwrap(), U256::ZERO);
+    let latest_after = p.chain().block_number().await.unwrap();
+    assert!(
+        p.deposits(latest + 1, latest_after)
+            .await
+            .unwrap()
+            .is_empty(),
+        "a withdrawal is not a deposit"
+    );
+    // Only the withdrawer role (the operator) may release custody.
+    match stranger.withdraw_batch(B256::repeat_byte(5), &lines).await {
+        Err(ChainError::Reverted(reason)) => {
+            assert!(
+                reason.contains("AccessControlUnauthorizedAccount"),
+                "{reason}"
+            )
+        }
+        other => panic!("a stranger withdrew: {other:?}"),
+    }
+    assert_eq!(p.user_balance(alice).await.unwrap(), U256::from(50));
 }
 
 #[tokio::test(flavor = "current_thread")]
