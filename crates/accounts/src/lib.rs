@@ -1,7 +1,7 @@
 //! Nexus's accounts and money store: users and the ways they sign in (SIWE, passkeys, OpenID
 //! Connect — all through [`Accounts::sign_in`]), sessions, API keys, the faucet, the ledger
-//! (see [`ledger`]), usage and opt-in chat history. SQLite by default, PostgreSQL when
-//! configured — the same migrations and queries.
+//! (see [`ledger`]), withdrawals to the chain, usage and opt-in chat history. SQLite by
+//! default, PostgreSQL when configured — the same migrations and queries.
 
 mod db;
 mod history;
@@ -13,6 +13,7 @@ mod settlement;
 pub mod siwe;
 mod usage;
 mod users;
+mod withdrawals;
 
 use std::time::Duration;
 
@@ -34,6 +35,7 @@ pub use webauthn_rs::prelude::{
     CreationChallengeResponse, PublicKeyCredential, RegisterPublicKeyCredential,
     RequestChallengeResponse,
 };
+pub use withdrawals::{WithdrawError, Withdrawal, WithdrawalLimits, WithdrawalStatus};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -76,6 +78,7 @@ pub struct AccountsConfig {
     /// Passkey relying party; `None` turns passkeys off.
     pub passkeys: Option<PasskeyConfig>,
     pub ledger: LedgerConfig,
+    pub withdrawals: WithdrawalLimits,
 }
 
 impl Default for AccountsConfig {
@@ -91,6 +94,7 @@ impl Default for AccountsConfig {
             chain_id: 31337,
             passkeys: None,
             ledger: LedgerConfig::default(),
+            withdrawals: WithdrawalLimits::default(),
         }
     }
 }

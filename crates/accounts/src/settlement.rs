@@ -24,6 +24,8 @@ pub enum BatchKind {
     Grant,
     /// Usage moved from users to nodes.
     Settle,
+    /// Debited withdrawals released from users' custody to their destinations.
+    Withdraw,
 }
 
 impl BatchKind {
@@ -31,6 +33,7 @@ impl BatchKind {
         match self {
             BatchKind::Grant => "grant",
             BatchKind::Settle => "settle",
+            BatchKind::Withdraw => "withdraw",
         }
     }
 
@@ -38,18 +41,23 @@ impl BatchKind {
         match s {
             "grant" => Ok(BatchKind::Grant),
             "settle" => Ok(BatchKind::Settle),
+            "withdraw" => Ok(BatchKind::Withdraw),
             other => Err(StoreError::Corrupt(format!("unknown batch kind {other}"))),
         }
     }
 }
 
-/// One line of a batch: netted per user (grants) or per (user, node) (settlement).
+/// One line of a batch: netted per user (grants), per (user, node) (settlement) or per
+/// (user, destination) (withdrawals).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BatchEntry {
     /// The user's on-chain address.
     pub user: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
+    /// Where a withdrawal line pays to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
     pub amount: Money,
     #[serde(default)]
     pub tokens: u64,
@@ -76,6 +84,7 @@ pub struct Expected {
     pub granted: Money,
     pub deposited: Money,
     pub settled: Money,
+    pub withdrawn: Money,
 }
 
 impl Expected {
@@ -83,7 +92,8 @@ impl Expected {
     pub fn balance(&self) -> Option<Money> {
         self.granted
             .checked_add(self.deposited)?
-            .checked_sub(self.settled)
+            .checked_sub(self.settled)?
+            .checked_sub(self.withdrawn)
     }
 }
 
@@ -100,6 +110,10 @@ pub struct ChainPosition {
     pub unminted: Money,
     /// Charges not yet settled on-chain.
     pub unsettled: Money,
+    /// Withdrawals paid out of custody by confirmed withdrawal batches.
+    pub withdrawn: Money,
+    /// Withdrawals debited off-chain and not yet confirmed on-chain.
+    pub withdrawing: Money,
 }
 
 impl ChainPosition {
@@ -107,7 +121,8 @@ impl ChainPosition {
     pub fn expected_custody(&self) -> Option<Money> {
         self.granted
             .checked_add(self.deposited)?
-            .checked_sub(self.settled)
+            .checked_sub(self.settled)?
+            .checked_sub(self.withdrawn)
     }
 }
 
@@ -149,7 +164,8 @@ impl Accounts {
         let rows = match kind {
             BatchKind::Grant => {
                 sqlx::query(&format!(
-                    "SELECT i.op AS item, u.address, NULL AS node, i.amount, 0 AS tokens
+                    "SELECT i.op AS item, u.address, NULL AS node, NULL AS dest, i.amount,
+                            0 AS tokens
                      FROM chain_grants i JOIN users u ON u.id = i.user_id
                      WHERE i.batch_id IS NULL ORDER BY i.created_at, i.op LIMIT $1{lock}"
                 ))
@@ -159,7 +175,7 @@ impl Accounts {
             }
             BatchKind::Settle => {
                 sqlx::query(&format!(
-                    "SELECT i.request_id AS item, u.address, i.node, i.amount,
+                    "SELECT i.request_id AS item, u.address, i.node, NULL AS dest, i.amount,
                             COALESCE(r.prompt_tokens + r.completion_tokens, 0) AS tokens
                      FROM charges i JOIN users u ON u.id = i.user_id
                      LEFT JOIN usage_records r ON r.request_id = i.request_id
@@ -170,25 +186,41 @@ impl Accounts {
                 .fetch_all(&mut *tx)
                 .await?
             }
+            // Only withdrawals whose debit is durably in the ledger (its op is applied).
+            BatchKind::Withdraw => {
+                sqlx::query(&format!(
+                    "SELECT i.op AS item, u.address, NULL AS node, i.destination AS dest, i.amount,
+                            0 AS tokens
+                     FROM withdrawals i JOIN users u ON u.id = i.user_id
+                     JOIN applied_ops a ON a.op = i.op
+                     WHERE i.batch_id IS NULL
+                     ORDER BY i.seq LIMIT $1{lock}"
+                ))
+                .bind(limit)
+                .fetch_all(&mut *tx)
+                .await?
+            }
         };
         // Net per line, in order of first appearance; items past the last line that fits wait
         // for the next batch.
         let mut lines: Vec<BatchEntry> = Vec::new();
-        let mut index: BTreeMap<(String, Option<String>), usize> = BTreeMap::new();
+        let mut index: BTreeMap<(String, Option<String>, Option<String>), usize> = BTreeMap::new();
         let mut items = Vec::new();
         for r in rows {
             let item: String = r.try_get("item")?;
             let user: String = r.try_get("address")?;
             let node: Option<String> = r.try_get("node")?;
+            let to: Option<String> = r.try_get("dest")?;
             let amount = parse_money(&r.try_get::<String, _>("amount")?)?;
             let tokens = u64::try_from(r.try_get::<i64, _>("tokens")?).unwrap_or(0);
-            let key = (user.clone(), node.clone());
+            let key = (user.clone(), node.clone(), to.clone());
             let i = match index.get(&key) {
                 Some(&i) => i,
                 None if lines.len() < limits.max_entries => {
                     lines.push(BatchEntry {
                         user,
                         node,
+                        to,
                         amount: Money::ZERO,
                         tokens: 0,
                         requests: 0,
@@ -216,6 +248,7 @@ impl Accounts {
         let (table, key) = match kind {
             BatchKind::Grant => ("chain_grants", "op"),
             BatchKind::Settle => ("charges", "request_id"),
+            BatchKind::Withdraw => ("withdrawals", "op"),
         };
         for chunk in items.chunks(500) {
             let sql = format!(
@@ -371,7 +404,7 @@ impl Accounts {
     pub async fn chain_position(&self, user_id: &str) -> Result<ChainPosition, StoreError> {
         let mut out = ChainPosition::default();
         type Field = fn(&mut ChainPosition) -> &mut Money;
-        let queries: [(&str, Field); 5] = [
+        let queries: [(&str, Field); 7] = [
             (
                 "SELECT i.amount FROM chain_grants i JOIN chain_batches b ON b.id = i.batch_id
                  WHERE i.user_id = $1 AND b.status = 'confirmed'",
@@ -397,6 +430,17 @@ impl Accounts {
                  AND (i.batch_id IS NULL OR b.status <> 'confirmed')",
                 |p| &mut p.unsettled,
             ),
+            (
+                "SELECT i.amount FROM withdrawals i JOIN chain_batches b ON b.id = i.batch_id
+                 WHERE i.user_id = $1 AND b.status = 'confirmed'",
+                |p| &mut p.withdrawn,
+            ),
+            (
+                "SELECT i.amount FROM withdrawals i JOIN applied_ops a ON a.op = i.op
+                 LEFT JOIN chain_batches b ON b.id = i.batch_id
+                 WHERE i.user_id = $1 AND (i.batch_id IS NULL OR b.status <> 'confirmed')",
+                |p| &mut p.withdrawing,
+            ),
         ];
         for (sql, field) in queries {
             // Streamed: a busy account has many charges.
@@ -412,7 +456,8 @@ impl Accounts {
         Ok(out)
     }
 
-    /// Per on-chain address, what confirmed batches and credited deposits imply.
+    /// Per on-chain address, what confirmed batches (grants, settlements, withdrawals) and
+    /// credited deposits imply.
     pub async fn chain_expectations(&self) -> Result<BTreeMap<String, Expected>, StoreError> {
         let mut out: BTreeMap<String, Expected> = BTreeMap::new();
         let mut add = |address: &str, field: fn(&mut Expected) -> &mut Money, amount: Money| {
@@ -435,6 +480,7 @@ impl Accounts {
             let field: fn(&mut Expected) -> &mut Money = match b.kind {
                 BatchKind::Grant => |e| &mut e.granted,
                 BatchKind::Settle => |e| &mut e.settled,
+                BatchKind::Withdraw => |e| &mut e.withdrawn,
             };
             for line in &b.entries {
                 add(&line.user, field, line.amount)?;

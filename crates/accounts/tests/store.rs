@@ -5,8 +5,8 @@
 use std::sync::Arc;
 
 use lattice_accounts::{
-    Accounts, AccountsConfig, Db, FaucetOutcome, LedgerConfig, LedgerMode, PostError, SiweMessage,
-    UsageGroup, UsageRecord,
+    Accounts, AccountsConfig, BatchKind, BatchLimits, Db, FaucetOutcome, LedgerConfig, LedgerMode,
+    PostError, SiweMessage, UsageGroup, UsageRecord, WithdrawError, WithdrawalStatus,
 };
 use lattice_ledger::{Account, Applied, LedgerError, Money, Op, Split};
 use lattice_link::NodeKey;
@@ -583,6 +583,170 @@ async fn passkeys_register_and_sign_in(url: &str, mode: LedgerMode) {
     assert!(acc.passkey_login_start("nobody").await.is_err());
 }
 
+/// A withdrawal row as a crash right after recording it (before the ledger debit) leaves it.
+async fn left_requested(acc: &Accounts, op: &str, user: &str, to: &str, amount: Money, age: i64) {
+    let at = time::OffsetDateTime::now_utc().unix_timestamp() - age;
+    sqlx::query(
+        "INSERT INTO withdrawals (op, seq, user_id, destination, amount, status, created_at, updated_at)
+         VALUES ($1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM withdrawals), $2, $3, $4,
+                 'requested', $5, $5)",
+    )
+    .bind(op)
+    .bind(user)
+    .bind(to)
+    .bind(amount.to_string())
+    .bind(at)
+    .execute(acc.db().pool())
+    .await
+    .unwrap();
+}
+
+async fn status_of(acc: &Accounts, user: &str, op: &str) -> WithdrawalStatus {
+    acc.withdrawal(user, op).await.unwrap().unwrap().status
+}
+
+/// Withdrawals debit the ledger right after their row is recorded, refuse what the credit does
+/// not cover, are bounded, recover rows a crash left `requested` without debiting twice, and
+/// only debited ones go into a withdrawal batch, which reconciliation then counts.
+async fn withdrawals_debit_first_and_recover(url: &str, mode: LedgerMode) {
+    let acc = open(url, mode, "a").await;
+    let (user, _, key) = siwe_user(&acc, "10.0.0.9").await;
+    let dest = "0x00000000000000000000000000000000000000d1";
+    let w = acc.request_withdrawal(&user, dest, lai(3)).await.unwrap();
+    assert_eq!(w.status, WithdrawalStatus::Debited);
+    assert!(w.id.starts_with("withdraw:"), "{w:?}");
+    assert_eq!(acc.balance(&user).await.unwrap().available, lai(7));
+
+    // Beyond the credit: refused by the ledger, the row rejected, nothing moved.
+    match acc.request_withdrawal(&user, dest, lai(8)).await {
+        Err(WithdrawError::InsufficientFunds { needed, available }) => {
+            assert_eq!((needed, available), (lai(8), lai(7)));
+        }
+        other => panic!("expected insufficient funds: {other:?}"),
+    }
+    assert_eq!(acc.balance(&user).await.unwrap().available, lai(7));
+    let list = acc.withdrawals(&user).await.unwrap();
+    assert_eq!(list.len(), 2);
+    assert_eq!(list[0].status, WithdrawalStatus::Rejected, "newest first");
+    assert_eq!(list[0].reason.as_deref(), Some("insufficient credit"));
+    assert!(matches!(
+        acc.request_withdrawal(&user, dest, Money::from_units(1))
+            .await,
+        Err(WithdrawError::TooSmall { .. })
+    ));
+
+    // A crash before the debit: the recovery posts it now.
+    left_requested(&acc, "withdraw:crash-1", &user, dest, lai(2), 60).await;
+    // A crash after the debit but before the row was marked: the recovery must not debit again.
+    acc.ledger()
+        .post(Op::Withdraw {
+            op: "withdraw:crash-2".into(),
+            user: user.clone(),
+            amount: lai(1),
+        })
+        .await
+        .unwrap();
+    left_requested(&acc, "withdraw:crash-2", &user, dest, lai(1), 60).await;
+    assert_eq!(acc.balance(&user).await.unwrap().available, lai(6));
+    assert_eq!(
+        status_of(&acc, &user, "withdraw:crash-2").await,
+        WithdrawalStatus::Debited,
+        "the ledger's applied op is the truth, whatever the row says"
+    );
+    // More than the credit: rejected by the recovery.
+    left_requested(&acc, "withdraw:crash-3", &user, dest, lai(100), 60).await;
+    // Too recent to be abandoned: left alone (a live request may be debiting it).
+    left_requested(&acc, "withdraw:live", &user, dest, lai(1), 0).await;
+    let recovered = acc
+        .recover_withdrawals(std::time::Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(recovered, 3);
+    assert_eq!(acc.balance(&user).await.unwrap().available, lai(4));
+    assert_eq!(
+        status_of(&acc, &user, "withdraw:crash-1").await,
+        WithdrawalStatus::Debited
+    );
+    assert_eq!(
+        status_of(&acc, &user, "withdraw:crash-2").await,
+        WithdrawalStatus::Debited
+    );
+    assert_eq!(
+        status_of(&acc, &user, "withdraw:crash-3").await,
+        WithdrawalStatus::Rejected
+    );
+    assert_eq!(
+        status_of(&acc, &user, "withdraw:live").await,
+        WithdrawalStatus::Requested
+    );
+    let position = acc.chain_position(&user).await.unwrap();
+    assert_eq!(position.withdrawing, lai(6));
+    assert_eq!(position.withdrawn, Money::ZERO);
+
+    // Only withdrawals whose debit is applied go into the batch, netted per (user, destination).
+    let other = "0x00000000000000000000000000000000000000d2";
+    acc.request_withdrawal(&user, other, lai(1)).await.unwrap();
+    let id = format!("0x{}", "ab".repeat(32));
+    let batch = acc
+        .prepare_batch(BatchKind::Withdraw, &id, BatchLimits::default())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(batch.total, lai(7));
+    let mut lines: Vec<(String, Money)> = batch
+        .entries
+        .iter()
+        .map(|e| (e.to.clone().unwrap(), e.amount))
+        .collect();
+    lines.sort();
+    assert_eq!(
+        lines,
+        vec![(dest.to_owned(), lai(6)), (other.to_owned(), lai(1))]
+    );
+    assert!(batch.entries.iter().all(|e| e.node.is_none()));
+    assert_eq!(
+        batch.entries[0].user.to_lowercase(),
+        key.address().to_lowercase()
+    );
+    assert!(
+        acc.prepare_batch(BatchKind::Withdraw, "0x01", BatchLimits::default())
+            .await
+            .unwrap()
+            .is_none(),
+        "every debited withdrawal is in a batch; the live one is not debited"
+    );
+    assert_eq!(
+        status_of(&acc, &user, "withdraw:crash-1").await,
+        WithdrawalStatus::Sent
+    );
+    acc.confirm_batch(&id, Some("0xfeed")).await.unwrap();
+    let done = acc
+        .withdrawal(&user, "withdraw:crash-1")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(done.status, WithdrawalStatus::Confirmed);
+    assert_eq!(done.tx_hash.as_deref(), Some("0xfeed"));
+    let position = acc.chain_position(&user).await.unwrap();
+    assert_eq!(position.withdrawn, lai(7));
+    assert_eq!(position.withdrawing, Money::ZERO);
+    let expected = acc.chain_expectations().await.unwrap();
+    let mine = &expected[&key.address().to_lowercase()];
+    assert_eq!(mine.withdrawn, lai(7));
+
+    // At most `max_pending` (5) on their way: the live requested row plus four more.
+    for _ in 0..4 {
+        acc.request_withdrawal(&user, dest, Money::from_units(10u128.pow(16)))
+            .await
+            .unwrap();
+    }
+    assert!(matches!(
+        acc.request_withdrawal(&user, dest, Money::from_units(10u128.pow(16)))
+            .await,
+        Err(WithdrawError::TooManyPending { max: 5 })
+    ));
+}
+
 /// Each scenario on SQLite and PostgreSQL, with the exclusive (write-behind) and the shared
 /// (commit per batch) writer.
 macro_rules! both {
@@ -620,6 +784,7 @@ both!(old_charges_are_read_back);
 both!(api_keys_limits_and_revocation);
 both!(faucet_rate_limit_and_history);
 both!(passkeys_register_and_sign_in);
+both!(withdrawals_debit_first_and_recover);
 
 #[tokio::test]
 async fn bad_database_urls_are_clear_errors() {

@@ -644,3 +644,262 @@ async fn a_wallet_stakes_with_the_calls_nexus_builds() {
     let w = get(&format!("{}/lattice/v1/chain/accounts/{WALLET}", n.url)).await;
     assert_eq!(w["wallet"], "0", "the wallet's LAI is in the pool now: {w}");
 }
+
+const LAI: u128 = 1_000_000_000_000_000_000;
+
+/// The starter-credit grant batch is confirmed and nothing else is pending.
+async fn wait_granted(nexus: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let c = chain_state(nexus).await;
+        let granted = c["batches"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|b| b["kind"] == "grant" && b["confirmed"] == true);
+        if granted && c["pending_batches"] == 0 {
+            return c;
+        }
+        assert!(Instant::now() < deadline, "the grant never settled: {c}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn my_withdrawals(nexus: &str) -> Vec<Value> {
+    get(&format!("{nexus}/lattice/v1/account/withdrawals")).await["data"]
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+/// Waits until withdrawal `id` is confirmed on-chain; returns it.
+async fn wait_confirmed(nexus: &str, id: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let list = my_withdrawals(nexus).await;
+        let w = list.iter().find(|w| w["id"] == id).cloned();
+        if let Some(w) = &w
+            && w["status"] == "confirmed"
+        {
+            return w.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "withdrawal {id} never confirmed: {list:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn wallet_of(nexus: &str, address: &str) -> (u128, u128) {
+    let a = get(&format!("{nexus}/lattice/v1/chain/accounts/{address}")).await;
+    (units(&a["wallet"]), units(&a["custody"]))
+}
+
+/// POSTs a withdrawal without panicking when the connection drops (a Nexus that aborts).
+async fn try_withdraw(nexus: &str, body: Value) -> Option<(u16, Value)> {
+    let url = format!("{nexus}/lattice/v1/account/withdrawals");
+    let r = reqwest::Client::new()
+        .post(&url)
+        .bearer_auth(key_for(&url))
+        .json(&body)
+        .timeout(Duration::from_secs(30))
+        .send()
+        .await
+        .ok()?;
+    let s = r.status().as_u16();
+    Some((s, r.json().await.unwrap_or(Value::Null)))
+}
+
+/// Waits until a Nexus started with a fault injected has aborted.
+fn wait_aborted(n: &mut Proc) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while n.child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "Nexus did not abort");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Withdrawals end to end on the embedded chain: the off-chain balance drops at once, the
+/// settler releases the LAI from custody to the destination wallet, reconciliation finds no
+/// difference; a withdrawal beyond the credit is a 402 that changes nothing; bad input is a 400;
+/// and a withdrawal survives Nexus dying between its debit and its batch being sent, and
+/// between its row being recorded and its debit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn withdrawals_reach_the_wallet_and_survive_restarts() {
+    let dir = tmp();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let extra = ["--settle-interval", "1"];
+    let n = nexus_with(dir.path(), &listen, &extra);
+    let url = n.url.clone();
+    let withdrawals = format!("{url}/lattice/v1/account/withdrawals");
+    // The operator's 1,000 LAI of starter credit (a faucet op) is minted into custody first.
+    wait_granted(&url).await;
+    let me = get(&format!("{url}/lattice/v1/account")).await["user"]["address"]
+        .as_str()
+        .unwrap()
+        .to_lowercase();
+    let before = available(&url).await;
+    assert_eq!(my_withdrawals(&url).await, Vec::<Value>::new());
+
+    // Bad input: 400s in OpenAI's envelope naming the parameter, and nothing is debited.
+    let chain = chain_state(&url).await;
+    let users_contract = chain["deployment"]["users"].as_str().unwrap().to_owned();
+    for (body, param) in [
+        (json!({"amount": 5}), "amount"),
+        (json!({"amount": "0"}), "amount"),
+        (json!({"amount": "-1"}), "amount"),
+        (json!({"amount": "1.5"}), "amount"),
+        (json!({"amount": "1000"}), "amount"), // below the 0.01 LAI minimum
+        (
+            json!({"amount": "1000000000000000000", "to": "0x1234"}),
+            "to",
+        ),
+        (
+            json!({"amount": "1000000000000000000", "to": "0x0000000000000000000000000000000000000000"}),
+            "to",
+        ),
+        (
+            json!({"amount": "1000000000000000000", "to": users_contract}),
+            "to",
+        ),
+    ] {
+        let (s, v) = post(&withdrawals, body.clone()).await;
+        assert_eq!(s, 400, "{body}: {v}");
+        assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
+        assert_eq!(v["error"]["param"], param, "{body}: {v}");
+    }
+    assert_eq!(available(&url).await, before);
+
+    // Withdraw 3 LAI to a fresh address: debited at once, then confirmed on-chain.
+    let dest = "0x00000000000000000000000000000000000000d1";
+    assert_eq!(wallet_of(&url, dest).await, (0, 0));
+    let amount = 3 * LAI;
+    let (s, v) = post(
+        &withdrawals,
+        json!({"amount": amount.to_string(), "to": dest}),
+    )
+    .await;
+    assert_eq!(s, 201, "{v}");
+    assert_eq!(v["withdrawal"]["status"], "debited", "{v}");
+    assert_eq!(v["withdrawal"]["to"], dest, "{v}");
+    assert_eq!(units(&v["balance"]["available"]), before - amount, "{v}");
+    assert_eq!(available(&url).await, before - amount);
+    let id = v["withdrawal"]["id"].as_str().unwrap().to_owned();
+    let w = wait_confirmed(&url, &id).await;
+    assert!(w["tx_hash"].as_str().unwrap().starts_with("0x"), "{w}");
+    assert_eq!(
+        wallet_of(&url, dest).await,
+        (amount, 0),
+        "the LAI is in the wallet"
+    );
+    let batch = chain_state(&url).await["batches"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["kind"] == "withdraw")
+        .cloned()
+        .unwrap();
+    assert_eq!(batch["entries"][0]["to"], dest, "{batch}");
+    assert_eq!(units(&batch["total"]), amount, "{batch}");
+    assert_eq!(batch["tx_hash"], w["tx_hash"], "{batch}");
+    let mine = get(&format!("{url}/lattice/v1/account/chain")).await;
+    assert_eq!(mine["in_sync"], true, "{mine}");
+    assert_eq!(units(&mine["position"]["withdrawn"]), amount, "{mine}");
+    assert_eq!(mine["position"]["withdrawing"], "0", "{mine}");
+    assert_eq!(
+        units(&mine["on_chain"]["custody"]),
+        units(&mine["off_chain"]["available"]),
+        "custody = credit once the withdrawal is on-chain: {mine}"
+    );
+
+    // More than the credit: 402, nothing moves, the request is listed as rejected.
+    let left = available(&url).await;
+    let (s, v) = post(
+        &withdrawals,
+        json!({"amount": (left + 1).to_string(), "to": dest}),
+    )
+    .await;
+    assert_eq!(s, 402, "{v}");
+    assert_eq!(v["error"]["code"], "insufficient_credits", "{v}");
+    assert_eq!(v["error"]["type"], "insufficient_quota", "{v}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(available(&url).await, left);
+    assert_eq!(wallet_of(&url, dest).await, (amount, 0));
+    let list = my_withdrawals(&url).await;
+    assert_eq!(list.len(), 2, "{list:?}");
+    assert_eq!(list[0]["status"], "rejected", "{list:?}");
+    assert_eq!(list[0]["tx_hash"], Value::Null, "{list:?}");
+    assert_eq!(chain_state(&url).await["pending_batches"], 0);
+
+    // Without `to`, the account's own address: custody turns into LAI in its own wallet.
+    let (_, custody_before) = wallet_of(&url, &me).await;
+    let (s, v) = post(&withdrawals, json!({"amount": LAI.to_string()})).await;
+    assert_eq!(s, 201, "{v}");
+    assert_eq!(v["withdrawal"]["to"], me.as_str(), "{v}");
+    wait_confirmed(&url, v["withdrawal"]["id"].as_str().unwrap()).await;
+    assert_eq!(wallet_of(&url, &me).await, (LAI, custody_before - LAI));
+    n.kill();
+
+    // Nexus dies right after recording the withdrawal batch (after the debit, before sending).
+    let dest2 = "0x00000000000000000000000000000000000000d2";
+    let mut n = nexus_env(
+        dir.path(),
+        &listen,
+        &extra,
+        &[("LATTICE_FAULT_SETTLE_ABORT", "1")],
+    );
+    let left = available(&url).await;
+    let answer = try_withdraw(&url, json!({"amount": (2 * LAI).to_string(), "to": dest2})).await;
+    if let Some((s, v)) = &answer {
+        assert_eq!(*s, 201, "{v}");
+    }
+    wait_aborted(&mut n);
+    let n = nexus_with(dir.path(), &listen, &extra);
+    assert_eq!(available(&url).await, left - 2 * LAI, "debited once");
+    let w = my_withdrawals(&url)
+        .await
+        .into_iter()
+        .find(|w| w["to"] == dest2)
+        .unwrap();
+    wait_confirmed(&url, w["id"].as_str().unwrap()).await;
+    assert_eq!(wallet_of(&url, dest2).await, (2 * LAI, 0));
+    assert_eq!(available(&url).await, left - 2 * LAI, "still debited once");
+    n.kill();
+
+    // Nexus dies between recording the withdrawal and posting its debit: the row is left
+    // `requested`; the restarted settler posts the debit and sends it.
+    let dest3 = "0x00000000000000000000000000000000000000d3";
+    let mut n = nexus_env(
+        dir.path(),
+        &listen,
+        &extra,
+        &[("LATTICE_FAULT_WITHDRAW_ABORT", "1")],
+    );
+    let left = available(&url).await;
+    assert!(
+        try_withdraw(&url, json!({"amount": LAI.to_string(), "to": dest3}))
+            .await
+            .is_none(),
+        "Nexus aborted before answering"
+    );
+    wait_aborted(&mut n);
+    let n = nexus_with(dir.path(), &listen, &extra);
+    let w = my_withdrawals(&url)
+        .await
+        .into_iter()
+        .find(|w| w["to"] == dest3)
+        .unwrap();
+    wait_confirmed(&url, w["id"].as_str().unwrap()).await;
+    assert_eq!(
+        available(&url).await,
+        left - LAI,
+        "debited once, after the restart"
+    );
+    assert_eq!(wallet_of(&url, dest3).await, (LAI, 0));
+    n.kill();
+
+    // Ledger and chain agree to the unit, withdrawals included.
+    let r = reconcile(dir.path(), &[]);
+    assert!(r["checked"].as_u64().unwrap() >= 1, "{r}");
+}

@@ -49,7 +49,7 @@ fn store_err(e: StoreError) -> Response {
 /// Largest body of an accounts-API request.
 pub(crate) const MAX_BODY_BYTES: usize = 64 << 10;
 
-fn body<T>(b: Result<Json<T>, JsonRejection>) -> Result<T, Response> {
+pub(crate) fn body<T>(b: Result<Json<T>, JsonRejection>) -> Result<T, Response> {
     b.map(|Json(v)| v).map_err(|e| {
         if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
             err(ApiError::payload_too_large(MAX_BODY_BYTES))

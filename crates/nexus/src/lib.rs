@@ -12,6 +12,7 @@ mod onchain;
 mod receipts;
 mod registry;
 mod settlement;
+mod withdrawals;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -246,6 +247,10 @@ impl Nexus {
                 get(api::account).patch(api::update_account),
             )
             .route("/lattice/v1/account/faucet", post(api::faucet))
+            .route(
+                "/lattice/v1/account/withdrawals",
+                get(withdrawals::list).post(withdrawals::create),
+            )
             .route(
                 "/lattice/v1/keys",
                 get(api::list_keys).post(api::create_key),

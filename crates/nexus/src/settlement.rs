@@ -3,7 +3,8 @@
 //! Every tick the settler (1) finishes batches recorded earlier — asks the chain whether each id
 //! was applied, resends those that were not (the contracts apply an id at most once), marks
 //! them confirmed; (2) puts new faucet credit into a grant batch and new charges, netted per
-//! (user, node), into a settlement batch — each recorded with its entries *before* it is sent;
+//! (user, node), into a settlement batch and debited withdrawals, netted per (user,
+//! destination), into a withdrawal batch — each recorded with its entries *before* it is sent;
 //! (3) credits new on-chain deposits, once per event, `confirmations` blocks behind the head;
 //! (4) after an epoch ends, posts every node's uptime and reputation to NetworkStatus.
 //! Batches are sent strictly in the order they were recorded, so the credit a batch spends is
@@ -14,7 +15,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lattice_accounts::{Accounts, BatchKind, BatchLimits, ChainBatch, StoreError};
-use lattice_chain::{Address, B256, ChainError, GrantEntry, Protocol, SettleEntry, U256};
+use lattice_chain::{
+    Address, B256, ChainError, GrantEntry, Protocol, SettleEntry, U256, WithdrawEntry,
+};
 use lattice_ledger::Money;
 use serde::Serialize;
 
@@ -62,7 +65,13 @@ pub struct Pass {
     /// Batches sent and confirmed.
     pub sent: usize,
     pub deposits: usize,
+    /// Withdrawals left `requested` (a crash before their debit) that were debited or rejected.
+    pub withdrawals_recovered: usize,
 }
+
+/// A withdrawal left `requested` this long is taken to be abandoned by a crash (a live request
+/// debits within milliseconds) and is re-posted or rejected by the settler.
+const WITHDRAWAL_RECOVERY_AFTER: Duration = Duration::from_secs(30);
 
 /// A difference between what the off-chain records imply and what the chain holds.
 #[derive(Debug, Clone, Serialize)]
@@ -118,6 +127,9 @@ pub(crate) struct Settler {
     limits: BatchLimits,
     confirmations: u64,
     faults: Option<Faults>,
+    /// False until the first pass: withdrawals left `requested` by an earlier run are
+    /// recovered at once, later ones only after `WITHDRAWAL_RECOVERY_AFTER`.
+    started: std::sync::atomic::AtomicBool,
 }
 
 impl Settler {
@@ -128,6 +140,7 @@ impl Settler {
             limits: settings.limits,
             confirmations: settings.confirmations,
             faults: Faults::from_env(),
+            started: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -139,7 +152,20 @@ impl Settler {
 
     /// One pass: finish recorded batches, record and send new ones, credit deposits.
     pub(crate) async fn pass(&self) -> Result<Pass, SettleError> {
-        let mut pass = Pass::default();
+        let withdrawals_recovered = self
+            .accounts
+            .recover_withdrawals(if self.started.load(std::sync::atomic::Ordering::Relaxed) {
+                WITHDRAWAL_RECOVERY_AFTER
+            } else {
+                Duration::ZERO
+            })
+            .await?;
+        self.started
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut pass = Pass {
+            withdrawals_recovered,
+            ..Pass::default()
+        };
         for batch in self.accounts.unconfirmed_batches().await? {
             if self.finish(&batch).await? {
                 pass.sent += 1;
@@ -147,7 +173,8 @@ impl Settler {
                 pass.recovered += 1;
             }
         }
-        for kind in [BatchKind::Grant, BatchKind::Settle] {
+        // Grants first: the credit a settlement or a withdrawal spends is on-chain before it.
+        for kind in [BatchKind::Grant, BatchKind::Settle, BatchKind::Withdraw] {
             loop {
                 let id = fresh_id()?;
                 let Some(batch) = self
@@ -177,9 +204,17 @@ impl Settler {
         let done = match batch.kind {
             BatchKind::Grant => self.protocol.grant_applied(id).await?,
             BatchKind::Settle => self.protocol.batch_settled(id).await?,
+            BatchKind::Withdraw => self.protocol.withdrawal_applied(id).await?,
         };
         if done {
-            self.accounts.confirm_batch(&batch.id, None).await?;
+            // A withdrawal's transaction hash is what its user sees: find it in the chain's logs.
+            let tx = match batch.kind {
+                BatchKind::Withdraw => self.withdrawal_tx(id).await?.map(|h| h.to_string()),
+                _ => None,
+            };
+            self.accounts
+                .confirm_batch(&batch.id, tx.as_deref())
+                .await?;
             tracing::info!(batch = %batch.id, kind = ?batch.kind, "batch was already on-chain; confirmed");
             return Ok(false);
         }
@@ -215,6 +250,27 @@ impl Settler {
                     .collect::<Result<Vec<_>, SettleError>>()?;
                 self.protocol.settle_batch(id, &entries).await?
             }
+            BatchKind::Withdraw => {
+                let entries = batch
+                    .entries
+                    .iter()
+                    .map(|e| {
+                        Ok(WithdrawEntry {
+                            user: address(&e.user)?,
+                            to: address(e.to.as_deref().unwrap_or_default())?,
+                            amount: amount(e.amount),
+                        })
+                    })
+                    .collect::<Result<Vec<_>, SettleError>>()?;
+                let (submitted, shortfalls) = self.protocol.withdraw_batch(id, &entries).await?;
+                for s in shortfalls {
+                    // Custody held less than was debited off-chain (the user withdrew on-chain
+                    // directly); reconciliation reports the user.
+                    tracing::error!(batch = %batch.id, user = %s.user, requested = %s.requested,
+                        paid = %s.paid, "withdrawal short: custody held less than was debited");
+                }
+                submitted
+            }
         };
         self.fault("applied");
         let tx = submitted.tx_hash.to_string();
@@ -222,6 +278,17 @@ impl Settler {
         tracing::info!(batch = %batch.id, kind = ?batch.kind, entries = batch.entries.len(),
             total = %batch.total, tx = %tx, applied = submitted.applied, "batch settled on-chain");
         Ok(submitted.applied)
+    }
+
+    /// The transaction that applied withdrawal batch `id`, searched in the last
+    /// `WITHDRAWAL_TX_SEARCH` blocks (only needed when a batch was applied before a crash).
+    async fn withdrawal_tx(&self, id: B256) -> Result<Option<B256>, SettleError> {
+        const WITHDRAWAL_TX_SEARCH: u64 = 50_000;
+        let head = self.protocol.chain().block_number().await?;
+        let from = head
+            .saturating_sub(WITHDRAWAL_TX_SEARCH)
+            .max(self.protocol.deployment().block);
+        Ok(self.protocol.withdrawal_tx(id, from, head).await?)
     }
 
     /// Credits deposits up to `confirmations` blocks behind the head, once per event.
