@@ -342,7 +342,7 @@ describe('web UI', { timeout: 20 * 60_000 }, () => {
     assert.equal(revoked.body.error.code, 'invalid_api_key');
   });
 
-  it('the account page shows the account on-chain, how to deposit, and no withdrawal', async () => {
+  it('the account page shows the account on-chain and how to deposit', async () => {
     await go('account', 'Account');
     const acct = await page.evaluate(async () => (await fetch('/lattice/v1/account')).json());
     await page.locator('#chain-address').waitFor();
@@ -366,10 +366,63 @@ describe('web UI', { timeout: 20 * 60_000 }, () => {
     const deposit = await page.$$eval('#deposit-calls li', (lis) => lis.map((li) => li.textContent));
     assert.deepEqual(deposit, [`approve(${c.chain.users}, amount) to the LAI token ${c.chain.token}`,
       `depositFor(${acct.user.address.toLowerCase()}, amount) to the UserRegistry ${c.chain.users}`]);
-    assert.match(await page.textContent('#no-withdraw'), /Withdrawals are not available yet/);
-    assert.equal(await page.getByRole('button', { name: /withdraw/i }).count(), 0, 'no withdrawal button');
+    assert.match(await page.textContent('#withdraw-note'), /use “Withdraw” below/);
     await shot('account-onchain');
     await accessible('account-onchain');
+  });
+
+  it('withdraws credit: the balance drops at once, the withdrawal is confirmed and the LAI is in the wallet', async () => {
+    const acct = await page.evaluate(async () => (await fetch('/lattice/v1/account')).json());
+    const me = acct.user.address.toLowerCase();
+    const dest = '0x00000000000000000000000000000000000000d1';
+    await page.locator('#withdrawals-empty').waitFor();
+    assert.match(await page.textContent('#withdrawals-empty'), /No withdrawals yet/);
+    assert.equal(await page.inputValue('#withdraw-to'), me, 'the destination defaults to the account address');
+    await accessible('account-withdraw-empty');
+    const before = BigInt(acct.balance.available);
+
+    // Bad input is caught in the page; more than the credit is the server's 402, shown plainly.
+    await page.fill('#withdraw-amount', 'lots');
+    await page.click('#withdraw-submit');
+    await page.locator('#withdraw-status [role=alert]', { hasText: 'an amount of LAI' }).waitFor();
+    await page.fill('#withdraw-amount', '1000000');
+    await page.fill('#withdraw-to', dest);
+    await page.click('#withdraw-submit');
+    await page.locator('#withdraw-status [role=alert]', { hasText: 'Not enough credit' }).waitFor();
+    await page.locator('#withdrawals-table tr[data-status="rejected"]').waitFor();
+    assert.equal(await balanceUnits(), before, 'a refused withdrawal changes nothing');
+    await shot('account-withdraw-402');
+    await accessible('account-withdraw-402');
+
+    // 1.5 LAI to a fresh address: off the balance at once, then confirmed on-chain.
+    const amount = 15n * 10n ** 17n;
+    assert.equal((await json(`${api}/lattice/v1/chain/accounts/${dest}`)).body.wallet, '0');
+    await page.fill('#withdraw-amount', '1.5');
+    await page.click('#withdraw-submit');
+    await page.locator('#withdraw-status .notice.ok').waitFor();
+    await waitFor('the page to show the debit', async () =>
+      BigInt(await page.getAttribute('#available', 'data-units')) === before - amount, 5_000);
+    assert.equal(await balanceUnits(), before - amount);
+    const row = page.locator('#withdrawals-table tr[data-status="confirmed"]');
+    await row.waitFor({ timeout: 60_000 });
+    assert.equal(await row.locator('td.num').getAttribute('data-units'), amount.toString());
+    const listed = (await page.evaluate(async () => (await fetch('/lattice/v1/account/withdrawals')).json())).data;
+    const w = listed.find((x) => x.status === 'confirmed');
+    assert.equal(w.to, dest);
+    assert.match(w.tx_hash, /^0x[0-9a-f]{64}$/);
+    assert.equal(await row.locator('code.tx').getAttribute('title'), w.tx_hash, 'the transaction that paid it');
+    const onchain = (await json(`${api}/lattice/v1/chain/accounts/${dest}`)).body;
+    assert.equal(BigInt(onchain.wallet), amount, 'the destination holds the LAI');
+    assert.equal(onchain.custody, '0');
+    // Custody went down by the same amount: ledger and chain still agree.
+    await waitFor('the ledger and the chain to agree', async () => {
+      const c = await page.evaluate(async () => (await fetch('/lattice/v1/account/chain')).json());
+      return c.in_sync && BigInt(c.position.withdrawn) === amount && c.position.withdrawing === '0'
+        && BigInt(c.on_chain.custody) === BigInt(c.off_chain.available);
+    }, 60_000);
+    await page.locator('#chain-sync', { hasText: 'Ledger and chain agree' }).waitFor({ timeout: 30_000 });
+    await shot('account-withdrawn');
+    await accessible('account-withdrawn');
   });
 
   it('shows usage over time as a chart', async () => {

@@ -1,5 +1,6 @@
 // Account & billing: balance and holds, the account on-chain (custody, what is settled, how to
-// deposit), usage over time (an inline SVG chart), API keys (created keys are shown once), the
+// deposit), withdrawals to an on-chain address (debited off-chain at once, then sent by the
+// settler), usage over time (an inline SVG chart), API keys (created keys are shown once), the
 // chat-history opt-in, and the faucet.
 
 import { api } from '../api.js';
@@ -43,6 +44,18 @@ export async function mount(root, ctx) {
   const balanceEl = h('div', { id: 'account-balance' });
   const chainEl = h('div', { id: 'onchain' }, h('p', { class: 'loading' }, 'Loading the chain…'));
   const usageEl = h('div', { id: 'usage' }, h('p', { class: 'loading' }, 'Loading usage…'));
+  const withdrawalsEl = h('div', { id: 'withdrawals' }, h('p', { class: 'loading' }, 'Loading withdrawals…'));
+  const withdrawStatus = h('div', { id: 'withdraw-status', 'aria-live': 'polite' });
+  const withdrawAmount = h('input', { id: 'withdraw-amount', name: 'amount', inputmode: 'decimal', placeholder: 'e.g. 2.5', required: true, autocomplete: 'off' });
+  const withdrawTo = h('input', { id: 'withdraw-to', name: 'to', value: ctx.account.user.address.toLowerCase(), spellcheck: 'false', autocomplete: 'off',
+    pattern: '0x[0-9a-fA-F]{40}', title: '0x followed by 40 hex digits', 'aria-describedby': 'withdraw-to-hint' });
+  const withdrawButton = h('button', { type: 'submit', class: 'primary', id: 'withdraw-submit' }, 'Withdraw');
+  const withdrawForm = h('form', { id: 'withdraw-form', onsubmit: (e) => { e.preventDefault(); withdraw(); } },
+    h('div', { class: 'row' },
+      h('div', { class: 'field' }, h('label', { for: 'withdraw-amount' }, 'Amount (LAI)'), withdrawAmount),
+      h('div', { class: 'field wide' }, h('label', { for: 'withdraw-to' }, 'Destination address'), withdrawTo),
+      withdrawButton),
+    h('p', { class: 'muted small', id: 'withdraw-to-hint' }, 'Defaults to this account’s own address. The LAI leaves custody for that address’s wallet on-chain.'));
   const keysEl = h('div', { id: 'keys' }, h('p', { class: 'loading' }, 'Loading keys…'));
   const newKeyEl = h('div', { id: 'new-key', 'aria-live': 'polite' });
   const prefsStatus = h('span', { class: 'small muted', 'aria-live': 'polite' });
@@ -81,6 +94,10 @@ export async function mount(root, ctx) {
     h('div', { class: 'page-head' }, h('div', {}, h('h1', {}, 'Account'), h('p', {}, 'Credit, usage and API keys.'))),
     balanceEl,
     h('section', { class: 'card', 'aria-labelledby': 'chain-h' }, h('h2', { id: 'chain-h' }, 'On-chain'), chainEl),
+    h('section', { class: 'card', 'aria-labelledby': 'withdraw-h' },
+      h('h2', { id: 'withdraw-h' }, 'Withdraw'),
+      h('p', { class: 'small' }, 'Move credit to an address on the chain. It is taken off your balance here at once; Nexus then sends it from custody in its next withdrawal batch, usually within seconds.'),
+      withdrawForm, withdrawStatus, withdrawalsEl),
     h('section', { class: 'card', 'aria-labelledby': 'usage-h' },
       h('div', { class: 'page-head' }, h('h2', { id: 'usage-h' }, 'Usage, last 30 days'), h('div', { class: 'row' }, metricSel, groupSel)),
       usageEl),
@@ -148,6 +165,7 @@ export async function mount(root, ctx) {
     const pending = [];
     if (units(p.unsettled) > 0n) pending.push(`${lai(p.unsettled, 9)} of charges wait for the next settlement batch`);
     if (units(p.unminted) > 0n) pending.push(`${lai(p.unminted)} of free credit is not minted into custody yet`);
+    if (units(p.withdrawing) > 0n) pending.push(`${lai(p.withdrawing, 9)} of withdrawals wait to leave custody`);
     replace(chainEl,
       h('p', {}, h('span', { class: 'muted' }, `Address on chain ${c.chain.chain_id}: `), h('code', { id: 'chain-address' }, c.address), ' ', sync),
       h('div', { class: 'stats' },
@@ -159,7 +177,7 @@ export async function mount(root, ctx) {
         ? `On its way: ${pending.join('; ')}. Nexus settles every few seconds.`
         : 'Everything credited to you off-chain is reflected on-chain.'),
       h('details', { class: 'small' }, h('summary', {}, 'How this adds up'),
-        h('p', { class: 'muted' }, `Custody should be ${lai(c.expected_custody ?? 0, 9)}: free credit minted (${lai(p.granted)}) + deposits (${lai(p.deposited)}) − charges settled (${lai(p.settled, 9)}). `,
+        h('p', { class: 'muted' }, `Custody should be ${lai(c.expected_custody ?? 0, 9)}: free credit minted (${lai(p.granted)}) + deposits (${lai(p.deposited)}) − charges settled (${lai(p.settled, 9)}) − withdrawals sent (${lai(p.withdrawn, 9)}). `,
           'Your off-chain credit also counts what is on its way.')),
       h('h3', {}, 'Deposit'),
       h('p', { class: 'small' }, 'Deposits go into custody on-chain; Nexus credits them to this account by itself once they are a few blocks deep. From any wallet holding LAI, send two transactions:'),
@@ -172,10 +190,86 @@ export async function mount(root, ctx) {
       c.chain.kind === 'embedded'
         ? h('p', { class: 'muted small' }, 'This Nexus runs the chain inside its own process: stop Nexus, run the command (add ', h('code', {}, '--db'), ' with the path you gave Nexus, if any), and start Nexus again; the deposit is credited when it is back.')
         : null,
-      h('h3', {}, 'Withdraw'),
-      h('p', { class: 'small', id: 'no-withdraw' }, 'Withdrawals are not available yet. A withdrawal made directly on-chain (',
-        h('code', {}, 'UserRegistry.withdraw'), ') would not be taken off your off-chain credit, so Nexus does not offer one until it can debit the ledger first.',
-        c.custodial ? ' Your address is held for you by Nexus, so you could not sign one anyway.' : ''));
+      h('p', { class: 'muted small', id: 'withdraw-note' }, 'To take LAI out, use “Withdraw” below: Nexus debits your credit first and then releases it from custody. ',
+        c.custodial ? 'Your address is held for you by Nexus, so only Nexus can release it.'
+          : 'Do not call UserRegistry.withdraw from your wallet while you hold credit here: it would not be taken off your off-chain credit, and the chain and the ledger would disagree.'));
+  }
+
+  const STATUS = {
+    requested: ['Requested', ''], debited: ['Debited', 'warn'], sent: ['Sending', 'warn'],
+    confirmed: ['Confirmed', 'ok'], rejected: ['Rejected', 'bad'],
+  };
+  let withdrawTimer = null;
+  let lastWithdrawals = null;
+  async function loadWithdrawals() {
+    clearTimeout(withdrawTimer);
+    let r;
+    try {
+      r = await api('/lattice/v1/account/withdrawals');
+    } catch (e) {
+      lastWithdrawals = null;
+      replace(withdrawalsEl, errorBox(e));
+      return;
+    }
+    if (!r.chain) {
+      withdrawForm.hidden = true;
+      replace(withdrawalsEl, h('p', { class: 'muted', id: 'no-withdraw' }, 'This Nexus is not connected to a chain, so there is nowhere to withdraw to.'));
+      return;
+    }
+    const list = r.data || [];
+    // Poll quickly while one is on its way, so "Confirmed" and its transaction show up soon.
+    if (list.some((w) => ['requested', 'debited', 'sent'].includes(w.status))) {
+      withdrawTimer = setTimeout(() => { if (!document.hidden) loadWithdrawals(); }, 2000);
+    }
+    const key = JSON.stringify(list);
+    if (key === lastWithdrawals) return;
+    const changed = lastWithdrawals !== null;
+    lastWithdrawals = key;
+    if (changed) { ctx.refreshAccount().then(renderBalance); loadChain(); }
+    if (!list.length) {
+      replace(withdrawalsEl, h('p', { class: 'muted', id: 'withdrawals-empty' }, `No withdrawals yet. The smallest is ${lai(r.min_amount)}; up to ${r.max_pending} can be on their way at once.`));
+      return;
+    }
+    replace(withdrawalsEl, h('div', { class: 'table-wrap', tabindex: '0', role: 'region', 'aria-label': 'Withdrawals' },
+      h('table', { id: 'withdrawals-table' },
+        h('thead', {}, h('tr', {}, ['Requested', 'Amount', 'To', 'Status', 'Transaction'].map((t) => h('th', { scope: 'col' }, t)))),
+        h('tbody', {}, list.map((w) => {
+          const [label, cls] = STATUS[w.status] || [w.status, ''];
+          return h('tr', { 'data-withdrawal': w.id, 'data-status': w.status },
+            h('td', {}, date(w.created_at)),
+            h('td', { class: 'num', 'data-units': w.amount }, lai(w.amount, 9)),
+            h('td', {}, h('code', { title: w.to }, shortAddr(w.to))),
+            h('td', {}, h('span', { class: `badge ${cls}`, title: w.reason || '' }, label), w.reason ? h('span', { class: 'small muted' }, ` ${w.reason}`) : null),
+            h('td', {}, w.tx_hash ? h('code', { class: 'tx', title: w.tx_hash }, shortAddr(w.tx_hash)) : h('span', { class: 'muted' }, '—')));
+        })))));
+  }
+
+  async function withdraw() {
+    const u = parseLai(withdrawAmount.value);
+    if (u === null || u === 0n) {
+      replace(withdrawStatus, h('div', { class: 'notice error', role: 'alert' }, 'The amount is an amount of LAI, like 2.5.'));
+      return;
+    }
+    const to = withdrawTo.value.trim();
+    if (!/^0x[0-9a-fA-F]{40}$/.test(to)) {
+      replace(withdrawStatus, h('div', { class: 'notice error', role: 'alert' }, 'The destination is an address: 0x followed by 40 hex digits.'));
+      return;
+    }
+    withdrawButton.disabled = true;
+    try {
+      const r = await api('/lattice/v1/account/withdrawals', { method: 'POST', body: { amount: u.toString(), to } });
+      withdrawAmount.value = '';
+      replace(withdrawStatus, h('div', { class: 'notice ok' }, `${lai(r.withdrawal.amount, 9)} taken off your credit; it is on its way to `, h('code', {}, r.withdrawal.to), '.'));
+      await ctx.refreshAccount();
+      renderBalance();
+      loadChain();
+      loadWithdrawals();
+    } catch (e) {
+      replace(withdrawStatus, errorBox(e));
+      loadWithdrawals(); // a refused one is listed as rejected
+    } finally {
+      withdrawButton.disabled = false;
+    }
   }
 
   async function claim() {
@@ -302,6 +396,7 @@ export async function mount(root, ctx) {
   await ctx.refreshAccount();
   renderBalance();
   loadChain();
+  loadWithdrawals();
   loadUsage();
   loadKeys();
   const poll = setInterval(async () => {
@@ -309,6 +404,7 @@ export async function mount(root, ctx) {
     await ctx.refreshAccount();
     renderBalance();
     loadChain();
+    loadWithdrawals();
   }, 10000);
-  return () => clearInterval(poll);
+  return () => { clearInterval(poll); clearTimeout(withdrawTimer); };
 }
