@@ -204,7 +204,6 @@ async fn session(
         price: cfg.price,
         chain_id,
         pending: std::sync::Mutex::new(Vec::new()),
-        paid: std::sync::atomic::AtomicUsize::new(0),
     });
 
     let (mut sink, mut stream) = ws.split();
@@ -325,15 +324,14 @@ const RECEIPT_BATCH: usize = 64;
 const RECEIPT_BATCH_WINDOW: Duration = Duration::from_millis(10);
 
 /// Signs usage receipts for this session (price and chain as registered): probes' alone, paid
-/// requests' in batches (one signature per up to [`RECEIPT_BATCH`] requests).
+/// requests' in batches (one signature per up to [`RECEIPT_BATCH`] requests or per
+/// [`RECEIPT_BATCH_WINDOW`]).
 struct Signer {
     key: Arc<NodeKey>,
     price: Price,
     chain_id: u64,
     /// Request id and leaf of receipts sent unsigned, in order.
     pending: std::sync::Mutex<Vec<(String, [u8; 32])>>,
-    /// Paid streams still running: the last one to finish signs at once.
-    paid: std::sync::atomic::AtomicUsize,
 }
 
 impl Signer {
@@ -363,12 +361,12 @@ impl Signer {
     }
 
     /// Queues a paid receipt's leaf (after the receipt itself went out); returns the batch frame
-    /// when the batch is full or no other paid stream is running.
-    fn add(&self, request_id: &str, leaf: [u8; 32], last: bool) -> Option<NodeFrame> {
+    /// when the batch is full (otherwise the window's tick signs it).
+    fn add(&self, request_id: &str, leaf: [u8; 32]) -> Option<NodeFrame> {
         let batch = {
             let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
             p.push((request_id.to_owned(), leaf));
-            if p.len() < RECEIPT_BATCH && !last {
+            if p.len() < RECEIPT_BATCH {
                 return None;
             }
             std::mem::take(&mut *p)
@@ -400,17 +398,6 @@ impl Signer {
     }
 }
 
-/// Counts a paid stream as running until dropped.
-struct Paid(Arc<Signer>);
-
-impl Drop for Paid {
-    fn drop(&mut self) {
-        self.0
-            .paid
-            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
-    }
-}
-
 async fn serve_stream(
     engine: Arc<dyn Engine>,
     signer: Arc<Signer>,
@@ -435,12 +422,7 @@ async fn serve_stream(
             return;
         }
     };
-    let paid = user.as_deref().filter(|u| *u != NO_USER).map(|_| {
-        signer
-            .paid
-            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        Paid(signer.clone())
-    });
+    let paid = user.as_deref().is_some_and(|u| u != NO_USER);
     while let Some(ev) = events.next().await {
         let last = !matches!(ev, Ok(Event::Delta(_)));
         // Receipts are for paid requests (Nexus sets the payer) and probes (the zero user);
@@ -450,13 +432,13 @@ async fn serve_stream(
             && let Some(u) = user.as_deref()
         {
             let mut r = signer.receipt(&request_id, u, &model, usage);
-            let leaf = match (&paid, r.struct_hash()) {
+            let leaf = match (paid, r.struct_hash()) {
                 (_, Err(e)) => {
                     tracing::warn!(request_id, error = %e, "cannot build the usage receipt");
                     None
                 }
-                (Some(_), Ok(leaf)) => Some(leaf),
-                (None, Ok(_)) => {
+                (true, Ok(leaf)) => Some(leaf),
+                (false, Ok(_)) => {
                     match r.clone().sign(&signer.key) {
                         Ok(signed) => r = signed,
                         Err(e) => tracing::warn!(request_id, error = %e, "cannot sign the receipt"),
@@ -472,8 +454,7 @@ async fn serve_stream(
                 return;
             }
             if let Some(leaf) = leaf {
-                let alone = signer.paid.load(std::sync::atomic::Ordering::Acquire) <= 1;
-                batch = signer.add(&request_id, leaf, alone);
+                batch = signer.add(&request_id, leaf);
             }
         }
         let event = match ev {
