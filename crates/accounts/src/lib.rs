@@ -7,6 +7,7 @@ mod db;
 mod history;
 mod keys;
 pub mod ledger;
+mod node_tokens;
 mod oidc;
 mod passkey;
 mod settlement;
@@ -24,6 +25,10 @@ pub use db::{Backend, Db};
 pub use history::{Conversation, StoredMessage};
 pub use keys::{ApiKey, KEY_PREFIX, NewKey};
 pub use ledger::{Audit, LedgerConfig, LedgerMode, LedgerStore, PostError, UsageRecord};
+pub use node_tokens::{
+    MAX_NODE_TOKEN_LABEL, MAX_NODE_TOKENS_PER_USER, NODE_TOKEN_PREFIX, NewNodeToken, NodeOwner,
+    NodeToken, NodeTokenRefused,
+};
 pub use oidc::{OidcConfig, OidcProvider};
 pub use passkey::PasskeyConfig;
 pub use settlement::{BatchEntry, BatchKind, BatchLimits, ChainBatch, ChainPosition, Expected};

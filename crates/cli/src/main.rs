@@ -158,6 +158,14 @@ struct NexusArgs {
     /// Credit on-chain deposits this many blocks behind the head.
     #[arg(long, default_value_t = 0)]
     deposit_confirmations: u64,
+    /// Refuse nodes that do not register with a valid pre-registered node token (`lattice node
+    /// --token`). Off by default: tokens are then optional, but a revoked or unknown one is
+    /// still refused.
+    #[arg(long)]
+    require_node_token: bool,
+    /// New identities granted the faucet per client address per hour.
+    #[arg(long, default_value_t = 5)]
+    faucet_per_client_per_hour: u32,
     /// Node admission by on-chain stake (default: sponsor on the embedded chain — the operator
     /// stakes for nodes of a local network — and require with --chain-rpc).
     #[arg(long, value_enum)]
@@ -190,6 +198,10 @@ struct NodeArgs {
     /// Human-readable label shown in `lattice status`.
     #[arg(long)]
     label: Option<String>,
+    /// Pre-registered node token (`lnt_…`, from the web UI's "Run a node" page or
+    /// `POST /lattice/v1/account/node-tokens`): binds this node to your account.
+    #[arg(long, env = "LATTICE_NODE_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     /// Model to serve: catalog name, `hf:` spec or GGUF path (pulled if missing).
     #[arg(long, required_unless_present = "upstream")]
     model: Option<String>,
@@ -460,6 +472,14 @@ async fn node(a: NodeArgs) -> Result<()> {
     if !a.standalone && a.nexus.is_none() {
         bail!("say where to serve: --nexus URL to join a network, or --standalone");
     }
+    if let Some(t) = &a.token
+        && (!t.starts_with(lattice_accounts::NODE_TOKEN_PREFIX) || t.len() > 128)
+    {
+        bail!(
+            "--token must be a node token ({}…, at most 128 characters) from the \"Run a node\" page",
+            lattice_accounts::NODE_TOKEN_PREFIX
+        );
+    }
     let upstream = a
         .upstream
         .clone()
@@ -492,6 +512,7 @@ async fn node(a: NodeArgs) -> Result<()> {
                 output_per_mtok: a.price_out,
             },
             label: a.label.clone(),
+            token: a.token.clone(),
             decode_tps,
             heartbeat: Duration::from_secs(2),
         };
@@ -579,6 +600,7 @@ async fn nexus(a: NexusArgs) -> Result<()> {
     let accounts = lattice_accounts::AccountsConfig {
         faucet_amount: lattice_ledger::Money::from_lai(a.faucet_lai)
             .context("--faucet-lai is too large")?,
+        faucet_per_client_per_hour: a.faucet_per_client_per_hour,
         master_secret,
         siwe_domain: public.host_str().map_or_else(
             || a.listen.to_string(),
@@ -631,6 +653,7 @@ async fn nexus(a: NexusArgs) -> Result<()> {
             ..lattice_http::Limits::default()
         },
         probe_interval: Duration::from_secs(a.probe_interval.max(1)),
+        require_node_token: a.require_node_token,
         ..lattice_nexus::NexusConfig::default()
     };
     let nexus = lattice_nexus::Nexus::new(config, settle).await?;

@@ -53,6 +53,9 @@ pub enum NodeFrame {
         decode_tps: f64,
         #[serde(default)]
         label: Option<String>,
+        /// Pre-registered node token (`lnt_…`) binding this node to its operator's account.
+        #[serde(default)]
+        token: Option<String>,
     },
     Heartbeat {
         queued: u32,

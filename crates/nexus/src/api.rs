@@ -26,13 +26,13 @@ use crate::Nexus;
 
 pub(crate) const SESSION_COOKIE: &str = "lattice_session";
 
-type ApiResult = Result<Response, Response>;
+pub(crate) type ApiResult = Result<Response, Response>;
 
-fn err(e: ApiError) -> Response {
+pub(crate) fn err(e: ApiError) -> Response {
     lattice_http::error_response(&e)
 }
 
-fn store_err(e: StoreError) -> Response {
+pub(crate) fn store_err(e: StoreError) -> Response {
     match e {
         StoreError::SignIn(m) => err(ApiError::unauthorized(m)),
         StoreError::Config(m) => err(ApiError::invalid_request(m)),

@@ -82,10 +82,15 @@ impl Db {
         }
     }
 
-    /// Every node ever seen: (address, label, models JSON, reputation, last_seen).
+    /// Every node ever seen, with its owner when a live node token binds it.
     pub(crate) async fn known_nodes(&self) -> Vec<KnownNode> {
+        // At most one live token per node address (a unique index), so one row per node.
         let rows = sqlx::query(
-            "SELECT address, label, models, reputation, last_seen FROM nodes ORDER BY address",
+            "SELECT n.address, n.label, n.models, n.reputation, n.last_seen, u.address AS owner
+             FROM nodes n
+             LEFT JOIN node_tokens t ON t.node_address = n.address AND t.revoked_at IS NULL
+             LEFT JOIN users u ON u.id = t.user_id
+             ORDER BY n.address",
         )
         .fetch_all(&self.pool)
         .await
@@ -101,6 +106,11 @@ impl Db {
                 .unwrap_or_default(),
                 reputation: r.try_get("reputation").unwrap_or(0.5),
                 last_seen: r.try_get("last_seen").unwrap_or(0),
+                owner: r
+                    .try_get::<Option<String>, _>("owner")
+                    .ok()
+                    .flatten()
+                    .map(|o| o.to_lowercase()),
             })
             .collect()
     }
@@ -113,4 +123,6 @@ pub struct KnownNode {
     pub models: Vec<String>,
     pub reputation: f64,
     pub last_seen: i64,
+    /// On-chain address of the account the node is bound to by a live node token.
+    pub owner: Option<String>,
 }

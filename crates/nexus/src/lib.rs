@@ -8,6 +8,7 @@ mod db;
 mod health;
 mod link;
 mod network;
+mod node_tokens;
 mod onchain;
 mod receipts;
 mod registry;
@@ -63,6 +64,9 @@ pub struct NexusConfig {
     pub breaker_cooldown: Duration,
     /// Canaries replacing or adding to the built-in ones, by model id.
     pub canaries: HashMap<String, Canary>,
+    /// Refuse nodes that register without a valid node token (a revoked or unknown token is
+    /// refused either way).
+    pub require_node_token: bool,
 }
 
 impl Default for NexusConfig {
@@ -81,6 +85,7 @@ impl Default for NexusConfig {
             breaker_threshold: 3,
             breaker_cooldown: Duration::from_secs(15),
             canaries: HashMap::new(),
+            require_node_token: false,
         }
     }
 }
@@ -256,6 +261,15 @@ impl Nexus {
                 get(api::list_keys).post(api::create_key),
             )
             .route("/lattice/v1/keys/{id}", delete(api::revoke_key))
+            .route(
+                "/lattice/v1/account/node-tokens",
+                get(node_tokens::list).post(node_tokens::create),
+            )
+            .route(
+                "/lattice/v1/account/node-tokens/{id}",
+                delete(node_tokens::revoke),
+            )
+            .route("/lattice/v1/account/nodes", get(node_tokens::my_nodes))
             .route("/lattice/v1/usage", get(api::usage))
             .route(
                 "/lattice/v1/history",

@@ -62,6 +62,8 @@ async fn serve(nexus: Arc<Nexus>, mut ws: WebSocket) {
         Ok(Err(reason)) => {
             tracing::warn!(%reason, "node link refused");
             let _ = send_frame(&mut ws, &NexusFrame::Rejected { reason }).await;
+            // A clean close: the node reads the rejection, then the close frame.
+            let _ = ws.send(Message::Close(None)).await;
             return;
         }
         Err(_) => {
@@ -94,7 +96,11 @@ async fn serve(nexus: Arc<Nexus>, mut ws: WebSocket) {
         let _ = sink.close().await;
     });
     let reason = loop {
-        let msg = match tokio::time::timeout(IDLE_TIMEOUT, stream.next()).await {
+        let next = tokio::select! {
+            reason = link.kicked() => break reason,
+            next = tokio::time::timeout(IDLE_TIMEOUT, stream.next()) => next,
+        };
+        let msg = match next {
             Err(_) => break "no heartbeat within the idle timeout".to_owned(),
             Ok(None) => break "link closed by the node".to_owned(),
             Ok(Some(Err(e))) => break format!("link error: {e}"),
@@ -202,6 +208,7 @@ async fn handshake(nexus: &Nexus, ws: &mut WebSocket) -> Result<Registered, Stri
         slots,
         decode_tps,
         label,
+        token,
     } = recv_frame(ws).await?
     else {
         return Err("expected register".into());
@@ -220,6 +227,7 @@ async fn handshake(nexus: &Nexus, ws: &mut WebSocket) -> Result<Registered, Stri
     if label.as_ref().is_some_and(|l| l.len() > 64) {
         return Err("label is longer than 64 bytes".into());
     }
+    let owner = node_owner(nexus, token.as_deref(), &signer).await?;
     if let Some(chain) = &nexus.chain {
         let ids: Vec<String> = models.iter().map(|m| m.id.clone()).collect();
         settlement::admit(
@@ -242,6 +250,7 @@ async fn handshake(nexus: &Nexus, ws: &mut WebSocket) -> Result<Registered, Stri
     let id = nexus.registry.add(
         signer.clone(),
         label,
+        owner,
         kind,
         models.clone(),
         price,
@@ -266,4 +275,41 @@ async fn handshake(nexus: &Nexus, ws: &mut WebSocket) -> Result<Registered, Stri
     tracing::info!(node = %id, address = %signer, models = ?names, slots, "node registered; calibrating");
     nexus.health_kick.notify_one();
     Ok((id, signer, link, rx))
+}
+
+/// Checks the node's token (binding its address to the token's user on first use) and returns
+/// the on-chain address of the node's owner, if it has one. Without a token the node is refused
+/// when Nexus requires one; otherwise it keeps the owner it was bound to earlier, if any.
+async fn node_owner(
+    nexus: &Nexus,
+    token: Option<&str>,
+    address: &str,
+) -> Result<Option<String>, String> {
+    let unavailable = |e: lattice_accounts::StoreError| {
+        tracing::error!(error = %e, "checking a node token");
+        format!("node {address}: node tokens cannot be checked right now; retrying later")
+    };
+    let Some(token) = token else {
+        if nexus.config.require_node_token {
+            return Err(format!(
+                "node {address}: this Nexus requires a node token: create one on the \
+                 \"Run a node\" page and start the node with --token"
+            ));
+        }
+        return nexus
+            .accounts
+            .node_owner(address)
+            .await
+            .map_err(unavailable);
+    };
+    match nexus.accounts.admit_node_token(token, address).await {
+        Ok(Ok(owner)) => {
+            if owner.first_use {
+                tracing::info!(node = %address, token = %owner.token_id, owner = %owner.user_address, "node token bound to this node");
+            }
+            Ok(Some(owner.user_address))
+        }
+        Ok(Err(refused)) => Err(format!("node {address}: node token refused: {refused}")),
+        Err(e) => Err(unavailable(e)),
+    }
 }

@@ -205,6 +205,45 @@ async fn node_info(nexus: &Nexus, p: &Protocol, node: Address) -> Result<NodeInf
     })
 }
 
+/// A node's stake on-chain, for the signed-in operator's list of nodes.
+#[derive(Serialize)]
+pub(crate) struct NodeStake {
+    registered: bool,
+    active: bool,
+    /// The node's own stake (units).
+    stake: String,
+    /// Staked into its pool by others (units).
+    pool_staked: String,
+    reputation_bps: u16,
+    /// Earnings the node can withdraw on-chain (units).
+    earnings: String,
+}
+
+/// Reads `node`'s stake; `Ok(None)` when Nexus is not connected to a chain, `Err` with words
+/// when the chain did not answer.
+pub(crate) async fn node_stake(nexus: &Nexus, node: &str) -> Result<Option<NodeStake>, String> {
+    let Some(c) = &nexus.chain else {
+        return Ok(None);
+    };
+    let p = &c.protocol;
+    let addr = node
+        .parse::<Address>()
+        .map_err(|_| format!("{node} is not an address"))?;
+    let (state, earnings, pool) =
+        futures::try_join!(p.node(addr), p.node_balance(addr), p.pool(addr)).map_err(|e| {
+            tracing::warn!(error = %e, "reading a node's stake");
+            "the chain did not answer; retry shortly".to_owned()
+        })?;
+    Ok(Some(NodeStake {
+        registered: state.registered,
+        active: state.active,
+        stake: state.stake.to_string(),
+        pool_staked: pool.staked.to_string(),
+        reputation_bps: state.reputation,
+        earnings: earnings.to_string(),
+    }))
+}
+
 #[derive(Deserialize)]
 pub(crate) struct AccountQuery {
     /// Also report this staker's position in the address's pool.

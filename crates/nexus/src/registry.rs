@@ -33,6 +33,9 @@ pub(crate) struct LinkHandle {
     streams: Mutex<HashMap<u64, mpsc::Sender<LinkEvent>>>,
     next_stream: AtomicU64,
     closed: AtomicBool,
+    /// Set when Nexus ends the link itself (e.g. its node token was revoked).
+    kicked: Mutex<Option<String>>,
+    kick: tokio::sync::Notify,
 }
 
 impl LinkHandle {
@@ -43,7 +46,27 @@ impl LinkHandle {
             streams: Mutex::new(HashMap::new()),
             next_stream: AtomicU64::new(1),
             closed: AtomicBool::new(false),
+            kicked: Mutex::new(None),
+            kick: tokio::sync::Notify::new(),
         }
+    }
+
+    /// Asks the link's reader to close it, with `reason` logged.
+    pub(crate) fn kick(&self, reason: &str) {
+        if let Ok(mut k) = self.kicked.lock() {
+            *k = Some(reason.to_owned());
+        }
+        self.kick.notify_one();
+    }
+
+    /// Resolves once [`Self::kick`] was called; the reason it was given.
+    pub(crate) async fn kicked(&self) -> String {
+        self.kick.notified().await;
+        self.kicked
+            .lock()
+            .ok()
+            .and_then(|k| k.clone())
+            .unwrap_or_else(|| "closed by Nexus".into())
     }
 
     /// Opens a stream; its receiver sees the node's events and ends when the link closes.
@@ -110,6 +133,8 @@ pub(crate) struct NodeEntry {
     pub(crate) id: NodeId,
     pub(crate) address: String,
     pub(crate) label: Option<String>,
+    /// On-chain address of the account the node is bound to by its node token.
+    pub(crate) owner: Option<String>,
     pub(crate) kind: NodeKind,
     pub(crate) models: Vec<ModelAd>,
     pub(crate) price: Price,
@@ -131,6 +156,8 @@ pub struct NodeStatus {
     pub id: u64,
     pub address: String,
     pub label: Option<String>,
+    /// On-chain address of the account the node is bound to by a node token, if any.
+    pub owner: Option<String>,
     pub kind: NodeKind,
     pub online: bool,
     pub models: Vec<ModelStatus>,
@@ -195,6 +222,7 @@ impl Registry {
         &self,
         address: String,
         label: Option<String>,
+        owner: Option<String>,
         kind: NodeKind,
         models: Vec<ModelAd>,
         price: Price,
@@ -222,6 +250,7 @@ impl Registry {
             id,
             address,
             label,
+            owner,
             kind,
             models,
             price,
@@ -263,6 +292,20 @@ impl Registry {
             n.link.close();
             (n.address, n.reputation.score())
         })
+    }
+
+    /// Ends the links of the nodes with `address` (lower-case): they reconnect and register
+    /// again, which is where a revoked token is refused. Returns how many links were kicked.
+    pub(crate) fn kick_address(&self, address: &str, reason: &str) -> usize {
+        let Ok(nodes) = self.nodes.lock() else {
+            return 0;
+        };
+        let mut n = 0;
+        for e in nodes.values().filter(|e| e.address == address) {
+            e.link.kick(reason);
+            n += 1;
+        }
+        n
     }
 
     /// Load reports go straight into the node's atomics: no snapshot rebuild, which matters
@@ -425,6 +468,7 @@ impl Registry {
                 id: n.id.0,
                 address: n.address.clone(),
                 label: n.label.clone(),
+                owner: n.owner.clone(),
                 kind: n.kind,
                 online: !n.link.is_closed(),
                 models: n

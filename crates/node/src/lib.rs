@@ -34,6 +34,9 @@ pub struct LinkConfig {
     pub kind: NodeKind,
     pub price: Price,
     pub label: Option<String>,
+    /// Pre-registered node token (`lnt_…`) sent when registering, binding the node to its
+    /// operator's account.
+    pub token: Option<String>,
     /// Measured single-stream decode speed, tokens/s.
     pub decode_tps: f64,
     pub heartbeat: Duration,
@@ -185,6 +188,7 @@ async fn session(
             slots,
             decode_tps: cfg.decode_tps,
             label: cfg.label.clone(),
+            token: cfg.token.clone(),
         },
     )
     .await?;

@@ -72,6 +72,72 @@ pub fn spawn_env(args: &[&str], env: &[(&str, &str)]) -> Proc {
     Proc { child, url }
 }
 
+/// What a process wrote to stderr so far (its log), shared with the thread that reads it.
+#[derive(Clone, Default)]
+pub struct Log(std::sync::Arc<std::sync::Mutex<String>>);
+
+impl Log {
+    pub fn text(&self) -> String {
+        self.0.lock().unwrap().clone()
+    }
+
+    /// Waits until the log contains `needle`; panics after `within`.
+    pub async fn wait_for(&self, needle: &str, within: Duration) {
+        let deadline = Instant::now() + within;
+        while !self.text().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "the log never said {needle:?}:\n{}",
+                self.text()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// As [`spawn_env`], keeping the process's stderr (also echoed to the test's stderr).
+pub fn spawn_logged(args: &[&str], env: &[(&str, &str)]) -> (Proc, Log) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lattice"))
+        .args(args)
+        .env("LATTICE_LOG", "warn")
+        .env("NO_COLOR", "1")
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn lattice");
+    let log = Log::default();
+    let stderr = child.stderr.take().expect("stderr");
+    let sink = log.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            eprintln!("{line}");
+            let mut s = sink.0.lock().unwrap();
+            s.push_str(&line);
+            s.push('\n');
+        }
+    });
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        for line in lines.by_ref() {
+            let Ok(line) = line else { break };
+            if let Some(url) = line.strip_prefix("listening on ") {
+                let _ = tx.send(url.trim().to_owned());
+                break;
+            }
+        }
+        for _ in lines {}
+    });
+    let url = rx
+        .recv_timeout(Duration::from_secs(180))
+        .unwrap_or_else(|_| panic!("lattice {args:?} did not start"));
+    (Proc { child, url }, log)
+}
+
 /// Nexus requires API keys: every request these tests send carries the operator key of the
 /// Nexus it addresses (created with 1,000 LAI by `--operator-key-file`).
 pub static KEYS: std::sync::Mutex<Vec<(String, String)>> = std::sync::Mutex::new(Vec::new());
@@ -95,6 +161,26 @@ pub fn nexus_with(dir: &Path, listen: &str, extra: &[&str]) -> Proc {
 }
 
 pub fn nexus_env(dir: &Path, listen: &str, extra: &[&str], env: &[(&str, &str)]) -> Proc {
+    nexus_spawn(dir, listen, extra, |args| spawn_env(args, env))
+}
+
+/// A Nexus whose log (at info level) the test reads.
+pub fn nexus_logged(dir: &Path, listen: &str, extra: &[&str]) -> (Proc, Log) {
+    let mut log = None;
+    let p = nexus_spawn(dir, listen, extra, |args| {
+        let (p, l) = spawn_logged(args, &[("LATTICE_LOG", "info")]);
+        log = Some(l);
+        p
+    });
+    (p, log.unwrap())
+}
+
+fn nexus_spawn(
+    dir: &Path,
+    listen: &str,
+    extra: &[&str],
+    start: impl FnOnce(&[&str]) -> Proc,
+) -> Proc {
     let db = dir.join("nexus.db");
     let key_file = dir.join("operator.key");
     let mut args = vec![
@@ -109,7 +195,7 @@ pub fn nexus_env(dir: &Path, listen: &str, extra: &[&str], env: &[(&str, &str)])
         key_file.to_str().unwrap(),
     ];
     args.extend_from_slice(extra);
-    let p = spawn_env(&args, env);
+    let p = start(&args);
     let key = std::fs::read_to_string(&key_file).unwrap();
     KEYS.lock()
         .unwrap()
@@ -117,8 +203,14 @@ pub fn nexus_env(dir: &Path, listen: &str, extra: &[&str], env: &[(&str, &str)])
     p
 }
 
-pub fn node(nexus: &str, model: &str, key: &Path, parallel: &str) -> Proc {
-    spawn(&[
+/// The arguments of [`node`], for variants (extra flags, a captured log).
+pub fn node_args<'a>(
+    nexus: &'a str,
+    model: &'a str,
+    key: &'a Path,
+    parallel: &'a str,
+) -> Vec<&'a str> {
+    vec![
         "node",
         "--nexus",
         nexus,
@@ -134,7 +226,11 @@ pub fn node(nexus: &str, model: &str, key: &Path, parallel: &str) -> Proc {
         "1024",
         "--key",
         key.to_str().unwrap(),
-    ])
+    ]
+}
+
+pub fn node(nexus: &str, model: &str, key: &Path, parallel: &str) -> Proc {
+    spawn(&node_args(nexus, model, key, parallel))
 }
 
 pub fn tmp() -> tempfile::TempDir {
