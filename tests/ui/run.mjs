@@ -30,11 +30,22 @@ const procs = [];
 const dir = mkdtempSync(join(tmpdir(), 'lattice-ui-'));
 mkdirSync(ARTIFACTS, { recursive: true });
 
-/** Starts `lattice ARGS`; resolves with {child, url} once it prints `listening on URL`. */
-function lattice(args, name) {
+/**
+ * Starts `lattice ARGS`; resolves with {child, url, log} once it prints `listening on URL`.
+ * With `capture`, its stderr (the log) is kept in `log.text` as well as shown.
+ */
+function lattice(args, name, { capture = false } = {}) {
   return new Promise((resolve, reject) => {
-    const child = spawn(BIN, args, { stdio: ['ignore', 'pipe', 'inherit'], env: { ...process.env, LATTICE_LOG: 'warn' } });
+    const child = spawn(BIN, args, {
+      stdio: ['ignore', 'pipe', capture ? 'pipe' : 'inherit'],
+      env: { ...process.env, LATTICE_LOG: 'warn', NO_COLOR: '1' },
+    });
     procs.push(child);
+    const log = { text: '' };
+    if (capture) {
+      child.stderr.setEncoding('utf8');
+      child.stderr.on('data', (d) => { log.text += d; process.stderr.write(d); });
+    }
     const timer = setTimeout(() => reject(new Error(`${name} did not start`)), LONG);
     let buf = '';
     child.stdout.setEncoding('utf8');
@@ -44,7 +55,7 @@ function lattice(args, name) {
       if (m) {
         clearTimeout(timer);
         buf = '';
-        resolve({ child, url: m[1] });
+        resolve({ child, url: m[1], log });
       }
     });
     child.on('exit', (code) => { clearTimeout(timer); reject(new Error(`${name} exited (${code}) before listening`)); });
@@ -140,7 +151,9 @@ describe('web UI', { timeout: 20 * 60_000 }, () => {
     base = `http://localhost:${port}`;
     api = `http://127.0.0.1:${port}`;
     nexus = await lattice(['nexus', '--listen', `127.0.0.1:${port}`, '--public-url', base, '--db', join(dir, 'nexus.db'),
-      '--probe-interval', '5'], 'nexus');
+      // One faucet grant per client address and hour: the first account gets its credit, a
+      // second one from this address gets none (a real 402 below).
+      '--probe-interval', '5', '--faucet-per-client-per-hour', '1'], 'nexus');
     node1 = await lattice(nodeArgs(api, join(dir, 'node1.key'), ['--label', 'ui-node-1']), 'node');
     await waitFor('the node to pass calibration', async () => {
       const m = await json(`${api}/v1/models`);
@@ -295,20 +308,85 @@ describe('web UI', { timeout: 20 * 60_000 }, () => {
     await shot('chat-stopped');
   });
 
-  it('shows 402 and 429 from the API as clear messages', async () => {
-    for (const [status, code, text] of [[402, 'insufficient_credits', /Not enough credit/], [429, 'rate_limit_exceeded', /Too many requests/]]) {
-      await page.route('**/v1/chat/completions', (route) => route.fulfill({
-        status, contentType: 'application/json',
-        body: JSON.stringify({ error: { message: `simulated ${status}`, type: 'x', param: null, code } }),
-      }));
+  it('a real 402: an account without credit is told so in the chat', async () => {
+    // The faucet grants one account per client address and hour here (Nexus's
+    // --faucet-per-client-per-hour 1): ada got it, so a second account gets nothing and its
+    // balance of 0 cannot cover the hold of any request.
+    await page.getByRole('button', { name: 'Sign out' }).click();
+    await page.getByRole('heading', { name: 'Sign in to Lattice' }).waitFor();
+    await page.fill('#username', 'bob.broke');
+    await page.click('#passkey-signup');
+    await page.getByRole('heading', { name: 'Welcome to Lattice' }).waitFor({ timeout: 30_000 });
+    await page.getByText('The faucet is busy right now').waitFor();
+    assert.equal(await balanceUnits(), 0n);
+    await go('chat');
+    await page.locator(`#model option[value="${MODEL}"]`).waitFor({ state: 'attached' });
+    const answered = page.waitForResponse('**/v1/chat/completions');
+    await page.fill('#prompt', 'hello');
+    await page.press('#prompt', 'Enter');
+    const resp = await answered;
+    assert.equal(resp.status(), 402);
+    assert.equal((await resp.json()).error.code, 'insufficient_credits');
+    const alert = page.locator('.msg.assistant [role=alert]');
+    await alert.waitFor();
+    assert.match(await alert.textContent(),
+      /^Not enough credit\. Insufficient credits: this request may cost up to [0-9.]+ LAI and your balance is 0 LAI\. Lower max_tokens or add credits\. See your balance$/);
+    assert.equal(await alert.getByRole('link', { name: 'See your balance' }).getAttribute('href'), '#/account');
+    const acct = await page.evaluate(async () => (await fetch('/lattice/v1/account')).json());
+    assert.equal(acct.balance.available, '0');
+    assert.equal(acct.balance.held, '0', 'a refused request holds nothing');
+    await shot('chat-402');
+    await accessible('chat-402');
+    // Back to the first account.
+    await page.getByRole('button', { name: 'Sign out' }).click();
+    await page.getByRole('heading', { name: 'Sign in to Lattice' }).waitFor();
+    await page.fill('#username', 'ada.ui');
+    await page.click('#passkey-signin');
+    await page.locator('#balance').waitFor();
+    assert.ok(await balanceUnits() > 0n);
+  });
+
+  it('a real 429: an API key over its requests-per-minute limit, through the chat page', async () => {
+    // Nexus rate-limits API keys (rpm_limit), not browser sessions: the page's chat requests
+    // carry a key limited to 1 request per minute, created on the account page.
+    await go('account', 'Account');
+    await page.fill('#key-name', 'one per minute');
+    await page.fill('#key-rpm', '1');
+    await page.click('#create-key button[type=submit]');
+    const secret = (await page.locator('#new-key-secret').textContent()).trim();
+    await page.route('**/v1/chat/completions', async (route) => {
+      const body = JSON.parse(route.request().postData());
+      await route.continue({
+        headers: { ...route.request().headers(), authorization: `Bearer ${secret}` },
+        postData: JSON.stringify({ ...body, max_tokens: 8 }),
+      });
+    });
+    try {
+      // The limit counts per wall-clock minute: both requests go in the same one.
+      const sec = new Date().getUTCSeconds();
+      if (sec > 35) await new Promise((r) => setTimeout(r, (61 - sec) * 1000));
+      await go('chat');
+      await page.locator(`#model option[value="${MODEL}"]`).waitFor({ state: 'attached' });
       await page.click('#new-chat');
-      await page.fill('#prompt', 'hello');
+      const first = page.waitForResponse('**/v1/chat/completions');
+      await page.fill('#prompt', 'Say one word.');
       await page.press('#prompt', 'Enter');
-      await page.locator('.msg.assistant [role=alert]').waitFor();
-      assert.match(await page.textContent('.msg.assistant [role=alert]'), text);
+      assert.equal((await first).status(), 200, 'the first request of the minute is served');
+      await page.locator('.msg.assistant:last-child .meta .cost').waitFor({ timeout: 120_000 });
+      const second = page.waitForResponse('**/v1/chat/completions');
+      await page.fill('#prompt', 'And one more.');
+      await page.press('#prompt', 'Enter');
+      const resp = await second;
+      assert.equal(resp.status(), 429);
+      assert.equal((await resp.json()).error.code, 'rate_limit_exceeded');
+      const alert = page.locator('.msg.assistant:last-child [role=alert]');
+      await alert.waitFor();
+      assert.equal(await alert.textContent(),
+        "Too many requests: This API key's requests-per-minute limit is reached; retry in a minute. Wait a moment and regenerate.");
+      await shot('chat-429');
+    } finally {
       await page.unroute('**/v1/chat/completions');
     }
-    await shot('chat-402-429');
   });
 
   it('creates an API key shown once, which works with curl-like calls until revoked', async () => {
@@ -480,30 +558,84 @@ describe('web UI', { timeout: 20 * 60_000 }, () => {
     await accessible('network');
   });
 
-  it('run a node: the exact command, and the node started with it appears and calibrates', async () => {
+  it('run a node: a node token in the exact command; the node appears under "Your nodes", calibrates, and is refused once revoked', async () => {
     await go('node', 'Run a node');
     const cmd = await page.textContent('#node-command');
     assert.equal(cmd, `lattice node --nexus ${base} --model ${MODEL} --price-in 100000000000000000 --price-out 200000000000000000`);
+    await page.locator('#my-nodes-empty').getByText('No nodes yet').waitFor();
+    await page.locator('#node-tokens').getByText('No node tokens yet.').waitFor();
     await page.fill('#price-out', '0.3');
     await page.fill('#node-label', 'ui-node-2');
+    await page.click('#create-node-token');
+    await page.locator('#node-token-created').waitFor();
     const mine = (await page.textContent('#node-command')).split(' ');
     assert.deepEqual(mine.slice(0, 2), ['lattice', 'node']);
-    assert.ok(mine.join(' ').includes('--price-out 300000000000000000 --label ui-node-2'));
-    await page.getByText(/Waiting for a new node/).waitFor();
+    assert.ok(mine.join(' ').includes('--price-out 300000000000000000 --label ui-node-2 --token lnt_'), mine.join(' '));
+    const secret = mine[mine.indexOf('--token') + 1];
+    assert.match(secret, /^lnt_[A-Za-z0-9_-]{43}$/);
+    // Listed by its label and prefix, never the secret; not used yet.
+    const tokenRow = page.locator('#node-tokens tr', { hasText: 'ui-node-2' });
+    await tokenRow.getByText('not used yet').waitFor();
+    assert.ok(!(await page.textContent('#node-tokens')).includes(secret));
+    await page.locator('#my-nodes-empty').getByText('Waiting for your node to link').waitFor();
+    await accessible('run-a-node-token');
+    // Every status the row shows, in order.
+    await page.evaluate(() => {
+      window.__statuses = [];
+      new MutationObserver(() => {
+        const s = document.querySelector('#my-nodes tr[data-address]')?.dataset.status;
+        if (s && window.__statuses[window.__statuses.length - 1] !== s) window.__statuses.push(s);
+      }).observe(document.getElementById('my-nodes'), { childList: true, subtree: true, attributes: true });
+    });
     // Run exactly that command (plus a key file and a free port for this test).
-    const node2 = await lattice([...mine.slice(1), '--port', '0', '--threads', '1', '--ctx-per-slot', '1024', '--key', join(dir, 'node2.key')], 'node 2');
-    await page.locator('#my-node').getByText('Calibrated').waitFor({ timeout: LONG });
-    await page.locator('#my-node-chain').getByText('Active on-chain').waitFor({ timeout: 30_000 });
+    const node2 = await lattice([...mine.slice(1), '--port', '0', '--threads', '1', '--ctx-per-slot', '1024', '--key', join(dir, 'node2.key')], 'node 2', { capture: true });
+    const row = page.locator('#my-nodes tr[data-address]');
+    await row.waitFor({ timeout: LONG });
+    const address = await row.getAttribute('data-address');
+    await page.locator(`#my-nodes tr[data-address="${address}"][data-status="healthy"]`).waitFor({ timeout: LONG });
+    const statuses = await page.evaluate(() => window.__statuses);
+    assert.equal(statuses[statuses.length - 1], 'healthy');
+    assert.ok(statuses.every((x) => ['calibrating', 'healthy'].includes(x)), `appears, calibrates, healthy: ${statuses}`);
+    assert.match(await row.textContent(), /ui-node-2/);
+    // Bound to this account: the API says so, and the token names the node.
+    const acct = await page.evaluate(async () => (await fetch('/lattice/v1/account')).json());
+    const online = (await json(`${api}/lattice/v1/nodes`)).body.online;
+    assert.equal(online.find((n) => n.address === address)?.owner, acct.user.address.toLowerCase());
+    assert.equal(online.find((n) => n.label === 'ui-node-1')?.owner, null, 'a node without a token has no owner');
+    await tokenRow.locator(`[title="${address}"]`).waitFor();
+    // Earnings as the ledger has them, and the stake the operator sponsored on-chain.
+    const earnings = (await json(`${api}/lattice/v1/nodes/${address}/earnings`)).body;
+    assert.equal(await row.locator('.node-earned').getAttribute('data-units'), earnings.earned);
+    await row.locator('.node-stake .badge', { hasText: 'Active' }).waitFor({ timeout: 30_000 });
+    const onchain = (await json(`${api}/lattice/v1/chain/accounts/${address}`)).body;
+    assert.equal(await row.locator('.node-stake').getAttribute('data-units'), onchain.node.stake);
+    assert.ok(BigInt(onchain.node.stake) > 0n);
     await shot('run-a-node');
     await accessible('run-a-node');
-    // And it goes offline in the explorer when its process is killed.
+    // The explorer marks it as the signed-in user's.
     await go('network', 'Network');
-    await page.locator('#nodes tr', { hasText: 'ui-node-2' }).waitFor();
-    node2.child.kill('SIGKILL');
+    await page.locator('#nodes tr', { hasText: 'ui-node-2' }).locator('.owner', { hasText: 'Your node' }).waitFor();
+    // Revoke the token: the node is disconnected at once and refused when it reconnects.
+    await go('node', 'Run a node');
+    await page.getByRole('button', { name: 'Revoke node token ui-node-2' }).click();
+    await page.locator('#node-token-revoked').getByText(/revoked\. Node .* was disconnected/).waitFor();
+    const gone = page.locator(`#my-nodes tr[data-address="${address}"][data-status="offline"]`);
+    await gone.waitFor({ timeout: 30_000 });
+    await gone.getByText('token revoked').waitFor();
+    await waitFor('Nexus to refuse the revoked token', async () =>
+      node2.log.text.includes('node token refused: this node token was revoked'), 60_000);
+    const tries = (node2.log.text.match(/this node token was revoked/g) || []).length;
+    await waitFor('the node to try again and be refused again', async () =>
+      (node2.log.text.match(/this node token was revoked/g) || []).length > tries, 30_000);
+    assert.ok(!(await json(`${api}/lattice/v1/nodes`)).body.online.some((n) => n.address === address), 'not online');
+    await shot('run-a-node-revoked');
+    // And the explorer shows it offline.
+    await go('network', 'Network');
     await page.locator('#known tr', { hasText: 'ui-node-2' }).waitFor({ timeout: 60_000 });
     assert.equal(await page.locator('#nodes tr', { hasText: 'ui-node-2' }).count(), 0);
     await page.locator('#nodes tr', { hasText: 'ui-node-1' }).waitFor();
     await shot('network-node-offline');
+    node2.child.kill('SIGKILL');
   });
 
   it('run a node: each pool with its expected APY, the exact staking calls, and a wallet sends them', async () => {

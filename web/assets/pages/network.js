@@ -41,7 +41,7 @@ function stat(label, value, sub, id) {
   return h('div', { class: 'stat', id }, h('div', { class: 'label' }, label), h('div', { class: 'value' }, value), sub ? h('div', { class: 'sub' }, sub) : null);
 }
 
-export async function mount(root) {
+export async function mount(root, ctx) {
   const statsEl = h('div', { class: 'stats', id: 'totals' });
   const nodesEl = h('div', { id: 'nodes' }, h('p', { class: 'loading' }, 'Loading nodes…'));
   const knownEl = h('div', { id: 'known' });
@@ -98,7 +98,9 @@ export async function mount(root) {
     }
     const rows = online.map((n) => h('tr', { 'data-address': n.address },
       h('td', { title: n.address }, h('div', {}, h('strong', {}, n.label || shortAddr(n.address))),
-        n.label ? h('div', { class: 'small muted mono' }, shortAddr(n.address)) : null),
+        n.label ? h('div', { class: 'small muted mono' }, shortAddr(n.address)) : null,
+        n.owner ? h('div', { class: 'small muted owner', 'data-owner': n.owner, title: `Operated by ${n.owner} (bound by a node token)` },
+          n.owner === ctx?.account?.user?.address?.toLowerCase() ? 'Your node' : `Operator ${shortAddr(n.owner)}`) : null),
       h('td', {}, n.models.map((m) => h('div', {}, m.id))),
       h('td', {}, n.kind.toUpperCase()),
       h('td', { class: 'health' }, health(n)),

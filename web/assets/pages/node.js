@@ -1,11 +1,13 @@
-// Run a node: pick a model and a price, copy the one-line command, and watch the node link,
-// pass calibration and start earning (its stake, reputation and earnings on-chain too); then
-// stake into a node's pool: its expected APY, the exact calls, and with an injected EIP-1193
-// wallet on an RPC chain, the two transactions sent from the wallet.
+// Run a node: pick a model and a price, create a pre-registered node token (shown once, inside
+// the one-line command), copy the command, and watch "Your nodes" — the nodes bound to your
+// tokens — link, pass calibration and earn (off-chain earnings, stake on-chain); revoke a token.
+// Signed out, the page watches for the first new node instead. Then stake into a node's pool:
+// its expected APY, the exact calls, and with an injected EIP-1193 wallet on an RPC chain, the
+// two transactions sent from the wallet.
 
 import { api } from '../api.js';
 import { h, replace, copyButton, errorBox } from '../dom.js';
-import { lai, parseLai, num, shortAddr, apy, bps } from '../format.js';
+import { lai, parseLai, num, shortAddr, apy, bps, ago } from '../format.js';
 
 // `lattice model catalog`: the models known by name (any GGUF works with hf:OWNER/REPO/FILE.gguf).
 const CATALOG = [
@@ -17,7 +19,16 @@ function shellQuote(s) {
   return /^[\w@%+=:,./-]+$/.test(s) ? s : `'${s.replace(/'/g, "'\\''")}'`;
 }
 
-export async function mount(root) {
+const STATUS = {
+  calibrating: ['warn', 'Calibrating…'],
+  healthy: ['ok', 'Healthy'],
+  unhealthy: ['error', 'Failing probes'],
+  offline: ['', 'Offline'],
+};
+
+export async function mount(root, ctx) {
+  const signedIn = () => Boolean(ctx?.account);
+  let token = null; // {id, secret, label}: the token just created, shown once in the command
   const model = h('select', { id: 'node-model' }, CATALOG.map(([id, d]) => h('option', { value: id }, `${id} — ${d.split(' — ')[1]}`)),
     h('option', { value: 'other' }, 'Another GGUF model…'));
   const other = h('input', { id: 'node-model-other', placeholder: 'hf:OWNER/REPO/FILE.gguf or a local path', hidden: true, 'aria-label': 'Model (Hugging Face file or path)' });
@@ -27,6 +38,10 @@ export async function mount(root) {
   const cmd = h('code', { id: 'node-command' });
   const problem = h('div', { 'aria-live': 'polite' });
   const watchEl = h('div', { id: 'node-watch' }, h('p', { class: 'muted' }, 'Looking for new nodes…'));
+  const tokenEl = h('div', { id: 'node-token', 'aria-live': 'polite' });
+  const myNodesEl = h('div', { id: 'my-nodes' }, h('p', { class: 'loading' }, 'Loading your nodes…'));
+  const tokensEl = h('div', { id: 'node-tokens' });
+  const tokenMsg = h('div', { id: 'node-token-msg', 'aria-live': 'polite' });
   const stakeEl = h('div', { id: 'stake' }, h('p', { class: 'loading' }, 'Loading pools…'));
   const stakeNode = h('select', { id: 'stake-node' });
   const stakeAmount = h('input', { id: 'stake-amount', inputmode: 'decimal', value: '10', 'aria-describedby': 'stake-hint' });
@@ -43,6 +58,7 @@ export async function mount(root) {
     if (pin === null || pout === null) { replace(problem, h('p', { class: 'notice warn' }, 'Prices are amounts of LAI per million tokens, like 0.1.')); return null; }
     const parts = ['lattice', 'node', '--nexus', location.origin, '--model', shellQuote(m), '--price-in', pin.toString(), '--price-out', pout.toString()];
     if (label.value.trim()) parts.push('--label', shellQuote(label.value.trim()));
+    if (token) parts.push('--token', token.secret);
     return parts.join(' ');
   }
   function update() {
@@ -70,11 +86,16 @@ export async function mount(root) {
           h('li', {}, 'Build or install ', h('code', {}, 'lattice'), ' (see the README: ', h('code', {}, './lattice up'), ' builds it).'),
           h('li', {}, 'Run the command. The model is downloaded and verified on first start; your node key is created in ', h('code', {}, '~/.cache/lattice'), '.'),
           h('li', {}, 'The node dials out to this Nexus — no open port needed — answers a calibration prompt, then gets traffic.')),
+        tokenEl,
         h('div', { class: 'command' }, cmd, copyButton(() => cmd.textContent)),
         h('p', { class: 'muted small' }, 'With a chain, a node is admitted once it is active on-chain with the minimum stake; on a local network (', h('code', {}, 'lattice up'),
-          ') the operator stakes it for you. Pre-registered node tokens are not available in this version.'))),
-    h('section', { class: 'card', 'aria-labelledby': 'watch-h' }, h('h2', { id: 'watch-h' }, '3. Watch it join'), watchEl),
+          ') the operator stakes it for you.'))),
+    signedIn()
+      ? h('section', { class: 'card', 'aria-labelledby': 'mine-h' }, h('h2', { id: 'mine-h' }, '3. Your nodes'), myNodesEl,
+        h('h3', {}, 'Node tokens'), tokenMsg, tokensEl)
+      : h('section', { class: 'card', 'aria-labelledby': 'watch-h' }, h('h2', { id: 'watch-h' }, '3. Watch it join'), watchEl),
     h('section', { class: 'card', 'aria-labelledby': 'stake-h' }, h('h2', { id: 'stake-h' }, '4. Stake into a node’s pool'), stakeEl));
+  renderTokenArea();
   update();
   loadPools();
   const poolTimer = setInterval(() => { if (!document.hidden) loadPools(); }, 6000);
@@ -183,12 +204,133 @@ export async function mount(root) {
   stakeNode.addEventListener('change', () => renderStake());
   stakeAmount.addEventListener('input', () => renderStake());
 
+  function renderTokenArea() {
+    if (!signedIn()) {
+      replace(tokenEl, h('p', { class: 'small' }, h('a', { href: '#/signin' }, 'Sign in'),
+        ' to create a node token: the command then carries it, and the node is listed as yours with its earnings and stake.'));
+      return;
+    }
+    if (token) {
+      replace(tokenEl, h('div', { class: 'notice ok', id: 'node-token-created' },
+        h('p', {}, h('strong', {}, `Node token${token.label ? ` “${token.label}”` : ''} created`), ' and added to the command below (',
+          h('code', {}, '--token'), '). Copy the command now: the token is not shown again.'),
+        h('p', { class: 'small muted' }, 'It binds the first node that registers with it to your account; another node presenting it is refused. For scripts, ',
+          h('code', {}, 'LATTICE_NODE_TOKEN'), ' works too.')));
+      return;
+    }
+    replace(tokenEl, h('p', { class: 'small' },
+      h('button', { type: 'button', class: 'primary', id: 'create-node-token', onclick: createToken }, 'Create node token'),
+      ' A pre-registered token in the command makes the node yours: it appears under “Your nodes” with its earnings and stake.'));
+  }
+
+  async function createToken() {
+    const btn = tokenEl.querySelector('#create-node-token');
+    if (btn) btn.disabled = true;
+    try {
+      const body = label.value.trim() ? { label: label.value.trim().slice(0, 64) } : {};
+      const t = await api('/lattice/v1/account/node-tokens', { method: 'POST', body });
+      token = { id: t.id, secret: t.secret, label: t.label };
+      renderTokenArea();
+      update();
+      loadMine();
+    } catch (e) {
+      replace(tokenEl, errorBox(e));
+      setTimeout(() => { if (!token) renderTokenArea(); }, 4000);
+    }
+  }
+
+  async function revokeToken(t) {
+    const name = t.label || t.prefix;
+    if (!confirm(`Revoke node token “${name}”? ${t.node_address ? 'Its node is disconnected and refused from now on.' : 'No node can register with it any more.'}`)) return;
+    try {
+      await api(`/lattice/v1/account/node-tokens/${encodeURIComponent(t.id)}`, { method: 'DELETE' });
+      if (token?.id === t.id) { token = null; renderTokenArea(); update(); }
+      replace(tokenMsg, h('div', { class: 'notice', id: 'node-token-revoked' }, `Node token “${name}” revoked.${t.node_address ? ` Node ${shortAddr(t.node_address)} was disconnected and is refused when it reconnects.` : ''}`));
+      loadMine();
+    } catch (e) {
+      replace(tokenMsg, errorBox(e));
+    }
+  }
+
+  let mineShown = '';
+  let mineError = false;
+  async function loadMine() {
+    if (!signedIn()) return;
+    let nodes;
+    let tokens;
+    try {
+      [nodes, tokens] = await Promise.all([api('/lattice/v1/account/nodes'), api('/lattice/v1/account/node-tokens')]);
+    } catch (e) {
+      // Keep the last list; say what went wrong above it.
+      mineError = true;
+      const last = myNodesEl.querySelector('#my-nodes-list');
+      replace(myNodesEl, errorBox(e, 'Retrying…'), last);
+      return;
+    }
+    const key = JSON.stringify([nodes, tokens]);
+    if (key === mineShown && !mineError) return;
+    mineShown = key;
+    mineError = false;
+    const data = nodes.data || [];
+    if (!data.length) {
+      replace(myNodesEl, h('div', { class: 'empty small', id: 'my-nodes-empty' },
+        h('p', {}, token
+          ? h('span', {}, h('span', { class: 'dot' }), ' Waiting for your node to link: run the command above.')
+          : 'No nodes yet. Create a node token, run the command on your machine, and your node appears here as soon as it links.')));
+    } else {
+      const cols = ['Node', 'Status', 'Served', 'Earned (off-chain)', 'Staking pool', 'Stake on-chain', 'Last seen'];
+      const rows = data.map((n) => {
+        const [cls, text] = STATUS[n.status] || ['', n.status];
+        const stake = n.stake
+          ? h('span', {}, n.stake.active ? h('span', { class: 'badge ok' }, 'Active') : h('span', { class: 'badge warn' }, 'Not active'), ` ${lai(n.stake.stake, 2)}`,
+            h('div', { class: 'small muted' }, `pool ${lai(n.stake.pool_staked, 2)} · reputation ${bps(n.stake.reputation_bps)} · ${lai(n.stake.earnings, 9)} to withdraw`))
+          : h('span', { class: 'muted' }, n.stake_error ? `Unavailable: ${n.stake_error}` : (nodes.chain ? '—' : 'No chain'));
+        const tr = h('tr', { 'data-address': n.address, 'data-status': n.status },
+          h('td', { title: n.address }, h('strong', {}, n.label || shortAddr(n.address)), h('div', { class: 'small muted mono' }, shortAddr(n.address))),
+          h('td', { class: 'node-status' }, h('span', { class: `badge ${cls}` }, text),
+            n.token_live ? null : h('div', { class: 'small muted' }, 'token revoked'),
+            n.status === 'calibrating' ? h('div', { class: 'small muted' }, 'answering the canary prompt') : null),
+          h('td', { class: 'num' }, n.served === null || n.served === undefined ? '—' : num(n.served)),
+          h('td', { class: 'num node-earned', 'data-units': n.earned }, lai(n.earned, 9)),
+          h('td', { class: 'num node-pool', 'data-units': n.staking_pool }, lai(n.staking_pool, 9)),
+          h('td', { class: 'node-stake', 'data-units': n.stake ? n.stake.stake : '' }, stake),
+          h('td', {}, n.status === 'offline' ? ago(n.last_seen) : 'now'));
+        [...tr.children].forEach((td, i) => td.setAttribute('data-label', cols[i]));
+        return tr;
+      });
+      replace(myNodesEl, h('div', { class: 'table-wrap', tabindex: '0', role: 'region', 'aria-label': 'Your nodes', id: 'my-nodes-list' },
+        h('table', { class: 'cards' }, h('thead', {}, h('tr', {}, cols.map((t, i) => h('th', { scope: 'col', class: i >= 2 && i <= 4 ? 'num' : '' }, t)))),
+          h('tbody', {}, rows))),
+      h('p', { class: 'small' }, h('a', { href: '#/network' }, 'See the whole network in the explorer')));
+    }
+    const list = tokens.data || [];
+    replace(tokensEl, list.length
+      ? h('div', { class: 'table-wrap', tabindex: '0', role: 'region', 'aria-label': 'Node tokens' },
+        h('table', {}, h('thead', {}, h('tr', {}, ['Label', 'Token', 'Node', 'Last used', ''].map((t) => h('th', { scope: 'col' }, t)))),
+          h('tbody', {}, list.map((t) => h('tr', { 'data-token': t.id },
+            h('td', {}, t.label || h('span', { class: 'muted' }, '—')),
+            h('td', {}, h('code', {}, `${t.prefix}…`)),
+            h('td', { title: t.node_address || '' }, t.node_address
+              ? [h('span', { class: 'mono' }, shortAddr(t.node_address)), t.online ? h('span', { class: 'badge ok' }, ' online') : null]
+              : h('span', { class: 'muted' }, 'not used yet')),
+            h('td', {}, t.last_used_at ? ago(t.last_used_at) : '—'),
+            h('td', {}, t.revoked_at
+              ? h('span', { class: 'muted' }, `revoked ${ago(t.revoked_at)}`)
+              : h('button', { type: 'button', class: 'danger', 'aria-label': `Revoke node token ${t.label || t.prefix}`, onclick: () => revokeToken(t) }, 'Revoke')))))))
+      : h('p', { class: 'muted small' }, 'No node tokens yet.'));
+  }
+
   // Nodes online when the page opened are not "yours"; the first new one is watched.
   let before = null;
   let mine = null;
   let stopped = false;
   let timer = null;
   async function tick() {
+    if (signedIn()) {
+      await loadMine();
+      if (!stopped) timer = setTimeout(tick, 2000);
+      return;
+    }
     try {
       const n = await api('/lattice/v1/nodes');
       const online = n.online || [];
