@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use lattice_accounts::{
     Accounts, AccountsConfig, BatchKind, BatchLimits, Db, FaucetOutcome, LedgerConfig, LedgerMode,
-    PostError, SiweMessage, UsageGroup, UsageRecord, WithdrawError, WithdrawalStatus,
+    NodeTokenRefused, PostError, SiweMessage, UsageGroup, UsageRecord, WithdrawError,
+    WithdrawalStatus,
 };
 use lattice_ledger::{Account, Applied, LedgerError, Money, Op, Split};
 use lattice_link::NodeKey;
@@ -749,6 +750,110 @@ async fn withdrawals_debit_first_and_recover(url: &str, mode: LedgerMode) {
 
 /// Each scenario on SQLite and PostgreSQL, with the exclusive (write-behind) and the shared
 /// (commit per batch) writer.
+async fn node_tokens_bind_one_address_and_revoke(url: &str, mode: LedgerMode) {
+    let acc = open(url, mode, "a").await;
+    let (alice, _, alice_key) = siwe_user(&acc, "10.0.0.8").await;
+    let (bob, _, bob_key) = siwe_user(&acc, "10.0.0.9").await;
+    let node1 = NodeKey::generate().unwrap().address().to_lowercase();
+    let node2 = NodeKey::generate().unwrap().address().to_lowercase();
+    let t = acc.create_node_token(&alice, Some("rack 1")).await.unwrap();
+    assert!(t.secret.starts_with("lnt_") && t.secret.len() == 47);
+    assert!(
+        acc.create_node_token(&alice, Some(&"x".repeat(65)))
+            .await
+            .is_err(),
+        "labels are bounded"
+    );
+    // First use binds the address to the token's user; the same node again is accepted.
+    let owner = acc
+        .admit_node_token(&t.secret, &node1.to_uppercase().replacen("0X", "0x", 1))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(owner.first_use);
+    assert_eq!(owner.user_id, alice);
+    assert_eq!(owner.user_address, alice_key.address().to_lowercase());
+    let again = acc
+        .admit_node_token(&t.secret, &node1)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!again.first_use);
+    // Another address with the same token is refused, naming the bound one.
+    assert_eq!(
+        acc.admit_node_token(&t.secret, &node2).await.unwrap(),
+        Err(NodeTokenRefused::BoundToOther(node1.clone()))
+    );
+    // An address belongs to one live token: bob's token cannot take alice's node.
+    let b = acc.create_node_token(&bob, None).await.unwrap();
+    assert_eq!(
+        acc.admit_node_token(&b.secret, &node1).await.unwrap(),
+        Err(NodeTokenRefused::NodeTaken)
+    );
+    assert_eq!(
+        acc.admit_node_token("lnt_unknown", &node1).await.unwrap(),
+        Err(NodeTokenRefused::Unknown)
+    );
+    assert_eq!(
+        acc.admit_node_token(&"lnt_x".repeat(40), &node1)
+            .await
+            .unwrap(),
+        Err(NodeTokenRefused::Unknown),
+        "oversized tokens are not even hashed"
+    );
+    assert_eq!(
+        acc.admit_node_token(&t.secret.replace("lnt_", "lk_"), &node1)
+            .await
+            .unwrap(),
+        Err(NodeTokenRefused::Unknown)
+    );
+    assert_eq!(
+        acc.node_owner(&node1).await.unwrap(),
+        Some(alice_key.address().to_lowercase())
+    );
+    assert_eq!(
+        acc.user_nodes(&alice).await.unwrap(),
+        vec![(node1.clone(), true)]
+    );
+    let listed = acc.list_node_tokens(&alice).await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].node_address.as_deref(), Some(node1.as_str()));
+    assert!(!format!("{listed:?}").contains(&t.secret), "secret listed");
+    // Only its owner revokes it; then it is refused and the node is free for a new token.
+    assert_eq!(
+        acc.revoke_node_token(&bob, &t.token.id).await.unwrap(),
+        None
+    );
+    assert_eq!(
+        acc.revoke_node_token(&alice, &t.token.id).await.unwrap(),
+        Some(Some(node1.clone()))
+    );
+    assert_eq!(
+        acc.revoke_node_token(&alice, &t.token.id).await.unwrap(),
+        None
+    );
+    assert_eq!(
+        acc.admit_node_token(&t.secret, &node1).await.unwrap(),
+        Err(NodeTokenRefused::Revoked)
+    );
+    assert_eq!(acc.node_owner(&node1).await.unwrap(), None);
+    assert_eq!(
+        acc.user_nodes(&alice).await.unwrap(),
+        vec![(node1.clone(), false)]
+    );
+    let rebound = acc
+        .admit_node_token(&b.secret, &node1)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(rebound.user_id, bob);
+    assert_eq!(
+        acc.node_owners().await.unwrap().get(&node1),
+        Some(&bob_key.address().to_lowercase()),
+        "bound again, to the new token's user"
+    );
+}
+
 macro_rules! both {
     ($name:ident) => {
         mod $name {
@@ -785,6 +890,7 @@ both!(api_keys_limits_and_revocation);
 both!(faucet_rate_limit_and_history);
 both!(passkeys_register_and_sign_in);
 both!(withdrawals_debit_first_and_recover);
+both!(node_tokens_bind_one_address_and_revoke);
 
 #[tokio::test]
 async fn bad_database_urls_are_clear_errors() {
