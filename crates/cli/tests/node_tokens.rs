@@ -110,10 +110,17 @@ async fn require_node_token_binds_nodes_to_their_operator_and_refuses_the_rest()
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let mine = my_nodes(&url).await;
-            if let Some(n) = mine.iter().find(|n| n["address"] == b_addr.as_str()) {
+            // Bound (and listed, offline) during the handshake, just before it is linked.
+            if let Some(n) = mine
+                .iter()
+                .find(|n| n["address"] == b_addr.as_str() && n["status"] != "offline")
+            {
                 break n.clone();
             }
-            assert!(Instant::now() < deadline, "node b never appeared: {mine:?}");
+            assert!(
+                Instant::now() < deadline,
+                "node b never appeared online: {mine:?}"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     };

@@ -391,6 +391,7 @@ pub(crate) async fn node_earnings(
     }
     let (from, to) = day_range(&q)?;
     let group = q.group.unwrap_or(UsageGroup::Day);
+    nexus.node_settled(&address).await;
     let l = nexus.accounts.ledger();
     let earned = l
         .balance(&Account::Node(address.clone()))

@@ -34,39 +34,56 @@ pub(crate) struct Unsettled {
 }
 
 impl Unsettled {
-    fn add(&self, user: &str) {
-        let mut c = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-        *c.entry(user.to_owned()).or_default() += 1;
+    fn keys(user: &str, node: &str) -> [String; 2] {
+        [format!("user:{user}"), format!("node:{node}")]
     }
 
-    fn done(&self, user: &str) {
+    fn add(&self, user: &str, node: &str) {
+        let mut c = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        for k in Self::keys(user, node) {
+            *c.entry(k).or_default() += 1;
+        }
+    }
+
+    fn done(&self, user: &str, node: &str) {
         {
             let mut c = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(n) = c.get_mut(user) {
-                *n = n.saturating_sub(1);
-                if *n == 0 {
-                    c.remove(user);
+            for k in Self::keys(user, node) {
+                if let Some(n) = c.get_mut(&k) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        c.remove(&k);
+                    }
                 }
             }
         }
         self.changed.notify_waiters();
     }
 
-    fn pending(&self, user: &str) -> bool {
+    fn pending(&self, key: &str) -> bool {
         self.counts
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .contains_key(user)
+            .contains_key(key)
     }
 
     /// Waits (at most `limit`) until none of `user`'s charges is parked.
-    pub(crate) async fn wait(&self, user: &str, limit: Duration) {
+    pub(crate) async fn wait_user(&self, user: &str, limit: Duration) {
+        self.wait(&format!("user:{user}"), limit).await;
+    }
+
+    /// Waits (at most `limit`) until none of the charges a node served is parked.
+    pub(crate) async fn wait_node(&self, node: &str, limit: Duration) {
+        self.wait(&format!("node:{node}"), limit).await;
+    }
+
+    async fn wait(&self, key: &str, limit: Duration) {
         let deadline = tokio::time::Instant::now() + limit;
         loop {
             let changed = self.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            if !self.pending(user) {
+            if !self.pending(key) {
                 return;
             }
             if tokio::time::timeout_at(deadline, changed).await.is_err() {
@@ -83,7 +100,6 @@ pub(crate) struct Parked {
     op: Op,
     record: UsageRecord,
     receipt: UsageReceipt,
-    history: Option<History>,
     done: bool,
 }
 
@@ -113,12 +129,14 @@ impl Parked {
         };
         let mut record = self.record.clone();
         record.receipt = serde_json::to_string(&evidence).unwrap_or_default();
-        let outcome = charge(&self.billing, self.op.clone(), record, self.history.take()).await;
+        let outcome = charge(&self.billing, self.op.clone(), record).await;
         if let Err(e) = outcome {
             tracing::error!(request_id = %self.record.request_id, error = %e, "charge failed; the hold will be released");
             release(&self.billing, &self.record.request_id);
         }
-        self.billing.unsettled.done(&self.record.user_id);
+        self.billing
+            .unsettled
+            .done(&self.record.user_id, &self.record.node);
     }
 
     /// Nothing is charged (the batch was refused or never came): the hold is released.
@@ -126,7 +144,9 @@ impl Parked {
         self.done = true;
         tracing::warn!(request_id = %self.record.request_id, reason = %why, "usage receipt refused; nothing charged");
         release(&self.billing, &self.record.request_id);
-        self.billing.unsettled.done(&self.record.user_id);
+        self.billing
+            .unsettled
+            .done(&self.record.user_id, &self.record.node);
     }
 }
 
@@ -134,34 +154,34 @@ impl Drop for Parked {
     fn drop(&mut self) {
         if !self.done {
             release(&self.billing, &self.record.request_id);
-            self.billing.unsettled.done(&self.record.user_id);
+            self.billing
+                .unsettled
+                .done(&self.record.user_id, &self.record.node);
         }
     }
 }
 
-/// Posts a charge; on success saves the opted-in exchange (in the background).
-async fn charge(
-    billing: &Arc<Billing>,
-    op: Op,
-    record: UsageRecord,
-    history: Option<History>,
-) -> Result<(), PostError> {
-    let (user, request) = (record.user_id.clone(), record.request_id.clone());
+/// Posts a charge.
+async fn charge(billing: &Arc<Billing>, op: Op, record: UsageRecord) -> Result<(), PostError> {
     match billing.accounts.ledger().charge(op, record).await? {
-        Applied::Posted(_) | Applied::Duplicate => {}
+        Applied::Posted(_) | Applied::Duplicate => Ok(()),
     }
-    if let Some((conv, messages, _)) = history {
-        let accounts = billing.accounts.clone();
-        tokio::spawn(async move {
-            if let Err(e) = accounts
-                .record_chat(&user, &conv, &messages, &request)
-                .await
-            {
-                tracing::warn!(request_id = %request, error = %e, "chat history not saved");
-            }
-        });
-    }
-    Ok(())
+}
+
+/// Saves an opted-in exchange (in the background) when its answer ends, as the user's choice
+/// stands then.
+fn save_history(billing: &Arc<Billing>, user: &str, request: &str, history: History) {
+    let (conv, messages, _) = history;
+    let accounts = billing.accounts.clone();
+    let (user, request) = (user.to_owned(), request.to_owned());
+    tokio::spawn(async move {
+        if let Err(e) = accounts
+            .record_chat(&user, &conv, &messages, &request)
+            .await
+        {
+            tracing::warn!(request_id = %request, error = %e, "chat history not saved");
+        }
+    });
 }
 
 fn release(billing: &Billing, request: &str) {
@@ -367,22 +387,28 @@ impl Bill {
             cost,
             receipt: String::new(),
         };
-        let history = self.history.take().map(|(conv, mut messages, answer)| {
+        if let Some((conv, mut messages, answer)) = self.history.take() {
             messages.push(("assistant".into(), answer));
-            (conv, messages, String::new())
-        });
+            save_history(
+                &self.billing,
+                &self.payer.user_id,
+                &self.request,
+                (conv, messages, String::new()),
+            );
+        }
         if receipt.signature.is_empty() {
             let Some(book) = &self.book else {
                 self.release();
                 return Settlement::Refused("an unsigned receipt outside a link".into());
             };
-            self.billing.unsettled.add(&self.payer.user_id);
+            self.billing
+                .unsettled
+                .add(&self.payer.user_id, &record.node);
             let parked = Parked {
                 billing: self.billing.clone(),
                 op,
                 record,
                 receipt,
-                history,
                 done: false,
             };
             return match book.park(&self.request, parked) {
@@ -395,7 +421,7 @@ impl Bill {
         }
         let mut record = record;
         record.receipt = serde_json::to_string(&receipt).unwrap_or_default();
-        match charge(&self.billing, op, record, history).await {
+        match charge(&self.billing, op, record).await {
             Ok(()) => Settlement::Charged(cost),
             Err(e) => {
                 tracing::error!(request_id = %self.request, error = %e, "charge failed; the hold will be released");
@@ -585,7 +611,16 @@ mod tests {
         let cost = Money::from_units(11);
         assert_eq!(finish("a").await, Settlement::Parked(cost));
         assert_eq!(finish("b").await, Settlement::Parked(cost));
-        assert!(billing.unsettled.pending(&payer.user_id));
+        assert!(
+            billing
+                .unsettled
+                .pending(&format!("user:{}", payer.user_id))
+        );
+        assert!(
+            billing
+                .unsettled
+                .pending(&format!("node:{}", node.address()))
+        );
         let leaves = [
             unsigned("a").struct_hash().unwrap(),
             unsigned("b").struct_hash().unwrap(),
@@ -602,7 +637,11 @@ mod tests {
         for p in refused.parked {
             p.refuse(&refused.why);
         }
-        assert!(!billing.unsettled.pending(&payer.user_id));
+        assert!(
+            !billing
+                .unsettled
+                .pending(&format!("user:{}", payer.user_id))
+        );
         // The receipts' leaves were consumed by that batch: naming them again is a protocol
         // violation.
         let good = lattice_link::sign_batch(&node, 31337, &leaves).unwrap();

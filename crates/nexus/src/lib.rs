@@ -148,7 +148,12 @@ impl Nexus {
     /// Waits (briefly) until the answers `user` already received are charged: their charges wait
     /// for the nodes' batch signatures, and a user's own reads should include them.
     pub(crate) async fn settled(&self, user: &str) {
-        self.unsettled.wait(user, Duration::from_secs(2)).await;
+        self.unsettled.wait_user(user, Duration::from_secs(2)).await;
+    }
+
+    /// Waits (briefly) until the answers a node already served are charged (its earnings).
+    pub(crate) async fn node_settled(&self, node: &str) {
+        self.unsettled.wait_node(node, Duration::from_secs(2)).await;
     }
 
     pub fn accounts(&self) -> &Arc<Accounts> {

@@ -167,6 +167,7 @@ pub(crate) async fn my_nodes(State(nexus): State<Arc<Nexus>>, Signed(c): Signed)
     for (address, live) in mine {
         let n = online.get(&address);
         let k = known.get(&address);
+        nexus.node_settled(&address).await;
         let earned = l
             .balance(&Account::Node(address.clone()))
             .await
