@@ -139,9 +139,11 @@ impl Accounts {
     pub async fn open(db: Db, config: AccountsConfig) -> Result<Self, StoreError> {
         let webauthn = config.passkeys.as_ref().map(passkey::build).transpose()?;
         let ledger = LedgerStore::start(db.clone(), config.ledger.clone()).await?;
-        let released = ledger.sweep_holds(true).await?;
-        if released > 0 {
-            tracing::warn!(released, "released holds left by a previous run");
+        if config.ledger.recover_holds {
+            let released = ledger.sweep_holds(true).await?;
+            if released > 0 {
+                tracing::warn!(released, "released holds left by a previous run");
+            }
         }
         Ok(Self {
             keys: keys::KeyCache::new(config.key_cache_ttl),

@@ -224,12 +224,15 @@ pub(crate) async fn run(
         ChainCommand::Reconcile { database_url } => {
             let url = database_url.unwrap_or_else(|| format!("sqlite://{}", default_db.display()));
             let db = lattice_accounts::Db::open(&url).await?;
-            // A replica id of its own, so opening the store releases no live replica's holds.
+            // Only reads, next to a Nexus that may be running: the shared writer (nothing kept in
+            // memory) and no recovery of holds, so opening the store changes nothing.
             let accounts = lattice_accounts::Accounts::open(
                 db,
                 lattice_accounts::AccountsConfig {
                     ledger: lattice_accounts::LedgerConfig {
+                        mode: lattice_accounts::LedgerMode::Shared,
                         owner: "lattice-chain-reconcile".into(),
+                        recover_holds: false,
                         ..lattice_accounts::LedgerConfig::default()
                     },
                     ..lattice_accounts::AccountsConfig::default()

@@ -55,6 +55,9 @@ pub struct LedgerConfig {
     /// Charges kept in memory for replay detection and refunds (exclusive); older ones are read
     /// back from the database when needed.
     pub recent_charges: usize,
+    /// Release holds left behind when the store opens (a Nexus does; a tool that only reads the
+    /// ledger next to a running Nexus must not).
+    pub recover_holds: bool,
 }
 
 impl Default for LedgerConfig {
@@ -66,6 +69,7 @@ impl Default for LedgerConfig {
             max_batch: 1024,
             queue: 64 * 1024,
             recent_charges: 100_000,
+            recover_holds: true,
         }
     }
 }
