@@ -389,6 +389,47 @@ async fn holds_are_released_after_a_crash(url: &str, mode: LedgerMode) {
     assert_eq!(audit.hold_count, 0);
 }
 
+/// A tool that opens the ledger next to a running Nexus (`lattice chain reconcile`) changes
+/// nothing: the running writer's holds stay, and it charges them as if the tool never came.
+async fn a_reader_next_to_a_running_writer_changes_nothing(url: &str, mode: LedgerMode) {
+    let acc = open(url, mode, "nexus").await;
+    let (user, _, _) = siwe_user(&acc, "10.0.0.10").await;
+    acc.ledger()
+        .post(Op::Hold {
+            request: "live".into(),
+            user: user.clone(),
+            key: None,
+            amount: lai(2),
+        })
+        .await
+        .unwrap();
+    let mut cfg = config("lattice-chain-reconcile", LedgerMode::Shared);
+    cfg.ledger.recover_holds = false;
+    let reader = Accounts::open(Db::open(url).await.unwrap(), cfg)
+        .await
+        .unwrap();
+    let audit = reader.ledger().audit().await.unwrap();
+    assert_eq!(
+        (audit.hold_count, audit.open_holds),
+        (1, lai(2)),
+        "{audit:?}"
+    );
+    drop(reader);
+    assert!(matches!(
+        acc.ledger()
+            .charge(charge_op("live", &user, 500), usage("live", &user, 500))
+            .await,
+        Ok(Applied::Posted(_))
+    ));
+    let audit = acc.ledger().audit().await.unwrap();
+    assert!(audit.balanced(), "{audit:?}");
+    assert_eq!(audit.hold_count, 0);
+    assert_eq!(
+        acc.balance(&user).await.unwrap().available,
+        lai(10).checked_sub(Money::from_units(500)).unwrap()
+    );
+}
+
 /// Charges beyond the exclusive writer's memory are read back: a replay is still a no-op and a
 /// refund still finds its charge.
 async fn old_charges_are_read_back(url: &str, mode: LedgerMode) {
@@ -886,6 +927,7 @@ both!(sign_in_faucet_hold_charge);
 both!(concurrent_holds_never_overspend);
 both!(holds_are_released_after_a_crash);
 both!(old_charges_are_read_back);
+both!(a_reader_next_to_a_running_writer_changes_nothing);
 both!(api_keys_limits_and_revocation);
 both!(faucet_rate_limit_and_history);
 both!(passkeys_register_and_sign_in);
