@@ -13,12 +13,10 @@ use lattice_link::{
     challenge_message, decode, encode, recover_address,
 };
 use lattice_router::{NodeId, Reputation};
-
-use crate::registry::RequestOutcome;
 use tokio::sync::mpsc;
 
 use crate::Nexus;
-use crate::registry::{LINK_QUEUE, LinkHandle};
+use crate::registry::{LINK_QUEUE, LinkHandle, RequestOutcome};
 use crate::settlement;
 
 /// Time a node has to complete the handshake.
