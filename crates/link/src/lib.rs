@@ -11,7 +11,7 @@ pub use frames::{
 };
 pub use identity::{IdentityError, NodeKey, challenge_message, recover_address, write_private};
 pub use receipt::{
-    BatchedReceipt, MAX_BATCH_RECEIPTS, NO_USER, ReceiptError, UsageReceipt, merkle_proof,
+    BatchedReceipt, MAX_BATCH_RECEIPTS, NO_USER, ReceiptError, UsageReceipt, merkle_proofs,
     merkle_root, sign_batch, verify_batch, verify_proof,
 };
 

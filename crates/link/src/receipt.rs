@@ -141,11 +141,11 @@ fn hash_pair(a: &[u8; 32], b: &[u8; 32]) -> [u8; 32] {
     keccak(&buf)
 }
 
-/// The Merkle root of `leaves` (a lone leaf is its own root; none gives zero).
-pub fn merkle_root(leaves: &[[u8; 32]]) -> [u8; 32] {
-    let mut level: Vec<[u8; 32]> = leaves.to_vec();
-    while level.len() > 1 {
-        level = level
+/// The tree's levels, leaves first: pairs are hashed sorted, an odd node is carried up.
+fn levels(leaves: &[[u8; 32]]) -> Vec<Vec<[u8; 32]>> {
+    let mut levels = vec![leaves.to_vec()];
+    while let Some(level) = levels.last().filter(|l| l.len() > 1) {
+        let next = level
             .chunks(2)
             .map(|p| match p {
                 [a, b] => hash_pair(a, b),
@@ -153,29 +153,35 @@ pub fn merkle_root(leaves: &[[u8; 32]]) -> [u8; 32] {
                 _ => [0; 32],
             })
             .collect();
+        levels.push(next);
     }
-    level.first().copied().unwrap_or([0; 32])
+    levels
 }
 
-/// The sibling hashes from leaf `index` up to the root.
-pub fn merkle_proof(leaves: &[[u8; 32]], mut index: usize) -> Vec<[u8; 32]> {
-    let mut proof = Vec::new();
-    let mut level: Vec<[u8; 32]> = leaves.to_vec();
-    while level.len() > 1 {
-        if let Some(sibling) = level.get(index ^ 1) {
-            proof.push(*sibling);
-        }
-        level = level
-            .chunks(2)
-            .map(|p| match p {
-                [a, b] => hash_pair(a, b),
-                [a] => *a,
-                _ => [0; 32],
-            })
-            .collect();
-        index /= 2;
-    }
-    proof
+/// The Merkle root of `leaves` (a lone leaf is its own root; none gives zero).
+pub fn merkle_root(leaves: &[[u8; 32]]) -> [u8; 32] {
+    levels(leaves)
+        .last()
+        .and_then(|l| l.first().copied())
+        .unwrap_or([0; 32])
+}
+
+/// Every leaf's proof (the sibling hashes up to the root), from one pass over the tree.
+pub fn merkle_proofs(leaves: &[[u8; 32]]) -> Vec<Vec<[u8; 32]>> {
+    let levels = levels(leaves);
+    let inner = &levels[..levels.len().saturating_sub(1)];
+    (0..leaves.len())
+        .map(|mut i| {
+            let mut proof = Vec::with_capacity(inner.len());
+            for level in inner {
+                if let Some(s) = level.get(i ^ 1) {
+                    proof.push(*s);
+                }
+                i /= 2;
+            }
+            proof
+        })
+        .collect()
 }
 
 /// Whether `proof` leads from `leaf` to `root`.
@@ -354,12 +360,15 @@ mod tests {
             let sig = sign_batch(&key, 31337, &leaves).unwrap();
             let root = verify_batch(&key.address(), 31337, &leaves, &sig).unwrap();
             assert_eq!(root, merkle_root(&leaves));
+            let proofs = merkle_proofs(&leaves);
+            assert_eq!(proofs.len(), n);
             for (i, r) in receipts.iter().enumerate() {
+                assert!(verify_proof(&leaves[i], &proofs[i], &root));
                 let b = BatchedReceipt {
                     receipt: r.clone(),
                     root: hex::encode(root),
                     count: n as u64,
-                    proof: merkle_proof(&leaves, i).iter().map(hex::encode).collect(),
+                    proof: proofs[i].iter().map(hex::encode).collect(),
                     signature: sig.clone(),
                 };
                 assert_eq!(b.verify(&key.address()), Ok(()), "n={n} i={i}");

@@ -15,7 +15,8 @@ use lattice_link::{UsageReceipt, verify_batch};
 
 use crate::billing::Parked;
 
-/// Unsigned receipts a link may have outstanding; beyond, the node is misbehaving.
+/// Receipts a link may have outstanding (unsigned, or signed but not yet claimed by their
+/// bills); beyond, the node is misbehaving.
 pub(crate) const MAX_UNSIGNED: usize = 65_536;
 /// A parked charge or a verified receipt waits this long for its other half.
 pub(crate) const WAIT: Duration = Duration::from_secs(30);
@@ -60,7 +61,7 @@ impl ReceiptBook {
     pub(crate) fn seen(&self, r: &UsageReceipt) -> Result<(), String> {
         let leaf = r.struct_hash().map_err(|e| e.to_string())?;
         let mut st = self.lock();
-        if st.leaves.len() >= MAX_UNSIGNED {
+        if st.leaves.len() + st.signed.len() >= MAX_UNSIGNED {
             return Err(format!(
                 "{MAX_UNSIGNED} receipts are waiting for a batch signature"
             ));
@@ -121,7 +122,7 @@ impl ReceiptBook {
             }
         };
         let count = u64::try_from(leaves.len()).unwrap_or(u64::MAX);
-        let proofs = merkle_proofs(&leaves);
+        let proofs = lattice_link::merkle_proofs(&leaves);
         let now = Instant::now();
         let mut ready = Vec::new();
         let mut st = self.lock();
@@ -163,62 +164,5 @@ impl ReceiptBook {
         st.leaves.clear();
         st.signed.clear();
         st.parked.drain().map(|(_, (p, _))| p).collect()
-    }
-}
-
-/// Every leaf's proof, from one pass over the tree's levels (same tree as
-/// [`lattice_link::merkle_root`]).
-fn merkle_proofs(leaves: &[[u8; 32]]) -> Vec<Vec<[u8; 32]>> {
-    let mut levels: Vec<Vec<[u8; 32]>> = vec![leaves.to_vec()];
-    while levels.last().is_some_and(|l| l.len() > 1) {
-        let next = levels
-            .last()
-            .map(|l| {
-                l.chunks(2)
-                    .map(|p| match p {
-                        [a, b] => lattice_link::merkle_root(&[*a, *b]),
-                        [a] => *a,
-                        _ => [0; 32],
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        levels.push(next);
-    }
-    (0..leaves.len())
-        .map(|mut i| {
-            let mut proof = Vec::new();
-            for level in &levels[..levels.len().saturating_sub(1)] {
-                if let Some(s) = level.get(i ^ 1) {
-                    proof.push(*s);
-                }
-                i /= 2;
-            }
-            proof
-        })
-        .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn proofs_from_one_pass_match_the_link_crate() {
-        for n in 1..=17usize {
-            let leaves: Vec<[u8; 32]> = (0..n)
-                .map(|i| {
-                    let mut l = [0u8; 32];
-                    l[0] = u8::try_from(i).unwrap_or(0);
-                    l[31] = 7;
-                    l
-                })
-                .collect();
-            let root = lattice_link::merkle_root(&leaves);
-            for (i, p) in merkle_proofs(&leaves).iter().enumerate() {
-                assert_eq!(*p, lattice_link::merkle_proof(&leaves, i), "n={n} i={i}");
-                assert!(lattice_link::verify_proof(&leaves[i], p, &root));
-            }
-        }
     }
 }
