@@ -478,6 +478,22 @@ mod tests {
         (billing, payer)
     }
 
+    /// The receipt of 3 prompt + 4 completion tokens at the price `bill` registers, unsigned.
+    fn unsigned(request: &str, payer: &Payer) -> UsageReceipt {
+        UsageReceipt {
+            request_id: request.into(),
+            user: payer.address.clone(),
+            model: "m".into(),
+            prompt_tokens: 3,
+            completion_tokens: 4,
+            price_in: 1_000_000,
+            price_out: 2_000_000,
+            timestamp: 1,
+            chain_id: 31337,
+            signature: String::new(),
+        }
+    }
+
     fn bill(billing: &Arc<Billing>, payer: &Payer, node: &NodeKey, request: &str) -> Bill {
         Bill {
             billing: billing.clone(),
@@ -510,22 +526,7 @@ mod tests {
             .available;
         let node = NodeKey::generate().unwrap();
         let usage = Usage::new(3, 4);
-        let receipt = |request: &str, key: &NodeKey| {
-            UsageReceipt {
-                request_id: request.into(),
-                user: payer.address.clone(),
-                model: "m".into(),
-                prompt_tokens: 3,
-                completion_tokens: 4,
-                price_in: 1_000_000,
-                price_out: 2_000_000,
-                timestamp: 1,
-                chain_id: 31337,
-                signature: String::new(),
-            }
-            .sign(key)
-            .unwrap()
-        };
+        let receipt = |request: &str, key: &NodeKey| unsigned(request, &payer).sign(key).unwrap();
         let accounts = billing.accounts.clone();
         let settle = |request: &'static str, r: Option<UsageReceipt>| {
             let (billing, payer, node) = (billing.clone(), payer.clone(), &node);
@@ -583,18 +584,7 @@ mod tests {
         let node = NodeKey::generate().unwrap();
         let usage = Usage::new(3, 4);
         let book: Arc<ReceiptBook> = Arc::default();
-        let unsigned = |request: &str| UsageReceipt {
-            request_id: request.into(),
-            user: payer.address.clone(),
-            model: "m".into(),
-            prompt_tokens: 3,
-            completion_tokens: 4,
-            price_in: 1_000_000,
-            price_out: 2_000_000,
-            timestamp: 1,
-            chain_id: 31337,
-            signature: String::new(),
-        };
+        let unsigned = |request: &str| unsigned(request, &payer);
         let finish = async |request: &str| {
             billing
                 .hold(request, &payer, Money::from_units(1_000_000))
