@@ -43,7 +43,7 @@ pub fn spawn(args: &[&str]) -> Proc {
 
 /// As [`spawn`], with extra environment variables.
 pub fn spawn_env(args: &[&str], env: &[(&str, &str)]) -> Proc {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_lattice"))
+    let child = Command::new(env!("CARGO_BIN_EXE_lattice"))
         .args(args)
         .env("LATTICE_LOG", "warn")
         .envs(env.iter().copied())
@@ -52,6 +52,11 @@ pub fn spawn_env(args: &[&str], env: &[(&str, &str)]) -> Proc {
         .stderr(Stdio::inherit())
         .spawn()
         .expect("spawn lattice");
+    listening(child, args)
+}
+
+/// Waits for the child's `listening on URL` line on stdout (which is then drained).
+fn listening(mut child: std::process::Child, args: &[&str]) -> Proc {
     let stdout = child.stdout.take().expect("stdout");
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -119,23 +124,7 @@ pub fn spawn_logged(args: &[&str], env: &[(&str, &str)]) -> (Proc, Log) {
             s.push('\n');
         }
     });
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut lines = BufReader::new(stdout).lines();
-        for line in lines.by_ref() {
-            let Ok(line) = line else { break };
-            if let Some(url) = line.strip_prefix("listening on ") {
-                let _ = tx.send(url.trim().to_owned());
-                break;
-            }
-        }
-        for _ in lines {}
-    });
-    let url = rx
-        .recv_timeout(Duration::from_secs(180))
-        .unwrap_or_else(|_| panic!("lattice {args:?} did not start"));
-    (Proc { child, url }, log)
+    (listening(child, args), log)
 }
 
 /// Nexus requires API keys: every request these tests send carries the operator key of the
