@@ -110,6 +110,8 @@ pub struct Nexus {
     reconciliation: std::sync::Mutex<Option<Reconciliation>>,
     /// Charges waiting for their batch signature, per user.
     unsettled: Arc<billing::Unsettled>,
+    /// The last `/lattice/v1/chain/nodes` answer (public, and up to hundreds of chain reads).
+    chain_nodes: onchain::NodesCache,
 }
 
 /// Credit given to the local operator account that `lattice up` creates.
@@ -142,6 +144,7 @@ impl Nexus {
             chain,
             reconciliation: std::sync::Mutex::new(None),
             unsettled: Arc::default(),
+            chain_nodes: onchain::NodesCache::default(),
         }))
     }
 

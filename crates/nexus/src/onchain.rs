@@ -7,6 +7,7 @@
 #![allow(clippy::result_large_err)]
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use axum::Json;
 use axum::extract::{Path, Query, State};
@@ -28,6 +29,14 @@ type ApiResult = Result<Response, Response>;
 pub(crate) const APY_WINDOW_DAYS: i64 = 7;
 /// Nodes one `/lattice/v1/chain/nodes` answer covers (online first, then known).
 const MAX_NODES: usize = 100;
+/// How long one `/lattice/v1/chain/nodes` answer is served to everyone: anyone may ask, and an
+/// answer costs a few chain reads per node.
+pub(crate) const NODES_TTL: Duration = Duration::from_secs(5);
+
+/// The last `/lattice/v1/chain/nodes` answer and when it was read. Callers that find it stale
+/// wait on the lock while one of them reads the chain, so a burst costs one read.
+#[derive(Default)]
+pub(crate) struct NodesCache(tokio::sync::Mutex<Option<(Instant, Arc<serde_json::Value>)>>);
 
 fn err(e: ApiError) -> Response {
     lattice_http::error_response(&e)
@@ -296,9 +305,22 @@ pub(crate) async fn account(
 }
 
 /// `GET /lattice/v1/chain/nodes`: the on-chain side of every node this Nexus knows (online
-/// first), at most `MAX_NODES`.
+/// first), at most `MAX_NODES`, as read at most `NODES_TTL` ago.
 pub(crate) async fn nodes(State(nexus): State<Arc<Nexus>>) -> ApiResult {
-    let p = protocol(&nexus)?;
+    protocol(&nexus)?;
+    let mut cached = nexus.chain_nodes.0.lock().await;
+    if let Some((at, body)) = cached.as_ref()
+        && at.elapsed() < NODES_TTL
+    {
+        return Ok(Json(body.as_ref()).into_response());
+    }
+    let body = Arc::new(read_nodes(&nexus).await?);
+    *cached = Some((Instant::now(), body.clone()));
+    Ok(Json(body.as_ref()).into_response())
+}
+
+async fn read_nodes(nexus: &Arc<Nexus>) -> Result<serde_json::Value, Response> {
+    let p = protocol(nexus)?;
     let mut addresses: Vec<String> = nexus
         .registry
         .status()
@@ -316,7 +338,7 @@ pub(crate) async fn nodes(State(nexus): State<Arc<Nexus>>) -> ApiResult {
         .iter()
         .filter_map(|a| a.parse::<Address>().ok())
         .collect();
-    let nexus_ref = &nexus;
+    let nexus_ref = nexus;
     let infos: Vec<Result<NodeInfo, Response>> = futures::stream::iter(parsed)
         .map(|a| async move { node_info(nexus_ref, p, a).await })
         .buffered(8)
@@ -324,12 +346,11 @@ pub(crate) async fn nodes(State(nexus): State<Arc<Nexus>>) -> ApiResult {
         .await;
     let data = infos.into_iter().collect::<Result<Vec<_>, _>>()?;
     let min_stake = p.min_stake().await.map_err(chain_err)?;
-    Ok(Json(json!({
+    Ok(json!({
         "chain": chain_info(p),
         "min_stake": min_stake.to_string(),
         "data": data,
     }))
-    .into_response())
 }
 
 /// `GET /lattice/v1/account/chain`: the signed-in user's address, its custody on-chain, and
