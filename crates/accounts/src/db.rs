@@ -1,9 +1,12 @@
 //! The database: SQLite (default) or PostgreSQL, one set of migrations and queries for both
 //! (sqlx's `Any` driver; `$N` placeholders work on both).
 
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::time::Duration;
 
 use sqlx::any::{AnyPoolOptions, install_default_drivers};
+use sqlx::sqlite::SqliteConnectOptions;
 use sqlx::{AnyPool, Executor};
 
 use crate::StoreError;
@@ -15,10 +18,23 @@ pub enum Backend {
 }
 
 /// A connection pool plus what differs between the two backends.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Db {
     pub(crate) pool: AnyPool,
     pub(crate) backend: Backend,
+    /// The database file, when it is a SQLite file (not in memory).
+    file: Option<PathBuf>,
+    /// The URL it was opened with (a writer may open its own connection to it).
+    url: String,
+}
+
+impl std::fmt::Debug for Db {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Db")
+            .field("backend", &self.backend)
+            .field("url", &redact(&self.url))
+            .finish()
+    }
 }
 
 impl Db {
@@ -80,7 +96,23 @@ impl Db {
                 .await?;
         }
         sqlx::migrate!("./migrations").run(&pool).await?;
-        Ok(Self { pool, backend })
+        let file = match backend {
+            Backend::Sqlite if !memory && !url.contains("mode=memory") => {
+                let options =
+                    SqliteConnectOptions::from_str(url).map_err(|source| StoreError::Open {
+                        url: redact(url),
+                        source,
+                    })?;
+                Some(options.get_filename().to_owned())
+            }
+            _ => None,
+        };
+        Ok(Self {
+            pool,
+            backend,
+            file,
+            url: url.to_owned(),
+        })
     }
 
     pub fn pool(&self) -> &AnyPool {
@@ -89,6 +121,24 @@ impl Db {
 
     pub fn backend(&self) -> Backend {
         self.backend
+    }
+
+    /// Opens one connection of PostgreSQL's own driver (not `Any`) to this database.
+    pub(crate) async fn postgres_connection(&self) -> Result<sqlx::PgPool, StoreError> {
+        sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect(&self.url)
+            .await
+            .map_err(|source| StoreError::Open {
+                url: redact(&self.url),
+                source,
+            })
+    }
+
+    /// The SQLite file behind the pool, if any.
+    pub(crate) fn sqlite_file(&self) -> Option<&Path> {
+        self.file.as_deref()
     }
 
     /// Row-lock suffix for reads that precede a write in the same transaction. SQLite needs none:

@@ -60,6 +60,8 @@ pub enum StoreError {
     Limit(String),
     #[error("{0}")]
     Conflict(String),
+    #[error("database error: {0}")]
+    Native(String),
     #[error("ledger: {0}")]
     Ledger(String),
     #[error("sign-in refused: {0}")]

@@ -16,6 +16,7 @@ use lattice_ledger::{Account, Applied, Charge, Hold, KeyUsage, Ledger, Money, Op
 use sqlx::Row;
 use tokio::sync::{Notify, watch};
 
+use super::native::Native;
 use super::sql::{Loader, WriteSet, write_back};
 use super::{LedgerConfig, Needs, PostError, UsageRecord, parse_money, side_rows};
 use crate::StoreError;
@@ -23,6 +24,9 @@ use crate::db::{Db, now};
 
 pub(super) struct Hot {
     db: Db,
+    /// The writer's own connection (none for an in-memory SQLite database).
+    native: Option<Native>,
+    owner: Arc<str>,
     config: LedgerConfig,
     state: Mutex<State>,
     /// Something was applied (or the handles are gone): the writer has work.
@@ -185,8 +189,11 @@ impl Hot {
             );
             st.expiry.insert(request, 0);
         }
+        let native = Native::open(&db).await?;
         let (durable, _) = watch::channel(0);
         let hot = Arc::new(Self {
+            owner: config.owner.as_str().into(),
+            native,
             db,
             config,
             state: Mutex::new(st),
@@ -385,6 +392,7 @@ impl Hot {
                 self.wake.notified().await;
                 continue;
             }
+            let cut = Arc::new(cut);
             let mut backoff = Duration::from_millis(20);
             while let Err(e) = self.write(&cut).await {
                 tracing::error!(error = %e, rows = cut.postings.len(), "ledger write failed; retrying");
@@ -396,9 +404,12 @@ impl Hot {
         }
     }
 
-    async fn write(&self, cut: &WriteSet) -> Result<(), StoreError> {
+    async fn write(&self, cut: &Arc<WriteSet>) -> Result<(), StoreError> {
+        if let Some(native) = &self.native {
+            return native.write(cut.clone(), now(), self.owner.clone()).await;
+        }
         let mut tx = self.db.begin_write().await?;
-        write_back(&mut tx, self.db.backend, cut, now(), &self.config.owner).await?;
+        write_back(&mut tx, self.db.backend, cut, now(), &self.owner).await?;
         tx.commit().await?;
         Ok(())
     }

@@ -13,6 +13,7 @@
 //!   touches row-locked, applies, writes back and commits before anyone hears the outcome.
 
 mod hot;
+mod native;
 mod shared;
 mod sql;
 

@@ -1,6 +1,7 @@
 //! The ledger's rows: loading the slice of state an operation touches, and writing back what a
 //! batch changed with a few multi-row statements (shared by both writers).
 
+use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
 
 use lattice_ledger::{Account, Charge, Hold, KeyUsage, Ledger, Money, Posting};
@@ -98,18 +99,230 @@ impl WriteSet {
     }
 }
 
-/// A bound value of a multi-row insert.
-enum V {
-    T(String),
-    O(Option<String>),
+/// A bound value of an insert.
+pub(super) enum V<'a> {
+    T(Cow<'a, str>),
+    O(Option<&'a str>),
     I(i64),
 }
 
-fn int(v: u64) -> V {
+fn int(v: u64) -> V<'static> {
     V::I(i64::try_from(v).unwrap_or(i64::MAX))
 }
 
-/// Writes a [`WriteSet`] inside `tx` (the caller commits).
+fn text<'a>(s: &'a str) -> V<'a> {
+    V::T(Cow::Borrowed(s))
+}
+
+fn owned(s: String) -> V<'static> {
+    V::T(Cow::Owned(s))
+}
+
+/// An upsert or append into one table: `HEAD (…) TAIL`, with `cols` values per row.
+pub(super) struct Insert {
+    pub(super) head: &'static str,
+    pub(super) cols: usize,
+    pub(super) tail: &'static str,
+}
+
+impl Insert {
+    /// The single-row statement with anonymous placeholders (SQLite).
+    pub(super) fn one_row(&self) -> String {
+        format!(
+            "{} ({}) {}",
+            self.head,
+            Backend::Sqlite.placeholders(1, self.cols),
+            self.tail
+        )
+    }
+}
+
+const BALANCES: Insert = Insert {
+    head: "INSERT INTO balances (account, amount) VALUES",
+    cols: 2,
+    tail: "ON CONFLICT (account) DO UPDATE SET amount = excluded.amount",
+};
+const HOLDS: Insert = Insert {
+    head: "INSERT INTO holds (request_id, user_id, key_id, amount, expires_at, owner) VALUES",
+    cols: 6,
+    tail: "ON CONFLICT (request_id) DO UPDATE SET user_id = excluded.user_id, key_id = excluded.key_id,
+         amount = excluded.amount, owner = excluded.owner, expires_at = excluded.expires_at",
+};
+const CHARGES: Insert = Insert {
+    head: "INSERT INTO charges (request_id, user_id, key_id, node, amount, node_part, pool_part, treasury_part, refunded, created_at) VALUES",
+    cols: 10,
+    tail: "ON CONFLICT (request_id) DO UPDATE SET refunded = excluded.refunded",
+};
+const KEYS: Insert = Insert {
+    head: "INSERT INTO key_usage (key_id, spent, held) VALUES",
+    cols: 3,
+    tail: "ON CONFLICT (key_id) DO UPDATE SET spent = excluded.spent, held = excluded.held",
+};
+const APPLIED: Insert = Insert {
+    head: "INSERT INTO applied_ops (op, created_at) VALUES",
+    cols: 2,
+    tail: "",
+};
+const EXTERNALS: Insert = Insert {
+    head: "INSERT INTO external_totals (account, issued, redeemed) VALUES",
+    cols: 3,
+    tail: "ON CONFLICT (account) DO UPDATE SET issued = excluded.issued, redeemed = excluded.redeemed",
+};
+const JOURNAL: Insert = Insert {
+    head: "INSERT INTO journal (op, leg, debit, credit, amount, created_at) VALUES",
+    cols: 6,
+    tail: "",
+};
+const GRANTS: Insert = Insert {
+    head: "INSERT INTO chain_grants (op, user_id, amount, created_at) VALUES",
+    cols: 4,
+    tail: "",
+};
+const USAGES: Insert = Insert {
+    head: "INSERT INTO usage_records (request_id, user_id, key_id, node, model, prompt_tokens, completion_tokens, cost, day, receipt, created_at) VALUES",
+    cols: 11,
+    tail: "",
+};
+
+/// Removes holds that were charged or released.
+pub(super) const DELETE_HOLD: &str = "DELETE FROM holds WHERE request_id = ?";
+
+/// The rows of a [`WriteSet`] as inserts, in the order they are written (`t`: now, unix
+/// seconds; `owner`: the replica that places the holds).
+pub(super) fn inserts<'a>(
+    ws: &'a WriteSet,
+    t: i64,
+    owner: &'a str,
+) -> Vec<(&'static Insert, Vec<Vec<V<'a>>>)> {
+    let day = day_of(t);
+    vec![
+        (
+            &BALANCES,
+            ws.balances
+                .iter()
+                .map(|(a, v)| vec![owned(a.key()), owned(v.to_string())])
+                .collect(),
+        ),
+        (
+            &HOLDS,
+            ws.holds_added
+                .iter()
+                .map(|(r, h, expires)| {
+                    vec![
+                        text(r),
+                        text(&h.user),
+                        V::O(h.key.as_deref()),
+                        owned(h.amount.to_string()),
+                        V::I(*expires),
+                        text(owner),
+                    ]
+                })
+                .collect(),
+        ),
+        (
+            &CHARGES,
+            ws.charges
+                .iter()
+                .map(|(r, c)| {
+                    vec![
+                        text(r),
+                        text(&c.user),
+                        V::O(c.key.as_deref()),
+                        text(&c.node),
+                        owned(c.amount.to_string()),
+                        owned(c.node_part.to_string()),
+                        owned(c.pool_part.to_string()),
+                        owned(c.treasury_part.to_string()),
+                        V::I(i64::from(c.refunded)),
+                        V::I(t),
+                    ]
+                })
+                .collect(),
+        ),
+        (
+            &KEYS,
+            ws.keys
+                .iter()
+                .map(|(k, u)| {
+                    vec![
+                        text(k),
+                        owned(u.spent.to_string()),
+                        owned(u.held.to_string()),
+                    ]
+                })
+                .collect(),
+        ),
+        (
+            &APPLIED,
+            ws.applied
+                .iter()
+                .map(|op| vec![text(op), V::I(t)])
+                .collect(),
+        ),
+        (
+            &EXTERNALS,
+            ws.externals
+                .iter()
+                .map(|(a, issued, redeemed)| {
+                    vec![
+                        owned(a.key()),
+                        owned(issued.to_string()),
+                        owned(redeemed.to_string()),
+                    ]
+                })
+                .collect(),
+        ),
+        (
+            &JOURNAL,
+            ws.postings
+                .iter()
+                .map(|(leg, p)| {
+                    vec![
+                        text(&p.op),
+                        int(*leg as u64),
+                        owned(p.debit.key()),
+                        owned(p.credit.key()),
+                        owned(p.amount.to_string()),
+                        V::I(t),
+                    ]
+                })
+                .collect(),
+        ),
+        (
+            &GRANTS,
+            ws.grants
+                .iter()
+                .map(|(op, user, amount)| {
+                    vec![text(op), text(user), owned(amount.to_string()), V::I(t)]
+                })
+                .collect(),
+        ),
+        (
+            &USAGES,
+            ws.usages
+                .iter()
+                .map(|u| {
+                    vec![
+                        text(&u.request_id),
+                        text(&u.user_id),
+                        V::O(u.key_id.as_deref()),
+                        text(&u.node),
+                        text(&u.model),
+                        int(u.prompt_tokens),
+                        int(u.completion_tokens),
+                        owned(u.cost.to_string()),
+                        owned(day.clone()),
+                        text(&u.receipt),
+                        V::I(t),
+                    ]
+                })
+                .collect(),
+        ),
+    ]
+}
+
+/// Writes a [`WriteSet`] inside `tx` (the caller commits), each table with a few multi-row
+/// statements.
 pub(super) async fn write_back(
     tx: &mut Transaction<'static, Any>,
     backend: Backend,
@@ -117,19 +330,11 @@ pub(super) async fn write_back(
     t: i64,
     owner: &str,
 ) -> Result<(), StoreError> {
-    let rows = ws
-        .balances
-        .iter()
-        .map(|(a, v)| vec![V::T(a.key()), V::T(v.to_string())])
-        .collect();
-    insert_rows(
-        tx,
-        backend,
-        "INSERT INTO balances (account, amount) VALUES",
-        rows,
-        "ON CONFLICT (account) DO UPDATE SET amount = excluded.amount",
-    )
-    .await?;
+    let mut statements = inserts(ws, t, owner).into_iter();
+    // Balances first, then the holds removed, then the rest (the order of the writes).
+    if let Some((ins, rows)) = statements.next() {
+        insert_rows(tx, backend, ins, rows).await?;
+    }
     for chunk in ws.holds_removed.chunks(500) {
         let sql = format!(
             "DELETE FROM holds WHERE request_id IN ({})",
@@ -141,170 +346,9 @@ pub(super) async fn write_back(
         }
         q.execute(&mut **tx).await?;
     }
-    let rows = ws
-        .holds_added
-        .iter()
-        .map(|(r, h, expires)| {
-            vec![
-                V::T(r.clone()),
-                V::T(h.user.clone()),
-                V::O(h.key.clone()),
-                V::T(h.amount.to_string()),
-                V::I(*expires),
-                V::T(owner.to_owned()),
-            ]
-        })
-        .collect();
-    insert_rows(
-        tx,
-        backend,
-        "INSERT INTO holds (request_id, user_id, key_id, amount, expires_at, owner) VALUES",
-        rows,
-        "ON CONFLICT (request_id) DO UPDATE SET user_id = excluded.user_id, key_id = excluded.key_id,
-         amount = excluded.amount, owner = excluded.owner, expires_at = excluded.expires_at",
-    )
-    .await?;
-    let rows = ws
-        .charges
-        .iter()
-        .map(|(r, c)| {
-            vec![
-                V::T(r.clone()),
-                V::T(c.user.clone()),
-                V::O(c.key.clone()),
-                V::T(c.node.clone()),
-                V::T(c.amount.to_string()),
-                V::T(c.node_part.to_string()),
-                V::T(c.pool_part.to_string()),
-                V::T(c.treasury_part.to_string()),
-                V::I(i64::from(c.refunded)),
-                V::I(t),
-            ]
-        })
-        .collect();
-    insert_rows(tx, backend,
-        "INSERT INTO charges (request_id, user_id, key_id, node, amount, node_part, pool_part, treasury_part, refunded, created_at) VALUES",
-        rows,
-        "ON CONFLICT (request_id) DO UPDATE SET refunded = excluded.refunded",
-    )
-    .await?;
-    let rows = ws
-        .keys
-        .iter()
-        .map(|(k, u)| {
-            vec![
-                V::T(k.clone()),
-                V::T(u.spent.to_string()),
-                V::T(u.held.to_string()),
-            ]
-        })
-        .collect();
-    insert_rows(
-        tx,
-        backend,
-        "INSERT INTO key_usage (key_id, spent, held) VALUES",
-        rows,
-        "ON CONFLICT (key_id) DO UPDATE SET spent = excluded.spent, held = excluded.held",
-    )
-    .await?;
-    let rows = ws
-        .applied
-        .iter()
-        .map(|op| vec![V::T(op.clone()), V::I(t)])
-        .collect();
-    insert_rows(
-        tx,
-        backend,
-        "INSERT INTO applied_ops (op, created_at) VALUES",
-        rows,
-        "",
-    )
-    .await?;
-    let rows = ws
-        .externals
-        .iter()
-        .map(|(a, issued, redeemed)| {
-            vec![
-                V::T(a.key()),
-                V::T(issued.to_string()),
-                V::T(redeemed.to_string()),
-            ]
-        })
-        .collect();
-    insert_rows(tx, backend,
-        "INSERT INTO external_totals (account, issued, redeemed) VALUES",
-        rows,
-        "ON CONFLICT (account) DO UPDATE SET issued = excluded.issued, redeemed = excluded.redeemed",
-    )
-    .await?;
-    let rows = ws
-        .postings
-        .iter()
-        .map(|(leg, p)| {
-            vec![
-                V::T(p.op.clone()),
-                int(*leg as u64),
-                V::T(p.debit.key()),
-                V::T(p.credit.key()),
-                V::T(p.amount.to_string()),
-                V::I(t),
-            ]
-        })
-        .collect();
-    insert_rows(
-        tx,
-        backend,
-        "INSERT INTO journal (op, leg, debit, credit, amount, created_at) VALUES",
-        rows,
-        "",
-    )
-    .await?;
-    let rows = ws
-        .grants
-        .iter()
-        .map(|(op, user, amount)| {
-            vec![
-                V::T(op.clone()),
-                V::T(user.clone()),
-                V::T(amount.to_string()),
-                V::I(t),
-            ]
-        })
-        .collect();
-    insert_rows(
-        tx,
-        backend,
-        "INSERT INTO chain_grants (op, user_id, amount, created_at) VALUES",
-        rows,
-        "",
-    )
-    .await?;
-    let day = day_of(t);
-    let rows = ws
-        .usages
-        .iter()
-        .map(|u| {
-            vec![
-                V::T(u.request_id.clone()),
-                V::T(u.user_id.clone()),
-                V::O(u.key_id.clone()),
-                V::T(u.node.clone()),
-                V::T(u.model.clone()),
-                int(u.prompt_tokens),
-                int(u.completion_tokens),
-                V::T(u.cost.to_string()),
-                V::T(day.clone()),
-                V::T(u.receipt.clone()),
-                V::I(t),
-            ]
-        })
-        .collect();
-    insert_rows(tx, backend,
-        "INSERT INTO usage_records (request_id, user_id, key_id, node, model, prompt_tokens, completion_tokens, cost, day, receipt, created_at) VALUES",
-        rows,
-        "",
-    )
-    .await?;
+    for (ins, rows) in statements {
+        insert_rows(tx, backend, ins, rows).await?;
+    }
     Ok(())
 }
 
@@ -313,30 +357,28 @@ pub(super) async fn write_back(
 async fn insert_rows(
     tx: &mut Transaction<'static, Any>,
     backend: Backend,
-    head: &str,
-    rows: Vec<Vec<V>>,
-    tail: &str,
+    ins: &Insert,
+    rows: Vec<Vec<V<'_>>>,
 ) -> Result<(), StoreError> {
-    let Some(cols) = rows.first().map(Vec::len) else {
-        return Ok(());
-    };
+    let cols = ins.cols;
     let per = (1000 / cols.max(1)).max(1);
     for chunk in rows.chunks(per) {
-        let mut sql = String::with_capacity(head.len() + chunk.len() * cols * 5 + tail.len());
-        sql.push_str(head);
+        let mut sql =
+            String::with_capacity(ins.head.len() + chunk.len() * cols * 5 + ins.tail.len());
+        sql.push_str(ins.head);
         for (i, _) in chunk.iter().enumerate() {
             sql.push_str(if i == 0 { " (" } else { ", (" });
             sql.push_str(&backend.placeholders(i * cols + 1, cols));
             sql.push(')');
         }
         sql.push(' ');
-        sql.push_str(tail);
+        sql.push_str(ins.tail);
         let mut q = sqlx::query(&sql);
         for row in chunk {
             for v in row {
                 q = match v {
-                    V::T(s) => q.bind(s.as_str()),
-                    V::O(s) => q.bind(s.as_deref()),
+                    V::T(s) => q.bind(s.as_ref()),
+                    V::O(s) => q.bind(*s),
                     V::I(i) => q.bind(*i),
                 };
             }
