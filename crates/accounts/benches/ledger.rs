@@ -2,7 +2,8 @@
 //! request, many in flight so the writer commits them in batches), on SQLite and PostgreSQL, and
 //! the pure in-memory rules for comparison.
 //!
-//! cargo bench -p lattice-accounts --bench ledger      (PostgreSQL: LATTICE_TEST_POSTGRES_URL)
+//! cargo bench --workspace --bench ledger      (PostgreSQL: LATTICE_TEST_POSTGRES_URL;
+//! LATTICE_BENCH_ONLY="SQLite exclusive" runs only the stores so named)
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::sync::Arc;
@@ -58,6 +59,10 @@ fn pure() {
 }
 
 async fn store(name: &str, url: &str, users: usize, mode: LedgerMode) {
+    // LATTICE_BENCH_ONLY=TEXT runs only the stores whose name contains TEXT (for profiling).
+    if std::env::var("LATTICE_BENCH_ONLY").is_ok_and(|only| !name.contains(&only)) {
+        return;
+    }
     let db = Db::open(url).await.unwrap();
     let config = AccountsConfig {
         ledger: LedgerConfig {
@@ -121,13 +126,14 @@ async fn store(name: &str, url: &str, users: usize, mode: LedgerMode) {
     for t in tasks {
         t.await.unwrap();
     }
+    let applied = t.elapsed().as_secs_f64();
     // Durable: the exclusive writer's last cut is committed.
     acc.ledger().sync().await.unwrap();
     let s = t.elapsed().as_secs_f64();
     let audit = acc.ledger().audit().await.unwrap();
     assert!(audit.balanced(), "{audit:?}");
     println!(
-        "{name:<32} {:>9.0} charged requests/s (hold + charge + usage row; {REQUESTS} requests, {IN_FLIGHT} in flight, {users} users, {s:.2} s)",
+        "{name:<32} {:>9.0} charged requests/s (hold + charge + usage row; {REQUESTS} requests, {IN_FLIGHT} in flight, {users} users, {s:.2} s; all applied after {applied:.2} s)",
         REQUESTS as f64 / s
     );
 }
