@@ -24,6 +24,7 @@ import gc
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -435,10 +436,21 @@ def run_wrk(a, stream: bool, target_pids: list[int], upstream_pids: list[int]) -
         cmd = ["taskset", "-c", a.client_cpu] + cmd
     tp, up = proc_tree(target_pids), proc_tree(upstream_pids)
     c0, u0, s0 = cpu_seconds(tp), cpu_seconds(up), cpu_snap()
+    # BENCH_PERF_DIR=DIR: also `perf record -g` the target's processes during the wrk run.
+    perf = None
+    perf_dir = os.environ.get("BENCH_PERF_DIR")
+    if perf_dir and tp:
+        os.makedirs(perf_dir, exist_ok=True)
+        perf = subprocess.Popen(["perf", "record", "-F", "999", "-g", "-p", ",".join(map(str, tp)),
+                                 "-o", os.path.join(perf_dir, f"{a.label}-{a.mode}.data")],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     w0 = time.monotonic()
     p = subprocess.run(cmd, env=env, capture_output=True, text=True,
                        timeout=a.wrk_duration + 30)
     wall = time.monotonic() - w0
+    if perf:
+        perf.send_signal(signal.SIGINT)
+        perf.wait(timeout=60)
     c1, u1, s1 = cpu_seconds(tp), cpu_seconds(up), cpu_snap()
     out = p.stdout
     res: dict = {"cmd": " ".join(cmd[-8:]), "exit": p.returncode}

@@ -10,12 +10,14 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use lattice_accounts::{
-    Accounts, AccountsConfig, Db, Identity, LedgerConfig, LedgerMode, UsageRecord,
+    Accounts, AccountsConfig, Db, Identity, LedgerConfig, LedgerMode, PostError, UsageRecord,
 };
 use lattice_ledger::{Ledger, Money, Op, Split};
 
-const REQUESTS: usize = 20_000;
+const REQUESTS: usize = 50_000;
 const IN_FLIGHT: usize = 512;
+/// Charges per batch in batch mode: a node signs its receipts 64 at a time.
+const BATCH: usize = 64;
 
 fn hold(r: &str, user: &str) -> Op {
     Op::Hold {
@@ -58,7 +60,7 @@ fn pure() {
     );
 }
 
-async fn store(name: &str, url: &str, users: usize, mode: LedgerMode) {
+async fn store(name: &str, url: &str, users: usize, mode: LedgerMode, batch: usize) {
     // LATTICE_BENCH_ONLY=TEXT runs only the stores whose name contains TEXT (for profiling).
     if std::env::var("LATTICE_BENCH_ONLY").is_ok_and(|only| !name.contains(&only)) {
         return;
@@ -98,28 +100,47 @@ async fn store(name: &str, url: &str, users: usize, mode: LedgerMode) {
         ids.push(s.user.id);
     }
     let ids = Arc::new(ids);
-    let sem = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
+    // `batch` requests per task: each holds on its own (the request path), then they are
+    // charged together (as Nexus does when a node's receipt batch signature arrives).
+    let sem = Arc::new(tokio::sync::Semaphore::new((IN_FLIGHT / batch).max(1)));
     let t = Instant::now();
-    let mut tasks = Vec::with_capacity(REQUESTS);
-    for i in 0..REQUESTS {
+    let mut tasks = Vec::with_capacity(REQUESTS / batch + 1);
+    for first in (0..REQUESTS).step_by(batch) {
         let permit = sem.clone().acquire_owned().await.unwrap();
-        let (acc, ids, users) = (acc.clone(), ids.clone(), users);
+        let (acc, ids) = (acc.clone(), ids.clone());
         tasks.push(tokio::spawn(async move {
-            let user = &ids[i % ids.len()];
-            let r = format!("bench-{}-{users}-{mode:?}-{i}", std::process::id());
-            acc.ledger().apply(hold(&r, user)).await.unwrap();
-            let usage = UsageRecord {
-                request_id: r.clone(),
-                user_id: user.clone(),
-                key_id: None,
-                node: "0x00000000000000000000000000000000000000aa".into(),
-                model: "bench".into(),
-                prompt_tokens: 10,
-                completion_tokens: 16,
-                cost: Money::from_units(600_000),
-                receipt: "{}".into(),
-            };
-            acc.ledger().charge(charge(&r, user), usage).await.unwrap();
+            let mut charges = Vec::with_capacity(batch);
+            for i in first..(first + batch).min(REQUESTS) {
+                let user = &ids[i % ids.len()];
+                // Time-ordered, like the ids Nexus gives paid requests.
+                let r = uuid::Uuid::now_v7().simple().to_string();
+                // Beyond the writer's queue bound new holds are refused: wait for it.
+                while let Err(e) = acc.ledger().apply(hold(&r, user)).await {
+                    assert!(matches!(e, PostError::Backlog(_)), "{e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                }
+                let usage = UsageRecord {
+                    request_id: r.clone(),
+                    user_id: user.clone(),
+                    key_id: None,
+                    node: "0x00000000000000000000000000000000000000aa".into(),
+                    model: "bench".into(),
+                    prompt_tokens: 10,
+                    completion_tokens: 16,
+                    cost: Money::from_units(600_000),
+                    receipt: "{}".into(),
+                };
+                charges.push((charge(&r, user), usage));
+            }
+            if batch == 1 {
+                for (op, usage) in charges {
+                    acc.ledger().charge(op, usage).await.unwrap();
+                }
+            } else {
+                for r in acc.ledger().charge_many(charges).await {
+                    r.unwrap();
+                }
+            }
             drop(permit);
         }));
     }
@@ -133,7 +154,7 @@ async fn store(name: &str, url: &str, users: usize, mode: LedgerMode) {
     let audit = acc.ledger().audit().await.unwrap();
     assert!(audit.balanced(), "{audit:?}");
     println!(
-        "{name:<32} {:>9.0} charged requests/s (hold + charge + usage row; {REQUESTS} requests, {IN_FLIGHT} in flight, {users} users, {s:.2} s; all applied after {applied:.2} s)",
+        "{name:<32} {:>9.0} charged requests/s (hold + charge + usage row; {REQUESTS} requests, {IN_FLIGHT} in flight, {users} users, charges in batches of {batch}, {s:.2} s; all applied after {applied:.2} s)",
         REQUESTS as f64 / s
     );
 }
@@ -144,16 +165,31 @@ async fn main() {
     let dir = tempfile::tempdir().unwrap();
     let sqlite = format!("sqlite://{}", dir.path().join("bench.db").display());
     use LedgerMode::{Exclusive, Shared};
-    store("SQLite exclusive, 1 user", &sqlite, 1, Exclusive).await;
-    store("SQLite exclusive, 100 users", &sqlite, 100, Exclusive).await;
-    store("SQLite shared, 1 user", &sqlite, 1, Shared).await;
-    store("SQLite shared, 100 users", &sqlite, 100, Shared).await;
+    for (name, url, mode, batch) in [
+        ("SQLite exclusive", sqlite.as_str(), Exclusive, 1),
+        (
+            "SQLite exclusive, batched",
+            sqlite.as_str(),
+            Exclusive,
+            BATCH,
+        ),
+        ("SQLite shared", sqlite.as_str(), Shared, 1),
+    ] {
+        for users in [1, 100] {
+            store(&format!("{name}, {users} users"), url, users, mode, batch).await;
+        }
+    }
     match std::env::var("LATTICE_TEST_POSTGRES_URL") {
         Ok(pg) => {
-            store("PostgreSQL exclusive, 1 user", &pg, 1, Exclusive).await;
-            store("PostgreSQL exclusive, 100 users", &pg, 100, Exclusive).await;
-            store("PostgreSQL shared, 1 user", &pg, 1, Shared).await;
-            store("PostgreSQL shared, 100 users", &pg, 100, Shared).await;
+            for (name, mode, batch) in [
+                ("PostgreSQL exclusive", Exclusive, 1),
+                ("PostgreSQL exclusive, batched", Exclusive, BATCH),
+                ("PostgreSQL shared", Shared, 1),
+            ] {
+                for users in [1, 100] {
+                    store(&format!("{name}, {users} users"), &pg, users, mode, batch).await;
+                }
+            }
         }
         Err(_) => {
             println!("PostgreSQL: set LATTICE_TEST_POSTGRES_URL (scripts/postgres.sh prints one)")

@@ -253,7 +253,7 @@ impl Accounts {
                 self.reject_withdrawal(op, &reason).await?;
                 return Err(WithdrawError::Refused(reason));
             }
-            Err(e @ (PostError::Store(_) | PostError::Closed)) => {
+            Err(e @ (PostError::Store(_) | PostError::Backlog(_) | PostError::Closed)) => {
                 return Err(WithdrawError::Pending(e.to_string()));
             }
         }

@@ -895,6 +895,58 @@ async fn node_tokens_bind_one_address_and_revoke(url: &str, mode: LedgerMode) {
     );
 }
 
+/// A batch of charges (as Nexus posts a node's signed receipt batch): each outcome in order —
+/// charged, replayed, refused for want of a hold — and only the good ones move money, with
+/// their usage rows, also after a restart (from disk).
+async fn charges_in_a_batch(url: &str, mode: LedgerMode) {
+    let acc = open(url, mode, "a").await;
+    let (user, _, _) = siwe_user(&acc, "10.0.0.9").await;
+    let l = acc.ledger();
+    for r in ["b1", "b2", "b3"] {
+        l.apply(Op::Hold {
+            request: r.into(),
+            user: user.clone(),
+            key: None,
+            amount: lai(2),
+        })
+        .await
+        .unwrap();
+    }
+    let cost = 1_000_000_000_000_000_000u128; // 1 LAI
+    let batch = |rs: &[&str]| {
+        rs.iter()
+            .map(|r| (charge_op(r, &user, cost), usage(r, &user, cost)))
+            .collect::<Vec<_>>()
+    };
+    let out = l.charge_many(batch(&["b1", "b2", "nohold", "b1"])).await;
+    assert!(matches!(out[0], Ok(Applied::Posted(_))), "{out:?}");
+    assert!(matches!(out[1], Ok(Applied::Posted(_))), "{out:?}");
+    assert_eq!(
+        out[2],
+        Err(PostError::Ledger(LedgerError::NoHold("nohold".into())))
+    );
+    assert_eq!(out[3], Ok(Applied::Duplicate), "a replay within the batch");
+    let b = acc.balance(&user).await.unwrap();
+    assert_eq!((b.available, b.held), (lai(6), lai(2)), "b3 still held");
+    l.sync().await.unwrap();
+    drop(acc);
+    // From disk: the two charges and their usage rows, b3's hold released at restart.
+    let acc = open(url, mode, "a").await;
+    acc.ledger().sweep_holds(true).await.unwrap();
+    let b = acc.balance(&user).await.unwrap();
+    assert_eq!((b.available, b.held), (lai(8), Money::ZERO));
+    let today = time::OffsetDateTime::now_utc().date().to_string();
+    let rows = acc
+        .usage(&user, &today, &today, UsageGroup::Model)
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].requests, 2);
+    assert_eq!(rows[0].cost, Money::from_units(2 * cost));
+    let audit = acc.ledger().audit().await.unwrap();
+    assert!(audit.balanced(), "{audit:?}");
+}
+
 macro_rules! both {
     ($name:ident) => {
         mod $name {
@@ -924,6 +976,7 @@ macro_rules! both {
 }
 
 both!(sign_in_faucet_hold_charge);
+both!(charges_in_a_batch);
 both!(concurrent_holds_never_overspend);
 both!(holds_are_released_after_a_crash);
 both!(old_charges_are_read_back);

@@ -118,25 +118,41 @@ impl Parked {
     }
 
     /// Charges with the batch's evidence stored as the receipt.
-    pub(crate) async fn charge(mut self, ev: Evidence) {
-        self.done = true;
-        let evidence = BatchedReceipt {
-            receipt: self.receipt.clone(),
-            root: hex::encode(ev.root),
-            count: ev.count,
-            proof: ev.proof.iter().map(hex::encode).collect(),
-            signature: ev.signature,
+    pub(crate) async fn charge(self, ev: Evidence) {
+        Self::charge_all(vec![(self, ev)]).await;
+    }
+
+    /// Charges a signed batch's requests together (one ledger operation each, applied under
+    /// one lock), each with the batch's evidence stored as its receipt. A charge that fails
+    /// releases its hold.
+    pub(crate) async fn charge_all(ready: Vec<(Parked, Evidence)>) {
+        let Some(billing) = ready.first().map(|(p, _)| p.billing.clone()) else {
+            return;
         };
-        let mut record = self.record.clone();
-        record.receipt = serde_json::to_string(&evidence).unwrap_or_default();
-        let outcome = charge(&self.billing, self.op.clone(), record).await;
-        if let Err(e) = outcome {
-            tracing::error!(request_id = %self.record.request_id, error = %e, "charge failed; the hold will be released");
-            release(&self.billing, &self.record.request_id);
+        let mut charges = Vec::with_capacity(ready.len());
+        let mut parked = Vec::with_capacity(ready.len());
+        for (mut p, ev) in ready {
+            p.done = true;
+            let evidence = BatchedReceipt {
+                receipt: p.receipt.clone(),
+                root: hex::encode(ev.root),
+                count: ev.count,
+                proof: ev.proof.iter().map(hex::encode).collect(),
+                signature: ev.signature,
+            };
+            let mut record = p.record.clone();
+            record.receipt = serde_json::to_string(&evidence).unwrap_or_default();
+            charges.push((p.op.clone(), record));
+            parked.push(p);
         }
-        self.billing
-            .unsettled
-            .done(&self.record.user_id, &self.record.node);
+        let outcomes = billing.accounts.ledger().charge_many(charges).await;
+        for (p, outcome) in parked.iter().zip(outcomes) {
+            if let Err(e) = outcome {
+                tracing::error!(request_id = %p.record.request_id, error = %e, "charge failed; the hold will be released");
+                release(&billing, &p.record.request_id);
+            }
+            billing.unsettled.done(&p.record.user_id, &p.record.node);
+        }
     }
 
     /// Nothing is charged (the batch was refused or never came): the hold is released.

@@ -16,6 +16,7 @@ use lattice_router::{NodeId, Reputation};
 use tokio::sync::mpsc;
 
 use crate::Nexus;
+use crate::billing::Parked;
 use crate::registry::{LINK_QUEUE, LinkHandle, RequestOutcome};
 use crate::settlement;
 
@@ -145,11 +146,7 @@ async fn serve(nexus: Arc<Nexus>, mut ws: WebSocket) {
                 match link.book.batch(&address, chain_id, &requests, &signature) {
                     Ok(ready) if ready.is_empty() => {}
                     Ok(ready) => {
-                        tokio::spawn(async move {
-                            for (p, ev) in ready {
-                                p.charge(ev).await;
-                            }
-                        });
+                        tokio::spawn(Parked::charge_all(ready));
                     }
                     Err(refused) => {
                         tracing::warn!(node = %id, reason = %refused.why, receipts = requests.len(), "receipt batch refused; nothing charged for it");

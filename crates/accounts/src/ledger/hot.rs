@@ -18,7 +18,7 @@ use tokio::sync::{Notify, watch};
 
 use super::native::Native;
 use super::sql::{Loader, WriteSet, write_back};
-use super::{LedgerConfig, Needs, PostError, UsageRecord, parse_money, side_rows};
+use super::{LedgerConfig, Need, Needs, PostError, UsageRecord, each_need, parse_money, side_rows};
 use crate::StoreError;
 use crate::db::{Db, now};
 
@@ -52,6 +52,10 @@ struct State {
     ledger: Ledger,
     /// Accounts, keys and one-off ids whose rows were read (a missing row is zero or absent).
     accounts: HashSet<Account>,
+    /// Users and nodes all of whose accounts were read (an index of `accounts` by name, so the
+    /// request path checks an operation without building account keys).
+    users: HashSet<String>,
+    nodes: HashSet<String>,
     keys: HashSet<String>,
     once: HashSet<String>,
     /// When each open hold expires (unix seconds).
@@ -69,6 +73,9 @@ struct State {
 #[derive(Debug, Default)]
 struct Missing {
     accounts: BTreeSet<String>,
+    /// The users and nodes those accounts belong to (some may be in memory already).
+    users: BTreeSet<String>,
+    nodes: BTreeSet<String>,
     keys: BTreeSet<String>,
     once: BTreeSet<String>,
     /// A charge that may be on disk only (a replay or refund of an old request).
@@ -93,10 +100,41 @@ struct Loaded {
 }
 
 impl State {
+    /// Every row `op` reads is in memory: it can be applied now (the request path's case).
+    fn ready(&self, op: &Op) -> bool {
+        let mut ready = !self.needs_charge_read(op, false);
+        each_need(op, &self.ledger, &mut |n| {
+            ready &= match n {
+                Need::User(u) => self.users.contains(u),
+                Need::Node(n) => self.nodes.contains(n),
+                Need::Key(k) => self.keys.contains(k),
+                Need::Once(o) => {
+                    self.once.contains(o.as_ref()) || self.ledger.applied.contains(o.as_ref())
+                }
+            }
+        });
+        ready
+    }
+
+    /// A charge or refund of a request neither held nor charged in memory: its charge may be on
+    /// disk only (a replay or refund of an old request).
+    fn needs_charge_read(&self, op: &Op, charge_checked: bool) -> bool {
+        match (op, op.request()) {
+            (Op::Charge { .. } | Op::Refund { .. }, Some(r)) => {
+                !charge_checked
+                    && !self.ledger.holds.contains_key(r)
+                    && !self.ledger.charges.contains_key(r)
+            }
+            _ => false,
+        }
+    }
+
     fn missing(&self, op: &Op, charge_checked: bool) -> Missing {
         let mut needs = Needs::default();
         needs.add(op, &self.ledger);
         let mut m = Missing {
+            users: needs.users,
+            nodes: needs.nodes,
             accounts: needs
                 .accounts
                 .into_iter()
@@ -114,18 +152,15 @@ impl State {
                 .collect(),
             charge: None,
         };
-        if let Some(r) = op.request()
-            && !charge_checked
-            && matches!(op, Op::Charge { .. } | Op::Refund { .. })
-            && !self.ledger.holds.contains_key(r)
-            && !self.ledger.charges.contains_key(r)
-        {
-            m.charge = Some(r.to_owned());
+        if self.needs_charge_read(op, charge_checked) {
+            m.charge = op.request().map(str::to_owned);
         }
         m
     }
 
     fn merge(&mut self, missing: Missing, loaded: Loaded) {
+        self.users.extend(missing.users);
+        self.nodes.extend(missing.nodes);
         for k in missing.accounts {
             if let Some(a) = Account::from_key(&k)
                 && self.accounts.insert(a.clone())
@@ -222,6 +257,12 @@ impl Hot {
         op: &Op,
         usage: Option<UsageRecord>,
     ) -> Result<(Applied, u64), PostError> {
+        {
+            let mut st = self.lock();
+            if st.ready(op) {
+                return self.apply_locked(&mut st, op, usage.as_ref());
+            }
+        }
         let mut charge_checked = false;
         // Each round reads rows the previous one revealed (a charge read back names its node).
         for _ in 0..4 {
@@ -245,12 +286,38 @@ impl Hot {
         ))
     }
 
+    /// Applies operations under one lock where every row they read is in memory (the others
+    /// read their rows first, one by one); outcomes in order.
+    pub(super) async fn apply_many(
+        &self,
+        ops: Vec<(Op, Option<UsageRecord>)>,
+    ) -> Vec<Result<(Applied, u64), PostError>> {
+        let mut out: Vec<Option<Result<(Applied, u64), PostError>>> = Vec::with_capacity(ops.len());
+        {
+            let mut st = self.lock();
+            for (op, usage) in &ops {
+                out.push(
+                    st.ready(op)
+                        .then(|| self.apply_locked(&mut st, op, usage.as_ref())),
+                );
+            }
+        }
+        let mut results = Vec::with_capacity(ops.len());
+        for (done, (op, usage)) in out.into_iter().zip(ops) {
+            results.push(match done {
+                Some(r) => r,
+                None => self.apply(&op, usage).await,
+            });
+        }
+        results
+    }
+
     /// Applies `op` now when every row it needs is in memory, else in a task; false when neither
     /// is possible (no runtime), leaving it to the hold sweeper.
     pub(super) fn apply_detached(self: &Arc<Self>, op: Op) -> bool {
         {
             let mut st = self.lock();
-            if st.missing(&op, false).is_empty() {
+            if st.ready(&op) {
                 let _ = self.apply_locked(&mut st, &op, None);
                 return true;
             }
@@ -276,10 +343,7 @@ impl Hot {
         if matches!(op, Op::Hold { .. })
             && st.seq.saturating_sub(*self.durable.borrow()) >= self.config.queue as u64
         {
-            return Err(PostError::Store(format!(
-                "{} ledger operations are waiting to be written; retry shortly",
-                self.config.queue
-            )));
+            return Err(PostError::Backlog(self.config.queue));
         }
         let applied = st.ledger.apply(op)?;
         if let Applied::Posted(p) = &applied {

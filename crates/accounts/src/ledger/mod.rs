@@ -17,6 +17,7 @@ mod native;
 mod shared;
 mod sql;
 
+use std::borrow::Cow;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
@@ -96,6 +97,9 @@ pub enum PostError {
     Ledger(#[from] LedgerError),
     #[error("ledger storage failed: {0}")]
     Store(String),
+    /// New holds wait until the writer catches up (the exclusive writer's queue bound).
+    #[error("{0} ledger operations are waiting to be written; retry shortly")]
+    Backlog(usize),
     #[error("the ledger writer has stopped")]
     Closed,
 }
@@ -169,6 +173,35 @@ impl LedgerStore {
         match &self.writer {
             Writer::Shared(tx) => submit(tx, op, Some(usage)).await,
             Writer::Exclusive(hot) => Ok(hot.apply(&op, Some(usage)).await?.0),
+        }
+    }
+
+    /// Applies charges together (one lock for all of them on the exclusive writer), like
+    /// [`Self::charge`]; outcomes in order.
+    pub async fn charge_many(
+        &self,
+        charges: Vec<(Op, UsageRecord)>,
+    ) -> Vec<Result<Applied, PostError>> {
+        match &self.writer {
+            Writer::Shared(tx) => {
+                futures::future::join_all(
+                    charges
+                        .into_iter()
+                        .map(|(op, usage)| submit(tx, op, Some(usage))),
+                )
+                .await
+            }
+            Writer::Exclusive(hot) => hot
+                .apply_many(
+                    charges
+                        .into_iter()
+                        .map(|(op, usage)| (op, Some(usage)))
+                        .collect(),
+                )
+                .await
+                .into_iter()
+                .map(|r| r.map(|(a, _)| a))
+                .collect(),
         }
     }
 
@@ -306,61 +339,95 @@ async fn submit(
     rx.await.map_err(|_| PostError::Closed)?
 }
 
-/// The rows an operation reads: accounts, API keys and one-off ids.
+/// What an operation reads.
+#[derive(Debug)]
+enum Need<'a> {
+    /// A user's available and held balances.
+    User(&'a str),
+    /// A node's earnings, its staking pool and the treasury.
+    Node(&'a str),
+    /// An API key's spending.
+    Key(&'a str),
+    /// Whether a one-off operation was applied.
+    Once(Cow<'a, str>),
+}
+
+/// Calls `f` with everything `op` reads, including through the hold or charge `ledger` has for
+/// its request (without allocating, except for a refund's one-off id).
+fn each_need<'a>(op: &'a Op, ledger: &'a Ledger, f: &mut impl FnMut(Need<'a>)) {
+    match op {
+        Op::Deposit { op, user, .. }
+        | Op::Faucet { op, user, .. }
+        | Op::Withdraw { op, user, .. } => {
+            f(Need::User(user));
+            f(Need::Once(Cow::Borrowed(op)));
+        }
+        Op::Hold { user, key, .. } => {
+            f(Need::User(user));
+            if let Some((k, _)) = key {
+                f(Need::Key(k));
+            }
+        }
+        Op::Charge { user, node, .. } => {
+            f(Need::User(user));
+            f(Need::Node(node));
+        }
+        Op::Release { .. } => {}
+        Op::Refund { request } => f(Need::Once(Cow::Owned(format!("refund:{request}")))),
+    }
+    if let Some(r) = op.request() {
+        if let Some(h) = ledger.holds.get(r) {
+            f(Need::User(&h.user));
+            if let Some(k) = &h.key {
+                f(Need::Key(k));
+            }
+        }
+        if let Some(c) = ledger.charges.get(r) {
+            f(Need::User(&c.user));
+            f(Need::Node(&c.node));
+            if let Some(k) = &c.key {
+                f(Need::Key(k));
+            }
+        }
+    }
+}
+
+/// The rows operations read, by key: accounts (and the users and nodes they belong to), API
+/// keys and one-off ids.
 #[derive(Debug, Default)]
 struct Needs {
     accounts: BTreeSet<String>,
+    users: BTreeSet<String>,
+    nodes: BTreeSet<String>,
     keys: BTreeSet<String>,
     once: BTreeSet<String>,
 }
 
 impl Needs {
-    /// Adds what `op` touches, including through the hold or charge `ledger` has for its request.
     fn add(&mut self, op: &Op, ledger: &Ledger) {
-        let user = |u: &str, acc: &mut BTreeSet<String>| {
-            acc.insert(Account::User(u.to_owned()).key());
-            acc.insert(Account::Held(u.to_owned()).key());
-        };
-        let node = |n: &str, acc: &mut BTreeSet<String>| {
-            acc.insert(Account::Node(n.to_owned()).key());
-            acc.insert(Account::Pool(n.to_owned()).key());
-            acc.insert(Account::Treasury.key());
-        };
-        match op {
-            Op::Deposit { op, user: u, .. }
-            | Op::Faucet { op, user: u, .. }
-            | Op::Withdraw { op, user: u, .. } => {
-                user(u, &mut self.accounts);
-                self.once.insert(op.clone());
-            }
-            Op::Hold { user: u, key, .. } => {
-                user(u, &mut self.accounts);
-                if let Some((k, _)) = key {
-                    self.keys.insert(k.clone());
+        each_need(op, ledger, &mut |n| match n {
+            Need::User(u) => {
+                if !self.users.contains(u) {
+                    self.accounts.insert(Account::User(u.to_owned()).key());
+                    self.accounts.insert(Account::Held(u.to_owned()).key());
+                    self.users.insert(u.to_owned());
                 }
             }
-            Op::Charge {
-                user: u, node: n, ..
-            } => {
-                user(u, &mut self.accounts);
-                node(n, &mut self.accounts);
+            Need::Node(n) => {
+                if !self.nodes.contains(n) {
+                    self.accounts.insert(Account::Node(n.to_owned()).key());
+                    self.accounts.insert(Account::Pool(n.to_owned()).key());
+                    self.accounts.insert(Account::Treasury.key());
+                    self.nodes.insert(n.to_owned());
+                }
             }
-            Op::Release { .. } => {}
-            Op::Refund { request } => {
-                self.once.insert(format!("refund:{request}"));
+            Need::Key(k) => {
+                self.keys.insert(k.to_owned());
             }
-        }
-        if let Some(r) = op.request() {
-            if let Some(h) = ledger.holds.get(r) {
-                user(&h.user, &mut self.accounts);
-                self.keys.extend(h.key.clone());
+            Need::Once(o) => {
+                self.once.insert(o.into_owned());
             }
-            if let Some(c) = ledger.charges.get(r) {
-                user(&c.user, &mut self.accounts);
-                node(&c.node, &mut self.accounts);
-                self.keys.extend(c.key.clone());
-            }
-        }
+        });
     }
 }
 

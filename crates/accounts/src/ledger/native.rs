@@ -88,7 +88,9 @@ fn open_sqlite(path: &Path) -> Result<Connection, StoreError> {
     )?;
     conn.busy_timeout(Duration::from_secs(10))?;
     // `synchronous` is per connection; WAL is the file's (set when sqlx opened it).
-    conn.execute_batch("PRAGMA foreign_keys = ON; PRAGMA synchronous = NORMAL;")?;
+    conn.execute_batch(
+        "PRAGMA foreign_keys = ON; PRAGMA synchronous = NORMAL; PRAGMA cache_size = -65536;",
+    )?;
     conn.set_prepared_statement_cache_capacity(32);
     Ok(conn)
 }
