@@ -156,6 +156,15 @@ fn siwe_text(address: &str, nonce: &str) -> String {
     .to_text()
 }
 
+fn hold_op(request: &str, user: &str, amount: Money) -> Op {
+    Op::Hold {
+        request: request.into(),
+        user: user.into(),
+        key: None,
+        amount,
+    }
+}
+
 fn charge_op(request: &str, user: &str, units: u128) -> Op {
     Op::Charge {
         request: request.into(),
@@ -206,12 +215,7 @@ async fn sign_in_faucet_hold_charge(url: &str, mode: LedgerMode) {
     );
 
     let l = acc.ledger();
-    let hold = Op::Hold {
-        request: "r1".into(),
-        user: user.clone(),
-        key: None,
-        amount: lai(4),
-    };
+    let hold = hold_op("r1", &user, lai(4));
     assert!(matches!(l.post(hold.clone()).await, Ok(Applied::Posted(_))));
     assert_eq!(
         l.post(hold).await,
@@ -274,15 +278,7 @@ async fn concurrent_holds_never_overspend(url: &str, mode: LedgerMode) {
             let user = user.clone();
             tokio::spawn(async move {
                 let r = format!("req{i}");
-                let held = acc
-                    .ledger()
-                    .post(Op::Hold {
-                        request: r.clone(),
-                        user: user.clone(),
-                        key: None,
-                        amount: each,
-                    })
-                    .await;
+                let held = acc.ledger().post(hold_op(&r, &user, each)).await;
                 match held {
                     Ok(Applied::Posted(_)) => {
                         let c = acc
@@ -327,12 +323,7 @@ async fn holds_are_released_after_a_crash(url: &str, mode: LedgerMode) {
         let (user, _, _) = siwe_user(&acc, "10.0.0.3").await;
         for i in 0..5 {
             acc.ledger()
-                .post(Op::Hold {
-                    request: format!("crash{i}"),
-                    user: user.clone(),
-                    key: None,
-                    amount: lai(1),
-                })
+                .post(hold_op(&format!("crash{i}"), &user, lai(1)))
                 .await
                 .unwrap();
         }
@@ -357,12 +348,7 @@ async fn holds_are_released_after_a_crash(url: &str, mode: LedgerMode) {
     // is kept, every hold is released on the next start, the books balance.
     for i in 0..3 {
         acc.ledger()
-            .apply(Op::Hold {
-                request: format!("late{i}"),
-                user: user.clone(),
-                key: None,
-                amount: lai(1),
-            })
+            .apply(hold_op(&format!("late{i}"), &user, lai(1)))
             .await
             .unwrap();
     }
@@ -395,12 +381,7 @@ async fn a_reader_next_to_a_running_writer_changes_nothing(url: &str, mode: Ledg
     let acc = open(url, mode, "nexus").await;
     let (user, _, _) = siwe_user(&acc, "10.0.0.10").await;
     acc.ledger()
-        .post(Op::Hold {
-            request: "live".into(),
-            user: user.clone(),
-            key: None,
-            amount: lai(2),
-        })
+        .post(hold_op("live", &user, lai(2)))
         .await
         .unwrap();
     let mut cfg = config("lattice-chain-reconcile", LedgerMode::Shared);
@@ -442,14 +423,7 @@ async fn old_charges_are_read_back(url: &str, mode: LedgerMode) {
     let l = acc.ledger();
     for i in 0..6 {
         let r = format!("old{i}");
-        l.apply(Op::Hold {
-            request: r.clone(),
-            user: user.clone(),
-            key: None,
-            amount: lai(1),
-        })
-        .await
-        .unwrap();
+        l.apply(hold_op(&r, &user, lai(1))).await.unwrap();
         l.charge(charge_op(&r, &user, 100), usage(&r, &user, 100))
             .await
             .unwrap();
@@ -903,14 +877,7 @@ async fn charges_in_a_batch(url: &str, mode: LedgerMode) {
     let (user, _, _) = siwe_user(&acc, "10.0.0.9").await;
     let l = acc.ledger();
     for r in ["b1", "b2", "b3"] {
-        l.apply(Op::Hold {
-            request: r.into(),
-            user: user.clone(),
-            key: None,
-            amount: lai(2),
-        })
-        .await
-        .unwrap();
+        l.apply(hold_op(r, &user, lai(2))).await.unwrap();
     }
     let cost = 1_000_000_000_000_000_000u128; // 1 LAI
     let batch = |rs: &[&str]| {
