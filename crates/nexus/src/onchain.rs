@@ -36,7 +36,7 @@ pub(crate) const NODES_TTL: Duration = Duration::from_secs(5);
 /// The last `/lattice/v1/chain/nodes` answer and when it was read. Callers that find it stale
 /// wait on the lock while one of them reads the chain, so a burst costs one read.
 #[derive(Default)]
-pub(crate) struct NodesCache(tokio::sync::Mutex<Option<(Instant, Arc<serde_json::Value>)>>);
+pub(crate) struct NodesCache(tokio::sync::Mutex<Option<(Instant, serde_json::Value)>>);
 
 fn err(e: ApiError) -> Response {
     lattice_http::error_response(&e)
@@ -307,20 +307,20 @@ pub(crate) async fn account(
 /// `GET /lattice/v1/chain/nodes`: the on-chain side of every node this Nexus knows (online
 /// first), at most `MAX_NODES`, as read at most `NODES_TTL` ago.
 pub(crate) async fn nodes(State(nexus): State<Arc<Nexus>>) -> ApiResult {
-    protocol(&nexus)?;
+    let p = protocol(&nexus)?;
     let mut cached = nexus.chain_nodes.0.lock().await;
     if let Some((at, body)) = cached.as_ref()
         && at.elapsed() < NODES_TTL
     {
-        return Ok(Json(body.as_ref()).into_response());
+        return Ok(Json(body).into_response());
     }
-    let body = Arc::new(read_nodes(&nexus).await?);
-    *cached = Some((Instant::now(), body.clone()));
-    Ok(Json(body.as_ref()).into_response())
+    let body = read_nodes(&nexus, p).await?;
+    let response = Json(&body).into_response();
+    *cached = Some((Instant::now(), body));
+    Ok(response)
 }
 
-async fn read_nodes(nexus: &Arc<Nexus>) -> Result<serde_json::Value, Response> {
-    let p = protocol(nexus)?;
+async fn read_nodes(nexus: &Arc<Nexus>, p: &Protocol) -> Result<serde_json::Value, Response> {
     let mut addresses: Vec<String> = nexus
         .registry
         .status()
@@ -338,9 +338,8 @@ async fn read_nodes(nexus: &Arc<Nexus>) -> Result<serde_json::Value, Response> {
         .iter()
         .filter_map(|a| a.parse::<Address>().ok())
         .collect();
-    let nexus_ref = nexus;
     let infos: Vec<Result<NodeInfo, Response>> = futures::stream::iter(parsed)
-        .map(|a| async move { node_info(nexus_ref, p, a).await })
+        .map(|a| async move { node_info(nexus, p, a).await })
         .buffered(8)
         .collect()
         .await;
