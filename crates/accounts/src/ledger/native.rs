@@ -112,18 +112,13 @@ fn write_sqlite(
         }
         Ok(())
     };
-    let mut statements = inserts(ws, t, owner).into_iter();
-    // Balances first, then the holds removed, then the rest (the order of the writes).
-    if let Some((ins, rows)) = statements.next() {
-        run(ins, rows)?;
-    }
     if !ws.holds_removed.is_empty() {
         let mut stmt = tx.prepare_cached(DELETE_HOLD)?;
         for r in &ws.holds_removed {
             stmt.execute([r.as_str()])?;
         }
     }
-    for (ins, rows) in statements {
+    for (ins, rows) in inserts(ws, t, owner) {
         run(ins, rows)?;
     }
     tx.commit()?;
@@ -174,17 +169,14 @@ async fn write_postgres(
     owner: &str,
 ) -> Result<(), StoreError> {
     let mut tx = pool.begin().await?;
-    let mut statements = inserts(ws, t, owner).into_iter();
-    let first = statements.next();
-    for (i, (ins, rows)) in first.into_iter().chain(statements).enumerate() {
-        if i == 1 && !ws.holds_removed.is_empty() {
-            // After the balances, like the other writers.
-            let ids: Vec<&str> = ws.holds_removed.iter().map(String::as_str).collect();
-            sqlx::query("DELETE FROM holds WHERE request_id = ANY($1)")
-                .bind(ids)
-                .execute(&mut *tx)
-                .await?;
-        }
+    if !ws.holds_removed.is_empty() {
+        let ids: Vec<&str> = ws.holds_removed.iter().map(String::as_str).collect();
+        sqlx::query("DELETE FROM holds WHERE request_id = ANY($1)")
+            .bind(ids)
+            .execute(&mut *tx)
+            .await?;
+    }
+    for (ins, rows) in inserts(ws, t, owner) {
         if rows.is_empty() {
             continue;
         }

@@ -188,7 +188,8 @@ const USAGES: Insert = Insert {
 pub(super) const DELETE_HOLD: &str = "DELETE FROM holds WHERE request_id = ?";
 
 /// The rows of a [`WriteSet`] as inserts, in the order they are written (`t`: now, unix
-/// seconds; `owner`: the replica that places the holds).
+/// seconds; `owner`: the replica that places the holds). Every writer deletes the cut's removed
+/// holds before these: a removed hold is never among the added ones (request ids hold once).
 pub(super) fn inserts<'a>(
     ws: &'a WriteSet,
     t: i64,
@@ -330,11 +331,6 @@ pub(super) async fn write_back(
     t: i64,
     owner: &str,
 ) -> Result<(), StoreError> {
-    let mut statements = inserts(ws, t, owner).into_iter();
-    // Balances first, then the holds removed, then the rest (the order of the writes).
-    if let Some((ins, rows)) = statements.next() {
-        insert_rows(tx, backend, ins, rows).await?;
-    }
     for chunk in ws.holds_removed.chunks(500) {
         let sql = format!(
             "DELETE FROM holds WHERE request_id IN ({})",
@@ -346,7 +342,7 @@ pub(super) async fn write_back(
         }
         q.execute(&mut **tx).await?;
     }
-    for (ins, rows) in statements {
+    for (ins, rows) in inserts(ws, t, owner) {
         insert_rows(tx, backend, ins, rows).await?;
     }
     Ok(())
