@@ -123,10 +123,14 @@ impl Db {
         self.backend
     }
 
-    /// Opens one connection of PostgreSQL's own driver (not `Any`) to this database.
+    /// Opens one connection of PostgreSQL's own driver (not `Any`) to this database, kept open
+    /// (its session holds the exclusive ledger writer's lock).
     pub(crate) async fn postgres_connection(&self) -> Result<sqlx::PgPool, StoreError> {
         sqlx::postgres::PgPoolOptions::new()
             .max_connections(1)
+            .min_connections(1)
+            .idle_timeout(None)
+            .max_lifetime(None)
             .acquire_timeout(Duration::from_secs(10))
             .connect(&self.url)
             .await

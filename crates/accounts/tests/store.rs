@@ -914,6 +914,50 @@ async fn charges_in_a_batch(url: &str, mode: LedgerMode) {
     assert!(audit.balanced(), "{audit:?}");
 }
 
+/// One exclusive writer per database: a second Nexus opening it is refused while the first
+/// runs (each would spend from its own copy of the balances), and opens once it has stopped.
+async fn one_exclusive_writer_per_database(url: &str) {
+    let first = open(url, LedgerMode::Exclusive, "a").await;
+    let (user, _, _) = siwe_user(&first, "10.0.0.10").await;
+    let mut cfg = config("b", LedgerMode::Exclusive);
+    cfg.ledger.lock_wait = std::time::Duration::from_millis(300);
+    let second = Accounts::open(Db::open(url).await.unwrap(), cfg.clone()).await;
+    let Err(e) = second else {
+        panic!("a second exclusive writer opened next to a running one")
+    };
+    assert!(
+        matches!(e, lattice_accounts::StoreError::Conflict(_)),
+        "{e}"
+    );
+    assert!(e.to_string().contains("--ledger-mode shared"), "{e}");
+    // A shared reader (like `lattice chain reconcile`) is not refused.
+    let mut shared = config("reader", LedgerMode::Shared);
+    shared.ledger.recover_holds = false;
+    let reader = Accounts::open(Db::open(url).await.unwrap(), shared)
+        .await
+        .unwrap();
+    assert_eq!(reader.balance(&user).await.unwrap().available, lai(10));
+    drop(first);
+    // The first writer finishes its last commit and lets go; the second waits for that.
+    cfg.ledger.lock_wait = std::time::Duration::from_secs(10);
+    let second = Accounts::open(Db::open(url).await.unwrap(), cfg)
+        .await
+        .unwrap();
+    assert_eq!(second.balance(&user).await.unwrap().available, lai(10));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_exclusive_writer_per_sqlite_file() {
+    let db = sqlite().await;
+    one_exclusive_writer_per_database(&db.url).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_exclusive_writer_per_postgres_database() {
+    let db = postgres().await;
+    one_exclusive_writer_per_database(&db.url).await;
+}
+
 macro_rules! both {
     ($name:ident) => {
         mod $name {

@@ -195,6 +195,8 @@ impl Hot {
         db: Db,
         config: LedgerConfig,
     ) -> Result<(Arc<Self>, Arc<Alive>), StoreError> {
+        // The lock first: what is read next must not change under another writer.
+        let native = Native::open(&db, config.lock_wait).await?;
         let mut st = State::default();
         {
             let mut conn = db.pool.acquire().await?;
@@ -224,7 +226,6 @@ impl Hot {
             );
             st.expiry.insert(request, 0);
         }
-        let native = Native::open(&db).await?;
         let (durable, _) = watch::channel(0);
         let hot = Arc::new(Self {
             owner: config.owner.as_str().into(),

@@ -60,6 +60,9 @@ pub struct LedgerConfig {
     /// Release holds left behind when the store opens (a Nexus does; a tool that only reads the
     /// ledger next to a running Nexus must not).
     pub recover_holds: bool,
+    /// How long an exclusive writer waits for the database's writer lock (another writer may be
+    /// finishing its last commit) before it refuses to open.
+    pub lock_wait: Duration,
 }
 
 impl Default for LedgerConfig {
@@ -72,6 +75,7 @@ impl Default for LedgerConfig {
             queue: 64 * 1024,
             recent_charges: 100_000,
             recover_holds: true,
+            lock_wait: Duration::from_secs(10),
         }
     }
 }

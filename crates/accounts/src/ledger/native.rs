@@ -7,9 +7,10 @@
 //! - **PostgreSQL**: one statement per table per cut, its rows bound as column arrays
 //!   (`INSERT … SELECT * FROM UNNEST($1::text[], …)`), prepared once.
 
-use std::path::Path;
+use std::fs::{File, OpenOptions, TryLockError};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::{Connection, OpenFlags, ToSql, TransactionBehavior};
@@ -36,26 +37,62 @@ impl From<rusqlite::Error> for StoreError {
     }
 }
 
-/// The writer's connection.
+/// The writer's connection, and the lock that makes it the database's only exclusive writer
+/// (two would each spend from their own copy of the balances).
 pub(super) enum Native {
-    Sqlite(Arc<Mutex<Connection>>),
+    /// The connection, and the locked `PATH.ledger-lock` file next to the database (unlocked
+    /// when dropped).
+    Sqlite {
+        conn: Arc<Mutex<Connection>>,
+        _lock: File,
+    },
+    /// One connection, which holds a session advisory lock (checked before every write).
     Postgres(PgPool),
+}
+
+/// The advisory lock key an exclusive writer holds on PostgreSQL ("LLDG").
+const PG_LOCK_KEY: i64 = 0x4c4c_4447;
+/// How often a writer waiting for the lock tries again.
+const LOCK_RETRY: Duration = Duration::from_millis(50);
+
+fn busy(what: &str) -> StoreError {
+    StoreError::Conflict(format!(
+        "another Nexus writes the ledger of {what} with the exclusive writer; stop it first, or \
+         run every replica with --ledger-mode shared on one PostgreSQL database"
+    ))
 }
 
 impl Native {
     /// A connection of its own to `db` (already created and migrated), or none for an in-memory
-    /// SQLite database (which only the pool's one connection can see).
-    pub(super) async fn open(db: &Db) -> Result<Option<Self>, StoreError> {
+    /// SQLite database (which only the pool's one connection can see), once it holds the
+    /// database's exclusive-writer lock (waiting up to `wait` for a writer that is stopping).
+    pub(super) async fn open(db: &Db, wait: Duration) -> Result<Option<Self>, StoreError> {
         match (db.backend(), db.sqlite_file()) {
             (Backend::Sqlite, Some(path)) => {
                 let path = path.to_owned();
-                let conn = tokio::task::spawn_blocking(move || open_sqlite(&path))
-                    .await
-                    .map_err(|e| StoreError::Native(e.to_string()))??;
-                Ok(Some(Self::Sqlite(Arc::new(Mutex::new(conn)))))
+                let (conn, lock) = tokio::task::spawn_blocking(move || {
+                    let lock = lock_sqlite(&path, wait)?;
+                    Ok::<_, StoreError>((open_sqlite(&path)?, lock))
+                })
+                .await
+                .map_err(|e| StoreError::Native(e.to_string()))??;
+                Ok(Some(Self::Sqlite {
+                    conn: Arc::new(Mutex::new(conn)),
+                    _lock: lock,
+                }))
             }
             (Backend::Sqlite, None) => Ok(None),
-            (Backend::Postgres, _) => Ok(Some(Self::Postgres(db.postgres_connection().await?))),
+            (Backend::Postgres, _) => {
+                let pool = db.postgres_connection().await?;
+                let deadline = Instant::now() + wait;
+                while !try_lock_postgres(&mut *pool.acquire().await?).await? {
+                    if Instant::now() >= deadline {
+                        return Err(busy("this PostgreSQL database"));
+                    }
+                    tokio::time::sleep(LOCK_RETRY).await;
+                }
+                Ok(Some(Self::Postgres(pool)))
+            }
         }
     }
 
@@ -67,7 +104,7 @@ impl Native {
         owner: Arc<str>,
     ) -> Result<(), StoreError> {
         match self {
-            Self::Sqlite(conn) => {
+            Self::Sqlite { conn, .. } => {
                 let conn = conn.clone();
                 tokio::task::spawn_blocking(move || {
                     let mut conn = conn.lock().unwrap_or_else(|e| e.into_inner());
@@ -79,6 +116,53 @@ impl Native {
             Self::Postgres(pool) => write_postgres(pool, &cut, t, &owner).await,
         }
     }
+}
+
+/// Locks `PATH.ledger-lock` (created if missing; the OS releases it when the process ends).
+fn lock_sqlite(path: &Path, wait: Duration) -> Result<File, StoreError> {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".ledger-lock");
+    let lock_path = PathBuf::from(name);
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| StoreError::Native(format!("cannot open {}: {e}", lock_path.display())))?;
+    let deadline = Instant::now() + wait;
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(file),
+            Err(TryLockError::WouldBlock) if Instant::now() < deadline => {
+                std::thread::sleep(LOCK_RETRY);
+            }
+            Err(TryLockError::WouldBlock) => return Err(busy(&path.display().to_string())),
+            Err(TryLockError::Error(e)) => {
+                return Err(StoreError::Native(format!(
+                    "cannot lock {}: {e}",
+                    lock_path.display()
+                )));
+            }
+        }
+    }
+}
+
+/// Takes the session's advisory lock unless it holds it already (true when it holds it).
+async fn try_lock_postgres(conn: &mut sqlx::PgConnection) -> Result<bool, StoreError> {
+    let held: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted
+           AND pid = pg_backend_pid() AND classid = 0 AND objid = $1::bigint::oid AND objsubid = 1)",
+    )
+    .bind(PG_LOCK_KEY)
+    .fetch_one(&mut *conn)
+    .await?;
+    if held {
+        return Ok(true);
+    }
+    Ok(sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+        .bind(PG_LOCK_KEY)
+        .fetch_one(&mut *conn)
+        .await?)
 }
 
 fn open_sqlite(path: &Path) -> Result<Connection, StoreError> {
@@ -169,6 +253,11 @@ async fn write_postgres(
     owner: &str,
 ) -> Result<(), StoreError> {
     let mut tx = pool.begin().await?;
+    // The lock lives with the session: if the connection was replaced, take it again, and
+    // write nothing if another writer has it meanwhile.
+    if !try_lock_postgres(&mut tx).await? {
+        return Err(busy("this PostgreSQL database"));
+    }
     if !ws.holds_removed.is_empty() {
         let ids: Vec<&str> = ws.holds_removed.iter().map(String::as_str).collect();
         sqlx::query("DELETE FROM holds WHERE request_id = ANY($1)")
