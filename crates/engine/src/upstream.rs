@@ -1,13 +1,15 @@
 //! Backend that forwards to any OpenAI-compatible server (llama-server, Ollama, vLLM), so an
 //! operator can bring the engine they already run. Always streams from the upstream.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use crate::{
     Engine, EngineError, Event, EventStream, FinishReason, GenerateRequest, Load, ModelCard,
@@ -36,6 +38,8 @@ pub struct UpstreamEngine {
     cfg: UpstreamConfig,
     card: ModelCard,
     http: reqwest::Client,
+    chat_url: reqwest::Url,
+    completions_url: reqwest::Url,
     in_flight: Arc<AtomicUsize>,
 }
 
@@ -46,6 +50,12 @@ impl UpstreamEngine {
             .tcp_nodelay(true)
             .build()
             .map_err(|e| EngineError::Internal(e.to_string()))?;
+        let url = |path: &str| {
+            let u = format!("{}/{path}", cfg.base_url.trim_end_matches('/'));
+            reqwest::Url::parse(&u)
+                .map_err(|e| EngineError::Internal(format!("bad upstream URL `{u}`: {e}")))
+        };
+        let (chat_url, completions_url) = (url("chat/completions")?, url("completions")?);
         let card = ModelCard {
             id: cfg.model_id.clone(),
             context_length: cfg.context_length,
@@ -58,54 +68,65 @@ impl UpstreamEngine {
             cfg,
             card,
             http,
+            chat_url,
+            completions_url,
             in_flight: Arc::new(AtomicUsize::new(0)),
         })
     }
 
-    fn body(&self, req: &GenerateRequest) -> (String, Value) {
+    fn body<'a>(&'a self, req: &'a GenerateRequest) -> (&'a reqwest::Url, UpstreamBody<'a>) {
         let p = &req.params;
-        let mut body = json!({
-            "model": self.cfg.upstream_model,
-            "stream": true,
-            "stream_options": {"include_usage": true},
-            "temperature": p.temperature,
-            "top_p": p.top_p,
-        });
-        let (path, key, value) = match &req.prompt {
-            Prompt::Chat(msgs) => (
-                "chat/completions",
-                "messages",
-                Value::Array(
-                    msgs.iter()
-                        .map(|m| json!({"role": m.role, "content": m.content}))
-                        .collect(),
-                ),
-            ),
-            Prompt::Text(t) => ("completions", "prompt", Value::String(t.clone())),
+        let (url, messages, prompt) = match &req.prompt {
+            Prompt::Chat(msgs) => (&self.chat_url, Some(msgs.as_slice()), None),
+            Prompt::Text(t) => (&self.completions_url, None, Some(t.as_str())),
         };
-        if let Some(obj) = body.as_object_mut() {
-            obj.insert(key.into(), value);
-            if let Some(m) = p.max_tokens {
-                obj.insert("max_tokens".into(), json!(m));
-            }
-            if p.top_k > 0 {
-                obj.insert("top_k".into(), json!(p.top_k));
-            }
-            if let Some(s) = p.seed {
-                obj.insert("seed".into(), json!(s));
-            }
-            if !p.stop.is_empty() {
-                obj.insert("stop".into(), json!(p.stop));
-            }
-            if p.ignore_eos {
-                obj.insert("ignore_eos".into(), json!(true));
-            }
-        }
-        (
-            format!("{}/{path}", self.cfg.base_url.trim_end_matches('/')),
-            body,
-        )
+        let body = UpstreamBody {
+            model: &self.cfg.upstream_model,
+            stream: true,
+            stream_options: StreamOptions {
+                include_usage: true,
+            },
+            temperature: p.temperature,
+            top_p: p.top_p,
+            messages,
+            prompt,
+            max_tokens: p.max_tokens,
+            top_k: (p.top_k > 0).then_some(p.top_k),
+            seed: p.seed,
+            stop: &p.stop,
+            ignore_eos: p.ignore_eos,
+        };
+        (url, body)
     }
+}
+
+/// The streamed request sent upstream.
+#[derive(Serialize)]
+struct UpstreamBody<'a> {
+    model: &'a str,
+    stream: bool,
+    stream_options: StreamOptions,
+    temperature: f32,
+    top_p: f32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    messages: Option<&'a [crate::Message]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prompt: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_tokens: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top_k: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seed: Option<u64>,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    stop: &'a [String],
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    ignore_eos: bool,
+}
+
+#[derive(Serialize)]
+struct StreamOptions {
+    include_usage: bool,
 }
 
 /// Decrements the in-flight count when the response stream is dropped.
@@ -146,7 +167,7 @@ impl Engine for UpstreamEngine {
             let (url, body) = self.body(&req);
             let mut rb = self
                 .http
-                .post(&url)
+                .post(url.clone())
                 .json(&body)
                 .header("x-request-id", &req.request_id);
             if let Some(k) = &self.cfg.api_key {
@@ -190,10 +211,11 @@ impl Engine for UpstreamEngine {
                             return Some((item, (bytes, parser, tr, guard, finished)));
                         }
                         match bytes.next().await {
-                            Some(Ok(chunk)) => match parser.push(&chunk) {
-                                Ok(payloads) => payloads.iter().for_each(|p| tr.feed(p)),
-                                Err(e) => tr.fail(e),
-                            },
+                            Some(Ok(chunk)) => {
+                                if let Err(e) = parser.push(&chunk, |p| tr.feed(p)) {
+                                    tr.fail(e);
+                                }
+                            }
                             Some(Err(e)) => tr.fail(EngineError::Upstream(e.to_string())),
                             None => tr.end(),
                         }
@@ -209,28 +231,86 @@ impl Engine for UpstreamEngine {
 /// Splits an SSE byte stream into `data:` payloads.
 #[derive(Debug, Default)]
 pub struct SseParser {
+    /// The unfinished last line of earlier pushes.
     buf: Vec<u8>,
 }
 
 impl SseParser {
-    pub fn push(&mut self, bytes: &[u8]) -> Result<Vec<String>, EngineError> {
-        self.buf.extend_from_slice(bytes);
-        let mut out = Vec::new();
-        while let Some(nl) = self.buf.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = self.buf.drain(..=nl).collect();
-            let line = String::from_utf8_lossy(&line);
-            let line = line.trim_end_matches(['\n', '\r']);
-            if let Some(data) = line.strip_prefix("data:") {
-                out.push(data.trim_start().to_owned());
-            }
+    /// Calls `on_data` with each complete `data:` payload in `bytes` (after what earlier pushes
+    /// left unfinished); keeps the unfinished rest, at most [`MAX_SSE_LINE`] bytes of it.
+    pub fn push(&mut self, bytes: &[u8], mut on_data: impl FnMut(&str)) -> Result<(), EngineError> {
+        let mut rest = bytes;
+        if !self.buf.is_empty() {
+            // Finish the pending line first; only that line is copied.
+            let Some(nl) = rest.iter().position(|&b| b == b'\n') else {
+                self.buf.extend_from_slice(rest);
+                return self.check_bound();
+            };
+            self.buf.extend_from_slice(&rest[..=nl]);
+            rest = &rest[nl + 1..];
+            data_line(&self.buf, &mut on_data);
+            self.buf.clear();
         }
+        while let Some(nl) = rest.iter().position(|&b| b == b'\n') {
+            data_line(&rest[..=nl], &mut on_data);
+            rest = &rest[nl + 1..];
+        }
+        self.buf.extend_from_slice(rest);
+        self.check_bound()
+    }
+
+    fn check_bound(&self) -> Result<(), EngineError> {
         if self.buf.len() > MAX_SSE_LINE {
             return Err(EngineError::Upstream(format!(
                 "upstream sent an SSE line longer than {MAX_SSE_LINE} bytes"
             )));
         }
-        Ok(out)
+        Ok(())
     }
+}
+
+/// One line (with its `\n`): its payload if it is a `data:` line.
+fn data_line(line: &[u8], on_data: &mut impl FnMut(&str)) {
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let Some(data) = line.strip_prefix(b"data:") else {
+        return;
+    };
+    let text = String::from_utf8_lossy(data);
+    on_data(text.trim_start());
+}
+
+/// The fields of an OpenAI stream chunk the node reads; strings borrowed from the payload.
+#[derive(Deserialize)]
+struct Chunk<'a> {
+    #[serde(borrow, default)]
+    choices: Option<Vec<ChunkChoice<'a>>>,
+    #[serde(default)]
+    usage: Option<Usage>,
+    #[serde(borrow, default)]
+    error: Option<ChunkError<'a>>,
+}
+
+#[derive(Deserialize)]
+struct ChunkChoice<'a> {
+    #[serde(borrow, default)]
+    delta: Option<ChunkDelta<'a>>,
+    #[serde(borrow, default)]
+    text: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    finish_reason: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct ChunkDelta<'a> {
+    #[serde(borrow, default)]
+    content: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct ChunkError<'a> {
+    #[serde(borrow, default)]
+    message: Option<Cow<'a, str>>,
 }
 
 /// Maps OpenAI stream chunks to engine events.
@@ -261,6 +341,19 @@ impl Translate {
         if payload == "[DONE]" {
             return self.end();
         }
+        // The usual chunk shape, borrowed; anything else goes through a `Value` (same rules).
+        if let Ok(c) = serde_json::from_str::<Chunk<'_>>(payload) {
+            let choice = c.choices.as_deref().and_then(<[_]>::first);
+            let text = choice.and_then(|ch| {
+                ch.delta
+                    .as_ref()
+                    .and_then(|d| d.content.as_deref())
+                    .or(ch.text.as_deref())
+            });
+            let error = c.error.as_ref().and_then(|e| e.message.as_deref());
+            let finish = choice.and_then(|ch| ch.finish_reason.as_deref());
+            return self.apply(error, text, finish, c.usage);
+        }
         let v: Value = match serde_json::from_str(payload) {
             Ok(v) => v,
             Err(e) => {
@@ -269,24 +362,38 @@ impl Translate {
                 )));
             }
         };
-        if let Some(msg) = v["error"]["message"].as_str() {
+        let choice = v["choices"].get(0);
+        let text = choice.and_then(|ch| {
+            ch["delta"]["content"]
+                .as_str()
+                .or_else(|| ch["text"].as_str())
+        });
+        let finish = choice.and_then(|ch| ch["finish_reason"].as_str());
+        let usage = serde_json::from_value::<Usage>(v["usage"].clone()).ok();
+        self.apply(v["error"]["message"].as_str(), text, finish, usage);
+    }
+
+    /// One chunk's parts: an error ends the stream; otherwise its text, finish reason and usage.
+    fn apply(
+        &mut self,
+        error: Option<&str>,
+        text: Option<&str>,
+        finish: Option<&str>,
+        usage: Option<Usage>,
+    ) {
+        if let Some(msg) = error {
             return self.fail(EngineError::Upstream(msg.to_owned()));
         }
-        if let Some(choice) = v["choices"].get(0) {
-            let text = choice["delta"]["content"]
-                .as_str()
-                .or_else(|| choice["text"].as_str());
-            if let Some(t) = text.filter(|t| !t.is_empty()) {
-                self.out.push_back(Ok(Event::Delta(t.to_owned())));
-            }
-            match choice["finish_reason"].as_str() {
-                Some("length") => self.finish = Some(FinishReason::Length),
-                Some(_) => self.finish = Some(FinishReason::Stop),
-                None => {}
-            }
+        if let Some(t) = text.filter(|t| !t.is_empty()) {
+            self.out.push_back(Ok(Event::Delta(t.to_owned())));
         }
-        if let Ok(u) = serde_json::from_value::<Usage>(v["usage"].clone()) {
-            self.usage = Some(u);
+        match finish {
+            Some("length") => self.finish = Some(FinishReason::Length),
+            Some(_) => self.finish = Some(FinishReason::Stop),
+            None => {}
+        }
+        if usage.is_some() {
+            self.usage = usage;
         }
     }
 
@@ -312,23 +419,66 @@ mod tests {
     use super::*;
     use crate::SamplingParams;
 
+    fn payloads(p: &mut SseParser, bytes: &[u8]) -> Result<Vec<String>, EngineError> {
+        let mut out = Vec::new();
+        p.push(bytes, |d| out.push(d.to_owned()))?;
+        Ok(out)
+    }
+
     #[test]
     fn sse_parser_handles_split_lines_and_crlf() {
         let mut p = SseParser::default();
+        assert_eq!(payloads(&mut p, b"data: {\"a\"").ok(), Some(vec![]));
+        assert_eq!(payloads(&mut p, b":").ok(), Some(vec![]));
         assert_eq!(
-            p.push(b"data: {\"a\"").unwrap_or_default(),
-            Vec::<String>::new()
+            payloads(&mut p, b"1}\r\n\r\n: comment\ndata: [DONE]\ndata:x").ok(),
+            Some(vec!["{\"a\":1}".to_owned(), "[DONE]".to_owned()])
         );
-        assert_eq!(
-            p.push(b":1}\r\n\r\ndata: [DONE]\n").unwrap_or_default(),
-            vec!["{\"a\":1}", "[DONE]"]
-        );
+        assert_eq!(payloads(&mut p, b"y\n").ok(), Some(vec!["xy".to_owned()]));
     }
 
     #[test]
     fn sse_parser_bounds_line_length() {
         let mut p = SseParser::default();
-        assert!(p.push(&vec![b'x'; MAX_SSE_LINE + 1]).is_err());
+        assert!(payloads(&mut p, &vec![b'x'; MAX_SSE_LINE + 1]).is_err());
+        let mut p = SseParser::default();
+        assert!(payloads(&mut p, &vec![b'x'; MAX_SSE_LINE]).is_ok());
+        assert!(
+            payloads(&mut p, b"x").is_err(),
+            "the bound holds across pushes"
+        );
+    }
+
+    /// Chunks of unusual shape take the `Value` path and follow the same rules.
+    #[test]
+    fn translate_odd_chunks() {
+        let mut t = Translate::default();
+        t.feed(r#"{"choices":null}"#);
+        t.feed(r#"{"choices":[{"delta":{"content":["no"]},"text":"a"}]}"#);
+        t.feed(r#"{"choices":[{"delta":{"content":"b"},"finish_reason":"stop"}],"usage":{"prompt_tokens":2}}"#);
+        t.feed(r#"{"error":"a string, not an object","choices":[{"text":"c"}]}"#);
+        t.feed("[DONE]");
+        let events: Vec<_> = std::iter::from_fn(|| t.pop()).collect();
+        assert_eq!(
+            events,
+            vec![
+                Ok(Event::Delta("a".into())),
+                Ok(Event::Delta("b".into())),
+                Ok(Event::Delta("c".into())),
+                Ok(Event::Done {
+                    finish_reason: FinishReason::Stop,
+                    usage: Usage::default()
+                })
+            ]
+        );
+        let mut t = Translate::default();
+        t.feed(r#"{"error":{"message":"boom"}}"#);
+        t.feed(r#"{"choices":[{"text":"late"}]}"#);
+        assert_eq!(t.pop(), Some(Err(EngineError::Upstream("boom".into()))));
+        assert_eq!(t.pop(), None);
+        let mut t = Translate::default();
+        t.feed("not json");
+        assert!(matches!(t.pop(), Some(Err(EngineError::Upstream(_)))));
     }
 
     #[test]

@@ -5,7 +5,12 @@ use lattice_engine::{EngineError, Event, GenerateRequest};
 use serde::{Deserialize, Serialize};
 
 /// 2: paid requests' receipts are signed in batches ([`NodeFrame::Receipts`]).
-pub const PROTOCOL_VERSION: u32 = 2;
+/// 3: frames are externally tagged (`{"events":{…}}`, not `{"type":"events",…}`), so they decode
+/// without buffering, and a stream's events that are ready together travel in one frame.
+pub const PROTOCOL_VERSION: u32 = 3;
+
+/// Most events in one [`NodeFrame::Events`].
+pub const MAX_FRAME_EVENTS: usize = 64;
 
 /// Largest frame either side accepts: a request carries a whole prompt (bodies are ≤ 4 MiB).
 pub const MAX_FRAME_BYTES: usize = 8 << 20;
@@ -36,7 +41,7 @@ pub struct Price {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
 pub enum NodeFrame {
     Hello {
         version: u32,
@@ -62,10 +67,10 @@ pub enum NodeFrame {
         busy: u32,
         slots: u32,
     },
-    /// One event of a request's stream.
-    Event {
+    /// Events of a request's stream, in order: 1 to [`MAX_FRAME_EVENTS`] of them.
+    Events {
         stream: u64,
-        event: LinkEvent,
+        events: Vec<LinkEvent>,
     },
     /// The node's signature over the receipts it sent unsigned for these requests, in this
     /// order (at most [`crate::MAX_BATCH_RECEIPTS`]): see [`crate::sign_batch`].
@@ -86,7 +91,7 @@ pub enum LinkEvent {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
 pub enum NexusFrame {
     Challenge {
         nonce: String,
@@ -136,6 +141,44 @@ pub fn decode<T: for<'de> Deserialize<'de>>(text: &str) -> Result<T, FrameError>
     serde_json::from_str(text).map_err(|e| FrameError::Malformed(e.to_string()))
 }
 
+/// Frames of protocol versions 1 and 2 were internally tagged (`{"type":"hello",…}`). These
+/// read the two that matter across versions, so each side can say why it refuses the other.
+#[derive(Deserialize)]
+struct Legacy {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    version: Option<u32>,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+fn legacy(text: &str) -> Option<Legacy> {
+    if text.len() > MAX_FRAME_BYTES {
+        return None;
+    }
+    serde_json::from_str(text).ok()
+}
+
+/// The version of a pre-3 node's `hello`, if `text` is one.
+pub fn legacy_hello_version(text: &str) -> Option<u32> {
+    legacy(text)
+        .filter(|l| l.kind == "hello")
+        .and_then(|l| l.version)
+}
+
+/// The reason of a pre-3 Nexus's `rejected`, if `text` is one.
+pub fn legacy_rejection(text: &str) -> Option<String> {
+    legacy(text)
+        .filter(|l| l.kind == "rejected")
+        .and_then(|l| l.reason)
+}
+
+/// A `rejected` frame as a pre-3 node reads it.
+pub fn legacy_rejected_frame(reason: &str) -> String {
+    serde_json::json!({"type": "rejected", "reason": reason}).to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -159,15 +202,18 @@ mod tests {
         let back: NexusFrame =
             decode(&encode(&req).unwrap_or_default()).unwrap_or(NexusFrame::Cancel { stream: 0 });
         assert_eq!(back, req);
-        let done = NodeFrame::Event {
+        let done = NodeFrame::Events {
             stream: 7,
-            event: LinkEvent::Engine(Event::Done {
-                finish_reason: FinishReason::Stop,
-                usage: Usage::new(1, 2),
-            }),
+            events: vec![
+                LinkEvent::Engine(Event::Delta("a".into())),
+                LinkEvent::Engine(Event::Done {
+                    finish_reason: FinishReason::Stop,
+                    usage: Usage::new(1, 2),
+                }),
+            ],
         };
         let text = encode(&done).unwrap_or_default();
-        assert!(text.contains(r#""type":"event""#), "{text}");
+        assert!(text.starts_with(r#"{"events":{"stream":7,"#), "{text}");
         let back: NodeFrame = decode(&text).unwrap_or(NodeFrame::Heartbeat {
             queued: 0,
             busy: 0,
@@ -177,9 +223,26 @@ mod tests {
     }
 
     #[test]
+    fn older_versions_are_recognised() {
+        let old_hello = r#"{"type":"hello","version":2,"address":"0xab"}"#;
+        assert!(decode::<NodeFrame>(old_hello).is_err());
+        assert_eq!(legacy_hello_version(old_hello), Some(2));
+        let hello = encode(&NodeFrame::Hello {
+            version: PROTOCOL_VERSION,
+            address: "0xab".into(),
+        })
+        .unwrap_or_default();
+        assert_eq!(legacy_hello_version(&hello), None);
+        let refusal = legacy_rejected_frame("too old");
+        assert_eq!(legacy_rejection(&refusal).as_deref(), Some("too old"));
+        assert_eq!(legacy_hello_version(&refusal), None);
+        assert_eq!(legacy_rejection(old_hello), None);
+    }
+
+    #[test]
     fn malformed_and_oversized_frames_are_errors() {
         assert!(matches!(
-            decode::<NodeFrame>("{\"type\":\"nope\"}"),
+            decode::<NodeFrame>("{\"nope\":{}}"),
             Err(FrameError::Malformed(_))
         ));
         assert!(matches!(

@@ -9,8 +9,9 @@ use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::response::Response;
 use futures::{SinkExt, StreamExt};
 use lattice_link::{
-    LinkEvent, MAX_BATCH_RECEIPTS, MAX_FRAME_BYTES, NexusFrame, NodeFrame, PROTOCOL_VERSION,
-    challenge_message, decode, encode, recover_address,
+    LinkEvent, MAX_BATCH_RECEIPTS, MAX_FRAME_BYTES, MAX_FRAME_EVENTS, NexusFrame, NodeFrame,
+    PROTOCOL_VERSION, challenge_message, decode, encode, legacy_hello_version,
+    legacy_rejected_frame, recover_address,
 };
 use lattice_router::{NodeId, Reputation};
 use tokio::sync::mpsc;
@@ -58,9 +59,15 @@ async fn serve(nexus: Arc<Nexus>, mut ws: WebSocket) {
     let registered = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&nexus, &mut ws)).await
     {
         Ok(Ok(r)) => r,
-        Ok(Err(reason)) => {
+        Ok(Err(Refusal { reason, legacy })) => {
             tracing::warn!(%reason, "node link refused");
-            let _ = send_frame(&mut ws, &NexusFrame::Rejected { reason }).await;
+            if legacy {
+                let _ = ws
+                    .send(Message::Text(legacy_rejected_frame(&reason).into()))
+                    .await;
+            } else {
+                let _ = send_frame(&mut ws, &NexusFrame::Rejected { reason }).await;
+            }
             // A clean close: the node reads the rejection, then the close frame.
             let _ = ws.send(Message::Close(None)).await;
             return;
@@ -94,7 +101,7 @@ async fn serve(nexus: Arc<Nexus>, mut ws: WebSocket) {
         }
         let _ = sink.close().await;
     });
-    let reason = loop {
+    let reason = 'read: loop {
         let next = tokio::select! {
             reason = link.kicked() => break reason,
             next = tokio::time::timeout(IDLE_TIMEOUT, stream.next()) => next,
@@ -123,15 +130,23 @@ async fn serve(nexus: Arc<Nexus>, mut ws: WebSocket) {
                     p.refuse("the node never signed a batch covering the receipt");
                 }
             }
-            Ok(NodeFrame::Event { stream, event }) => {
-                // Recorded here, in link order, so the batch frame that follows finds it.
-                if let LinkEvent::Receipt(r) = &event
-                    && r.signature.is_empty()
-                    && let Err(why) = link.book.seen(r)
-                {
-                    break why;
+            Ok(NodeFrame::Events { stream, events }) => {
+                if events.is_empty() || events.len() > MAX_FRAME_EVENTS {
+                    break format!(
+                        "an events frame must carry 1 to {MAX_FRAME_EVENTS} events, not {}",
+                        events.len()
+                    );
                 }
-                link.deliver(stream, event);
+                // Recorded here, in link order, so the batch frame that follows finds it.
+                for event in &events {
+                    if let LinkEvent::Receipt(r) = event
+                        && r.signature.is_empty()
+                        && let Err(why) = link.book.seen(r)
+                    {
+                        break 'read why;
+                    }
+                }
+                link.deliver(stream, events);
             }
             Ok(NodeFrame::Receipts {
                 requests,
@@ -176,14 +191,62 @@ async fn serve(nexus: Arc<Nexus>, mut ws: WebSocket) {
 
 type Registered = (NodeId, String, Arc<LinkHandle>, mpsc::Receiver<NexusFrame>);
 
-async fn handshake(nexus: &Nexus, ws: &mut WebSocket) -> Result<Registered, String> {
-    let NodeFrame::Hello { version, address } = recv_frame(ws).await? else {
-        return Err("expected hello".into());
-    };
+/// Why a handshake failed; `legacy` when the node speaks a pre-3 protocol, so the refusal is
+/// sent in the frame format it reads.
+struct Refusal {
+    reason: String,
+    legacy: bool,
+}
+
+impl From<String> for Refusal {
+    fn from(reason: String) -> Self {
+        Self {
+            reason,
+            legacy: false,
+        }
+    }
+}
+
+impl From<&str> for Refusal {
+    fn from(reason: &str) -> Self {
+        reason.to_owned().into()
+    }
+}
+
+fn version_refusal(version: u32) -> String {
+    format!("protocol version {version} is not supported (this Nexus speaks {PROTOCOL_VERSION})")
+}
+
+async fn hello(ws: &mut WebSocket) -> Result<(u32, String), Refusal> {
+    loop {
+        match ws.recv().await {
+            Some(Ok(Message::Text(t))) => {
+                return match decode::<NodeFrame>(t.as_str()) {
+                    Ok(NodeFrame::Hello { version, address }) => Ok((version, address)),
+                    Ok(_) => Err("expected hello".into()),
+                    Err(e) => Err(match legacy_hello_version(t.as_str()) {
+                        Some(version) => Refusal {
+                            reason: version_refusal(version),
+                            legacy: true,
+                        },
+                        None => e.to_string().into(),
+                    }),
+                };
+            }
+            Some(Ok(Message::Close(_))) | None => return Err("link closed".into()),
+            Some(Ok(Message::Binary(_))) => {
+                return Err("binary frames are not part of the protocol".into());
+            }
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return Err(e.to_string().into()),
+        }
+    }
+}
+
+async fn handshake(nexus: &Nexus, ws: &mut WebSocket) -> Result<Registered, Refusal> {
+    let (version, address) = hello(ws).await?;
     if version != PROTOCOL_VERSION {
-        return Err(format!(
-            "protocol version {version} is not supported (this Nexus speaks {PROTOCOL_VERSION})"
-        ));
+        return Err(version_refusal(version).into());
     }
     let mut nonce = [0u8; 16];
     getrandom::getrandom(&mut nonce).map_err(|e| e.to_string())?;
@@ -211,7 +274,7 @@ async fn handshake(nexus: &Nexus, ws: &mut WebSocket) -> Result<Registered, Stri
     let signer = recover_address(&challenge_message(&nonce, &address), &signature)
         .map_err(|e| e.to_string())?;
     if signer != address.to_lowercase() {
-        return Err(format!("signature is from {signer}, not {address}"));
+        return Err(format!("signature is from {signer}, not {address}").into());
     }
     if models.iter().any(|m| m.id.is_empty() || m.id.len() > 128) {
         return Err("model ids must be 1 to 128 bytes".into());

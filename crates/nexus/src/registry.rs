@@ -87,23 +87,32 @@ impl LinkHandle {
         }
     }
 
-    /// Routes an event from the node to its stream; unknown ids (already cancelled) are dropped.
-    pub(crate) fn deliver(&self, id: u64, event: LinkEvent) {
-        let finished = matches!(
-            event,
-            LinkEvent::Error(_) | LinkEvent::Engine(lattice_engine::Event::Done { .. })
-        );
-        if let Ok(mut s) = self.streams.lock() {
+    /// Routes a frame's events from the node to their stream, in order; unknown ids (already
+    /// cancelled) are dropped.
+    pub(crate) fn deliver(&self, id: u64, events: Vec<LinkEvent>) {
+        let Ok(mut s) = self.streams.lock() else {
+            return;
+        };
+        let Some(tx) = s.get(&id) else { return };
+        let (mut finished, mut overflow) = (false, false);
+        for event in events {
+            finished = matches!(
+                event,
+                LinkEvent::Error(_) | LinkEvent::Engine(lattice_engine::Event::Done { .. })
+            );
             // Never block the link: a stream whose reader fell STREAM_BUFFER events behind (a
             // stalled client, or a node flooding it) is ended; its reader sees the stream break.
-            let overflow = s.get(&id).is_some_and(|tx| tx.try_send(event).is_err());
+            overflow = tx.try_send(event).is_err();
             if finished || overflow {
-                s.remove(&id);
+                break;
             }
-            if overflow {
-                tracing::warn!(stream = id, "stream buffer full; ending the stream");
-                let _ = self.tx.try_send(NexusFrame::Cancel { stream: id });
-            }
+        }
+        if finished || overflow {
+            s.remove(&id);
+        }
+        if overflow {
+            tracing::warn!(stream = id, "stream buffer full; ending the stream");
+            let _ = self.tx.try_send(NexusFrame::Cancel { stream: id });
         }
     }
 
@@ -600,9 +609,10 @@ mod tests {
         let Some((id, mut rx)) = link.open_stream() else {
             unreachable!("link is open")
         };
-        for _ in 0..=STREAM_BUFFER {
-            link.deliver(id, LinkEvent::Engine(Event::Delta("x".into())));
-        }
+        let delta = |t: &str| LinkEvent::Engine(Event::Delta(t.into()));
+        // The first frame fits; the second overflows in its middle.
+        link.deliver(id, vec![delta("x"); STREAM_BUFFER - 2]);
+        link.deliver(id, vec![delta("x"); 3]);
         let mut got = 0;
         while rx.recv().await.is_some() {
             got += 1;
@@ -612,8 +622,9 @@ mod tests {
             "buffered events are delivered, then the stream ends"
         );
         assert!(matches!(out.try_recv(), Ok(NexusFrame::Cancel { stream }) if stream == id));
+        assert!(out.try_recv().is_err(), "one cancel");
         // Later events for the ended stream are dropped, not buffered.
-        link.deliver(id, LinkEvent::Engine(Event::Delta("y".into())));
+        link.deliver(id, vec![delta("y")]);
         assert!(link.streams.lock().map(|s| s.is_empty()).unwrap_or(false));
     }
 }

@@ -7,11 +7,12 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::{SinkExt, StreamExt};
+use futures::{FutureExt, SinkExt, StreamExt};
 use lattice_engine::{Engine, EngineError, Event};
 use lattice_link::{
-    LINK_PATH, LinkEvent, MAX_FRAME_BYTES, ModelAd, NO_USER, NexusFrame, NodeFrame, NodeKey,
-    NodeKind, PROTOCOL_VERSION, Price, UsageReceipt, challenge_message, decode, encode,
+    LINK_PATH, LinkEvent, MAX_FRAME_BYTES, MAX_FRAME_EVENTS, ModelAd, NO_USER, NexusFrame,
+    NodeFrame, NodeKey, NodeKind, PROTOCOL_VERSION, Price, UsageReceipt, challenge_message, decode,
+    encode, legacy_rejection,
 };
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
@@ -114,7 +115,10 @@ async fn recv(ws: &mut Ws) -> Result<NexusFrame, LinkError> {
     loop {
         match ws.next().await {
             Some(Ok(Message::Text(t))) => {
-                return decode(t.as_str()).map_err(|e| LinkError::Protocol(e.to_string()));
+                return decode(t.as_str()).map_err(|e| match legacy_rejection(t.as_str()) {
+                    Some(reason) => LinkError::Rejected(reason),
+                    None => LinkError::Protocol(e.to_string()),
+                });
             }
             Some(Ok(Message::Close(_))) | None => return Err(LinkError::Closed("by Nexus".into())),
             Some(Ok(_)) => {}
@@ -286,9 +290,9 @@ async fn session(
                         capacity: MAX_STREAMS,
                     };
                     let _ = out_tx
-                        .send(NodeFrame::Event {
+                        .send(NodeFrame::Events {
                             stream: id,
-                            event: LinkEvent::Error(e),
+                            events: vec![LinkEvent::Error(e)],
                         })
                         .await;
                     continue;
@@ -364,6 +368,33 @@ impl Signer {
         }
     }
 
+    /// The usage receipt of a finished request and, for a paid one, its leaf (the receipt goes
+    /// out unsigned and a batch signature covers the leaf); a probe's is signed alone.
+    fn usage(
+        &self,
+        request_id: &str,
+        user: &str,
+        model: &str,
+        usage: &lattice_engine::Usage,
+        paid: bool,
+    ) -> (UsageReceipt, Option<[u8; 32]>) {
+        let r = self.receipt(request_id, user, model, usage);
+        match (paid, r.struct_hash()) {
+            (_, Err(e)) => {
+                tracing::warn!(request_id, error = %e, "cannot build the usage receipt");
+                (r, None)
+            }
+            (true, Ok(leaf)) => (r, Some(leaf)),
+            (false, Ok(_)) => match r.clone().sign(&self.key) {
+                Ok(signed) => (signed, None),
+                Err(e) => {
+                    tracing::warn!(request_id, error = %e, "cannot sign the receipt");
+                    (r, None)
+                }
+            },
+        }
+    }
+
     /// Queues a paid receipt's leaf (after the receipt itself went out); returns the batch frame
     /// when the batch is full (otherwise the window's tick signs it).
     fn add(&self, request_id: &str, leaf: [u8; 32]) -> Option<NodeFrame> {
@@ -402,6 +433,10 @@ impl Signer {
     }
 }
 
+/// Text bytes of deltas past which a frame takes no more events (a frame stays far below
+/// [`MAX_FRAME_BYTES`] however large an engine's deltas are).
+const FRAME_TEXT_BYTES: usize = 1 << 20;
+
 async fn serve_stream(
     engine: Arc<dyn Engine>,
     signer: Arc<Signer>,
@@ -418,62 +453,57 @@ async fn serve_stream(
         Ok(s) => s,
         Err(e) => {
             let _ = out
-                .send(NodeFrame::Event {
+                .send(NodeFrame::Events {
                     stream: id,
-                    event: LinkEvent::Error(e),
+                    events: vec![LinkEvent::Error(e)],
                 })
                 .await;
             return;
         }
     };
     let paid = user.as_deref().is_some_and(|u| u != NO_USER);
-    while let Some(ev) = events.next().await {
-        let last = !matches!(ev, Ok(Event::Delta(_)));
-        // Receipts are for paid requests (Nexus sets the payer) and probes (the zero user);
-        // unbilled ones skip them. A probe's is signed alone, a paid one's in a batch.
-        let mut batch = None;
-        if let Ok(Event::Done { usage, .. }) = &ev
-            && let Some(u) = user.as_deref()
-        {
-            let mut r = signer.receipt(&request_id, u, &model, usage);
-            let leaf = match (paid, r.struct_hash()) {
-                (_, Err(e)) => {
-                    tracing::warn!(request_id, error = %e, "cannot build the usage receipt");
-                    None
-                }
-                (true, Ok(leaf)) => Some(leaf),
-                (false, Ok(_)) => {
-                    match r.clone().sign(&signer.key) {
-                        Ok(signed) => r = signed,
-                        Err(e) => tracing::warn!(request_id, error = %e, "cannot sign the receipt"),
-                    }
-                    None
-                }
-            };
-            let receipt = NodeFrame::Event {
-                stream: id,
-                event: LinkEvent::Receipt(r),
-            };
-            if out.send(receipt).await.is_err() {
-                return;
+    // Each frame carries the events that are ready together (all of a fast upstream's answer,
+    // or one token of a model decoding live): one frame, one encode, one wake-up at Nexus.
+    while let Some(first) = events.next().await {
+        let mut frame = Vec::new();
+        let (mut text_bytes, mut last, mut leaf) = (0, false, None);
+        let mut next = Some(first);
+        while let Some(ev) = next.take() {
+            last = !matches!(ev, Ok(Event::Delta(_)));
+            // Receipts are for paid requests (Nexus sets the payer) and probes (the zero user);
+            // unbilled ones skip them. A probe's is signed alone, a paid one's in a batch.
+            if let Ok(Event::Done { usage, .. }) = &ev
+                && let Some(u) = user.as_deref()
+            {
+                let (receipt, paid_leaf) = signer.usage(&request_id, u, &model, usage, paid);
+                frame.push(LinkEvent::Receipt(receipt));
+                leaf = paid_leaf;
             }
-            if let Some(leaf) = leaf {
-                batch = signer.add(&request_id, leaf);
+            if let Ok(Event::Delta(d)) = &ev {
+                text_bytes += d.len();
+            }
+            frame.push(match ev {
+                Ok(e) => LinkEvent::Engine(e),
+                Err(e) => LinkEvent::Error(e),
+            });
+            // Two slots stay free for a receipt and the final event.
+            if !last && frame.len() + 2 <= MAX_FRAME_EVENTS && text_bytes < FRAME_TEXT_BYTES {
+                next = events.next().now_or_never().flatten();
             }
         }
-        let event = match ev {
-            Ok(e) => LinkEvent::Engine(e),
-            Err(e) => LinkEvent::Error(e),
-        };
         if out
-            .send(NodeFrame::Event { stream: id, event })
+            .send(NodeFrame::Events {
+                stream: id,
+                events: frame,
+            })
             .await
             .is_err()
         {
             return;
         }
-        if let Some(b) = batch
-            && out.send(b).await.is_err()
+        // Queued only once the receipt went out, so its batch signature follows it on the link.
+        if let Some(batch) = leaf.and_then(|l| signer.add(&request_id, l))
+            && out.send(batch).await.is_err()
         {
             return;
         }
