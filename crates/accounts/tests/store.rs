@@ -244,6 +244,14 @@ async fn sign_in_faucet_hold_charge(url: &str, mode: LedgerMode) {
     let audit = l.audit().await.unwrap();
     assert!(audit.balanced(), "{audit:?}");
     assert_eq!(audit.issued, lai(10));
+    // The faucet's leg, then the hold's and the charge's: the exclusive writer records the
+    // charge's three parts paid from the user's credit (no hold leg, no leg giving the rest
+    // back); the shared one the hold's leg and the charge's four.
+    let legs = match mode {
+        LedgerMode::Exclusive => 1 + 3,
+        LedgerMode::Shared => 1 + 1 + 4,
+    };
+    assert_eq!(audit.journal_lines, legs, "{audit:?}");
 
     let today = time::OffsetDateTime::now_utc().date().to_string();
     let rows = acc
@@ -390,11 +398,14 @@ async fn a_reader_next_to_a_running_writer_changes_nothing(url: &str, mode: Ledg
         .await
         .unwrap();
     let audit = reader.ledger().audit().await.unwrap();
-    assert_eq!(
-        (audit.hold_count, audit.open_holds),
-        (1, lai(2)),
-        "{audit:?}"
-    );
+    // A shared writer records its holds; an exclusive one keeps them in memory only (the
+    // database shows settled state, as if they were released).
+    let on_disk = match mode {
+        LedgerMode::Shared => (1, lai(2)),
+        LedgerMode::Exclusive => (0, Money::ZERO),
+    };
+    assert_eq!((audit.hold_count, audit.open_holds), on_disk, "{audit:?}");
+    assert!(audit.balanced(), "{audit:?}");
     drop(reader);
     assert!(matches!(
         acc.ledger()
@@ -912,6 +923,66 @@ async fn charges_in_a_batch(url: &str, mode: LedgerMode) {
     assert_eq!(rows[0].cost, Money::from_units(2 * cost));
     let audit = acc.ledger().audit().await.unwrap();
     assert!(audit.balanced(), "{audit:?}");
+}
+
+/// Holds a shared writer left on disk (say its replicas stopped and one Nexus now owns the
+/// database) are given back when an exclusive writer opens it, with the books balanced; holds
+/// of the exclusive writer never reach the disk.
+async fn switching_to_the_exclusive_writer_releases_recorded_holds(url: &str) {
+    let user = {
+        let mut cfg = config("replica-1", LedgerMode::Shared);
+        cfg.ledger.recover_holds = false;
+        let acc = Accounts::open(Db::open(url).await.unwrap(), cfg)
+            .await
+            .unwrap();
+        let (user, _, _) = siwe_user(&acc, "10.0.0.11").await;
+        for i in 0..3 {
+            acc.ledger()
+                .post(hold_op(&format!("s{i}"), &user, lai(2)))
+                .await
+                .unwrap();
+        }
+        let audit = acc.ledger().audit().await.unwrap();
+        assert_eq!((audit.hold_count, audit.open_holds), (3, lai(6)));
+        user
+    };
+    let acc = open(url, LedgerMode::Exclusive, "nexus").await;
+    let b = acc.balance(&user).await.unwrap();
+    assert_eq!((b.available, b.held), (lai(10), Money::ZERO));
+    acc.ledger()
+        .post(hold_op("x", &user, lai(3)))
+        .await
+        .unwrap();
+    let b = acc.balance(&user).await.unwrap();
+    assert_eq!((b.available, b.held), (lai(7), lai(3)));
+    let audit = acc.ledger().audit().await.unwrap();
+    assert!(audit.balanced(), "{audit:?}");
+    assert_eq!(
+        (audit.hold_count, audit.held),
+        (0, Money::ZERO),
+        "{audit:?}"
+    );
+    // What the database says of the user: their credit as if the open hold were released.
+    drop(acc);
+    let mut cfg = config("reader", LedgerMode::Shared);
+    cfg.ledger.recover_holds = false;
+    let reader = Accounts::open(Db::open(url).await.unwrap(), cfg)
+        .await
+        .unwrap();
+    let b = reader.balance(&user).await.unwrap();
+    assert_eq!((b.available, b.held), (lai(10), Money::ZERO));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switching_to_the_exclusive_writer_releases_recorded_holds_sqlite() {
+    let db = sqlite().await;
+    switching_to_the_exclusive_writer_releases_recorded_holds(&db.url).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switching_to_the_exclusive_writer_releases_recorded_holds_postgres() {
+    let db = postgres().await;
+    switching_to_the_exclusive_writer_releases_recorded_holds(&db.url).await;
 }
 
 /// One exclusive writer per database: a second Nexus opening it is refused while the first

@@ -5,20 +5,21 @@
 //! writer is the only one, a row not in memory is current on disk. A background task takes a
 //! cut of everything changed since the previous one — the changed rows' current values and the
 //! journal lines, usage records and grants appended meanwhile — and commits it in one
-//! transaction; `durable` then advances to the last operation the cut contains.
+//! transaction; `durable` then advances to the last operation the cut contains. Cuts leave open
+//! holds out ([`WriteSet::net_holds`]): they are this writer's alone and end with it.
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use lattice_ledger::{Account, Applied, Charge, Hold, KeyUsage, Ledger, Money, Op};
-use sqlx::Row;
+use lattice_ledger::{Account, Applied, Charge, KeyUsage, Ledger, Money, Op};
 use tokio::sync::{Notify, watch};
 
 use super::native::Native;
-use super::sql::{Loader, WriteSet, write_back};
-use super::{LedgerConfig, Need, Needs, PostError, UsageRecord, each_need, parse_money, side_rows};
+use super::shared;
+use super::sql::{Loader, WriteSet, net_postings, write_back};
+use super::{LedgerConfig, Need, Needs, PostError, UsageRecord, each_need, side_rows};
 use crate::StoreError;
 use crate::db::{Db, now};
 
@@ -210,21 +211,20 @@ impl Hot {
                 st.ledger.redeemed.insert(a, redeemed);
             }
         }
-        // Holds on disk are a previous run's: they expire now and the first sweep releases them.
-        for r in sqlx::query("SELECT request_id, user_id, key_id, amount FROM holds")
+        // Holds on disk were left by a writer that recorded them (a shared one, or an earlier
+        // version): give them back first, in the database, since this writer records none.
+        let left: Vec<String> = sqlx::query_scalar("SELECT request_id FROM holds")
             .fetch_all(&db.pool)
-            .await?
-        {
-            let request: String = r.try_get("request_id")?;
-            st.ledger.holds.insert(
-                request.clone(),
-                Hold {
-                    user: r.try_get("user_id")?,
-                    key: r.try_get("key_id")?,
-                    amount: parse_money(&r.try_get::<String, _>("amount")?)?,
-                },
-            );
-            st.expiry.insert(request, 0);
+            .await?;
+        for chunk in left.chunks(config.max_batch.max(1)) {
+            let ops: Vec<Op> = chunk
+                .iter()
+                .map(|r| Op::Release { request: r.clone() })
+                .collect();
+            let batch: Vec<(&Op, Option<&UsageRecord>)> = ops.iter().map(|o| (o, None)).collect();
+            for r in shared::apply_batch(&db, &config, &batch).await? {
+                r.map_err(|e| StoreError::Ledger(e.to_string()))?;
+            }
         }
         let (durable, _) = watch::channel(0);
         let hot = Arc::new(Self {
@@ -350,7 +350,7 @@ impl Hot {
         if let Applied::Posted(p) = &applied {
             st.seq += 1;
             let seq = st.seq;
-            side_rows(&mut st.appended, op, usage, p);
+            side_rows(&mut st.appended, op, usage, net_postings(op, p));
             match op {
                 Op::Hold { request, .. } => {
                     let ttl = i64::try_from(self.config.hold_ttl.as_secs()).unwrap_or(i64::MAX);
@@ -429,16 +429,12 @@ impl Hot {
                 let mut st = self.lock();
                 let State {
                     ledger,
-                    expiry,
                     appended,
                     seq,
                     ..
                 } = &mut *st;
-                let ttl = i64::try_from(self.config.hold_ttl.as_secs()).unwrap_or(i64::MAX);
-                let t = now();
-                let mut cut = WriteSet::cut(ledger, |r| {
-                    expiry.get(r).copied().unwrap_or(t.saturating_add(ttl))
-                });
+                let mut cut = WriteSet::cut(ledger, |_| 0);
+                cut.net_holds(ledger);
                 let appended = std::mem::take(appended);
                 cut.postings = appended.postings;
                 cut.grants = appended.grants;

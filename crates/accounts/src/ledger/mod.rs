@@ -7,8 +7,11 @@
 //!   costs microseconds and no database round trip — and a background task writes every change
 //!   behind it, one consistent cut per transaction (group commit). [`LedgerStore::post`] waits
 //!   until its operation is durable; [`LedgerStore::apply`] and [`LedgerStore::charge`] (the
-//!   request path) do not. What a crash can lose is the cut not yet committed: holds (harmless:
-//!   a hold only reserves) and the charges of requests that ended in the last few milliseconds.
+//!   request path) do not. Its holds live in memory only: the database records settled state,
+//!   as if every open hold were released (a user's row is their available plus held credit, a
+//!   charge's journal legs pay from it directly), so a request writes its charge and usage
+//!   record but no hold rows. What a crash can lose is the cut not yet committed — the charges of
+//!   requests that ended in the last few milliseconds — and open holds, which it gives back.
 //! - **Shared** (several Nexus replicas on one PostgreSQL database): every batch loads the rows it
 //!   touches row-locked, applies, writes back and commits before anyone hears the outcome.
 
@@ -435,10 +438,15 @@ impl Needs {
     }
 }
 
-/// The append-only rows of an applied operation: its journal legs, the usage record of a charge,
-/// and the on-chain mint a faucet grant needs (settlement).
-fn side_rows(ws: &mut WriteSet, op: &Op, usage: Option<&UsageRecord>, postings: &[Posting]) {
-    ws.postings.extend(postings.iter().cloned().enumerate());
+/// The append-only rows of an applied operation: its journal legs (as the writer records them),
+/// the usage record of a charge, and the on-chain mint a faucet grant needs (settlement).
+fn side_rows(
+    ws: &mut WriteSet,
+    op: &Op,
+    usage: Option<&UsageRecord>,
+    postings: impl Iterator<Item = Posting>,
+) {
+    ws.postings.extend(postings.enumerate());
     match (op, usage) {
         (Op::Charge { .. }, Some(u)) => ws.usages.push(u.clone()),
         (Op::Faucet { op, user, amount }, _) => {

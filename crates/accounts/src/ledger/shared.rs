@@ -49,7 +49,7 @@ pub(super) async fn writer(db: Db, config: LedgerConfig, mut rx: mpsc::Receiver<
 }
 
 /// Applies a batch in one transaction; per-operation outcomes, or an error if nothing landed.
-async fn apply_batch(
+pub(super) async fn apply_batch(
     db: &Db,
     config: &LedgerConfig,
     ops: &[(&Op, Option<&UsageRecord>)],
@@ -115,7 +115,7 @@ async fn apply_batch(
     for (op, usage) in ops {
         let r = ledger.apply(op);
         if let Ok(Applied::Posted(p)) = &r {
-            side_rows(&mut extra, op, *usage, p);
+            side_rows(&mut extra, op, *usage, p.iter().cloned());
         }
         results.push(r);
     }

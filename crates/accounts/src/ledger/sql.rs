@@ -4,7 +4,7 @@
 use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
 
-use lattice_ledger::{Account, Charge, Hold, KeyUsage, Ledger, Money, Posting};
+use lattice_ledger::{Account, Charge, Hold, KeyUsage, Ledger, Money, Op, Posting};
 use sqlx::any::AnyRow;
 use sqlx::{Any, Row, Transaction};
 
@@ -97,6 +97,60 @@ impl WriteSet {
             ..Self::default()
         }
     }
+}
+
+impl WriteSet {
+    /// The exclusive writer's form of a cut: open holds are left out, as if every one of them
+    /// were released. Its holds live only in its memory (it is the only writer, so nothing else
+    /// needs them), so the database holds settled state: a user's row is their available plus
+    /// held credit, held rows and keys' reservations are zero, no hold rows are written, and the
+    /// journal has a charge's legs netted (see [`net_postings`]). A crash thus loses open holds
+    /// the way a release would give them back, with nothing to sweep at the next start; and a
+    /// request writes its charge, usage record and journal legs, not a hold's rows as well.
+    pub(super) fn net_holds(&mut self, ledger: &Ledger) {
+        let mut users: BTreeSet<String> = BTreeSet::new();
+        self.balances.retain(|(a, _)| match a {
+            Account::User(u) | Account::Held(u) => {
+                users.insert(u.clone());
+                false
+            }
+            _ => true,
+        });
+        for u in users {
+            let held = ledger.balance(&Account::Held(u.clone()));
+            let user = Account::User(u);
+            // Cannot overflow: every internal balance is part of what was issued, a Money.
+            let v = ledger.balance(&user).checked_add(held).unwrap_or(held);
+            self.balances.push((user, v));
+        }
+        self.balances.sort();
+        self.holds_added.clear();
+        for (_, u) in &mut self.keys {
+            u.held = Money::ZERO;
+        }
+    }
+}
+
+/// An applied operation's journal legs as the exclusive writer records them (see
+/// [`WriteSet::net_holds`]): a hold or release moves nothing on disk, and a charge pays its
+/// parts from the user's credit directly (`held → node` becomes `user → node`; the leg giving
+/// the rest back, `held → user`, disappears).
+pub(super) fn net_postings<'a>(
+    op: &'a Op,
+    postings: &'a [Posting],
+) -> impl Iterator<Item = Posting> + 'a {
+    postings.iter().filter_map(move |p| match op {
+        Op::Hold { .. } | Op::Release { .. } => None,
+        Op::Charge { user, .. } => match (&p.debit, &p.credit) {
+            (Account::Held(_), Account::User(_)) => None,
+            (Account::Held(u), _) if u == user => Some(Posting {
+                debit: Account::User(u.clone()),
+                ..p.clone()
+            }),
+            _ => Some(p.clone()),
+        },
+        _ => Some(p.clone()),
+    })
 }
 
 /// A bound value of an insert.
@@ -597,5 +651,78 @@ where
             }
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use lattice_ledger::{Applied, Split};
+
+    use super::*;
+
+    fn posted(l: &mut Ledger, op: &Op) -> Vec<Posting> {
+        match l.apply(op) {
+            Ok(Applied::Posted(p)) => p,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// Netting a hold and its charge leaves what the charge paid, from the user's credit, and
+    /// balances that add up to the same total with nothing held.
+    #[test]
+    fn a_netted_cut_records_settled_state() {
+        let mut l = Ledger::default();
+        let faucet = Op::Faucet {
+            op: "f".into(),
+            user: "u".into(),
+            amount: Money::from_units(1_000),
+        };
+        posted(&mut l, &faucet);
+        let hold = |r: &str| Op::Hold {
+            request: r.into(),
+            user: "u".into(),
+            key: Some(("k".into(), None)),
+            amount: Money::from_units(300),
+        };
+        let charge = Op::Charge {
+            request: "a".into(),
+            user: "u".into(),
+            node: "n".into(),
+            amount: Money::from_units(100),
+            split: Split::default(),
+        };
+        let mut legs: Vec<Posting> = Vec::new();
+        for op in [hold("a"), charge.clone(), hold("b")] {
+            let p = posted(&mut l, &op);
+            legs.extend(net_postings(&op, &p));
+        }
+        let user = Account::User("u".into());
+        let paid: Vec<(Account, Account, u128)> = legs
+            .iter()
+            .map(|p| (p.debit.clone(), p.credit.clone(), p.amount.units()))
+            .collect();
+        assert_eq!(
+            paid,
+            vec![
+                (user.clone(), Account::Node("n".into()), 90),
+                (user.clone(), Account::Pool("n".into()), 5),
+                (user.clone(), Account::Treasury, 5),
+            ]
+        );
+        // In memory "b" holds 300; on disk the user has it back.
+        assert_eq!(l.balance(&user), Money::from_units(600));
+        let mut cut = WriteSet::cut(&mut l, |_| 0);
+        cut.net_holds(&l);
+        assert!(cut.holds_added.is_empty());
+        assert!(
+            cut.balances
+                .iter()
+                .all(|(a, _)| !matches!(a, Account::Held(_)))
+        );
+        assert!(cut.balances.contains(&(user, Money::from_units(900))));
+        let total: u128 = cut.balances.iter().map(|(_, v)| v.units()).sum();
+        assert_eq!(total, 1_000);
+        assert_eq!(cut.keys[0].1.held, Money::ZERO);
+        assert_eq!(cut.keys[0].1.spent, Money::from_units(100));
     }
 }
