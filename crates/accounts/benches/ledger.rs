@@ -10,14 +10,17 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use lattice_accounts::{
-    Accounts, AccountsConfig, Db, Identity, LedgerConfig, LedgerMode, PostError, UsageRecord,
+    Accounts, AccountsConfig, Db, Identity, LedgerConfig, LedgerMode, PostError, ReceiptBatch,
+    UsageRecord,
 };
 use lattice_ledger::{Ledger, Money, Op, Split};
+use lattice_link::{ReceiptInBatch, UsageReceipt};
 
 const REQUESTS: usize = 50_000;
 const IN_FLIGHT: usize = 512;
 /// Charges per batch in batch mode: a node signs its receipts 64 at a time.
 const BATCH: usize = 64;
+const NODE: &str = "0x00000000000000000000000000000000000000aa";
 
 fn hold(r: &str, user: &str) -> Op {
     Op::Hold {
@@ -32,10 +35,41 @@ fn charge(r: &str, user: &str) -> Op {
     Op::Charge {
         request: r.into(),
         user: user.into(),
-        node: "0x00000000000000000000000000000000000000aa".into(),
+        node: NODE.into(),
         amount: Money::from_units(600_000),
         split: Split::default(),
     }
+}
+
+/// The receipt stored with each charge, as Nexus stores it: the node's receipt and its leaf in
+/// a signed batch of 64, the batch stored once (so the rows are as wide as in production).
+fn stored_receipt(root: &str, leaf: u64) -> String {
+    serde_json::to_string(&ReceiptInBatch {
+        receipt: UsageReceipt {
+            request_id: uuid::Uuid::now_v7().simple().to_string(),
+            user: format!("0x{}", hex::encode([0x11; 20])),
+            model: "smollm2-135m".into(),
+            prompt_tokens: 10,
+            completion_tokens: 16,
+            price_in: 100_000,
+            price_out: 200_000,
+            timestamp: 1_764_000_000,
+            chain_id: 31_337,
+            signature: String::new(),
+        },
+        root: root.to_owned(),
+        leaf,
+    })
+    .unwrap()
+}
+
+fn receipt_batch(n: usize) -> Arc<ReceiptBatch> {
+    Arc::new(ReceiptBatch {
+        root: format!("{n:064x}"),
+        node: NODE.into(),
+        signature: format!("0x{}", hex::encode([0x5a; 65])),
+        leaves: (0..BATCH).map(|i| [i as u8; 32]).collect(),
+    })
 }
 
 fn pure() {
@@ -100,6 +134,9 @@ async fn store(name: &str, url: &str, users: usize, mode: LedgerMode, batch: usi
         ids.push(s.user.id);
     }
     let ids = Arc::new(ids);
+    // The batches, made before the clock starts (Nexus gets them from the link).
+    let batches: Arc<Vec<Arc<ReceiptBatch>>> =
+        Arc::new((0..=REQUESTS / BATCH).map(receipt_batch).collect());
     // `batch` requests per task: each holds on its own (the request path), then they are
     // charged together (as Nexus does when a node's receipt batch signature arrives).
     let sem = Arc::new(tokio::sync::Semaphore::new((IN_FLIGHT / batch).max(1)));
@@ -107,7 +144,7 @@ async fn store(name: &str, url: &str, users: usize, mode: LedgerMode, batch: usi
     let mut tasks = Vec::with_capacity(REQUESTS / batch + 1);
     for first in (0..REQUESTS).step_by(batch) {
         let permit = sem.clone().acquire_owned().await.unwrap();
-        let (acc, ids) = (acc.clone(), ids.clone());
+        let (acc, ids, batches) = (acc.clone(), ids.clone(), batches.clone());
         tasks.push(tokio::spawn(async move {
             let mut charges = Vec::with_capacity(batch);
             for i in first..(first + batch).min(REQUESTS) {
@@ -119,16 +156,18 @@ async fn store(name: &str, url: &str, users: usize, mode: LedgerMode, batch: usi
                     assert!(matches!(e, PostError::Backlog(_)), "{e}");
                     tokio::time::sleep(std::time::Duration::from_millis(1)).await;
                 }
+                let batch = &batches[i / BATCH];
                 let usage = UsageRecord {
                     request_id: r.clone(),
                     user_id: user.clone(),
                     key_id: None,
-                    node: "0x00000000000000000000000000000000000000aa".into(),
+                    node: NODE.into(),
                     model: "bench".into(),
                     prompt_tokens: 10,
                     completion_tokens: 16,
                     cost: Money::from_units(600_000),
-                    receipt: "{}".into(),
+                    receipt: stored_receipt(&batch.root, (i % BATCH) as u64),
+                    batch: Some(batch.clone()),
                 };
                 charges.push((charge(&r, user), usage));
             }

@@ -24,7 +24,9 @@ use serde::Serialize;
 pub use db::{Backend, Db};
 pub use history::{Conversation, StoredMessage};
 pub use keys::{ApiKey, KEY_PREFIX, NewKey};
-pub use ledger::{Audit, LedgerConfig, LedgerMode, LedgerStore, PostError, UsageRecord};
+pub use ledger::{
+    Audit, LedgerConfig, LedgerMode, LedgerStore, PostError, ReceiptBatch, UsageRecord,
+};
 pub use node_tokens::{
     MAX_NODE_TOKEN_LABEL, MAX_NODE_TOKENS_PER_USER, NODE_TOKEN_PREFIX, NewNodeToken, NodeOwner,
     NodeToken, NodeTokenRefused,
@@ -33,7 +35,7 @@ pub use oidc::{OidcConfig, OidcProvider};
 pub use passkey::PasskeyConfig;
 pub use settlement::{BatchEntry, BatchKind, BatchLimits, ChainBatch, ChainPosition, Expected};
 pub use siwe::{SiweError, SiweMessage};
-pub use usage::{UsageGroup, UsageRow};
+pub use usage::{StoredReceipt, UsageGroup, UsageRow};
 pub use users::{FaucetOutcome, Identity, SESSION_PREFIX, SignIn, User};
 /// The WebAuthn JSON types browsers exchange with the passkey endpoints.
 pub use webauthn_rs::prelude::{

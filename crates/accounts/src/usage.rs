@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 
 use futures::TryStreamExt;
 use lattice_ledger::Money;
+use lattice_link::{BatchedReceipt, ReceiptInBatch, UsageReceipt};
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
 
@@ -40,7 +41,60 @@ pub struct UsageRow {
     pub cost: Money,
 }
 
+/// The receipt a charge was made on, as stored with its usage record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoredReceipt {
+    /// A receipt the node signed on its own.
+    Alone(UsageReceipt),
+    /// A receipt in a signed batch, with its Merkle proof rebuilt from the batch's leaves.
+    Batched(BatchedReceipt),
+}
+
 impl Accounts {
+    /// The receipt request `request_id` was charged on (the evidence for a dispute), if it was
+    /// charged.
+    pub async fn stored_receipt(
+        &self,
+        request_id: &str,
+    ) -> Result<Option<StoredReceipt>, StoreError> {
+        self.ledger
+            .sync()
+            .await
+            .map_err(|e| StoreError::Ledger(e.to_string()))?;
+        let Some(text): Option<String> =
+            sqlx::query_scalar("SELECT receipt FROM usage_records WHERE request_id = $1")
+                .bind(request_id)
+                .fetch_optional(&self.db.pool)
+                .await?
+        else {
+            return Ok(None);
+        };
+        let corrupt = |e: String| StoreError::Corrupt(format!("receipt of {request_id}: {e}"));
+        let Ok(inb) = serde_json::from_str::<ReceiptInBatch>(&text) else {
+            let alone = serde_json::from_str(&text).map_err(|e| corrupt(e.to_string()))?;
+            return Ok(Some(StoredReceipt::Alone(alone)));
+        };
+        let row = sqlx::query("SELECT signature, leaves FROM receipt_batches WHERE root = $1")
+            .bind(&inb.root)
+            .fetch_optional(&self.db.pool)
+            .await?
+            .ok_or_else(|| corrupt("its batch is missing".into()))?;
+        let signature: String = row.try_get("signature")?;
+        let hexed: String = row.try_get("leaves")?;
+        let leaves = hex::decode(&hexed)
+            .ok()
+            .filter(|b| b.len() % 32 == 0)
+            .map(|b| {
+                b.chunks_exact(32)
+                    .filter_map(|c| <[u8; 32]>::try_from(c).ok())
+                    .collect::<Vec<_>>()
+            })
+            .ok_or_else(|| corrupt("malformed batch leaves".into()))?;
+        inb.with_batch(&leaves, &signature)
+            .map(|b| Some(StoredReceipt::Batched(b)))
+            .ok_or_else(|| corrupt("its leaf is outside its batch".into()))
+    }
+
     /// A user's usage between two days (inclusive, `YYYY-MM-DD`), grouped.
     pub async fn usage(
         &self,

@@ -6,11 +6,11 @@ use std::sync::Arc;
 
 use lattice_accounts::{
     Accounts, AccountsConfig, BatchKind, BatchLimits, Db, FaucetOutcome, LedgerConfig, LedgerMode,
-    NodeTokenRefused, PostError, SiweMessage, UsageGroup, UsageRecord, WithdrawError,
-    WithdrawalStatus,
+    NodeTokenRefused, PostError, ReceiptBatch, SiweMessage, StoredReceipt, UsageGroup, UsageRecord,
+    WithdrawError, WithdrawalStatus,
 };
 use lattice_ledger::{Account, Applied, LedgerError, Money, Op, Split};
-use lattice_link::NodeKey;
+use lattice_link::{NodeKey, ReceiptInBatch, UsageReceipt};
 
 /// A database for one test; dropping it stops a cluster it started.
 struct TestDb {
@@ -186,6 +186,7 @@ fn usage(request: &str, user: &str, units: u128) -> UsageRecord {
         completion_tokens: 5,
         cost: Money::from_units(units),
         receipt: "{}".into(),
+        batch: None,
     }
 }
 
@@ -925,6 +926,76 @@ async fn charges_in_a_batch(url: &str, mode: LedgerMode) {
     assert!(audit.balanced(), "{audit:?}");
 }
 
+/// Charges on receipts a node signed in one batch: the batch is stored once, each charge names
+/// its leaf, and each stored receipt comes back as evidence that verifies against the node (a
+/// receipt of the batch that was not charged has none).
+async fn receipts_in_a_batch_are_stored_once(url: &str, mode: LedgerMode) {
+    let acc = open(url, mode, "a").await;
+    let (user, _, _) = siwe_user(&acc, "10.0.0.12").await;
+    let node = NodeKey::generate().unwrap();
+    let receipts: Vec<UsageReceipt> = ["q0", "q1", "q2"]
+        .iter()
+        .map(|r| UsageReceipt {
+            request_id: (*r).into(),
+            user: format!("0x{}", hex::encode([0x11; 20])),
+            model: "m".into(),
+            prompt_tokens: 10,
+            completion_tokens: 5,
+            price_in: 1_000,
+            price_out: 2_000,
+            timestamp: 1_795_000_000,
+            chain_id: 31337,
+            signature: String::new(),
+        })
+        .collect();
+    let leaves: Vec<[u8; 32]> = receipts.iter().map(|r| r.struct_hash().unwrap()).collect();
+    let signature = lattice_link::sign_batch(&node, 31337, &leaves).unwrap();
+    let batch = Arc::new(ReceiptBatch {
+        root: hex::encode(lattice_link::merkle_root(&leaves)),
+        node: node.address(),
+        signature,
+        leaves,
+    });
+    // q0 and q2 are charged (in two calls, so possibly two cuts); q1 is not.
+    for (leaf, r) in [(0u64, &receipts[0]), (2, &receipts[2])] {
+        let id = r.request_id.as_str();
+        acc.ledger()
+            .apply(hold_op(id, &user, lai(1)))
+            .await
+            .unwrap();
+        let mut u = usage(id, &user, 1_000);
+        u.receipt = serde_json::to_string(&ReceiptInBatch {
+            receipt: r.clone(),
+            root: batch.root.clone(),
+            leaf,
+        })
+        .unwrap();
+        u.batch = Some(batch.clone());
+        acc.ledger()
+            .charge(charge_op(id, &user, 1_000), u)
+            .await
+            .unwrap();
+    }
+    // Three leaves: the first's proof climbs two levels, the third (promoted alone) one.
+    for (r, depth) in [(&receipts[0], 2), (&receipts[2], 1)] {
+        let Some(StoredReceipt::Batched(ev)) = acc.stored_receipt(&r.request_id).await.unwrap()
+        else {
+            panic!("no batched receipt for {}", r.request_id)
+        };
+        assert_eq!(&ev.receipt, r);
+        assert_eq!((ev.count, ev.proof.len()), (3, depth));
+        assert_eq!(ev.verify(&node.address()), Ok(()));
+        let other = NodeKey::generate().unwrap();
+        assert!(ev.verify(&other.address()).is_err());
+    }
+    assert_eq!(acc.stored_receipt("q1").await.unwrap(), None);
+    let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM receipt_batches")
+        .fetch_one(acc.db().pool())
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+}
+
 /// Holds a shared writer left on disk (say its replicas stopped and one Nexus now owns the
 /// database) are given back when an exclusive writer opens it, with the books balanced; holds
 /// of the exclusive writer never reach the disk.
@@ -1059,6 +1130,7 @@ macro_rules! both {
 
 both!(sign_in_faucet_hold_charge);
 both!(charges_in_a_batch);
+both!(receipts_in_a_batch_are_stored_once);
 both!(concurrent_holds_never_overspend);
 both!(holds_are_released_after_a_crash);
 both!(old_charges_are_read_back);

@@ -243,6 +243,34 @@ pub struct BatchedReceipt {
     pub signature: String,
 }
 
+/// How a charge stores a receipt signed in a batch: the receipt and its place in the batch,
+/// which is stored once for all its receipts (root, signature and leaves); together they make
+/// the [`BatchedReceipt`] ([`Self::with_batch`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReceiptInBatch {
+    pub receipt: UsageReceipt,
+    /// The batch's Merkle root, hex.
+    pub root: String,
+    /// The receipt's leaf in the batch (the batch frame's order).
+    pub leaf: u64,
+}
+
+impl ReceiptInBatch {
+    /// The evidence for this receipt from its batch's `leaves` and `signature`; none when the
+    /// leaf is outside the batch.
+    pub fn with_batch(self, leaves: &[[u8; 32]], signature: &str) -> Option<BatchedReceipt> {
+        let leaf = usize::try_from(self.leaf).ok()?;
+        let proof = merkle_proofs(leaves).into_iter().nth(leaf)?;
+        Some(BatchedReceipt {
+            receipt: self.receipt,
+            root: self.root,
+            count: u64::try_from(leaves.len()).ok()?,
+            proof: proof.iter().map(hex::encode).collect(),
+            signature: signature.to_owned(),
+        })
+    }
+}
+
 impl BatchedReceipt {
     /// Checks the proof and the batch signature against `node`.
     pub fn verify(&self, node: &str) -> Result<(), ReceiptError> {
@@ -372,6 +400,18 @@ mod tests {
                     signature: sig.clone(),
                 };
                 assert_eq!(b.verify(&key.address()), Ok(()), "n={n} i={i}");
+                // Stored as its place in the batch, it comes back as the same evidence.
+                let stored = ReceiptInBatch {
+                    receipt: r.clone(),
+                    root: hex::encode(root),
+                    leaf: i as u64,
+                };
+                assert_eq!(stored.clone().with_batch(&leaves, &sig), Some(b.clone()));
+                let outside = ReceiptInBatch {
+                    leaf: n as u64,
+                    ..stored
+                };
+                assert_eq!(outside.with_batch(&leaves, &sig), None);
                 let mut more = b.clone();
                 more.receipt.completion_tokens += 1;
                 assert!(more.verify(&key.address()).is_err());

@@ -13,7 +13,7 @@ use std::time::Duration;
 use lattice_accounts::{Accounts, PostError, UsageRecord};
 use lattice_engine::{EngineError, Payer, Prompt, Usage};
 use lattice_ledger::{Applied, LedgerError, Money, Op, Rate, Split};
-use lattice_link::{BatchedReceipt, Price, UsageReceipt};
+use lattice_link::{Price, ReceiptInBatch, UsageReceipt};
 use tokio::sync::Notify;
 
 use crate::receipts::{Evidence, ReceiptBook};
@@ -117,13 +117,13 @@ impl Parked {
         &self.record.model
     }
 
-    /// Charges with the batch's evidence stored as the receipt.
+    /// Charges with its place in the signed batch stored as the receipt.
     pub(crate) async fn charge(self, ev: Evidence) {
         Self::charge_all(vec![(self, ev)]).await;
     }
 
     /// Charges a signed batch's requests together (one ledger operation each, applied under
-    /// one lock), each with the batch's evidence stored as its receipt. A charge that fails
+    /// one lock), each with its place in the batch stored as its receipt (the batch once). A charge that fails
     /// releases its hold.
     pub(crate) async fn charge_all(ready: Vec<(Parked, Evidence)>) {
         let Some(billing) = ready.first().map(|(p, _)| p.billing.clone()) else {
@@ -133,15 +133,14 @@ impl Parked {
         let mut parked = Vec::with_capacity(ready.len());
         for (mut p, ev) in ready {
             p.done = true;
-            let evidence = BatchedReceipt {
+            let stored = ReceiptInBatch {
                 receipt: p.receipt.clone(),
-                root: hex::encode(ev.root),
-                count: ev.count,
-                proof: ev.proof.iter().map(hex::encode).collect(),
-                signature: ev.signature,
+                root: ev.batch.root.clone(),
+                leaf: ev.leaf,
             };
             let mut record = p.record.clone();
-            record.receipt = serde_json::to_string(&evidence).unwrap_or_default();
+            record.receipt = serde_json::to_string(&stored).unwrap_or_default();
+            record.batch = Some(ev.batch);
             charges.push((p.op.clone(), record));
             parked.push(p);
         }
@@ -402,6 +401,7 @@ impl Bill {
             completion_tokens: u64::from(usage.completion_tokens),
             cost,
             receipt: String::new(),
+            batch: None,
         };
         if let Some((conv, mut messages, answer)) = self.history.take() {
             messages.push(("assistant".into(), answer));
@@ -698,12 +698,12 @@ mod tests {
             .unwrap();
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].requests, 1);
-        let stored: String =
-            sqlx::query_scalar("SELECT receipt FROM usage_records WHERE request_id = 'c'")
-                .fetch_one(accounts.db().pool())
-                .await
-                .unwrap();
-        let evidence: BatchedReceipt = serde_json::from_str(&stored).unwrap();
+        let Some(lattice_accounts::StoredReceipt::Batched(evidence)) =
+            accounts.stored_receipt("c").await.unwrap()
+        else {
+            panic!("no batched receipt stored for c")
+        };
+        assert_eq!(evidence.receipt.request_id, "c");
         assert_eq!(evidence.count, 1);
         assert_eq!(evidence.verify(&node.address()), Ok(()));
         assert!(evidence.verify(&forger.address()).is_err());

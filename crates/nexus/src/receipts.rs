@@ -3,14 +3,15 @@
 //! Per link: the reader records each unsigned receipt's leaf as it passes (so a batch frame,
 //! which follows its receipts on the same link, always finds them); a finished request's bill
 //! parks its charge here; a verified batch hands back the parked charges it covers with their
-//! evidence (proof + signature). A batch may be verified before its requests' bills are parked
+//! evidence (the batch, shared, and the receipt's leaf in it). A batch may be verified before its requests' bills are parked
 //! (the reader runs ahead of the streams' consumers), so verified evidence waits too. Everything
 //! here is bounded and expires.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use lattice_accounts::ReceiptBatch;
 use lattice_link::{UsageReceipt, verify_batch};
 
 use crate::billing::Parked;
@@ -21,14 +22,12 @@ pub(crate) const MAX_UNSIGNED: usize = 65_536;
 /// A parked charge or a verified receipt waits this long for its other half.
 pub(crate) const WAIT: Duration = Duration::from_secs(30);
 
-/// Evidence that the node signed one receipt: the batch's root, size and signature, and the
-/// receipt's Merkle proof.
+/// Evidence that the node signed one receipt: its verified batch (shared by the batch's
+/// receipts and stored once) and its leaf there.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Evidence {
-    pub(crate) root: [u8; 32],
-    pub(crate) count: u64,
-    pub(crate) proof: Vec<[u8; 32]>,
-    pub(crate) signature: String,
+    pub(crate) batch: Arc<ReceiptBatch>,
+    pub(crate) leaf: u64,
 }
 
 #[derive(Default)]
@@ -121,17 +120,19 @@ impl ReceiptBook {
                 });
             }
         };
-        let count = u64::try_from(leaves.len()).unwrap_or(u64::MAX);
-        let proofs = lattice_link::merkle_proofs(&leaves);
+        let batch = Arc::new(ReceiptBatch {
+            root: hex::encode(root),
+            node: node.to_owned(),
+            signature: signature.to_owned(),
+            leaves,
+        });
         let now = Instant::now();
         let mut ready = Vec::new();
         let mut st = self.lock();
-        for (r, proof) in requests.iter().zip(proofs) {
+        for (leaf, r) in (0u64..).zip(requests) {
             let ev = Evidence {
-                root,
-                count,
-                proof,
-                signature: signature.to_owned(),
+                batch: batch.clone(),
+                leaf,
             };
             match st.parked.remove(r) {
                 Some((p, _)) => ready.push((p, ev)),

@@ -94,8 +94,24 @@ pub struct UsageRecord {
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
     pub cost: Money,
-    /// The node's signed receipt (JSON).
+    /// The node's signed receipt (JSON): a `UsageReceipt` signed alone, or a
+    /// `lattice_link::ReceiptInBatch` naming its place in `batch`.
     pub receipt: String,
+    /// The signed batch the receipt is in, written once with the first of its charges.
+    #[serde(skip)]
+    pub batch: Option<Arc<ReceiptBatch>>,
+}
+
+/// A node's signature over a batch of receipts, stored once for all its receipts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReceiptBatch {
+    /// Merkle root, hex (what a `ReceiptInBatch` names).
+    pub root: String,
+    /// The signing node's address.
+    pub node: String,
+    pub signature: String,
+    /// The leaves in the batch frame's order.
+    pub leaves: Vec<[u8; 32]>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

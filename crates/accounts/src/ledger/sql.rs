@@ -2,7 +2,7 @@
 //! batch changed with a few multi-row statements (shared by both writers).
 
 use std::borrow::Cow;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use lattice_ledger::{Account, Charge, Hold, KeyUsage, Ledger, Money, Op, Posting};
 use sqlx::any::AnyRow;
@@ -238,6 +238,12 @@ const USAGES: Insert = Insert {
     tail: "",
 };
 
+const BATCHES: Insert = Insert {
+    head: "INSERT INTO receipt_batches (root, node, signature, leaves, created_at) VALUES",
+    cols: 5,
+    tail: "ON CONFLICT (root) DO NOTHING",
+};
+
 /// Removes holds that were charged or released.
 pub(super) const DELETE_HOLD: &str = "DELETE FROM holds WHERE request_id = ?";
 
@@ -352,6 +358,7 @@ pub(super) fn inserts<'a>(
                 })
                 .collect(),
         ),
+        (&BATCHES, batch_rows(&ws.usages, t)),
         (
             &USAGES,
             ws.usages
@@ -374,6 +381,26 @@ pub(super) fn inserts<'a>(
                 .collect(),
         ),
     ]
+}
+
+/// The receipt batches the usage records name, each once (a batch's charges may span cuts:
+/// the later ones find it written).
+fn batch_rows(usages: &[UsageRecord], t: i64) -> Vec<Vec<V<'_>>> {
+    let mut seen: HashSet<&str> = HashSet::new();
+    usages
+        .iter()
+        .filter_map(|u| u.batch.as_deref())
+        .filter(|b| seen.insert(&b.root))
+        .map(|b| {
+            vec![
+                text(&b.root),
+                text(&b.node),
+                text(&b.signature),
+                owned(b.leaves.iter().map(hex::encode).collect()),
+                V::I(t),
+            ]
+        })
+        .collect()
 }
 
 /// Writes a [`WriteSet`] inside `tx` (the caller commits), each table with a few multi-row
