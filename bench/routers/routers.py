@@ -436,12 +436,16 @@ def run_wrk(a, stream: bool, target_pids: list[int], upstream_pids: list[int]) -
         cmd = ["taskset", "-c", a.client_cpu] + cmd
     tp, up = proc_tree(target_pids), proc_tree(upstream_pids)
     c0, u0, s0 = cpu_seconds(tp), cpu_seconds(up), cpu_snap()
-    # BENCH_PERF_DIR=DIR: also `perf record -g` the target's processes during the wrk run.
+    # BENCH_PERF_DIR=DIR: also `perf record` the target's processes during the wrk run, with
+    # call graphs from frame pointers or, with BENCH_PERF_CALL_GRAPH=dwarf, from unwind tables
+    # (release builds keep no frame pointers).
     perf = None
     perf_dir = os.environ.get("BENCH_PERF_DIR")
     if perf_dir and tp:
         os.makedirs(perf_dir, exist_ok=True)
-        perf = subprocess.Popen(["perf", "record", "-F", "999", "-g", "-p", ",".join(map(str, tp)),
+        graph = os.environ.get("BENCH_PERF_CALL_GRAPH", "fp")
+        perf = subprocess.Popen(["perf", "record", "-F", "999", "--call-graph", graph,
+                                 "-p", ",".join(map(str, tp)),
                                  "-o", os.path.join(perf_dir, f"{a.label}-{a.mode}.data")],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     w0 = time.monotonic()

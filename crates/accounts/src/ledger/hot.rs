@@ -424,7 +424,18 @@ impl Hot {
 
     /// The writer: commits one cut at a time until the handles are gone and nothing is left.
     async fn run(self: Arc<Self>) {
+        let mut last: Option<tokio::time::Instant> = None;
         loop {
+            // Gather: one transaction per `gather` at most, unless the queue fills up or the
+            // handles are gone.
+            if let Some(t) = last
+                && !self.closing.load(Ordering::SeqCst)
+            {
+                let (seq, durable) = (self.seq(), *self.durable.borrow());
+                if seq.saturating_sub(durable) < (self.config.queue as u64) / 4 {
+                    tokio::time::sleep_until(t + self.config.gather).await;
+                }
+            }
             let (cut, seq) = {
                 let mut st = self.lock();
                 let State {
@@ -454,6 +465,7 @@ impl Hot {
                 continue;
             }
             let cut = Arc::new(cut);
+            last = Some(tokio::time::Instant::now());
             let mut backoff = Duration::from_millis(20);
             while let Err(e) = self.write(&cut).await {
                 tracing::error!(error = %e, rows = cut.postings.len(), "ledger write failed; retrying");

@@ -66,6 +66,10 @@ pub struct LedgerConfig {
     /// How long an exclusive writer waits for the database's writer lock (another writer may be
     /// finishing its last commit) before it refuses to open.
     pub lock_wait: Duration,
+    /// The exclusive writer starts a transaction at most this often (it gathers what arrives
+    /// meanwhile): each commit rewrites every page it touched, so a few large cuts write far
+    /// less than many small ones. Also the most a durable `post` waits beyond its commit.
+    pub gather: Duration,
 }
 
 impl Default for LedgerConfig {
@@ -79,6 +83,7 @@ impl Default for LedgerConfig {
             recent_charges: 100_000,
             recover_holds: true,
             lock_wait: Duration::from_secs(10),
+            gather: Duration::from_millis(5),
         }
     }
 }
