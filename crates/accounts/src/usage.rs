@@ -71,6 +71,10 @@ impl Accounts {
         };
         let corrupt = |e: String| StoreError::Corrupt(format!("receipt of {request_id}: {e}"));
         let Ok(inb) = serde_json::from_str::<ReceiptInBatch>(&text) else {
+            // Charges stored before batches were stored once carry the whole evidence.
+            if let Ok(whole) = serde_json::from_str::<BatchedReceipt>(&text) {
+                return Ok(Some(StoredReceipt::Batched(whole)));
+            }
             let alone = serde_json::from_str(&text).map_err(|e| corrupt(e.to_string()))?;
             return Ok(Some(StoredReceipt::Alone(alone)));
         };

@@ -989,6 +989,37 @@ async fn receipts_in_a_batch_are_stored_once(url: &str, mode: LedgerMode) {
         assert!(ev.verify(&other.address()).is_err());
     }
     assert_eq!(acc.stored_receipt("q1").await.unwrap(), None);
+    // A charge stored with the whole evidence (before batches were stored once) reads back as
+    // it is; one signed alone, too.
+    let Some(StoredReceipt::Batched(whole)) = acc.stored_receipt("q0").await.unwrap() else {
+        panic!("q0 lost its receipt")
+    };
+    let mut signed = receipts[1].clone();
+    signed.request_id = "alone".into();
+    let signed = signed.sign(&node).unwrap();
+    for (id, text) in [
+        ("old", serde_json::to_string(&whole).unwrap()),
+        ("alone", serde_json::to_string(&signed).unwrap()),
+    ] {
+        acc.ledger()
+            .apply(hold_op(id, &user, lai(1)))
+            .await
+            .unwrap();
+        let mut u = usage(id, &user, 1_000);
+        u.receipt = text;
+        acc.ledger()
+            .charge(charge_op(id, &user, 1_000), u)
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        acc.stored_receipt("old").await.unwrap(),
+        Some(StoredReceipt::Batched(whole))
+    );
+    assert_eq!(
+        acc.stored_receipt("alone").await.unwrap(),
+        Some(StoredReceipt::Alone(signed))
+    );
     let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM receipt_batches")
         .fetch_one(acc.db().pool())
         .await

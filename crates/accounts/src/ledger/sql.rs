@@ -97,9 +97,7 @@ impl WriteSet {
             ..Self::default()
         }
     }
-}
 
-impl WriteSet {
     /// The exclusive writer's form of a cut: open holds are left out, as if every one of them
     /// were released. Its holds live only in its memory (it is the only writer, so nothing else
     /// needs them), so the database holds settled state: a user's row is their available plus
@@ -124,7 +122,9 @@ impl WriteSet {
             self.balances.push((user, v));
         }
         self.balances.sort();
+        // None of them is on disk: holds found there are released before this writer starts.
         self.holds_added.clear();
+        self.holds_removed.clear();
         for (_, u) in &mut self.keys {
             u.held = Money::ZERO;
         }
