@@ -515,7 +515,172 @@ async fn serve_stream(
 
 #[cfg(test)]
 mod tests {
+    use futures::future::BoxFuture;
+    use lattice_engine::{FinishReason, GenerateRequest, Load, ModelCard, Prompt, Usage};
+
     use super::*;
+
+    /// Serves whatever stream the test hands it (a fault-shaping double: real engines are
+    /// exercised end to end elsewhere).
+    struct Canned(std::sync::Mutex<Option<lattice_engine::EventStream>>);
+
+    impl Engine for Canned {
+        fn models(&self) -> Vec<ModelCard> {
+            Vec::new()
+        }
+        fn load(&self) -> Load {
+            Load::default()
+        }
+        fn generate(
+            &self,
+            _: GenerateRequest,
+        ) -> BoxFuture<'_, Result<lattice_engine::EventStream, EngineError>> {
+            let s = self.0.lock().unwrap().take();
+            Box::pin(async move { s.ok_or_else(|| EngineError::Internal("used up".into())) })
+        }
+    }
+
+    fn request(user: Option<&str>) -> GenerateRequest {
+        GenerateRequest {
+            request_id: "r".into(),
+            model: "m".into(),
+            prompt: Prompt::Text("p".into()),
+            params: Default::default(),
+            preference: Default::default(),
+            user: user.map(str::to_owned),
+            payer: None,
+            conversation: None,
+        }
+    }
+
+    fn signer() -> Arc<Signer> {
+        Arc::new(Signer {
+            key: Arc::new(NodeKey::generate().unwrap()),
+            price: Price {
+                input_per_mtok: 1,
+                output_per_mtok: 2,
+            },
+            chain_id: 31337,
+            pending: Default::default(),
+        })
+    }
+
+    fn done(n: u32) -> Result<Event, EngineError> {
+        Ok(Event::Done {
+            finish_reason: FinishReason::Stop,
+            usage: Usage::new(1, n),
+        })
+    }
+
+    /// The frames `serve_stream` sends for `stream`, as lists of events.
+    async fn frames(
+        stream: lattice_engine::EventStream,
+        user: Option<&str>,
+    ) -> Vec<Vec<LinkEvent>> {
+        let engine = Arc::new(Canned(std::sync::Mutex::new(Some(stream))));
+        let (tx, mut rx) = mpsc::channel(1024);
+        serve_stream(engine, signer(), tx, 7, request(user)).await;
+        let mut out = Vec::new();
+        while let Ok(f) = rx.try_recv() {
+            match f {
+                NodeFrame::Events { stream, events } => {
+                    assert_eq!(stream, 7);
+                    out.push(events);
+                }
+                other => panic!("unexpected frame {other:?}"),
+            }
+        }
+        out
+    }
+
+    /// Events that are ready together share a frame: at most `MAX_FRAME_EVENTS` of them, the
+    /// paid receipt right before the final event, every event once and in order.
+    #[tokio::test]
+    async fn ready_events_share_bounded_frames() {
+        let mut evs: Vec<Result<Event, EngineError>> = (0..150)
+            .map(|i| Ok(Event::Delta(format!("t{i} "))))
+            .collect();
+        evs.push(done(150));
+        let got = frames(
+            futures::stream::iter(evs).boxed(),
+            Some("0x7e5f4552091a69125d5dfcb7b8c2659029395bdf"),
+        )
+        .await;
+        assert!(got.len() >= 3, "{} frames", got.len());
+        assert!(
+            got.iter()
+                .all(|f| !f.is_empty() && f.len() <= MAX_FRAME_EVENTS)
+        );
+        // Packed: every frame but the last is as full as the two reserved slots allow.
+        assert!(
+            got[..got.len() - 1]
+                .iter()
+                .all(|f| f.len() == MAX_FRAME_EVENTS - 1)
+        );
+        let all: Vec<&LinkEvent> = got.iter().flatten().collect();
+        let texts: Vec<String> = all
+            .iter()
+            .filter_map(|e| match e {
+                LinkEvent::Engine(Event::Delta(d)) => Some(d.clone()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            texts,
+            (0..150).map(|i| format!("t{i} ")).collect::<Vec<_>>()
+        );
+        let n = all.len();
+        assert!(
+            matches!(all[n - 2], LinkEvent::Receipt(r) if r.completion_tokens == 150 && r.signature.is_empty())
+        );
+        assert!(matches!(all[n - 1], LinkEvent::Engine(Event::Done { .. })));
+    }
+
+    /// Large deltas close a frame once it holds a MiB of text, far below the frame size bound.
+    #[tokio::test]
+    async fn large_deltas_close_frames_at_a_mebibyte() {
+        let big = "x".repeat(300 * 1024);
+        let mut evs: Vec<Result<Event, EngineError>> =
+            (0..10).map(|_| Ok(Event::Delta(big.clone()))).collect();
+        evs.push(done(10));
+        let got = frames(futures::stream::iter(evs).boxed(), None).await;
+        let sizes: Vec<usize> = got.iter().map(Vec::len).collect();
+        // 4 deltas pass 1 MiB; an unbilled request has no receipt.
+        assert_eq!(sizes, vec![4, 4, 3]);
+        for f in &got {
+            let bytes = lattice_link::encode(&NodeFrame::Events {
+                stream: 7,
+                events: f.clone(),
+            })
+            .unwrap();
+            assert!(bytes.len() < MAX_FRAME_BYTES);
+        }
+    }
+
+    /// A live stream's events travel as they come: what is not ready yet waits for the next
+    /// frame instead of holding back the ones that are.
+    #[tokio::test]
+    async fn live_events_are_not_held_back() {
+        let (tx, rx) = mpsc::unbounded_channel::<Result<Event, EngineError>>();
+        tx.send(Ok(Event::Delta("a".into()))).unwrap();
+        tx.send(Ok(Event::Delta("b".into()))).unwrap();
+        let stream = tokio_stream_from(rx);
+        let feeder = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            tx.send(Ok(Event::Delta("c".into()))).unwrap();
+            tx.send(done(3)).unwrap();
+        });
+        let got = frames(stream, None).await;
+        feeder.await.unwrap();
+        let sizes: Vec<usize> = got.iter().map(Vec::len).collect();
+        assert_eq!(sizes, vec![2, 2]);
+    }
+
+    fn tokio_stream_from(
+        mut rx: mpsc::UnboundedReceiver<Result<Event, EngineError>>,
+    ) -> lattice_engine::EventStream {
+        futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed()
+    }
 
     #[test]
     fn link_urls() {
