@@ -34,10 +34,11 @@ pub(crate) async fn upgrade(State(nexus): State<Arc<Nexus>>, ws: WebSocketUpgrad
         .on_upgrade(move |socket| async move { serve(nexus, socket).await })
 }
 
-async fn recv_frame(ws: &mut WebSocket) -> Result<NodeFrame, String> {
+/// The next text message (pings and pongs are skipped; binary frames are not the protocol's).
+async fn recv_text(ws: &mut WebSocket) -> Result<axum::extract::ws::Utf8Bytes, String> {
     loop {
         match ws.recv().await {
-            Some(Ok(Message::Text(t))) => return decode(t.as_str()).map_err(|e| e.to_string()),
+            Some(Ok(Message::Text(t))) => return Ok(t),
             Some(Ok(Message::Binary(_))) => {
                 return Err("binary frames are not part of the protocol".into());
             }
@@ -46,6 +47,10 @@ async fn recv_frame(ws: &mut WebSocket) -> Result<NodeFrame, String> {
             Some(Err(e)) => return Err(e.to_string()),
         }
     }
+}
+
+async fn recv_frame(ws: &mut WebSocket) -> Result<NodeFrame, String> {
+    decode(recv_text(ws).await?.as_str()).map_err(|e| e.to_string())
 }
 
 async fn send_frame(ws: &mut WebSocket, f: &NexusFrame) -> Result<(), String> {
@@ -218,28 +223,17 @@ fn version_refusal(version: u32) -> String {
 }
 
 async fn hello(ws: &mut WebSocket) -> Result<(u32, String), Refusal> {
-    loop {
-        match ws.recv().await {
-            Some(Ok(Message::Text(t))) => {
-                return match decode::<NodeFrame>(t.as_str()) {
-                    Ok(NodeFrame::Hello { version, address }) => Ok((version, address)),
-                    Ok(_) => Err("expected hello".into()),
-                    Err(e) => Err(match legacy_hello_version(t.as_str()) {
-                        Some(version) => Refusal {
-                            reason: version_refusal(version),
-                            legacy: true,
-                        },
-                        None => e.to_string().into(),
-                    }),
-                };
-            }
-            Some(Ok(Message::Close(_))) | None => return Err("link closed".into()),
-            Some(Ok(Message::Binary(_))) => {
-                return Err("binary frames are not part of the protocol".into());
-            }
-            Some(Ok(_)) => {}
-            Some(Err(e)) => return Err(e.to_string().into()),
-        }
+    let t = recv_text(ws).await?;
+    match decode::<NodeFrame>(t.as_str()) {
+        Ok(NodeFrame::Hello { version, address }) => Ok((version, address)),
+        Ok(_) => Err("expected hello".into()),
+        Err(e) => Err(match legacy_hello_version(t.as_str()) {
+            Some(version) => Refusal {
+                reason: version_refusal(version),
+                legacy: true,
+            },
+            None => e.to_string().into(),
+        }),
     }
 }
 
