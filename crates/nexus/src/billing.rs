@@ -123,8 +123,8 @@ impl Parked {
     }
 
     /// Charges a signed batch's requests together (one ledger operation each, applied under
-    /// one lock), each with its place in the batch stored as its receipt (the batch once). A charge that fails
-    /// releases its hold.
+    /// one lock), each with its place in the batch stored as its receipt (the batch itself is
+    /// stored once). A charge that fails releases its hold.
     pub(crate) async fn charge_all(ready: Vec<(Parked, Evidence)>) {
         let Some(billing) = ready.first().map(|(p, _)| p.billing.clone()) else {
             return;

@@ -3,9 +3,9 @@
 //! Per link: the reader records each unsigned receipt's leaf as it passes (so a batch frame,
 //! which follows its receipts on the same link, always finds them); a finished request's bill
 //! parks its charge here; a verified batch hands back the parked charges it covers with their
-//! evidence (the batch, shared, and the receipt's leaf in it). A batch may be verified before its requests' bills are parked
-//! (the reader runs ahead of the streams' consumers), so verified evidence waits too. Everything
-//! here is bounded and expires.
+//! evidence (the batch, shared, and the receipt's leaf in it). A batch may be verified before
+//! its requests' bills are parked (the reader runs ahead of the streams' consumers), so verified
+//! evidence waits too. Everything here is bounded and expires.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
