@@ -1075,18 +1075,6 @@ async fn switching_to_the_exclusive_writer_releases_recorded_holds(url: &str) {
     assert_eq!((b.available, b.held), (lai(10), Money::ZERO));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn switching_to_the_exclusive_writer_releases_recorded_holds_sqlite() {
-    let db = sqlite().await;
-    switching_to_the_exclusive_writer_releases_recorded_holds(&db.url).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn switching_to_the_exclusive_writer_releases_recorded_holds_postgres() {
-    let db = postgres().await;
-    switching_to_the_exclusive_writer_releases_recorded_holds(&db.url).await;
-}
-
 /// One exclusive writer per database: a second Nexus opening it is refused while the first
 /// runs (each would spend from its own copy of the balances), and opens once it has stopped.
 async fn one_exclusive_writer_per_database(url: &str) {
@@ -1119,17 +1107,26 @@ async fn one_exclusive_writer_per_database(url: &str) {
     assert_eq!(second.balance(&user).await.unwrap().available, lai(10));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_exclusive_writer_per_sqlite_file() {
-    let db = sqlite().await;
-    one_exclusive_writer_per_database(&db.url).await;
+/// A test of one database URL, on SQLite and on PostgreSQL.
+macro_rules! each_database {
+    ($name:ident) => {
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                let db = super::sqlite().await;
+                super::$name(&db.url).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                let db = super::postgres().await;
+                super::$name(&db.url).await;
+            }
+        }
+    };
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_exclusive_writer_per_postgres_database() {
-    let db = postgres().await;
-    one_exclusive_writer_per_database(&db.url).await;
-}
+each_database!(one_exclusive_writer_per_database);
+each_database!(switching_to_the_exclusive_writer_releases_recorded_holds);
 
 macro_rules! both {
     ($name:ident) => {

@@ -3,8 +3,9 @@
 //! batch signature covers the receipt (`crate::receipts`), then charge the actual cost (the rest
 //! of the hold is released in the same operation). Without a valid receipt — a node lost
 //! mid-stream, a client gone, a forged or inconsistent receipt, a batch never signed — nothing
-//! is charged and the hold is released. A Nexus crash leaves holds behind; the restarted replica
-//! releases its own, and a sweeper releases any that outlive their time-to-live.
+//! is charged and the hold is released. A Nexus crash gives open holds back: the exclusive
+//! ledger writer never records them; with the shared writer the restarted replica releases its
+//! own, and a sweeper releases any that outlive their time-to-live.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -190,8 +190,8 @@ impl State {
 }
 
 impl Hot {
-    /// Reads what outlives a restart (external totals, holds left behind), then starts the
-    /// writer task.
+    /// Takes the writer lock, releases holds a recording writer left on disk, reads the external
+    /// totals, then starts the writer task.
     pub(super) async fn start(
         db: Db,
         config: LedgerConfig,

@@ -48,7 +48,7 @@ pub enum LedgerMode {
 #[derive(Debug, Clone)]
 pub struct LedgerConfig {
     pub mode: LedgerMode,
-    /// Which Nexus replica places holds (crash recovery releases its own stale holds).
+    /// Which Nexus replica places holds (on restart, a shared writer releases its own).
     pub owner: String,
     /// A hold not charged or released within this time is released by the sweeper.
     pub hold_ttl: Duration,
@@ -61,7 +61,8 @@ pub struct LedgerConfig {
     /// back from the database when needed.
     pub recent_charges: usize,
     /// Release holds left behind when the store opens (a Nexus does; a tool that only reads the
-    /// ledger next to a running Nexus must not).
+    /// ledger next to a running Nexus must not). Shared writer: an exclusive one owns the
+    /// database and always releases the holds it finds there as it starts.
     pub recover_holds: bool,
     /// How long an exclusive writer waits for the database's writer lock (another writer may be
     /// finishing its last commit) before it refuses to open.
