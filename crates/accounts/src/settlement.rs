@@ -2,7 +2,10 @@
 //! batches it was put in, and what the chain should show once they are applied.
 //!
 //! A batch is written here, entries and id included, *before* it is sent, and every item it
-//! covers is marked with its id in the same transaction. So an item is in at most one batch,
+//! covers is marked with its id in the same transaction. Settlement's items are not charges but
+//! `settle_items`: the ledger writer nets the charges (and refunds) of each batch it writes per
+//! (user, node), so a settlement batch reads and marks a few rows per line, however many
+//! requests it pays for. So an item is in at most one batch,
 //! and after a crash the settler only has to ask the chain whether each unconfirmed id was
 //! applied (the contracts apply an id at most once) and resend the ones that were not.
 
@@ -108,7 +111,8 @@ pub struct ChainPosition {
     pub settled: Money,
     /// Faucet credit not yet minted on-chain (no batch yet, or its batch is not confirmed).
     pub unminted: Money,
-    /// Charges not yet settled on-chain.
+    /// Charges not yet settled on-chain, less refunds not yet netted against them (never below
+    /// zero: refunds of settled charges wait for later charges of the same node).
     pub unsettled: Money,
     /// Withdrawals paid out of custody by confirmed withdrawal batches.
     pub withdrawn: Money,
@@ -146,6 +150,13 @@ impl Default for BatchLimits {
     }
 }
 
+/// A batch line being netted: what it moves, what comes back off it (refunds), and its items.
+struct Line {
+    entry: BatchEntry,
+    back: Money,
+    items: Vec<String>,
+}
+
 impl Accounts {
     /// Puts items not yet in any batch into a new batch `id` (recorded, not yet sent).
     /// Returns None when there is nothing to put in.
@@ -165,7 +176,7 @@ impl Accounts {
             BatchKind::Grant => {
                 sqlx::query(&format!(
                     "SELECT i.op AS item, u.address, NULL AS node, NULL AS dest, i.amount,
-                            0 AS tokens
+                            0 AS refund, 0 AS tokens, 0 AS requests
                      FROM chain_grants i JOIN users u ON u.id = i.user_id
                      WHERE i.batch_id IS NULL ORDER BY i.created_at, i.op LIMIT $1{lock}"
                 ))
@@ -173,14 +184,13 @@ impl Accounts {
                 .fetch_all(&mut *tx)
                 .await?
             }
+            // Items, not charges: the ledger writer nets each batch it writes per (user, node).
             BatchKind::Settle => {
                 sqlx::query(&format!(
-                    "SELECT i.request_id AS item, u.address, i.node, NULL AS dest, i.amount,
-                            COALESCE(r.prompt_tokens + r.completion_tokens, 0) AS tokens
-                     FROM charges i JOIN users u ON u.id = i.user_id
-                     LEFT JOIN usage_records r ON r.request_id = i.request_id
-                     WHERE i.batch_id IS NULL AND i.refunded = 0
-                     ORDER BY i.created_at, i.request_id LIMIT $1{lock}"
+                    "SELECT i.item, u.address, i.node, NULL AS dest, i.amount, i.refund,
+                            i.tokens, i.requests
+                     FROM settle_items i JOIN users u ON u.id = i.user_id
+                     WHERE i.batch_id IS NULL ORDER BY i.created_at, i.item LIMIT $1{lock}"
                 ))
                 .bind(limit)
                 .fetch_all(&mut *tx)
@@ -190,7 +200,7 @@ impl Accounts {
             BatchKind::Withdraw => {
                 sqlx::query(&format!(
                     "SELECT i.op AS item, u.address, NULL AS node, i.destination AS dest, i.amount,
-                            0 AS tokens
+                            0 AS refund, 0 AS tokens, 0 AS requests
                      FROM withdrawals i JOIN users u ON u.id = i.user_id
                      JOIN applied_ops a ON a.op = i.op
                      WHERE i.batch_id IS NULL
@@ -203,27 +213,27 @@ impl Accounts {
         };
         // Net per line, in order of first appearance; items past the last line that fits wait
         // for the next batch.
-        let mut lines: Vec<BatchEntry> = Vec::new();
+        let mut lines: Vec<Line> = Vec::new();
         let mut index: BTreeMap<(String, Option<String>, Option<String>), usize> = BTreeMap::new();
-        let mut items = Vec::new();
         for r in rows {
-            let item: String = r.try_get("item")?;
             let user: String = r.try_get("address")?;
             let node: Option<String> = r.try_get("node")?;
             let to: Option<String> = r.try_get("dest")?;
-            let amount = parse_money(&r.try_get::<String, _>("amount")?)?;
-            let tokens = u64::try_from(r.try_get::<i64, _>("tokens")?).unwrap_or(0);
             let key = (user.clone(), node.clone(), to.clone());
             let i = match index.get(&key) {
                 Some(&i) => i,
                 None if lines.len() < limits.max_entries => {
-                    lines.push(BatchEntry {
-                        user,
-                        node,
-                        to,
-                        amount: Money::ZERO,
-                        tokens: 0,
-                        requests: 0,
+                    lines.push(Line {
+                        entry: BatchEntry {
+                            user,
+                            node,
+                            to,
+                            amount: Money::ZERO,
+                            tokens: 0,
+                            requests: 0,
+                        },
+                        back: Money::ZERO,
+                        items: Vec::new(),
                     });
                     index.insert(key, lines.len() - 1);
                     lines.len() - 1
@@ -231,23 +241,61 @@ impl Accounts {
                 None => continue,
             };
             let line = &mut lines[i];
-            line.amount = line
-                .amount
+            let amount = parse_money(&r.try_get::<String, _>("amount")?)?;
+            let sum = if r.try_get::<i64, _>("refund")? != 0 {
+                &mut line.back
+            } else {
+                line.entry.tokens = line
+                    .entry
+                    .tokens
+                    .saturating_add(u64::try_from(r.try_get::<i64, _>("tokens")?).unwrap_or(0));
+                line.entry.requests = line.entry.requests.saturating_add(
+                    u32::try_from(r.try_get::<i64, _>("requests")?).unwrap_or(u32::MAX),
+                );
+                &mut line.entry.amount
+            };
+            *sum = sum
                 .checked_add(amount)
                 .ok_or_else(|| StoreError::Corrupt("batch amount overflow".into()))?;
-            line.tokens = line.tokens.saturating_add(tokens);
-            if kind == BatchKind::Settle {
-                line.requests = line.requests.saturating_add(1);
-            }
-            items.push(item);
+            line.items.push(r.try_get("item")?);
         }
-        if items.is_empty() {
-            tx.rollback().await?;
+        // A line's refunds come off its charges. Refunds of charges settled before that exceed
+        // what the pair was charged since wait for more charges; refunds that cancel the charges
+        // exactly leave nothing to send, and their items are done with.
+        let mut items: Vec<String> = Vec::new();
+        let mut cancelled: Vec<String> = Vec::new();
+        let mut entries: Vec<BatchEntry> = Vec::new();
+        for mut line in lines {
+            match line.entry.amount.checked_sub(line.back) {
+                None => {}
+                Some(net) if net.is_zero() && !line.back.is_zero() => {
+                    cancelled.append(&mut line.items);
+                }
+                Some(net) => {
+                    line.entry.amount = net;
+                    items.append(&mut line.items);
+                    entries.push(line.entry);
+                }
+            }
+        }
+        for chunk in cancelled.chunks(500) {
+            let sql = format!(
+                "DELETE FROM settle_items WHERE item IN ({})",
+                placeholders(1, chunk.len())
+            );
+            let mut q = sqlx::query(&sql);
+            for item in chunk {
+                q = q.bind(item.as_str());
+            }
+            q.execute(&mut *tx).await?;
+        }
+        if entries.is_empty() {
+            tx.commit().await?;
             return Ok(None);
         }
         let (table, key) = match kind {
             BatchKind::Grant => ("chain_grants", "op"),
-            BatchKind::Settle => ("charges", "request_id"),
+            BatchKind::Settle => ("settle_items", "item"),
             BatchKind::Withdraw => ("withdrawals", "op"),
         };
         for chunk in items.chunks(500) {
@@ -261,7 +309,7 @@ impl Accounts {
             }
             q.execute(&mut *tx).await?;
         }
-        let total = lines
+        let total = entries
             .iter()
             .try_fold(Money::ZERO, |t, l| t.checked_add(l.amount))
             .ok_or_else(|| StoreError::Corrupt("batch total overflow".into()))?;
@@ -270,7 +318,7 @@ impl Accounts {
             .await?
             .try_get("seq")?;
         let created_at = now();
-        let entries = serde_json::to_string(&lines)
+        let json = serde_json::to_string(&entries)
             .map_err(|e| StoreError::Corrupt(format!("batch entries: {e}")))?;
         sqlx::query(
             "INSERT INTO chain_batches (id, kind, seq, status, entries, total, created_at)
@@ -279,7 +327,7 @@ impl Accounts {
         .bind(id)
         .bind(kind.as_str())
         .bind(seq)
-        .bind(entries)
+        .bind(json)
         .bind(total.to_string())
         .bind(created_at)
         .execute(&mut *tx)
@@ -289,7 +337,7 @@ impl Accounts {
             id: id.to_owned(),
             kind,
             seq,
-            entries: lines,
+            entries,
             total,
             confirmed: false,
             created_at,
@@ -404,7 +452,7 @@ impl Accounts {
     pub async fn chain_position(&self, user_id: &str) -> Result<ChainPosition, StoreError> {
         let mut out = ChainPosition::default();
         type Field = fn(&mut ChainPosition) -> &mut Money;
-        let queries: [(&str, Field); 7] = [
+        let queries: [(&str, Field); 5] = [
             (
                 "SELECT i.amount FROM chain_grants i JOIN chain_batches b ON b.id = i.batch_id
                  WHERE i.user_id = $1 AND b.status = 'confirmed'",
@@ -420,17 +468,6 @@ impl Accounts {
                 |p| &mut p.deposited,
             ),
             (
-                "SELECT i.amount FROM charges i JOIN chain_batches b ON b.id = i.batch_id
-                 WHERE i.user_id = $1 AND b.status = 'confirmed'",
-                |p| &mut p.settled,
-            ),
-            (
-                "SELECT i.amount FROM charges i LEFT JOIN chain_batches b ON b.id = i.batch_id
-                 WHERE i.user_id = $1 AND i.refunded = 0
-                 AND (i.batch_id IS NULL OR b.status <> 'confirmed')",
-                |p| &mut p.unsettled,
-            ),
-            (
                 "SELECT i.amount FROM withdrawals i JOIN chain_batches b ON b.id = i.batch_id
                  WHERE i.user_id = $1 AND b.status = 'confirmed'",
                 |p| &mut p.withdrawn,
@@ -443,7 +480,7 @@ impl Accounts {
             ),
         ];
         for (sql, field) in queries {
-            // Streamed: a busy account has many charges.
+            // Streamed: an account may have many rows.
             let mut rows = sqlx::query(sql).bind(user_id).fetch(&self.db.pool);
             while let Some(r) = rows.try_next().await? {
                 let amount = parse_money(&r.try_get::<String, _>("amount")?)?;
@@ -453,6 +490,32 @@ impl Accounts {
                     .ok_or_else(|| StoreError::Corrupt("chain position overflow".into()))?;
             }
         }
+        // Charges and refunds, confirmed on-chain or not; a pair's refunds come off its charges.
+        let mut sums = [Money::ZERO; 4];
+        let mut rows = sqlx::query(
+            "SELECT i.amount, i.refund,
+                    CASE WHEN b.status = 'confirmed' THEN 1 ELSE 0 END AS confirmed
+             FROM settle_items i LEFT JOIN chain_batches b ON b.id = i.batch_id
+             WHERE i.user_id = $1",
+        )
+        .bind(user_id)
+        .fetch(&self.db.pool);
+        while let Some(r) = rows.try_next().await? {
+            let amount = parse_money(&r.try_get::<String, _>("amount")?)?;
+            let confirmed = r.try_get::<i64, _>("confirmed")? != 0;
+            let refund = r.try_get::<i64, _>("refund")? != 0;
+            let slot = &mut sums[usize::from(confirmed) * 2 + usize::from(refund)];
+            *slot = slot
+                .checked_add(amount)
+                .ok_or_else(|| StoreError::Corrupt("chain position overflow".into()))?;
+        }
+        let [charged, refunded, settled, settled_back] = sums;
+        // A confirmed batch line is never negative; refunds beyond what is not yet settled wait
+        // for more charges, so nothing is on its way meanwhile.
+        out.settled = settled
+            .checked_sub(settled_back)
+            .ok_or_else(|| StoreError::Corrupt("settled refunds exceed charges".into()))?;
+        out.unsettled = charged.checked_sub(refunded).unwrap_or(Money::ZERO);
         Ok(out)
     }
 

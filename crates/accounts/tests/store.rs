@@ -1107,6 +1107,126 @@ async fn one_exclusive_writer_per_database(url: &str) {
     assert_eq!(second.balance(&user).await.unwrap().available, lai(10));
 }
 
+/// Charges reach settlement netted per (user, node): refunds come off the pair's charges, refunds
+/// of settled charges wait for later ones, and refunds that cancel the charges leave nothing.
+async fn settlement_nets_charges_and_refunds_per_node(url: &str, mode: LedgerMode) {
+    let acc = open(url, mode, "a").await;
+    let (user, _, key) = siwe_user(&acc, "10.0.0.9").await;
+    let l = acc.ledger();
+    let charge = |r: &str, node: &str, units: u128| {
+        let (l, user, r, node) = (l.clone(), user.clone(), r.to_owned(), node.to_owned());
+        async move {
+            l.apply(hold_op(&r, &user, lai(1))).await.unwrap();
+            let op = Op::Charge {
+                request: r.clone(),
+                user: user.clone(),
+                node: node.clone(),
+                amount: Money::from_units(units),
+                split: Split::default(),
+            };
+            let usage = UsageRecord {
+                node,
+                ..usage(&r, &user, units)
+            };
+            assert!(matches!(l.charge(op, usage).await, Ok(Applied::Posted(_))));
+        }
+    };
+    let refund = |r: &str| {
+        let (l, r) = (l.clone(), r.to_owned());
+        async move {
+            let applied = l.post(Op::Refund { request: r }).await;
+            assert!(matches!(applied, Ok(Applied::Posted(_))), "{applied:?}");
+        }
+    };
+    let settle = |id: &str| {
+        let (acc, id) = (&acc, id.to_owned());
+        async move {
+            acc.ledger().sync().await.unwrap();
+            acc.prepare_batch(BatchKind::Settle, &id, BatchLimits::default())
+                .await
+                .unwrap()
+        }
+    };
+    let lines = |b: &lattice_accounts::ChainBatch| {
+        let mut v: Vec<(String, u128, u64, u32)> = b
+            .entries
+            .iter()
+            .map(|e| {
+                (
+                    e.node.clone().unwrap(),
+                    e.amount.units(),
+                    e.tokens,
+                    e.requests,
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    };
+
+    charge("r1", "0xnode", 100).await;
+    l.sync().await.unwrap();
+    charge("r2", "0xnode", 100).await;
+    charge("r3", "0xnode", 100).await;
+    charge("r4", "0xother", 50).await;
+    refund("r3").await;
+    let first = settle(&format!("0x{}", "01".repeat(32))).await.unwrap();
+    // Three charged requests of 15 tokens each (the refunded one included), less its refund.
+    assert_eq!(
+        lines(&first),
+        vec![("0xnode".into(), 200, 45, 3), ("0xother".into(), 50, 15, 1)]
+    );
+    assert_eq!(first.total, Money::from_units(250));
+    assert!(
+        first
+            .entries
+            .iter()
+            .all(|e| e.user.eq_ignore_ascii_case(&key.address()))
+    );
+    assert!(settle("0x02").await.is_none(), "every item is in the batch");
+    let position = acc.chain_position(&user).await.unwrap();
+    assert_eq!(
+        (position.settled, position.unsettled),
+        (Money::ZERO, Money::from_units(250))
+    );
+    acc.confirm_batch(&first.id, None).await.unwrap();
+    let position = acc.chain_position(&user).await.unwrap();
+    assert_eq!(
+        (position.settled, position.unsettled),
+        (Money::from_units(250), Money::ZERO)
+    );
+
+    // A refund of a settled charge waits until the pair's later charges cover it.
+    refund("r1").await;
+    assert!(settle("0x03").await.is_none());
+    assert_eq!(
+        acc.chain_position(&user).await.unwrap().unsettled,
+        Money::ZERO
+    );
+    charge("r5", "0xnode", 300).await;
+    let second = settle(&format!("0x{}", "04".repeat(32))).await.unwrap();
+    assert_eq!(lines(&second), vec![("0xnode".into(), 200, 15, 1)]);
+
+    // A charge refunded before settlement, alone on its pair: nothing to send, nothing left.
+    charge("r6", "0xthird", 70).await;
+    refund("r6").await;
+    assert!(settle("0x05").await.is_none());
+    assert!(settle("0x06").await.is_none());
+    acc.confirm_batch(&second.id, None).await.unwrap();
+    let position = acc.chain_position(&user).await.unwrap();
+    assert_eq!(
+        (position.settled, position.unsettled),
+        (Money::from_units(450), Money::ZERO)
+    );
+    let expected = acc.chain_expectations().await.unwrap();
+    assert_eq!(
+        expected[&key.address().to_lowercase()].settled,
+        Money::from_units(450)
+    );
+    let audit = l.audit().await.unwrap();
+    assert!(audit.balanced(), "{audit:?}");
+}
+
 /// A test of one database URL, on SQLite and on PostgreSQL.
 macro_rules! each_database {
     ($name:ident) => {
@@ -1167,6 +1287,7 @@ both!(api_keys_limits_and_revocation);
 both!(faucet_rate_limit_and_history);
 both!(passkeys_register_and_sign_in);
 both!(withdrawals_debit_first_and_recover);
+both!(settlement_nets_charges_and_refunds_per_node);
 both!(node_tokens_bind_one_address_and_revoke);
 
 #[tokio::test]

@@ -4,9 +4,9 @@
 //! that are not in memory yet are read from the database first, outside the lock; since this
 //! writer is the only one, a row not in memory is current on disk. A background task takes a
 //! cut of everything changed since the previous one — the changed rows' current values and the
-//! journal lines, usage records and grants appended meanwhile — and commits it in one
-//! transaction; `durable` then advances to the last operation the cut contains. Cuts leave open
-//! holds out ([`WriteSet::net_holds`]): they are this writer's alone and end with it.
+//! journal lines, usage records, grants and settlement items appended meanwhile — and commits it
+//! in one transaction; `durable` then advances to the last operation the cut contains. Cuts
+//! leave open holds out ([`WriteSet::net_holds`]): they are this writer's alone and end with it.
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -63,7 +63,7 @@ struct State {
     expiry: HashMap<String, i64>,
     /// Operations applied so far.
     seq: u64,
-    /// Journal lines, usage records and grants since the last cut.
+    /// Journal lines, usage records, grants and settlement items since the last cut.
     appended: WriteSet,
     /// Charges in memory, oldest first, with the sequence number that last touched them.
     recent: VecDeque<(String, u64)>,
@@ -350,7 +350,7 @@ impl Hot {
         if let Applied::Posted(p) = &applied {
             st.seq += 1;
             let seq = st.seq;
-            side_rows(&mut st.appended, op, usage, net_postings(op, p));
+            side_rows(&mut st.appended, &st.ledger, op, usage, net_postings(op, p));
             match op {
                 Op::Hold { request, .. } => {
                     let ttl = i64::try_from(self.config.hold_ttl.as_secs()).unwrap_or(i64::MAX);
@@ -446,10 +446,7 @@ impl Hot {
                 } = &mut *st;
                 let mut cut = WriteSet::cut(ledger, |_| 0);
                 cut.net_holds(ledger);
-                let appended = std::mem::take(appended);
-                cut.postings = appended.postings;
-                cut.grants = appended.grants;
-                cut.usages = appended.usages;
+                cut.set_appended(std::mem::take(appended));
                 (cut, *seq)
             };
             if cut.is_empty() {

@@ -461,17 +461,36 @@ impl Needs {
 }
 
 /// The append-only rows of an applied operation: its journal legs (as the writer records them),
-/// the usage record of a charge, and the on-chain mint a faucet grant needs (settlement).
+/// the usage record of a charge, what settlement has to move for a charge or refund, and the
+/// on-chain mint a faucet grant needs. `ledger` is the state `op` was applied to.
 fn side_rows(
     ws: &mut WriteSet,
+    ledger: &Ledger,
     op: &Op,
     usage: Option<&UsageRecord>,
     postings: impl Iterator<Item = Posting>,
 ) {
     ws.postings.extend(postings.enumerate());
-    match (op, usage) {
-        (Op::Charge { .. }, Some(u)) => ws.usages.push(u.clone()),
-        (Op::Faucet { op, user, amount }, _) => {
+    match op {
+        Op::Charge {
+            request,
+            user,
+            node,
+            amount,
+            ..
+        } => {
+            let tokens = usage.map_or(0, |u| u.prompt_tokens.saturating_add(u.completion_tokens));
+            ws.settle(request, (user, node), false, *amount, tokens);
+            if let Some(u) = usage {
+                ws.usages.push(u.clone());
+            }
+        }
+        Op::Refund { request } => {
+            if let Some(c) = ledger.charges.get(request) {
+                ws.settle(&op.id(), (&c.user, &c.node), true, c.amount, 0);
+            }
+        }
+        Op::Faucet { op, user, amount } => {
             ws.grants.push((op.clone(), user.clone(), *amount));
         }
         _ => {}

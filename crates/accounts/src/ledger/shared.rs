@@ -115,14 +115,12 @@ pub(super) async fn apply_batch(
     for (op, usage) in ops {
         let r = ledger.apply(op);
         if let Ok(Applied::Posted(p)) = &r {
-            side_rows(&mut extra, op, *usage, p.iter().cloned());
+            side_rows(&mut extra, &ledger, op, *usage, p.iter().cloned());
         }
         results.push(r);
     }
     let mut ws = WriteSet::cut(&mut ledger, |_| expires);
-    ws.postings = extra.postings;
-    ws.grants = extra.grants;
-    ws.usages = extra.usages;
+    ws.set_appended(extra);
     write_back(&mut tx, db.backend, &ws, t, &config.owner).await?;
     tx.commit().await?;
     Ok(results)

@@ -30,6 +30,25 @@ pub(super) struct WriteSet {
     /// Faucet credit to mint on-chain: op, user, amount.
     pub(super) grants: Vec<(String, String, Money)>,
     pub(super) usages: Vec<UsageRecord>,
+    /// What settlement has to move, netted per (user, node) and direction.
+    pub(super) settle: Vec<SettleItem>,
+    /// `settle` by user: the indices of that user's items.
+    settle_index: HashMap<String, Vec<usize>>,
+}
+
+/// The charges (or refunds) of one (user, node) pair in one written batch: a row of
+/// `settle_items`, which the settler nets into a batch line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct SettleItem {
+    /// The first request charged, or the first refund's op id: unique, since every charge and
+    /// refund is applied once.
+    pub(super) item: String,
+    pub(super) user: String,
+    pub(super) node: String,
+    pub(super) refund: bool,
+    pub(super) amount: Money,
+    pub(super) tokens: u64,
+    pub(super) requests: u64,
 }
 
 impl WriteSet {
@@ -43,6 +62,57 @@ impl WriteSet {
             && self.postings.is_empty()
             && self.grants.is_empty()
             && self.usages.is_empty()
+            && self.settle.is_empty()
+    }
+
+    /// Adds a charge (or refund) of `amount` from `user` to `node` to the pair's settlement
+    /// item, starting one named `item` if the pair has none yet in this set.
+    pub(super) fn settle(
+        &mut self,
+        item: &str,
+        (user, node): (&str, &str),
+        refund: bool,
+        amount: Money,
+        tokens: u64,
+    ) {
+        if let Some(ix) = self.settle_index.get(user) {
+            for &i in ix {
+                let s = &mut self.settle[i];
+                if s.node == node
+                    && s.refund == refund
+                    && let Some(sum) = s.amount.checked_add(amount)
+                {
+                    s.amount = sum;
+                    s.tokens = s.tokens.saturating_add(tokens);
+                    s.requests += 1;
+                    return;
+                }
+            }
+        }
+        // A new pair (or, never in practice, a sum past Money's range: a new item).
+        self.settle_index
+            .entry(user.to_owned())
+            .or_default()
+            .push(self.settle.len());
+        self.settle.push(SettleItem {
+            item: item.to_owned(),
+            user: user.to_owned(),
+            node: node.to_owned(),
+            refund,
+            amount,
+            tokens,
+            requests: 1,
+        });
+    }
+
+    /// Moves the append-only rows (journal lines, grants, usage records, settlement items) of
+    /// `from` into this set.
+    pub(super) fn set_appended(&mut self, from: WriteSet) {
+        self.postings = from.postings;
+        self.grants = from.grants;
+        self.usages = from.usages;
+        self.settle = from.settle;
+        self.settle_index = from.settle_index;
     }
 
     /// Takes what `ledger` changed since the last cut, with the rows' current values.
@@ -238,6 +308,12 @@ const USAGES: Insert = Insert {
     tail: "",
 };
 
+const SETTLE: Insert = Insert {
+    head: "INSERT INTO settle_items (item, user_id, node, amount, refund, tokens, requests, created_at) VALUES",
+    cols: 8,
+    tail: "",
+};
+
 const BATCHES: Insert = Insert {
     head: "INSERT INTO receipt_batches (root, node, signature, leaves, created_at) VALUES",
     cols: 5,
@@ -355,6 +431,24 @@ pub(super) fn inserts<'a>(
                 .iter()
                 .map(|(op, user, amount)| {
                     vec![text(op), text(user), owned(amount.to_string()), V::I(t)]
+                })
+                .collect(),
+        ),
+        (
+            &SETTLE,
+            ws.settle
+                .iter()
+                .map(|s| {
+                    vec![
+                        text(&s.item),
+                        text(&s.user),
+                        text(&s.node),
+                        owned(s.amount.to_string()),
+                        V::I(i64::from(s.refund)),
+                        int(s.tokens),
+                        int(s.requests),
+                        V::I(t),
+                    ]
                 })
                 .collect(),
         ),
@@ -692,6 +786,91 @@ mod tests {
             Ok(Applied::Posted(p)) => p,
             other => panic!("{other:?}"),
         }
+    }
+
+    /// A batch's charges become one settlement item per (user, node), named by its first
+    /// request, and its refunds one per pair the other way.
+    #[test]
+    fn settlement_items_net_a_batch_per_pair() {
+        let mut l = Ledger::default();
+        posted(
+            &mut l,
+            &Op::Faucet {
+                op: "f".into(),
+                user: "u".into(),
+                amount: Money::from_units(1_000),
+            },
+        );
+        let mut ws = WriteSet::default();
+        let mut apply = |l: &mut Ledger, op: Op, tokens: u64| {
+            let p = posted(l, &op);
+            let usage = (tokens > 0).then(|| UsageRecord {
+                request_id: op.request().unwrap_or_default().to_owned(),
+                user_id: "u".into(),
+                key_id: None,
+                node: "n".into(),
+                model: "m".into(),
+                prompt_tokens: tokens,
+                completion_tokens: 1,
+                cost: Money::ZERO,
+                receipt: String::new(),
+                batch: None,
+            });
+            super::super::side_rows(&mut ws, l, &op, usage.as_ref(), p.into_iter());
+        };
+        for (r, node, units) in [("a", "n", 100), ("b", "n", 100), ("c", "m", 50)] {
+            apply(
+                &mut l,
+                Op::Hold {
+                    request: r.into(),
+                    user: "u".into(),
+                    key: None,
+                    amount: Money::from_units(200),
+                },
+                0,
+            );
+            apply(
+                &mut l,
+                Op::Charge {
+                    request: r.into(),
+                    user: "u".into(),
+                    node: node.into(),
+                    amount: Money::from_units(units),
+                    split: Split::default(),
+                },
+                9,
+            );
+        }
+        apply(
+            &mut l,
+            Op::Refund {
+                request: "b".into(),
+            },
+            0,
+        );
+        let items: Vec<(&str, &str, bool, u128, u64, u64)> = ws
+            .settle
+            .iter()
+            .map(|s| {
+                assert_eq!(s.user, "u");
+                (
+                    s.item.as_str(),
+                    s.node.as_str(),
+                    s.refund,
+                    s.amount.units(),
+                    s.tokens,
+                    s.requests,
+                )
+            })
+            .collect();
+        assert_eq!(
+            items,
+            vec![
+                ("a", "n", false, 200, 20, 2),
+                ("c", "m", false, 50, 10, 1),
+                ("refund:b", "n", true, 100, 0, 1),
+            ]
+        );
     }
 
     /// Netting a hold and its charge leaves what the charge paid, from the user's credit, and
