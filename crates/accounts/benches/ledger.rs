@@ -16,6 +16,10 @@ use lattice_accounts::{
 use lattice_ledger::{Ledger, Money, Op, Split};
 use lattice_link::{ReceiptInBatch, UsageReceipt};
 
+/// The `lattice` binary's allocator, so the figures are the binary's.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const REQUESTS: usize = 50_000;
 const IN_FLIGHT: usize = 512;
 /// Charges per batch in batch mode: a node signs its receipts 64 at a time.
