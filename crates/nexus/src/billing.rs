@@ -26,65 +26,84 @@ pub(crate) struct Billing {
     pub(crate) unsettled: Arc<Unsettled>,
 }
 
-/// Charges parked until their batch signature arrives, counted per user, so that a user's own
-/// reads (balance, usage) see every answer they already received.
+/// Charges parked until their batch signature arrives, counted per user and per node, so that a
+/// user's own reads (balance, usage) see every answer they already received.
 #[derive(Default)]
 pub(crate) struct Unsettled {
-    counts: Mutex<HashMap<String, usize>>,
+    counts: Mutex<Counts>,
     changed: Notify,
 }
 
+#[derive(Default)]
+struct Counts {
+    users: HashMap<String, usize>,
+    nodes: HashMap<String, usize>,
+}
+
+/// Counts one more (allocating a key only for a name not counted yet).
+fn count_up(map: &mut HashMap<String, usize>, key: &str) {
+    match map.get_mut(key) {
+        Some(n) => *n += 1,
+        None => {
+            map.insert(key.to_owned(), 1);
+        }
+    }
+}
+
+fn count_down(map: &mut HashMap<String, usize>, key: &str) {
+    if let Some(n) = map.get_mut(key) {
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            map.remove(key);
+        }
+    }
+}
+
 impl Unsettled {
-    fn keys(user: &str, node: &str) -> [String; 2] {
-        [format!("user:{user}"), format!("node:{node}")]
+    fn lock(&self) -> std::sync::MutexGuard<'_, Counts> {
+        self.counts.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn add(&self, user: &str, node: &str) {
-        let mut c = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-        for k in Self::keys(user, node) {
-            *c.entry(k).or_default() += 1;
-        }
+        let mut c = self.lock();
+        count_up(&mut c.users, user);
+        count_up(&mut c.nodes, node);
     }
 
     fn done(&self, user: &str, node: &str) {
         {
-            let mut c = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-            for k in Self::keys(user, node) {
-                if let Some(n) = c.get_mut(&k) {
-                    *n = n.saturating_sub(1);
-                    if *n == 0 {
-                        c.remove(&k);
-                    }
-                }
-            }
+            let mut c = self.lock();
+            count_down(&mut c.users, user);
+            count_down(&mut c.nodes, node);
         }
         self.changed.notify_waiters();
     }
 
-    fn pending(&self, key: &str) -> bool {
-        self.counts
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains_key(key)
+    fn user_pending(&self, user: &str) -> bool {
+        self.lock().users.contains_key(user)
+    }
+
+    fn node_pending(&self, node: &str) -> bool {
+        self.lock().nodes.contains_key(node)
     }
 
     /// Waits (at most `limit`) until none of `user`'s charges is parked.
     pub(crate) async fn wait_user(&self, user: &str, limit: Duration) {
-        self.wait(&format!("user:{user}"), limit).await;
+        self.wait(|| self.user_pending(user), limit).await;
     }
 
     /// Waits (at most `limit`) until none of the charges a node served is parked.
     pub(crate) async fn wait_node(&self, node: &str, limit: Duration) {
-        self.wait(&format!("node:{node}"), limit).await;
+        self.wait(|| self.node_pending(node), limit).await;
     }
 
-    async fn wait(&self, key: &str, limit: Duration) {
+    async fn wait(&self, pending: impl Fn() -> bool, limit: Duration) {
         let deadline = tokio::time::Instant::now() + limit;
         loop {
             let changed = self.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            if !self.pending(key) {
+            if !pending() {
                 return;
             }
             if tokio::time::timeout_at(deadline, changed).await.is_err() {
@@ -98,24 +117,30 @@ impl Unsettled {
 /// releases the hold.
 pub(crate) struct Parked {
     billing: Arc<Billing>,
+    /// Taken when it is charged or refused.
+    charge: Option<Pending>,
+}
+
+struct Pending {
     op: Op,
     record: UsageRecord,
     receipt: UsageReceipt,
-    done: bool,
 }
 
 impl std::fmt::Debug for Parked {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Parked")
-            .field("request", &self.record.request_id)
-            .field("cost", &self.record.cost)
-            .finish()
+        let mut d = f.debug_struct("Parked");
+        if let Some(c) = &self.charge {
+            d.field("request", &c.record.request_id)
+                .field("cost", &c.record.cost);
+        }
+        d.finish()
     }
 }
 
 impl Parked {
     pub(crate) fn model(&self) -> &str {
-        &self.record.model
+        self.charge.as_ref().map_or("", |c| c.record.model.as_str())
     }
 
     /// Charges with its place in the signed batch stored as the receipt.
@@ -131,48 +156,61 @@ impl Parked {
             return;
         };
         let mut charges = Vec::with_capacity(ready.len());
-        let mut parked = Vec::with_capacity(ready.len());
+        // Request, user and node of each charge, to report its outcome.
+        let mut names = Vec::with_capacity(ready.len());
         for (mut p, ev) in ready {
-            p.done = true;
+            let Some(Pending {
+                op,
+                mut record,
+                receipt,
+            }) = p.charge.take()
+            else {
+                continue;
+            };
             let stored = ReceiptInBatch {
-                receipt: p.receipt.clone(),
+                receipt,
                 root: ev.batch.root.clone(),
                 leaf: ev.leaf,
             };
-            let mut record = p.record.clone();
             record.receipt = serde_json::to_string(&stored).unwrap_or_default();
             record.batch = Some(ev.batch);
-            charges.push((p.op.clone(), record));
-            parked.push(p);
+            names.push((
+                record.request_id.clone(),
+                record.user_id.clone(),
+                record.node.clone(),
+            ));
+            charges.push((op, record));
         }
         let outcomes = billing.accounts.ledger().charge_many(charges).await;
-        for (p, outcome) in parked.iter().zip(outcomes) {
+        for ((request, user, node), outcome) in names.iter().zip(outcomes) {
             if let Err(e) = outcome {
-                tracing::error!(request_id = %p.record.request_id, error = %e, "charge failed; the hold will be released");
-                release(&billing, &p.record.request_id);
+                tracing::error!(request_id = %request, error = %e, "charge failed; the hold will be released");
+                release(&billing, request);
             }
-            billing.unsettled.done(&p.record.user_id, &p.record.node);
+            billing.unsettled.done(user, node);
         }
     }
 
     /// Nothing is charged (the batch was refused or never came): the hold is released.
     pub(crate) fn refuse(mut self, why: &str) {
-        self.done = true;
-        tracing::warn!(request_id = %self.record.request_id, reason = %why, "usage receipt refused; nothing charged");
-        release(&self.billing, &self.record.request_id);
+        if let Some(c) = self.charge.take() {
+            tracing::warn!(request_id = %c.record.request_id, reason = %why, "usage receipt refused; nothing charged");
+            self.give_back(&c);
+        }
+    }
+
+    fn give_back(&self, c: &Pending) {
+        release(&self.billing, &c.record.request_id);
         self.billing
             .unsettled
-            .done(&self.record.user_id, &self.record.node);
+            .done(&c.record.user_id, &c.record.node);
     }
 }
 
 impl Drop for Parked {
     fn drop(&mut self) {
-        if !self.done {
-            release(&self.billing, &self.record.request_id);
-            self.billing
-                .unsettled
-                .done(&self.record.user_id, &self.record.node);
+        if let Some(c) = self.charge.take() {
+            self.give_back(&c);
         }
     }
 }
@@ -423,10 +461,11 @@ impl Bill {
                 .add(&self.payer.user_id, &record.node);
             let parked = Parked {
                 billing: self.billing.clone(),
-                op,
-                record,
-                receipt,
-                done: false,
+                charge: Some(Pending {
+                    op,
+                    record,
+                    receipt,
+                }),
             };
             return match book.park(&self.request, parked) {
                 Some((p, ev)) => {
@@ -618,16 +657,8 @@ mod tests {
         let cost = Money::from_units(11);
         assert_eq!(finish("a").await, Settlement::Parked(cost));
         assert_eq!(finish("b").await, Settlement::Parked(cost));
-        assert!(
-            billing
-                .unsettled
-                .pending(&format!("user:{}", payer.user_id))
-        );
-        assert!(
-            billing
-                .unsettled
-                .pending(&format!("node:{}", node.address()))
-        );
+        assert!(billing.unsettled.user_pending(&payer.user_id));
+        assert!(billing.unsettled.node_pending(&node.address()));
         let leaves = [
             unsigned("a").struct_hash().unwrap(),
             unsigned("b").struct_hash().unwrap(),
@@ -644,11 +675,7 @@ mod tests {
         for p in refused.parked {
             p.refuse(&refused.why);
         }
-        assert!(
-            !billing
-                .unsettled
-                .pending(&format!("user:{}", payer.user_id))
-        );
+        assert!(!billing.unsettled.user_pending(&payer.user_id));
         // The receipts' leaves were consumed by that batch: naming them again is a protocol
         // violation.
         let good = lattice_link::sign_batch(&node, 31337, &leaves).unwrap();
