@@ -3,7 +3,8 @@
 //! the pure in-memory rules for comparison.
 //!
 //! cargo bench --workspace --bench ledger      (PostgreSQL: LATTICE_TEST_POSTGRES_URL;
-//! LATTICE_BENCH_ONLY="SQLite exclusive" runs only the stores so named)
+//! LATTICE_BENCH_ONLY="SQLite exclusive" runs only the stores so named,
+//! LATTICE_BENCH_GATHER_MS=N sets the exclusive writer's gather interval)
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::sync::Arc;
@@ -104,9 +105,15 @@ async fn store(name: &str, url: &str, users: usize, mode: LedgerMode, batch: usi
         return;
     }
     let db = Db::open(url).await.unwrap();
+    // LATTICE_BENCH_GATHER_MS=N: the exclusive writer's gather interval (default 5 ms).
+    let gather = std::env::var("LATTICE_BENCH_GATHER_MS")
+        .ok()
+        .and_then(|ms| ms.parse().ok())
+        .map_or(LedgerConfig::default().gather, std::time::Duration::from_millis);
     let config = AccountsConfig {
         ledger: LedgerConfig {
             mode,
+            gather,
             ..LedgerConfig::default()
         },
         ..AccountsConfig::default()
