@@ -109,7 +109,10 @@ async fn store(name: &str, url: &str, users: usize, mode: LedgerMode, batch: usi
     let gather = std::env::var("LATTICE_BENCH_GATHER_MS")
         .ok()
         .and_then(|ms| ms.parse().ok())
-        .map_or(LedgerConfig::default().gather, std::time::Duration::from_millis);
+        .map_or(
+            LedgerConfig::default().gather,
+            std::time::Duration::from_millis,
+        );
     let config = AccountsConfig {
         ledger: LedgerConfig {
             mode,
