@@ -276,8 +276,12 @@ fn data_line(line: &[u8], on_data: &mut impl FnMut(&str)) {
     let Some(data) = line.strip_prefix(b"data:") else {
         return;
     };
-    let text = String::from_utf8_lossy(data);
-    on_data(text.trim_start());
+    // `from_utf8` checks ASCII a word at a time; the lossy form only for a line that is not
+    // valid UTF-8.
+    match std::str::from_utf8(data) {
+        Ok(text) => on_data(text.trim_start()),
+        Err(_) => on_data(String::from_utf8_lossy(data).trim_start()),
+    }
 }
 
 /// The fields of an OpenAI stream chunk the node reads; strings borrowed from the payload.
@@ -435,6 +439,16 @@ mod tests {
             Some(vec!["{\"a\":1}".to_owned(), "[DONE]".to_owned()])
         );
         assert_eq!(payloads(&mut p, b"y\n").ok(), Some(vec!["xy".to_owned()]));
+    }
+
+    /// A line that is not UTF-8 (a broken upstream) still arrives, with replacement characters.
+    #[test]
+    fn sse_parser_replaces_invalid_utf8() {
+        let mut p = SseParser::default();
+        assert_eq!(
+            payloads(&mut p, b"data: caf\xc3\xa9\ndata: a\xffb\n").ok(),
+            Some(vec!["caf\u{e9}".to_owned(), "a\u{fffd}b".to_owned()])
+        );
     }
 
     #[test]
