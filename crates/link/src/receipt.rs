@@ -17,6 +17,9 @@ use crate::identity::{IdentityError, NodeKey, keccak, recover_digest};
 
 const DOMAIN_TYPE: &str = "EIP712Domain(string name,string version,uint256 chainId)";
 const USAGE_TYPE: &str = "Usage(string requestId,address user,string model,uint64 promptTokens,uint64 completionTokens,uint256 priceIn,uint256 priceOut,uint64 timestamp)";
+/// `keccak(USAGE_TYPE)`, hashed once: every receipt's leaf starts with it.
+static USAGE_TYPE_HASH: std::sync::LazyLock<[u8; 32]> =
+    std::sync::LazyLock::new(|| keccak(USAGE_TYPE.as_bytes()));
 const BATCH_TYPE: &str = "UsageBatch(bytes32 root,uint64 count)";
 
 /// Most receipts one batch covers.
@@ -98,7 +101,7 @@ impl UsageReceipt {
     /// `hashStruct(Usage)`: the receipt's leaf in a batch.
     pub fn struct_hash(&self) -> Result<[u8; 32], ReceiptError> {
         let mut enc = Vec::with_capacity(9 * 32);
-        enc.extend_from_slice(&keccak(USAGE_TYPE.as_bytes()));
+        enc.extend_from_slice(&*USAGE_TYPE_HASH);
         enc.extend_from_slice(&keccak(self.request_id.as_bytes()));
         enc.extend_from_slice(&word_address(&self.user)?);
         enc.extend_from_slice(&keccak(self.model.as_bytes()));
