@@ -153,8 +153,12 @@ impl Default for BatchLimits {
 /// A batch line being netted: what it moves, what comes back off it (refunds), and its items.
 struct Line {
     entry: BatchEntry,
+    user_id: String,
     back: Money,
     items: Vec<String>,
+    /// The refund items among `items`, and how many refunds they stand for.
+    refund_items: Vec<String>,
+    refunds: i64,
 }
 
 impl Accounts {
@@ -175,8 +179,8 @@ impl Accounts {
         let rows = match kind {
             BatchKind::Grant => {
                 sqlx::query(&format!(
-                    "SELECT i.op AS item, u.address, NULL AS node, NULL AS dest, i.amount,
-                            0 AS refund, 0 AS tokens, 0 AS requests
+                    "SELECT i.op AS item, i.user_id, u.address, NULL AS node, NULL AS dest,
+                            i.amount, 0 AS refund, 0 AS tokens, 0 AS requests
                      FROM chain_grants i JOIN users u ON u.id = i.user_id
                      WHERE i.batch_id IS NULL ORDER BY i.created_at, i.op LIMIT $1{lock}"
                 ))
@@ -187,8 +191,8 @@ impl Accounts {
             // Items, not charges: the ledger writer nets each batch it writes per (user, node).
             BatchKind::Settle => {
                 sqlx::query(&format!(
-                    "SELECT i.item, u.address, i.node, NULL AS dest, i.amount, i.refund,
-                            i.tokens, i.requests
+                    "SELECT i.item, i.user_id, u.address, i.node, NULL AS dest, i.amount,
+                            i.refund, i.tokens, i.requests
                      FROM settle_items i JOIN users u ON u.id = i.user_id
                      WHERE i.batch_id IS NULL ORDER BY i.created_at, i.item LIMIT $1{lock}"
                 ))
@@ -199,8 +203,8 @@ impl Accounts {
             // Only withdrawals whose debit is durably in the ledger (its op is applied).
             BatchKind::Withdraw => {
                 sqlx::query(&format!(
-                    "SELECT i.op AS item, u.address, NULL AS node, i.destination AS dest, i.amount,
-                            0 AS refund, 0 AS tokens, 0 AS requests
+                    "SELECT i.op AS item, i.user_id, u.address, NULL AS node,
+                            i.destination AS dest, i.amount, 0 AS refund, 0 AS tokens, 0 AS requests
                      FROM withdrawals i JOIN users u ON u.id = i.user_id
                      JOIN applied_ops a ON a.op = i.op
                      WHERE i.batch_id IS NULL
@@ -232,8 +236,11 @@ impl Accounts {
                             tokens: 0,
                             requests: 0,
                         },
+                        user_id: r.try_get("user_id")?,
                         back: Money::ZERO,
                         items: Vec::new(),
+                        refund_items: Vec::new(),
+                        refunds: 0,
                     });
                     index.insert(key, lines.len() - 1);
                     lines.len() - 1
@@ -242,7 +249,12 @@ impl Accounts {
             };
             let line = &mut lines[i];
             let amount = parse_money(&r.try_get::<String, _>("amount")?)?;
+            let item: String = r.try_get("item")?;
             let sum = if r.try_get::<i64, _>("refund")? != 0 {
+                line.refund_items.push(item.clone());
+                line.refunds = line
+                    .refunds
+                    .saturating_add(r.try_get::<i64, _>("requests")?);
                 &mut line.back
             } else {
                 line.entry.tokens = line
@@ -257,19 +269,25 @@ impl Accounts {
             *sum = sum
                 .checked_add(amount)
                 .ok_or_else(|| StoreError::Corrupt("batch amount overflow".into()))?;
-            line.items.push(r.try_get("item")?);
+            line.items.push(item);
         }
         // A line's refunds come off its charges. Refunds of charges settled before that exceed
-        // what the pair was charged since wait for more charges; refunds that cancel the charges
-        // exactly leave nothing to send, and their items are done with.
+        // what the pair was charged since wait for more charges: the line's charge items stay,
+        // its refund items become one that goes to the back of the queue (so old debts never
+        // fill the window of `max_items`). Refunds that cancel the charges exactly leave nothing
+        // to send, and their items are done with.
         let mut items: Vec<String> = Vec::new();
-        let mut cancelled: Vec<String> = Vec::new();
+        let mut deleted: Vec<String> = Vec::new();
+        let mut debts: Vec<Line> = Vec::new();
         let mut entries: Vec<BatchEntry> = Vec::new();
         for mut line in lines {
             match line.entry.amount.checked_sub(line.back) {
-                None => {}
+                None => {
+                    deleted.extend(line.refund_items.iter().cloned());
+                    debts.push(line);
+                }
                 Some(net) if net.is_zero() && !line.back.is_zero() => {
-                    cancelled.append(&mut line.items);
+                    deleted.append(&mut line.items);
                 }
                 Some(net) => {
                     line.entry.amount = net;
@@ -278,7 +296,7 @@ impl Accounts {
                 }
             }
         }
-        for chunk in cancelled.chunks(500) {
+        for chunk in deleted.chunks(500) {
             let sql = format!(
                 "DELETE FROM settle_items WHERE item IN ({})",
                 placeholders(1, chunk.len())
@@ -288,6 +306,25 @@ impl Accounts {
                 q = q.bind(item.as_str());
             }
             q.execute(&mut *tx).await?;
+        }
+        let t = now();
+        for d in debts {
+            let (Some(item), Some(node)) = (d.refund_items.into_iter().next(), d.entry.node) else {
+                continue;
+            };
+            sqlx::query(
+                "INSERT INTO settle_items (item, user_id, node, amount, refund, tokens, requests,
+                                           created_at)
+                 VALUES ($1, $2, $3, $4, 1, 0, $5, $6)",
+            )
+            .bind(item)
+            .bind(d.user_id)
+            .bind(node)
+            .bind(d.back.to_string())
+            .bind(d.refunds)
+            .bind(t)
+            .execute(&mut *tx)
+            .await?;
         }
         if entries.is_empty() {
             tx.commit().await?;
@@ -317,7 +354,7 @@ impl Accounts {
             .fetch_one(&mut *tx)
             .await?
             .try_get("seq")?;
-        let created_at = now();
+        let created_at = t;
         let json = serde_json::to_string(&entries)
             .map_err(|e| StoreError::Corrupt(format!("batch entries: {e}")))?;
         sqlx::query(

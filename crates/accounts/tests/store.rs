@@ -1196,32 +1196,46 @@ async fn settlement_nets_charges_and_refunds_per_node(url: &str, mode: LedgerMod
         (Money::from_units(250), Money::ZERO)
     );
 
-    // A refund of a settled charge waits until the pair's later charges cover it.
+    // Refunds of settled charges wait until the pair's later charges cover them, as one item
+    // (however many refunds and passes) at the back of the queue.
     refund("r1").await;
+    refund("r2").await;
+    let unbatched = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT COUNT(*) FROM settle_items WHERE batch_id IS NULL AND refund = 1",
+        )
+        .fetch_one(acc.db().pool())
+        .await
+        .unwrap()
+    };
+    assert_eq!(unbatched().await, 2);
     assert!(settle("0x03").await.is_none());
+    assert!(settle("0x04").await.is_none());
+    assert_eq!(unbatched().await, 1);
     assert_eq!(
         acc.chain_position(&user).await.unwrap().unsettled,
         Money::ZERO
     );
     charge("r5", "0xnode", 300).await;
-    let second = settle(&format!("0x{}", "04".repeat(32))).await.unwrap();
-    assert_eq!(lines(&second), vec![("0xnode".into(), 200, 15, 1)]);
+    let second = settle(&format!("0x{}", "05".repeat(32))).await.unwrap();
+    assert_eq!(lines(&second), vec![("0xnode".into(), 100, 15, 1)]);
+    assert_eq!(unbatched().await, 0);
 
     // A charge refunded before settlement, alone on its pair: nothing to send, nothing left.
     charge("r6", "0xthird", 70).await;
     refund("r6").await;
-    assert!(settle("0x05").await.is_none());
     assert!(settle("0x06").await.is_none());
+    assert!(settle("0x07").await.is_none());
     acc.confirm_batch(&second.id, None).await.unwrap();
     let position = acc.chain_position(&user).await.unwrap();
     assert_eq!(
         (position.settled, position.unsettled),
-        (Money::from_units(450), Money::ZERO)
+        (Money::from_units(350), Money::ZERO)
     );
     let expected = acc.chain_expectations().await.unwrap();
     assert_eq!(
         expected[&key.address().to_lowercase()].settled,
-        Money::from_units(450)
+        Money::from_units(350)
     );
     let audit = l.audit().await.unwrap();
     assert!(audit.balanced(), "{audit:?}");
