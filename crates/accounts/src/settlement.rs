@@ -2,12 +2,13 @@
 //! batches it was put in, and what the chain should show once they are applied.
 //!
 //! A batch is written here, entries and id included, *before* it is sent, and every item it
-//! covers is marked with its id in the same transaction. Settlement's items are not charges but
-//! `settle_items`: the ledger writer nets the charges (and refunds) of each batch it writes per
-//! (user, node), so a settlement batch reads and marks a few rows per line, however many
-//! requests it pays for. So an item is in at most one batch,
+//! covers is marked with its id in the same transaction. So an item is in at most one batch,
 //! and after a crash the settler only has to ask the chain whether each unconfirmed id was
 //! applied (the contracts apply an id at most once) and resend the ones that were not.
+//!
+//! Settlement's items are not charges but `settle_items`: the ledger writer nets the charges
+//! (and refunds) of each transaction it writes per (user, node), so a settlement batch reads and
+//! marks a few rows per line, however many requests it pays for.
 
 use std::collections::BTreeMap;
 
