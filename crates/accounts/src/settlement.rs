@@ -220,6 +220,8 @@ impl Accounts {
         // for the next batch.
         let mut lines: Vec<Line> = Vec::new();
         let mut index: BTreeMap<(String, Option<String>, Option<String>), usize> = BTreeMap::new();
+        // The window is full: items beyond it wait, so debts must not stay in front of them.
+        let full = rows.len() >= limits.max_items;
         for r in rows {
             let user: String = r.try_get("address")?;
             let node: Option<String> = r.try_get("node")?;
@@ -274,8 +276,8 @@ impl Accounts {
         }
         // A line's refunds come off its charges. Refunds of charges settled before that exceed
         // what the pair was charged since wait for more charges: the line's charge items stay,
-        // its refund items become one that goes to the back of the queue (so old debts never
-        // fill the window of `max_items`). Refunds that cancel the charges exactly leave nothing
+        // its refund items become one, which goes to the back of the queue when the window of
+        // `max_items` is full (so old debts never fill it). Refunds that cancel the charges exactly leave nothing
         // to send, and their items are done with.
         let mut items: Vec<String> = Vec::new();
         let mut deleted: Vec<String> = Vec::new();
@@ -283,10 +285,13 @@ impl Accounts {
         let mut entries: Vec<BatchEntry> = Vec::new();
         for mut line in lines {
             match line.entry.amount.checked_sub(line.back) {
-                None => {
+                // Rewritten only when there is something to fold or the window is full: a debt
+                // that is one item already stays where it is, without a write every pass.
+                None if line.refund_items.len() > 1 || full => {
                     deleted.extend(line.refund_items.iter().cloned());
                     debts.push(line);
                 }
+                None => {}
                 Some(net) if net.is_zero() && !line.back.is_zero() => {
                     deleted.append(&mut line.items);
                 }

@@ -1216,6 +1216,28 @@ async fn settlement_nets_charges_and_refunds_per_node(url: &str, mode: LedgerMod
         acc.chain_position(&user).await.unwrap().unsettled,
         Money::ZERO
     );
+    // A window full of debt moves the debt behind what came later (items are ordered by their
+    // second, then name: "a1" is a second younger than the debt and sorts before it).
+    tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
+    charge("a1", "0xother", 40).await;
+    acc.ledger().sync().await.unwrap();
+    let one = BatchLimits {
+        max_items: 1,
+        ..BatchLimits::default()
+    };
+    assert!(
+        acc.prepare_batch(BatchKind::Settle, "0x0a", one)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let later = acc
+        .prepare_batch(BatchKind::Settle, &format!("0x{}", "0b".repeat(32)), one)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(lines(&later), vec![("0xother".into(), 40, 15, 1)]);
+    acc.confirm_batch(&later.id, None).await.unwrap();
     charge("r5", "0xnode", 300).await;
     let second = settle(&format!("0x{}", "05".repeat(32))).await.unwrap();
     assert_eq!(lines(&second), vec![("0xnode".into(), 100, 15, 1)]);
@@ -1230,12 +1252,12 @@ async fn settlement_nets_charges_and_refunds_per_node(url: &str, mode: LedgerMod
     let position = acc.chain_position(&user).await.unwrap();
     assert_eq!(
         (position.settled, position.unsettled),
-        (Money::from_units(350), Money::ZERO)
+        (Money::from_units(390), Money::ZERO)
     );
     let expected = acc.chain_expectations().await.unwrap();
     assert_eq!(
         expected[&key.address().to_lowercase()].settled,
-        Money::from_units(350)
+        Money::from_units(390)
     );
     let audit = l.audit().await.unwrap();
     assert!(audit.balanced(), "{audit:?}");
