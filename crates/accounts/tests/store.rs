@@ -253,6 +253,38 @@ async fn sign_in_faucet_hold_charge(url: &str, mode: LedgerMode) {
         LedgerMode::Shared => 1 + 1 + 4,
     };
     assert_eq!(audit.journal_lines, legs, "{audit:?}");
+    if mode == LedgerMode::Exclusive {
+        // The exclusive writer keeps a charge's legs in its `charges` row; before migration
+        // 0007 it wrote them into `journal` as well. Such a charge counts once.
+        let (node_part, pool_part, treasury_part): (String, String, String) = sqlx::query_as(
+            "SELECT node_part, pool_part, treasury_part FROM charges WHERE request_id = 'r1'",
+        )
+        .fetch_one(acc.db().pool())
+        .await
+        .unwrap();
+        let legacy = [
+            ("node:0xnode", node_part),
+            ("pool:0xnode", pool_part),
+            ("treasury", treasury_part),
+        ];
+        for (leg, (credit, amount)) in legacy.into_iter().filter(|l| l.1 != "0").enumerate() {
+            sqlx::query(
+                "INSERT INTO journal (op, leg, debit, credit, amount, created_at)
+                 VALUES ($1, $2, $3, $4, $5, 0)",
+            )
+            .bind("charge:r1")
+            .bind(leg as i64)
+            .bind(format!("user:{user}"))
+            .bind(credit)
+            .bind(amount)
+            .execute(acc.db().pool())
+            .await
+            .unwrap();
+        }
+        let audit = l.audit().await.unwrap();
+        assert!(audit.balanced(), "{audit:?}");
+        assert_eq!(audit.journal_lines, legs, "{audit:?}");
+    }
 
     let today = time::OffsetDateTime::now_utc().date().to_string();
     let rows = acc

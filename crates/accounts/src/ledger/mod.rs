@@ -21,7 +21,7 @@ mod shared;
 mod sql;
 
 use std::borrow::Cow;
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -316,6 +316,20 @@ impl LedgerStore {
             .await
             .map_err(|e| StoreError::Ledger(e.to_string()))?;
         let mut a = Audit::default();
+        // What the journal moved into (credited) and out of (debited) each account.
+        let mut journal: HashMap<String, (Money, Money)> = HashMap::new();
+        for r in sqlx::query("SELECT debit, credit, amount FROM journal_lines")
+            .fetch_all(&self.db.pool)
+            .await?
+        {
+            let amount = parse_money(&r.try_get::<String, _>("amount")?)?;
+            let d = journal.entry(r.try_get("debit")?).or_default();
+            d.1 = add(d.1, amount)?;
+            let c = journal.entry(r.try_get("credit")?).or_default();
+            c.0 = add(c.0, amount)?;
+            a.journal_lines += 1;
+        }
+        let mut replays = true;
         for r in sqlx::query("SELECT account, amount FROM balances")
             .fetch_all(&self.db.pool)
             .await?
@@ -326,17 +340,25 @@ impl LedgerStore {
             if account.starts_with("held:") {
                 a.held = add(a.held, amount)?;
             }
+            // An internal account holds what came in less what went out.
+            let (credited, debited) = journal.remove(&account).unwrap_or_default();
+            replays &= debited.checked_add(amount) == Some(credited);
         }
-        for r in sqlx::query("SELECT issued, redeemed FROM external_totals")
+        for r in sqlx::query("SELECT account, issued, redeemed FROM external_totals")
             .fetch_all(&self.db.pool)
             .await?
         {
-            a.issued = add(a.issued, parse_money(&r.try_get::<String, _>("issued")?)?)?;
-            a.redeemed = add(
-                a.redeemed,
-                parse_money(&r.try_get::<String, _>("redeemed")?)?,
-            )?;
+            let account: String = r.try_get("account")?;
+            let issued = parse_money(&r.try_get::<String, _>("issued")?)?;
+            let redeemed = parse_money(&r.try_get::<String, _>("redeemed")?)?;
+            a.issued = add(a.issued, issued)?;
+            a.redeemed = add(a.redeemed, redeemed)?;
+            // An external account issues what it pays out and redeems what it is paid.
+            let (credited, debited) = journal.remove(&account).unwrap_or_default();
+            replays &= (debited, credited) == (issued, redeemed);
         }
+        // Accounts without a row: the journal must leave them at zero.
+        a.journal_replays = replays && journal.values().all(|(c, d)| c == d);
         for r in sqlx::query("SELECT amount FROM holds")
             .fetch_all(&self.db.pool)
             .await?
@@ -347,11 +369,6 @@ impl LedgerStore {
             )?;
             a.hold_count += 1;
         }
-        // Every journal line moves money between two accounts; per op its legs are unique.
-        let r = sqlx::query("SELECT COUNT(*) AS n FROM journal")
-            .fetch_one(&self.db.pool)
-            .await?;
-        a.journal_lines = r.try_get::<i64, _>("n")?;
         Ok(a)
     }
 }
@@ -506,14 +523,20 @@ pub struct Audit {
     pub redeemed: Money,
     pub open_holds: Money,
     pub hold_count: u64,
+    /// Lines of the journal (`journal_lines`: `journal` and the charges' legs).
     pub journal_lines: i64,
+    /// Replaying the journal from zero gives every account its stored balance (and every
+    /// external account its issued and redeemed totals).
+    pub journal_replays: bool,
 }
 
 impl Audit {
-    /// Σ internal balances = issued − redeemed, and held balances = open holds.
+    /// Σ internal balances = issued − redeemed, held balances = open holds, and the journal
+    /// replays to the balances.
     pub fn balanced(&self) -> bool {
         self.issued.checked_sub(self.redeemed) == Some(self.internal)
             && self.held == self.open_holds
+            && self.journal_replays
     }
 }
 

@@ -172,9 +172,10 @@ impl WriteSet {
     /// were released. Its holds live only in its memory (it is the only writer, so nothing else
     /// needs them), so the database holds settled state: a user's row is their available plus
     /// held credit, held rows and keys' reservations are zero, no hold rows are written, and the
-    /// journal has a charge's legs netted (see [`net_postings`]). A crash thus loses open holds
-    /// the way a release would give them back, with nothing to sweep at the next start; and a
-    /// request writes its charge, usage record and journal legs, not a hold's rows as well.
+    /// journal has a charge's legs netted in its `charges` row (see [`net_postings`]). A crash
+    /// thus loses open holds the way a release would give them back, with nothing to sweep at
+    /// the next start; and a request writes its charge and usage record, no hold rows and no
+    /// journal rows.
     pub(super) fn net_holds(&mut self, ledger: &Ledger) {
         let mut users: BTreeSet<String> = BTreeSet::new();
         self.balances.retain(|(a, _)| match a {
@@ -201,26 +202,21 @@ impl WriteSet {
     }
 }
 
-/// An applied operation's journal legs as the exclusive writer records them (see
-/// [`WriteSet::net_holds`]): a hold or release moves nothing on disk, and a charge pays its
-/// parts from the user's credit directly (`held → node` becomes `user → node`; the leg giving
-/// the rest back, `held → user`, disappears).
+/// An applied operation's journal legs as the exclusive writer records them in `journal` (see
+/// [`WriteSet::net_holds`]): a hold or release moves nothing on disk, and a charge's legs are
+/// its `charges` row — its node, pool and treasury parts paid from the user's credit directly
+/// (`held → node` is `user → node` once the hold is netted, and the leg giving the rest back,
+/// `held → user`, disappears) — which the `journal_lines` view expands (migration 0007), so
+/// they are not written twice.
 pub(super) fn net_postings<'a>(
     op: &'a Op,
     postings: &'a [Posting],
 ) -> impl Iterator<Item = Posting> + 'a {
-    postings.iter().filter_map(move |p| match op {
-        Op::Hold { .. } | Op::Release { .. } => None,
-        Op::Charge { user, .. } => match (&p.debit, &p.credit) {
-            (Account::Held(_), Account::User(_)) => None,
-            (Account::Held(u), _) if u == user => Some(Posting {
-                debit: Account::User(u.clone()),
-                ..p.clone()
-            }),
-            _ => Some(p.clone()),
-        },
-        _ => Some(p.clone()),
-    })
+    let journaled = !matches!(
+        op,
+        Op::Hold { .. } | Op::Release { .. } | Op::Charge { .. }
+    );
+    postings.iter().filter(move |_| journaled).cloned()
 }
 
 /// A bound value of an insert.
@@ -873,8 +869,8 @@ mod tests {
         );
     }
 
-    /// Netting a hold and its charge leaves what the charge paid, from the user's credit, and
-    /// balances that add up to the same total with nothing held.
+    /// Netting a hold and its charge leaves the charge's row (whose parts are its journal legs,
+    /// paid from the user's credit) and balances that add up to the same total with nothing held.
     #[test]
     fn a_netted_cut_records_settled_state() {
         let mut l = Ledger::default();
@@ -902,19 +898,9 @@ mod tests {
             let p = posted(&mut l, &op);
             legs.extend(net_postings(&op, &p));
         }
+        // Nothing for `journal`: the charge's legs are its row's parts.
+        assert!(legs.is_empty(), "{legs:?}");
         let user = Account::User("u".into());
-        let paid: Vec<(Account, Account, u128)> = legs
-            .iter()
-            .map(|p| (p.debit.clone(), p.credit.clone(), p.amount.units()))
-            .collect();
-        assert_eq!(
-            paid,
-            vec![
-                (user.clone(), Account::Node("n".into()), 90),
-                (user.clone(), Account::Pool("n".into()), 5),
-                (user.clone(), Account::Treasury, 5),
-            ]
-        );
         // In memory "b" holds 300; on disk the user has it back.
         assert_eq!(l.balance(&user), Money::from_units(600));
         let mut cut = WriteSet::cut(&mut l, |_| 0);
@@ -928,6 +914,19 @@ mod tests {
         assert!(cut.balances.contains(&(user, Money::from_units(900))));
         let total: u128 = cut.balances.iter().map(|(_, v)| v.units()).sum();
         assert_eq!(total, 1_000);
+        let parts: Vec<(&str, u128, u128, u128)> = cut
+            .charges
+            .iter()
+            .map(|(r, c)| {
+                (
+                    r.as_str(),
+                    c.node_part.units(),
+                    c.pool_part.units(),
+                    c.treasury_part.units(),
+                )
+            })
+            .collect();
+        assert_eq!(parts, vec![("a", 90, 5, 5)]);
         assert_eq!(cut.keys[0].1.held, Money::ZERO);
         assert_eq!(cut.keys[0].1.spent, Money::from_units(100));
     }
