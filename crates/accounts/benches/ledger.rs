@@ -179,7 +179,6 @@ async fn store(name: &str, url: &str, users: usize, mode: LedgerMode, batch: usi
                     model: "bench".into(),
                     prompt_tokens: 10,
                     completion_tokens: 16,
-                    cost: Money::from_units(600_000),
                     receipt: stored_receipt(&batch.root, (i % BATCH) as u64),
                     batch: Some(batch.clone()),
                 };

@@ -61,12 +61,12 @@ impl Accounts {
             .sync()
             .await
             .map_err(|e| StoreError::Ledger(e.to_string()))?;
-        let Some(text): Option<String> =
-            sqlx::query_scalar("SELECT receipt FROM usage_records WHERE request_id = $1")
+        let text: Option<Option<String>> =
+            sqlx::query_scalar("SELECT receipt FROM charges WHERE request_id = $1")
                 .bind(request_id)
                 .fetch_optional(&self.db.pool)
-                .await?
-        else {
+                .await?;
+        let Some(text) = text.flatten() else {
             return Ok(None);
         };
         let corrupt = |e: String| StoreError::Corrupt(format!("receipt of {request_id}: {e}"));
@@ -137,8 +137,8 @@ impl Accounts {
             .map_err(|e| StoreError::Ledger(e.to_string()))?;
         // Money is summed in Rust (it exceeds 64 bits); rows stream rather than load at once.
         let sql = format!(
-            "SELECT {} AS g, prompt_tokens, completion_tokens, cost FROM usage_records
-             WHERE {by} = $1 AND day >= $2 AND day <= $3",
+            "SELECT {} AS g, prompt_tokens, completion_tokens, amount FROM charges
+             WHERE {by} = $1 AND day >= $2 AND day <= $3 AND model IS NOT NULL",
             group.column()
         );
         let mut out: BTreeMap<String, UsageRow> = BTreeMap::new();
@@ -160,7 +160,7 @@ impl Accounts {
                 u64::try_from(r.try_get::<i64, _>("completion_tokens")?).unwrap_or(0);
             e.cost = e
                 .cost
-                .checked_add(parse_money(&r.try_get::<String, _>("cost")?)?)
+                .checked_add(parse_money(&r.try_get::<String, _>("amount")?)?)
                 .ok_or_else(|| StoreError::Corrupt("usage cost overflow".into()))?;
         }
         Ok(out.into_values().collect())

@@ -175,7 +175,7 @@ fn charge_op(request: &str, user: &str, units: u128) -> Op {
     }
 }
 
-fn usage(request: &str, user: &str, units: u128) -> UsageRecord {
+fn usage(request: &str, user: &str) -> UsageRecord {
     UsageRecord {
         request_id: request.into(),
         user_id: user.into(),
@@ -184,7 +184,6 @@ fn usage(request: &str, user: &str, units: u128) -> UsageRecord {
         model: "smollm2-135m".into(),
         prompt_tokens: 10,
         completion_tokens: 5,
-        cost: Money::from_units(units),
         receipt: "{}".into(),
         batch: None,
     }
@@ -226,13 +225,13 @@ async fn sign_in_faucet_hold_charge(url: &str, mode: LedgerMode) {
     assert_eq!((b.available, b.held), (lai(6), lai(4)));
     let cost = 1_000_000_000_000_000_000u128; // 1 LAI
     assert!(matches!(
-        l.charge(charge_op("r1", &user, cost), usage("r1", &user, cost))
+        l.charge(charge_op("r1", &user, cost), usage("r1", &user))
             .await,
         Ok(Applied::Posted(_))
     ));
     // Replay: no-op, charged once.
     assert_eq!(
-        l.charge(charge_op("r1", &user, cost), usage("r1", &user, cost))
+        l.charge(charge_op("r1", &user, cost), usage("r1", &user))
             .await,
         Ok(Applied::Duplicate)
     );
@@ -324,7 +323,7 @@ async fn concurrent_holds_never_overspend(url: &str, mode: LedgerMode) {
                     Ok(Applied::Posted(_)) => {
                         let c = acc
                             .ledger()
-                            .charge(charge_op(&r, &user, 100), usage(&r, &user, 100))
+                            .charge(charge_op(&r, &user, 100), usage(&r, &user))
                             .await;
                         assert!(matches!(c, Ok(Applied::Posted(_))), "{c:?}");
                         true
@@ -396,7 +395,7 @@ async fn holds_are_released_after_a_crash(url: &str, mode: LedgerMode) {
     acc.ledger()
         .charge(
             charge_op("late0", &user, 1_000),
-            usage("late0", &user, 1_000),
+            usage("late0", &user),
         )
         .await
         .unwrap();
@@ -442,7 +441,7 @@ async fn a_reader_next_to_a_running_writer_changes_nothing(url: &str, mode: Ledg
     drop(reader);
     assert!(matches!(
         acc.ledger()
-            .charge(charge_op("live", &user, 500), usage("live", &user, 500))
+            .charge(charge_op("live", &user, 500), usage("live", &user))
             .await,
         Ok(Applied::Posted(_))
     ));
@@ -468,14 +467,14 @@ async fn old_charges_are_read_back(url: &str, mode: LedgerMode) {
     for i in 0..6 {
         let r = format!("old{i}");
         l.apply(hold_op(&r, &user, lai(1))).await.unwrap();
-        l.charge(charge_op(&r, &user, 100), usage(&r, &user, 100))
+        l.charge(charge_op(&r, &user, 100), usage(&r, &user))
             .await
             .unwrap();
         // Each charge durable before the next, so the oldest ones leave memory.
         l.sync().await.unwrap();
     }
     assert_eq!(
-        l.charge(charge_op("old0", &user, 100), usage("old0", &user, 100))
+        l.charge(charge_op("old0", &user, 100), usage("old0", &user))
             .await,
         Ok(Applied::Duplicate)
     );
@@ -926,7 +925,7 @@ async fn charges_in_a_batch(url: &str, mode: LedgerMode) {
     let cost = 1_000_000_000_000_000_000u128; // 1 LAI
     let batch = |rs: &[&str]| {
         rs.iter()
-            .map(|r| (charge_op(r, &user, cost), usage(r, &user, cost)))
+            .map(|r| (charge_op(r, &user, cost), usage(r, &user)))
             .collect::<Vec<_>>()
     };
     let out = l.charge_many(batch(&["b1", "b2", "nohold", "b1"])).await;
@@ -995,7 +994,7 @@ async fn receipts_in_a_batch_are_stored_once(url: &str, mode: LedgerMode) {
             .apply(hold_op(id, &user, lai(1)))
             .await
             .unwrap();
-        let mut u = usage(id, &user, 1_000);
+        let mut u = usage(id, &user);
         u.receipt = serde_json::to_string(&ReceiptInBatch {
             receipt: r.clone(),
             root: batch.root.clone(),
@@ -1037,7 +1036,7 @@ async fn receipts_in_a_batch_are_stored_once(url: &str, mode: LedgerMode) {
             .apply(hold_op(id, &user, lai(1)))
             .await
             .unwrap();
-        let mut u = usage(id, &user, 1_000);
+        let mut u = usage(id, &user);
         u.receipt = text;
         acc.ledger()
             .charge(charge_op(id, &user, 1_000), u)
@@ -1158,7 +1157,7 @@ async fn settlement_nets_charges_and_refunds_per_node(url: &str, mode: LedgerMod
             };
             let usage = UsageRecord {
                 node,
-                ..usage(&r, &user, units)
+                ..usage(&r, &user)
             };
             assert!(matches!(l.charge(op, usage).await, Ok(Applied::Posted(_))));
         }

@@ -132,7 +132,7 @@ impl std::fmt::Debug for Parked {
         let mut d = f.debug_struct("Parked");
         if let Some(c) = &self.charge {
             d.field("request", &c.record.request_id)
-                .field("cost", &c.record.cost);
+                .field("op", &c.op);
         }
         d.finish()
     }
@@ -438,7 +438,6 @@ impl Bill {
             model: self.model.clone(),
             prompt_tokens: u64::from(usage.prompt_tokens),
             completion_tokens: u64::from(usage.completion_tokens),
-            cost,
             receipt: String::new(),
             batch: None,
         };

@@ -464,7 +464,9 @@ impl Hot {
             let cut = Arc::new(cut);
             last = Some(tokio::time::Instant::now());
             let mut backoff = Duration::from_millis(20);
-            while let Err(e) = self.write(&cut).await {
+            let mut retry = false;
+            while let Err(e) = self.write(&cut, retry).await {
+                retry = true;
                 tracing::error!(error = %e, rows = cut.postings.len(), "ledger write failed; retrying");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -474,12 +476,14 @@ impl Hot {
         }
     }
 
-    async fn write(&self, cut: &Arc<WriteSet>) -> Result<(), StoreError> {
+    /// Writes `cut` in one transaction (`retry`: an earlier attempt failed, perhaps after its
+    /// commit landed, so every row is written idempotently).
+    async fn write(&self, cut: &Arc<WriteSet>, retry: bool) -> Result<(), StoreError> {
         if let Some(native) = &self.native {
-            return native.write(cut.clone(), now(), self.owner.clone()).await;
+            return native.write(cut.clone(), now(), self.owner.clone(), retry).await;
         }
         let mut tx = self.db.begin_write().await?;
-        write_back(&mut tx, self.db.backend, cut, now(), &self.owner).await?;
+        write_back(&mut tx, self.db.backend, cut, now(), &self.owner, retry).await?;
         tx.commit().await?;
         Ok(())
     }

@@ -9,8 +9,8 @@
 //!   until its operation is durable; [`LedgerStore::apply`] and [`LedgerStore::charge`] (the
 //!   request path) do not. Its holds live in memory only: the database records settled state,
 //!   as if every open hold were released (a user's row is their available plus held credit, a
-//!   charge's journal legs pay from it directly), so a request writes its charge and usage
-//!   record but no hold rows. What a crash can lose is the cut not yet committed — the charges of
+//!   charge's journal legs pay from it directly), so a request writes one row (its charge
+//!   with its usage record) and no hold or journal rows. What a crash can lose is the cut not yet committed — the charges of
 //!   requests that ended in the last few milliseconds — and open holds, which it gives back.
 //! - **Shared** (several Nexus replicas on one PostgreSQL database): every batch loads the rows it
 //!   touches row-locked, applies, writes back and commits before anyone hears the outcome.
@@ -99,7 +99,6 @@ pub struct UsageRecord {
     pub model: String,
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
-    pub cost: Money,
     /// The node's signed receipt (JSON): a `UsageReceipt` signed alone, or a
     /// `lattice_link::ReceiptInBatch` naming its place in `batch`.
     pub receipt: String,

@@ -26,7 +26,8 @@ impl ToSql for V<'_> {
             V::T(s) => ValueRef::Text(s.as_bytes()),
             V::O(Some(s)) => ValueRef::Text(s.as_bytes()),
             V::O(None) => ValueRef::Null,
-            V::I(i) => ValueRef::Integer(*i),
+            V::I(i) | V::N(Some(i)) => ValueRef::Integer(*i),
+            V::N(None) => ValueRef::Null,
         }))
     }
 }
@@ -96,24 +97,25 @@ impl Native {
         }
     }
 
-    /// Writes `cut` in one transaction.
+    /// Writes `cut` in one transaction (`retry`: an earlier attempt may have committed it).
     pub(super) async fn write(
         &self,
         cut: Arc<WriteSet>,
         t: i64,
         owner: Arc<str>,
+        retry: bool,
     ) -> Result<(), StoreError> {
         match self {
             Self::Sqlite { conn, .. } => {
                 let conn = conn.clone();
                 tokio::task::spawn_blocking(move || {
                     let mut conn = conn.lock().unwrap_or_else(|e| e.into_inner());
-                    write_sqlite(&mut conn, &cut, t, &owner)
+                    write_sqlite(&mut conn, &cut, t, &owner, retry)
                 })
                 .await
                 .map_err(|e| StoreError::Native(e.to_string()))?
             }
-            Self::Postgres(pool) => write_postgres(pool, &cut, t, &owner).await,
+            Self::Postgres(pool) => write_postgres(pool, &cut, t, &owner, retry).await,
         }
     }
 }
@@ -184,13 +186,14 @@ fn write_sqlite(
     ws: &WriteSet,
     t: i64,
     owner: &str,
+    retry: bool,
 ) -> Result<(), StoreError> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let run = |ins: &Insert, rows: Vec<Vec<V<'_>>>| -> Result<(), StoreError> {
         if rows.is_empty() {
             return Ok(());
         }
-        let mut stmt = tx.prepare_cached(&ins.one_row())?;
+        let mut stmt = tx.prepare_cached(&ins.one_row(retry))?;
         for row in &rows {
             stmt.execute(rusqlite::params_from_iter(row.iter()))?;
         }
@@ -212,7 +215,7 @@ fn write_sqlite(
 /// One column of an insert, as the array PostgreSQL unnests.
 enum Column<'a> {
     Text(Vec<Option<&'a str>>),
-    Int(Vec<i64>),
+    Int(Vec<Option<i64>>),
 }
 
 /// The rows as columns; the first row decides each column's type (every row of an insert is
@@ -222,7 +225,7 @@ fn columns<'a>(cols: usize, rows: &'a [Vec<V<'_>>]) -> Result<Vec<Column<'a>>, S
         Some(first) => first
             .iter()
             .map(|v| match v {
-                V::I(_) => Column::Int(Vec::with_capacity(rows.len())),
+                V::I(_) | V::N(_) => Column::Int(Vec::with_capacity(rows.len())),
                 _ => Column::Text(Vec::with_capacity(rows.len())),
             })
             .collect(),
@@ -238,7 +241,8 @@ fn columns<'a>(cols: usize, rows: &'a [Vec<V<'_>>]) -> Result<Vec<Column<'a>>, S
             match (c, v) {
                 (Column::Text(c), V::T(s)) => c.push(Some(s.as_ref())),
                 (Column::Text(c), V::O(s)) => c.push(*s),
-                (Column::Int(c), V::I(i)) => c.push(*i),
+                (Column::Int(c), V::I(i)) => c.push(Some(*i)),
+                (Column::Int(c), V::N(i)) => c.push(*i),
                 _ => return Err(StoreError::Corrupt("a ledger column of mixed types".into())),
             }
         }
@@ -251,6 +255,7 @@ async fn write_postgres(
     ws: &WriteSet,
     t: i64,
     owner: &str,
+    retry: bool,
 ) -> Result<(), StoreError> {
     let mut tx = pool.begin().await?;
     // The lock lives with the session: if the connection was replaced, take it again, and
@@ -282,7 +287,7 @@ async fn write_postgres(
         let sql = format!(
             "{head} SELECT * FROM UNNEST({}) {}",
             types.join(", "),
-            ins.tail
+            ins.tail(retry)
         );
         let mut q = sqlx::query(&sql);
         for c in cols {
@@ -295,4 +300,102 @@ async fn write_postgres(
     }
     tx.commit().await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::panic)]
+
+    use lattice_ledger::{Applied, Ledger, Money, Op, Split};
+
+    use super::*;
+    use crate::ledger::UsageRecord;
+    use crate::ledger::side_rows;
+    use crate::ledger::sql::net_postings;
+
+    /// One cut with every kind of appended row: a faucet grant (journal leg, applied op, grant),
+    /// a charge with its usage record (charge row, settlement item) and balances.
+    fn cut() -> WriteSet {
+        let mut l = Ledger::default();
+        let mut appended = WriteSet::default();
+        let usage = UsageRecord {
+            request_id: "r".into(),
+            user_id: "u".into(),
+            key_id: None,
+            node: "n".into(),
+            model: "m".into(),
+            prompt_tokens: 3,
+            completion_tokens: 4,
+            receipt: "{}".into(),
+            batch: None,
+        };
+        let ops = [
+            Op::Faucet {
+                op: "f".into(),
+                user: "u".into(),
+                amount: Money::from_units(1_000),
+            },
+            Op::Hold {
+                request: "r".into(),
+                user: "u".into(),
+                key: None,
+                amount: Money::from_units(300),
+            },
+            Op::Charge {
+                request: "r".into(),
+                user: "u".into(),
+                node: "n".into(),
+                amount: Money::from_units(100),
+                split: Split::default(),
+            },
+        ];
+        for op in &ops {
+            let Ok(Applied::Posted(p)) = l.apply(op) else {
+                panic!("{op:?} not applied")
+            };
+            let u = matches!(op, Op::Charge { .. }).then_some(&usage);
+            side_rows(&mut appended, &l, op, u, net_postings(op, &p));
+        }
+        let mut cut = WriteSet::cut(&mut l, |_| 0);
+        cut.net_holds(&l);
+        cut.set_appended(appended);
+        cut
+    }
+
+    /// A write retried after its commit landed (the acknowledgement lost) neither fails nor
+    /// writes anything twice; written again as new, the same rows conflict.
+    #[tokio::test]
+    async fn a_retried_write_writes_nothing_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("nexus.db").display());
+        let db = Db::open(&url).await.unwrap();
+        let native = Native::open(&db, Duration::from_secs(1))
+            .await
+            .unwrap()
+            .unwrap();
+        let cut = Arc::new(cut());
+        let owner: Arc<str> = "a".into();
+        native.write(cut.clone(), 1, owner.clone(), false).await.unwrap();
+        assert!(native.write(cut.clone(), 1, owner.clone(), false).await.is_err());
+        native.write(cut.clone(), 1, owner, true).await.unwrap();
+        for (table, rows) in [
+            ("charges", 1),
+            ("journal", 1),
+            ("applied_ops", 1),
+            ("chain_grants", 1),
+            ("settle_items", 1),
+        ] {
+            let n: i64 = sqlx::query_scalar(&format!("SELECT COUNT(*) FROM {table}"))
+                .fetch_one(db.pool())
+                .await
+                .unwrap();
+            assert_eq!(n, rows, "{table}");
+        }
+        let model: Option<String> =
+            sqlx::query_scalar("SELECT model FROM charges WHERE request_id = 'r'")
+                .fetch_one(db.pool())
+                .await
+                .unwrap();
+        assert_eq!(model.as_deref(), Some("m"));
+    }
 }

@@ -121,7 +121,8 @@ pub(super) async fn apply_batch(
     }
     let mut ws = WriteSet::cut(&mut ledger, |_| expires);
     ws.set_appended(extra);
-    write_back(&mut tx, db.backend, &ws, t, &config.owner).await?;
+    // A failed batch is never retried as it is: the next one loads what is on disk.
+    write_back(&mut tx, db.backend, &ws, t, &config.owner, false).await?;
     tx.commit().await?;
     Ok(results)
 }
