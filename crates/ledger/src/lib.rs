@@ -550,47 +550,70 @@ impl Ledger {
         op: &str,
     ) -> Result<Vec<Posting>, LedgerError> {
         let moves: Vec<_> = moves.into_iter().filter(|m| !m.2.is_zero()).collect();
-        let mut next: HashMap<Account, Money> = HashMap::new();
-        let mut ext_in: HashMap<Account, Money> = HashMap::new();
-        let mut ext_out: HashMap<Account, Money> = HashMap::new();
+        // An operation has at most a handful of legs: the accounts it touches are looked up in
+        // small vectors (no hashing, no allocation beyond them).
+        let mut next: Vec<(&Account, Money)> = Vec::with_capacity(moves.len() + 1);
+        let mut ext_in: Vec<(&Account, Money)> = Vec::new();
+        let mut ext_out: Vec<(&Account, Money)> = Vec::new();
+        fn slot<'a>(
+            v: &mut Vec<(&'a Account, Money)>,
+            a: &'a Account,
+            start: impl FnOnce() -> Money,
+        ) -> usize {
+            match v.iter().position(|(x, _)| *x == a) {
+                Some(i) => i,
+                None => {
+                    v.push((a, start()));
+                    v.len() - 1
+                }
+            }
+        }
         for (from, to, amount) in &moves {
             if from.is_external() {
-                let t = ext_in
-                    .entry(from.clone())
-                    .or_insert_with(|| self.issued.get(from).copied().unwrap_or_default());
+                let i = slot(&mut ext_in, from, || {
+                    self.issued.get(from).copied().unwrap_or_default()
+                });
+                let t = &mut ext_in[i].1;
                 *t = t.checked_add(*amount).ok_or(LedgerError::Overflow)?;
             } else {
-                let cur = next
-                    .get(from)
-                    .copied()
-                    .unwrap_or_else(|| self.balance(from));
-                let v = cur
+                let i = slot(&mut next, from, || self.balance(from));
+                let cur = next[i].1;
+                next[i].1 = cur
                     .checked_sub(*amount)
                     .ok_or(LedgerError::InsufficientFunds {
                         needed: *amount,
                         available: cur,
                     })?;
-                next.insert(from.clone(), v);
             }
             if to.is_external() {
-                let t = ext_out
-                    .entry(to.clone())
-                    .or_insert_with(|| self.redeemed.get(to).copied().unwrap_or_default());
+                let i = slot(&mut ext_out, to, || {
+                    self.redeemed.get(to).copied().unwrap_or_default()
+                });
+                let t = &mut ext_out[i].1;
                 *t = t.checked_add(*amount).ok_or(LedgerError::Overflow)?;
             } else {
-                let cur = next.get(to).copied().unwrap_or_else(|| self.balance(to));
-                next.insert(
-                    to.clone(),
-                    cur.checked_add(*amount).ok_or(LedgerError::Overflow)?,
-                );
+                let i = slot(&mut next, to, || self.balance(to));
+                let t = &mut next[i].1;
+                *t = t.checked_add(*amount).ok_or(LedgerError::Overflow)?;
             }
         }
         for (account, v) in next {
-            self.changes.balances.insert(account.clone());
-            self.balances.insert(account, v);
+            if !self.changes.balances.contains(account) {
+                self.changes.balances.insert(account.clone());
+            }
+            match self.balances.get_mut(account) {
+                Some(b) => *b = v,
+                None => {
+                    self.balances.insert(account.clone(), v);
+                }
+            }
         }
-        self.issued.extend(ext_in);
-        self.redeemed.extend(ext_out);
+        for (account, v) in ext_in {
+            self.issued.insert(account.clone(), v);
+        }
+        for (account, v) in ext_out {
+            self.redeemed.insert(account.clone(), v);
+        }
         Ok(moves
             .into_iter()
             .map(|(debit, credit, amount)| Posting {
