@@ -393,10 +393,7 @@ async fn holds_are_released_after_a_crash(url: &str, mode: LedgerMode) {
             .unwrap();
     }
     acc.ledger()
-        .charge(
-            charge_op("late0", &user, 1_000),
-            usage("late0", &user),
-        )
+        .charge(charge_op("late0", &user, 1_000), usage("late0", &user))
         .await
         .unwrap();
     acc.ledger().sync().await.unwrap();

@@ -131,8 +131,7 @@ impl std::fmt::Debug for Parked {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let mut d = f.debug_struct("Parked");
         if let Some(c) = &self.charge {
-            d.field("request", &c.record.request_id)
-                .field("op", &c.op);
+            d.field("request", &c.record.request_id).field("op", &c.op);
         }
         d.finish()
     }

@@ -480,7 +480,9 @@ impl Hot {
     /// commit landed, so every row is written idempotently).
     async fn write(&self, cut: &Arc<WriteSet>, retry: bool) -> Result<(), StoreError> {
         if let Some(native) = &self.native {
-            return native.write(cut.clone(), now(), self.owner.clone(), retry).await;
+            return native
+                .write(cut.clone(), now(), self.owner.clone(), retry)
+                .await;
         }
         let mut tx = self.db.begin_write().await?;
         write_back(&mut tx, self.db.backend, cut, now(), &self.owner, retry).await?;

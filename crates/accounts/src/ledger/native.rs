@@ -375,8 +375,16 @@ mod tests {
             .unwrap();
         let cut = Arc::new(cut());
         let owner: Arc<str> = "a".into();
-        native.write(cut.clone(), 1, owner.clone(), false).await.unwrap();
-        assert!(native.write(cut.clone(), 1, owner.clone(), false).await.is_err());
+        native
+            .write(cut.clone(), 1, owner.clone(), false)
+            .await
+            .unwrap();
+        assert!(
+            native
+                .write(cut.clone(), 1, owner.clone(), false)
+                .await
+                .is_err()
+        );
         native.write(cut.clone(), 1, owner, true).await.unwrap();
         for (table, rows) in [
             ("charges", 1),

@@ -212,10 +212,7 @@ pub(super) fn net_postings<'a>(
     op: &'a Op,
     postings: &'a [Posting],
 ) -> impl Iterator<Item = Posting> + 'a {
-    let journaled = !matches!(
-        op,
-        Op::Hold { .. } | Op::Release { .. } | Op::Charge { .. }
-    );
+    let journaled = !matches!(op, Op::Hold { .. } | Op::Release { .. } | Op::Charge { .. });
     postings.iter().filter(move |_| journaled).cloned()
 }
 
