@@ -10,8 +10,9 @@
 //!   request path) do not. Its holds live in memory only: the database records settled state,
 //!   as if every open hold were released (a user's row is their available plus held credit, a
 //!   charge's journal legs pay from it directly), so a request writes one row (its charge
-//!   with its usage record) and no hold or journal rows. What a crash can lose is the cut not yet committed — the charges of
-//!   requests that ended in the last few milliseconds — and open holds, which it gives back.
+//!   with its usage record) and no hold or journal rows. What a crash can lose is the cut not
+//!   yet committed — the charges of requests that ended in the last few milliseconds — and
+//!   open holds, which it gives back.
 //! - **Shared** (several Nexus replicas on one PostgreSQL database): every batch loads the rows it
 //!   touches row-locked, applies, writes back and commits before anyone hears the outcome.
 
@@ -25,6 +26,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::TryStreamExt;
 use lattice_ledger::{Account, Applied, Ledger, LedgerError, Money, Op, Posting};
 use serde::Serialize;
 use sqlx::Row;
@@ -315,12 +317,12 @@ impl LedgerStore {
             .await
             .map_err(|e| StoreError::Ledger(e.to_string()))?;
         let mut a = Audit::default();
-        // What the journal moved into (credited) and out of (debited) each account.
+        // What the journal moved into (credited) and out of (debited) each account; the lines
+        // stream (one entry per account is kept, not the journal).
         let mut journal: HashMap<String, (Money, Money)> = HashMap::new();
-        for r in sqlx::query("SELECT debit, credit, amount FROM journal_lines")
-            .fetch_all(&self.db.pool)
-            .await?
-        {
+        let mut lines =
+            sqlx::query("SELECT debit, credit, amount FROM journal_lines").fetch(&self.db.pool);
+        while let Some(r) = lines.try_next().await? {
             let amount = parse_money(&r.try_get::<String, _>("amount")?)?;
             let d = journal.entry(r.try_get("debit")?).or_default();
             d.1 = add(d.1, amount)?;
@@ -328,6 +330,7 @@ impl LedgerStore {
             c.0 = add(c.0, amount)?;
             a.journal_lines += 1;
         }
+        drop(lines);
         let mut replays = true;
         for r in sqlx::query("SELECT account, amount FROM balances")
             .fetch_all(&self.db.pool)
