@@ -256,12 +256,12 @@ impl Hot {
     pub(super) async fn apply(
         &self,
         op: &Op,
-        usage: Option<UsageRecord>,
+        mut usage: Option<UsageRecord>,
     ) -> Result<(Applied, u64), PostError> {
         {
             let mut st = self.lock();
             if st.ready(op) {
-                return self.apply_locked(&mut st, op, usage.as_ref());
+                return self.apply_locked(&mut st, op, &mut usage);
             }
         }
         let mut charge_checked = false;
@@ -271,7 +271,7 @@ impl Hot {
                 let mut st = self.lock();
                 let missing = st.missing(op, charge_checked);
                 if missing.is_empty() {
-                    return self.apply_locked(&mut st, op, usage.as_ref());
+                    return self.apply_locked(&mut st, op, &mut usage);
                 }
                 missing
             };
@@ -291,16 +291,13 @@ impl Hot {
     /// read their rows first, one by one); outcomes in order.
     pub(super) async fn apply_many(
         &self,
-        ops: Vec<(Op, Option<UsageRecord>)>,
+        mut ops: Vec<(Op, Option<UsageRecord>)>,
     ) -> Vec<Result<(Applied, u64), PostError>> {
         let mut out: Vec<Option<Result<(Applied, u64), PostError>>> = Vec::with_capacity(ops.len());
         {
             let mut st = self.lock();
-            for (op, usage) in &ops {
-                out.push(
-                    st.ready(op)
-                        .then(|| self.apply_locked(&mut st, op, usage.as_ref())),
-                );
+            for (op, usage) in &mut ops {
+                out.push(st.ready(op).then(|| self.apply_locked(&mut st, op, usage)));
             }
         }
         let mut results = Vec::with_capacity(ops.len());
@@ -319,7 +316,7 @@ impl Hot {
         {
             let mut st = self.lock();
             if st.ready(&op) {
-                let _ = self.apply_locked(&mut st, &op, None);
+                let _ = self.apply_locked(&mut st, &op, &mut None);
                 return true;
             }
         }
@@ -339,7 +336,7 @@ impl Hot {
         &self,
         st: &mut State,
         op: &Op,
-        usage: Option<&UsageRecord>,
+        usage: &mut Option<UsageRecord>,
     ) -> Result<(Applied, u64), PostError> {
         if matches!(op, Op::Hold { .. })
             && st.seq.saturating_sub(*self.durable.borrow()) >= self.config.queue as u64
@@ -350,7 +347,14 @@ impl Hot {
         if let Applied::Posted(p) = &applied {
             st.seq += 1;
             let seq = st.seq;
-            side_rows(&mut st.appended, &st.ledger, op, usage, net_postings(op, p));
+            // The usage record moves into the rows to write (an operation posts once).
+            side_rows(
+                &mut st.appended,
+                &st.ledger,
+                op,
+                usage.take(),
+                net_postings(op, p),
+            );
             match op {
                 Op::Hold { request, .. } => {
                     let ttl = i64::try_from(self.config.hold_ttl.as_secs()).unwrap_or(i64::MAX);

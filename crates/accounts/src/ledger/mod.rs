@@ -486,7 +486,7 @@ fn side_rows(
     ws: &mut WriteSet,
     ledger: &Ledger,
     op: &Op,
-    usage: Option<&UsageRecord>,
+    usage: Option<UsageRecord>,
     postings: impl Iterator<Item = Posting>,
 ) {
     ws.postings.extend(postings.enumerate());
@@ -498,10 +498,12 @@ fn side_rows(
             amount,
             ..
         } => {
-            let tokens = usage.map_or(0, |u| u.prompt_tokens.saturating_add(u.completion_tokens));
+            let tokens = usage
+                .as_ref()
+                .map_or(0, |u| u.prompt_tokens.saturating_add(u.completion_tokens));
             ws.settle(request, (user, node), false, *amount, tokens);
             if let Some(u) = usage {
-                ws.usages.push(u.clone());
+                ws.usages.push(u);
             }
         }
         Op::Refund { request } => {

@@ -353,7 +353,7 @@ mod tests {
             let Ok(Applied::Posted(p)) = l.apply(op) else {
                 panic!("{op:?} not applied")
             };
-            let u = matches!(op, Op::Charge { .. }).then_some(&usage);
+            let u = matches!(op, Op::Charge { .. }).then(|| usage.clone());
             side_rows(&mut appended, &l, op, u, net_postings(op, &p));
         }
         let mut cut = WriteSet::cut(&mut l, |_| 0);

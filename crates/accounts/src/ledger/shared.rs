@@ -115,7 +115,7 @@ pub(super) async fn apply_batch(
     for (op, usage) in ops {
         let r = ledger.apply(op);
         if let Ok(Applied::Posted(p)) = &r {
-            side_rows(&mut extra, &ledger, op, *usage, p.iter().cloned());
+            side_rows(&mut extra, &ledger, op, usage.cloned(), p.iter().cloned());
         }
         results.push(r);
     }

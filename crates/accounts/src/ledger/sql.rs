@@ -824,7 +824,7 @@ mod tests {
                 receipt: String::new(),
                 batch: None,
             });
-            super::super::side_rows(&mut ws, l, &op, usage.as_ref(), p.into_iter());
+            super::super::side_rows(&mut ws, l, &op, usage, p.into_iter());
         };
         for (r, node, units) in [("a", "n", 100), ("b", "n", 100), ("c", "m", 50)] {
             apply(
