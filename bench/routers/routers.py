@@ -19,8 +19,6 @@ every load it waits for the CPUs to be quiet (>= --min-idle over 3 s, at most
 from __future__ import annotations
 
 import argparse
-import asyncio
-import gc
 import json
 import os
 import re
@@ -29,7 +27,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from urllib.parse import urlsplit
 
 MODEL = "bench-model"
 CONTENT = ["Hello", " from", " the", " canned", " upstream", "."]
@@ -40,11 +37,6 @@ def auth_header() -> dict:
     """`Authorization` for targets that require an API key (lattice-billed), from $BENCH_AUTH."""
     key = os.environ.get("BENCH_AUTH")
     return {"Authorization": f"Bearer {key}"} if key else {}
-
-
-def auth_line() -> str:
-    key = os.environ.get("BENCH_AUTH")
-    return f"Authorization: Bearer {key}\r\n" if key else ""
 
 
 def log(msg: str) -> None:
@@ -288,126 +280,21 @@ def cpu_seconds(pids: list[int]) -> float:
 
 
 # ---------------------------------------------------------------- fixed-rate load
-class Conn:
-    def __init__(self, r: asyncio.StreamReader, w: asyncio.StreamWriter):
-        self.r, self.w = r, w
-
-
-async def read_response(r: asyncio.StreamReader) -> tuple[int, bytes, bool]:
-    head = await r.readuntil(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split()[1])
-    hdr = {}
-    for ln in lines[1:]:
-        if ":" in ln:
-            k, v = ln.split(":", 1)
-            hdr[k.strip().lower()] = v.strip()
-    keep = hdr.get("connection", "").lower() != "close"
-    if "content-length" in hdr:
-        body = await r.readexactly(int(hdr["content-length"]))
-    elif "chunked" in hdr.get("transfer-encoding", "").lower():
-        parts = []
-        while True:
-            size = int((await r.readline()).split(b";")[0].strip(), 16)
-            if size == 0:
-                while (await r.readline()) not in (b"\r\n", b"\n", b""):
-                    pass
-                break
-            parts.append(await r.readexactly(size + 2))
-        body = b"".join(p[:-2] for p in parts)
-    else:
-        body = await r.read()
-        keep = False
-    return status, body, keep
-
-
-async def fixed_rate(url: str, stream: bool, rate: float, duration: float, warmup: float,
-                     conns: int, timeout: float, grace: float = 5.0) -> dict:
-    u = urlsplit(url)
-    host, port = u.hostname or "127.0.0.1", u.port or 80
-    body = request_body(stream)
-    req = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}:{port}\r\n"
-           f"Content-Type: application/json\r\nAccept: */*\r\n{auth_line()}"
-           f"Content-Length: {len(body)}\r\n\r\n").encode() + body
-    sem = asyncio.Semaphore(conns)  # at most `conns` requests (= connections) in flight
-    idle: list[Conn] = []             # keep-alive connections not in use
-    lat: list[float] = []
-    errors: dict[str, int] = {}
-    loop = asyncio.get_running_loop()
-    t0 = loop.time() + 0.05
-    n_warm = int(rate * warmup)
-    n_total = n_warm + int(rate * duration)
-    max_lateness = 0.0
-
-    def err(k: str) -> None:
-        errors[k] = errors.get(k, 0) + 1
-
-    async def one(i: int, due: float) -> None:
-        c = None
-        try:
-            async with sem:
-                if idle:
-                    c = idle.pop()
-                else:
-                    r, w = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
-                    c = Conn(r, w)
-                c.w.write(req)
-                status, data, keep = await asyncio.wait_for(read_response(c.r), timeout)
-                done = loop.time()
-                ok = status == 200 and ((b"[DONE]" in data) if stream else (b'"choices"' in data))
-                if not ok:
-                    err(f"HTTP {status}" if status != 200 else "bad body")
-                elif i >= n_warm:
-                    lat.append(done - due)
-                if keep:
-                    idle.append(c)
-                    c = None
-        except asyncio.TimeoutError:
-            err("timeout")
-        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError,
-                IndexError) as e:
-            err(type(e).__name__)
-        finally:
-            if c is not None:
-                c.w.close()
-
-    tasks = []
-    for i in range(n_total):
-        due = t0 + i / rate
-        d = due - loop.time()
-        if d > 0:
-            await asyncio.sleep(d)
-        else:
-            max_lateness = max(max_lateness, -d)
-        tasks.append(asyncio.ensure_future(one(i, due)))
-    t_sent = loop.time()
-    # Bounded: whatever has not finished `grace` s after the last request was due is cancelled
-    # and counted as unfinished (a saturated router would otherwise take minutes to drain).
-    _, pending = await asyncio.wait(tasks, timeout=max(0.1, t_sent + grace - loop.time()))
-    for t in pending:
-        t.cancel()
-    if pending:
-        await asyncio.gather(*pending, return_exceptions=True)
-        errors["unfinished"] = errors.get("unfinished", 0) + len(pending)
-    t_end = loop.time()
-    for c in idle:
-        c.w.close()
-    lat.sort()
-    n = len(lat)
-
-    def pct(p: float) -> float | None:
-        return round(lat[min(n - 1, int(p * n))] * 1000, 3) if n else None
-    meas_start = t0 + n_warm / rate
-    return {
-        "rate": rate, "duration_s": duration, "warmup_s": warmup, "max_conns": conns,
-        "requests": n_total - n_warm, "ok": n, "errors": errors,
-        "achieved_rps": round(n / max(1e-9, t_end - meas_start), 1),
-        "client_max_lateness_ms": round(max_lateness * 1000, 2),
-        "drain_s": round(t_end - t_sent, 3),
-        "p50_ms": pct(0.50), "p90_ms": pct(0.90), "p99_ms": pct(0.99),
-        "max_ms": round(lat[-1] * 1000, 3) if n else None,
-        "mean_ms": round(sum(lat) / n * 1000, 3) if n else None,
-    }
+def fixed_rate(loadgen: str, url: str, stream: bool, rate: float, duration: float, warmup: float,
+               conns: int, timeout: float, grace: float = 5.0) -> dict:
+    """One open-loop run of `lattice-loadgen` (crates/loadgen): request i is due at
+    t0 + i/rate, latency = end of its response - due time, at most `conns` keep-alive
+    connections; unfinished `grace` s after the last due time = counted and cancelled."""
+    cmd = [loadgen, "--url", url.rstrip("/") + "/v1/chat/completions",
+           "--body", request_body(stream).decode(),
+           "--expect", "[DONE]" if stream else '"choices"',
+           "--rate", f"{rate:g}", "--duration", f"{duration:g}", "--warmup", f"{warmup:g}",
+           "--conns", str(conns), "--timeout", f"{timeout:g}", "--grace", f"{grace:g}"]
+    for k, v in auth_header().items():
+        cmd += ["--header", f"{k}: {v}"]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True,
+                         timeout=warmup + duration + grace + timeout + 30)
+    return json.loads(out.stdout)
 
 
 # ---------------------------------------------------------------- wrk
@@ -498,13 +385,7 @@ def cmd_measure(a) -> None:
         tp = proc_tree(pids)
         roots0 = {p: cpu_seconds(proc_tree([p])) for p in pids}
         c0, w0 = cpu_seconds(tp), time.monotonic()
-        gc.collect()
-        gc.disable()  # no collector pauses inside the timed loop (a run allocates < 100 MB)
-        try:
-            r = asyncio.run(fixed_rate(a.url, stream, rate, a.duration, a.warmup, a.conns,
-                                       a.timeout))
-        finally:
-            gc.enable()
+        r = fixed_rate(a.loadgen, a.url, stream, rate, a.duration, a.warmup, a.conns, a.timeout)
         c1, w1 = cpu_seconds(tp), time.monotonic()
         r.update(q)
         n_all = r["requests"] + int(rate * a.warmup)
@@ -771,6 +652,7 @@ def main() -> None:
     p.add_argument("--warmup", type=float, default=1.0)
     p.add_argument("--conns", type=int, default=64, help="most keep-alive connections (fixed rate)")
     p.add_argument("--timeout", type=float, default=10.0)
+    p.add_argument("--loadgen", required=True, help="the lattice-loadgen binary (fixed-rate loads)")
     p.add_argument("--wrk-threads", type=int, default=1)
     p.add_argument("--wrk-conns", type=int, default=32)
     p.add_argument("--wrk-duration", type=int, default=5)

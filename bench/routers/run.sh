@@ -23,14 +23,17 @@
 # and the servers' logs in results/TS-logs/.
 #
 # Env: LATTICE_BIN (default $LATTICE_CACHE_DIR/target/release/lattice),
+#      LATTICE_LOADGEN (the fixed-rate client; default lattice-loadgen next to LATTICE_BIN,
+#      built by `cargo build --release -p lattice-loadgen` or ./test),
 #      LATTICE_CACHE_DIR (default ~/.cache/lattice; peer venvs live in its bench/venvs/),
-#      PYTHON (default python3; used for the venvs and the load generator).
+#      PYTHON (default python3; used for the venvs and the harness).
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 PYTHON="${PYTHON:-python3}"
 LATTICE_CACHE_DIR="${LATTICE_CACHE_DIR:-$HOME/.cache/lattice}"
 LATTICE_BIN="${LATTICE_BIN:-$LATTICE_CACHE_DIR/target/release/lattice}"
+LATTICE_LOADGEN="${LATTICE_LOADGEN:-$(dirname "$LATTICE_BIN")/lattice-loadgen}"
 VENVS="$LATTICE_CACHE_DIR/bench/venvs"
 RESULTS="$HERE/results"
 
@@ -128,6 +131,13 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
+# the fixed-rate client (crates/loadgen), a private copy like the lattice binary's
+if [[ ! -x "$LATTICE_LOADGEN" ]]; then
+  echo "no load generator at $LATTICE_LOADGEN: cargo build --release -p lattice-loadgen (or set LATTICE_LOADGEN)" >&2
+  exit 2
+fi
+cp "$LATTICE_LOADGEN" "$WORK/loadgen-bin"
+
 free_port() {
   "$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
 }
@@ -146,7 +156,7 @@ measure() {  # measure LABEL MODE URL PIDS UPSTREAM_PATH NOTE [RATES] ; PID_NAME
   "${CLIENT_PIN[@]}" "$PYTHON" "$HERE/routers.py" measure --label "$1" --mode "$2" --url "$3" \
     --pids "$4" --pid-names "${PID_NAMES:-}" --upstream-pids "$NGINX_PID" --upstream-path "$5" --note "$6" \
     --rates "${7:-$RATES}" --fallback-rate "$FALLBACK_RATES" --duration "$DURATION" \
-    --conns "$CONNS" --wrk-conns "$WRK_CONNS" --wrk-duration "$WRK_DURATION" \
+    --conns "$CONNS" --loadgen "$WORK/loadgen-bin" --wrk-conns "$WRK_CONNS" --wrk-duration "$WRK_DURATION" \
     ${CLIENT_CPU:+--client-cpu "$CLIENT_CPU"} --wait-quiet "$WAIT_QUIET" \
     --out "$RESULTS/$TS-$1-$2.json" \
     || { log "$1 $2: measurement failed"; note "$1" "$2 measurement failed"; }
