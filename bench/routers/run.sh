@@ -26,7 +26,8 @@
 #      LATTICE_LOADGEN (the fixed-rate client; default lattice-loadgen next to LATTICE_BIN,
 #      built by `cargo build --release -p lattice-loadgen` or ./test),
 #      LATTICE_CACHE_DIR (default ~/.cache/lattice; peer venvs live in its bench/venvs/),
-#      PYTHON (default python3; used for the venvs and the harness).
+#      PYTHON (default python3; used for the venvs and the harness),
+#      BENCH_BILLED_NEXUS_ARGS (extra arguments of the billed Nexus, e.g. --no-chain).
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -273,7 +274,7 @@ if want lattice || want lattice-node || want lattice-billed; then
       BPORT="$(free_port)"; mkdir -p "$WORK/billed"
       start_bg "$LOGS/lattice-billed-nexus.log" "${ROUTER_PIN[@]}" "$LATTICE_RUN" nexus \
         --listen "127.0.0.1:$BPORT" --db "$WORK/billed/nexus.db" --max-in-flight 4096 \
-        --operator-key-file "$WORK/billed/operator.key"
+        --operator-key-file "$WORK/billed/operator.key" ${BENCH_BILLED_NEXUS_ARGS:-}
       BNEXUS_PID=$BG_PID
       for _ in $(seq 100); do grep -q "listening on" "$LOGS/lattice-billed-nexus.log" && break; sleep 0.1; done
       start_bg "$LOGS/lattice-billed-node.log" "${ROUTER_PIN[@]}" "$LATTICE_RUN" node \

@@ -68,6 +68,10 @@ struct Ctx {
     timeout: Duration,
 }
 
+/// How many of the slowest requests the report lists, each as [due ms after t0, latency ms]: a
+/// tail made of one stall shows up as neighbouring due times.
+const SLOWEST: usize = 20;
+
 type Outcome = (usize, Instant, Result<Instant, String>);
 
 fn main() -> anyhow::Result<()> {
@@ -172,10 +176,14 @@ async fn run(a: &Args, ctx: Arc<Ctx>) -> anyhow::Result<serde_json::Value> {
     let t_end = Instant::now();
     let mut errors: BTreeMap<String, u64> = BTreeMap::new();
     let mut latencies = Vec::with_capacity(outcomes.len());
+    // (latency, due time after t0) of each measured request, for the slowest ones' timeline.
+    let mut timeline = Vec::with_capacity(outcomes.len());
     for (i, due, result) in outcomes {
         match result {
             Ok(done) if i >= n_warm => {
-                latencies.push(done.saturating_duration_since(due).as_secs_f64())
+                let latency = done.saturating_duration_since(due).as_secs_f64();
+                latencies.push(latency);
+                timeline.push((latency, due.saturating_duration_since(t0).as_secs_f64()));
             }
             Ok(_) => {}
             Err(kind) => *errors.entry(kind).or_default() += 1,
@@ -192,6 +200,12 @@ async fn run(a: &Args, ctx: Arc<Ctx>) -> anyhow::Result<serde_json::Value> {
         .max(1e-9);
     let ms = |s: f64| (s * 1e6).round() / 1e3;
     let s = summarize(&mut latencies);
+    timeline.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let slowest: Vec<[f64; 2]> = timeline
+        .iter()
+        .take(SLOWEST)
+        .map(|&(latency, at)| [ms(at), ms(latency)])
+        .collect();
     Ok(serde_json::json!({
         "client": "lattice-loadgen",
         "rate": a.rate, "duration_s": a.duration, "warmup_s": a.warmup, "max_conns": a.conns,
@@ -202,6 +216,7 @@ async fn run(a: &Args, ctx: Arc<Ctx>) -> anyhow::Result<serde_json::Value> {
         "p50_ms": s.map(|s| ms(s.p50)), "p90_ms": s.map(|s| ms(s.p90)),
         "p99_ms": s.map(|s| ms(s.p99)), "max_ms": s.map(|s| ms(s.max)),
         "mean_ms": s.map(|s| ms(s.mean)),
+        "slowest_at_ms_latency_ms": slowest,
     }))
 }
 
