@@ -101,6 +101,19 @@ struct Loaded {
 }
 
 impl State {
+    /// Room for twice the `recent` charges kept in memory, reserved once. At under half load a
+    /// removal leaves no tombstone and no insertion finds the table full, so the request path
+    /// never rehashes ~100k charges at once (a doubling or tombstone rehash held the ledger lock
+    /// for 10-140 ms under load: a stall of every request).
+    fn with_room(recent: usize) -> Self {
+        let mut st = Self::default();
+        let room = recent.saturating_mul(2);
+        st.ledger.charges.reserve(room);
+        st.touched.reserve(room);
+        st.recent.reserve(room);
+        st
+    }
+
     /// Every row `op` reads is in memory: it can be applied now (the request path's case).
     fn ready(&self, op: &Op) -> bool {
         let mut ready = !self.needs_charge_read(op, false);
@@ -198,7 +211,7 @@ impl Hot {
     ) -> Result<(Arc<Self>, Arc<Alive>), StoreError> {
         // The lock first: what is read next must not change under another writer.
         let native = Native::open(&db, config.lock_wait).await?;
-        let mut st = State::default();
+        let mut st = State::with_room(config.recent_charges);
         {
             let mut conn = db.pool.acquire().await?;
             let mut load = Loader {
@@ -510,5 +523,70 @@ impl Hot {
                 st.ledger.charges.remove(&r);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use lattice_ledger::Split;
+
+    use super::*;
+
+    /// Charges come and go from memory (each durable before the next, so the oldest are
+    /// evicted) without the maps that keep them ever growing or rehashing: their room is
+    /// reserved when the writer starts.
+    #[tokio::test]
+    async fn charges_churn_through_memory_without_growing_its_maps() {
+        let db = Db::open("sqlite::memory:").await.unwrap();
+        let config = LedgerConfig {
+            recent_charges: 64,
+            gather: Duration::ZERO,
+            ..LedgerConfig::default()
+        };
+        let (hot, _alive) = Hot::start(db, config).await.unwrap();
+        let capacity = |hot: &Hot| {
+            let st = hot.lock();
+            (
+                st.ledger.charges.capacity(),
+                st.touched.capacity(),
+                st.recent.capacity(),
+            )
+        };
+        let reserved = capacity(&hot);
+        assert!(reserved.0 >= 128 && reserved.1 >= 128 && reserved.2 >= 128);
+        let faucet = Op::Faucet {
+            op: "f".into(),
+            user: "u".into(),
+            amount: Money::from_units(1_000_000),
+        };
+        hot.apply(&faucet, None).await.unwrap();
+        for i in 0..640 {
+            let request = format!("r{i}");
+            let hold = Op::Hold {
+                request: request.clone(),
+                user: "u".into(),
+                key: None,
+                amount: Money::from_units(10),
+            };
+            hot.apply(&hold, None).await.unwrap();
+            let charge = Op::Charge {
+                request,
+                user: "u".into(),
+                node: "n".into(),
+                amount: Money::from_units(7),
+                split: Split::new(8_000, 1_000, 1_000).unwrap(),
+            };
+            let (_, seq) = hot.apply(&charge, None).await.unwrap();
+            hot.durable(seq).await.unwrap();
+        }
+        assert_eq!(
+            hot.balance(&Account::User("u".into())),
+            Some(Money::from_units(1_000_000 - 640 * 7))
+        );
+        let in_memory = hot.lock().recent.len();
+        assert!(in_memory <= 64 + 2, "{in_memory} charges in memory");
+        assert_eq!(capacity(&hot), reserved);
     }
 }
