@@ -1,11 +1,17 @@
-//! An in-process EVM (revm) that keeps its state in one file.
+//! An in-process EVM (revm) that keeps its state in two files.
 //!
-//! Every transaction is its own block, mined at once. After each block the whole state (accounts,
-//! code, storage), the block counter and the logs are written to a temporary file and renamed
-//! over the previous one, so a crash leaves either the old or the new state, never a mix; a
-//! restart continues from the last committed block. Transactions carry no signatures: the sender
-//! is whoever holds the embedding process, which is why this chain is for a local network.
+//! Every transaction is its own block, mined at once. After each block its logs are appended to
+//! a log file (`<state>.logs`, one JSON line each, synced), then the state (accounts, code,
+//! storage, the block counter and how many bytes of the log file are valid) is written to a
+//! temporary file and renamed over the previous one. A crash leaves either the old or the new
+//! state, never a mix: log lines past the length the state names are cut off when the chain
+//! opens, so a restart continues from the last committed block. The logs grow with time but are
+//! only ever appended; what is rewritten per block is the state, which grows with the protocol's
+//! users and nodes, not with its history. Transactions carry no signatures: the sender is whoever
+//! holds the embedding process, which is why this chain is for a local network. Its methods block
+//! (EVM execution, file syncs): [`crate::Chain`] runs them on tokio's blocking threads.
 
+use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -14,6 +20,7 @@ use alloy::primitives::{Address, Bytes, TxKind, U256, keccak256};
 use revm::context::result::{ExecutionResult, Output};
 use revm::context::{Context, TxEnv};
 use revm::database::{Cache, CacheDB, EmptyDB};
+use revm::database_interface::WrapDatabaseRef;
 use revm::{ExecuteCommitEvm, ExecuteEvm, MainBuilder, MainContext};
 use serde::{Deserialize, Serialize};
 
@@ -33,7 +40,13 @@ struct State {
     /// Seconds added to the wall clock (tests move time forward to end epochs).
     time_offset: u64,
     cache: Cache,
+    /// Every log, in block order (kept in memory for queries). On disk they live in the log
+    /// file; a state file from before that held them here, and is moved over when opened.
+    #[serde(default, skip_serializing)]
     logs: Vec<ChainLog>,
+    /// Bytes of the log file that belong to committed blocks.
+    #[serde(default)]
+    logs_bytes: u64,
 }
 
 pub struct Embedded {
@@ -62,7 +75,7 @@ impl Embedded {
                 "is in use by another process (a running Nexus owns its embedded chain)".into(),
             ));
         }
-        let state = match std::fs::read(path) {
+        let mut state = match std::fs::read(path) {
             Ok(bytes) => {
                 let state: State =
                     serde_json::from_slice(&bytes).map_err(|e| err(e.to_string()))?;
@@ -77,12 +90,25 @@ impl Embedded {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => State::new(chain_id),
             Err(e) => return Err(err(e.to_string())),
         };
-        Ok(Self {
+        let chain = Self {
             chain_id,
             path: Some(path.to_owned()),
-            state: Mutex::new(state),
+            state: Mutex::new(State::new(chain_id)),
             _lock: Some(lock),
-        })
+        };
+        let logs_path = logs_path(path);
+        if state.logs.is_empty() {
+            state.logs = read_logs(&logs_path, state.logs_bytes).map_err(err)?;
+        } else {
+            // Written before the logs had a file of their own: move them there once (a crash
+            // in between finds them in the state file again and does it again).
+            let lines = log_lines(&state.logs).map_err(err)?;
+            state.logs_bytes = 0;
+            state.logs_bytes = append_logs(&logs_path, &state, &lines).map_err(err)?;
+            chain.persist(&mut state, &[])?;
+        }
+        *chain.lock() = state;
+        Ok(chain)
     }
 
     /// A chain that lives only in memory.
@@ -107,7 +133,7 @@ impl Embedded {
     pub fn advance_time(&self, seconds: u64) -> Result<(), ChainError> {
         let mut state = self.lock();
         state.time_offset = state.time_offset.saturating_add(seconds);
-        self.persist(&state)
+        self.persist(&mut state, &[])
     }
 
     pub(crate) fn send(
@@ -168,19 +194,22 @@ impl Embedded {
                 };
                 state.block = block;
                 state.timestamp = timestamp;
-                let first = state.logs.len();
-                state
-                    .logs
-                    .extend(logs.iter().enumerate().map(|(i, log)| ChainLog {
+                let new: Vec<ChainLog> = logs
+                    .iter()
+                    .enumerate()
+                    .map(|(i, log)| ChainLog {
                         block,
                         tx_hash: hash,
                         index: i as u64,
                         log: log.clone(),
-                    }));
-                if let Err(e) = self.persist(&state) {
-                    state.logs.truncate(first);
+                    })
+                    .collect();
+                let before = state.logs_bytes;
+                if let Err(e) = self.persist(&mut state, &new) {
+                    state.logs_bytes = before;
                     return Err(e);
                 }
+                state.logs.extend(new);
                 Ok(Receipt {
                     hash,
                     block,
@@ -199,7 +228,6 @@ impl Embedded {
     }
 
     pub(crate) fn call(&self, to: Address, data: Bytes) -> Result<Bytes, ChainError> {
-        let state = self.lock();
         let tx = TxEnv::builder()
             .caller(Address::ZERO)
             .kind(TxKind::Call(to))
@@ -209,14 +237,14 @@ impl Embedded {
             .chain_id(Some(self.chain_id))
             .build()
             .map_err(|e| ChainError::Evm(format!("{e:?}")))?;
-        // A read works on a copy; nothing is committed.
+        let mut state = self.lock();
+        // A read runs against the state by reference (nothing is copied, nothing committed):
+        // the lock is held for the call, like a transaction holds it.
         let db = CacheDB {
-            cache: state.cache.clone(),
+            cache: std::mem::take(&mut state.cache),
             db: EmptyDB::default(),
         };
-        let block = state.block;
-        let timestamp = state.now();
-        drop(state);
+        let (block, timestamp) = (state.block, state.now());
         let mut evm = Context::mainnet()
             .modify_cfg_chained(|cfg| {
                 cfg.chain_id = self.chain_id;
@@ -228,10 +256,13 @@ impl Embedded {
                 b.gas_limit = BLOCK_GAS_LIMIT;
                 b.basefee = 0;
             })
-            .with_db(db)
+            .with_db(WrapDatabaseRef(&db))
             .build_mainnet();
-        let result = evm
-            .transact(tx)
+        let result = evm.transact(tx);
+        drop(evm);
+        state.cache = db.cache;
+        drop(state);
+        let result = result
             .map_err(|e| ChainError::Evm(format!("{e:?}")))?
             .result;
         match result {
@@ -263,30 +294,99 @@ impl Embedded {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn persist(&self, state: &State) -> Result<(), ChainError> {
+    /// Appends a new block's logs (if any) to the log file, then writes the state naming the
+    /// log file's new length. On an error the state in memory must keep its old `logs_bytes`.
+    fn persist(&self, state: &mut State, new_logs: &[ChainLog]) -> Result<(), ChainError> {
         let Some(path) = &self.path else {
             return Ok(());
         };
-        let err = |e: std::io::Error| ChainError::State {
+        let err = |message: String| ChainError::State {
             path: path.display().to_string(),
-            message: e.to_string(),
+            message,
         };
-        let bytes = serde_json::to_vec(state).map_err(|e| ChainError::State {
-            path: path.display().to_string(),
-            message: e.to_string(),
-        })?;
+        if !new_logs.is_empty() {
+            let lines = log_lines(new_logs).map_err(err)?;
+            state.logs_bytes = append_logs(&logs_path(path), state, &lines).map_err(err)?;
+        }
+        let bytes = serde_json::to_vec(&*state).map_err(|e| err(e.to_string()))?;
+        let io = |e: std::io::Error| err(e.to_string());
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(err)?;
+            std::fs::create_dir_all(dir).map_err(io)?;
         }
         let tmp = path.with_extension("tmp");
         {
-            use std::io::Write;
-            let mut f = std::fs::File::create(&tmp).map_err(err)?;
-            f.write_all(&bytes).map_err(err)?;
-            f.sync_all().map_err(err)?;
+            let mut f = std::fs::File::create(&tmp).map_err(io)?;
+            f.write_all(&bytes).map_err(io)?;
+            f.sync_all().map_err(io)?;
         }
-        std::fs::rename(&tmp, path).map_err(err)
+        std::fs::rename(&tmp, path).map_err(io)
     }
+}
+
+/// The log file beside a state file.
+fn logs_path(state: &Path) -> PathBuf {
+    state.with_extension("logs")
+}
+
+/// Logs as JSON lines.
+fn log_lines(logs: &[ChainLog]) -> Result<Vec<u8>, String> {
+    let mut out = Vec::new();
+    for log in logs {
+        serde_json::to_writer(&mut out, log).map_err(|e| e.to_string())?;
+        out.push(b'\n');
+    }
+    Ok(out)
+}
+
+/// Writes `lines` after the valid part of the log file (anything a failed write left beyond it
+/// is dropped first) and syncs it; returns the file's new valid length.
+fn append_logs(path: &Path, state: &State, lines: &[u8]) -> Result<u64, String> {
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let io = |e: std::io::Error| format!("{}: {e}", path.display());
+    f.set_len(state.logs_bytes).map_err(io)?;
+    f.seek(SeekFrom::Start(state.logs_bytes)).map_err(io)?;
+    f.write_all(lines).map_err(io)?;
+    f.sync_data().map_err(io)?;
+    Ok(state.logs_bytes + lines.len() as u64)
+}
+
+/// The logs of committed blocks: the first `valid` bytes of the log file (what lies beyond was
+/// appended for a block whose state never landed, and is cut off).
+fn read_logs(path: &Path, valid: u64) -> Result<Vec<ChainLog>, String> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && valid == 0 => return Ok(Vec::new()),
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    };
+    let valid_len = usize::try_from(valid).unwrap_or(usize::MAX);
+    if bytes.len() < valid_len {
+        return Err(format!(
+            "{} holds {} bytes but the state names {valid}",
+            path.display(),
+            bytes.len()
+        ));
+    }
+    let logs = bytes[..valid_len]
+        .split(|b| *b == b'\n')
+        .filter(|line| !line.is_empty())
+        .map(|line| serde_json::from_slice(line).map_err(|e| format!("{}: {e}", path.display())))
+        .collect::<Result<Vec<ChainLog>, String>>()?;
+    if bytes.len() > valid_len {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        f.set_len(valid)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        f.sync_data()
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    Ok(logs)
 }
 
 impl State {
@@ -298,6 +398,7 @@ impl State {
             time_offset: 0,
             cache: Cache::default(),
             logs: Vec::new(),
+            logs_bytes: 0,
         }
     }
 

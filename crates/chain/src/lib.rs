@@ -92,7 +92,10 @@ impl Chain {
         data: Bytes,
     ) -> Result<Receipt, ChainError> {
         match self {
-            Chain::Embedded(c) => c.send(from.address(), to, data),
+            Chain::Embedded(c) => {
+                let (c, from) = (c.clone(), from.address());
+                blocking(move || c.send(from, to, data)).await
+            }
             Chain::Rpc(c) => c.send(from, to, data).await,
         }
     }
@@ -100,7 +103,10 @@ impl Chain {
     /// A read-only call against the latest state.
     pub async fn call(&self, to: Address, data: Bytes) -> Result<Bytes, ChainError> {
         match self {
-            Chain::Embedded(c) => c.call(to, data),
+            Chain::Embedded(c) => {
+                let c = c.clone();
+                blocking(move || c.call(to, data)).await
+            }
             Chain::Rpc(c) => c.call(to, data).await,
         }
     }
@@ -124,6 +130,16 @@ impl Chain {
             Chain::Rpc(c) => c.logs(address, from, to).await,
         }
     }
+}
+
+/// Runs the embedded chain's blocking work (EVM execution, file syncs) off the async runtime,
+/// so requests sharing the runtime are not held up by a settlement transaction.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ChainError> + Send + 'static,
+) -> Result<T, ChainError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ChainError::Evm(format!("the embedded chain's task failed: {e}")))?
 }
 
 /// Turns revert data into a readable reason, decoding the protocol's custom errors.

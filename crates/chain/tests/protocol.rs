@@ -301,3 +301,82 @@ async fn embedded_state_survives_a_restart() {
         Ok(_) => panic!("opened a chain 9 state file as chain 10"),
     }
 }
+
+/// The embedded chain appends logs to a file of their own: the state file does not grow with
+/// history, bytes a crash left past the committed length are cut off when it opens, and a state
+/// file from before (logs inline) is moved over.
+#[tokio::test(flavor = "current_thread")]
+async fn embedded_logs_live_in_an_append_only_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.json");
+    let logs = dir.path().join("state.logs");
+    let deployment_file = dir.path().join("deployment.json");
+    let operator = PrivateKeySigner::random();
+    let params = DeployParams::local(addr(0xee));
+    let alice = addr(0xa1);
+    let open = || {
+        let chain = Chain::Embedded(Arc::new(Embedded::open(&state, 9).unwrap()));
+        Protocol::open_or_deploy(chain, operator.clone(), &deployment_file, &params)
+    };
+    async fn deposit(p: Protocol, from: &PrivateKeySigner, to: Address) -> (Protocol, usize) {
+        p.mint(p.operator(), U256::from(5)).await.unwrap();
+        p.deposit_for(from, to, U256::from(5)).await.unwrap();
+        let head = p.chain().block_number().await.unwrap();
+        let n = p.deposits(p.deployment().block, head).await.unwrap().len();
+        (p, n)
+    }
+    let (p, n) = deposit(open().await.unwrap(), &operator, alice).await;
+    assert_eq!(n, 1);
+    let state_len = std::fs::metadata(&state).unwrap().len();
+    let (p, n) = deposit(p, &operator, alice).await;
+    assert_eq!(n, 2);
+    let top_level_logs = || {
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
+        v.get("logs").is_some()
+    };
+    assert!(!top_level_logs(), "logs are not in the state file");
+    assert!(
+        std::fs::metadata(&state).unwrap().len() < state_len + 512,
+        "a block with logs grew the state file by more than its storage"
+    );
+    drop(p);
+
+    // A crash after the log append, before the state landed: a whole line and a torn one.
+    let committed = std::fs::metadata(&logs).unwrap().len();
+    let last_line = std::fs::read_to_string(&logs)
+        .unwrap()
+        .lines()
+        .last()
+        .unwrap()
+        .to_owned();
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&logs)
+        .unwrap();
+    std::io::Write::write_all(&mut f, format!("{last_line}\n{{\"block\":").as_bytes()).unwrap();
+    drop(f);
+    let p = open().await.unwrap();
+    assert_eq!(std::fs::metadata(&logs).unwrap().len(), committed);
+    let (p, n) = deposit(p, &operator, alice).await;
+    assert_eq!(n, 3, "the uncommitted line is not a deposit");
+    drop(p);
+
+    // A state file of the earlier format: the logs inline, no log file.
+    let mut old: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
+    let inline: Vec<serde_json::Value> = std::fs::read_to_string(&logs)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    old["logs"] = serde_json::Value::Array(inline);
+    old.as_object_mut().unwrap().remove("logs_bytes");
+    std::fs::write(&state, serde_json::to_vec(&old).unwrap()).unwrap();
+    std::fs::remove_file(&logs).unwrap();
+    let p = open().await.unwrap();
+    assert!(logs.exists());
+    assert!(!top_level_logs());
+    let (_, n) = deposit(p, &operator, alice).await;
+    assert_eq!(n, 4);
+}
