@@ -12,6 +12,7 @@
 //! (EVM execution, file syncs): [`crate::Chain`] runs them on tokio's blocking threads.
 
 use std::io::{Seek, SeekFrom, Write};
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -47,6 +48,11 @@ struct State {
     /// Bytes of the log file that belong to committed blocks.
     #[serde(default)]
     logs_bytes: u64,
+    /// Why this state can no longer be trusted to match the disk (the EVM panicked mid-block, or
+    /// a block was executed but could not be saved): every later call is refused, and reopening
+    /// the chain reloads the last saved block.
+    #[serde(skip)]
+    broken: Option<String>,
 }
 
 pub struct Embedded {
@@ -132,8 +138,14 @@ impl Embedded {
     /// Moves this chain's clock forward (block timestamps are the wall clock plus this offset).
     pub fn advance_time(&self, seconds: u64) -> Result<(), ChainError> {
         let mut state = self.lock();
+        state.usable()?;
+        let before = state.time_offset;
         state.time_offset = state.time_offset.saturating_add(seconds);
-        self.persist(&mut state, &[])
+        let saved = self.persist(&mut state, &[]);
+        if saved.is_err() {
+            state.time_offset = before;
+        }
+        saved
     }
 
     pub(crate) fn send(
@@ -143,6 +155,7 @@ impl Embedded {
         data: Bytes,
     ) -> Result<Receipt, ChainError> {
         let mut state = self.lock();
+        state.usable()?;
         let block = state.block + 1;
         let timestamp = state.now();
         let hash = keccak256(
@@ -167,22 +180,34 @@ impl Embedded {
             cache: std::mem::take(&mut state.cache),
             db: EmptyDB::default(),
         };
-        let mut evm = Context::mainnet()
-            .modify_cfg_chained(|cfg| {
-                cfg.chain_id = self.chain_id;
-                cfg.disable_nonce_check = true;
-            })
-            .modify_block_chained(|b| {
-                b.number = U256::from(block);
-                b.timestamp = U256::from(timestamp);
-                b.gas_limit = BLOCK_GAS_LIMIT;
-                b.basefee = 0;
-            })
-            .with_db(db)
-            .build_mainnet();
-        let result = evm.transact_commit(tx);
-        // Take the state back whatever happened: a failed transaction changed nothing.
-        state.cache = std::mem::take(&mut evm.ctx.journaled_state.database.cache);
+        let chain_id = self.chain_id;
+        let run = catch_unwind(AssertUnwindSafe(move || {
+            let mut evm = Context::mainnet()
+                .modify_cfg_chained(|cfg| {
+                    cfg.chain_id = chain_id;
+                    cfg.disable_nonce_check = true;
+                })
+                .modify_block_chained(|b| {
+                    b.number = U256::from(block);
+                    b.timestamp = U256::from(timestamp);
+                    b.gas_limit = BLOCK_GAS_LIMIT;
+                    b.basefee = 0;
+                })
+                .with_db(db)
+                .build_mainnet();
+            let result = evm.transact_commit(tx);
+            // The state back whatever happened: a failed transaction changed nothing.
+            let cache = std::mem::take(&mut evm.ctx.journaled_state.database.cache);
+            (result, cache)
+        }));
+        let Ok((result, cache)) = run else {
+            // The state went down with the panic; the disk still has the last block.
+            state.broken = Some(format!("the EVM panicked executing block {block}"));
+            return Err(ChainError::Evm(format!(
+                "the EVM panicked executing block {block}; reopen the chain"
+            )));
+        };
+        state.cache = cache;
         let result = result.map_err(|e| ChainError::Evm(format!("{e:?}")))?;
         match result {
             ExecutionResult::Success {
@@ -207,6 +232,9 @@ impl Embedded {
                 let before = state.logs_bytes;
                 if let Err(e) = self.persist(&mut state, &new) {
                     state.logs_bytes = before;
+                    // Executed in memory but not saved: what callers read from here on would
+                    // not survive a restart, so nothing more is served until one.
+                    state.broken = Some(format!("block {block} was executed but not saved: {e}"));
                     return Err(e);
                 }
                 state.logs.extend(new);
@@ -238,30 +266,34 @@ impl Embedded {
             .build()
             .map_err(|e| ChainError::Evm(format!("{e:?}")))?;
         let mut state = self.lock();
+        state.usable()?;
         // A read runs against the state by reference (nothing is copied, nothing committed):
         // the lock is held for the call, like a transaction holds it.
         let db = CacheDB {
             cache: std::mem::take(&mut state.cache),
             db: EmptyDB::default(),
         };
-        let (block, timestamp) = (state.block, state.now());
-        let mut evm = Context::mainnet()
-            .modify_cfg_chained(|cfg| {
-                cfg.chain_id = self.chain_id;
-                cfg.disable_nonce_check = true;
-            })
-            .modify_block_chained(|b| {
-                b.number = U256::from(block);
-                b.timestamp = U256::from(timestamp);
-                b.gas_limit = BLOCK_GAS_LIMIT;
-                b.basefee = 0;
-            })
-            .with_db(WrapDatabaseRef(&db))
-            .build_mainnet();
-        let result = evm.transact(tx);
-        drop(evm);
+        let (block, timestamp, chain_id) = (state.block, state.now(), self.chain_id);
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            Context::mainnet()
+                .modify_cfg_chained(|cfg| {
+                    cfg.chain_id = chain_id;
+                    cfg.disable_nonce_check = true;
+                })
+                .modify_block_chained(|b| {
+                    b.number = U256::from(block);
+                    b.timestamp = U256::from(timestamp);
+                    b.gas_limit = BLOCK_GAS_LIMIT;
+                    b.basefee = 0;
+                })
+                .with_db(WrapDatabaseRef(&db))
+                .build_mainnet()
+                .transact(tx)
+        }));
+        // Read by reference, so the state is intact even if the EVM panicked.
         state.cache = db.cache;
         drop(state);
+        let result = result.map_err(|_| ChainError::Evm("the EVM panicked in a call".into()))?;
         let result = result
             .map_err(|e| ChainError::Evm(format!("{e:?}")))?
             .result;
@@ -289,8 +321,8 @@ impl Embedded {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        // A panic while holding the lock cannot leave a half-applied block: the state is only
-        // replaced as a whole. So a poisoned lock is safe to keep using.
+        // The EVM's panics are caught under the lock, and a state that may differ from the disk
+        // is marked `broken`, so a poisoned lock is safe to keep using.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -319,7 +351,8 @@ impl Embedded {
             f.write_all(&bytes).map_err(io)?;
             f.sync_all().map_err(io)?;
         }
-        std::fs::rename(&tmp, path).map_err(io)
+        std::fs::rename(&tmp, path).map_err(io)?;
+        sync_dir(path).map_err(io)
     }
 }
 
@@ -352,6 +385,10 @@ fn append_logs(path: &Path, state: &State, lines: &[u8]) -> Result<u64, String> 
     f.seek(SeekFrom::Start(state.logs_bytes)).map_err(io)?;
     f.write_all(lines).map_err(io)?;
     f.sync_data().map_err(io)?;
+    if state.logs_bytes == 0 {
+        // Perhaps a new file: its directory entry must be durable too.
+        sync_dir(path).map_err(io)?;
+    }
     Ok(state.logs_bytes + lines.len() as u64)
 }
 
@@ -389,7 +426,24 @@ fn read_logs(path: &Path, valid: u64) -> Result<Vec<ChainLog>, String> {
     Ok(logs)
 }
 
+/// Makes a rename or a new file in `file`'s directory durable.
+fn sync_dir(file: &Path) -> std::io::Result<()> {
+    match file.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => std::fs::File::open(dir)?.sync_all(),
+        _ => Ok(()),
+    }
+}
+
 impl State {
+    fn usable(&self) -> Result<(), ChainError> {
+        match &self.broken {
+            None => Ok(()),
+            Some(why) => Err(ChainError::Evm(format!(
+                "the embedded chain stopped ({why}); restart to reload it from disk"
+            ))),
+        }
+    }
+
     fn new(chain_id: u64) -> Self {
         Self {
             chain_id,
@@ -399,6 +453,7 @@ impl State {
             cache: Cache::default(),
             logs: Vec::new(),
             logs_bytes: 0,
+            broken: None,
         }
     }
 

@@ -171,6 +171,9 @@ pub struct Protocol {
     chain: Chain,
     operator: PrivateKeySigner,
     deployment: Deployment,
+    /// Held through the operator's multi-transaction sequences (mint, approve, register), which
+    /// another caller's must not interleave with: `approve` sets the allowance, it does not add.
+    sequence: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Protocol {
@@ -179,6 +182,7 @@ impl Protocol {
             chain,
             operator,
             deployment,
+            sequence: Default::default(),
         }
     }
 
@@ -677,33 +681,41 @@ impl Protocol {
         offer: &NodeOffer,
         stake: U256,
     ) -> Result<(), ChainError> {
-        self.mint(self.operator(), stake).await?;
-        self.send(
-            self.deployment.token,
-            LAIToken::approveCall {
-                spender: self.deployment.nodes,
-                value: stake,
-            }
-            .abi_encode(),
-        )
-        .await?;
-        self.send(
-            self.deployment.nodes,
-            NodeRegistry::registerCall {
-                node,
-                offer: NodeRegistry::Offer {
-                    kind: offer.kind,
-                    models: offer.models.clone(),
-                    priceIn: offer.price_in,
-                    priceOut: offer.price_out,
-                    metadataUri: offer.metadata_uri.clone(),
-                },
-                stake,
-            }
-            .abi_encode(),
-        )
-        .await?;
-        Ok(())
+        // A task of its own, so a caller that gives up midway (a handshake timeout) does not
+        // leave tokens minted and approved but no node registered.
+        let (p, offer) = (self.clone(), offer.clone());
+        tokio::spawn(async move {
+            let _one_at_a_time = p.sequence.lock().await;
+            p.mint(p.operator(), stake).await?;
+            p.send(
+                p.deployment.token,
+                LAIToken::approveCall {
+                    spender: p.deployment.nodes,
+                    value: stake,
+                }
+                .abi_encode(),
+            )
+            .await?;
+            p.send(
+                p.deployment.nodes,
+                NodeRegistry::registerCall {
+                    node,
+                    offer: NodeRegistry::Offer {
+                        kind: offer.kind,
+                        models: offer.models,
+                        priceIn: offer.price_in,
+                        priceOut: offer.price_out,
+                        metadataUri: offer.metadata_uri,
+                    },
+                    stake,
+                }
+                .abi_encode(),
+            )
+            .await?;
+            Ok(())
+        })
+        .await
+        .map_err(|e| ChainError::Evm(format!("sponsoring the node failed: {e}")))?
     }
 
     pub async fn node(&self, node: Address) -> Result<NodeState, ChainError> {

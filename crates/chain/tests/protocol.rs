@@ -380,3 +380,73 @@ async fn embedded_logs_live_in_an_append_only_file() {
     let (_, n) = deposit(p, &operator, alice).await;
     assert_eq!(n, 4);
 }
+
+/// A block executed but not saved leaves memory ahead of the disk: the embedded chain refuses
+/// every later call until it is reopened, which resumes from the last saved block.
+#[tokio::test(flavor = "current_thread")]
+async fn embedded_chain_stops_after_a_block_it_could_not_save() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.json");
+    let deployment_file = dir.path().join("deployment.json");
+    let operator = PrivateKeySigner::random();
+    let params = DeployParams::local(addr(0xee));
+    let chain = Chain::Embedded(Arc::new(Embedded::open(&state, 9).unwrap()));
+    let p = Protocol::open_or_deploy(chain.clone(), operator.clone(), &deployment_file, &params)
+        .await
+        .unwrap();
+    let block = chain.block_number().await.unwrap();
+    // The state's temporary file cannot be created: the next block is executed, not saved.
+    std::fs::create_dir(dir.path().join("state.tmp")).unwrap();
+    let minted = p.mint(addr(3), U256::from(5)).await;
+    assert!(
+        matches!(minted, Err(ChainError::State { .. })),
+        "{minted:?}"
+    );
+    match p.user_balance(addr(3)).await {
+        Err(ChainError::Evm(m)) => assert!(m.contains("restart"), "{m}"),
+        other => panic!("a stopped chain answered {other:?}"),
+    }
+    drop((p, chain));
+    std::fs::remove_dir(dir.path().join("state.tmp")).unwrap();
+    let chain = Chain::Embedded(Arc::new(Embedded::open(&state, 9).unwrap()));
+    assert_eq!(chain.block_number().await.unwrap(), block);
+    let p = Protocol::open_or_deploy(chain, operator, &deployment_file, &params)
+        .await
+        .unwrap();
+    p.mint(addr(3), U256::from(5)).await.unwrap();
+}
+
+/// Nodes sponsored at the same time each get registered: the operator's mint, approve and
+/// register sequences do not interleave (an approval sets the allowance, it does not add).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_sponsoring_registers_every_node() {
+    let chain = Chain::Embedded(Arc::new(Embedded::in_memory(31_337)));
+    let p = Protocol::deploy(
+        chain,
+        PrivateKeySigner::random(),
+        &DeployParams::local(addr(0xee)),
+    )
+    .await
+    .unwrap();
+    let min = p.min_stake().await.unwrap();
+    let offer = NodeOffer {
+        kind: 0,
+        models: vec!["m".into()],
+        price_in: 1,
+        price_out: 2,
+        metadata_uri: String::new(),
+    };
+    let nodes: Vec<Address> = (0x40..0x48).map(addr).collect();
+    let mut tasks = tokio::task::JoinSet::new();
+    for n in nodes.clone() {
+        let (p, offer) = (p.clone(), offer.clone());
+        tasks.spawn(async move { (n, p.sponsor_node(n, &offer, min).await) });
+    }
+    while let Some(done) = tasks.join_next().await {
+        let (n, r) = done.unwrap();
+        r.unwrap_or_else(|e| panic!("sponsoring {n}: {e}"));
+    }
+    for n in &nodes {
+        assert!(p.node_active(*n).await.unwrap(), "{n} is active");
+    }
+}

@@ -110,6 +110,10 @@ pub fn parse_response(buf: &[u8], eof: bool) -> Result<Parse, ParseError> {
     }
     let start = head_len + 4;
     let rest = &buf[start..];
+    // No body, whatever the headers say: informational, 204 No Content, 304 Not Modified.
+    if status < 200 || status == 204 || status == 304 {
+        framing = Framing::Length(0);
+    }
     match framing {
         Framing::Length(n) => {
             if rest.len() < n {
@@ -185,7 +189,7 @@ fn parse_chunked(buf: &[u8]) -> Result<Option<(Vec<u8>, usize)>, ParseError> {
                 None => Ok(None),
             };
         }
-        if body.len() + size > MAX_BODY {
+        if size > MAX_BODY || body.len() + size > MAX_BODY {
             return Err(ParseError::BodyTooLarge);
         }
         if buf.len() < pos + size + 2 {
@@ -283,6 +287,12 @@ mod tests {
     }
 
     #[test]
+    fn bodiless_statuses_end_at_their_head() {
+        let (r, used) = done(b"HTTP/1.1 204 No Content\r\n\r\nHTTP/1.1");
+        assert_eq!((r.status, r.body.len(), used), (204, 0, 27));
+    }
+
+    #[test]
     fn unframed_body_ends_at_eof() {
         let buf = b"HTTP/1.1 200 OK\r\n\r\nall of it";
         assert_eq!(parse_response(buf, false), Ok(Parse::Incomplete));
@@ -344,6 +354,8 @@ mod tests {
             parse_response(huge.as_bytes(), false),
             Err(ParseError::BodyTooLarge)
         );
+        let chunk = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffff\r\n";
+        assert_eq!(parse_response(chunk, false), Err(ParseError::BodyTooLarge));
     }
 
     #[test]

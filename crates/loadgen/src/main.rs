@@ -266,6 +266,13 @@ async fn exchange(ctx: &Ctx) -> Result<Instant, String> {
             Parse::Done { response, consumed } => {
                 let done = Instant::now();
                 conn.buf.drain(..consumed);
+                // The connection is reusable whatever the answer was (an error status too).
+                if response.keep_alive && conn.buf.is_empty() && !eof {
+                    ctx.idle
+                        .lock()
+                        .map_err(|_| "poisoned".to_string())?
+                        .push(conn);
+                }
                 if response.status != 200 {
                     return Err(format!("HTTP {}", response.status));
                 }
@@ -276,12 +283,6 @@ async fn exchange(ctx: &Ctx) -> Result<Instant, String> {
                         .any(|w| w == ctx.expect.as_slice());
                 if !found {
                     return Err("bad body".into());
-                }
-                if response.keep_alive && conn.buf.is_empty() && !eof {
-                    ctx.idle
-                        .lock()
-                        .map_err(|_| "poisoned".to_string())?
-                        .push(conn);
                 }
                 return Ok(done);
             }

@@ -587,6 +587,11 @@ mod tests {
         );
         let in_memory = hot.lock().recent.len();
         assert!(in_memory <= 64 + 2, "{in_memory} charges in memory");
-        assert_eq!(capacity(&hot), reserved);
+        // No growth (a removal's tombstone may lower the free room, never raise it).
+        let now = capacity(&hot);
+        assert!(
+            now.0 <= reserved.0 && now.1 <= reserved.1 && now.2 <= reserved.2,
+            "{now:?} grew from {reserved:?}"
+        );
     }
 }
