@@ -15,6 +15,7 @@ use std::io::{Seek, SeekFrom, Write};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use alloy::primitives::{Address, Bytes, TxKind, U256, keccak256};
@@ -61,6 +62,8 @@ pub struct Embedded {
     state: Mutex<State>,
     /// Held for as long as this process owns the state file: two writers would fork the chain.
     _lock: Option<std::fs::File>,
+    /// The last saved block, readable without waiting for a transaction that holds the state.
+    head: AtomicU64,
 }
 
 impl Embedded {
@@ -101,6 +104,7 @@ impl Embedded {
             path: Some(path.to_owned()),
             state: Mutex::new(State::new(chain_id)),
             _lock: Some(lock),
+            head: AtomicU64::new(0),
         };
         let logs_path = logs_path(path);
         if state.logs.is_empty() {
@@ -113,6 +117,7 @@ impl Embedded {
             state.logs_bytes = append_logs(&logs_path, &state, &lines).map_err(err)?;
             chain.persist(&mut state, &[])?;
         }
+        chain.head.store(state.block, Ordering::Release);
         *chain.lock() = state;
         Ok(chain)
     }
@@ -124,6 +129,7 @@ impl Embedded {
             path: None,
             state: Mutex::new(State::new(chain_id)),
             _lock: None,
+            head: AtomicU64::new(0),
         }
     }
 
@@ -132,7 +138,7 @@ impl Embedded {
     }
 
     pub fn block_number(&self) -> u64 {
-        self.lock().block
+        self.head.load(Ordering::Acquire)
     }
 
     /// Moves this chain's clock forward (block timestamps are the wall clock plus this offset).
@@ -238,6 +244,7 @@ impl Embedded {
                     return Err(e);
                 }
                 state.logs.extend(new);
+                self.head.store(block, Ordering::Release);
                 Ok(Receipt {
                     hash,
                     block,

@@ -126,7 +126,10 @@ impl Chain {
         to: u64,
     ) -> Result<Vec<ChainLog>, ChainError> {
         match self {
-            Chain::Embedded(c) => Ok(c.logs(address, from, to)),
+            Chain::Embedded(c) => {
+                let c = c.clone();
+                blocking(move || Ok(c.logs(address, from, to))).await
+            }
             Chain::Rpc(c) => c.logs(address, from, to).await,
         }
     }
