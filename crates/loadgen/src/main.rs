@@ -3,7 +3,7 @@
 //! Request *i* is due at t0 + i/rate whatever happened to earlier ones; its latency is the time
 //! from its due time to the end of its response, so queueing in a target that falls behind
 //! counts (no coordinated omission). A dedicated thread releases requests at their due times
-//! (`thread::sleep`, ~50–100 µs late on Linux; the lateness is reported), a single-threaded tokio
+//! (`thread::sleep`; the latest release of a run is reported), a single-threaded tokio
 //! runtime carries them on at most `--conns` keep-alive connections. It prints one JSON object
 //! with the same fields as the Python client it replaces.
 
