@@ -1,7 +1,7 @@
 //! API keys: `lk_` + 43 base64url characters (256 random bits), shown once, stored as SHA-256.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -55,27 +55,76 @@ pub struct NewKey {
 
 /// Authenticated keys are cached briefly so the request path rarely touches the database;
 /// revoking through this Nexus takes effect at once, through another replica within the TTL.
+/// An entry older than half the TTL is still served while one background read refreshes it, so
+/// a busy key never makes requests queue behind a database read (when it aged out, every request
+/// arriving during the read made a read of its own and waited for it). Past the TTL it is read
+/// again first.
 pub(crate) struct KeyCache {
     ttl: Duration,
     entries: Mutex<HashMap<String, (Caller, Instant)>>,
+    /// Key hashes being refreshed in the background (one read each at a time).
+    refreshing: Mutex<HashSet<String>>,
     minute: Mutex<HashMap<String, (u64, u32)>>,
 }
 
 const CACHE_MAX: usize = 100_000;
+
+/// How a cached entry of a given age may be used.
+#[derive(Debug, PartialEq, Eq)]
+enum Freshness {
+    Fresh,
+    /// Serve it, and refresh it in the background.
+    Stale,
+    /// Read it again before serving.
+    Expired,
+}
+
+fn freshness(age: Duration, ttl: Duration) -> Freshness {
+    if age < ttl / 2 {
+        Freshness::Fresh
+    } else if age < ttl {
+        Freshness::Stale
+    } else {
+        Freshness::Expired
+    }
+}
 
 impl KeyCache {
     pub(crate) fn new(ttl: Duration) -> Self {
         Self {
             ttl,
             entries: Mutex::new(HashMap::new()),
+            refreshing: Mutex::new(HashSet::new()),
             minute: Mutex::new(HashMap::new()),
         }
     }
 
-    fn get(&self, hash: &str) -> Option<Caller> {
+    fn get(&self, hash: &str) -> Option<(Caller, Freshness)> {
         let map = self.entries.lock().ok()?;
         let (c, at) = map.get(hash)?;
-        (at.elapsed() < self.ttl).then(|| c.clone())
+        match freshness(at.elapsed(), self.ttl) {
+            Freshness::Expired => None,
+            f => Some((c.clone(), f)),
+        }
+    }
+
+    /// True for the one caller that should refresh `hash` now.
+    fn begin_refresh(&self, hash: &str) -> bool {
+        self.refreshing
+            .lock()
+            .is_ok_and(|mut r| r.len() < CACHE_MAX && r.insert(hash.to_owned()))
+    }
+
+    fn end_refresh(&self, hash: &str) {
+        if let Ok(mut r) = self.refreshing.lock() {
+            r.remove(hash);
+        }
+    }
+
+    fn forget(&self, hash: &str) {
+        if let Ok(mut map) = self.entries.lock() {
+            map.remove(hash);
+        }
     }
 
     fn put(&self, hash: String, c: Caller) {
@@ -223,25 +272,50 @@ pub(crate) async fn revoke(db: &Db, user_id: &str, key_id: &str) -> Result<bool,
 /// Looks up an active key by its secret.
 pub(crate) async fn authenticate(
     db: &Db,
-    cache: &KeyCache,
+    cache: &Arc<KeyCache>,
     secret: &str,
 ) -> Result<Option<Caller>, StoreError> {
     if !secret.starts_with(KEY_PREFIX) || secret.len() > 128 {
         return Ok(None);
     }
     let hash = hash_token(secret);
-    if let Some(c) = cache.get(&hash) {
-        return Ok(Some(c));
+    match cache.get(&hash) {
+        Some((c, Freshness::Stale)) => {
+            if cache.begin_refresh(&hash) {
+                let (db, cache) = (db.clone(), cache.clone());
+                tokio::spawn(async move {
+                    match lookup(&db, &hash).await {
+                        Ok(Some(c)) => cache.put(hash.clone(), c),
+                        Ok(None) => cache.forget(&hash),
+                        // Left to age out: past the TTL it is read on the request path.
+                        Err(e) => tracing::warn!(error = %e, "refreshing a cached API key"),
+                    }
+                    cache.end_refresh(&hash);
+                });
+            }
+            return Ok(Some(c));
+        }
+        Some((c, _)) => return Ok(Some(c)),
+        None => {}
     }
+    let caller = lookup(db, &hash).await?;
+    if let Some(c) = &caller {
+        cache.put(hash, c.clone());
+    }
+    Ok(caller)
+}
+
+/// The active key with this hash, as a caller.
+async fn lookup(db: &Db, hash: &str) -> Result<Option<Caller>, StoreError> {
     let row = sqlx::query(
         "SELECT k.id, k.user_id, k.spend_limit, k.rpm_limit, u.address FROM api_keys k
          JOIN users u ON u.id = k.user_id WHERE k.hash = $1 AND k.revoked_at IS NULL",
     )
-    .bind(&hash)
+    .bind(hash)
     .fetch_optional(&db.pool)
     .await?;
     let Some(r) = row else { return Ok(None) };
-    let caller = Caller {
+    Ok(Some(Caller {
         user_id: r.try_get("user_id")?,
         address: r.try_get("address")?,
         key: Some(KeyInfo {
@@ -249,7 +323,31 @@ pub(crate) async fn authenticate(
             spend_limit: spend_limit(&r)?,
             rpm_limit: rpm_limit(&r)?,
         }),
-    };
-    cache.put(hash, caller.clone());
-    Ok(Some(caller))
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_are_fresh_then_refreshed_in_the_background_then_read_again() {
+        let ttl = Duration::from_secs(2);
+        let ms = Duration::from_millis;
+        assert_eq!(freshness(ms(0), ttl), Freshness::Fresh);
+        assert_eq!(freshness(ms(999), ttl), Freshness::Fresh);
+        assert_eq!(freshness(ms(1000), ttl), Freshness::Stale);
+        assert_eq!(freshness(ms(1999), ttl), Freshness::Stale);
+        assert_eq!(freshness(ms(2000), ttl), Freshness::Expired);
+    }
+
+    #[test]
+    fn one_refresh_per_key_at_a_time() {
+        let cache = KeyCache::new(Duration::from_secs(2));
+        assert!(cache.begin_refresh("a"));
+        assert!(!cache.begin_refresh("a"));
+        assert!(cache.begin_refresh("b"));
+        cache.end_refresh("a");
+        assert!(cache.begin_refresh("a"));
+    }
 }

@@ -135,7 +135,7 @@ pub struct Accounts {
     pub(crate) config: AccountsConfig,
     pub(crate) ledger: LedgerStore,
     pub(crate) webauthn: Option<webauthn_rs::Webauthn>,
-    keys: keys::KeyCache,
+    keys: std::sync::Arc<keys::KeyCache>,
 }
 
 impl Accounts {
@@ -150,7 +150,7 @@ impl Accounts {
             }
         }
         Ok(Self {
-            keys: keys::KeyCache::new(config.key_cache_ttl),
+            keys: std::sync::Arc::new(keys::KeyCache::new(config.key_cache_ttl)),
             webauthn,
             db,
             config,

@@ -538,6 +538,54 @@ async fn api_keys_limits_and_revocation(url: &str, mode: LedgerMode) {
     assert!(acc.authenticate("").await.unwrap().is_none());
 }
 
+/// A key revoked through another replica (straight in the shared database) stops working within
+/// the key cache's TTL; before that, an entry past half the TTL is served at once while it is
+/// re-read in the background.
+async fn a_key_revoked_elsewhere_stops_within_the_ttl(url: &str) {
+    let mut cfg = config("a", LedgerMode::Exclusive);
+    cfg.key_cache_ttl = std::time::Duration::from_secs(2);
+    let acc = Accounts::open(Db::open(url).await.unwrap(), cfg)
+        .await
+        .unwrap();
+    let (user, _, _) = siwe_user(&acc, "10.0.0.9").await;
+    let k = acc.create_key(&user, "ci", None, None).await.unwrap();
+    assert!(acc.authenticate(&k.secret).await.unwrap().is_some());
+    let elsewhere = Db::open(url).await.unwrap();
+    sqlx::query("UPDATE api_keys SET revoked_at = 1 WHERE id = $1")
+        .bind(&k.key.id)
+        .execute(elsewhere.pool())
+        .await
+        .unwrap();
+    let revoked_at = std::time::Instant::now();
+    tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
+    // Past half the TTL: still served from the cache, and re-read in the background, which
+    // sees the revocation before the entry would have expired.
+    let stale = acc.authenticate(&k.secret).await.unwrap();
+    let in_time = revoked_at.elapsed() < std::time::Duration::from_millis(1_500);
+    if in_time {
+        assert!(
+            stale.is_some(),
+            "a stale entry is served while it is refreshed"
+        );
+    }
+    loop {
+        if acc.authenticate(&k.secret).await.unwrap().is_none() {
+            break;
+        }
+        assert!(
+            revoked_at.elapsed() < std::time::Duration::from_millis(2_500),
+            "the revoked key still works past the TTL"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    if in_time {
+        assert!(
+            revoked_at.elapsed() < std::time::Duration::from_millis(1_900),
+            "the background refresh, not the expiry, found the revocation"
+        );
+    }
+}
+
 async fn faucet_rate_limit_and_history(url: &str, mode: LedgerMode) {
     let acc = open(url, mode, "a").await;
     // Five grants per client address per hour; the sixth account gets none.
@@ -1310,6 +1358,7 @@ macro_rules! each_database {
 }
 
 each_database!(one_exclusive_writer_per_database);
+each_database!(a_key_revoked_elsewhere_stops_within_the_ttl);
 each_database!(switching_to_the_exclusive_writer_releases_recorded_holds);
 
 macro_rules! both {
