@@ -72,7 +72,8 @@ struct Ctx {
 /// tail made of one stall shows up as neighbouring due times.
 const SLOWEST: usize = 20;
 
-type Outcome = (usize, Instant, Result<Instant, String>);
+/// A request's index, due time, and when it was written and its response ended (or why not).
+type Outcome = (usize, Instant, Result<(Instant, Instant), String>);
 
 fn main() -> anyhow::Result<()> {
     let a = Args::parse();
@@ -176,14 +177,23 @@ async fn run(a: &Args, ctx: Arc<Ctx>) -> anyhow::Result<serde_json::Value> {
     let t_end = Instant::now();
     let mut errors: BTreeMap<String, u64> = BTreeMap::new();
     let mut latencies = Vec::with_capacity(outcomes.len());
-    // (latency, due time after t0) of each measured request, for the slowest ones' timeline.
+    // (latency, due time after t0, how late it was written) of each measured request, for the
+    // slowest ones' timeline; the write's lateness tells a client-side delay (the runtime thread
+    // late, no free connection) from the target's.
     let mut timeline = Vec::with_capacity(outcomes.len());
+    let mut sent_late = Vec::with_capacity(outcomes.len());
     for (i, due, result) in outcomes {
         match result {
-            Ok(done) if i >= n_warm => {
+            Ok((sent, done)) if i >= n_warm => {
                 let latency = done.saturating_duration_since(due).as_secs_f64();
+                let late = sent.saturating_duration_since(due).as_secs_f64();
                 latencies.push(latency);
-                timeline.push((latency, due.saturating_duration_since(t0).as_secs_f64()));
+                sent_late.push(late);
+                timeline.push((
+                    latency,
+                    due.saturating_duration_since(t0).as_secs_f64(),
+                    late,
+                ));
             }
             Ok(_) => {}
             Err(kind) => *errors.entry(kind).or_default() += 1,
@@ -204,8 +214,14 @@ async fn run(a: &Args, ctx: Arc<Ctx>) -> anyhow::Result<serde_json::Value> {
     let slowest: Vec<[f64; 2]> = timeline
         .iter()
         .take(SLOWEST)
-        .map(|&(latency, at)| [ms(at), ms(latency)])
+        .map(|&(latency, at, _)| [ms(at), ms(latency)])
         .collect();
+    let slowest_sent_late: Vec<f64> = timeline
+        .iter()
+        .take(SLOWEST)
+        .map(|&(_, _, late)| ms(late))
+        .collect();
+    let sent = summarize(&mut sent_late);
     Ok(serde_json::json!({
         "client": "lattice-loadgen",
         "rate": a.rate, "duration_s": a.duration, "warmup_s": a.warmup, "max_conns": a.conns,
@@ -217,12 +233,14 @@ async fn run(a: &Args, ctx: Arc<Ctx>) -> anyhow::Result<serde_json::Value> {
         "p99_ms": s.map(|s| ms(s.p99)), "max_ms": s.map(|s| ms(s.max)),
         "mean_ms": s.map(|s| ms(s.mean)),
         "slowest_at_ms_latency_ms": slowest,
+        "slowest_sent_late_ms": slowest_sent_late,
+        "sent_late_p99_ms": sent.map(|s| ms(s.p99)), "sent_late_max_ms": sent.map(|s| ms(s.max)),
     }))
 }
 
-/// One request on an idle keep-alive connection or a new one; the time its response ended, or
-/// the kind of failure.
-async fn one(ctx: &Ctx) -> Result<Instant, String> {
+/// One request on an idle keep-alive connection or a new one; when it was written and when its
+/// response ended, or the kind of failure.
+async fn one(ctx: &Ctx) -> Result<(Instant, Instant), String> {
     let _permit = ctx.sem.acquire().await.map_err(|_| "closed".to_string())?;
     match tokio::time::timeout(ctx.timeout, exchange(ctx)).await {
         Ok(r) => r,
@@ -230,7 +248,7 @@ async fn one(ctx: &Ctx) -> Result<Instant, String> {
     }
 }
 
-async fn exchange(ctx: &Ctx) -> Result<Instant, String> {
+async fn exchange(ctx: &Ctx) -> Result<(Instant, Instant), String> {
     let idle = ctx.idle.lock().map_err(|_| "poisoned".to_string())?.pop();
     let mut conn = match idle {
         Some(c) => c,
@@ -247,6 +265,7 @@ async fn exchange(ctx: &Ctx) -> Result<Instant, String> {
             }
         }
     };
+    let sent = Instant::now();
     conn.stream
         .write_all(&ctx.request)
         .await
@@ -284,7 +303,7 @@ async fn exchange(ctx: &Ctx) -> Result<Instant, String> {
                 if !found {
                     return Err("bad body".into());
                 }
-                return Ok(done);
+                return Ok((sent, done));
             }
         }
     }
