@@ -265,7 +265,7 @@ struct EngineArgs {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    init_tracing();
+    let _flush_logs = init_tracing();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -293,15 +293,24 @@ fn main() -> Result<()> {
     })
 }
 
-fn init_tracing() {
+/// Log lines go to stderr from a thread of their own, so a tokio worker never waits on a write
+/// (on a busy disk a write to a log file can block for milliseconds, and with it every request
+/// on that worker). None is dropped: a full buffer makes the logging call wait. The returned
+/// guard flushes what is buffered when `main` returns.
+fn init_tracing() -> tracing_appender::non_blocking::WorkerGuard {
     // llama.cpp is chatty at info level; its warnings still come through.
     let filter = tracing_subscriber::EnvFilter::try_from_env("LATTICE_LOG").unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new("info,llama-cpp-2=warn,llama_cpp_2=warn")
     });
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .thread_name("lattice-log")
+        .finish(std::io::stderr());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .init();
+    guard
 }
 
 async fn model(cmd: ModelCommand) -> Result<()> {
