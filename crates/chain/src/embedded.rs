@@ -23,6 +23,7 @@ use revm::context::result::{ExecutionResult, Output};
 use revm::context::{Context, TxEnv};
 use revm::database::{Cache, CacheDB, EmptyDB};
 use revm::database_interface::WrapDatabaseRef;
+use revm::handler::MainnetContext;
 use revm::{ExecuteCommitEvm, ExecuteEvm, MainBuilder, MainContext};
 use serde::{Deserialize, Serialize};
 
@@ -173,32 +174,19 @@ impl Embedded {
             ]
             .concat(),
         );
-        let tx = TxEnv::builder()
-            .caller(from)
-            .kind(to.map_or(TxKind::Create, TxKind::Call))
-            .data(data)
-            .gas_limit(TX_GAS_LIMIT)
-            .gas_price(0)
-            .chain_id(Some(self.chain_id))
-            .build()
-            .map_err(|e| ChainError::Evm(format!("{e:?}")))?;
+        let tx = tx_env(
+            self.chain_id,
+            from,
+            to.map_or(TxKind::Create, TxKind::Call),
+            data,
+        )?;
         let db = CacheDB {
             cache: std::mem::take(&mut state.cache),
             db: EmptyDB::default(),
         };
         let chain_id = self.chain_id;
         let run = catch_unwind(AssertUnwindSafe(move || {
-            let mut evm = Context::mainnet()
-                .modify_cfg_chained(|cfg| {
-                    cfg.chain_id = chain_id;
-                    cfg.disable_nonce_check = true;
-                })
-                .modify_block_chained(|b| {
-                    b.number = U256::from(block);
-                    b.timestamp = U256::from(timestamp);
-                    b.gas_limit = BLOCK_GAS_LIMIT;
-                    b.basefee = 0;
-                })
+            let mut evm = block_context(chain_id, block, timestamp)
                 .with_db(db)
                 .build_mainnet();
             let result = evm.transact_commit(tx);
@@ -263,15 +251,7 @@ impl Embedded {
     }
 
     pub(crate) fn call(&self, to: Address, data: Bytes) -> Result<Bytes, ChainError> {
-        let tx = TxEnv::builder()
-            .caller(Address::ZERO)
-            .kind(TxKind::Call(to))
-            .data(data)
-            .gas_limit(TX_GAS_LIMIT)
-            .gas_price(0)
-            .chain_id(Some(self.chain_id))
-            .build()
-            .map_err(|e| ChainError::Evm(format!("{e:?}")))?;
+        let tx = tx_env(self.chain_id, Address::ZERO, TxKind::Call(to), data)?;
         let mut state = self.lock();
         state.usable()?;
         // A read runs against the state by reference (nothing is copied, nothing committed):
@@ -282,17 +262,7 @@ impl Embedded {
         };
         let (block, timestamp, chain_id) = (state.block, state.now(), self.chain_id);
         let result = catch_unwind(AssertUnwindSafe(|| {
-            Context::mainnet()
-                .modify_cfg_chained(|cfg| {
-                    cfg.chain_id = chain_id;
-                    cfg.disable_nonce_check = true;
-                })
-                .modify_block_chained(|b| {
-                    b.number = U256::from(block);
-                    b.timestamp = U256::from(timestamp);
-                    b.gas_limit = BLOCK_GAS_LIMIT;
-                    b.basefee = 0;
-                })
+            block_context(chain_id, block, timestamp)
                 .with_db(WrapDatabaseRef(&db))
                 .build_mainnet()
                 .transact(tx)
@@ -361,6 +331,34 @@ impl Embedded {
         std::fs::rename(&tmp, path).map_err(io)?;
         sync_dir(path).map_err(io)
     }
+}
+
+/// The EVM context of a block of this chain (no nonce checks, no base fee).
+fn block_context(chain_id: u64, block: u64, timestamp: u64) -> MainnetContext<EmptyDB> {
+    Context::mainnet()
+        .modify_cfg_chained(|cfg| {
+            cfg.chain_id = chain_id;
+            cfg.disable_nonce_check = true;
+        })
+        .modify_block_chained(|b| {
+            b.number = U256::from(block);
+            b.timestamp = U256::from(timestamp);
+            b.gas_limit = BLOCK_GAS_LIMIT;
+            b.basefee = 0;
+        })
+}
+
+/// A transaction (or read) with the per-transaction gas cap and no gas price.
+fn tx_env(chain_id: u64, caller: Address, kind: TxKind, data: Bytes) -> Result<TxEnv, ChainError> {
+    TxEnv::builder()
+        .caller(caller)
+        .kind(kind)
+        .data(data)
+        .gas_limit(TX_GAS_LIMIT)
+        .gas_price(0)
+        .chain_id(Some(chain_id))
+        .build()
+        .map_err(|e| ChainError::Evm(format!("{e:?}")))
 }
 
 /// The log file beside a state file.
