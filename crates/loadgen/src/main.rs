@@ -77,9 +77,21 @@ type Outcome = (usize, Instant, Result<(Instant, Instant), String>);
 
 fn main() -> anyhow::Result<()> {
     let a = Args::parse();
-    if !(a.rate > 0.0 && a.rate.is_finite()) || a.duration <= 0.0 || a.warmup < 0.0 || a.conns == 0
+    // Bounded so every time derived from them is a valid `Duration` (no panic on any input).
+    let within = |v: f64, min_exclusive: bool| {
+        v.is_finite() && v <= 1e6 && if min_exclusive { v > 0.0 } else { v >= 0.0 }
+    };
+    if !(within(a.rate, true)
+        && within(a.duration, true)
+        && within(a.warmup, false)
+        && within(a.timeout, true)
+        && within(a.grace, false))
+        || a.conns == 0
     {
-        bail!("--rate and --duration must be positive, --warmup not negative, --conns at least 1");
+        bail!(
+            "--rate, --duration and --timeout must be in (0, 1e6], --warmup and --grace in \
+             [0, 1e6], --conns at least 1"
+        );
     }
     let rest = a
         .url
