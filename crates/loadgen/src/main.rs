@@ -68,6 +68,9 @@ struct Ctx {
     timeout: Duration,
 }
 
+/// Most requests one run sends (each keeps an outcome in memory until the report).
+const MAX_REQUESTS: usize = 10_000_000;
+
 /// How many of the slowest requests the report lists, each as [due ms after t0, latency ms]: a
 /// tail made of one stall shows up as neighbouring due times.
 const SLOWEST: usize = 20;
@@ -92,6 +95,9 @@ fn main() -> anyhow::Result<()> {
             "--rate, --duration and --timeout must be in (0, 1e6], --warmup and --grace in \
              [0, 1e6], --conns at least 1"
         );
+    }
+    if a.rate * (a.duration + a.warmup) > MAX_REQUESTS as f64 {
+        bail!("--rate × (--duration + --warmup) is over {MAX_REQUESTS} requests");
     }
     let rest = a
         .url
