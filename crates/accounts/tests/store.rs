@@ -542,13 +542,16 @@ async fn api_keys_limits_and_revocation(url: &str, mode: LedgerMode) {
 /// the key cache's TTL; before that, an entry past half the TTL is served at once while it is
 /// re-read in the background.
 async fn a_key_revoked_elsewhere_stops_within_the_ttl(url: &str) {
+    use std::time::{Duration, Instant};
     let mut cfg = config("a", LedgerMode::Exclusive);
-    cfg.key_cache_ttl = std::time::Duration::from_secs(2);
+    // Wide enough that every step below has seconds of margin on a loaded machine.
+    cfg.key_cache_ttl = Duration::from_secs(6);
     let acc = Accounts::open(Db::open(url).await.unwrap(), cfg)
         .await
         .unwrap();
     let (user, _, _) = siwe_user(&acc, "10.0.0.9").await;
     let k = acc.create_key(&user, "ci", None, None).await.unwrap();
+    let before_cached = Instant::now();
     assert!(acc.authenticate(&k.secret).await.unwrap().is_some());
     let elsewhere = Db::open(url).await.unwrap();
     sqlx::query("UPDATE api_keys SET revoked_at = 1 WHERE id = $1")
@@ -556,33 +559,22 @@ async fn a_key_revoked_elsewhere_stops_within_the_ttl(url: &str) {
         .execute(elsewhere.pool())
         .await
         .unwrap();
-    let revoked_at = std::time::Instant::now();
-    tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
-    // Past half the TTL: still served from the cache, and re-read in the background, which
-    // sees the revocation before the entry would have expired.
-    let stale = acc.authenticate(&k.secret).await.unwrap();
-    let in_time = revoked_at.elapsed() < std::time::Duration::from_millis(1_500);
-    if in_time {
-        assert!(
-            stale.is_some(),
-            "a stale entry is served while it is refreshed"
-        );
-    }
+    // Past half the TTL: still served from the cache at once, and re-read in the background.
+    tokio::time::sleep(Duration::from_millis(3_200)).await;
+    assert!(
+        acc.authenticate(&k.secret).await.unwrap().is_some(),
+        "a stale entry is served while it is refreshed"
+    );
+    // The background read, not the expiry (6 s after caching), finds the revocation.
     loop {
         if acc.authenticate(&k.secret).await.unwrap().is_none() {
             break;
         }
         assert!(
-            revoked_at.elapsed() < std::time::Duration::from_millis(2_500),
-            "the revoked key still works past the TTL"
+            before_cached.elapsed() < Duration::from_millis(5_500),
+            "the revocation was not found before the entry expired"
         );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    if in_time {
-        assert!(
-            revoked_at.elapsed() < std::time::Duration::from_millis(1_900),
-            "the background refresh, not the expiry, found the revocation"
-        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
