@@ -4,7 +4,6 @@
 //! consent forms until it is redirected back with `code` and `state`, which `oidc_finish` takes.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -23,7 +22,7 @@ const REDIRECT_URI: &str = "http://127.0.0.1:1/auth/oidc/callback";
 
 /// Starts the provider on an ephemeral port; returns it (killed when dropped) and its issuer.
 async fn spawn_provider() -> (Child, String) {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/oidc");
+    let dir = manifest_dir().join("../../tests/oidc");
     assert!(
         dir.join("node_modules/oidc-provider").is_dir(),
         "oidc-provider is not installed in {}: run scripts/setup.sh",
@@ -334,4 +333,11 @@ async fn discovery_of_an_unreachable_issuer_fails_cleanly() {
     .await
     .unwrap_err();
     assert!(matches!(err, StoreError::Config(_)), "{err:?}");
+}
+
+/// This package's directory, read when the test runs (cargo and nextest set it): a test binary
+/// reused from a build in another checkout must not look in that checkout.
+fn manifest_dir() -> std::path::PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(|| env!("CARGO_MANIFEST_DIR").into(), Into::into)
 }

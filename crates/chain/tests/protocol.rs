@@ -16,7 +16,7 @@ fn addr(n: u8) -> Address {
 fn anvil_path() -> std::path::PathBuf {
     std::env::var_os("LATTICE_ANVIL").map_or_else(
         || {
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            manifest_dir()
                 .join("../../contracts/node_modules/@foundry-rs/anvil-linux-amd64/bin/anvil")
         },
         Into::into,
@@ -449,4 +449,11 @@ async fn concurrent_sponsoring_registers_every_node() {
     for n in &nodes {
         assert!(p.node_active(*n).await.unwrap(), "{n} is active");
     }
+}
+
+/// This package's directory, read when the test runs (cargo and nextest set it): a test binary
+/// reused from a build in another checkout must not look in that checkout.
+fn manifest_dir() -> std::path::PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(|| env!("CARGO_MANIFEST_DIR").into(), Into::into)
 }

@@ -228,7 +228,7 @@ async fn anvil_chain(dir: &Path) -> (Reaped, Vec<String>) {
 
 /// A real anvil on a free loopback port, and its RPC URL.
 async fn anvil() -> (Reaped, String) {
-    let anvil_bin = Path::new(env!("CARGO_MANIFEST_DIR"))
+    let anvil_bin = manifest_dir()
         .join("../../contracts/node_modules/@foundry-rs/anvil-linux-amd64/bin/anvil");
     let port = free_port().to_string();
     let anvil = Reaped(
@@ -902,4 +902,11 @@ async fn withdrawals_reach_the_wallet_and_survive_restarts() {
     // Ledger and chain agree to the unit, withdrawals included.
     let r = reconcile(dir.path(), &[]);
     assert!(r["checked"].as_u64().unwrap() >= 1, "{r}");
+}
+
+/// This package's directory, read when the test runs (cargo and nextest set it): a test binary
+/// reused from a build in another checkout must not look in that checkout.
+fn manifest_dir() -> std::path::PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(|| env!("CARGO_MANIFEST_DIR").into(), Into::into)
 }
