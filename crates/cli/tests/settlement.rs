@@ -228,8 +228,8 @@ async fn anvil_chain(dir: &Path) -> (Reaped, Vec<String>) {
 
 /// A real anvil on a free loopback port, and its RPC URL.
 async fn anvil() -> (Reaped, String) {
-    let anvil_bin = manifest_dir()
-        .join("../../contracts/node_modules/@foundry-rs/anvil-linux-amd64/bin/anvil");
+    let anvil_bin =
+        manifest_dir().join("../../contracts/node_modules/@foundry-rs/anvil-linux-amd64/bin/anvil");
     let port = free_port().to_string();
     let anvil = Reaped(
         std::process::Command::new(anvil_bin)

@@ -300,7 +300,8 @@ mod tests {
     #[test]
     fn every_asset_is_embedded_and_nothing_is_inline() {
         let root = std::path::PathBuf::from(
-            std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into()),
+            std::env::var_os("CARGO_MANIFEST_DIR")
+                .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into()),
         )
         .join("../../web");
         let mut on_disk = Vec::new();
