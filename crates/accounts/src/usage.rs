@@ -8,7 +8,7 @@ use lattice_link::{BatchedReceipt, ReceiptInBatch, UsageReceipt};
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
 
-use crate::ledger::parse_money;
+use crate::ledger::AMOUNT_SPLIT;
 use crate::{Accounts, StoreError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -135,10 +135,10 @@ impl Accounts {
             .sync()
             .await
             .map_err(|e| StoreError::Ledger(e.to_string()))?;
-        // Money is summed in Rust (it exceeds 64 bits); rows stream rather than load at once.
+        // The daily totals (migration 0009): a few rows per day, summed again per group.
         let sql = format!(
-            "SELECT {} AS g, prompt_tokens, completion_tokens, amount FROM charges
-             WHERE {by} = $1 AND day >= $2 AND day <= $3 AND model IS NOT NULL",
+            "SELECT {} AS g, requests, prompt_tokens, completion_tokens, amount_hi, amount_lo
+             FROM usage_daily WHERE {by} = $1 AND day >= $2 AND day <= $3",
             group.column()
         );
         let mut out: BTreeMap<String, UsageRow> = BTreeMap::new();
@@ -147,20 +147,32 @@ impl Accounts {
             .bind(from)
             .bind(to)
             .fetch(&self.db.pool);
+        let count = |r: &sqlx::any::AnyRow, col: &str| -> Result<u64, StoreError> {
+            u64::try_from(r.try_get::<i64, _>(col)?)
+                .map_err(|_| StoreError::Corrupt(format!("negative usage_daily.{col}")))
+        };
         while let Some(r) = rows.try_next().await? {
-            let g: Option<String> = r.try_get("g")?;
-            let g = g.unwrap_or_else(|| "session".into());
+            let g: String = r.try_get("g")?;
+            // Requests made in a signed-in session have no key.
+            let g = if g.is_empty() { "session".into() } else { g };
+            let (hi, lo) = (count(&r, "amount_hi")?, count(&r, "amount_lo")?);
+            let cost = u128::from(hi)
+                .checked_mul(AMOUNT_SPLIT)
+                .and_then(|hi| hi.checked_add(u128::from(lo)))
+                .map(Money::from_units)
+                .ok_or_else(|| StoreError::Corrupt("usage cost overflow".into()))?;
             let e = out.entry(g.clone()).or_insert_with(|| UsageRow {
                 group: g,
                 ..UsageRow::default()
             });
-            e.requests += 1;
-            e.prompt_tokens += u64::try_from(r.try_get::<i64, _>("prompt_tokens")?).unwrap_or(0);
-            e.completion_tokens +=
-                u64::try_from(r.try_get::<i64, _>("completion_tokens")?).unwrap_or(0);
+            e.requests = e.requests.saturating_add(count(&r, "requests")?);
+            e.prompt_tokens = e.prompt_tokens.saturating_add(count(&r, "prompt_tokens")?);
+            e.completion_tokens = e
+                .completion_tokens
+                .saturating_add(count(&r, "completion_tokens")?);
             e.cost = e
                 .cost
-                .checked_add(parse_money(&r.try_get::<String, _>("amount")?)?)
+                .checked_add(cost)
                 .ok_or_else(|| StoreError::Corrupt("usage cost overflow".into()))?;
         }
         Ok(out.into_values().collect())

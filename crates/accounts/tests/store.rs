@@ -1331,6 +1331,244 @@ async fn settlement_nets_charges_and_refunds_per_node(url: &str, mode: LedgerMod
     assert!(audit.balanced(), "{audit:?}");
 }
 
+/// Charges through the ledger land in the daily usage totals: per model, key (or session),
+/// node and day, exactly, across write batches and with amounts past 64 bits.
+async fn usage_totals_follow_the_charges(url: &str, mode: LedgerMode) {
+    let acc = open(url, mode, "a").await;
+    let (user, _, _) = siwe_user(&acc, "10.0.0.9").await;
+    let l = acc.ledger();
+    // (request, key, model, node, units). u1 and u2 are written apart: 0.7 + 0.6 LAI carries
+    // past the low 18 digits in the database's sum; u2 and u2b are likely in one write.
+    let charges = [
+        ("u1", None, "m1", "0xn1", 700_000_000_000_000_000u128),
+        ("u2", None, "m1", "0xn1", 600_000_000_000_000_000),
+        ("u2b", None, "m1", "0xn1", 500_000_000_000_000_000),
+        ("u3", Some("k1"), "m1", "0xn2", 2_000_000_000_000_000_001),
+        ("u4", Some("k1"), "m2", "0xn1", 3),
+    ];
+    for (i, (r, key, model, node, units)) in charges.iter().enumerate() {
+        let op = Op::Hold {
+            request: (*r).into(),
+            user: user.clone(),
+            key: key.map(|k| (k.to_string(), None)),
+            amount: lai(3),
+        };
+        assert!(matches!(l.post(op).await, Ok(Applied::Posted(_))));
+        let charge = Op::Charge {
+            request: (*r).into(),
+            user: user.clone(),
+            node: (*node).into(),
+            amount: Money::from_units(*units),
+            split: Split::default(),
+        };
+        let record = UsageRecord {
+            request_id: (*r).into(),
+            user_id: user.clone(),
+            key_id: key.map(str::to_string),
+            node: (*node).into(),
+            model: (*model).into(),
+            prompt_tokens: 10 + i as u64,
+            completion_tokens: 1,
+            receipt: "{}".into(),
+            batch: None,
+        };
+        assert!(matches!(
+            l.charge(charge, record).await,
+            Ok(Applied::Posted(_))
+        ));
+        if r == &"u1" || r == &"u3" {
+            // The next charges go in another write.
+            l.sync().await.unwrap();
+        }
+    }
+    // A charge posted without a usage record counts in no usage figure.
+    let hold = hold_op("u5", &user, lai(1));
+    assert!(matches!(l.post(hold).await, Ok(Applied::Posted(_))));
+    assert!(matches!(
+        l.post(charge_op("u5", &user, 5)).await,
+        Ok(Applied::Posted(_))
+    ));
+
+    let today = time::OffsetDateTime::now_utc().date().to_string();
+    let summary = |rows: Vec<lattice_accounts::UsageRow>| -> Vec<(String, u64, u64, u128)> {
+        rows.into_iter()
+            .map(|r| (r.group, r.requests, r.prompt_tokens, r.cost.units()))
+            .collect()
+    };
+    let by = |g| acc.usage(&user, &today, &today, g);
+    assert_eq!(
+        summary(by(UsageGroup::Model).await.unwrap()),
+        vec![
+            ("m1".into(), 4, 10 + 11 + 12 + 13, 3_800_000_000_000_000_001),
+            ("m2".into(), 1, 14, 3),
+        ]
+    );
+    assert_eq!(
+        summary(by(UsageGroup::Key).await.unwrap()),
+        vec![
+            ("k1".into(), 2, 13 + 14, 2_000_000_000_000_000_004),
+            ("session".into(), 3, 10 + 11 + 12, 1_800_000_000_000_000_000),
+        ]
+    );
+    assert_eq!(
+        summary(by(UsageGroup::Day).await.unwrap()),
+        vec![(today.clone(), 5, 60, 3_800_000_000_000_000_004)]
+    );
+    let node = acc
+        .node_usage("0xN1", &today, &today, UsageGroup::Model)
+        .await
+        .unwrap();
+    assert_eq!(
+        summary(node),
+        vec![
+            ("m1".into(), 3, 33, 1_800_000_000_000_000_000),
+            ("m2".into(), 1, 14, 3),
+        ]
+    );
+    // Another day's range has none of it.
+    assert!(
+        acc.usage(&user, "2000-01-01", "2000-12-31", UsageGroup::Model)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+/// Migration 0009 builds the daily usage totals from the charges written before it, exactly
+/// (amounts past 64 bits; low digits that carry; charges without usage left out).
+async fn usage_totals_are_built_from_older_charges(url: &str) {
+    sqlx::any::install_default_drivers();
+    let connect = if url.starts_with("sqlite") {
+        format!("{url}?mode=rwc")
+    } else {
+        url.to_owned()
+    };
+    let pool = sqlx::any::AnyPoolOptions::new()
+        .max_connections(1)
+        .connect(&connect)
+        .await
+        .unwrap();
+    let mut before = sqlx::migrate!("./migrations");
+    before.migrations = before
+        .migrations
+        .iter()
+        .filter(|m| m.version < 9)
+        .cloned()
+        .collect::<Vec<_>>()
+        .into();
+    before.run(&pool).await.unwrap();
+    // Request, user, key, node, amount, model (none: a charge without usage), day.
+    type Row<'a> = (
+        &'a str,
+        &'a str,
+        Option<&'a str>,
+        &'a str,
+        &'a str,
+        Option<&'a str>,
+        &'a str,
+    );
+    let rows: [Row; 7] = [
+        (
+            "r1",
+            "ua",
+            None,
+            "0xn1",
+            "999999999999999999",
+            Some("m1"),
+            "2026-01-01",
+        ),
+        ("r2", "ua", None, "0xn1", "1", Some("m1"), "2026-01-01"),
+        (
+            "r3",
+            "ua",
+            Some("k1"),
+            "0xn1",
+            "25000000000000000000000",
+            Some("m1"),
+            "2026-01-01",
+        ),
+        (
+            "r4",
+            "ua",
+            Some("k1"),
+            "0xn2",
+            "1500000000000000000",
+            Some("m2"),
+            "2026-01-02",
+        ),
+        ("r5", "ua", None, "0xn1", "7", None, "2026-01-01"),
+        ("r6", "ub", None, "0xn1", "11", Some("m1"), "2026-01-01"),
+        (
+            "r7",
+            "ua",
+            None,
+            "0xn1",
+            "999999999999999999",
+            Some("m1"),
+            "2026-01-01",
+        ),
+    ];
+    for (r, user, key, node, amount, model, day) in rows {
+        sqlx::query(
+            "INSERT INTO charges (request_id, user_id, key_id, node, amount, node_part,
+             pool_part, treasury_part, refunded, created_at, model, prompt_tokens,
+             completion_tokens, day, receipt) VALUES ($1, $2, $3, $4, $5, '0', '0', '0', 0, 0,
+             $6, $7, $8, $9, $10)",
+        )
+        .bind(r)
+        .bind(user)
+        .bind(key)
+        .bind(node)
+        .bind(amount)
+        .bind(model)
+        .bind(model.map(|_| 10i64))
+        .bind(model.map(|_| 2i64))
+        .bind(model.map(|_| day))
+        .bind(model.map(|_| "{}"))
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    pool.close().await;
+    let acc = open(url, LedgerMode::Exclusive, "a").await;
+    let summary = |rows: Vec<lattice_accounts::UsageRow>| -> Vec<(String, u64, u64, u128)> {
+        rows.into_iter()
+            .map(|r| (r.group, r.requests, r.completion_tokens, r.cost.units()))
+            .collect()
+    };
+    let e18 = 1_000_000_000_000_000_000u128;
+    assert_eq!(
+        summary(
+            acc.usage("ua", "2026-01-01", "2026-01-31", UsageGroup::Model)
+                .await
+                .unwrap()
+        ),
+        vec![
+            ("m1".into(), 4, 8, 25_002 * e18 - 1),
+            ("m2".into(), 1, 2, 1_500_000_000_000_000_000),
+        ]
+    );
+    assert_eq!(
+        summary(
+            acc.usage("ua", "2026-01-01", "2026-01-31", UsageGroup::Key)
+                .await
+                .unwrap()
+        ),
+        vec![
+            ("k1".into(), 2, 4, 25_001_500_000_000_000_000_000),
+            ("session".into(), 3, 6, 2 * e18 - 1),
+        ]
+    );
+    assert_eq!(
+        summary(
+            acc.node_usage("0xn1", "2026-01-01", "2026-01-01", UsageGroup::Day)
+                .await
+                .unwrap()
+        ),
+        vec![("2026-01-01".into(), 5, 10, 25_002 * e18 - 1 + 11)]
+    );
+}
+
 /// A test of one database URL, on SQLite and on PostgreSQL.
 macro_rules! each_database {
     ($name:ident) => {
@@ -1352,6 +1590,7 @@ macro_rules! each_database {
 each_database!(one_exclusive_writer_per_database);
 each_database!(a_key_revoked_elsewhere_stops_within_the_ttl);
 each_database!(switching_to_the_exclusive_writer_releases_recorded_holds);
+each_database!(usage_totals_are_built_from_older_charges);
 
 macro_rules! both {
     ($name:ident) => {
@@ -1383,6 +1622,7 @@ macro_rules! both {
 
 both!(sign_in_faucet_hold_charge);
 both!(charges_in_a_batch);
+both!(usage_totals_follow_the_charges);
 both!(receipts_in_a_batch_are_stored_once);
 both!(concurrent_holds_never_overspend);
 both!(holds_are_released_after_a_crash);

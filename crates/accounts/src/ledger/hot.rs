@@ -18,7 +18,7 @@ use tokio::sync::{Notify, watch};
 
 use super::native::Native;
 use super::shared;
-use super::sql::{Loader, WriteSet, net_postings, write_back};
+use super::sql::{Loader, WriteSet, first_new_charge, net_postings, write_back};
 use super::{LedgerConfig, Need, Needs, PostError, UsageRecord, each_need, side_rows};
 use crate::StoreError;
 use crate::db::{Db, now};
@@ -502,6 +502,17 @@ impl Hot {
                 .await;
         }
         let mut tx = self.db.begin_write().await?;
+        // Its usage totals are increments: a cut that had committed is not written again.
+        if retry && let Some(r) = first_new_charge(cut) {
+            let committed: Option<String> =
+                sqlx::query_scalar("SELECT request_id FROM charges WHERE request_id = $1")
+                    .bind(r)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            if committed.is_some() {
+                return Ok(());
+            }
+        }
         write_back(&mut tx, self.db.backend, cut, now(), &self.owner, retry).await?;
         tx.commit().await?;
         Ok(())

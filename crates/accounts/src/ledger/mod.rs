@@ -21,6 +21,8 @@ mod native;
 mod shared;
 mod sql;
 
+pub(crate) use sql::AMOUNT_SPLIT;
+
 use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;

@@ -13,10 +13,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rusqlite::types::{ToSqlOutput, ValueRef};
-use rusqlite::{Connection, OpenFlags, ToSql, TransactionBehavior};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, ToSql, TransactionBehavior};
 use sqlx::PgPool;
 
-use super::sql::{DELETE_HOLD, Insert, V, WriteSet, inserts};
+use super::sql::{DELETE_HOLD, Insert, V, WriteSet, first_new_charge, inserts};
 use crate::StoreError;
 use crate::db::{Backend, Db};
 
@@ -189,6 +189,18 @@ fn write_sqlite(
     retry: bool,
 ) -> Result<(), StoreError> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    if retry && let Some(r) = first_new_charge(ws) {
+        let committed = tx
+            .query_row(
+                "SELECT 1 FROM charges WHERE request_id = ?",
+                [r],
+                |_| Ok(()),
+            )
+            .optional()?;
+        if committed.is_some() {
+            return Ok(());
+        }
+    }
     let run = |ins: &Insert, rows: Vec<Vec<V<'_>>>| -> Result<(), StoreError> {
         if rows.is_empty() {
             return Ok(());
@@ -262,6 +274,16 @@ async fn write_postgres(
     // write nothing if another writer has it meanwhile.
     if !try_lock_postgres(&mut tx).await? {
         return Err(busy("this PostgreSQL database"));
+    }
+    if retry && let Some(r) = first_new_charge(ws) {
+        let committed: Option<String> =
+            sqlx::query_scalar("SELECT request_id FROM charges WHERE request_id = $1")
+                .bind(r)
+                .fetch_optional(&mut *tx)
+                .await?;
+        if committed.is_some() {
+            return Ok(());
+        }
     }
     if !ws.holds_removed.is_empty() {
         let ids: Vec<&str> = ws.holds_removed.iter().map(String::as_str).collect();
@@ -363,7 +385,8 @@ mod tests {
     }
 
     /// A write retried after its commit landed (the acknowledgement lost) neither fails nor
-    /// writes anything twice; written again as new, the same rows conflict.
+    /// writes anything twice, usage totals included; written again as new, the same rows
+    /// conflict.
     #[tokio::test]
     async fn a_retried_write_writes_nothing_twice() {
         let dir = tempfile::tempdir().unwrap();
@@ -375,8 +398,9 @@ mod tests {
             .unwrap();
         let cut = Arc::new(cut());
         let owner: Arc<str> = "a".into();
+        // A retry whose earlier attempt did not commit writes everything.
         native
-            .write(cut.clone(), 1, owner.clone(), false)
+            .write(cut.clone(), 1, owner.clone(), true)
             .await
             .unwrap();
         assert!(
@@ -392,6 +416,7 @@ mod tests {
             ("applied_ops", 1),
             ("chain_grants", 1),
             ("settle_items", 1),
+            ("usage_daily", 1),
         ] {
             let n: i64 = sqlx::query_scalar(&format!("SELECT COUNT(*) FROM {table}"))
                 .fetch_one(db.pool())
@@ -405,5 +430,12 @@ mod tests {
                 .await
                 .unwrap();
         assert_eq!(model.as_deref(), Some("m"));
+        // The usage totals are increments: the retry after the commit did not add again.
+        let (requests, lo): (i64, i64) =
+            sqlx::query_as("SELECT requests, amount_lo FROM usage_daily WHERE user_id = 'u'")
+                .fetch_one(db.pool())
+                .await
+                .unwrap();
+        assert_eq!((requests, lo), (1, 100));
     }
 }

@@ -326,6 +326,43 @@ const BATCHES: Insert = Insert {
     tail: "ON CONFLICT (root) DO NOTHING",
 };
 
+/// Adds a cut's new charges to their day's usage totals (migration 0009): one row per (user,
+/// day, model, node, key) and cut, added to the stored one. An increment, so a retried write
+/// must not run it twice: writers skip a retried cut that had committed ([`first_new_charge`]).
+const USAGE: Insert = Insert {
+    head: "INSERT INTO usage_daily (user_id, day, model, node, key_id, requests, prompt_tokens, completion_tokens, amount_hi, amount_lo) VALUES",
+    cols: 10,
+    tail: "ON CONFLICT (user_id, day, model, node, key_id) DO UPDATE SET
+         requests = usage_daily.requests + excluded.requests,
+         prompt_tokens = usage_daily.prompt_tokens + excluded.prompt_tokens,
+         completion_tokens = usage_daily.completion_tokens + excluded.completion_tokens,
+         amount_hi = usage_daily.amount_hi + excluded.amount_hi
+                     + (usage_daily.amount_lo + excluded.amount_lo) / 1000000000000000000,
+         amount_lo = (usage_daily.amount_lo + excluded.amount_lo) % 1000000000000000000",
+};
+
+/// `usage_daily` stores money as `amount_hi * AMOUNT_SPLIT + amount_lo`.
+pub(crate) const AMOUNT_SPLIT: u128 = 1_000_000_000_000_000_000;
+
+/// A charge whose row this cut inserts (not upserts), if any: present in the database, it
+/// shows that an earlier attempt at the cut committed (a cut is one transaction).
+pub(super) fn first_new_charge(ws: &WriteSet) -> Option<&str> {
+    let charged: HashSet<&str> = ws.charges.iter().map(|(r, _)| r.as_str()).collect();
+    ws.usages
+        .iter()
+        .map(|u| u.request_id.as_str())
+        .find(|r| charged.contains(r))
+}
+
+/// One `usage_daily` increment: requests, prompt and completion tokens, cost.
+#[derive(Default)]
+struct UsageSum {
+    requests: u64,
+    prompt_tokens: u64,
+    completion_tokens: u64,
+    cost: Money,
+}
+
 /// Removes holds that were charged or released.
 pub(super) const DELETE_HOLD: &str = "DELETE FROM holds WHERE request_id = ?";
 
@@ -347,6 +384,8 @@ pub(super) fn inserts<'a>(
     // (a plain insert, which PostgreSQL does in ~3/4 of an upsert's time). The rest (refunds,
     // charges posted without a usage record) are upserts.
     let mut charges: (Vec<Vec<V<'a>>>, Vec<Vec<V<'a>>>) = (Vec::new(), Vec::new());
+    // (user, model, node, key) → the cut's totals; all of a cut's rows are made on `day`.
+    let mut sums: HashMap<(&str, &str, &str, &str), UsageSum> = HashMap::new();
     for (r, c) in &ws.charges {
         let mut row = vec![
             text(r),
@@ -362,6 +401,13 @@ pub(super) fn inserts<'a>(
         ];
         match usage.get(r.as_str()).copied() {
             Some(u) => {
+                let sum = sums
+                    .entry((&c.user, &u.model, &c.node, c.key.as_deref().unwrap_or("")))
+                    .or_default();
+                sum.requests += 1;
+                sum.prompt_tokens = sum.prompt_tokens.saturating_add(u.prompt_tokens);
+                sum.completion_tokens = sum.completion_tokens.saturating_add(u.completion_tokens);
+                sum.cost = sum.cost.checked_add(c.amount).unwrap_or(sum.cost);
                 row.extend([
                     text(&u.model),
                     int(u.prompt_tokens),
@@ -480,6 +526,26 @@ pub(super) fn inserts<'a>(
                 .collect(),
         ),
         (&BATCHES, batch_rows(&ws.usages, t)),
+        (
+            &USAGE,
+            sums.into_iter()
+                .map(|((user, model, node, key), s)| {
+                    let units = s.cost.units();
+                    vec![
+                        text(user),
+                        owned(day.clone()),
+                        text(model),
+                        text(node),
+                        text(key),
+                        int(s.requests),
+                        int(s.prompt_tokens),
+                        int(s.completion_tokens),
+                        V::I(i64::try_from(units / AMOUNT_SPLIT).unwrap_or(i64::MAX)),
+                        V::I(i64::try_from(units % AMOUNT_SPLIT).unwrap_or(0)),
+                    ]
+                })
+                .collect(),
+        ),
     ]
 }
 
