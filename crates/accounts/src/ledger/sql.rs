@@ -2,7 +2,7 @@
 //! batch changed with a few multi-row statements (shared by both writers).
 
 use std::borrow::Cow;
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use lattice_ledger::{Account, Charge, Hold, KeyUsage, Ledger, Money, Op, Posting};
 use sqlx::any::AnyRow;
@@ -384,8 +384,9 @@ pub(super) fn inserts<'a>(
     // (a plain insert, which PostgreSQL does in ~3/4 of an upsert's time). The rest (refunds,
     // charges posted without a usage record) are upserts.
     let mut charges: (Vec<Vec<V<'a>>>, Vec<Vec<V<'a>>>) = (Vec::new(), Vec::new());
-    // (user, model, node, key) → the cut's totals; all of a cut's rows are made on `day`.
-    let mut sums: HashMap<(&str, &str, &str, &str), UsageSum> = HashMap::new();
+    // (user, model, node, key) → the cut's totals; all of a cut's rows are made on `day`. In key
+    // order, so writers sharing a PostgreSQL database lock these rows in one order.
+    let mut sums: BTreeMap<(&str, &str, &str, &str), UsageSum> = BTreeMap::new();
     for (r, c) in &ws.charges {
         let mut row = vec![
             text(r),
