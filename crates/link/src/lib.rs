@@ -4,6 +4,7 @@
 mod frames;
 mod identity;
 mod receipt;
+mod writer;
 
 pub use frames::{
     FrameError, LinkEvent, MAX_FRAME_BYTES, MAX_FRAME_EVENTS, ModelAd, NexusFrame, NodeFrame,
@@ -15,6 +16,8 @@ pub use receipt::{
     BatchedReceipt, MAX_BATCH_RECEIPTS, NO_USER, ReceiptError, ReceiptInBatch, UsageReceipt,
     merkle_proofs, merkle_root, sign_batch, verify_batch, verify_proof,
 };
+
+pub use writer::{WRITE_BATCH, write_frames};
 
 /// Path on Nexus where nodes open their link.
 pub const LINK_PATH: &str = "/lattice/v1/link";

@@ -11,7 +11,7 @@ use futures::{SinkExt, StreamExt};
 use lattice_link::{
     LinkEvent, MAX_BATCH_RECEIPTS, MAX_FRAME_BYTES, MAX_FRAME_EVENTS, NexusFrame, NodeFrame,
     PROTOCOL_VERSION, challenge_message, decode, encode, legacy_hello_version,
-    legacy_rejected_frame, recover_address,
+    legacy_rejected_frame, recover_address, write_frames,
 };
 use lattice_router::{NodeId, Reputation};
 use tokio::sync::mpsc;
@@ -23,8 +23,6 @@ use crate::settlement;
 
 /// Time a node has to complete the handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Most frames coalesced into one flush.
-const WRITE_BATCH: usize = 64;
 /// A link with no frame for this long is considered dead (heartbeats come every 2 s).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -82,28 +80,11 @@ async fn serve(nexus: Arc<Nexus>, mut ws: WebSocket) {
             return;
         }
     };
-    let (id, address, link, mut out_rx) = registered;
+    let (id, address, link, out_rx) = registered;
     let chain_id = nexus.config.accounts.chain_id;
     let (mut sink, mut stream) = ws.split();
     let writer = tokio::spawn(async move {
-        // Frames already queued go out in one flush: one write for many requests.
-        'out: while let Some(frame) = out_rx.recv().await {
-            let mut next = Some(frame);
-            let mut queued = 0;
-            while let Some(f) = next.take() {
-                let Ok(text) = encode(&f) else { continue };
-                if sink.feed(Message::Text(text.into())).await.is_err() {
-                    break 'out;
-                }
-                queued += 1;
-                if queued < WRITE_BATCH {
-                    next = out_rx.try_recv().ok();
-                }
-            }
-            if sink.flush().await.is_err() {
-                break;
-            }
-        }
+        write_frames(out_rx, &mut sink, |t| Message::Text(t.into())).await;
         let _ = sink.close().await;
     });
     let reason = 'read: loop {

@@ -12,7 +12,7 @@ use lattice_engine::{Engine, EngineError, Event};
 use lattice_link::{
     LINK_PATH, LinkEvent, MAX_FRAME_BYTES, MAX_FRAME_EVENTS, ModelAd, NO_USER, NexusFrame,
     NodeFrame, NodeKey, NodeKind, PROTOCOL_VERSION, Price, UsageReceipt, challenge_message, decode,
-    encode, legacy_rejection,
+    encode, legacy_rejection, write_frames,
 };
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
@@ -23,8 +23,6 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 const MAX_STREAMS: usize = 1024;
 /// Frames waiting to be written to Nexus; producers wait when it is full (back-pressure).
 const OUT_QUEUE: usize = 1024;
-/// Most frames coalesced into one flush.
-const WRITE_BATCH: usize = 64;
 const BACKOFF_MIN: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 
@@ -215,26 +213,9 @@ async fn session(
     });
 
     let (mut sink, mut stream) = ws.split();
-    let (out_tx, mut out_rx) = mpsc::channel::<NodeFrame>(OUT_QUEUE);
+    let (out_tx, out_rx) = mpsc::channel::<NodeFrame>(OUT_QUEUE);
     let writer = tokio::spawn(async move {
-        // Frames already queued go out in one flush: one write for many streams' tokens.
-        while let Some(frame) = out_rx.recv().await {
-            let mut next = Some(frame);
-            let mut queued = 0;
-            while let Some(f) = next.take() {
-                let Ok(text) = encode(&f) else { continue };
-                if sink.feed(Message::text(text)).await.is_err() {
-                    return;
-                }
-                queued += 1;
-                if queued < WRITE_BATCH {
-                    next = out_rx.try_recv().ok();
-                }
-            }
-            if sink.flush().await.is_err() {
-                return;
-            }
-        }
+        write_frames(out_rx, &mut sink, Message::text).await;
     });
     let batches = {
         let (out, signer) = (out_tx.clone(), signer.clone());
