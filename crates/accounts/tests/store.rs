@@ -1337,8 +1337,10 @@ async fn usage_totals_follow_the_charges(url: &str, mode: LedgerMode) {
     let acc = open(url, mode, "a").await;
     let (user, _, _) = siwe_user(&acc, "10.0.0.9").await;
     let l = acc.ledger();
-    // (request, key, model, node, units). u1 and u2 are written apart: 0.7 + 0.6 LAI carries
-    // past the low 18 digits in the database's sum; u2 and u2b are likely in one write.
+    // (request, key, model, node, units). u1 is written alone, u2, u2b and u3 together (one
+    // `charge_many`: for the exclusive writer one cut, so u2 and u2b are summed before the
+    // database adds them), u4 last: 0.7 + 0.6 LAI carries past the low 18 digits in the
+    // database's sum.
     let charges = [
         ("u1", None, "m1", "0xn1", 700_000_000_000_000_000u128),
         ("u2", None, "m1", "0xn1", 600_000_000_000_000_000),
@@ -1346,14 +1348,15 @@ async fn usage_totals_follow_the_charges(url: &str, mode: LedgerMode) {
         ("u3", Some("k1"), "m1", "0xn2", 2_000_000_000_000_000_001),
         ("u4", Some("k1"), "m2", "0xn1", 3),
     ];
+    let mut ops = Vec::new();
     for (i, (r, key, model, node, units)) in charges.iter().enumerate() {
-        let op = Op::Hold {
+        let hold = Op::Hold {
             request: (*r).into(),
             user: user.clone(),
             key: key.map(|k| (k.to_string(), None)),
-            amount: lai(3),
+            amount: Money::from_units(units + 1_000),
         };
-        assert!(matches!(l.post(op).await, Ok(Applied::Posted(_))));
+        assert!(matches!(l.post(hold).await, Ok(Applied::Posted(_))));
         let charge = Op::Charge {
             request: (*r).into(),
             user: user.clone(),
@@ -1372,14 +1375,15 @@ async fn usage_totals_follow_the_charges(url: &str, mode: LedgerMode) {
             receipt: "{}".into(),
             batch: None,
         };
-        assert!(matches!(
-            l.charge(charge, record).await,
-            Ok(Applied::Posted(_))
-        ));
-        if r == &"u1" || r == &"u3" {
-            // The next charges go in another write.
-            l.sync().await.unwrap();
+        ops.push((charge, record));
+    }
+    let mut ops = ops.into_iter();
+    let mut next = |n: usize| ops.by_ref().take(n).collect::<Vec<_>>();
+    for group in [next(1), next(3), next(1)] {
+        for outcome in l.charge_many(group).await {
+            assert!(matches!(outcome, Ok(Applied::Posted(_))), "{outcome:?}");
         }
+        l.sync().await.unwrap();
     }
     // A charge posted without a usage record counts in no usage figure.
     let hold = hold_op("u5", &user, lai(1));

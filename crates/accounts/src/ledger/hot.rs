@@ -502,7 +502,9 @@ impl Hot {
                 .await;
         }
         let mut tx = self.db.begin_write().await?;
-        // Its usage totals are increments: a cut that had committed is not written again.
+        let mut retry = retry;
+        // Its usage totals are increments: a cut that had committed is not written again, and
+        // one that had not is written as new (a conflict then fails instead of adding twice).
         if retry && let Some(r) = first_new_charge(cut) {
             let committed: Option<String> =
                 sqlx::query_scalar("SELECT request_id FROM charges WHERE request_id = $1")
@@ -512,6 +514,7 @@ impl Hot {
             if committed.is_some() {
                 return Ok(());
             }
+            retry = false;
         }
         write_back(&mut tx, self.db.backend, cut, now(), &self.owner, retry).await?;
         tx.commit().await?;

@@ -189,6 +189,9 @@ fn write_sqlite(
     retry: bool,
 ) -> Result<(), StoreError> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let mut retry = retry;
+    // The usage totals are increments: a cut that had committed is not written again, and one
+    // that had not is written as new (a conflict then fails instead of adding twice).
     if retry && let Some(r) = first_new_charge(ws) {
         let committed = tx
             .query_row(
@@ -200,6 +203,7 @@ fn write_sqlite(
         if committed.is_some() {
             return Ok(());
         }
+        retry = false;
     }
     let run = |ins: &Insert, rows: Vec<Vec<V<'_>>>| -> Result<(), StoreError> {
         if rows.is_empty() {
@@ -275,6 +279,7 @@ async fn write_postgres(
     if !try_lock_postgres(&mut tx).await? {
         return Err(busy("this PostgreSQL database"));
     }
+    let mut retry = retry;
     if retry && let Some(r) = first_new_charge(ws) {
         let committed: Option<String> =
             sqlx::query_scalar("SELECT request_id FROM charges WHERE request_id = $1")
@@ -284,6 +289,7 @@ async fn write_postgres(
         if committed.is_some() {
             return Ok(());
         }
+        retry = false;
     }
     if !ws.holds_removed.is_empty() {
         let ids: Vec<&str> = ws.holds_removed.iter().map(String::as_str).collect();

@@ -247,7 +247,8 @@ pub(super) struct Insert {
 impl Insert {
     /// What follows the rows. A retried write (whose earlier attempt may have committed)
     /// appends nothing twice: upserts store values, not increments, and appends skip rows
-    /// that are there.
+    /// that are there. The one increment, [`USAGE`], is guarded by the writers instead: a retry
+    /// of a cut that had committed writes nothing ([`first_new_charge`]).
     pub(super) fn tail(&self, retry: bool) -> &'static str {
         if retry && self.tail.is_empty() {
             "ON CONFLICT DO NOTHING"
