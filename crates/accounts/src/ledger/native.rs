@@ -396,8 +396,74 @@ mod tests {
     #[tokio::test]
     async fn a_retried_write_writes_nothing_twice() {
         let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}", dir.path().join("nexus.db").display());
-        let db = Db::open(&url).await.unwrap();
+        retried_write(&format!(
+            "sqlite://{}",
+            dir.path().join("nexus.db").display()
+        ))
+        .await;
+    }
+
+    /// Stops the PostgreSQL cluster a test started (none when `LATTICE_TEST_POSTGRES_URL` named
+    /// one).
+    struct Cluster(Option<String>);
+
+    impl Drop for Cluster {
+        fn drop(&mut self) {
+            if let Some(data) = &self.0 {
+                let _ = std::process::Command::new("sh")
+                    .arg("-c")
+                    .arg(format!(
+                        "BIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1); \
+                         if [ $(id -u) = 0 ]; then runuser -u postgres -- $BIN/pg_ctl -D {data} -m immediate stop; \
+                         else $BIN/pg_ctl -D {data} -m immediate stop; fi"
+                    ))
+                    .output();
+            }
+        }
+    }
+
+    /// The same on PostgreSQL (`LATTICE_TEST_POSTGRES_URL`, or a cluster `scripts/postgres.sh`
+    /// starts), in a fresh database.
+    #[tokio::test]
+    async fn a_retried_write_writes_nothing_twice_postgres() {
+        let (admin, cluster) = match std::env::var("LATTICE_TEST_POSTGRES_URL") {
+            Ok(url) => (url, Cluster(None)),
+            Err(_) => {
+                let dir = std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(
+                    || env!("CARGO_MANIFEST_DIR").into(),
+                    std::path::PathBuf::from,
+                );
+                let out = std::process::Command::new(dir.join("../../scripts/postgres.sh"))
+                    .output()
+                    .unwrap();
+                assert!(
+                    out.status.success(),
+                    "{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                let url = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+                let port = url.rsplit(':').next().unwrap().split('/').next().unwrap();
+                let cache = std::env::var("LATTICE_CACHE_DIR").unwrap_or_else(|_| {
+                    format!("{}/.cache/lattice", std::env::var("HOME").unwrap())
+                });
+                let data = format!("{cache}/postgres/{port}/data");
+                (url, Cluster(Some(data)))
+            }
+        };
+        let name = format!("lattice_retry_{}", uuid::Uuid::new_v4().simple());
+        let pool = sqlx::PgPool::connect(&admin).await.unwrap();
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&pool)
+            .await
+            .unwrap();
+        pool.close().await;
+        let base = admin.rsplit_once('/').unwrap().0;
+        retried_write(&format!("{base}/{name}")).await;
+        drop(cluster);
+    }
+
+    async fn retried_write(url: &str) {
+        let db = Db::open(url).await.unwrap();
         let native = Native::open(&db, Duration::from_secs(1))
             .await
             .unwrap()
