@@ -409,7 +409,8 @@ pub(super) fn inserts<'a>(
                 sum.requests += 1;
                 sum.prompt_tokens = sum.prompt_tokens.saturating_add(u.prompt_tokens);
                 sum.completion_tokens = sum.completion_tokens.saturating_add(u.completion_tokens);
-                sum.cost = sum.cost.checked_add(c.amount).unwrap_or(sum.cost);
+                // Saturates rather than drops (u128 units exceed any supply of LAI).
+                sum.cost = Money::from_units(sum.cost.units().saturating_add(c.amount.units()));
                 row.extend([
                     text(&u.model),
                     int(u.prompt_tokens),
