@@ -17,7 +17,7 @@ pub use receipt::{
     merkle_proofs, merkle_root, sign_batch, verify_batch, verify_proof,
 };
 
-pub use writer::{WRITE_BATCH, write_frames};
+pub use writer::write_frames;
 
 /// Path on Nexus where nodes open their link.
 pub const LINK_PATH: &str = "/lattice/v1/link";

@@ -7,7 +7,7 @@ use tokio::sync::mpsc;
 use crate::encode;
 
 /// Most frames coalesced into one flush.
-pub const WRITE_BATCH: usize = 64;
+const WRITE_BATCH: usize = 64;
 
 /// Writes the frames `rx` yields into `sink` (each as the message `to_msg` makes of its text)
 /// until either side ends or a write fails. Frames queued together go out in one flush. When
@@ -149,8 +149,10 @@ mod tests {
             write_frames(rx, &mut sink, |t| t).await;
         });
         tx.send(1).await.unwrap_or_default();
-        // Flushed while the sender is still open: no waiting for a batch to fill.
-        assert_eq!(seen.recv().await, Some(1));
+        // Flushed while the sender is still open: no waiting for a batch to fill (a writer
+        // that waited would fail here, not hang the test).
+        let first = tokio::time::timeout(std::time::Duration::from_secs(5), seen.recv()).await;
+        assert_eq!(first, Ok(Some(1)));
         drop(tx);
         writer.await.unwrap_or_default();
     }
