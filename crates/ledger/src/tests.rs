@@ -292,7 +292,7 @@ proptest! {
     #[test]
     fn ledger_invariants_hold(ops in prop::collection::vec(op_strategy(), 1..80)) {
         let mut l = Ledger::default();
-        let mut charged: HashMap<String, usize> = HashMap::new();
+        let mut charged: HashMap<String, usize> = HashMap::default();
         for op in &ops {
             let before = snapshot(&l);
             match l.apply(op) {

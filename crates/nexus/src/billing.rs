@@ -7,7 +7,7 @@
 //! ledger writer never records them; with the shared writer the restarted replica releases its
 //! own, and a sweeper releases any that outlive their time-to-live.
 
-use std::collections::HashMap;
+use lattice_ledger::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 

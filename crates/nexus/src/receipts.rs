@@ -7,7 +7,7 @@
 //! its requests' bills are parked (the reader runs ahead of the streams' consumers), so verified
 //! evidence waits too. Everything here is bounded and expires.
 
-use std::collections::HashMap;
+use lattice_ledger::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 

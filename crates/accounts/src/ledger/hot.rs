@@ -8,12 +8,12 @@
 //! in one transaction; `durable` then advances to the last operation the cut contains. Cuts
 //! leave open holds out ([`WriteSet::net_holds`]): they are this writer's alone and end with it.
 
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use lattice_ledger::{Account, Applied, Charge, KeyUsage, Ledger, Money, Op};
+use lattice_ledger::{Account, Applied, Charge, HashMap, HashSet, KeyUsage, Ledger, Money, Op};
 use tokio::sync::{Notify, watch};
 
 use super::native::Native;

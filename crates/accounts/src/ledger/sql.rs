@@ -2,9 +2,11 @@
 //! batch changed with a few multi-row statements (shared by both writers).
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 
-use lattice_ledger::{Account, Charge, Hold, KeyUsage, Ledger, Money, Op, Posting};
+use lattice_ledger::{
+    Account, Charge, HashMap, HashSet, Hold, KeyUsage, Ledger, Money, Op, Posting,
+};
 use sqlx::any::AnyRow;
 use sqlx::{Any, Row, Transaction};
 
@@ -555,7 +557,7 @@ pub(super) fn inserts<'a>(
 /// The receipt batches the usage records name, each once (a batch's charges may span cuts:
 /// the later ones find it written).
 fn batch_rows(usages: &[UsageRecord], t: i64) -> Vec<Vec<V<'_>>> {
-    let mut seen: HashSet<&str> = HashSet::new();
+    let mut seen: HashSet<&str> = HashSet::default();
     usages
         .iter()
         .filter_map(|u| u.batch.as_deref())
@@ -708,7 +710,7 @@ where
         &mut self,
         requests: &BTreeSet<String>,
     ) -> Result<HashMap<String, Hold>, StoreError> {
-        let mut out = HashMap::new();
+        let mut out = HashMap::default();
         for r in select_in(
             self.ex,
             self.backend,
@@ -734,7 +736,7 @@ where
         &mut self,
         requests: &BTreeSet<String>,
     ) -> Result<HashMap<String, Charge>, StoreError> {
-        let mut out = HashMap::new();
+        let mut out = HashMap::default();
         for r in select_in(self.ex, self.backend,
             "SELECT request_id, user_id, key_id, node, amount, node_part, pool_part, treasury_part, refunded FROM charges WHERE request_id IN",
             requests,
@@ -764,7 +766,7 @@ where
         &mut self,
         accounts: &BTreeSet<String>,
     ) -> Result<HashMap<Account, Money>, StoreError> {
-        let mut out = HashMap::new();
+        let mut out = HashMap::default();
         for r in select_in(
             self.ex,
             self.backend,
@@ -786,7 +788,7 @@ where
         &mut self,
         keys: &BTreeSet<String>,
     ) -> Result<HashMap<String, KeyUsage>, StoreError> {
-        let mut out = HashMap::new();
+        let mut out = HashMap::default();
         for r in select_in(
             self.ex,
             self.backend,
