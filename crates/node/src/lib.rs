@@ -21,6 +21,8 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 /// Requests one link may carry at once; beyond this the node answers "overloaded".
 const MAX_STREAMS: usize = 1024;
+/// The stream map is first pruned of finished streams at this size.
+const PRUNE_MIN: usize = 64;
 /// Frames waiting to be written to Nexus; producers wait when it is full (back-pressure).
 const OUT_QUEUE: usize = 1024;
 const BACKOFF_MIN: Duration = Duration::from_millis(250);
@@ -252,7 +254,7 @@ async fn session(
             }
         })
     };
-    let mut streams: HashMap<u64, AbortHandle> = HashMap::new();
+    let mut streams = Streams::new(MAX_STREAMS);
     let result = loop {
         let msg = match stream.next().await {
             Some(Ok(Message::Text(t))) => t,
@@ -265,8 +267,7 @@ async fn session(
                 stream: id,
                 request,
             }) => {
-                streams.retain(|_, h| !h.is_finished());
-                if streams.len() >= MAX_STREAMS {
+                if !streams.has_room() {
                     let e = EngineError::Overloaded {
                         capacity: MAX_STREAMS,
                     };
@@ -290,7 +291,7 @@ async fn session(
             }
             Ok(NexusFrame::Cancel { stream: id }) => {
                 // Aborting drops the engine stream, which frees the slot.
-                if let Some(h) = streams.remove(&id) {
+                if let Some(h) = streams.map.remove(&id) {
                     h.abort();
                 }
             }
@@ -298,13 +299,45 @@ async fn session(
             Err(e) => break Err(LinkError::Protocol(e.to_string())),
         }
     };
-    for h in streams.values() {
+    for h in streams.map.values() {
         h.abort();
     }
     heartbeat.abort();
     batches.abort();
     writer.abort();
     result
+}
+
+/// The link's running request streams, by Nexus's stream id, at most `limit` of them.
+struct Streams {
+    map: HashMap<u64, AbortHandle>,
+    limit: usize,
+    /// Finished streams are pruned when the map reaches this size (twice what was live at the
+    /// last prune) or before refusing at the limit: amortized O(1) per request, not O(live).
+    prune_at: usize,
+}
+
+impl Streams {
+    fn new(limit: usize) -> Self {
+        Self {
+            map: HashMap::new(),
+            limit,
+            prune_at: PRUNE_MIN,
+        }
+    }
+
+    /// Whether one more stream may start.
+    fn has_room(&mut self) -> bool {
+        if self.map.len() >= self.prune_at || self.map.len() >= self.limit {
+            self.map.retain(|_, h| !h.is_finished());
+            self.prune_at = (self.map.len() * 2).max(PRUNE_MIN);
+        }
+        self.map.len() < self.limit
+    }
+
+    fn insert(&mut self, id: u64, handle: AbortHandle) {
+        self.map.insert(id, handle);
+    }
 }
 
 /// Most receipts waiting for a batch signature before the batch is signed at once.
@@ -661,6 +694,50 @@ mod tests {
         mut rx: mpsc::UnboundedReceiver<Result<Event, EngineError>>,
     ) -> lattice_engine::EventStream {
         futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed()
+    }
+
+    /// The limit counts live streams only: finished ones are pruned before a refusal, and the map
+    /// stays bounded however many streams come and go.
+    #[tokio::test]
+    async fn streams_count_live_ones_up_to_the_limit() {
+        let mut streams = super::Streams::new(100);
+        let pending = || tokio::spawn(futures::future::pending::<()>()).abort_handle();
+        let finished = async || {
+            let t = tokio::spawn(async {});
+            let h = t.abort_handle();
+            let _ = t.await;
+            h
+        };
+        let mut id = 0;
+        for _ in 0..99 {
+            assert!(streams.has_room());
+            streams.insert(id, pending());
+            id += 1;
+        }
+        // One slot left; a finished stream takes it, then is pruned when the limit is reached.
+        assert!(streams.has_room());
+        streams.insert(id, finished().await);
+        id += 1;
+        assert!(streams.has_room(), "the finished stream does not count");
+        streams.insert(id, pending());
+        id += 1;
+        assert!(!streams.has_room(), "100 live streams: full");
+        // Streams that finish make room again; thousands passing through keep the map small.
+        for h in streams.map.values() {
+            h.abort();
+        }
+        tokio::task::yield_now().await;
+        for _ in 0..5_000 {
+            let mut tries = 0;
+            while !streams.has_room() {
+                tokio::task::yield_now().await;
+                tries += 1;
+                assert!(tries < 100, "aborted streams never made room");
+            }
+            streams.insert(id, finished().await);
+            id += 1;
+            assert!(streams.map.len() <= 2 * 100, "map of {}", streams.map.len());
+        }
     }
 
     #[test]
