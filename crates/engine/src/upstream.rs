@@ -2,8 +2,11 @@
 //! operator can bring the engine they already run. Always streams from the upstream.
 
 use std::borrow::Cow;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -43,13 +46,43 @@ pub struct UpstreamConfig {
 /// be remote). Used directly: reqwest's layers over it (a URL re-parsed from every response,
 /// connector and header-map clones) cost ~7 µs per request, a fifth of the node's CPU under the
 /// router benchmark.
-type Client = hyper_util::client::legacy::Client<
-    hyper_rustls::HttpsConnector<HttpConnector>,
-    http_body_util::Full<bytes::Bytes>,
->;
+type Client = hyper_util::client::legacy::Client<TimedConnect, http_body_util::Full<bytes::Bytes>>;
 
-/// Longest error body read from a failed upstream response.
+type Https = hyper_rustls::HttpsConnector<HttpConnector>;
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The TLS-or-plain connector with one deadline over the whole connect: name lookup, TCP and
+/// the TLS handshake (the TCP connector's own timeout covers only the TCP part).
+#[derive(Clone)]
+struct TimedConnect {
+    inner: Https,
+    timeout: Duration,
+}
+
+impl tower_service::Service<Uri> for TimedConnect {
+    type Response = <Https as tower_service::Service<Uri>>::Response;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let (connect, timeout) = (self.inner.call(uri), self.timeout);
+        Box::pin(async move {
+            match tokio::time::timeout(timeout, connect).await {
+                Ok(done) => done,
+                Err(_) => Err(format!("connecting took longer than {timeout:?}").into()),
+            }
+        })
+    }
+}
+
+/// Longest part of a failed upstream response's body that is read (the rest is dropped).
 const MAX_ERROR_BODY: usize = 64 << 10;
+/// Idle time before TCP keepalive probes, and between them.
+const TCP_KEEPALIVE: Duration = Duration::from_secs(15);
 
 pub struct UpstreamEngine {
     cfg: UpstreamConfig,
@@ -68,16 +101,25 @@ impl UpstreamEngine {
         tcp.set_connect_timeout(Some(cfg.connect_timeout));
         tcp.set_nodelay(true);
         tcp.enforce_http(false);
+        // A dead peer or a half-open connection (mid-stream or idle in the pool) is noticed
+        // within ~1 min rather than never.
+        tcp.set_keepalive(Some(TCP_KEEPALIVE));
+        tcp.set_keepalive_interval(Some(TCP_KEEPALIVE));
+        tcp.set_keepalive_retries(Some(3));
         let tls = hyper_rustls::HttpsConnectorBuilder::new()
             .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
             .map_err(|e| EngineError::Internal(format!("TLS setup: {e}")))?
             .https_or_http()
             .enable_http1()
             .wrap_connector(tcp);
+        let connect = TimedConnect {
+            inner: tls,
+            timeout: cfg.connect_timeout,
+        };
         // The timer lets the pool close connections idle for 90 s (its default).
         let http = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
-            .build(tls);
+            .build(connect);
         let url = |path: &str| {
             let u = format!("{}/{path}", cfg.base_url.trim_end_matches('/'));
             let bad = |why: &dyn std::fmt::Display| {
@@ -85,6 +127,9 @@ impl UpstreamEngine {
             };
             let uri: Uri = u.parse().map_err(|e| bad(&e))?;
             match (uri.scheme_str(), uri.authority()) {
+                (_, Some(a)) if a.as_str().contains('@') => Err(bad(
+                    &"credentials in the URL are not sent; use --upstream-api-key",
+                )),
                 (Some("http" | "https"), Some(_)) => Ok(uri),
                 _ => Err(bad(&"expected http:// or https:// and a host")),
             }
@@ -233,11 +278,7 @@ impl Engine for UpstreamEngine {
                 .map_err(|e| EngineError::Upstream(error_chain(&e)))?;
             let status = resp.status();
             if !status.is_success() {
-                let body = http_body_util::Limited::new(resp.into_body(), MAX_ERROR_BODY);
-                let text = match body.collect().await {
-                    Ok(b) => String::from_utf8_lossy(&b.to_bytes()).into_owned(),
-                    Err(_) => String::new(),
-                };
+                let text = error_body(resp.into_body()).await;
                 let msg = serde_json::from_str::<Value>(&text)
                     .ok()
                     .and_then(|v| v["error"]["message"].as_str().map(str::to_owned))
@@ -284,6 +325,23 @@ impl Engine for UpstreamEngine {
         }
         .boxed()
     }
+}
+
+/// The first [`MAX_ERROR_BODY`] bytes of a failed response's body (what arrived, if it breaks).
+async fn error_body(mut body: hyper::body::Incoming) -> String {
+    let mut out = Vec::new();
+    while out.len() < MAX_ERROR_BODY {
+        match body.frame().await {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    let room = MAX_ERROR_BODY - out.len();
+                    out.extend_from_slice(&data[..data.len().min(room)]);
+                }
+            }
+            Some(Err(_)) | None => break,
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// An error and its sources, `: `-joined (hyper's own message is only "client error (Connect)").
@@ -595,8 +653,9 @@ mod tests {
         assert!(matches!(t.pop(), Some(Err(EngineError::Upstream(_)))));
     }
 
-    /// Serves `app` on a loopback port; its `/v1` base URL.
-    async fn serve(app: axum::Router) -> String {
+    /// Serves `app` on a loopback port; its `/v1` base URL and a count of accepted connections.
+    async fn serve_counted(app: axum::Router) -> (String, Arc<AtomicUsize>) {
+        use axum::serve::ListenerExt;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await;
         let Ok(listener) = listener else {
             unreachable!("bind")
@@ -604,8 +663,17 @@ mod tests {
         let Ok(addr) = listener.local_addr() else {
             unreachable!("addr")
         };
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        let listener = listener.tap_io(move |_| {
+            count.fetch_add(1, Ordering::SeqCst);
+        });
         tokio::spawn(async move { axum::serve(listener, app).await });
-        format!("http://{addr}/v1")
+        (format!("http://{addr}/v1"), accepted)
+    }
+
+    async fn serve(app: axum::Router) -> String {
+        serve_counted(app).await.0
     }
 
     fn engine(base_url: String, api_key: Option<&str>) -> UpstreamEngine {
@@ -657,7 +725,8 @@ mod tests {
                  data: [DONE]\n\n"
             }),
         );
-        let engine = engine(serve(app).await, Some("sk-up"));
+        let (base, accepted) = serve_counted(app).await;
+        let engine = engine(base, Some("sk-up"));
         // Twice: the second request reuses the pooled connection.
         for _ in 0..2 {
             let stream = engine.generate(request("r1")).await;
@@ -681,6 +750,61 @@ mod tests {
                 "slot released when the stream ends"
             );
         }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "one pooled connection");
+    }
+
+    /// A failed response's message is read up to its bound, not dropped for being long.
+    #[tokio::test]
+    async fn long_error_bodies_are_cut_not_lost() {
+        use axum::http::StatusCode;
+        use axum::routing::post;
+        let app = axum::Router::new().route(
+            "/v1/completions",
+            post(|| async { (StatusCode::BAD_REQUEST, "e".repeat(3 * MAX_ERROR_BODY)) }),
+        );
+        let e = engine(serve(app).await, None);
+        match e.generate(request("r5")).await.err() {
+            Some(EngineError::InvalidRequest(msg)) => {
+                assert_eq!(msg.len(), MAX_ERROR_BODY);
+                assert!(msg.bytes().all(|b| b == b'e'));
+            }
+            other => unreachable!("expected the upstream's 400, got {other:?}"),
+        }
+        assert_eq!(e.load().busy_slots, 0);
+    }
+
+    /// The connect deadline covers the TLS handshake: a server that accepts TCP and then says
+    /// nothing fails the request in time.
+    #[tokio::test]
+    async fn a_stalled_tls_handshake_times_out() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await;
+        let Ok(listener) = listener else {
+            unreachable!("bind")
+        };
+        let Ok(addr) = listener.local_addr() else {
+            unreachable!("addr")
+        };
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((sock, _)) = listener.accept().await {
+                held.push(sock);
+            }
+        });
+        let e = UpstreamEngine::new(UpstreamConfig {
+            connect_timeout: Duration::from_millis(300),
+            ..engine(format!("https://{addr}/v1"), None).cfg
+        });
+        let Ok(e) = e else { unreachable!("client") };
+        let outcome =
+            tokio::time::timeout(Duration::from_secs(10), e.generate(request("r6"))).await;
+        match outcome {
+            Ok(Err(EngineError::Upstream(msg))) => {
+                assert!(msg.contains("connecting took longer"), "{msg}");
+            }
+            Ok(other) => unreachable!("expected a connect timeout, got {:?}", other.err()),
+            Err(_) => unreachable!("the handshake was not bounded"),
+        }
+        assert_eq!(e.load().busy_slots, 0);
     }
 
     /// Upstream failures map to the engine's errors: its 4xx message, overload, other statuses
@@ -735,12 +859,15 @@ mod tests {
             }
             other => unreachable!("expected an upstream error, got {other:?}"),
         }
-        assert!(
-            UpstreamEngine::new(UpstreamConfig {
-                base_url: "ftp://127.0.0.1/v1".into(),
-                ..gone.cfg.clone()
-            })
-            .is_err()
-        );
+        for bad in ["ftp://127.0.0.1/v1", "http://user:pw@127.0.0.1/v1", "/v1"] {
+            assert!(
+                UpstreamEngine::new(UpstreamConfig {
+                    base_url: bad.into(),
+                    ..gone.cfg.clone()
+                })
+                .is_err(),
+                "{bad}"
+            );
+        }
     }
 }

@@ -10,8 +10,10 @@ mod money;
 use std::collections::{HashMap as StdMap, HashSet as StdSet};
 
 /// The ledger's maps: std's with foldhash's hasher (seeded per process), cheaper than SipHash on
-/// these short string keys (a hold and its charge in memory: 3.3 → 2.2 µs). Their keys (Nexus's own request ids, user ids, node
-/// addresses, key ids) are not chosen by clients, so SipHash's flooding resistance buys little.
+/// these short string keys (a hold and its charge in memory: 3.3 → 2.2 µs). Their keys are
+/// Nexus's own: request ids it generates for paid requests, user and key ids, node addresses
+/// (derived from keys, so not aimable at an unknown seed); none is a string a client or node
+/// picks freely. Maps keyed by such strings (e.g. receipts' request ids) keep SipHash.
 pub type HashMap<K, V> = StdMap<K, V, foldhash::fast::RandomState>;
 pub type HashSet<K> = StdSet<K, foldhash::fast::RandomState>;
 

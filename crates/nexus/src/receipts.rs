@@ -7,7 +7,7 @@
 //! its requests' bills are parked (the reader runs ahead of the streams' consumers), so verified
 //! evidence waits too. Everything here is bounded and expires.
 
-use lattice_ledger::HashMap;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -30,6 +30,7 @@ pub(crate) struct Evidence {
     pub(crate) leaf: u64,
 }
 
+/// Keyed by request ids a node sends, so these maps keep std's flooding-resistant SipHash.
 #[derive(Default)]
 struct State {
     leaves: HashMap<String, [u8; 32]>,
