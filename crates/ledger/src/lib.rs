@@ -9,6 +9,10 @@ mod money;
 
 use std::collections::{HashMap as StdMap, HashSet as StdSet};
 
+use serde::{Deserialize, Serialize};
+
+pub use money::{Money, ParseMoneyError, Rate, UNITS_PER_LAI};
+
 /// The ledger's maps: std's with foldhash's hasher (seeded per process), cheaper than SipHash on
 /// these short string keys (a hold and its charge in memory: 3.3 → 2.2 µs). Their keys are
 /// Nexus's own: request ids it generates for paid requests, user and key ids, node addresses
@@ -16,10 +20,6 @@ use std::collections::{HashMap as StdMap, HashSet as StdSet};
 /// picks freely. Maps keyed by such strings (e.g. receipts' request ids) keep SipHash.
 pub type HashMap<K, V> = StdMap<K, V, foldhash::fast::RandomState>;
 pub type HashSet<K> = StdSet<K, foldhash::fast::RandomState>;
-
-use serde::{Deserialize, Serialize};
-
-pub use money::{Money, ParseMoneyError, Rate, UNITS_PER_LAI};
 
 /// Where money sits. External accounts (`Faucet`, `Chain`) are sources and sinks and carry no
 /// balance; every other account's balance is a non-negative [`Money`].
