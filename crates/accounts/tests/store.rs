@@ -16,19 +16,15 @@ use lattice_link::{NodeKey, ReceiptInBatch, UsageReceipt};
 struct TestDb {
     url: String,
     _dir: Option<tempfile::TempDir>,
+    /// Port of the cluster this test started (stopped and deleted on drop).
     cluster: Option<String>,
 }
 
 impl Drop for TestDb {
     fn drop(&mut self) {
-        if let Some(data) = &self.cluster {
-            let _ = std::process::Command::new("sh")
-                .arg("-c")
-                .arg(format!(
-                    "BIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1); \
-                     if [ $(id -u) = 0 ]; then runuser -u postgres -- $BIN/pg_ctl -D {data} -m immediate stop; \
-                     else $BIN/pg_ctl -D {data} -m immediate stop; fi"
-                ))
+        if let Some(port) = &self.cluster {
+            let _ = std::process::Command::new(manifest_dir().join("../../scripts/postgres.sh"))
+                .args(["--stop", port])
                 .output();
         }
     }
@@ -63,9 +59,7 @@ async fn postgres() -> TestDb {
                 .next()
                 .unwrap()
                 .to_owned();
-            let cache = std::env::var("LATTICE_CACHE_DIR")
-                .unwrap_or_else(|_| format!("{}/.cache/lattice", std::env::var("HOME").unwrap()));
-            (url, Some(format!("{cache}/postgres/{port}/data")))
+            (url, Some(port))
         }
     };
     // A fresh database per test.

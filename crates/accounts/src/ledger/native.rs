@@ -403,21 +403,24 @@ mod tests {
         .await;
     }
 
-    /// Stops the PostgreSQL cluster a test started (none when `LATTICE_TEST_POSTGRES_URL` named
-    /// one).
+    fn manifest_dir() -> std::path::PathBuf {
+        std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(
+            || env!("CARGO_MANIFEST_DIR").into(),
+            std::path::PathBuf::from,
+        )
+    }
+
+    /// Stops and deletes the PostgreSQL cluster (by port) a test started (none when
+    /// `LATTICE_TEST_POSTGRES_URL` named one).
     struct Cluster(Option<String>);
 
     impl Drop for Cluster {
         fn drop(&mut self) {
-            if let Some(data) = &self.0 {
-                let _ = std::process::Command::new("sh")
-                    .arg("-c")
-                    .arg(format!(
-                        "BIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1); \
-                         if [ $(id -u) = 0 ]; then runuser -u postgres -- $BIN/pg_ctl -D {data} -m immediate stop; \
-                         else $BIN/pg_ctl -D {data} -m immediate stop; fi"
-                    ))
-                    .output();
+            if let Some(port) = &self.0 {
+                let _ =
+                    std::process::Command::new(manifest_dir().join("../../scripts/postgres.sh"))
+                        .args(["--stop", port])
+                        .output();
             }
         }
     }
@@ -429,13 +432,10 @@ mod tests {
         let (admin, cluster) = match std::env::var("LATTICE_TEST_POSTGRES_URL") {
             Ok(url) => (url, Cluster(None)),
             Err(_) => {
-                let dir = std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(
-                    || env!("CARGO_MANIFEST_DIR").into(),
-                    std::path::PathBuf::from,
-                );
-                let out = std::process::Command::new(dir.join("../../scripts/postgres.sh"))
-                    .output()
-                    .unwrap();
+                let out =
+                    std::process::Command::new(manifest_dir().join("../../scripts/postgres.sh"))
+                        .output()
+                        .unwrap();
                 assert!(
                     out.status.success(),
                     "{}",
@@ -443,11 +443,8 @@ mod tests {
                 );
                 let url = String::from_utf8(out.stdout).unwrap().trim().to_owned();
                 let port = url.rsplit(':').next().unwrap().split('/').next().unwrap();
-                let cache = std::env::var("LATTICE_CACHE_DIR").unwrap_or_else(|_| {
-                    format!("{}/.cache/lattice", std::env::var("HOME").unwrap())
-                });
-                let data = format!("{cache}/postgres/{port}/data");
-                (url, Cluster(Some(data)))
+                let cluster = Cluster(Some(port.to_owned()));
+                (url, cluster)
             }
         };
         let name = format!("lattice_retry_{}", uuid::Uuid::new_v4().simple());
