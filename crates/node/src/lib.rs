@@ -212,6 +212,7 @@ async fn session(
         price: cfg.price,
         chain_id,
         pending: std::sync::Mutex::new(Vec::new()),
+        waiting: tokio::sync::Notify::new(),
     });
 
     let (mut sink, mut stream) = ws.split();
@@ -219,21 +220,7 @@ async fn session(
     let writer = tokio::spawn(async move {
         write_frames(out_rx, &mut sink, Message::text).await;
     });
-    let batches = {
-        let (out, signer) = (out_tx.clone(), signer.clone());
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(RECEIPT_BATCH_WINDOW);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                if let Some(b) = signer.flush()
-                    && out.send(b).await.is_err()
-                {
-                    break;
-                }
-            }
-        })
-    };
+    let batches = tokio::spawn(sign_batches(signer.clone(), out_tx.clone()));
     let heartbeat = {
         let out = out_tx.clone();
         let engine = engine.clone();
@@ -354,6 +341,8 @@ struct Signer {
     chain_id: u64,
     /// Request id and leaf of receipts sent unsigned, in order.
     pending: std::sync::Mutex<Vec<(String, [u8; 32])>>,
+    /// Notified when a receipt starts a batch: the window's timer starts then.
+    waiting: tokio::sync::Notify,
 }
 
 impl Signer {
@@ -410,11 +399,14 @@ impl Signer {
     }
 
     /// Queues a paid receipt's leaf (after the receipt itself went out); returns the batch frame
-    /// when the batch is full (otherwise the window's tick signs it).
+    /// when the batch is full (otherwise the batch task signs it when the window ends).
     fn add(&self, request_id: &str, leaf: [u8; 32]) -> Option<NodeFrame> {
         let batch = {
             let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
             p.push((request_id.to_owned(), leaf));
+            if p.len() == 1 {
+                self.waiting.notify_one();
+            }
             if p.len() < RECEIPT_BATCH {
                 return None;
             }
@@ -443,6 +435,20 @@ impl Signer {
                 tracing::warn!(receipts = batch.len(), error = %e, "cannot sign a receipt batch");
                 None
             }
+        }
+    }
+}
+
+/// Signs each batch of paid receipts when its window ends (a full batch is signed by
+/// [`Signer::add`] at once). Sleeps while no receipt waits, so an idle node does not wake.
+async fn sign_batches(signer: Arc<Signer>, out: mpsc::Sender<NodeFrame>) {
+    loop {
+        signer.waiting.notified().await;
+        tokio::time::sleep(RECEIPT_BATCH_WINDOW).await;
+        if let Some(b) = signer.flush()
+            && out.send(b).await.is_err()
+        {
+            break;
         }
     }
 }
@@ -576,6 +582,7 @@ mod tests {
             },
             chain_id: 31337,
             pending: Default::default(),
+            waiting: Default::default(),
         })
     }
 
@@ -749,6 +756,29 @@ mod tests {
                 streams.map.len()
             );
         }
+    }
+
+    /// A batch's window starts with its first receipt: receipts that arrive within it share one
+    /// signature, and the task sleeps (sends nothing) while none waits.
+    #[tokio::test]
+    async fn receipt_batches_start_their_window_at_the_first_receipt() {
+        let signer = signer();
+        let (tx, mut rx) = mpsc::channel(8);
+        let task = tokio::spawn(sign_batches(signer.clone(), tx));
+        tokio::time::sleep(RECEIPT_BATCH_WINDOW * 3 / 2).await;
+        assert!(rx.try_recv().is_err(), "nothing to sign yet");
+        for round in 0..2 {
+            let start = std::time::Instant::now();
+            assert!(signer.add("r1", [1; 32]).is_none());
+            tokio::time::sleep(RECEIPT_BATCH_WINDOW / 5).await;
+            assert!(signer.add("r2", [2; 32]).is_none());
+            let Some(NodeFrame::Receipts { requests, .. }) = rx.recv().await else {
+                panic!("no batch in round {round}");
+            };
+            assert!(start.elapsed() >= RECEIPT_BATCH_WINDOW);
+            assert_eq!(requests, ["r1", "r2"], "round {round}");
+        }
+        task.abort();
     }
 
     #[test]
