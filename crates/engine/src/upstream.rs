@@ -847,11 +847,11 @@ mod tests {
             "404 is the request's fault: {err:?}"
         );
 
-        // A port nothing listens on: bind one, then close it.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port());
-        let Ok(port) = port else { unreachable!("bind") };
+        // A port bound but not listening refuses connections, and stays ours while the socket
+        // lives (a closed one could be taken by another test in between).
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let port = socket.local_addr().unwrap().port();
         let gone = engine(format!("http://127.0.0.1:{port}/v1"), None);
         match gone.generate(request("r4")).await.err() {
             Some(EngineError::Upstream(msg)) => {
