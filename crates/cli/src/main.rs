@@ -28,6 +28,10 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Threads that run the async work (0: one per CPU this process may use). With one, tasks
+    /// run on a single-threaded scheduler, which on one CPU costs less than a work-stealing one.
+    #[arg(long, global = true, env = "LATTICE_RUNTIME_THREADS", default_value_t = 0)]
+    runtime_threads: usize,
 }
 
 #[derive(Subcommand)]
@@ -266,9 +270,7 @@ struct EngineArgs {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let _flush_logs = init_tracing();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let rt = runtime(cli.runtime_threads)?;
     rt.block_on(async move {
         match cli.command {
             Command::Up(a) => up(a).await,
@@ -291,6 +293,28 @@ fn main() -> Result<()> {
             }
         }
     })
+}
+
+/// The async runtime: a single-threaded scheduler when one thread is asked for or only one CPU
+/// is usable (as under `taskset -c 0`: it spares the work-stealing scheduler's cross-thread
+/// bookkeeping, ~10 % of Nexus's and the node's CPU per request there; BENCHMARKS.md), else a
+/// multi-threaded one with that many workers. Blocking work runs on its own threads either way.
+fn runtime(threads: usize) -> Result<tokio::runtime::Runtime> {
+    let threads = match threads {
+        0 => std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
+        n => n,
+    };
+    let rt = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()?
+    };
+    Ok(rt)
 }
 
 /// Log lines go to stderr from a thread of their own, so a tokio worker never waits on a write

@@ -536,9 +536,12 @@ async fn call(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn users_sign_in_get_faucet_credit_pay_per_token_and_keys_are_enforced() {
     let dir = tmp();
-    let nexus = nexus_with(dir.path(), "127.0.0.1:0", &["--faucet-lai", "1"]);
+    // Both on the single-threaded scheduler (what one CPU gets), the rest of the tests on the
+    // multi-threaded one.
+    let one = [("LATTICE_RUNTIME_THREADS", "1")];
+    let nexus = nexus_env(dir.path(), "127.0.0.1:0", &["--faucet-lai", "1"], &one);
     let node_key = key(dir.path(), "a");
-    let _a = node(&nexus.url, CHAT, &node_key, "2");
+    let _a = spawn_env(&node_args(&nexus.url, CHAT, &node_key, "2"), &one);
     wait_for_models(&nexus.url, &[(CHAT, 1)]).await;
     let base = &nexus.url;
     let chat_url = format!("{base}/v1/chat/completions");
