@@ -30,7 +30,12 @@ struct Cli {
     command: Command,
     /// Threads that run the async work (0: one per CPU this process may use). With one, tasks
     /// run on a single-threaded scheduler, which on one CPU costs less than a work-stealing one.
-    #[arg(long, global = true, env = "LATTICE_RUNTIME_THREADS", default_value_t = 0)]
+    #[arg(
+        long,
+        global = true,
+        env = "LATTICE_RUNTIME_THREADS",
+        default_value_t = 0
+    )]
     runtime_threads: usize,
 }
 
