@@ -322,8 +322,12 @@ impl Streams {
         self.map.len() < self.limit
     }
 
+    /// Starts tracking stream `id`. Nexus never reuses a live id; if it did, the earlier stream
+    /// is aborted rather than left running where no `Cancel` can reach it.
     fn insert(&mut self, id: u64, handle: AbortHandle) {
-        self.map.insert(id, handle);
+        if let Some(earlier) = self.map.insert(id, handle) {
+            earlier.abort();
+        }
     }
 }
 
@@ -779,6 +783,24 @@ mod tests {
             assert_eq!(requests, ["r1", "r2"], "round {round}");
         }
         task.abort();
+    }
+
+    /// A stream id used again replaces the earlier stream, which is aborted (not orphaned).
+    #[tokio::test]
+    async fn a_reused_stream_id_aborts_the_earlier_stream() {
+        let mut streams = super::Streams::new(8);
+        let earlier = tokio::spawn(futures::future::pending::<()>());
+        let later = tokio::spawn(futures::future::pending::<()>());
+        streams.insert(1, earlier.abort_handle());
+        streams.insert(1, later.abort_handle());
+        let ended = tokio::time::timeout(Duration::from_secs(5), earlier).await;
+        assert!(
+            matches!(&ended, Ok(Err(e)) if e.is_cancelled()),
+            "the earlier stream still runs: {ended:?}"
+        );
+        assert!(!later.is_finished());
+        assert_eq!(streams.map.len(), 1);
+        later.abort();
     }
 
     #[test]
