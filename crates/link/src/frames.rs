@@ -15,6 +15,13 @@ pub const MAX_FRAME_EVENTS: usize = 64;
 /// Largest frame either side accepts: a request carries a whole prompt (bodies are ≤ 4 MiB).
 pub const MAX_FRAME_BYTES: usize = 8 << 20;
 
+/// Read buffer of each side's WebSocket. tungstenite allocates it up front for every link and
+/// zero-fills its free part before every read; its default of 128 KiB would hold 128 MB for a
+/// thousand linked nodes and `memset` 128 KiB per read (1.9 % of Nexus's CPU at 1000 req/s,
+/// when a read carries one request's frames). Frames are mostly a few hundred bytes; a large
+/// one is read in several pieces.
+pub const READ_BUFFER_BYTES: usize = 16 << 10;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum NodeKind {

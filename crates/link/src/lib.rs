@@ -8,8 +8,8 @@ mod writer;
 
 pub use frames::{
     FrameError, LinkEvent, MAX_FRAME_BYTES, MAX_FRAME_EVENTS, ModelAd, NexusFrame, NodeFrame,
-    NodeKind, PROTOCOL_VERSION, Price, decode, encode, legacy_hello_version, legacy_rejected_frame,
-    legacy_rejection,
+    NodeKind, PROTOCOL_VERSION, Price, READ_BUFFER_BYTES, decode, encode, legacy_hello_version,
+    legacy_rejected_frame, legacy_rejection,
 };
 pub use identity::{IdentityError, NodeKey, challenge_message, recover_address, write_private};
 pub use receipt::{

@@ -29,6 +29,7 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(15);
 pub(crate) async fn upgrade(State(nexus): State<Arc<Nexus>>, ws: WebSocketUpgrade) -> Response {
     ws.max_message_size(MAX_FRAME_BYTES)
         .max_frame_size(MAX_FRAME_BYTES)
+        .read_buffer_size(lattice_link::READ_BUFFER_BYTES)
         .on_upgrade(move |socket| async move { serve(nexus, socket).await })
 }
 

@@ -143,7 +143,8 @@ async fn session(
     let url = link_url(&cfg.nexus_url);
     let ws_cfg = WebSocketConfig::default()
         .max_message_size(Some(MAX_FRAME_BYTES))
-        .max_frame_size(Some(MAX_FRAME_BYTES));
+        .max_frame_size(Some(MAX_FRAME_BYTES))
+        .read_buffer_size(lattice_link::READ_BUFFER_BYTES);
     let (mut ws, _) =
         tokio_tungstenite::connect_async_with_config(url.as_str(), Some(ws_cfg), true)
             .await
