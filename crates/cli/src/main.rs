@@ -319,6 +319,12 @@ fn runtime(threads: usize) -> Result<tokio::runtime::Runtime> {
             .enable_all()
             .build()?
     };
+    let scheduler = if threads == 1 {
+        "single-threaded"
+    } else {
+        "multi-threaded"
+    };
+    tracing::info!(threads, "async runtime: {scheduler} scheduler");
     Ok(rt)
 }
 

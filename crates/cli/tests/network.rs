@@ -538,10 +538,18 @@ async fn users_sign_in_get_faucet_credit_pay_per_token_and_keys_are_enforced() {
     let dir = tmp();
     // Both on the single-threaded scheduler (what one CPU gets), the rest of the tests on the
     // multi-threaded one.
-    let one = [("LATTICE_RUNTIME_THREADS", "1")];
-    let nexus = nexus_env(dir.path(), "127.0.0.1:0", &["--faucet-lai", "1"], &one);
+    let one = [("LATTICE_RUNTIME_THREADS", "1"), ("LATTICE_LOG", "info")];
+    let (nexus, nexus_log) =
+        nexus_logged_env(dir.path(), "127.0.0.1:0", &["--faucet-lai", "1"], &one);
     let node_key = key(dir.path(), "a");
-    let _a = spawn_env(&node_args(&nexus.url, CHAT, &node_key, "2"), &one);
+    let (_a, node_log) = spawn_logged(&node_args(&nexus.url, CHAT, &node_key, "2"), &one);
+    for log in [&nexus_log, &node_log] {
+        log.wait_for(
+            "async runtime: single-threaded scheduler",
+            Duration::from_secs(5),
+        )
+        .await;
+    }
     wait_for_models(&nexus.url, &[(CHAT, 1)]).await;
     let base = &nexus.url;
     let chat_url = format!("{base}/v1/chat/completions");

@@ -155,9 +155,23 @@ pub fn nexus_env(dir: &Path, listen: &str, extra: &[&str], env: &[(&str, &str)])
 
 /// A Nexus whose log (at info level) the test reads.
 pub fn nexus_logged(dir: &Path, listen: &str, extra: &[&str]) -> (Proc, Log) {
+    nexus_logged_env(dir, listen, extra, &[])
+}
+
+/// As [`nexus_logged`], with extra environment variables.
+pub fn nexus_logged_env(
+    dir: &Path,
+    listen: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> (Proc, Log) {
     let mut log = None;
+    let env: Vec<(&str, &str)> = [("LATTICE_LOG", "info")]
+        .into_iter()
+        .chain(env.iter().copied())
+        .collect();
     let p = nexus_spawn(dir, listen, extra, |args| {
-        let (p, l) = spawn_logged(args, &[("LATTICE_LOG", "info")]);
+        let (p, l) = spawn_logged(args, &env);
         log = Some(l);
         p
     });
