@@ -275,7 +275,8 @@ struct EngineArgs {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let _flush_logs = init_tracing();
-    let rt = runtime(cli.runtime_threads)?;
+    let serves = matches!(cli.command, Command::Nexus(_) | Command::Node(_));
+    let rt = runtime(cli.runtime_threads, serves)?;
     rt.block_on(async move {
         match cli.command {
             Command::Up(a) => up(a).await,
@@ -304,7 +305,8 @@ fn main() -> Result<()> {
 /// is usable (as under `taskset -c 0`: it spares the work-stealing scheduler's cross-thread
 /// bookkeeping, ~10 % of Nexus's and the node's CPU per request there; BENCHMARKS.md), else a
 /// multi-threaded one with that many workers. Blocking work runs on its own threads either way.
-fn runtime(threads: usize) -> Result<tokio::runtime::Runtime> {
+/// Servers (`log`) say which one they run.
+fn runtime(threads: usize, log: bool) -> Result<tokio::runtime::Runtime> {
     let threads = match threads {
         0 => std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
         n => n,
@@ -319,12 +321,14 @@ fn runtime(threads: usize) -> Result<tokio::runtime::Runtime> {
             .enable_all()
             .build()?
     };
-    let scheduler = if threads == 1 {
-        "single-threaded"
-    } else {
-        "multi-threaded"
-    };
-    tracing::info!(threads, "async runtime: {scheduler} scheduler");
+    if log {
+        let scheduler = if threads == 1 {
+            "single-threaded"
+        } else {
+            "multi-threaded"
+        };
+        tracing::info!(threads, "async runtime: {scheduler} scheduler");
+    }
     Ok(rt)
 }
 
