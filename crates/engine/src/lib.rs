@@ -1,6 +1,7 @@
 //! The inference engine contract: a request goes in, a bounded stream of events comes out.
 //! Backends (embedded llama.cpp, an OpenAI-compatible upstream) implement [`Engine`].
 
+mod chunk;
 mod template;
 mod text;
 pub mod upstream;

@@ -1,7 +1,6 @@
 //! Backend that forwards to any OpenAI-compatible server (llama-server, Ollama, vLLM), so an
 //! operator can bring the engine they already run. Always streams from the upstream.
 
-use std::borrow::Cow;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -16,7 +15,7 @@ use http::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
 use http_body_util::BodyExt;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::Value;
 
 use crate::{
@@ -412,39 +411,6 @@ fn data_line(line: &[u8], on_data: &mut impl FnMut(&str)) {
     }
 }
 
-/// The fields of an OpenAI stream chunk the node reads; strings borrowed from the payload.
-#[derive(Deserialize)]
-struct Chunk<'a> {
-    #[serde(borrow, default)]
-    choices: Option<Vec<ChunkChoice<'a>>>,
-    #[serde(default)]
-    usage: Option<Usage>,
-    #[serde(borrow, default)]
-    error: Option<ChunkError<'a>>,
-}
-
-#[derive(Deserialize)]
-struct ChunkChoice<'a> {
-    #[serde(borrow, default)]
-    delta: Option<ChunkDelta<'a>>,
-    #[serde(borrow, default)]
-    text: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    finish_reason: Option<Cow<'a, str>>,
-}
-
-#[derive(Deserialize)]
-struct ChunkDelta<'a> {
-    #[serde(borrow, default)]
-    content: Option<Cow<'a, str>>,
-}
-
-#[derive(Deserialize)]
-struct ChunkError<'a> {
-    #[serde(borrow, default)]
-    message: Option<Cow<'a, str>>,
-}
-
 /// Maps OpenAI stream chunks to engine events.
 #[derive(Debug, Default)]
 struct Translate {
@@ -473,8 +439,12 @@ impl Translate {
         if payload == "[DONE]" {
             return self.end();
         }
-        // The usual chunk shape, borrowed; anything else goes through a `Value` (same rules).
-        if let Ok(c) = serde_json::from_str::<Chunk<'_>>(payload) {
+        // The usual chunk, scanned in place; the rest with serde, typed and borrowed, and what
+        // that refuses through a `Value` (same rules).
+        if let Some(f) = crate::chunk::scan(payload) {
+            return self.apply(None, f.text, f.finish, None);
+        }
+        if let Ok(c) = serde_json::from_str::<crate::chunk::Chunk<'_>>(payload) {
             let choice = c.choices.as_deref().and_then(<[_]>::first);
             let text = choice.and_then(|ch| {
                 ch.delta
