@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use lattice_api::{
     ApiError, AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionChunk, ChunkChoice,
     Completion, CompletionChoice, Delta, FinishReason, Usage, UsageField,
@@ -242,11 +242,31 @@ pub(crate) fn sse(
     })
 }
 
+/// Most bytes of events that are already here joined into one body frame.
+const JOIN_BYTES: usize = 16 << 10;
+
+/// The next body frame: the next event's SSE bytes, and those of the events that are already
+/// here after it (a node's frame often carries several). The client reads the same SSE events;
+/// the server writes one body chunk for them instead of one each.
 async fn next_frame(s: &mut SseState) -> Bytes {
-    match s.events.next().await {
+    let mut out = Vec::new();
+    let ev = s.events.next().await;
+    push_event(s, ev, &mut out);
+    while matches!(s.phase, Phase::Streaming) && out.len() < JOIN_BYTES {
+        match s.events.next().now_or_never() {
+            Some(ev) => push_event(s, ev, &mut out),
+            None => break,
+        }
+    }
+    Bytes::from(out)
+}
+
+/// Appends an event's SSE bytes (`None`: the engine's stream ended).
+fn push_event(s: &mut SseState, ev: Option<Result<Event, EngineError>>, out: &mut Vec<u8>) {
+    match ev {
         Some(Ok(Event::Delta(text))) => {
             s.tracker.on_delta();
-            s.delta.chunk(&text)
+            s.delta.write(&text, out);
         }
         Some(Ok(Event::Done {
             finish_reason,
@@ -254,29 +274,27 @@ async fn next_frame(s: &mut SseState) -> Bytes {
         })) => {
             s.tracker.on_done(&usage);
             s.phase = Phase::Finished;
-            let mut out = chunk(
+            out.extend_from_slice(&chunk(
                 &s.meta,
                 Delta::default(),
                 String::new(),
                 Some(finish_reason),
-            )
-            .to_vec();
+            ));
             if s.meta.include_usage {
                 out.extend_from_slice(&usage_chunk(&s.meta, usage));
             }
             out.extend_from_slice(b"data: [DONE]\n\n");
-            Bytes::from(out)
         }
         Some(Err(e)) => {
             s.tracker.on_error(&e);
             s.phase = Phase::Finished;
-            error_frame(&engine_error(&e))
+            out.extend_from_slice(&error_frame(&engine_error(&e)));
         }
         None => {
             let e = EngineError::Internal("the engine ended the stream without finishing".into());
             s.tracker.on_error(&e);
             s.phase = Phase::Finished;
-            error_frame(&engine_error(&e))
+            out.extend_from_slice(&error_frame(&engine_error(&e)));
         }
     }
 }
@@ -371,14 +389,13 @@ impl DeltaTemplate {
         }
     }
 
-    /// `encode_chunk` of a text-only delta (chat) or choice (completions).
-    fn chunk(&self, text: &str) -> Bytes {
-        let mut out = Vec::with_capacity(self.head.len() + text.len() + 8 + self.tail.len());
+    /// Appends `encode_chunk` of a text-only delta (chat) or choice (completions).
+    fn write(&self, text: &str, out: &mut Vec<u8>) {
+        out.reserve(self.head.len() + text.len() + 8 + self.tail.len());
         out.extend_from_slice(&self.head);
         // Writing a string into a Vec cannot fail.
-        let _ = serde_json::to_writer(&mut out, text);
+        let _ = serde_json::to_writer(&mut *out, text);
         out.extend_from_slice(&self.tail);
-        Bytes::from(out)
     }
 }
 
@@ -393,6 +410,127 @@ fn usage_chunk(meta: &Meta, usage: Usage) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures::future::BoxFuture;
+    use lattice_engine::{Engine, GenerateRequest, Load, ModelCard};
+
+    /// The state a [`Tracker`] reports to; its engine is never called.
+    struct Idle;
+
+    impl Engine for Idle {
+        fn models(&self) -> Vec<ModelCard> {
+            Vec::new()
+        }
+        fn load(&self) -> Load {
+            Load::default()
+        }
+        fn generate(&self, _: GenerateRequest) -> BoxFuture<'_, Result<EventStream, EngineError>> {
+            Box::pin(async { Err(EngineError::Internal("unused".into())) })
+        }
+    }
+
+    fn tracker() -> Tracker {
+        let st = Arc::new(AppState {
+            engine: Arc::new(Idle),
+            auth: None,
+            limits: crate::Limits::default(),
+            metrics: crate::metrics::Metrics::new("test"),
+            started: std::time::SystemTime::now(),
+        });
+        Tracker::new(st, Kind::Chat, "r".into(), Instant::now())
+    }
+
+    fn meta() -> Meta {
+        Meta {
+            id: "chatcmpl-r".into(),
+            created: 1,
+            model: "m".into(),
+            kind: Kind::Chat,
+            include_usage: true,
+        }
+    }
+
+    /// The SSE body of `events` as each event encoded alone would give it.
+    fn one_by_one(events: &[Event]) -> Vec<u8> {
+        let m = meta();
+        let role = Delta {
+            role: Some("assistant".into()),
+            content: Some(String::new()),
+        };
+        let mut out = chunk(&m, role, String::new(), None).to_vec();
+        for ev in events {
+            match ev {
+                Event::Delta(t) => {
+                    let d = Delta {
+                        role: None,
+                        content: Some(t.clone()),
+                    };
+                    out.extend_from_slice(&chunk(&m, d, t.clone(), None));
+                }
+                Event::Done {
+                    finish_reason,
+                    usage,
+                } => {
+                    out.extend_from_slice(&chunk(
+                        &m,
+                        Delta::default(),
+                        String::new(),
+                        Some(*finish_reason),
+                    ));
+                    out.extend_from_slice(&usage_chunk(&m, *usage));
+                    out.extend_from_slice(b"data: [DONE]\n\n");
+                }
+            }
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn events_already_here_share_a_body_frame_with_the_same_sse_bytes() {
+        let events = vec![
+            Event::Delta("Hel".into()),
+            Event::Delta("lo \"there\"\n".into()),
+            Event::Delta("!".into()),
+            Event::Done {
+                finish_reason: FinishReason::Stop,
+                usage: Usage::new(3, 3),
+            },
+        ];
+        // All ready at once: the role chunk, then one frame for the rest.
+        let ready: EventStream =
+            Box::pin(futures::stream::iter(events.clone().into_iter().map(Ok)));
+        let frames: Vec<Bytes> = sse(meta(), ready, tracker())
+            .map(|f| f.unwrap_or_default())
+            .collect()
+            .await;
+        assert_eq!(frames.len(), 2, "{frames:?}");
+        assert_eq!(frames.concat(), one_by_one(&events));
+
+        // One at a time: a frame each.
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let paced: EventStream = Box::pin(tokio_stream_from(rx));
+        let body = tokio::spawn(
+            sse(meta(), paced, tracker())
+                .map(|f| f.unwrap_or_default())
+                .collect::<Vec<Bytes>>(),
+        );
+        for ev in events.clone() {
+            tx.send(Ok(ev)).await.expect("the body reads on");
+            tokio::task::yield_now().await;
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        let frames = body.await.expect("the body task ends");
+        assert_eq!(frames.len(), 1 + events.len(), "{frames:?}");
+        assert_eq!(frames.concat(), one_by_one(&events));
+    }
+
+    fn tokio_stream_from(
+        rx: tokio::sync::mpsc::Receiver<Result<Event, EngineError>>,
+    ) -> impl futures::Stream<Item = Result<Event, EngineError>> + Send {
+        futures::stream::unfold(
+            rx,
+            |mut rx| async move { rx.recv().await.map(|ev| (ev, rx)) },
+        )
+    }
 
     #[test]
     fn content_chunks_from_the_template_are_byte_for_byte_the_serialized_ones() {
@@ -425,9 +563,11 @@ mod tests {
                             content: Some(text.into()),
                         };
                         let want = chunk(&meta, delta, text.into(), None);
+                        let mut got = b"before".to_vec();
+                        template.write(text, &mut got);
                         assert_eq!(
-                            template.chunk(text),
-                            want,
+                            got,
+                            [b"before", &want[..]].concat(),
                             "{kind:?} usage={include_usage} model={model:?} text={text:?}"
                         );
                         checked += 1;
