@@ -500,6 +500,7 @@ async fn measure_decode_tps(engine: &Arc<dyn Engine>) -> f64 {
         user: None,
         payer: None,
         conversation: None,
+        whole: false,
     };
     let Ok(mut events) = engine.generate(req).await else {
         return 0.0;

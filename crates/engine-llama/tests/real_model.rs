@@ -40,6 +40,7 @@ fn chat(text: &str, params: SamplingParams) -> GenerateRequest {
         user: None,
         payer: None,
         conversation: None,
+        whole: false,
         prompt: Prompt::Chat(vec![Message {
             role: "user".into(),
             content: text.into(),
@@ -144,6 +145,7 @@ async fn max_tokens_and_stop_sequences() {
         user: None,
         payer: None,
         conversation: None,
+        whole: false,
         prompt: Prompt::Text("1, 2, 3, 4, 5,".into()),
         params: p,
     };
@@ -186,6 +188,7 @@ async fn base_model_refuses_chat_and_context_is_bounded() {
         user: None,
         payer: None,
         conversation: None,
+        whole: false,
         prompt: Prompt::Text(long),
         params: greedy(4),
     };
@@ -201,6 +204,7 @@ async fn base_model_refuses_chat_and_context_is_bounded() {
         user: None,
         payer: None,
         conversation: None,
+        whole: false,
         prompt: Prompt::Text("a".into()),
         params: greedy(5000),
     };
@@ -227,6 +231,7 @@ async fn concurrent_requests_are_batched_and_finish_faster_than_sequential() {
         user: None,
         payer: None,
         conversation: None,
+        whole: false,
         prompt: Prompt::Text(format!("Robot number {i} woke up and")),
         params: params(),
     };
@@ -387,6 +392,7 @@ async fn a_continued_conversation_reuses_the_cached_prefix() {
             user: None,
             payer: None,
             conversation: None,
+            whole: false,
             prompt: Prompt::Chat(first.clone()),
             params: greedy(24),
         },
@@ -408,6 +414,7 @@ async fn a_continued_conversation_reuses_the_cached_prefix() {
         user: None,
         payer: None,
         conversation: None,
+        whole: false,
         prompt: Prompt::Chat(second),
         params: greedy(24),
     };

@@ -100,6 +100,10 @@ pub struct GenerateRequest {
     /// Conversation to append this exchange to, if the payer keeps chat history (Nexus only).
     #[serde(skip)]
     pub conversation: Option<String>,
+    /// The caller reads the answer whole (a non-streaming request), so a node may join text
+    /// deltas that are ready together into one.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub whole: bool,
 }
 
 /// The account a request is billed to.

@@ -672,6 +672,7 @@ mod tests {
             user: None,
             payer: None,
             conversation: None,
+            whole: false,
         }
     }
 

@@ -146,6 +146,7 @@ async fn respond(
         preference,
         user: payer.as_ref().map(|p| p.address.clone()),
         conversation: payer.as_ref().and_then(|_| conversation(headers)),
+        whole: !streaming,
         payer,
     };
     let events = st.engine.generate(gen_req).await.map_err(|e| {

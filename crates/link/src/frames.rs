@@ -204,6 +204,7 @@ mod tests {
                 user: None,
                 payer: None,
                 conversation: None,
+                whole: false,
             }),
         };
         let back: NexusFrame =

@@ -99,6 +99,7 @@ async fn probe(nexus: &Nexus, node: lattice_router::NodeId, model: &str) -> Outc
         user: Some(lattice_link::NO_USER.to_owned()),
         payer: None,
         conversation: None,
+        whole: true,
     };
     let deadline = Instant::now() + nexus.config.probe_timeout;
     let (first, mut rx, stream, early) = match attempt(&link, &req, deadline).await {

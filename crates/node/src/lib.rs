@@ -469,10 +469,11 @@ async fn serve_stream(
     id: u64,
     request: lattice_engine::GenerateRequest,
 ) {
-    let (request_id, user, model) = (
+    let (request_id, user, model, whole) = (
         request.request_id.clone(),
         request.user.clone(),
         request.model.clone(),
+        request.whole,
     );
     let mut events = match engine.generate(request).await {
         Ok(s) => s,
@@ -507,10 +508,14 @@ async fn serve_stream(
             if let Ok(Event::Delta(d)) = &ev {
                 text_bytes += d.len();
             }
-            frame.push(match ev {
-                Ok(e) => LinkEvent::Engine(e),
-                Err(e) => LinkEvent::Error(e),
-            });
+            match (ev, frame.last_mut()) {
+                // An answer read whole gets its ready text as one delta.
+                (Ok(Event::Delta(d)), Some(LinkEvent::Engine(Event::Delta(joined)))) if whole => {
+                    joined.push_str(&d);
+                }
+                (Ok(e), _) => frame.push(LinkEvent::Engine(e)),
+                (Err(e), _) => frame.push(LinkEvent::Error(e)),
+            }
             // Two slots stay free for a receipt and the final event.
             if !last && frame.len() + 2 <= MAX_FRAME_EVENTS && text_bytes < FRAME_TEXT_BYTES {
                 next = events.next().now_or_never().flatten();
@@ -575,6 +580,7 @@ mod tests {
             user: user.map(str::to_owned),
             payer: None,
             conversation: None,
+            whole: false,
         }
     }
 
@@ -603,9 +609,16 @@ mod tests {
         stream: lattice_engine::EventStream,
         user: Option<&str>,
     ) -> Vec<Vec<LinkEvent>> {
+        frames_for(stream, request(user)).await
+    }
+
+    async fn frames_for(
+        stream: lattice_engine::EventStream,
+        request: GenerateRequest,
+    ) -> Vec<Vec<LinkEvent>> {
         let engine = Arc::new(Canned(std::sync::Mutex::new(Some(stream))));
         let (tx, mut rx) = mpsc::channel(1024);
-        serve_stream(engine, signer(), tx, 7, request(user)).await;
+        serve_stream(engine, signer(), tx, 7, request).await;
         let mut out = Vec::new();
         while let Ok(f) = rx.try_recv() {
             match f {
@@ -660,6 +673,52 @@ mod tests {
             matches!(all[n - 2], LinkEvent::Receipt(r) if r.completion_tokens == 150 && r.signature.is_empty())
         );
         assert!(matches!(all[n - 1], LinkEvent::Engine(Event::Done { .. })));
+    }
+
+    /// An answer read whole (a non-streaming request) gets the text that is ready together as
+    /// one delta; a streaming one keeps its deltas (see `ready_events_share_bounded_frames`).
+    #[tokio::test]
+    async fn an_answer_read_whole_gets_its_ready_text_joined() {
+        let mut evs: Vec<Result<Event, EngineError>> = (0..150)
+            .map(|i| Ok(Event::Delta(format!("t{i} "))))
+            .collect();
+        evs.push(done(150));
+        let user = "0x7e5f4552091a69125d5dfcb7b8c2659029395bdf";
+        let whole = GenerateRequest {
+            whole: true,
+            ..request(Some(user))
+        };
+        let got = frames_for(futures::stream::iter(evs).boxed(), whole).await;
+        assert_eq!(got.len(), 1, "{got:?}");
+        let text: String = (0..150).map(|i| format!("t{i} ")).collect();
+        assert!(matches!(&got[0][0], LinkEvent::Engine(Event::Delta(d)) if *d == text));
+        assert!(matches!(&got[0][1], LinkEvent::Receipt(r) if r.completion_tokens == 150));
+        assert!(matches!(&got[0][2], LinkEvent::Engine(Event::Done { .. })));
+        assert_eq!(got[0].len(), 3);
+
+        // Joined text still closes a frame at a MiB.
+        let big = "x".repeat(300 * 1024);
+        let mut evs: Vec<Result<Event, EngineError>> =
+            (0..10).map(|_| Ok(Event::Delta(big.clone()))).collect();
+        evs.push(done(10));
+        let whole = GenerateRequest {
+            whole: true,
+            ..request(None)
+        };
+        let got = frames_for(futures::stream::iter(evs).boxed(), whole).await;
+        let sizes: Vec<Vec<usize>> = got
+            .iter()
+            .map(|f| {
+                f.iter()
+                    .map(|e| match e {
+                        LinkEvent::Engine(Event::Delta(d)) => d.len(),
+                        _ => 0,
+                    })
+                    .collect()
+            })
+            .collect();
+        let k = 300 * 1024;
+        assert_eq!(sizes, vec![vec![4 * k], vec![4 * k], vec![2 * k, 0]]);
     }
 
     /// Large deltas close a frame once it holds a MiB of text, far below the frame size bound.
