@@ -6,7 +6,7 @@
 #
 #   bench/routers/run.sh [--targets direct,lattice,lattice-node,sglang-router,vllm-router,litellm]
 #                        [--rates 200,1000] [--fallback-rates 50,20] [--duration 5]
-#                        [--wrk-conns 32] [--wrk-duration 5] [--conns 64]
+#                        [--wrk-conns 32] [--wrk-duration 5] [--wrk-runs 3] [--conns 64]
 #                        [--wait-quiet 120] [--no-pin] [--skip-install] [--note TEXT]
 #
 # Per target and mode (non-streaming, streaming POST /v1/chat/completions):
@@ -14,7 +14,8 @@
 #      warm-up), p50/p99 time to full response; "added" = minus the direct upstream's;
 #      if the first rate already saturates a target it is also measured at --fallback-rates
 #      (in turn, until one is sustained)
-#   2. max throughput: wrk -t1 -c32 -d5s -s post.lua; CPU s of the target's processes
+#   2. max throughput: wrk -t1 -c32 -d5s -s post.lua, --wrk-runs times; the median run's
+#      req/s and CPU s of the target's processes (every run's req/s in the JSON)
 # Before every load it waits (up to --wait-quiet s) for the CPUs to be >= 90% idle.
 # By default the router under test is pinned to CPU 0 and nginx + the load generators
 # to CPU 1 (--no-pin: no pinning), so "max req/s" is what one core of router does.
@@ -51,6 +52,7 @@ FALLBACK_RATES="50,20"
 DURATION=5
 WRK_CONNS=32
 WRK_DURATION=5
+WRK_RUNS=3
 CONNS=64
 WAIT_QUIET=120
 PIN=1
@@ -66,6 +68,7 @@ while [[ $# -gt 0 ]]; do
     --duration) DURATION="$2"; shift 2 ;;
     --wrk-conns) WRK_CONNS="$2"; shift 2 ;;
     --wrk-duration) WRK_DURATION="$2"; shift 2 ;;
+    --wrk-runs) WRK_RUNS="$2"; shift 2 ;;
     --conns) CONNS="$2"; shift 2 ;;
     --wait-quiet) WAIT_QUIET="$2"; shift 2 ;;
     --no-pin) PIN=0; shift ;;
@@ -76,6 +79,7 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 (( WRK_DURATION <= 10 )) || { echo "--wrk-duration must be <= 10" >&2; exit 2; }
+(( WRK_RUNS >= 1 && WRK_RUNS <= 5 )) || { echo "--wrk-runs must be 1 to 5" >&2; exit 2; }
 
 log() { echo "[routers] $*" >&2; }
 want() { [[ ",$TARGETS," == *",$1,"* ]]; }
@@ -157,7 +161,7 @@ measure() {  # measure LABEL MODE URL PIDS UPSTREAM_PATH NOTE [RATES] ; PID_NAME
   "${CLIENT_PIN[@]}" "$PYTHON" "$HERE/routers.py" measure --label "$1" --mode "$2" --url "$3" \
     --pids "$4" --pid-names "${PID_NAMES:-}" --upstream-pids "$NGINX_PID" --upstream-path "$5" --note "$6" \
     --rates "${7:-$RATES}" --fallback-rate "$FALLBACK_RATES" --duration "$DURATION" \
-    --conns "$CONNS" --loadgen "$WORK/loadgen-bin" --wrk-conns "$WRK_CONNS" --wrk-duration "$WRK_DURATION" \
+    --conns "$CONNS" --loadgen "$WORK/loadgen-bin" --wrk-conns "$WRK_CONNS" --wrk-duration "$WRK_DURATION" --wrk-runs "$WRK_RUNS" \
     ${CLIENT_CPU:+--client-cpu "$CLIENT_CPU"} --wait-quiet "$WAIT_QUIET" \
     --out "$RESULTS/$TS-$1-$2.json" \
     || { log "$1 $2: measurement failed"; note "$1" "$2 measurement failed"; }
@@ -345,7 +349,7 @@ done
 # ---- 4. report ----------------------------------------------------------------------
 HDR="Canned nginx upstream (JSON for non-streaming peers, SSE for streaming peers and for lattice always); $(nproc) cores"
 [[ "$PIN" == 1 ]] && HDR+=", router under test pinned to cpu0, nginx + load generators to cpu1"
-HDR+=". Added latency = p50/p99 of time to full response minus the direct upstream's at the same rate (open loop, ${DURATION}s). Max req/s: wrk -t1 -c$WRK_CONNS -d${WRK_DURATION}s."
+HDR+=". Added latency = p50/p99 of time to full response minus the direct upstream's at the same rate (open loop, ${DURATION}s). Max req/s: wrk -t1 -c$WRK_CONNS -d${WRK_DURATION}s, median of $WRK_RUNS runs."
 [[ -n "$NOTE" ]] && HDR+=" Note: $NOTE"
 vers() {  # vers VENV DIST
   "$VENVS/$1/bin/python" -c "import importlib.metadata as m; print(m.version('$2'))" 2>/dev/null || echo "-"
