@@ -57,6 +57,23 @@ pub(crate) struct ChunkError<'a> {
     pub(crate) message: Option<Cow<'a, str>>,
 }
 
+impl Chunk<'_> {
+    /// Its first choice's text (chat `delta.content`, else completions `text`) and finish
+    /// reason.
+    pub(crate) fn fields(&self) -> Fields<'_> {
+        let choice = self.choices.as_deref().and_then(<[_]>::first);
+        Fields {
+            text: choice.and_then(|ch| {
+                ch.delta
+                    .as_ref()
+                    .and_then(|d| d.content.as_deref())
+                    .or(ch.text.as_deref())
+            }),
+            finish: choice.and_then(|ch| ch.finish_reason.as_deref()),
+        }
+    }
+}
+
 /// Nesting deeper than this is left to serde (whose own limit is 128).
 const MAX_DEPTH: u32 = 32;
 
@@ -298,17 +315,10 @@ mod tests {
     /// chunk had a usage or an error object.
     fn typed(payload: &str) -> Option<(Option<String>, Option<String>, bool, bool)> {
         let c: Chunk<'_> = serde_json::from_str(payload).ok()?;
-        let choice = c.choices.as_deref().and_then(<[_]>::first);
-        let text = choice.and_then(|ch| {
-            ch.delta
-                .as_ref()
-                .and_then(|d| d.content.as_deref())
-                .or(ch.text.as_deref())
-        });
-        let finish = choice.and_then(|ch| ch.finish_reason.as_deref());
+        let f = c.fields();
         Some((
-            text.map(str::to_owned),
-            finish.map(str::to_owned),
+            f.text.map(str::to_owned),
+            f.finish.map(str::to_owned),
             c.usage.is_some(),
             c.error.is_some(),
         ))

@@ -445,16 +445,9 @@ impl Translate {
             return self.apply(None, f.text, f.finish, None);
         }
         if let Ok(c) = serde_json::from_str::<crate::chunk::Chunk<'_>>(payload) {
-            let choice = c.choices.as_deref().and_then(<[_]>::first);
-            let text = choice.and_then(|ch| {
-                ch.delta
-                    .as_ref()
-                    .and_then(|d| d.content.as_deref())
-                    .or(ch.text.as_deref())
-            });
+            let f = c.fields();
             let error = c.error.as_ref().and_then(|e| e.message.as_deref());
-            let finish = choice.and_then(|ch| ch.finish_reason.as_deref());
-            return self.apply(error, text, finish, c.usage);
+            return self.apply(error, f.text, f.finish, c.usage);
         }
         let v: Value = match serde_json::from_str(payload) {
             Ok(v) => v,
