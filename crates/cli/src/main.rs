@@ -911,11 +911,20 @@ async fn up(a: UpArgs) -> Result<()> {
     );
     println!("    -d '{{\"model\":\"{text}\",\"prompt\":\"Once upon a time\",\"max_tokens\":32}}'");
     println!();
+    // The setup's venv has the `openai` client; a system python3 usually has not.
+    let venv = cache_dir().join("venv/bin/python");
+    let python = if venv.exists() {
+        venv.display().to_string()
+    } else {
+        "python3".to_owned()
+    };
     println!(
-        "  python3 -c \"from openai import OpenAI; c = OpenAI(base_url='{base}/v1'); print(c.chat.completions.create(model='{chat}', messages=[{{'role':'user','content':'Hello!'}}]).choices[0].message.content)\""
+        "  {python} -c \"from openai import OpenAI; c = OpenAI(base_url='{base}/v1'); print(c.chat.completions.create(model='{chat}', messages=[{{'role':'user','content':'Hello!'}}]).choices[0].message.content)\""
     );
     println!();
-    println!("  lattice status --nexus {base}");
+    // `./lattice` (the wrapper that set up and built this binary) says where it is.
+    let lattice = std::env::var("LATTICE_LAUNCHER").unwrap_or_else(|_| "lattice".to_owned());
+    println!("  {lattice} status --nexus {base}");
     println!(
         "  curl {base}/lattice/v1/chain   # the embedded chain: contracts, settlement batches"
     );
