@@ -2,6 +2,7 @@
 //! Backends (embedded llama.cpp, an OpenAI-compatible upstream) implement [`Engine`].
 
 mod chunk;
+mod pool;
 mod template;
 mod text;
 pub mod upstream;

@@ -1,11 +1,8 @@
 //! Backend that forwards to any OpenAI-compatible server (llama-server, Ollama, vLLM), so an
 //! operator can bring the engine they already run. Always streams from the upstream.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -14,10 +11,10 @@ use http::Uri;
 use http::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
 use http_body_util::BodyExt;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use serde::Serialize;
 use serde_json::Value;
 
+use crate::pool::{Lease, Pool};
 use crate::{
     Engine, EngineError, Event, EventStream, FinishReason, GenerateRequest, Load, ModelCard,
     Prompt, Usage,
@@ -41,43 +38,6 @@ pub struct UpstreamConfig {
     pub connect_timeout: Duration,
 }
 
-/// The HTTP client: hyper's pooled client over plain TCP or rustls (the operator's upstream may
-/// be remote). Used directly: reqwest's layers over it (a URL re-parsed from every response,
-/// connector and header-map clones) cost ~7 µs per request, a fifth of the node's CPU under the
-/// router benchmark.
-type Client = hyper_util::client::legacy::Client<TimedConnect, http_body_util::Full<bytes::Bytes>>;
-
-type Https = hyper_rustls::HttpsConnector<HttpConnector>;
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-/// The TLS-or-plain connector with one deadline over the whole connect: name lookup, TCP and
-/// the TLS handshake (the TCP connector's own timeout covers only the TCP part).
-#[derive(Clone)]
-struct TimedConnect {
-    inner: Https,
-    timeout: Duration,
-}
-
-impl tower_service::Service<Uri> for TimedConnect {
-    type Response = <Https as tower_service::Service<Uri>>::Response;
-    type Error = BoxError;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let (connect, timeout) = (self.inner.call(uri), self.timeout);
-        Box::pin(async move {
-            match tokio::time::timeout(timeout, connect).await {
-                Ok(done) => done,
-                Err(_) => Err(format!("connecting took longer than {timeout:?}").into()),
-            }
-        })
-    }
-}
-
 /// Longest part of a failed upstream response's body that is read (the rest is dropped).
 const MAX_ERROR_BODY: usize = 64 << 10;
 /// Idle time before TCP keepalive probes, and between them.
@@ -86,9 +46,13 @@ const TCP_KEEPALIVE: Duration = Duration::from_secs(15);
 pub struct UpstreamEngine {
     cfg: UpstreamConfig,
     card: ModelCard,
-    http: Client,
-    chat_url: Uri,
-    completions_url: Uri,
+    /// Connections to the upstream (hyper used directly: reqwest's layers over it — a URL
+    /// re-parsed from every response, connector and header-map clones — cost ~7 µs per request,
+    /// a fifth of the node's CPU under the router benchmark).
+    http: Arc<Pool>,
+    /// The endpoints' paths (origin form, as sent on the connection).
+    chat_path: Uri,
+    completions_path: Uri,
     /// `Bearer <api key>`, marked sensitive.
     auth: Option<HeaderValue>,
     in_flight: Arc<AtomicUsize>,
@@ -111,14 +75,6 @@ impl UpstreamEngine {
             .https_or_http()
             .enable_http1()
             .wrap_connector(tcp);
-        let connect = TimedConnect {
-            inner: tls,
-            timeout: cfg.connect_timeout,
-        };
-        // The timer lets the pool close connections idle for 90 s (its default).
-        let http = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .build(connect);
         let url = |path: &str| {
             let u = format!("{}/{path}", cfg.base_url.trim_end_matches('/'));
             let bad = |why: &dyn std::fmt::Display| {
@@ -134,6 +90,30 @@ impl UpstreamEngine {
             }
         };
         let (chat_url, completions_url) = (url("chat/completions")?, url("completions")?);
+        let path = |u: &Uri| -> Result<Uri, EngineError> {
+            let p = u.path_and_query().map_or("/", |p| p.as_str());
+            p.parse()
+                .map_err(|e| EngineError::Internal(format!("bad upstream path `{p}`: {e}")))
+        };
+        let (chat_path, completions_path) = (path(&chat_url)?, path(&completions_url)?);
+        // Both URLs share the base's scheme and authority (checked above).
+        let mut origin = http::uri::Parts::default();
+        origin.scheme = chat_url.scheme().cloned();
+        origin.authority = chat_url.authority().cloned();
+        origin.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+        let origin = Uri::from_parts(origin)
+            .map_err(|e| EngineError::Internal(format!("bad upstream URL: {e}")))?;
+        let host = chat_url
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            .ok_or_else(|| EngineError::Internal("the upstream host is no header value".into()))?;
+        let http = Pool::new(
+            tls,
+            origin,
+            host,
+            cfg.connect_timeout,
+            cfg.max_in_flight.max(1),
+        );
         let auth = match &cfg.api_key {
             Some(k) => {
                 let mut v = HeaderValue::from_str(&format!("Bearer {k}")).map_err(|_| {
@@ -156,8 +136,8 @@ impl UpstreamEngine {
             cfg,
             card,
             http,
-            chat_url,
-            completions_url,
+            chat_path,
+            completions_path,
             auth,
             in_flight: Arc::new(AtomicUsize::new(0)),
         })
@@ -166,8 +146,8 @@ impl UpstreamEngine {
     fn body<'a>(&'a self, req: &'a GenerateRequest) -> (&'a Uri, UpstreamBody<'a>) {
         let p = &req.params;
         let (url, messages, prompt) = match &req.prompt {
-            Prompt::Chat(msgs) => (&self.chat_url, Some(msgs.as_slice()), None),
-            Prompt::Text(t) => (&self.completions_url, None, Some(t.as_str())),
+            Prompt::Chat(msgs) => (&self.chat_path, Some(msgs.as_slice()), None),
+            Prompt::Text(t) => (&self.completions_path, None, Some(t.as_str())),
         };
         let body = UpstreamBody {
             model: &self.cfg.upstream_model,
@@ -216,6 +196,17 @@ struct UpstreamBody<'a> {
 #[derive(Serialize)]
 struct StreamOptions {
     include_usage: bool,
+}
+
+/// A response being read: its body, the connection it came on, and the request's slot.
+struct Reading {
+    body: http_body_util::BodyDataStream<hyper::body::Incoming>,
+    lease: Lease,
+    parser: SseParser,
+    tr: Translate,
+    /// The body's end has been read.
+    body_ended: bool,
+    _slot: InFlight,
 }
 
 /// Decrements the in-flight count when the response stream is dropped.
@@ -270,11 +261,11 @@ impl Engine for UpstreamEngine {
                 .map_err(|e| {
                     EngineError::Internal(format!("building the upstream request: {e}"))
                 })?;
-            let resp = self
+            let (resp, lease) = self
                 .http
-                .request(request)
+                .send(request)
                 .await
-                .map_err(|e| EngineError::Upstream(error_chain(&e)))?;
+                .map_err(EngineError::Upstream)?;
             let status = resp.status();
             if !status.is_success() {
                 let text = error_body(resp.into_body()).await;
@@ -290,36 +281,43 @@ impl Engine for UpstreamEngine {
                     _ => EngineError::Upstream(format!("HTTP {status}: {msg}")),
                 });
             }
-            let bytes = http_body_util::BodyDataStream::new(resp.into_body());
-            let stream = futures::stream::unfold(
-                (
-                    bytes,
-                    SseParser::default(),
-                    Translate::default(),
-                    guard,
-                    false,
-                ),
-                |(mut bytes, mut parser, mut tr, guard, done)| async move {
-                    if done {
-                        return None;
-                    }
-                    loop {
-                        if let Some(item) = tr.pop() {
-                            let finished = matches!(item, Ok(Event::Done { .. }) | Err(_));
-                            return Some((item, (bytes, parser, tr, guard, finished)));
-                        }
-                        match bytes.next().await {
-                            Some(Ok(chunk)) => {
-                                if let Err(e) = parser.push(&chunk, |p| tr.feed(p)) {
-                                    tr.fail(e);
-                                }
+            let reading = Reading {
+                body: http_body_util::BodyDataStream::new(resp.into_body()),
+                lease,
+                parser: SseParser::default(),
+                tr: Translate::default(),
+                body_ended: false,
+                _slot: guard,
+            };
+            let stream = futures::stream::unfold(Some(reading), |state| async move {
+                let mut st = state?;
+                loop {
+                    if let Some(item) = st.tr.pop() {
+                        return match item {
+                            Ok(Event::Done { .. }) => {
+                                // The connection is given back for the next request.
+                                st.lease.finish(st.body, st.body_ended);
+                                Some((item, None))
                             }
-                            Some(Err(e)) => tr.fail(EngineError::Upstream(error_chain(&e))),
-                            None => tr.end(),
+                            Err(_) => Some((item, None)),
+                            Ok(_) => Some((item, Some(st))),
+                        };
+                    }
+                    match st.body.next().await {
+                        Some(Ok(chunk)) => {
+                            let Reading { parser, tr, .. } = &mut st;
+                            if let Err(e) = parser.push(&chunk, |p| tr.feed(p)) {
+                                tr.fail(e);
+                            }
+                        }
+                        Some(Err(e)) => st.tr.fail(EngineError::Upstream(error_chain(&e))),
+                        None => {
+                            st.body_ended = true;
+                            st.tr.end();
                         }
                     }
-                },
-            );
+                }
+            });
             Ok(Box::pin(stream) as EventStream)
         }
         .boxed()
@@ -344,7 +342,7 @@ async fn error_body(mut body: hyper::body::Incoming) -> String {
 }
 
 /// An error and its sources, `: `-joined (hyper's own message is only "client error (Connect)").
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
@@ -715,6 +713,167 @@ mod tests {
             );
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 1, "one pooled connection");
+    }
+
+    /// The canned stream of [`proxies_a_streamed_completion`], as an SSE body.
+    const CANNED: &str = "data: {\"choices\":[{\"index\":0,\"text\":\" hi\",\"finish_reason\":null}]}\n\n\
+         data: {\"choices\":[{\"index\":0,\"text\":\"\",\"finish_reason\":\"stop\"}]}\n\n\
+         data: [DONE]\n\n";
+
+    async fn answered(e: &UpstreamEngine, id: &str) -> Vec<Result<Event, EngineError>> {
+        match e.generate(request(id)).await {
+            Ok(stream) => stream.collect().await,
+            Err(err) => vec![Err(err)],
+        }
+    }
+
+    fn hi() -> Vec<Result<Event, EngineError>> {
+        vec![
+            Ok(Event::Delta(" hi".into())),
+            Ok(Event::Done {
+                finish_reason: FinishReason::Stop,
+                usage: Usage::default(),
+            }),
+        ]
+    }
+
+    /// A server that closes each connection after its response (`Connection: close`): the
+    /// closed connection is not handed out again, every request gets a new one and succeeds.
+    #[tokio::test]
+    async fn connections_the_server_closes_are_not_reused() {
+        use axum::routing::post;
+        let app = axum::Router::new().route(
+            "/v1/completions",
+            post(|| async { ([(http::header::CONNECTION, "close")], CANNED) }),
+        );
+        let (base, accepted) = serve_counted(app).await;
+        let e = engine(base, None);
+        for i in 0..3 {
+            assert_eq!(answered(&e, &format!("c{i}")).await, hi());
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
+    }
+
+    /// A stream dropped before its end (a client gone) leaves its connection unusable; the next
+    /// request must not get it, and a finished stream's connection is kept for reuse.
+    #[tokio::test]
+    async fn a_stream_dropped_midway_does_not_poison_the_pool() {
+        use axum::routing::post;
+        let app = axum::Router::new()
+            .route(
+                "/v1/completions",
+                post(|| async { CANNED }),
+            )
+            .route(
+                "/v1/chat/completions",
+                post(|| async {
+                    // The first chunk, then nothing more for a long while.
+                    let first = futures::stream::once(async {
+                        Ok::<_, std::convert::Infallible>(
+                            "data: {\"choices\":[{\"index\":0,\"text\":\"a\",\"finish_reason\":null}]}\n\n",
+                        )
+                    });
+                    let stall = futures::stream::once(async {
+                        tokio::time::sleep(Duration::from_secs(3600)).await;
+                        Ok("")
+                    });
+                    axum::body::Body::from_stream(first.chain(stall))
+                }),
+            );
+        let (base, accepted) = serve_counted(app).await;
+        let e = engine(base, None);
+        let mut chat = request("midway");
+        chat.prompt = Prompt::Chat(Vec::new());
+        let Ok(mut stream) = e.generate(chat).await else {
+            unreachable!("generate")
+        };
+        assert_eq!(stream.next().await, Some(Ok(Event::Delta("a".into()))));
+        drop(stream);
+        assert_eq!(
+            e.http.idle_count(),
+            0,
+            "an unfinished response's connection is not kept"
+        );
+        for i in 0..2 {
+            assert_eq!(answered(&e, &format!("after{i}")).await, hi());
+        }
+        assert_eq!(
+            e.http.idle_count(),
+            1,
+            "a finished response's connection is kept"
+        );
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            2,
+            "the stalled connection, then one reused for both answers"
+        );
+    }
+
+    /// A body whose end comes a little after `[DONE]`: the answer ends at `[DONE]`, and the
+    /// connection is reused once the body's end has been read in the background.
+    #[tokio::test]
+    async fn a_late_body_end_is_read_before_reuse() {
+        use axum::routing::post;
+        let app = axum::Router::new().route(
+            "/v1/completions",
+            post(|| async {
+                let canned =
+                    futures::stream::once(async { Ok::<_, std::convert::Infallible>(CANNED) });
+                let late_end = futures::stream::once(async {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    Ok("")
+                });
+                axum::body::Body::from_stream(canned.chain(late_end))
+            }),
+        );
+        let (base, accepted) = serve_counted(app).await;
+        let e = engine(base, None);
+        assert_eq!(answered(&e, "late0").await, hi());
+        assert_eq!(e.http.idle_count(), 0, "not before the body has ended");
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(e.http.idle_count(), 1, "after the body has ended");
+        assert_eq!(answered(&e, "late1").await, hi());
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    /// An idle connection the server closed meanwhile is dropped, not used.
+    #[tokio::test]
+    async fn idle_connections_closed_by_the_server_are_dropped() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        // Answers one request per connection (keep-alive offered), then closes it.
+        tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 << 10];
+                    let mut got = Vec::new();
+                    // Head and the JSON body (it ends with `}`).
+                    while !(got.windows(4).any(|w| w == b"\r\n\r\n") && got.ends_with(b"}")) {
+                        match sock.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => got.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let head = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: {}\r\n\r\n",
+                        CANNED.len()
+                    );
+                    let _ = sock.write_all(head.as_bytes()).await;
+                    let _ = sock.write_all(CANNED.as_bytes()).await;
+                });
+            }
+        });
+        let e = engine(format!("http://{addr}/v1"), None);
+        for i in 0..3 {
+            assert_eq!(answered(&e, &format!("i{i}")).await, hi());
+            // Time for the connection task to see the server's close.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
     }
 
     /// A failed response's message is read up to its bound, not dropped for being long.
