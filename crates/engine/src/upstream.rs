@@ -720,6 +720,16 @@ mod tests {
          data: {\"choices\":[{\"index\":0,\"text\":\"\",\"finish_reason\":\"stop\"}]}\n\n\
          data: [DONE]\n\n";
 
+    /// A chunked body: `first`, then its end after `delay`.
+    fn late_ending(first: &'static str, delay: Duration) -> axum::body::Body {
+        let first = futures::stream::once(async move { Ok::<_, std::convert::Infallible>(first) });
+        let end = futures::stream::once(async move {
+            tokio::time::sleep(delay).await;
+            Ok("")
+        });
+        axum::body::Body::from_stream(first.chain(end))
+    }
+
     async fn answered(e: &UpstreamEngine, id: &str) -> Vec<Result<Event, EngineError>> {
         match e.generate(request(id)).await {
             Ok(stream) => stream.collect().await,
@@ -768,16 +778,10 @@ mod tests {
                 "/v1/chat/completions",
                 post(|| async {
                     // The first chunk, then nothing more for a long while.
-                    let first = futures::stream::once(async {
-                        Ok::<_, std::convert::Infallible>(
-                            "data: {\"choices\":[{\"index\":0,\"text\":\"a\",\"finish_reason\":null}]}\n\n",
-                        )
-                    });
-                    let stall = futures::stream::once(async {
-                        tokio::time::sleep(Duration::from_secs(3600)).await;
-                        Ok("")
-                    });
-                    axum::body::Body::from_stream(first.chain(stall))
+                    late_ending(
+                        "data: {\"choices\":[{\"index\":0,\"text\":\"a\",\"finish_reason\":null}]}\n\n",
+                        Duration::from_secs(3600),
+                    )
                 }),
             );
         let (base, accepted) = serve_counted(app).await;
@@ -816,15 +820,7 @@ mod tests {
         use axum::routing::post;
         let app = axum::Router::new().route(
             "/v1/completions",
-            post(|| async {
-                let canned =
-                    futures::stream::once(async { Ok::<_, std::convert::Infallible>(CANNED) });
-                let late_end = futures::stream::once(async {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    Ok("")
-                });
-                axum::body::Body::from_stream(canned.chain(late_end))
-            }),
+            post(|| async { late_ending(CANNED, Duration::from_millis(100)) }),
         );
         let (base, accepted) = serve_counted(app).await;
         let e = engine(base, None);
