@@ -157,38 +157,37 @@ impl<'a> Scan<'a> {
 
     /// The members of an object, calling `member` with each key after its `:` and whitespace.
     fn object(&mut self, mut member: impl FnMut(&mut Self, &'a str) -> Option<()>) -> Option<()> {
-        self.expect(b'{')?;
-        self.ws();
-        if self.eat(b'}') {
-            return Some(());
-        }
-        loop {
-            self.ws();
-            let key = self.string()?;
-            self.ws();
-            self.expect(b':')?;
-            self.ws();
-            member(self, key)?;
-            self.ws();
-            if self.eat(b'}') {
-                return Some(());
-            }
-            self.expect(b',')?;
-        }
+        self.seq(b'{', b'}', |s| {
+            let key = s.string()?;
+            s.ws();
+            s.expect(b':')?;
+            s.ws();
+            member(s, key)
+        })
     }
 
     /// The elements of an array, calling `element` at each.
-    fn array(&mut self, mut element: impl FnMut(&mut Self) -> Option<()>) -> Option<()> {
-        self.expect(b'[')?;
+    fn array(&mut self, element: impl FnMut(&mut Self) -> Option<()>) -> Option<()> {
+        self.seq(b'[', b']', element)
+    }
+
+    /// `open`, then `item`s separated by commas (whitespace around each), then `close`.
+    fn seq(
+        &mut self,
+        open: u8,
+        close: u8,
+        mut item: impl FnMut(&mut Self) -> Option<()>,
+    ) -> Option<()> {
+        self.expect(open)?;
         self.ws();
-        if self.eat(b']') {
+        if self.eat(close) {
             return Some(());
         }
         loop {
             self.ws();
-            element(self)?;
+            item(self)?;
             self.ws();
-            if self.eat(b']') {
+            if self.eat(close) {
                 return Some(());
             }
             self.expect(b',')?;

@@ -632,14 +632,19 @@ mod tests {
         out
     }
 
+    /// `n` deltas `t0 `, `t1 `, … and the `Done` that counts them, all ready at once.
+    fn ready_answer(n: u32) -> Vec<Result<Event, EngineError>> {
+        let mut evs: Vec<Result<Event, EngineError>> =
+            (0..n).map(|i| Ok(Event::Delta(format!("t{i} ")))).collect();
+        evs.push(done(n));
+        evs
+    }
+
     /// Events that are ready together share a frame: at most `MAX_FRAME_EVENTS` of them, the
     /// paid receipt right before the final event, every event once and in order.
     #[tokio::test]
     async fn ready_events_share_bounded_frames() {
-        let mut evs: Vec<Result<Event, EngineError>> = (0..150)
-            .map(|i| Ok(Event::Delta(format!("t{i} "))))
-            .collect();
-        evs.push(done(150));
+        let evs = ready_answer(150);
         let got = frames(
             futures::stream::iter(evs).boxed(),
             Some("0x7e5f4552091a69125d5dfcb7b8c2659029395bdf"),
@@ -679,10 +684,7 @@ mod tests {
     /// one delta; a streaming one keeps its deltas (see `ready_events_share_bounded_frames`).
     #[tokio::test]
     async fn an_answer_read_whole_gets_its_ready_text_joined() {
-        let mut evs: Vec<Result<Event, EngineError>> = (0..150)
-            .map(|i| Ok(Event::Delta(format!("t{i} "))))
-            .collect();
-        evs.push(done(150));
+        let evs = ready_answer(150);
         let user = "0x7e5f4552091a69125d5dfcb7b8c2659029395bdf";
         let whole = GenerateRequest {
             whole: true,
