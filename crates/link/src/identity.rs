@@ -1,10 +1,14 @@
 //! A node's identity: a secp256k1 key created on first start and kept on disk; its EVM address
 //! names the node (later: staking, signed receipts). Possession is proven by signing a challenge
 //! with EIP-191 `personal_sign`, so any Ethereum tool can verify it.
+//!
+//! Signing and recovery use libsecp256k1 (Bitcoin Core's C library): a node signs a receipt
+//! batch every few milliseconds on the thread that serves its requests, and Nexus recovers
+//! every batch's signer on its own (`cargo bench -p lattice-link` has both against `k256`).
 
 use std::path::Path;
 
-use k256::ecdsa::{SigningKey, VerifyingKey};
+use secp256k1::{PublicKey, Secp256k1, SecretKey, SignOnly};
 use sha3::{Digest, Keccak256};
 
 #[derive(Debug, thiserror::Error)]
@@ -23,7 +27,9 @@ pub enum IdentityError {
 }
 
 pub struct NodeKey {
-    key: SigningKey,
+    secret: SecretKey,
+    /// The EVM address, `0x` and 40 lowercase hex digits (derived once).
+    address: String,
 }
 
 impl std::fmt::Debug for NodeKey {
@@ -38,9 +44,10 @@ pub(crate) fn keccak(data: &[u8]) -> [u8; 32] {
     Keccak256::digest(data).into()
 }
 
-pub(crate) fn address_of(vk: &VerifyingKey) -> String {
-    let point = vk.to_encoded_point(false);
-    let hash = keccak(point.as_bytes().get(1..).unwrap_or_default());
+/// The EVM address of a public key: the last 20 bytes of the Keccak hash of its 64-byte point.
+fn address_of(key: &PublicKey) -> String {
+    let point = key.serialize_uncompressed();
+    let hash = keccak(point.get(1..).unwrap_or_default());
     format!("0x{}", hex::encode(hash.get(12..).unwrap_or_default()))
 }
 
@@ -68,10 +75,18 @@ pub fn recover_address(message: &str, signature_hex: &str) -> Result<String, Ide
 static SECP: std::sync::LazyLock<secp256k1::Secp256k1<secp256k1::VerifyOnly>> =
     std::sync::LazyLock::new(secp256k1::Secp256k1::verification_only);
 
+/// libsecp256k1's signing context, built once and blinded with fresh randomness when it can be
+/// (side-channel hardening; signatures are RFC 6979 deterministic either way).
+static SIGNER: std::sync::LazyLock<Secp256k1<SignOnly>> = std::sync::LazyLock::new(|| {
+    let mut secp = Secp256k1::signing_only();
+    let mut seed = [0u8; 32];
+    if getrandom::getrandom(&mut seed).is_ok() {
+        secp.seeded_randomize(&seed);
+    }
+    secp
+});
+
 /// Recovers the signer's address of a signature over a 32-byte digest.
-///
-/// Uses libsecp256k1 (Bitcoin Core's C library): Nexus recovers one signer per billed request,
-/// and this is ~4× faster than `k256`'s pure-Rust recovery (`cargo bench -p lattice-link`).
 pub(crate) fn recover_digest(
     digest: &[u8; 32],
     signature_hex: &str,
@@ -94,22 +109,22 @@ pub(crate) fn recover_digest(
     let key = SECP
         .recover_ecdsa(secp256k1::Message::from_digest(*digest), &sig)
         .map_err(|e| IdentityError::BadSignature(e.to_string()))?;
-    let point = key.serialize_uncompressed();
-    let hash = keccak(point.get(1..).unwrap_or_default());
-    Ok(format!(
-        "0x{}",
-        hex::encode(hash.get(12..).unwrap_or_default())
-    ))
+    Ok(address_of(&key))
 }
 
 impl NodeKey {
+    fn new(secret: SecretKey) -> Self {
+        let address = address_of(&PublicKey::from_secret_key(&SIGNER, &secret));
+        Self { secret, address }
+    }
+
     pub fn generate() -> Result<Self, IdentityError> {
         loop {
             let mut bytes = [0u8; 32];
             getrandom::getrandom(&mut bytes).map_err(|e| IdentityError::Random(e.to_string()))?;
             // A random 32-byte value is a valid scalar with overwhelming probability.
-            if let Ok(key) = SigningKey::from_slice(&bytes) {
-                return Ok(Self { key });
+            if let Some(key) = Self::from_secret(&bytes) {
+                return Ok(key);
             }
         }
     }
@@ -117,7 +132,7 @@ impl NodeKey {
     /// A key from 32 secret bytes (e.g. derived for a custodial account); `None` if the bytes
     /// are not a valid secp256k1 scalar.
     pub fn from_secret(bytes: &[u8; 32]) -> Option<Self> {
-        SigningKey::from_slice(bytes).ok().map(|key| Self { key })
+        SecretKey::from_byte_array(*bytes).ok().map(Self::new)
     }
 
     /// Loads the key at `path`, creating it (readable only by the owner) on first start.
@@ -128,11 +143,12 @@ impl NodeKey {
         };
         match std::fs::read_to_string(path) {
             Ok(text) => {
-                let bytes = hex::decode(text.trim().trim_start_matches("0x"))
-                    .map_err(|_| IdentityError::BadKey(path.display().to_string()))?;
-                let key = SigningKey::from_slice(&bytes)
-                    .map_err(|_| IdentityError::BadKey(path.display().to_string()))?;
-                Ok(Self { key })
+                let bad = || IdentityError::BadKey(path.display().to_string());
+                let bytes: [u8; 32] = hex::decode(text.trim().trim_start_matches("0x"))
+                    .ok()
+                    .and_then(|b| b.try_into().ok())
+                    .ok_or_else(bad)?;
+                Self::from_secret(&bytes).ok_or_else(bad)
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let key = Self::generate()?;
@@ -140,7 +156,7 @@ impl NodeKey {
                     std::fs::create_dir_all(dir).map_err(io)?;
                 }
                 let tmp = path.with_extension("tmp");
-                write_private(&tmp, &hex::encode(key.key.to_bytes())).map_err(io)?;
+                write_private(&tmp, &hex::encode(key.secret.secret_bytes())).map_err(io)?;
                 std::fs::rename(&tmp, path).map_err(io)?;
                 Ok(key)
             }
@@ -149,29 +165,25 @@ impl NodeKey {
     }
 
     pub fn address(&self) -> String {
-        address_of(self.key.verifying_key())
+        self.address.clone()
     }
 
-    /// Signature of a 32-byte digest (r‖s‖v with v = 27/28), hex.
+    /// Signature of a 32-byte digest (r‖s‖v with v = 27/28, s low, RFC 6979 nonce), hex.
     pub(crate) fn sign_digest(&self, digest: &[u8; 32]) -> Result<String, IdentityError> {
-        let (sig, rec) = self
-            .key
-            .sign_prehash_recoverable(digest)
-            .map_err(|e| IdentityError::BadSignature(e.to_string()))?;
-        let mut out = sig.to_bytes().to_vec();
-        out.push(rec.to_byte() + 27);
+        let sig =
+            SIGNER.sign_ecdsa_recoverable(secp256k1::Message::from_digest(*digest), &self.secret);
+        let (rec, rs) = sig.serialize_compact();
+        let v =
+            u8::try_from(i32::from(rec)).map_err(|e| IdentityError::BadSignature(e.to_string()))?;
+        let mut out = [0u8; 65];
+        out[..64].copy_from_slice(&rs);
+        out[64] = v + 27;
         Ok(hex::encode(out))
     }
 
     /// EIP-191 signature (r‖s‖v with v = 27/28), hex.
     pub fn sign(&self, message: &str) -> Result<String, IdentityError> {
-        let (sig, rec) = self
-            .key
-            .sign_prehash_recoverable(&eip191(message))
-            .map_err(|e| IdentityError::BadSignature(e.to_string()))?;
-        let mut out = sig.to_bytes().to_vec();
-        out.push(rec.to_byte() + 27);
-        Ok(hex::encode(out))
+        self.sign_digest(&eip191(message))
     }
 }
 
@@ -204,10 +216,32 @@ mod tests {
         // Private key 1 → the well-known address of generator point G.
         let mut one = [0u8; 32];
         one[31] = 1;
-        let key = NodeKey {
-            key: SigningKey::from_slice(&one).unwrap_or_else(|_| unreachable!()),
-        };
+        let key = NodeKey::from_secret(&one).unwrap_or_else(|| unreachable!());
         assert_eq!(key.address(), "0x7e5f4552091a69125d5dfcb7b8c2659029395bdf");
+        assert!(NodeKey::from_secret(&[0u8; 32]).is_none(), "zero is no key");
+    }
+
+    /// The same bytes as `k256`, the pure-Rust signer this replaced (and what Ethereum tools
+    /// produce): RFC 6979 nonces, low s, the same recovery id, for many keys and digests.
+    #[test]
+    fn signatures_match_k256() {
+        use k256::ecdsa::SigningKey;
+        for i in 0u8..64 {
+            let key = NodeKey::generate().unwrap_or_else(|e| unreachable!("{e}"));
+            let theirs = SigningKey::from_slice(&key.secret.secret_bytes())
+                .unwrap_or_else(|e| unreachable!("{e}"));
+            let digest = keccak(&[i; 7]);
+            let (sig, rec) = theirs
+                .sign_prehash_recoverable(&digest)
+                .unwrap_or_else(|e| unreachable!("{e}"));
+            let mut expected = sig.to_bytes().to_vec();
+            expected.push(rec.to_byte() + 27);
+            assert_eq!(key.sign_digest(&digest).ok(), Some(hex::encode(expected)));
+            let point = theirs.verifying_key().to_encoded_point(false);
+            let hash = keccak(point.as_bytes().get(1..).unwrap_or_default());
+            let address = format!("0x{}", hex::encode(hash.get(12..).unwrap_or_default()));
+            assert_eq!(key.address(), address);
+        }
     }
 
     #[test]

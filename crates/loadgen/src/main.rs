@@ -52,6 +52,10 @@ struct Args {
     /// Seconds after the last due time before unfinished requests are cancelled and counted.
     #[arg(long, default_value_t = 5.0)]
     grace: f64,
+    /// Also write every measured request as `due_ms latency_ms` lines, in due order, to this
+    /// file (to see how a tail is made).
+    #[arg(long)]
+    latencies: Option<std::path::PathBuf>,
 }
 
 struct Conn {
@@ -227,6 +231,15 @@ async fn run(a: &Args, ctx: Arc<Ctx>) -> anyhow::Result<serde_json::Value> {
         .as_secs_f64()
         .max(1e-9);
     let ms = |s: f64| (s * 1e6).round() / 1e3;
+    if let Some(path) = &a.latencies {
+        let mut by_due = timeline.clone();
+        by_due.sort_by(|a, b| a.1.total_cmp(&b.1));
+        let lines: String = by_due
+            .iter()
+            .map(|&(latency, at, _)| format!("{} {}\n", ms(at), ms(latency)))
+            .collect();
+        std::fs::write(path, lines).with_context(|| format!("writing {}", path.display()))?;
+    }
     let s = summarize(&mut latencies);
     timeline.sort_by(|a, b| b.0.total_cmp(&a.0));
     let slowest: Vec<[f64; 2]> = timeline
