@@ -15,7 +15,7 @@ use lattice_accounts::{
     UsageRecord,
 };
 use lattice_ledger::{Ledger, Money, Op, Split};
-use lattice_link::{ReceiptInBatch, UsageReceipt};
+use lattice_link::{ChargeColumns, ReceiptInBatch, UsageReceipt};
 
 /// The `lattice` binary's allocator, so the figures are the binary's.
 #[global_allocator]
@@ -48,12 +48,13 @@ fn charge(r: &str, user: &str) -> Op {
 
 /// The receipt stored with each charge, as Nexus stores it: the node's receipt and its leaf in
 /// a signed batch of 64, the batch stored once (so the rows are as wide as in production).
-fn stored_receipt(root: &str, leaf: u64) -> String {
-    serde_json::to_string(&ReceiptInBatch {
+/// A charge's receipt as Nexus stores it: the compact form next to the row's columns.
+fn stored_receipt(request_id: &str, root: &str, leaf: u64) -> String {
+    let stored = ReceiptInBatch {
         receipt: UsageReceipt {
-            request_id: uuid::Uuid::now_v7().simple().to_string(),
+            request_id: request_id.to_owned(),
             user: format!("0x{}", hex::encode([0x11; 20])),
-            model: "smollm2-135m".into(),
+            model: "bench".into(),
             prompt_tokens: 10,
             completion_tokens: 16,
             price_in: 100_000,
@@ -64,8 +65,15 @@ fn stored_receipt(root: &str, leaf: u64) -> String {
         },
         root: root.to_owned(),
         leaf,
-    })
-    .unwrap()
+    };
+    stored
+        .compact(ChargeColumns {
+            request_id,
+            model: "bench",
+            prompt_tokens: 10,
+            completion_tokens: 16,
+        })
+        .unwrap()
 }
 
 fn receipt_batch(n: usize) -> Arc<ReceiptBatch> {
@@ -179,7 +187,7 @@ async fn store(name: &str, url: &str, users: usize, mode: LedgerMode, batch: usi
                     model: "bench".into(),
                     prompt_tokens: 10,
                     completion_tokens: 16,
-                    receipt: stored_receipt(&batch.root, (i % BATCH) as u64),
+                    receipt: stored_receipt(&r, &batch.root, (i % BATCH) as u64),
                     batch: Some(batch.clone()),
                 };
                 charges.push((charge(&r, user), usage));

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use futures::TryStreamExt;
 use lattice_ledger::Money;
-use lattice_link::{BatchedReceipt, ReceiptInBatch, UsageReceipt};
+use lattice_link::{BatchedReceipt, ChargeColumns, ReceiptInBatch, UsageReceipt};
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
 
@@ -61,16 +61,35 @@ impl Accounts {
             .sync()
             .await
             .map_err(|e| StoreError::Ledger(e.to_string()))?;
-        let text: Option<Option<String>> =
-            sqlx::query_scalar("SELECT receipt FROM charges WHERE request_id = $1")
-                .bind(request_id)
-                .fetch_optional(&self.db.pool)
-                .await?;
-        let Some(text) = text.flatten() else {
+        let row = sqlx::query(
+            "SELECT receipt, model, prompt_tokens, completion_tokens FROM charges
+             WHERE request_id = $1",
+        )
+        .bind(request_id)
+        .fetch_optional(&self.db.pool)
+        .await?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let Some(text) = row.try_get::<Option<String>, _>("receipt")? else {
             return Ok(None);
         };
         let corrupt = |e: String| StoreError::Corrupt(format!("receipt of {request_id}: {e}"));
-        let Ok(inb) = serde_json::from_str::<ReceiptInBatch>(&text) else {
+        let model: Option<String> = row.try_get("model")?;
+        let tokens = |c: &str| -> Result<u64, StoreError> {
+            let n: Option<i64> = row.try_get(c)?;
+            Ok(n.and_then(|n| u64::try_from(n).ok()).unwrap_or(0))
+        };
+        let columns = ChargeColumns {
+            request_id,
+            model: model.as_deref().unwrap_or_default(),
+            prompt_tokens: tokens("prompt_tokens")?,
+            completion_tokens: tokens("completion_tokens")?,
+        };
+        // The compact form (the rest of the receipt is the row), else JSON.
+        let inb = ReceiptInBatch::from_compact(&text, columns)
+            .or_else(|| serde_json::from_str::<ReceiptInBatch>(&text).ok());
+        let Some(inb) = inb else {
             // Charges stored before batches were stored once carry the whole evidence.
             if let Ok(whole) = serde_json::from_str::<BatchedReceipt>(&text) {
                 return Ok(Some(StoredReceipt::Batched(whole)));

@@ -1000,7 +1000,8 @@ async fn receipts_in_a_batch_are_stored_once(url: &str, mode: LedgerMode) {
         .map(|r| UsageReceipt {
             request_id: (*r).into(),
             user: format!("0x{}", hex::encode([0x11; 20])),
-            model: "m".into(),
+            // What Nexus checked: the row's model and token counts are the receipt's.
+            model: "smollm2-135m".into(),
             prompt_tokens: 10,
             completion_tokens: 5,
             price_in: 1_000,
@@ -1018,7 +1019,8 @@ async fn receipts_in_a_batch_are_stored_once(url: &str, mode: LedgerMode) {
         signature,
         leaves,
     });
-    // q0 and q2 are charged (in two calls, so possibly two cuts); q1 is not.
+    // q0 and q2 are charged (in two calls, so possibly two cuts); q1 is not. q0's receipt is
+    // stored in the compact form Nexus writes, q2's as the JSON it wrote before.
     for (leaf, r) in [(0u64, &receipts[0]), (2, &receipts[2])] {
         let id = r.request_id.as_str();
         acc.ledger()
@@ -1026,12 +1028,22 @@ async fn receipts_in_a_batch_are_stored_once(url: &str, mode: LedgerMode) {
             .await
             .unwrap();
         let mut u = usage(id, &user);
-        u.receipt = serde_json::to_string(&ReceiptInBatch {
+        let stored = ReceiptInBatch {
             receipt: r.clone(),
             root: batch.root.clone(),
             leaf,
-        })
-        .unwrap();
+        };
+        let columns = lattice_link::ChargeColumns {
+            request_id: id,
+            model: &u.model,
+            prompt_tokens: u.prompt_tokens,
+            completion_tokens: u.completion_tokens,
+        };
+        u.receipt = if leaf == 0 {
+            stored.compact(columns).unwrap()
+        } else {
+            serde_json::to_string(&stored).unwrap()
+        };
         u.batch = Some(batch.clone());
         acc.ledger()
             .charge(charge_op(id, &user, 1_000), u)

@@ -13,8 +13,8 @@ pub use frames::{
 };
 pub use identity::{IdentityError, NodeKey, challenge_message, recover_address, write_private};
 pub use receipt::{
-    BatchedReceipt, MAX_BATCH_RECEIPTS, NO_USER, ReceiptError, ReceiptInBatch, UsageReceipt,
-    merkle_proofs, merkle_root, sign_batch, verify_batch, verify_proof,
+    BatchedReceipt, ChargeColumns, MAX_BATCH_RECEIPTS, NO_USER, ReceiptError, ReceiptInBatch,
+    UsageReceipt, merkle_proofs, merkle_root, sign_batch, verify_batch, verify_proof,
 };
 
 pub use writer::write_frames;

@@ -14,7 +14,7 @@ use std::time::Duration;
 use lattice_accounts::{Accounts, PostError, UsageRecord};
 use lattice_engine::{EngineError, Payer, Prompt, Usage};
 use lattice_ledger::{Applied, LedgerError, Money, Op, Rate, Split};
-use lattice_link::{Price, ReceiptInBatch, UsageReceipt};
+use lattice_link::{ChargeColumns, Price, ReceiptInBatch, UsageReceipt};
 use tokio::sync::Notify;
 
 use crate::receipts::{Evidence, ReceiptBook};
@@ -171,7 +171,15 @@ impl Parked {
                 root: ev.batch.root.clone(),
                 leaf: ev.leaf,
             };
-            record.receipt = serde_json::to_string(&stored).unwrap_or_default();
+            let columns = ChargeColumns {
+                request_id: &record.request_id,
+                model: &record.model,
+                prompt_tokens: record.prompt_tokens,
+                completion_tokens: record.completion_tokens,
+            };
+            record.receipt = stored
+                .compact(columns)
+                .unwrap_or_else(|| serde_json::to_string(&stored).unwrap_or_default());
             record.batch = Some(ev.batch);
             names.push((
                 record.request_id.clone(),
