@@ -80,6 +80,9 @@ pub struct ChainBatch {
     pub confirmed: bool,
     pub created_at: i64,
     pub tx_hash: Option<String>,
+    /// Items were left out of this batch by its limits (known when it is prepared; false for
+    /// a batch read back): the settler prepares the next one at once rather than next tick.
+    pub more: bool,
 }
 
 /// What the chain should hold for one user once every confirmed batch is applied.
@@ -222,6 +225,8 @@ impl Accounts {
         let mut index: BTreeMap<(String, Option<String>, Option<String>), usize> = BTreeMap::new();
         // The window is full: items beyond it wait, so debts must not stay in front of them.
         let full = rows.len() >= limits.max_items;
+        // Items of lines beyond `max_entries` were left for the next batch.
+        let mut left = false;
         for r in rows {
             let user: String = r.try_get("address")?;
             let node: Option<String> = r.try_get("node")?;
@@ -248,7 +253,10 @@ impl Accounts {
                     index.insert(key, lines.len() - 1);
                     lines.len() - 1
                 }
-                None => continue,
+                None => {
+                    left = true;
+                    continue;
+                }
             };
             let line = &mut lines[i];
             let amount = parse_money(&r.try_get::<String, _>("amount")?)?;
@@ -385,6 +393,7 @@ impl Accounts {
             confirmed: false,
             created_at,
             tx_hash: None,
+            more: full || left,
         }))
     }
 
@@ -618,5 +627,6 @@ fn batch_of(r: &sqlx::any::AnyRow) -> Result<ChainBatch, StoreError> {
         confirmed: r.try_get::<String, _>("status")? == "confirmed",
         created_at: r.try_get("created_at")?,
         tx_hash: r.try_get("tx_hash")?,
+        more: false,
     })
 }

@@ -1311,10 +1311,12 @@ async fn settlement_nets_charges_and_refunds_per_node(url: &str, mode: LedgerMod
         .unwrap()
         .unwrap();
     assert_eq!(lines(&later), vec![("0xother".into(), 40, 15, 1)]);
+    assert!(later.more, "a full window leaves items for the next batch");
     acc.confirm_batch(&later.id, None).await.unwrap();
     charge("r5", "0xnode", 300).await;
     let second = settle(&format!("0x{}", "05".repeat(32))).await.unwrap();
     assert_eq!(lines(&second), vec![("0xnode".into(), 100, 15, 1)]);
+    assert!(!second.more);
     assert_eq!(unbatched().await, 0);
 
     // A charge refunded before settlement, alone on its pair: nothing to send, nothing left.
@@ -1332,6 +1334,36 @@ async fn settlement_nets_charges_and_refunds_per_node(url: &str, mode: LedgerMod
     assert_eq!(
         expected[&key.address().to_lowercase()].settled,
         Money::from_units(390)
+    );
+    // Lines beyond `max_entries` are left for the next batch, which says so.
+    charge("r7", "0xnode", 10).await;
+    charge("r8", "0xthird", 20).await;
+    l.sync().await.unwrap();
+    let one_line = BatchLimits {
+        max_entries: 1,
+        ..BatchLimits::default()
+    };
+    let (first, rest) = (
+        format!("0x{}", "08".repeat(32)),
+        format!("0x{}", "09".repeat(32)),
+    );
+    let first = acc
+        .prepare_batch(BatchKind::Settle, &first, one_line)
+        .await
+        .unwrap()
+        .unwrap();
+    let rest = acc
+        .prepare_batch(BatchKind::Settle, &rest, one_line)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((first.entries.len(), first.more), (1, true));
+    assert_eq!((rest.entries.len(), rest.more), (1, false));
+    assert!(
+        acc.prepare_batch(BatchKind::Settle, "0x0c", one_line)
+            .await
+            .unwrap()
+            .is_none()
     );
     let audit = l.audit().await.unwrap();
     assert!(audit.balanced(), "{audit:?}");

@@ -174,6 +174,9 @@ impl Settler {
             }
         }
         // Grants first: the credit a settlement or a withdrawal spends is on-chain before it.
+        // One batch per kind per pass, more only while a batch's limits left items out: what
+        // arrives during the pass waits for the next one (chasing it sent a one-line batch per
+        // few milliseconds of traffic, each a transaction, for as long as requests kept coming).
         for kind in [BatchKind::Grant, BatchKind::Settle, BatchKind::Withdraw] {
             loop {
                 let id = fresh_id()?;
@@ -187,6 +190,9 @@ impl Settler {
                 self.fault("recorded");
                 self.finish(&batch).await?;
                 pass.sent += 1;
+                if !batch.more {
+                    break;
+                }
             }
         }
         pass.deposits = self.scan_deposits().await?;
