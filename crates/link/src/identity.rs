@@ -32,6 +32,13 @@ pub struct NodeKey {
     address: String,
 }
 
+impl Drop for NodeKey {
+    /// Overwrites the secret (volatile writes; `k256`'s key, used before, zeroized itself too).
+    fn drop(&mut self) {
+        self.secret.non_secure_erase();
+    }
+}
+
 impl std::fmt::Debug for NodeKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NodeKey")
