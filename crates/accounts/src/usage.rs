@@ -76,9 +76,10 @@ impl Accounts {
         };
         let corrupt = |e: String| StoreError::Corrupt(format!("receipt of {request_id}: {e}"));
         let model: Option<String> = row.try_get("model")?;
+        // NULL only on charges without a usage record, whose receipt is JSON (never compact).
         let tokens = |c: &str| -> Result<u64, StoreError> {
             let n: Option<i64> = row.try_get(c)?;
-            Ok(n.and_then(|n| u64::try_from(n).ok()).unwrap_or(0))
+            u64::try_from(n.unwrap_or(0)).map_err(|_| corrupt(format!("negative {c}")))
         };
         let columns = ChargeColumns {
             request_id,

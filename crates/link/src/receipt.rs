@@ -290,7 +290,7 @@ const COMPACT: &str = "b1";
 
 impl ReceiptInBatch {
     /// The stored form next to a charge row with `columns`: `b1:user:price_in:price_out:
-    /// timestamp:chain_id:root:leaf` (~170 bytes instead of ~375 as JSON), the rest of the
+    /// timestamp:chain_id:root:leaf` (~145 bytes instead of ~350 as JSON), the rest of the
     /// receipt being the row's own columns. `None` (store the JSON) when the receipt is signed
     /// alone, differs from the columns, or has a field the form cannot hold.
     pub fn compact(&self, columns: ChargeColumns<'_>) -> Option<String> {
