@@ -4,7 +4,7 @@
 //!
 //! cargo bench --workspace --bench ledger      (PostgreSQL: LATTICE_TEST_POSTGRES_URL;
 //! LATTICE_BENCH_ONLY="SQLite exclusive" runs only the stores so named,
-//! LATTICE_BENCH_GATHER_MS=N sets the exclusive writer's gather interval)
+//! LATTICE_BENCH_GATHER_MS=N sets the exclusive writer's gather interval while nobody waits)
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::sync::Arc;
@@ -113,18 +113,19 @@ async fn store(name: &str, url: &str, users: usize, mode: LedgerMode, batch: usi
         return;
     }
     let db = Db::open(url).await.unwrap();
-    // LATTICE_BENCH_GATHER_MS=N: the exclusive writer's gather interval (default 5 ms).
-    let gather = std::env::var("LATTICE_BENCH_GATHER_MS")
+    // LATTICE_BENCH_GATHER_MS=N: the exclusive writer's gather interval while nobody waits
+    // (the request path's holds and charges; default 40 ms).
+    let gather_unawaited = std::env::var("LATTICE_BENCH_GATHER_MS")
         .ok()
         .and_then(|ms| ms.parse().ok())
         .map_or(
-            LedgerConfig::default().gather,
+            LedgerConfig::default().gather_unawaited,
             std::time::Duration::from_millis,
         );
     let config = AccountsConfig {
         ledger: LedgerConfig {
             mode,
-            gather,
+            gather_unawaited,
             ..LedgerConfig::default()
         },
         ..AccountsConfig::default()

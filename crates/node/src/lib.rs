@@ -332,8 +332,10 @@ impl Streams {
     }
 }
 
-/// Most receipts waiting for a batch signature before the batch is signed at once.
-const RECEIPT_BATCH: usize = 64;
+/// Most receipts waiting for a batch signature before the batch is signed at once: as many as
+/// a batch may hold, so under load a signature (and Nexus's recovery of it, ~44 µs) covers
+/// every receipt of a window.
+const RECEIPT_BATCH: usize = lattice_link::MAX_BATCH_RECEIPTS;
 /// A receipt waits at most this long for its batch signature.
 const RECEIPT_BATCH_WINDOW: Duration = Duration::from_millis(10);
 

@@ -9,7 +9,7 @@
 //! leave open holds out ([`WriteSet::net_holds`]): they are this writer's alone and end with it.
 
 use std::collections::{BTreeSet, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -34,7 +34,28 @@ pub(super) struct Hot {
     wake: Notify,
     /// The sequence number of the last operation that is durable.
     durable: watch::Sender<u64>,
+    /// Callers waiting for durability: the writer gathers for `gather`, not `gather_unawaited`.
+    awaited: AtomicUsize,
+    /// A caller started waiting, or the last handle dropped (wakes a gathering writer only).
+    hurry: Notify,
     closing: AtomicBool,
+}
+
+/// Counts a caller waiting for durability (and hurries the writer's gather) while it lives.
+struct Awaited<'a>(&'a Hot);
+
+impl<'a> Awaited<'a> {
+    fn new(hot: &'a Hot) -> Self {
+        hot.awaited.fetch_add(1, Ordering::SeqCst);
+        hot.hurry.notify_waiters();
+        Self(hot)
+    }
+}
+
+impl Drop for Awaited<'_> {
+    fn drop(&mut self) {
+        self.0.awaited.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// Dropped with the last [`super::LedgerStore`] handle: tells the writer to write what is
@@ -45,6 +66,7 @@ impl Drop for Alive {
     fn drop(&mut self) {
         self.0.closing.store(true, Ordering::SeqCst);
         self.0.wake.notify_one();
+        self.0.hurry.notify_waiters();
     }
 }
 
@@ -248,6 +270,8 @@ impl Hot {
             state: Mutex::new(st),
             wake: Notify::new(),
             durable,
+            awaited: AtomicUsize::new(0),
+            hurry: Notify::new(),
             closing: AtomicBool::new(false),
         });
         tokio::spawn(hot.clone().run());
@@ -414,6 +438,10 @@ impl Hot {
     /// Waits until operation `seq` is durable.
     pub(super) async fn durable(&self, seq: u64) -> Result<(), PostError> {
         let mut rx = self.durable.subscribe();
+        if *rx.borrow_and_update() >= seq {
+            return Ok(());
+        }
+        let _waiting = Awaited::new(self);
         rx.wait_for(|d| *d >= seq)
             .await
             .map(|_| ())
@@ -445,12 +473,25 @@ impl Hot {
         loop {
             // Gather: one transaction per `gather` at most, unless the queue fills up or the
             // handles are gone.
-            if let Some(t) = last
-                && !self.closing.load(Ordering::SeqCst)
-            {
+            if let Some(t) = last {
+                // Registered before the checks, so a caller that starts waiting (or the last
+                // handle dropping) after them still cuts the gather short.
+                let hurry = self.hurry.notified();
+                tokio::pin!(hurry);
+                hurry.as_mut().enable();
                 let (seq, durable) = (self.seq(), *self.durable.borrow());
-                if seq.saturating_sub(durable) < (self.config.queue as u64) / 4 {
-                    tokio::time::sleep_until(t + self.config.gather).await;
+                if !self.closing.load(Ordering::SeqCst)
+                    && seq.saturating_sub(durable) < (self.config.queue as u64) / 4
+                {
+                    let soon = t + self.config.gather;
+                    if self.awaited.load(Ordering::SeqCst) > 0 {
+                        tokio::time::sleep_until(soon).await;
+                    } else {
+                        tokio::select! {
+                            () = tokio::time::sleep_until(t + self.config.gather_unawaited) => {}
+                            () = hurry => tokio::time::sleep_until(soon).await,
+                        }
+                    }
                 }
             }
             let (cut, seq) = {
@@ -557,6 +598,7 @@ mod tests {
         let config = LedgerConfig {
             recent_charges: 64,
             gather: Duration::ZERO,
+            gather_unawaited: Duration::ZERO,
             ..LedgerConfig::default()
         };
         let (hot, _alive) = Hot::start(db, config).await.unwrap();
@@ -607,5 +649,34 @@ mod tests {
             now.0 <= reserved.0 && now.1 <= reserved.1 && now.2 <= reserved.2,
             "{now:?} grew from {reserved:?}"
         );
+    }
+
+    /// Unawaited operations wait for the long gather; a caller that waits for durability cuts
+    /// it short (here the long gather is an hour, so without that the wait would time out).
+    #[tokio::test]
+    async fn a_waiting_caller_cuts_the_unawaited_gather_short() {
+        let db = Db::open("sqlite::memory:").await.unwrap();
+        let config = LedgerConfig {
+            gather: Duration::ZERO,
+            gather_unawaited: Duration::from_secs(3600),
+            ..LedgerConfig::default()
+        };
+        let (hot, _alive) = Hot::start(db, config).await.unwrap();
+        let faucet = |op: &str| Op::Faucet {
+            op: op.into(),
+            user: "u".into(),
+            amount: Money::from_units(5),
+        };
+        // The first commit starts the gather; the second operation then waits in it.
+        let (_, first) = hot.apply(&faucet("f1"), None).await.unwrap();
+        hot.durable(first).await.unwrap();
+        let (_, second) = hot.apply(&faucet("f2"), None).await.unwrap();
+        tokio::task::yield_now().await;
+        assert!(*hot.durable.borrow() < second, "committed without a waiter");
+        tokio::time::timeout(Duration::from_secs(60), hot.durable(second))
+            .await
+            .expect("the waiter hurried the writer")
+            .unwrap();
+        assert_eq!(hot.awaited.load(Ordering::SeqCst), 0);
     }
 }

@@ -71,10 +71,16 @@ pub struct LedgerConfig {
     /// How long an exclusive writer waits for the database's writer lock (another writer may be
     /// finishing its last commit) before it refuses to open.
     pub lock_wait: Duration,
-    /// The exclusive writer starts a transaction at most this often (it gathers what arrives
-    /// meanwhile): each commit rewrites every page it touched, so a few large cuts write far
-    /// less than many small ones. Also the most a durable `post` waits beyond its commit.
+    /// The exclusive writer starts a transaction at most this often while a caller waits for
+    /// durability (a `post`, `sync`): the most such a caller waits beyond its commit.
     pub gather: Duration,
+    /// ... and at most this often while nobody waits (holds, charges and releases on the
+    /// request path are durable with the next commit, unawaited). Each commit rewrites every
+    /// page it touched and pays a transaction's fixed work, so under load a few large cuts cost
+    /// far less per row than many small ones (SQLite: ~4.6 µs of CPU per charge row in
+    /// transactions of 60 rows, ~2.3 µs in transactions of 600). Operations not yet durable are
+    /// lost with a crash: for a charge, its user is not charged and its node not paid.
+    pub gather_unawaited: Duration,
 }
 
 impl Default for LedgerConfig {
@@ -89,6 +95,7 @@ impl Default for LedgerConfig {
             recover_holds: true,
             lock_wait: Duration::from_secs(10),
             gather: Duration::from_millis(5),
+            gather_unawaited: Duration::from_millis(40),
         }
     }
 }
