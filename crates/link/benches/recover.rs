@@ -1,12 +1,16 @@
 //! Signer recovery (Nexus, per receipt batch) and signing (the node, per receipt batch):
-//! `lattice_link` (libsecp256k1) against the pure-Rust `k256` it replaced, in the same run.
+//! `lattice_link` (libsecp256k1) against the pure-Rust `k256` it replaced, in the same run; then
+//! what a paid request's receipt costs in cryptography alone (its leaf hashed on both sides, a
+//! full batch's Merkle root and signature shared by its receipts).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::hint::black_box;
 use std::time::Instant;
 
 use k256::ecdsa::{RecoveryId, Signature, SigningKey, VerifyingKey};
-use lattice_link::{NodeKey, UsageReceipt};
+use lattice_link::{
+    MAX_BATCH_RECEIPTS, NodeKey, UsageReceipt, merkle_root, sign_batch, verify_batch,
+};
 
 fn main() {
     let secret = [7u8; 32];
@@ -87,4 +91,60 @@ fn main() {
         "  ratio                               {:>8.2}×",
         ks.as_secs_f64() / s.as_secs_f64()
     );
+
+    // Per paid request: the node and Nexus each hash its receipt's leaf; each builds a full
+    // batch's Merkle root; the node signs the batch and Nexus recovers the signer once per batch.
+    let mut unsigned = receipt.clone();
+    unsigned.signature.clear();
+    let t = Instant::now();
+    for i in 0..N {
+        unsigned.completion_tokens = u64::from(i);
+        black_box(unsigned.struct_hash().unwrap());
+    }
+    let leaf = t.elapsed() / N;
+    let leaves: Vec<[u8; 32]> = (0..MAX_BATCH_RECEIPTS)
+        .map(|i| {
+            unsigned.completion_tokens = i as u64;
+            unsigned.struct_hash().unwrap()
+        })
+        .collect();
+    const B: u32 = 200;
+    let t = Instant::now();
+    for _ in 0..B {
+        black_box(merkle_root(black_box(&leaves)));
+    }
+    let root = t.elapsed() / B;
+    let signature = sign_batch(&key, 31_337, &leaves).unwrap();
+    let t = Instant::now();
+    for _ in 0..B {
+        black_box(sign_batch(&key, 31_337, &leaves).unwrap());
+    }
+    let signed = t.elapsed() / B;
+    let t = Instant::now();
+    for _ in 0..B {
+        black_box(verify_batch(&address, 31_337, &leaves, &signature).unwrap());
+    }
+    let verified = t.elapsed() / B;
+    let per = |d: std::time::Duration| d.as_secs_f64() * 1e6 / MAX_BATCH_RECEIPTS as f64;
+    let floor = 2.0 * leaf.as_secs_f64() * 1e6 + per(signed) + per(verified);
+    println!(
+        "a paid request's receipt, cryptography only ({MAX_BATCH_RECEIPTS} receipts per batch):"
+    );
+    println!(
+        "  leaf (EIP-712 struct hash), each side   {:>6.2} µs",
+        leaf.as_secs_f64() * 1e6
+    );
+    println!(
+        "  Merkle root, per receipt, each side      {:>6.2} µs",
+        per(root)
+    );
+    println!(
+        "  batch signed (root + signature) / receipt {:>5.2} µs",
+        per(signed)
+    );
+    println!(
+        "  batch verified (root + recovery) / receipt {:>4.2} µs",
+        per(verified)
+    );
+    println!("  total per request, node + Nexus          {floor:>6.2} µs");
 }
