@@ -41,6 +41,11 @@ pub(super) struct Hot {
     closing: AtomicBool,
 }
 
+/// Operations per second (a paid request is two: hold and charge) from which the writer gathers
+/// for `LedgerConfig::gather_unawaited` instead of `gather`: under load, larger and fewer
+/// commits cost less per row; below it, short gathers keep each commit's burst of work small.
+const BUSY_OPS_PER_SEC: u64 = 8_000;
+
 /// Counts a caller waiting for durability (and hurries the writer's gather) while it lives.
 struct Awaited<'a>(&'a Hot);
 
@@ -470,9 +475,11 @@ impl Hot {
     /// The writer: commits one cut at a time until the handles are gone and nothing is left.
     async fn run(self: Arc<Self>) {
         let mut last: Option<tokio::time::Instant> = None;
+        // Operations arrived at `BUSY_OPS_PER_SEC` or faster since the previous cut.
+        let mut busy = false;
         loop {
-            // Gather: one transaction per `gather` at most, unless the queue fills up or the
-            // handles are gone.
+            // Gather: one transaction per `gather` at most (per `gather_unawaited` when busy and
+            // nobody waits), unless the queue fills up or the handles are gone.
             if let Some(t) = last {
                 // Registered before the checks, so a caller that starts waiting (or the last
                 // handle dropping) after them still cuts the gather short.
@@ -484,7 +491,7 @@ impl Hot {
                     && seq.saturating_sub(durable) < (self.config.queue as u64) / 4
                 {
                     let soon = t + self.config.gather;
-                    if self.awaited.load(Ordering::SeqCst) > 0 {
+                    if !busy || self.awaited.load(Ordering::SeqCst) > 0 {
                         tokio::time::sleep_until(soon).await;
                     } else {
                         tokio::select! {
@@ -520,7 +527,13 @@ impl Hot {
                 continue;
             }
             let cut = Arc::new(cut);
-            last = Some(tokio::time::Instant::now());
+            let now = tokio::time::Instant::now();
+            let ops = seq.saturating_sub(*self.durable.borrow());
+            busy = last.is_some_and(|t| {
+                u128::from(ops) * 1_000_000_000
+                    >= u128::from(BUSY_OPS_PER_SEC) * now.duration_since(t).as_nanos()
+            });
+            last = Some(now);
             let mut backoff = Duration::from_millis(20);
             let mut retry = false;
             while let Err(e) = self.write(&cut, retry).await {
@@ -651,10 +664,11 @@ mod tests {
         );
     }
 
-    /// Unawaited operations wait for the long gather; a caller that waits for durability cuts
-    /// it short (here the long gather is an hour, so without that the wait would time out).
+    /// Below `BUSY_OPS_PER_SEC` the writer commits after `gather` with nobody waiting; above it,
+    /// unawaited operations wait for the long gather, and a caller that waits for durability
+    /// cuts it short (the long gather is an hour here, so without that the wait would time out).
     #[tokio::test]
-    async fn a_waiting_caller_cuts_the_unawaited_gather_short() {
+    async fn the_long_gather_is_for_busy_spells_and_a_waiting_caller_cuts_it_short() {
         let db = Db::open("sqlite::memory:").await.unwrap();
         let config = LedgerConfig {
             gather: Duration::ZERO,
@@ -662,18 +676,37 @@ mod tests {
             ..LedgerConfig::default()
         };
         let (hot, _alive) = Hot::start(db, config).await.unwrap();
-        let faucet = |op: &str| Op::Faucet {
-            op: op.into(),
+        let faucet = |op: String| Op::Faucet {
+            op,
             user: "u".into(),
             amount: Money::from_units(5),
         };
-        // The first commit starts the gather; the second operation then waits in it.
-        let (_, first) = hot.apply(&faucet("f1"), None).await.unwrap();
-        hot.durable(first).await.unwrap();
-        let (_, second) = hot.apply(&faucet("f2"), None).await.unwrap();
+        let unawaited = |seq: u64| {
+            let mut rx = hot.durable.subscribe();
+            async move { rx.wait_for(|d| *d >= seq).await.map(|_| ()) }
+        };
+        let limit = Duration::from_secs(60);
+        // Quiet: one operation at a time is committed without anyone waiting for it.
+        let (_, first) = hot.apply(&faucet("q0".into()), None).await.unwrap();
+        tokio::time::timeout(limit, unawaited(first))
+            .await
+            .expect("committed after the short gather")
+            .unwrap();
+        let (_, second) = hot.apply(&faucet("q1".into()), None).await.unwrap();
+        tokio::time::timeout(limit, unawaited(second))
+            .await
+            .expect("committed after the short gather")
+            .unwrap();
+        // Busy: a thousand operations at once (far above 8,000/s) make the next gather long.
+        let mut seq = 0;
+        for i in 0..1_000 {
+            seq = hot.apply(&faucet(format!("b{i}")), None).await.unwrap().1;
+        }
+        hot.durable(seq).await.unwrap();
+        let (_, late) = hot.apply(&faucet("late".into()), None).await.unwrap();
         tokio::task::yield_now().await;
-        assert!(*hot.durable.borrow() < second, "committed without a waiter");
-        tokio::time::timeout(Duration::from_secs(60), hot.durable(second))
+        assert!(*hot.durable.borrow() < late, "committed without a waiter");
+        tokio::time::timeout(limit, hot.durable(late))
             .await
             .expect("the waiter hurried the writer")
             .unwrap();

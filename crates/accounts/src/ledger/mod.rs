@@ -74,8 +74,9 @@ pub struct LedgerConfig {
     /// The exclusive writer starts a transaction at most this often while a caller waits for
     /// durability (a `post`, `sync`): the most such a caller waits beyond its commit.
     pub gather: Duration,
-    /// ... and at most this often while nobody waits (holds, charges and releases on the
-    /// request path are durable with the next commit, unawaited). Each commit rewrites every
+    /// ... and at most this often while nobody waits and operations arrive at 8,000/s or more
+    /// (holds, charges and releases on the request path are durable with the next commit,
+    /// unawaited; below that rate the writer keeps to `gather`). Each commit rewrites every
     /// page it touched and pays a transaction's fixed work, so under load a few large cuts cost
     /// far less per row than many small ones (SQLite: ~4.6 µs of CPU per charge row in
     /// transactions of 60 rows, ~2.3 µs in transactions of 600). Operations not yet durable are
