@@ -71,8 +71,9 @@ pub struct LedgerConfig {
     /// How long an exclusive writer waits for the database's writer lock (another writer may be
     /// finishing its last commit) before it refuses to open.
     pub lock_wait: Duration,
-    /// The exclusive writer starts a transaction at most this often while a caller waits for
-    /// durability (a `post`, `sync`): the most such a caller waits beyond its commit.
+    /// The exclusive writer starts a transaction at most this often (it gathers what arrives
+    /// meanwhile); also the most a caller waiting for durability (a `post`, `sync`) waits
+    /// beyond its commit.
     pub gather: Duration,
     /// ... and at most this often while nobody waits and operations arrive at 8,000/s or more
     /// (holds, charges and releases on the request path are durable with the next commit,
