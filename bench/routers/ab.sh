@@ -30,9 +30,8 @@ done
 [ "${#BINS[@]}" -ge 1 ] || { echo "usage: $0 [--runs N] [--mode billed|unbilled] [--stream] BIN…" >&2; exit 2; }
 case "$MODE" in billed|unbilled) ;; *) echo "--mode is billed or unbilled" >&2; exit 2 ;; esac
 for b in "${BINS[@]}"; do [ -x "$b" ] || { echo "not an executable: $b" >&2; exit 2; }; done
-command -v wrk >/dev/null && command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || {
-  echo "needs wrk and nginx" >&2; exit 2; }
 NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
+if ! command -v wrk >/dev/null || [ ! -x "$NGINX" ]; then echo "needs wrk and nginx" >&2; exit 2; fi
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
@@ -64,8 +63,7 @@ one_run() {
   local url="http://127.0.0.1:$nexus_port/v1/chat/completions"
   python3 "$HERE/routers.py" wait-models --url "http://127.0.0.1:$nexus_port" \
     --model bench-model --timeout 60 >/dev/null
-  export BENCH_AUTH=""
-  [ "$MODE" = billed ] && BENCH_AUTH="$(cat "$work/operator.key")"
+  if [ "$MODE" = billed ]; then export BENCH_AUTH="$(cat "$work/operator.key")"; else unset BENCH_AUTH; fi
   if [ -n "$STREAM" ]; then
     export BENCH_BODY='{"model":"bench-model","messages":[{"role":"user","content":"Say hello."}],"max_tokens":16,"temperature":0,"stream":true}'
   else
@@ -78,9 +76,9 @@ one_run() {
   kill "$nexus" "$node" 2>/dev/null || true
   pkill -f "nginx -c $work/nginx/nginx.conf" 2>/dev/null || true
   wait "$nexus" "$node" 2>/dev/null || true
-  python3 - "$work" "$nexus" "$node" "$bin" <<'PY'
+  python3 - "$work" "$nexus" "$node" "$bin" "$(getconf CLK_TCK)" <<'PY'
 import re, sys
-work, nexus, node, binary = sys.argv[1:5]
+work, nexus, node, binary, clk_tck = sys.argv[1:6]
 wrk = open(f"{work}/wrk.txt").read()
 reqs = int(re.search(r"(\d+) requests in", wrk).group(1))
 rps = float(re.search(r"Requests/sec:\s+([\d.]+)", wrk).group(1))
@@ -92,7 +90,7 @@ def load(path):
         out[(pid, tid)] = (comm, int(ticks))
     return out
 before, after = load(f"{work}/before"), load(f"{work}/after")
-hz = 100  # USER_HZ: /proc's ticks per second
+hz = int(clk_tck)  # /proc's ticks per second
 per = {}
 for key, (comm, ticks) in after.items():
     spent = ticks - before.get(key, (comm, 0))[1]
