@@ -4,7 +4,7 @@
 //!
 //! cargo bench --workspace --bench ledger      (PostgreSQL: LATTICE_TEST_POSTGRES_URL;
 //! LATTICE_BENCH_ONLY="SQLite exclusive" runs only the stores so named,
-//! LATTICE_BENCH_GATHER_MS=N sets the exclusive writer's gather interval while nobody waits)
+//! LATTICE_BENCH_GATHER_MS=N sets the exclusive writer's gather in busy spells)
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::sync::Arc;
@@ -46,9 +46,9 @@ fn charge(r: &str, user: &str) -> Op {
     }
 }
 
-/// The receipt stored with each charge, as Nexus stores it: the node's receipt and its leaf in
-/// a signed batch of 64, the batch stored once (so the rows are as wide as in production).
-/// A charge's receipt as Nexus stores it: the compact form next to the row's columns.
+/// A charge's receipt as Nexus stores it: the node's receipt and its leaf in a signed batch (the
+/// batch stored once), in the compact form next to the row's columns, so the rows are as wide as
+/// in production.
 fn stored_receipt(request_id: &str, root: &str, leaf: u64) -> String {
     let stored = ReceiptInBatch {
         receipt: UsageReceipt {
@@ -113,8 +113,8 @@ async fn store(name: &str, url: &str, users: usize, mode: LedgerMode, batch: usi
         return;
     }
     let db = Db::open(url).await.unwrap();
-    // LATTICE_BENCH_GATHER_MS=N: the exclusive writer's gather interval while nobody waits
-    // (the request path's holds and charges; default 40 ms).
+    // LATTICE_BENCH_GATHER_MS=N: the exclusive writer's gather interval in busy spells while
+    // nobody waits (the request path's holds and charges; default 40 ms).
     let gather_unawaited = std::env::var("LATTICE_BENCH_GATHER_MS")
         .ok()
         .and_then(|ms| ms.parse().ok())
