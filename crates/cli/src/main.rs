@@ -136,9 +136,11 @@ struct NexusArgs {
     /// Chain id in SIWE messages and signed receipts (31337: the local chain).
     #[arg(long, default_value_t = 31337)]
     chain_id: u64,
-    /// Name of this replica; on restart it releases the credit holds it left behind.
-    #[arg(long, default_value = "nexus")]
-    replica_id: String,
+    /// Name of this replica; on restart it releases the credit holds it left behind (with
+    /// `--ledger-mode shared`), so replicas sharing a database need names of their own that
+    /// stay the same across restarts. Default: HOSTNAME:PORT (of --listen).
+    #[arg(long)]
+    replica_id: Option<String>,
     /// How this Nexus writes the ledger: `exclusive` (it owns the database: balances in
     /// memory, written behind in group commits) or `shared` (several replicas on one PostgreSQL
     /// database: row locks, a commit per batch before replying). Default: exclusive on SQLite,
@@ -678,7 +680,10 @@ async fn nexus(a: NexusArgs) -> Result<()> {
                 }
                 None => lattice_accounts::LedgerMode::Exclusive,
             },
-            owner: a.replica_id,
+            owner: a
+                .replica_id
+                .clone()
+                .unwrap_or_else(|| default_replica_id(a.listen.port())),
             ..lattice_accounts::LedgerConfig::default()
         },
         ..lattice_accounts::AccountsConfig::default()
@@ -733,8 +738,8 @@ async fn status(base: &str) -> Result<()> {
     let online = v["online"].as_array().cloned().unwrap_or_default();
     println!("{} node(s) online at {base}", online.len());
     println!(
-        "{:<5} {:<12} {:<28} {:>6} {:>8} {:>8} {:>6} {:>6}  address",
-        "id", "label", "models", "load", "tok/s", "ttft ms", "rep", "served"
+        "{:<5} {:<12} {:<28} {:>7} {:>5} {:>7} {:>7} {:>7} {:>6} {:>6}  address",
+        "id", "label", "models", "busy", "queue", "now t/s", "tok/s", "ttft ms", "rep", "served"
     );
     for n in &online {
         let models: Vec<String> = n["models"]
@@ -753,15 +758,22 @@ async fn status(base: &str) -> Result<()> {
             })
             .unwrap_or_default();
         println!(
-            "{:<5} {:<12} {:<28} {:>6} {:>8.1} {:>8.0} {:>6.3} {:>6}  {}",
+            "{:<5} {:<12} {:<28} {:>7} {:>5} {:>7.1} {:>7.1} {:>7.0} {:>6.3} {:>6}  {}",
             n["id"].as_u64().unwrap_or(0),
             n["label"].as_str().unwrap_or("-"),
             models.join(","),
+            // In flight as Nexus counts it or as the node last reported, whichever is larger.
             format!(
                 "{}/{}",
-                n["inflight"].as_u64().unwrap_or(0),
+                n["inflight"]
+                    .as_u64()
+                    .unwrap_or(0)
+                    .max(n["busy"].as_u64().unwrap_or(0))
+                    .min(n["slots"].as_u64().unwrap_or(0)),
                 n["slots"].as_u64().unwrap_or(0)
             ),
+            n["queued"].as_u64().unwrap_or(0),
+            n["recent_tps"].as_f64().unwrap_or(0.0),
             n["decode_tps"].as_f64().unwrap_or(0.0),
             n["ttft_ms"].as_f64().unwrap_or(0.0),
             n["reputation"].as_f64().unwrap_or(0.0),
@@ -773,6 +785,17 @@ async fn status(base: &str) -> Result<()> {
     let known = v["known"].as_array().map_or(0, Vec::len);
     println!("{known} node(s) in the registry database");
     Ok(())
+}
+
+/// This machine's hostname and Nexus's port: distinct between replicas on different machines or
+/// ports, the same across one replica's restarts.
+fn default_replica_id(port: u16) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "nexus".to_owned());
+    format!("{host}:{port}")
 }
 
 /// A child process of `lattice up`, killed when dropped.

@@ -79,6 +79,33 @@ async fn routes_each_model_to_its_node() {
         .collect();
     assert_eq!(served.len(), 2);
     assert!(served.iter().all(|&s| s >= 1), "{status}");
+    let mut quantizations: Vec<&str> = status["online"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["models"][0]["quantization"].as_str().unwrap_or("none"))
+        .collect();
+    quantizations.sort_unstable();
+    // From the GGUF files' names (SmolLM2-135M-Instruct.Q4_1.gguf, gemma-3-270m-q4_k_m.gguf).
+    assert_eq!(quantizations, ["Q4_1", "Q4_K_M"], "{status}");
+    // Heartbeats (every 2 s) report the tokens the nodes just finished.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut recent = 0.0;
+    while recent == 0.0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        recent = nodes(&nexus.url).await["online"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["recent_tps"].as_f64().unwrap())
+            .sum();
+    }
+    assert!(recent > 0.0, "no heartbeat reported the tokens served");
+    let (ok, out) = run(&["status", "--nexus", &nexus.url]);
+    assert!(ok, "{out}");
+    for want in [CHAT, TEXT, "now t/s", "queue", "2 node(s) in the registry"] {
+        assert!(out.contains(want), "`lattice status` lacks {want}:\n{out}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -460,6 +487,78 @@ async fn a_client_disconnect_through_nexus_frees_the_nodes_slot() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// A client that leaves while its request waits for a node's slot (before any token) cancels
+/// it: the node's queue empties while the request ahead of it still runs, and Nexus's count
+/// of the node's requests in flight comes back down (it had stayed up for good).
+#[tokio::test]
+async fn a_client_leaving_before_the_first_token_cancels_its_queued_request() {
+    let dir = tmp();
+    // No periodic probes after calibration: only this test's requests use the node's one slot.
+    let nexus = nexus_with(dir.path(), "127.0.0.1:0", &["--probe-interval", "3600"]);
+    let n = node(&nexus.url, CHAT, &key(dir.path(), "a"), "1");
+    wait_for_models(&nexus.url, &[(CHAT, 1)]).await;
+    let url = format!("{}/v1/chat/completions", nexus.url);
+    let body = chat(
+        "Write a very long essay.",
+        json!({"stream": true, "max_tokens": 900, "ignore_eos": true}),
+    );
+    let client = reqwest::Client::new();
+    let send = || {
+        client
+            .post(&url)
+            .bearer_auth(key_for(&url))
+            .json(&body)
+            .send()
+    };
+    let mut ahead = send().await.unwrap();
+    assert!(ahead.chunk().await.unwrap().is_some());
+    let node_load = || async {
+        let v: Value = reqwest::get(format!("{}/health", n.url))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        (v["busy_slots"].as_u64(), v["queued"].as_u64())
+    };
+    let inflight = || async {
+        nodes(&nexus.url).await["online"][0]["inflight"]
+            .as_u64()
+            .unwrap()
+    };
+    // Polls `$cond` for up to 5 s.
+    macro_rules! until {
+        ($what:expr, $cond:expr) => {{
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !$cond {
+                assert!(Instant::now() < deadline, $what);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }};
+    }
+    let waiting = tokio::spawn(send());
+    until!(
+        "the second request never queued on the node",
+        node_load().await == (Some(1), Some(1))
+    );
+    assert_eq!(inflight().await, 2);
+    waiting.abort();
+    until!(
+        "the node still queues the request of a client that left",
+        node_load().await == (Some(1), Some(0))
+    );
+    assert_eq!(
+        inflight().await,
+        1,
+        "the request ahead is the only one in flight"
+    );
+    drop(ahead);
+    until!(
+        "Nexus still counts requests in flight on an idle node",
+        inflight().await == 0 && node_load().await.0 == Some(0)
+    );
 }
 
 /// Signs a fresh wallet in with a real SIWE signature; returns its session token.

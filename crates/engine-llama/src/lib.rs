@@ -4,7 +4,7 @@
 mod scheduler;
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::mpsc::{SyncSender, TrySendError};
 use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
@@ -12,7 +12,7 @@ use std::thread::JoinHandle;
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use lattice_engine::{
-    ChatTemplate, Engine, EngineError, EventStream, GenerateRequest, Load, ModelCard, Prompt,
+    ChatTemplate, Engine, EngineError, Event, EventStream, GenerateRequest, Load, ModelCard, Prompt,
 };
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::model::LlamaModel;
@@ -78,6 +78,43 @@ pub enum LoadError {
 struct Shared {
     queued: AtomicUsize,
     busy: AtomicUsize,
+}
+
+/// A job's events. Dropped while the job still waits for a slot, it leaves the queue count at
+/// once, so heartbeats and `/health` stop reporting it (the engine thread skips it when it
+/// reaches it; until then it still takes a place in the bounded queue).
+struct JobEvents {
+    rx: UnboundedReceiverStream<Result<Event, EngineError>>,
+    state: Arc<AtomicU8>,
+    shared: Arc<Shared>,
+}
+
+impl futures::Stream for JobEvents {
+    type Item = Result<Event, EngineError>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        std::pin::Pin::new(&mut self.rx).poll_next(cx)
+    }
+}
+
+impl Drop for JobEvents {
+    fn drop(&mut self) {
+        if self
+            .state
+            .compare_exchange(
+                scheduler::WAITING,
+                scheduler::ABANDONED,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_ok()
+        {
+            self.shared.queued.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
 }
 
 pub struct LlamaEngine {
@@ -301,19 +338,25 @@ impl Engine for LlamaEngine {
                 });
             }
             let (events, rx) = tokio::sync::mpsc::unbounded_channel();
+            let state = Arc::new(AtomicU8::new(scheduler::WAITING));
             let job = Job {
                 request_id: req.request_id,
                 tokens,
                 params: req.params,
                 max_tokens,
                 events,
+                state: state.clone(),
             };
             let Some(jobs) = &self.jobs else {
                 return Err(EngineError::Internal("engine is shutting down".into()));
             };
             self.shared.queued.fetch_add(1, Ordering::AcqRel);
             match jobs.try_send(job) {
-                Ok(()) => Ok(Box::pin(UnboundedReceiverStream::new(rx)) as EventStream),
+                Ok(()) => Ok(Box::pin(JobEvents {
+                    rx: UnboundedReceiverStream::new(rx),
+                    state,
+                    shared: self.shared.clone(),
+                }) as EventStream),
                 Err(e) => {
                     self.shared.queued.fetch_sub(1, Ordering::AcqRel);
                     Err(match e {

@@ -4,7 +4,8 @@
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
 use std::num::NonZeroU32;
-use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError};
 
 use lattice_engine::{
@@ -38,7 +39,17 @@ pub(crate) struct Job {
     pub(crate) params: SamplingParams,
     pub(crate) max_tokens: u32,
     pub(crate) events: UnboundedSender<Result<Event, EngineError>>,
+    /// [`WAITING`], [`TAKEN`] or [`ABANDONED`]: a job leaves the `queued` count exactly once,
+    /// by whichever side (this thread taking it, or its caller giving up) moves it first.
+    pub(crate) state: Arc<AtomicU8>,
 }
+
+/// A job waits in the queue.
+pub(crate) const WAITING: u8 = 0;
+/// The engine thread took it from the queue.
+const TAKEN: u8 = 1;
+/// Its caller dropped its events while it waited (this thread skips it when it comes to it).
+pub(crate) const ABANDONED: u8 = 2;
 
 struct Active {
     job: Job,
@@ -155,6 +166,14 @@ fn admit(
                 Err(TryRecvError::Empty | TryRecvError::Disconnected) => return true,
             }
         };
+        if job
+            .state
+            .compare_exchange(WAITING, TAKEN, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            // Given up while it waited, and uncounted then.
+            continue;
+        }
         shared.queued.fetch_sub(1, Ordering::AcqRel);
         if job.events.is_closed() {
             continue;

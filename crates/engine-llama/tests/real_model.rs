@@ -374,6 +374,9 @@ async fn full_queue_is_rejected_not_buffered() {
     assert_eq!(e.load().queued, 2);
     let over = e.generate(long()).await.err();
     assert_eq!(over, Some(EngineError::Overloaded { capacity: 2 }));
+    // A request given up while it waits leaves the count at once, not when a slot frees.
+    drop(q1);
+    assert_eq!(e.load().queued, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

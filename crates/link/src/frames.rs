@@ -73,6 +73,9 @@ pub enum NodeFrame {
         queued: u32,
         busy: u32,
         slots: u32,
+        /// Tokens of the answers finished since the previous heartbeat, per second.
+        #[serde(default)]
+        tokens_per_s: f64,
     },
     /// Events of a request's stream, in order: 1 to [`MAX_FRAME_EVENTS`] of them.
     Events {
@@ -226,6 +229,7 @@ mod tests {
             queued: 0,
             busy: 0,
             slots: 0,
+            tokens_per_s: 0.0,
         });
         assert_eq!(back, done);
     }

@@ -475,7 +475,10 @@ impl Bill {
             };
             return match book.park(&self.request, parked) {
                 Some((p, ev)) => {
-                    p.charge(ev).await;
+                    // In a task of its own: this future goes with the client's stream, and a
+                    // client leaving now must not drop a charge half-way (its hold unreleased,
+                    // its user's reads waiting on it).
+                    let _ = tokio::spawn(p.charge(ev)).await;
                     Settlement::Charged(cost)
                 }
                 None => Settlement::Parked(cost),
@@ -483,13 +486,22 @@ impl Bill {
         }
         let mut record = record;
         record.receipt = serde_json::to_string(&receipt).unwrap_or_default();
-        match charge(&self.billing, op, record).await {
-            Ok(()) => Settlement::Charged(cost),
-            Err(e) => {
-                tracing::error!(request_id = %self.request, error = %e, "charge failed; the hold will be released");
-                self.release();
-                Settlement::Deferred(e.to_string())
+        // In a task of its own, like a parked charge above.
+        let (billing, request) = (self.billing.clone(), self.request.clone());
+        let charged = tokio::spawn(async move {
+            let outcome = charge(&billing, op, record).await;
+            if let Err(e) = &outcome {
+                tracing::error!(request_id = %request, error = %e, "charge failed; the hold will be released");
+                release(&billing, &request);
             }
+            outcome.map_err(|e| e.to_string())
+        })
+        .await;
+        match charged {
+            Ok(Ok(())) => Settlement::Charged(cost),
+            Ok(Err(e)) => Settlement::Deferred(e),
+            // The task panicked or the runtime is shutting down: the sweeper releases the hold.
+            Err(e) => Settlement::Deferred(e.to_string()),
         }
     }
 
@@ -633,6 +645,54 @@ mod tests {
         assert_eq!(b.held, Money::ZERO);
         assert_eq!(
             b.available,
+            start.checked_sub(Money::from_units(11)).unwrap()
+        );
+        assert!(accounts.ledger().audit().await.unwrap().balanced());
+    }
+
+    /// A client that leaves while its charge is being applied (its stream's future is dropped
+    /// mid-way) does not take the charge with it: it completes, no hold is left and the user's
+    /// reads do not wait for it.
+    #[tokio::test]
+    async fn a_client_leaving_during_its_charge_does_not_drop_it() {
+        let (billing, payer) = funded().await;
+        let accounts = billing.accounts.clone();
+        let start = accounts.balance(&payer.user_id).await.unwrap().available;
+        let node = NodeKey::generate().unwrap();
+        let book: Arc<ReceiptBook> = Arc::default();
+        billing
+            .hold("c", &payer, Money::from_units(1_000_000))
+            .await
+            .unwrap();
+        let r = unsigned("c", &payer);
+        book.seen(&r).unwrap();
+        // The batch is verified before the answer's end reaches the bill: the charge is applied
+        // while the client's stream awaits it.
+        let sig = lattice_link::sign_batch(&node, 31337, &[r.struct_hash().unwrap()]).unwrap();
+        assert!(
+            book.batch(&node.address(), 31337, &["c".into()], &sig)
+                .unwrap()
+                .is_empty()
+        );
+        let mut b = bill(&billing, &payer, &node, "c");
+        b.book = Some(book.clone());
+        b.receipt = Some(r);
+        // Polled once and dropped: this new node's rows are read from the database first, so
+        // the charge is not done in one poll.
+        assert!(
+            futures::FutureExt::now_or_never(b.settle(&Usage::new(3, 4))).is_none(),
+            "the charge finished in one poll: the client never left mid-way"
+        );
+        drop(b);
+        billing
+            .unsettled
+            .wait_user(&payer.user_id, Duration::from_secs(10))
+            .await;
+        assert!(!billing.unsettled.user_pending(&payer.user_id));
+        let after = accounts.balance(&payer.user_id).await.unwrap();
+        assert_eq!(after.held, Money::ZERO);
+        assert_eq!(
+            after.available,
             start.checked_sub(Money::from_units(11)).unwrap()
         );
         assert!(accounts.ledger().audit().await.unwrap().balanced());

@@ -3,6 +3,7 @@
 //! keeps being probed; wrong answers, errors and timeouts drive its circuit breaker.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use lattice_engine::{Event, GenerateRequest, Message, Preference, Prompt, SamplingParams};
@@ -10,7 +11,10 @@ use lattice_link::LinkEvent;
 use lattice_router::Outcome;
 
 use crate::Nexus;
-use crate::network::{Attempt, attempt};
+use crate::network::{Attempt, Dispatch, attempt};
+
+/// Probes sent by this process (each probe's request id is unique).
+static PROBES: AtomicU64 = AtomicU64::new(0);
 
 /// A prompt whose greedy answer for a model is known.
 #[derive(Debug, Clone)]
@@ -81,12 +85,13 @@ pub(crate) async fn run(nexus: Arc<Nexus>) {
 }
 
 async fn probe(nexus: &Nexus, node: lattice_router::NodeId, model: &str) -> Outcome {
-    let Some((link, _)) = nexus.registry.link(node) else {
+    let Some((link, live)) = nexus.registry.link(node) else {
         return Outcome::Failure;
     };
     let canary = nexus.config.canary(model).unwrap_or_else(liveness_canary);
     let req = GenerateRequest {
-        request_id: format!("probe-{node}-{}", Instant::now().elapsed().as_nanos()),
+        // Unique: several of a node's models may be probed at once.
+        request_id: format!("probe-{node}-{}", PROBES.fetch_add(1, Ordering::Relaxed)),
         model: model.to_owned(),
         prompt: canary.prompt.clone(),
         params: SamplingParams {
@@ -102,13 +107,11 @@ async fn probe(nexus: &Nexus, node: lattice_router::NodeId, model: &str) -> Outc
         whole: true,
     };
     let deadline = Instant::now() + nexus.config.probe_timeout;
-    let (first, mut rx, stream, early) = match attempt(&link, &req, deadline).await {
-        Attempt::Started {
-            first,
-            rx,
-            stream,
-            receipt,
-        } => (first, rx, stream, receipt),
+    // Counted in flight like a user's request (it takes a slot); dropped unfinished (a probe
+    // timing out mid-answer), it cancels the node's work.
+    let mut dispatch = Dispatch::new(link, live);
+    let (first, mut rx, early) = match attempt(&mut dispatch, &req, deadline).await {
+        Attempt::Started { first, rx, receipt } => (first, rx, receipt),
         Attempt::Failed { .. } => return Outcome::Failure,
     };
     let signed_by_node = |r: &lattice_link::UsageReceipt| {
@@ -124,14 +127,22 @@ async fn probe(nexus: &Nexus, node: lattice_router::NodeId, model: &str) -> Outc
         match ev {
             Some(LinkEvent::Engine(Event::Delta(d))) => text.push_str(&d),
             // Probes also check that the node signs its receipts with its registered key.
-            Some(LinkEvent::Engine(Event::Done { .. })) => break receipt,
+            Some(LinkEvent::Engine(Event::Done { .. })) => {
+                dispatch.ended();
+                break receipt;
+            }
             Some(LinkEvent::Receipt(r)) => {
                 receipt = signed_by_node(&r);
                 if !receipt {
                     break false;
                 }
             }
-            Some(LinkEvent::Error(_)) | None => break false,
+            Some(LinkEvent::Error(_)) => {
+                dispatch.ended();
+                break false;
+            }
+            // The link closed, or the deadline passed (the dispatch cancels the node's work).
+            None => break false,
         }
         let remaining = deadline.saturating_duration_since(Instant::now());
         ev = tokio::time::timeout(remaining, rx.recv())
@@ -139,7 +150,7 @@ async fn probe(nexus: &Nexus, node: lattice_router::NodeId, model: &str) -> Outc
             .ok()
             .flatten();
     };
-    link.close_stream(stream);
+    drop(dispatch);
     if !finished {
         return Outcome::Failure;
     }

@@ -110,8 +110,11 @@ async fn serve(nexus: Arc<Nexus>, mut ws: WebSocket) {
                 queued,
                 busy,
                 slots,
+                tokens_per_s,
             }) => {
-                nexus.registry.heartbeat(id, queued, busy, slots);
+                nexus
+                    .registry
+                    .heartbeat(id, queued, busy, slots, tokens_per_s);
                 for p in link.book.expire(crate::receipts::WAIT) {
                     nexus.registry.record(id, p.model(), RequestOutcome::Failed);
                     p.refuse("the node never signed a batch covering the receipt");

@@ -144,12 +144,54 @@ fn estimate_tokens(p: &Prompt) -> u32 {
     u32::try_from(bytes / 4).unwrap_or(u32::MAX)
 }
 
+/// One request sent to one node, from before it is sent until its stream ends. However that
+/// ends — answered, failed, or dropped because the client went away while it waited for the
+/// first token — the node's in-flight count is given back, a node still working on the request
+/// is told to stop (freeing its slot or queue place), and the stream is closed.
+pub(crate) struct Dispatch {
+    link: Arc<LinkHandle>,
+    live: Arc<LiveLoad>,
+    /// The stream, once opened.
+    stream: Option<u64>,
+    /// The request reached the link and the node has not ended its stream.
+    working: bool,
+}
+
+impl Dispatch {
+    pub(crate) fn new(link: Arc<LinkHandle>, live: Arc<LiveLoad>) -> Self {
+        live.inflight.fetch_add(1, Ordering::Relaxed);
+        Self {
+            link,
+            live,
+            stream: None,
+            working: false,
+        }
+    }
+
+    /// The node ended the stream itself (its last event or an error) or the link is gone:
+    /// nothing to cancel.
+    pub(crate) fn ended(&mut self) {
+        self.working = false;
+    }
+}
+
+impl Drop for Dispatch {
+    fn drop(&mut self) {
+        self.live.inflight.fetch_sub(1, Ordering::Relaxed);
+        if let Some(stream) = self.stream {
+            if self.working {
+                let _ = self.link.tx.try_send(NexusFrame::Cancel { stream });
+            }
+            self.link.close_stream(stream);
+        }
+    }
+}
+
 /// Sends one request to one node and waits for its first event.
 pub(crate) enum Attempt {
     Started {
         first: Event,
         rx: mpsc::Receiver<LinkEvent>,
-        stream: u64,
         /// A receipt that arrived before the first engine event (an empty answer).
         receipt: Option<lattice_link::UsageReceipt>,
     },
@@ -157,26 +199,24 @@ pub(crate) enum Attempt {
     Failed { error: EngineError, retry: bool },
 }
 
-pub(crate) async fn attempt(
-    link: &LinkHandle,
-    req: &GenerateRequest,
-    deadline: Instant,
-) -> Attempt {
-    let Some((stream, mut rx)) = link.open_stream() else {
+pub(crate) async fn attempt(d: &mut Dispatch, req: &GenerateRequest, deadline: Instant) -> Attempt {
+    let Some((stream, mut rx)) = d.link.open_stream() else {
         return Attempt::Failed {
             error: EngineError::Upstream("node went offline".into()),
             retry: true,
         };
     };
+    d.stream = Some(stream);
     let frame = NexusFrame::Request {
         stream,
         request: Box::new(req.clone()),
     };
     let remaining = deadline.saturating_duration_since(Instant::now());
-    match tokio::time::timeout(remaining, link.tx.send(frame)).await {
-        Ok(Ok(())) => {}
+    // A send dropped before it completes has queued nothing (tokio's mpsc `send` is
+    // cancel-safe), so `working` is set only once it has.
+    match tokio::time::timeout(remaining, d.link.tx.send(frame)).await {
+        Ok(Ok(())) => d.working = true,
         _ => {
-            link.close_stream(stream);
             return Attempt::Failed {
                 error: EngineError::Upstream("node link is congested or closed".into()),
                 retry: true,
@@ -192,43 +232,38 @@ pub(crate) async fn attempt(
         }
     };
     match first {
-        Ok(Some(LinkEvent::Engine(first))) => Attempt::Started {
-            first,
-            rx,
-            stream,
-            receipt,
-        },
+        Ok(Some(LinkEvent::Engine(first))) => Attempt::Started { first, rx, receipt },
         Ok(Some(LinkEvent::Receipt(_))) => Attempt::Failed {
             error: EngineError::Upstream("unexpected receipt".into()),
             retry: true,
         },
         Ok(Some(LinkEvent::Error(error))) => {
+            d.ended();
             let retry = error.retryable();
             Attempt::Failed { error, retry }
         }
-        Ok(None) => Attempt::Failed {
-            error: EngineError::Upstream("node went offline before answering".into()),
-            retry: true,
-        },
-        Err(_) => {
-            let _ = link.tx.try_send(NexusFrame::Cancel { stream });
-            link.close_stream(stream);
+        Ok(None) => {
+            d.ended();
             Attempt::Failed {
-                error: EngineError::Upstream("node did not answer before the deadline".into()),
+                error: EngineError::Upstream("node went offline before answering".into()),
                 retry: true,
             }
         }
+        // Dropping the dispatch cancels the node's work.
+        Err(_) => Attempt::Failed {
+            error: EngineError::Upstream("node did not answer before the deadline".into()),
+            retry: true,
+        },
     }
 }
 
-/// Keeps a routed request's bookkeeping right however its stream ends.
+/// Keeps a routed request's bookkeeping right however its stream ends (its [`Dispatch`] gives
+/// the node's slot back).
 struct InFlight {
+    dispatch: Dispatch,
     registry: Arc<Registry>,
-    link: Arc<LinkHandle>,
-    live: Arc<LiveLoad>,
     node: NodeId,
     model: String,
-    stream: u64,
     first_at: Instant,
     tokens: u32,
     done: bool,
@@ -240,6 +275,8 @@ impl InFlight {
             return;
         }
         self.done = true;
+        // Every finish is the node's last event or a lost link: nothing left to cancel.
+        self.dispatch.ended();
         let outcome = if ok {
             let secs = self.first_at.elapsed().as_secs_f64();
             let tps = (self.tokens > 1 && secs > 0.0).then(|| f64::from(self.tokens - 1) / secs);
@@ -248,20 +285,6 @@ impl InFlight {
             RequestOutcome::Failed
         };
         self.registry.record(self.node, &self.model, outcome);
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.live.inflight.fetch_sub(1, Ordering::Relaxed);
-        if !self.done {
-            // The client went away: tell the node to stop and free its slot.
-            let _ = self.link.tx.try_send(NexusFrame::Cancel {
-                stream: self.stream,
-            });
-            self.done = true;
-        }
-        self.link.close_stream(self.stream);
     }
 }
 
@@ -325,22 +348,21 @@ impl Engine for NetworkEngine {
             let mut last = None;
             for node in candidates {
                 let Some((link, live)) = self.registry.link(node) else { continue };
-                live.inflight.fetch_add(1, Ordering::Relaxed);
+                // Dropped with this future (the client went away), it cancels the node's work.
+                let mut dispatch = Dispatch::new(link, live);
                 tracing::debug!(request_id = %req.request_id, %node, model = %req.model, "dispatching");
-                match attempt(&link, &req, deadline).await {
-                    Attempt::Started { first, rx, stream, receipt } => {
+                match attempt(&mut dispatch, &req, deadline).await {
+                    Attempt::Started { first, rx, receipt } => {
                         let ttft = started.elapsed();
                         self.registry.record(node, &req.model, RequestOutcome::FirstToken { ttft });
                         if let Some(key) = store {
                             self.registry.remember_prefix(key, node);
                         }
                         let guard = InFlight {
+                            dispatch,
                             registry: self.registry.clone(),
-                            link,
-                            live,
                             node,
                             model: req.model.clone(),
-                            stream,
                             first_at: Instant::now(),
                             tokens: 0,
                             done: false,
@@ -351,13 +373,13 @@ impl Engine for NetworkEngine {
                         }
                         if let Some(b) = &mut bill {
                             b.node = answering;
-                            b.book = Some(guard.link.book.clone());
+                            b.book = Some(guard.dispatch.link.book.clone());
                             b.receipt = receipt;
                         }
                         return Ok(relay(first, rx, guard, bill, req.request_id.clone()));
                     }
                     Attempt::Failed { error, retry } => {
-                        live.inflight.fetch_sub(1, Ordering::Relaxed);
+                        drop(dispatch);
                         if !retry {
                             return Err(error);
                         }

@@ -157,6 +157,8 @@ pub(crate) struct NodeEntry {
     pub(crate) connected_at: Instant,
     pub(crate) served: u64,
     pub(crate) failed: u64,
+    /// Tokens per second the node finished in its last heartbeat's interval.
+    pub(crate) recent_tps: f64,
 }
 
 /// What `lattice status` and `/lattice/v1/nodes` show.
@@ -176,6 +178,8 @@ pub struct NodeStatus {
     pub inflight: u32,
     pub ttft_ms: Option<f64>,
     pub decode_tps: Option<f64>,
+    /// Tokens per second of answers the node finished recently (its last heartbeat).
+    pub recent_tps: f64,
     pub reputation: f64,
     pub price: Price,
     pub served: u64,
@@ -186,6 +190,8 @@ pub struct NodeStatus {
 #[derive(Debug, Clone, Serialize)]
 pub struct ModelStatus {
     pub id: String,
+    /// Weight format the node registered, e.g. `Q4_K_M`, when known.
+    pub quantization: Option<String>,
     pub admitted: bool,
     pub circuit: &'static str,
 }
@@ -273,6 +279,7 @@ impl Registry {
             connected_at: Instant::now(),
             served: 0,
             failed: 0,
+            recent_tps: 0.0,
         };
         self.with_nodes(|nodes| {
             // A node that reconnects replaces its stale entry (same address).
@@ -319,11 +326,15 @@ impl Registry {
 
     /// Load reports go straight into the node's atomics: no snapshot rebuild, which matters
     /// with thousands of nodes each reporting every two seconds.
-    pub(crate) fn heartbeat(&self, id: NodeId, queued: u32, busy: u32, slots: u32) {
-        let Ok(nodes) = self.nodes.lock() else { return };
-        if let Some(n) = nodes.get(&id) {
+    pub(crate) fn heartbeat(&self, id: NodeId, queued: u32, busy: u32, slots: u32, tps: f64) {
+        let Ok(mut nodes) = self.nodes.lock() else {
+            return;
+        };
+        if let Some(n) = nodes.get_mut(&id) {
             n.live.queued.store(queued, Ordering::Relaxed);
             n.live.busy.store(busy, Ordering::Relaxed);
+            // A node's own figure; shown, never used to route (Nexus measures speed itself).
+            n.recent_tps = if tps.is_finite() { tps.max(0.0) } else { 0.0 };
             if n.slots != slots.max(1) {
                 drop(nodes);
                 self.with_nodes(|nodes| {
@@ -487,6 +498,7 @@ impl Registry {
                         let h = n.health.get(&m.id);
                         ModelStatus {
                             id: m.id.clone(),
+                            quantization: m.quantization.clone(),
                             admitted: h.is_some_and(|h| h.admitted),
                             circuit: match h.map(|h| h.breaker.state()) {
                                 Some(lattice_router::BreakerState::Closed { .. }) => "closed",
@@ -502,6 +514,7 @@ impl Registry {
                 inflight: n.live.inflight.load(Ordering::Relaxed),
                 ttft_ms: n.ttft.get().map(|s| s * 1000.0),
                 decode_tps: n.tps.get(),
+                recent_tps: n.recent_tps,
                 reputation: n.reputation.score(),
                 price: n.price,
                 served: n.served,

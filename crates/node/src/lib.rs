@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::{FutureExt, SinkExt, StreamExt};
@@ -179,7 +180,7 @@ async fn session(
         .map(|m| ModelAd {
             id: m.id,
             context_length: m.context_length,
-            quantization: None,
+            quantization: m.quantization,
         })
         .collect();
     let slots = u32::try_from(engine.load().slots).unwrap_or(u32::MAX);
@@ -216,6 +217,8 @@ async fn session(
         waiting: tokio::sync::Notify::new(),
     });
 
+    // Completion tokens of the answers this link finished, for the heartbeat's recent speed.
+    let generated = Arc::new(AtomicU64::new(0));
     let (mut sink, mut stream) = ws.split();
     let (out_tx, out_rx) = mpsc::channel::<NodeFrame>(OUT_QUEUE);
     let writer = tokio::spawn(async move {
@@ -225,16 +228,28 @@ async fn session(
     let heartbeat = {
         let out = out_tx.clone();
         let engine = engine.clone();
+        let generated = generated.clone();
         let every = cfg.heartbeat;
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
+            let (mut since, mut counted) = (std::time::Instant::now(), 0u64);
             loop {
                 tick.tick().await;
                 let l = engine.load();
+                let total = generated.load(Ordering::Relaxed);
+                let secs = since.elapsed().as_secs_f64();
+                let tokens = total.saturating_sub(counted);
+                (since, counted) = (std::time::Instant::now(), total);
                 let frame = NodeFrame::Heartbeat {
                     queued: u32::try_from(l.queued).unwrap_or(u32::MAX),
                     busy: u32::try_from(l.busy_slots).unwrap_or(u32::MAX),
                     slots: u32::try_from(l.slots).unwrap_or(u32::MAX),
+                    #[allow(clippy::cast_precision_loss)]
+                    tokens_per_s: if secs > 0.0 {
+                        tokens as f64 / secs
+                    } else {
+                        0.0
+                    },
                 };
                 if out.send(frame).await.is_err() {
                     break;
@@ -271,6 +286,7 @@ async fn session(
                 let task = tokio::spawn(serve_stream(
                     engine.clone(),
                     signer.clone(),
+                    generated.clone(),
                     out_tx.clone(),
                     id,
                     *request,
@@ -467,6 +483,7 @@ const FRAME_TEXT_BYTES: usize = 1 << 20;
 async fn serve_stream(
     engine: Arc<dyn Engine>,
     signer: Arc<Signer>,
+    generated: Arc<AtomicU64>,
     out: mpsc::Sender<NodeFrame>,
     id: u64,
     request: lattice_engine::GenerateRequest,
@@ -498,6 +515,9 @@ async fn serve_stream(
         let mut next = Some(first);
         while let Some(ev) = next.take() {
             last = !matches!(ev, Ok(Event::Delta(_)));
+            if let Ok(Event::Done { usage, .. }) = &ev {
+                generated.fetch_add(u64::from(usage.completion_tokens), Ordering::Relaxed);
+            }
             // Receipts are for paid requests (Nexus sets the payer) and probes (the zero user);
             // unbilled ones skip them. A probe's is signed alone, a paid one's in a batch.
             if let Ok(Event::Done { usage, .. }) = &ev
@@ -620,7 +640,7 @@ mod tests {
     ) -> Vec<Vec<LinkEvent>> {
         let engine = Arc::new(Canned(std::sync::Mutex::new(Some(stream))));
         let (tx, mut rx) = mpsc::channel(1024);
-        serve_stream(engine, signer(), tx, 7, request).await;
+        serve_stream(engine, signer(), Arc::default(), tx, 7, request).await;
         let mut out = Vec::new();
         while let Ok(f) = rx.try_recv() {
             match f {

@@ -123,17 +123,24 @@ pub struct RouteRequest<'a> {
 pub struct Snapshot {
     nodes: Vec<NodeView>,
     by_model: HashMap<String, Vec<usize>>,
+    by_id: HashMap<NodeId, usize>,
 }
 
 impl Snapshot {
     pub fn new(nodes: Vec<NodeView>) -> Self {
         let mut by_model: HashMap<String, Vec<usize>> = HashMap::new();
+        let mut by_id = HashMap::with_capacity(nodes.len());
         for (i, n) in nodes.iter().enumerate() {
             for m in &n.models {
                 by_model.entry(m.clone()).or_default().push(i);
             }
+            by_id.insert(n.id, i);
         }
-        Self { nodes, by_model }
+        Self {
+            nodes,
+            by_model,
+            by_id,
+        }
     }
 
     pub fn nodes(&self) -> &[NodeView] {
@@ -156,7 +163,7 @@ impl Snapshot {
     }
 
     pub fn get(&self, id: NodeId) -> Option<&NodeView> {
-        self.nodes.iter().find(|n| n.id == id)
+        self.by_id.get(&id).and_then(|&i| self.nodes.get(i))
     }
 }
 
@@ -167,7 +174,17 @@ pub fn route(snap: &Snapshot, req: &RouteRequest<'_>, rng: &mut impl Random) -> 
         return Vec::new();
     };
     let mut picked: Vec<&NodeView> = if idx.len() > P2C_THRESHOLD {
-        sample(snap, idx, rng)
+        // The affinity node is always a candidate (when it serves the model): sampling alone
+        // would miss it nearly every time among many nodes.
+        let affinity = req
+            .affinity
+            .and_then(|a| snap.by_id.get(&a).copied())
+            .filter(|&i| {
+                snap.nodes
+                    .get(i)
+                    .is_some_and(|n| n.models.iter().any(|m| m == req.model))
+            });
+        sample(snap, idx, affinity, rng)
     } else {
         idx.iter().filter_map(|&i| snap.nodes.get(i)).collect()
     };
@@ -193,10 +210,17 @@ pub fn route(snap: &Snapshot, req: &RouteRequest<'_>, rng: &mut impl Random) -> 
 }
 
 /// Power of two choices plus one extra random pick for failover, and the affinity node.
-fn sample<'s>(snap: &'s Snapshot, idx: &[usize], rng: &mut impl Random) -> Vec<&'s NodeView> {
+fn sample<'s>(
+    snap: &'s Snapshot,
+    idx: &[usize],
+    affinity: Option<usize>,
+    rng: &mut impl Random,
+) -> Vec<&'s NodeView> {
     let mut chosen: Vec<usize> = Vec::with_capacity(MAX_CANDIDATES + 1);
+    chosen.extend(affinity);
+    let want = MAX_CANDIDATES + chosen.len();
     let mut tries = 0;
-    while chosen.len() < MAX_CANDIDATES && tries < 4 * MAX_CANDIDATES {
+    while chosen.len() < want && tries < 4 * MAX_CANDIDATES {
         tries += 1;
         let i = idx.get(rng.below(idx.len())).copied().unwrap_or(0);
         if !chosen.contains(&i) {
@@ -336,6 +360,38 @@ mod tests {
         a.live.busy.store(4, Ordering::Relaxed);
         let s = Snapshot::new(vec![a, b]);
         assert_eq!(route(&s, &r, &mut SplitMix(1))[0], NodeId(2));
+    }
+
+    /// Among many nodes (sampled, not all scored) the affinity node is still the first choice
+    /// unless it is overloaded; another model's node named as affinity is never picked.
+    #[test]
+    fn affinity_holds_among_many_nodes_unless_overloaded() {
+        let mut nodes: Vec<_> = (0..1000).map(|i| node(i, "m")).collect();
+        // Slower than the rest: without affinity it would rarely be first.
+        nodes[500].decode_tps = 40.0;
+        nodes.push(node(2000, "other"));
+        let s = Snapshot::new(nodes);
+        let mut rng = SplitMix(3);
+        let r = RouteRequest {
+            affinity: Some(NodeId(500)),
+            ..req("m")
+        };
+        for _ in 0..200 {
+            assert_eq!(route(&s, &r, &mut rng)[0], NodeId(500));
+        }
+        let elsewhere = RouteRequest {
+            affinity: Some(NodeId(2000)),
+            ..req("m")
+        };
+        for _ in 0..200 {
+            assert!(!route(&s, &elsewhere, &mut rng).contains(&NodeId(2000)));
+        }
+        let busy = s.get(NodeId(500)).unwrap_or_else(|| unreachable!());
+        busy.live.busy.store(4, Ordering::Relaxed);
+        let firsts = (0..200)
+            .filter(|_| route(&s, &r, &mut rng)[0] == NodeId(500))
+            .count();
+        assert_eq!(firsts, 0, "an overloaded affinity node is not preferred");
     }
 
     #[test]

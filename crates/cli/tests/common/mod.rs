@@ -192,11 +192,12 @@ fn nexus_spawn(
         listen,
         "--db",
         db.to_str().unwrap(),
-        "--probe-interval",
-        "2",
         "--operator-key-file",
         key_file.to_str().unwrap(),
     ];
+    if !extra.contains(&"--probe-interval") {
+        args.extend_from_slice(&["--probe-interval", "2"]);
+    }
     args.extend_from_slice(extra);
     let p = start(&args);
     let key = std::fs::read_to_string(&key_file).unwrap();
