@@ -130,6 +130,10 @@ struct NexusArgs {
     oidc_client_id: Option<String>,
     #[arg(long, env = "LATTICE_OIDC_CLIENT_SECRET", hide_env_values = true)]
     oidc_client_secret: Option<String>,
+    /// How each charge is divided, in basis points: node, its staking pool, treasury (summing to
+    /// 10000). With a chain, the chain's governed split applies instead (settlement pays by it).
+    #[arg(long, value_parser = parse_split, default_value = "9000,500,500")]
+    fee_split: lattice_ledger::Split,
     /// Starter credit per new sign-in identity, in whole LAI (0 turns the faucet off).
     #[arg(long, default_value_t = 10)]
     faucet_lai: u64,
@@ -713,6 +717,7 @@ async fn nexus(a: NexusArgs) -> Result<()> {
         },
         probe_interval: Duration::from_secs(a.probe_interval.max(1)),
         require_node_token: a.require_node_token,
+        split: a.fee_split,
         ..lattice_nexus::NexusConfig::default()
     };
     let nexus = lattice_nexus::Nexus::new(config, settle).await?;
@@ -785,6 +790,19 @@ async fn status(base: &str) -> Result<()> {
     let known = v["known"].as_array().map_or(0, Vec::len);
     println!("{known} node(s) in the registry database");
     Ok(())
+}
+
+/// `NODE,POOL,TREASURY` basis points summing to 10000.
+fn parse_split(s: &str) -> Result<lattice_ledger::Split, String> {
+    let parts: Vec<u16> = s
+        .split(',')
+        .map(|p| p.trim().parse::<u16>())
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("basis points are whole numbers: {e}"))?;
+    let [node, pool, treasury] = parts[..] else {
+        return Err("three numbers: NODE,POOL,TREASURY basis points".into());
+    };
+    lattice_ledger::Split::new(node, pool, treasury).map_err(|e| e.to_string())
 }
 
 /// This machine's hostname and Nexus's port: distinct between replicas on different machines or

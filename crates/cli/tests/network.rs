@@ -561,6 +561,64 @@ async fn a_client_leaving_before_the_first_token_cancels_its_queued_request() {
     );
 }
 
+/// Without a chain a charge is divided by `--fee-split`; with one, by the chain's split (what
+/// settlement pays on-chain), whatever the flag says.
+#[tokio::test]
+async fn charges_are_split_by_the_flag_or_by_the_chain() {
+    let cases: [(&[&str], u128, u128); 2] = [
+        (
+            &["--no-chain", "--fee-split", "8000,1500,500"],
+            8_000,
+            1_500,
+        ),
+        (
+            &["--fee-split", "8000,1500,500", "--settle-interval", "3600"],
+            9_000,
+            500,
+        ),
+    ];
+    for (extra, node_bps, pool_bps) in cases {
+        let dir = tmp();
+        let nexus = nexus_with(dir.path(), "127.0.0.1:0", extra);
+        let _n = node(&nexus.url, CHAT, &key(dir.path(), "a"), "1");
+        wait_for_models(&nexus.url, &[(CHAT, 1)]).await;
+        let (s, v) = post(
+            &format!("{}/v1/chat/completions", nexus.url),
+            chat("Say hello.", json!({})),
+        )
+        .await;
+        assert_eq!(s, 200, "{v}");
+        let tokens = |k: &str| u128::from(v["usage"][k].as_u64().unwrap());
+        // The node's default price: 0.1 / 0.2 LAI per 1M tokens.
+        let cost = (tokens("prompt_tokens") * 100_000_000_000_000_000
+            + tokens("completion_tokens") * 200_000_000_000_000_000)
+            / 1_000_000;
+        let address = nodes(&nexus.url).await["online"][0]["address"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let e = get(&format!(
+            "{}/lattice/v1/nodes/{address}/earnings",
+            nexus.url
+        ))
+        .await;
+        let amount = |k: &str| e[k].as_str().unwrap().parse::<u128>().unwrap();
+        assert_eq!(
+            (amount("earned"), amount("staking_pool")),
+            (cost * node_bps / 10_000, cost * pool_bps / 10_000),
+            "{extra:?}: {e}"
+        );
+    }
+    let (ok, _) = run(&[
+        "nexus",
+        "--fee-split",
+        "9000,500,400",
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    assert!(!ok, "a split that does not add up to 10000 is refused");
+}
+
 /// Signs a fresh wallet in with a real SIWE signature; returns its session token.
 async fn siwe_sign_in(nexus: &str) -> (String, Value) {
     let client = reqwest::Client::new();

@@ -120,9 +120,28 @@ const OPERATOR_CREDIT_LAI: u64 = 1_000;
 impl Nexus {
     /// A Nexus; with `chain`, it settles to the protocol contracts and checks node stake.
     pub async fn new(
-        config: NexusConfig,
+        mut config: NexusConfig,
         chain: Option<ChainSettings>,
     ) -> Result<Arc<Self>, StoreError> {
+        // Settlement pays nodes, pools and the treasury by the chain's (governed) split: the
+        // off-chain ledger charges by the same one, or a node's earnings here would not be what
+        // it can withdraw there.
+        if let Some(c) = &chain {
+            let s = c.protocol.split().await.map_err(|e| {
+                StoreError::Config(format!("cannot read the fee split from the chain: {e}"))
+            })?;
+            let onchain = Split::new(s.node_bps, s.pool_bps, s.treasury_bps)
+                .map_err(|e| StoreError::Config(format!("the chain's fee split: {e}")))?;
+            if onchain != config.split {
+                tracing::info!(
+                    node_bps = s.node_bps,
+                    pool_bps = s.pool_bps,
+                    treasury_bps = s.treasury_bps,
+                    "charging by the chain's fee split, not the configured one"
+                );
+                config.split = onchain;
+            }
+        }
         let store = lattice_accounts::Db::open(&config.database_url).await?;
         let db = Db::new(&store);
         let accounts = Arc::new(Accounts::open(store, config.accounts.clone()).await?);
