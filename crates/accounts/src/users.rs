@@ -5,9 +5,12 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 use sqlx::Row;
 
-use crate::db::now;
+use crate::db::{Backend, now};
 use crate::keys::{hash_token, random_token};
 use crate::{Accounts, StoreError};
+
+/// The transaction-scoped advisory lock that serialises faucet grants on PostgreSQL ("LFCT").
+const FAUCET_LOCK_KEY: i64 = 0x4c46_4354;
 
 pub const SESSION_PREFIX: &str = "ls_";
 
@@ -249,18 +252,34 @@ impl Accounts {
             return Ok(FaucetOutcome::RateLimited);
         }
         let hour_ago = now() - 3600;
+        // The limits are checked and the grant recorded in one write transaction (on PostgreSQL
+        // under a lock of its own), so concurrent sign-ins cannot all pass the same count.
+        let mut tx = self.db.begin_write().await?;
+        if self.db.backend == Backend::Postgres {
+            sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                .bind(FAUCET_LOCK_KEY)
+                .execute(&mut *tx)
+                .await?;
+        }
+        let claimed = sqlx::query("SELECT identity FROM faucet_grants WHERE identity = $1")
+            .bind(identity)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if claimed.is_some() {
+            return Ok(FaucetOutcome::AlreadyClaimed);
+        }
         let per_client: i64 = sqlx::query(
             "SELECT COUNT(*) AS n FROM faucet_grants WHERE client = $1 AND created_at > $2",
         )
         .bind(client)
         .bind(hour_ago)
-        .fetch_one(&self.db.pool)
+        .fetch_one(&mut *tx)
         .await?
         .try_get("n")?;
         let overall: i64 =
             sqlx::query("SELECT COUNT(*) AS n FROM faucet_grants WHERE created_at > $1")
                 .bind(hour_ago)
-                .fetch_one(&self.db.pool)
+                .fetch_one(&mut *tx)
                 .await?
                 .try_get("n")?;
         if per_client >= i64::from(self.config.faucet_per_client_per_hour)
@@ -268,20 +287,18 @@ impl Accounts {
         {
             return Ok(FaucetOutcome::RateLimited);
         }
-        let inserted = sqlx::query(
+        sqlx::query(
             "INSERT INTO faucet_grants (identity, user_id, client, amount, created_at)
-             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (identity) DO NOTHING",
+             VALUES ($1, $2, $3, $4, $5)",
         )
         .bind(identity)
         .bind(user_id)
         .bind(client)
         .bind(amount.to_string())
         .bind(now())
-        .execute(&self.db.pool)
+        .execute(&mut *tx)
         .await?;
-        if inserted.rows_affected() == 0 {
-            return Ok(FaucetOutcome::AlreadyClaimed);
-        }
+        tx.commit().await?;
         let op = Op::Faucet {
             op: format!("faucet:{identity}"),
             user: user_id.to_owned(),
