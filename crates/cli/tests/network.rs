@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
+use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 
 mod common;
@@ -617,6 +617,127 @@ async fn charges_are_split_by_the_flag_or_by_the_chain() {
         "127.0.0.1:0",
     ]);
     assert!(!ok, "a split that does not add up to 10000 is refused");
+}
+
+/// A registered node link sending a malformed frame, an oversized one or a binary one is
+/// closed with the reason in Nexus's log; Nexus keeps serving and takes the node offline.
+#[tokio::test]
+async fn malformed_or_oversized_frames_close_a_live_link_with_a_reason() {
+    use lattice_link::{ModelAd, NexusFrame, NodeFrame, NodeKey, NodeKind, Price};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let dir = tmp();
+    let (nexus, log) = nexus_logged(dir.path(), "127.0.0.1:0", &[]);
+    let ws_url = format!(
+        "{}{}",
+        nexus.url.replacen("http://", "ws://", 1),
+        lattice_link::LINK_PATH
+    );
+    // Registers a node by hand (hello, the signed challenge, register) and returns its socket.
+    let link = async || {
+        let key = NodeKey::generate().unwrap();
+        let (mut ws, _) = tokio_tungstenite::connect_async(ws_url.as_str())
+            .await
+            .unwrap();
+        let send = |f: &NodeFrame| Message::text(lattice_link::encode(f).unwrap());
+        let hello = NodeFrame::Hello {
+            version: lattice_link::PROTOCOL_VERSION,
+            address: key.address(),
+        };
+        ws.send(send(&hello)).await.unwrap();
+        let recv = async |ws: &mut tokio_tungstenite::WebSocketStream<_>| loop {
+            match ws.next().await.unwrap().unwrap() {
+                Message::Text(t) => break lattice_link::decode::<NexusFrame>(t.as_str()).unwrap(),
+                _ => continue,
+            }
+        };
+        let NexusFrame::Challenge { nonce } = recv(&mut ws).await else {
+            panic!("no challenge")
+        };
+        let register = NodeFrame::Register {
+            signature: key
+                .sign(&lattice_link::challenge_message(&nonce, &key.address()))
+                .unwrap(),
+            kind: NodeKind::Llm,
+            models: vec![ModelAd {
+                id: "hand-made".into(),
+                context_length: 1024,
+                quantization: None,
+            }],
+            price: Price {
+                input_per_mtok: 1,
+                output_per_mtok: 1,
+            },
+            slots: 1,
+            decode_tps: 10.0,
+            label: None,
+            token: None,
+        };
+        ws.send(send(&register)).await.unwrap();
+        assert!(matches!(recv(&mut ws).await, NexusFrame::Registered { .. }));
+        ws
+    };
+    // Reads until Nexus closes the link (its close frame, or the connection's end).
+    let closed = async |mut ws: tokio_tungstenite::WebSocketStream<_>| {
+        let ended = tokio::time::timeout(Duration::from_secs(10), async {
+            while let Some(Ok(m)) = ws.next().await {
+                if m.is_close() {
+                    break;
+                }
+            }
+        })
+        .await;
+        assert!(ended.is_ok(), "Nexus kept the link open");
+    };
+    let online = async || {
+        nodes(&nexus.url).await["online"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|n| n["online"] == true)
+            .count()
+    };
+
+    let mut ws = link().await;
+    assert_eq!(online().await, 1);
+    ws.send(Message::text("{\"heartbeat\": not json"))
+        .await
+        .unwrap();
+    closed(ws).await;
+    log.wait_for("bad frame", Duration::from_secs(5)).await;
+
+    let mut ws = link().await;
+    let huge = format!(
+        "{{\"heartbeat\":{{\"pad\":\"{}\"}}}}",
+        "x".repeat(lattice_link::MAX_FRAME_BYTES)
+    );
+    // Nexus may close while the frame is still being written: the send's outcome is moot.
+    let _ = ws.send(Message::text(huge)).await;
+    closed(ws).await;
+    log.wait_for("link error", Duration::from_secs(5)).await;
+
+    let mut ws = link().await;
+    ws.send(Message::binary(vec![1u8, 2, 3])).await.unwrap();
+    closed(ws).await;
+    log.wait_for(
+        "binary frames are not part of the protocol",
+        Duration::from_secs(5),
+    )
+    .await;
+
+    // Nexus is unharmed and shows none of them online.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while online().await != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "a closed link still shows online"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let r = reqwest::get(format!("{}/v1/models", nexus.url))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
 }
 
 /// Signs a fresh wallet in with a real SIWE signature; returns its session token.
