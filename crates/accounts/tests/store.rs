@@ -955,6 +955,55 @@ async fn node_tokens_bind_one_address_and_revoke(url: &str, mode: LedgerMode) {
     );
 }
 
+/// A hold outliving its time-to-live is released by the sweeper, unless its request renewed it
+/// (as Nexus does while an answer streams): the renewed one is charged at the end.
+async fn a_renewed_hold_outlives_its_ttl(url: &str, mode: LedgerMode) {
+    use std::time::Duration;
+    let mut cfg = config("a", mode);
+    cfg.ledger.hold_ttl = Duration::from_secs(3);
+    let acc = Accounts::open(Db::open(url).await.unwrap(), cfg)
+        .await
+        .unwrap();
+    let (user, _, _) = siwe_user(&acc, "10.0.0.7").await;
+    let l = acc.ledger();
+    l.apply(hold_op("streaming", &user, lai(2))).await.unwrap();
+    l.apply(hold_op("abandoned", &user, lai(2))).await.unwrap();
+    // Expiry is in whole seconds: the sweep is past the holds' (≤ hold + 4 s) and a second or
+    // more before the renewed one (≥ hold + 5 s).
+    tokio::time::sleep(Duration::from_millis(2_000)).await;
+    l.renew_hold("streaming").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(2_100)).await;
+    assert_eq!(l.sweep_holds(false).await.unwrap(), 1);
+    let b = acc.balance(&user).await.unwrap();
+    assert_eq!(
+        (b.available, b.held),
+        (lai(8), lai(2)),
+        "only the renewed hold is left"
+    );
+    let cost = 1_000_000_000_000_000_000u128; // 1 LAI
+    let out = l
+        .charge_many(vec![
+            (
+                charge_op("streaming", &user, cost),
+                usage("streaming", &user),
+            ),
+            (
+                charge_op("abandoned", &user, cost),
+                usage("abandoned", &user),
+            ),
+        ])
+        .await;
+    assert!(matches!(out[0], Ok(Applied::Posted(_))), "{out:?}");
+    assert_eq!(
+        out[1],
+        Err(PostError::Ledger(LedgerError::NoHold("abandoned".into())))
+    );
+    let b = acc.balance(&user).await.unwrap();
+    assert_eq!((b.available, b.held), (lai(9), Money::ZERO));
+    let audit = l.audit().await.unwrap();
+    assert!(audit.balanced(), "{audit:?}");
+}
+
 /// A batch of charges (as Nexus posts a node's signed receipt batch): each outcome in order —
 /// charged, replayed, refused for want of a hold — and only the good ones move money, with
 /// their usage rows, also after a restart (from disk).
@@ -1676,6 +1725,7 @@ macro_rules! both {
 
 both!(sign_in_faucet_hold_charge);
 both!(charges_in_a_batch);
+both!(a_renewed_hold_outlives_its_ttl);
 both!(usage_totals_follow_the_charges);
 both!(receipts_in_a_batch_are_stored_once);
 both!(concurrent_holds_never_overspend);

@@ -9,7 +9,7 @@
 
 use lattice_ledger::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use lattice_accounts::{Accounts, PostError, UsageRecord};
 use lattice_engine::{EngineError, Payer, Prompt, Usage};
@@ -373,6 +373,8 @@ pub(crate) struct Bill {
     pub(crate) receipt: Option<UsageReceipt>,
     pub(crate) settled: bool,
     pub(crate) history: Option<History>,
+    /// When the hold was placed or last renewed.
+    pub(crate) renewed: Instant,
 }
 
 /// What happened to a finished request's bill.
@@ -391,6 +393,18 @@ impl Bill {
     pub(crate) fn on_delta(&mut self, text: &str) {
         if let Some((_, _, answer)) = &mut self.history {
             answer.push_str(text);
+        }
+        // An answer still streaming after a third of the hold's time-to-live renews the hold,
+        // so the sweeper never gives back the credit of an answer that is still being paid for.
+        let ttl = self.billing.accounts.ledger().config().hold_ttl;
+        if self.renewed.elapsed() >= ttl / 3 {
+            self.renewed = Instant::now();
+            let (accounts, request) = (self.billing.accounts.clone(), self.request.clone());
+            tokio::spawn(async move {
+                if let Err(e) = accounts.ledger().renew_hold(&request).await {
+                    tracing::warn!(request_id = %request, error = %e, "could not renew the hold of a streaming answer");
+                }
+            });
         }
     }
 
@@ -525,12 +539,12 @@ mod tests {
     use lattice_link::NodeKey;
 
     async fn funded() -> (Arc<Billing>, Payer) {
+        funded_with(lattice_accounts::AccountsConfig::default()).await
+    }
+
+    async fn funded_with(config: lattice_accounts::AccountsConfig) -> (Arc<Billing>, Payer) {
         let db = lattice_accounts::Db::open("sqlite::memory:").await.unwrap();
-        let accounts = Arc::new(
-            Accounts::open(db, lattice_accounts::AccountsConfig::default())
-                .await
-                .unwrap(),
-        );
+        let accounts = Arc::new(Accounts::open(db, config).await.unwrap());
         let identity = lattice_accounts::Identity {
             kind: "test".into(),
             subject: "u".into(),
@@ -586,6 +600,7 @@ mod tests {
             receipt: None,
             settled: false,
             history: None,
+            renewed: Instant::now(),
         }
     }
 
@@ -648,6 +663,36 @@ mod tests {
             start.checked_sub(Money::from_units(11)).unwrap()
         );
         assert!(accounts.ledger().audit().await.unwrap().balanced());
+    }
+
+    /// An answer streaming past its hold's time-to-live renews the hold as its text passes, so
+    /// the sweeper leaves it alone (and the answer is paid for at the end).
+    #[tokio::test]
+    async fn a_streaming_answer_renews_its_hold() {
+        let mut config = lattice_accounts::AccountsConfig::default();
+        config.ledger.hold_ttl = Duration::from_secs(3);
+        let (billing, payer) = funded_with(config).await;
+        let node = NodeKey::generate().unwrap();
+        billing
+            .hold("long", &payer, Money::from_units(1_000))
+            .await
+            .unwrap();
+        let mut b = bill(&billing, &payer, &node, "long");
+        // Text after a third of the time-to-live: the hold is renewed for another 3 s. Expiry is
+        // in whole seconds: the sweep below is past the first (≤ hold + 4 s) and a second or
+        // more before the renewed one (≥ hold + 5 s).
+        tokio::time::sleep(Duration::from_millis(2_000)).await;
+        b.on_delta("more");
+        tokio::time::sleep(Duration::from_millis(2_000)).await;
+        let ledger = billing.accounts.ledger();
+        assert_eq!(
+            ledger.sweep_holds(false).await.unwrap(),
+            0,
+            "the hold was swept"
+        );
+        let held = billing.accounts.balance(&payer.user_id).await.unwrap().held;
+        assert_eq!(held, Money::from_units(1_000));
+        b.settled = true;
     }
 
     /// A client that leaves while its charge is being applied (its stream's future is dropped

@@ -117,6 +117,7 @@ impl NetworkEngine {
             receipt: None,
             settled: false,
             history,
+            renewed: Instant::now(),
         };
         if let Err(e) = billing.hold(&req.request_id, payer, amount).await {
             // Refused by the ledger: nothing was held, nothing to release.

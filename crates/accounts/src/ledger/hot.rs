@@ -461,6 +461,13 @@ impl Hot {
             .then(|| st.ledger.balance(account))
     }
 
+    /// Moves an open hold's expiry to `until` (unix seconds).
+    pub(super) fn renew_hold(&self, request: &str, until: i64) {
+        if let Some(e) = self.lock().expiry.get_mut(request) {
+            *e = until;
+        }
+    }
+
     /// Holds whose time ran out (bounded: the sweeper comes back for the rest).
     pub(super) fn expired_holds(&self, now: i64) -> Vec<String> {
         let st = self.lock();

@@ -287,6 +287,25 @@ impl LedgerStore {
         }
     }
 
+    /// Gives `request`'s open hold another full time-to-live from now: a request still streaming
+    /// renews its hold, so a long answer's credit is not released (and the answer left unpaid)
+    /// by the sweeper. A hold that is gone stays gone.
+    pub async fn renew_hold(&self, request: &str) -> Result<(), StoreError> {
+        let ttl = i64::try_from(self.config.hold_ttl.as_secs()).unwrap_or(i64::MAX);
+        let until = now().saturating_add(ttl);
+        match &self.writer {
+            Writer::Exclusive(hot) => hot.renew_hold(request, until),
+            Writer::Shared(_) => {
+                sqlx::query("UPDATE holds SET expires_at = $1 WHERE request_id = $2")
+                    .bind(until)
+                    .bind(request)
+                    .execute(&self.db.pool)
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
     /// Releases holds that outlived their time-to-live, and (`own_too`) every hold this replica
     /// placed before it restarted (the exclusive writer owns every hold it finds at start).
     /// Returns how many were released.
