@@ -118,6 +118,7 @@ impl NetworkEngine {
             settled: false,
             history,
             renewed: Instant::now(),
+            deltas: 0,
         };
         if let Err(e) = billing.hold(&req.request_id, payer, amount).await {
             // Refused by the ledger: nothing was held, nothing to release.
