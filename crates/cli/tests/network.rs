@@ -1179,3 +1179,111 @@ async fn passkey_sign_up_and_sign_in_over_http() {
     .await;
     assert_eq!(s, 401);
 }
+
+/// `lattice up` (the README's main command) starts Nexus and two nodes, and the examples it
+/// prints work: the chat and completion requests with the printed key, `lattice status`. Stopped
+/// (SIGTERM, as Ctrl-C), it takes its processes down: the endpoint's port is free again.
+#[tokio::test]
+async fn lattice_up_starts_a_network_that_answers_its_printed_examples() {
+    use std::io::BufRead;
+    let dir = tmp();
+    // Its own state (database, keys) in a fresh directory; the models already pulled.
+    let (models, _) = lattice_models::dirs_from_env(|k| std::env::var_os(k)).unwrap();
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let mut up = std::process::Command::new(env!("CARGO_BIN_EXE_lattice"))
+        .args(["up", "--listen", &format!("127.0.0.1:{port}")])
+        .env("LATTICE_CACHE_DIR", dir.path())
+        .env("LATTICE_MODELS_DIR", &models)
+        .env("LATTICE_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = up.stdout.take().unwrap();
+    // Stops it (and so its children) however the test ends.
+    struct Stop(u32);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &self.0.to_string()])
+                .status();
+        }
+    }
+    let stop = Stop(up.id());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            eprintln!("up: {line}");
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut printed = String::new();
+    let deadline = Instant::now() + Duration::from_secs(240);
+    while !printed.contains("/lattice/v1/chain") {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = rx
+            .recv_timeout(left)
+            .unwrap_or_else(|_| panic!("`lattice up` never finished printing:\n{printed}"));
+        printed.push_str(&line);
+        printed.push('\n');
+    }
+    assert!(
+        printed.contains(&format!("OpenAI endpoint: {base}/v1")),
+        "{printed}"
+    );
+    let key = printed
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("export OPENAI_API_KEY="))
+        .unwrap_or_else(|| panic!("no key printed:\n{printed}"))
+        .to_owned();
+    let client = reqwest::Client::new();
+    let ask = async |path: &str, body: Value| {
+        let r = client
+            .post(format!("{base}{path}"))
+            .bearer_auth(&key)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json::<Value>().await.unwrap())
+    };
+    let (s, v) = ask(
+        "/v1/chat/completions",
+        json!({"model": CHAT, "messages": [{"role": "user", "content": "Which city is the capital of France?"}]}),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    assert!(
+        !v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .is_empty(),
+        "{v}"
+    );
+    let (s, v) = ask(
+        "/v1/completions",
+        json!({"model": TEXT, "prompt": "Once upon a time", "max_tokens": 32}),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    assert!(!v["choices"][0]["text"].as_str().unwrap().is_empty(), "{v}");
+    let (ok, out) = run(&["status", "--nexus", &base]);
+    assert!(
+        ok && out.contains("local-1") && out.contains("local-2"),
+        "{out}"
+    );
+
+    drop(stop);
+    let status = up.wait().unwrap();
+    assert!(status.success(), "`lattice up` ended with {status}");
+    // Its Nexus is gone with it: the port can be bound again.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "Nexus outlived `lattice up`");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
