@@ -326,6 +326,15 @@ impl Nexus {
     ) -> std::io::Result<()> {
         let health = tokio::spawn(health::run(self.clone()));
         let sweeper = tokio::spawn(sweep_holds(self.accounts.clone()));
+        // Requests record their nodes' speeds; the routing snapshot takes them in from here, off
+        // the request path.
+        let registry = self.registry.clone();
+        let republisher = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(registry::REPUBLISH_EVERY).await;
+                registry.republish_if_changed();
+            }
+        });
         let settler = self
             .chain
             .clone()
@@ -335,6 +344,7 @@ impl Nexus {
         let r = lattice_http::serve(listener, app, shutdown).await;
         health.abort();
         sweeper.abort();
+        republisher.abort();
         // Charges of the last requests are written behind them: make them durable before exiting.
         if let Err(e) = self.accounts.ledger().sync().await {
             tracing::error!(error = %e, "ledger not fully written at shutdown");

@@ -16,8 +16,8 @@ use lattice_router::{
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-/// How stale the published speeds (EWMAs) may get before a request outcome republishes them.
-const REPUBLISH_EVERY: Duration = Duration::from_millis(250);
+/// How often the speeds requests record (EWMAs) are published to the routing snapshot.
+pub(crate) const REPUBLISH_EVERY: Duration = Duration::from_millis(250);
 
 /// Events buffered per request between the link and its HTTP response.
 pub(crate) const STREAM_BUFFER: usize = 1024;
@@ -196,15 +196,29 @@ pub struct ModelStatus {
     pub circuit: &'static str,
 }
 
+/// What the request path needs of a node to send it a request and bill it, published with the
+/// snapshot so it is read without a lock.
+#[derive(Clone)]
+struct Route {
+    link: Arc<LinkHandle>,
+    live: Arc<LiveLoad>,
+    address: String,
+    price: Price,
+}
+
 pub(crate) struct Registry {
     nodes: Mutex<HashMap<NodeId, NodeEntry>>,
     next_id: AtomicU64,
     snapshot: ArcSwap<Snapshot>,
+    /// Every registered node's route (admitted or not: probes use them too).
+    routes: ArcSwap<HashMap<NodeId, Route>>,
+    /// Statistics changed since the last publish; [`Registry::republish_if_changed`] publishes
+    /// them in the background, so no request rebuilds the snapshot.
     cards: ArcSwap<Vec<ModelCard>>,
     prefix: Mutex<PrefixCache>,
     /// Median decode speed per model, for judging a node's latency against its peers.
     medians: ArcSwap<HashMap<String, f64>>,
-    last_publish: Mutex<Instant>,
+    changed: AtomicBool,
     breaker_threshold: u32,
     breaker_cooldown: Duration,
 }
@@ -215,10 +229,11 @@ impl Registry {
             nodes: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             snapshot: ArcSwap::from_pointee(Snapshot::default()),
+            routes: ArcSwap::from_pointee(HashMap::new()),
             cards: ArcSwap::from_pointee(Vec::new()),
             prefix: Mutex::new(PrefixCache::new(65_536)),
             medians: ArcSwap::from_pointee(HashMap::new()),
-            last_publish: Mutex::new(Instant::now()),
+            changed: AtomicBool::new(false),
             breaker_threshold,
             breaker_cooldown,
         }
@@ -347,17 +362,31 @@ impl Registry {
     }
 
     pub(crate) fn address_price(&self, id: NodeId) -> Option<(String, Price)> {
-        let nodes = self.nodes.lock().ok()?;
-        nodes.get(&id).map(|n| (n.address.clone(), n.price))
+        self.routes
+            .load()
+            .get(&id)
+            .map(|r| (r.address.clone(), r.price))
     }
 
     pub(crate) fn link(&self, id: NodeId) -> Option<(Arc<LinkHandle>, Arc<LiveLoad>)> {
-        let nodes = self.nodes.lock().ok()?;
-        nodes.get(&id).map(|n| (n.link.clone(), n.live.clone()))
+        self.routes
+            .load()
+            .get(&id)
+            .map(|r| (r.link.clone(), r.live.clone()))
     }
 
-    /// Records a user request's outcome on `id` for `model`. On the request path: it republishes
-    /// the snapshot only when admission changed or the published speeds are getting stale.
+    /// Publishes the statistics recorded since the last publish (a background task calls this
+    /// every [`REPUBLISH_EVERY`]).
+    pub(crate) fn republish_if_changed(&self) {
+        if self.changed.swap(false, Ordering::AcqRel) {
+            let nodes = self.nodes.lock().unwrap_or_else(PoisonError::into_inner);
+            self.publish(&nodes);
+        }
+    }
+
+    /// Records a user request's outcome on `id` for `model`. On the request path: O(1) under the
+    /// lock; the snapshot is republished at once only when admission changed (else in the
+    /// background).
     pub(crate) fn record(&self, id: NodeId, model: &str, result: RequestOutcome) {
         let now = Instant::now();
         let median_tps = self.medians.load().get(model).copied();
@@ -397,11 +426,9 @@ impl Registry {
             .health
             .get(model)
             .is_some_and(|h| h.breaker.admits_traffic());
-        let stale = self
-            .last_publish
-            .lock()
-            .map_or(true, |t| t.elapsed() >= REPUBLISH_EVERY);
-        if admitted_before != admitted_after || stale {
+        if admitted_before == admitted_after {
+            self.changed.store(true, Ordering::Release);
+        } else {
             self.publish(&nodes);
         }
     }
@@ -537,9 +564,20 @@ impl Registry {
     }
 
     fn publish(&self, nodes: &HashMap<NodeId, NodeEntry>) {
-        if let Ok(mut t) = self.last_publish.lock() {
-            *t = Instant::now();
-        }
+        self.routes.store(Arc::new(
+            nodes
+                .iter()
+                .map(|(id, n)| {
+                    let route = Route {
+                        link: n.link.clone(),
+                        live: n.live.clone(),
+                        address: n.address.clone(),
+                        price: n.price,
+                    };
+                    (*id, route)
+                })
+                .collect(),
+        ));
         let mut speeds: HashMap<&str, Vec<f64>> = HashMap::new();
         for n in nodes.values() {
             if let Some(t) = n.tps.get() {
