@@ -616,6 +616,33 @@ mod tests {
         }
     }
 
+    /// Holds `request`, passes its unsigned receipt through `book` and a batch signed by `node`
+    /// covering it (verified before the answer's end), and returns the bill carrying the receipt.
+    async fn batch_signed_first(
+        billing: &Arc<Billing>,
+        payer: &Payer,
+        node: &NodeKey,
+        book: &Arc<ReceiptBook>,
+        request: &str,
+    ) -> Bill {
+        billing
+            .hold(request, payer, Money::from_units(1_000_000))
+            .await
+            .unwrap();
+        let r = unsigned(request, payer);
+        book.seen(&r).unwrap();
+        let sig = lattice_link::sign_batch(node, 31337, &[r.struct_hash().unwrap()]).unwrap();
+        assert!(
+            book.batch(&node.address(), 31337, &[request.into()], &sig)
+                .unwrap()
+                .is_empty()
+        );
+        let mut b = bill(billing, payer, node, request);
+        b.book = Some(book.clone());
+        b.receipt = Some(r);
+        b
+    }
+
     #[tokio::test]
     async fn only_a_valid_receipt_is_charged_and_holds_are_always_released() {
         let (billing, payer) = funded().await;
@@ -719,23 +746,9 @@ mod tests {
         let start = accounts.balance(&payer.user_id).await.unwrap().available;
         let node = NodeKey::generate().unwrap();
         let book: Arc<ReceiptBook> = Arc::default();
-        billing
-            .hold("c", &payer, Money::from_units(1_000_000))
-            .await
-            .unwrap();
-        let r = unsigned("c", &payer);
-        book.seen(&r).unwrap();
         // The batch is verified before the answer's end reaches the bill: the charge is applied
         // while the client's stream awaits it.
-        let sig = lattice_link::sign_batch(&node, 31337, &[r.struct_hash().unwrap()]).unwrap();
-        assert!(
-            book.batch(&node.address(), 31337, &["c".into()], &sig)
-                .unwrap()
-                .is_empty()
-        );
-        let mut b = bill(&billing, &payer, &node, "c");
-        b.book = Some(book.clone());
-        b.receipt = Some(r);
+        let mut b = batch_signed_first(&billing, &payer, &node, &book, "c").await;
         // Polled once and dropped: this new node's rows are read from the database first, so
         // the charge is not done in one poll.
         assert!(
@@ -812,21 +825,7 @@ mod tests {
         );
         // A batch verified before the bill settles: the evidence waits and the charge is
         // immediate when the bill comes.
-        billing
-            .hold("c", &payer, Money::from_units(1_000_000))
-            .await
-            .unwrap();
-        let c = unsigned("c");
-        book.seen(&c).unwrap();
-        let sig = lattice_link::sign_batch(&node, 31337, &[c.struct_hash().unwrap()]).unwrap();
-        assert!(
-            book.batch(&node.address(), 31337, &["c".into()], &sig)
-                .unwrap()
-                .is_empty()
-        );
-        let mut b = bill(&billing, &payer, &node, "c");
-        b.book = Some(book.clone());
-        b.receipt = Some(c);
+        let mut b = batch_signed_first(&billing, &payer, &node, &book, "c").await;
         assert_eq!(b.settle(&usage).await, Settlement::Charged(cost));
         accounts.ledger().sync().await.unwrap();
         for _ in 0..100 {
