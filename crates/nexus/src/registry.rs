@@ -212,12 +212,12 @@ pub(crate) struct Registry {
     snapshot: ArcSwap<Snapshot>,
     /// Every registered node's route (admitted or not: probes use them too).
     routes: ArcSwap<HashMap<NodeId, Route>>,
-    /// Statistics changed since the last publish; [`Registry::republish_if_changed`] publishes
-    /// them in the background, so no request rebuilds the snapshot.
     cards: ArcSwap<Vec<ModelCard>>,
     prefix: Mutex<PrefixCache>,
     /// Median decode speed per model, for judging a node's latency against its peers.
     medians: ArcSwap<HashMap<String, f64>>,
+    /// Statistics changed since the last publish; [`Registry::republish_if_changed`] publishes
+    /// them in the background, so no request rebuilds the snapshot.
     changed: AtomicBool,
     breaker_threshold: u32,
     breaker_cooldown: Duration,
