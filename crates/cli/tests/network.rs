@@ -1287,3 +1287,124 @@ async fn lattice_up_starts_a_network_that_answers_its_printed_examples() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// 1,000 concurrent paid requests from one user whose credit covers about twenty of them,
+/// through Nexus's whole path (key, hold, node, signed receipt, charge): every request gets 200
+/// or 402, the 200s are charged exactly (nothing else moves), nothing stays held, and the
+/// balance never pays for more than it had. The node is a real `lattice node` in front of a
+/// canned upstream answering 1,000 prompt + 4,000 completion tokens at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_concurrent_requests_never_overspend_and_the_rest_get_402() {
+    use axum::routing::post;
+    let upstream = {
+        // Chat and completions (the liveness probe is a completion) in one shape.
+        let sse = "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"ok\"},\"text\":\"ok\",\"finish_reason\":null}]}\n\n\
+                   data: {\"choices\":[{\"index\":0,\"delta\":{},\"text\":\"\",\"finish_reason\":\"stop\"}]}\n\n\
+                   data: {\"choices\":[],\"usage\":{\"prompt_tokens\":1000,\"completion_tokens\":4000,\"total_tokens\":5000}}\n\ndata: [DONE]\n\n";
+        let app = axum::Router::new()
+            .route("/v1/chat/completions", post(move || async move { sse }))
+            .route("/v1/completions", post(move || async move { sse }));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        format!("http://{addr}/v1")
+    };
+    let dir = tmp();
+    let nexus = nexus_with(dir.path(), "127.0.0.1:0", &["--faucet-lai", "1"]);
+    // 10 LAI per 1M tokens: an answer (5,000 tokens) costs 0.05 LAI, so 1 LAI pays for 20.
+    let price = "10000000000000000000";
+    let _node = spawn(&[
+        "node",
+        "--nexus",
+        &nexus.url,
+        "--upstream",
+        &upstream,
+        "--model-id",
+        "canned",
+        "--ctx-per-slot",
+        "8192",
+        "--price-in",
+        price,
+        "--price-out",
+        price,
+        "--port",
+        "0",
+        "--key",
+        key(dir.path(), "n").to_str().unwrap(),
+    ]);
+    wait_for_models(&nexus.url, &[("canned", 1)]).await;
+    let base = nexus.url.as_str();
+    let (session, _) = siwe_sign_in(base).await;
+    let (s, k) = call(
+        reqwest::Method::POST,
+        &format!("{base}/lattice/v1/keys"),
+        &session,
+        Some(json!({"name": "race"})),
+    )
+    .await;
+    assert_eq!(s, 201, "{k}");
+    let secret = k["secret"].as_str().unwrap().to_owned();
+    let account = async || {
+        let (_, a) = call(
+            reqwest::Method::GET,
+            &format!("{base}/lattice/v1/account"),
+            &session,
+            None,
+        )
+        .await;
+        let units = |k: &str| a["balance"][k].as_str().unwrap().parse::<u128>().unwrap();
+        (units("available"), units("held"))
+    };
+    let start = account().await.0;
+    assert_eq!(start, 10u128.pow(18), "the faucet's 1 LAI");
+    // ~1,000 prompt bytes and 4,000 completion tokens: each hold is about one answer's cost.
+    let body = json!({
+        "model": "canned",
+        "messages": [{"role": "user", "content": "x".repeat(990)}],
+        "max_tokens": 4000,
+    });
+    let client = reqwest::Client::new();
+    let url = format!("{base}/v1/chat/completions");
+    let statuses = futures::future::join_all(
+        (0..1000).map(|_| client.post(&url).bearer_auth(&secret).json(&body).send()),
+    )
+    .await;
+    let (mut ok, mut refused) = (0u128, 0u128);
+    for r in statuses {
+        match r.unwrap().status().as_u16() {
+            200 => ok += 1,
+            402 => refused += 1,
+            other => panic!("status {other}"),
+        }
+    }
+    eprintln!("{ok} answered, {refused} refused");
+    assert_eq!(ok + refused, 1000);
+    assert!(ok >= 1 && refused >= 1, "{ok} answered, {refused} refused");
+    let cost = 5000 * 10u128.pow(19) / 1_000_000;
+    assert!(
+        ok * cost <= start,
+        "{ok} answers at {cost} each overspend {start}"
+    );
+    // Every answer charged exactly once, nothing else moved, nothing left held.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (available, held) = account().await;
+        if held == 0 && available == start - ok * cost {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{ok} answers: available {available} (want {}), held {held}",
+            start - ok * cost
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, u) = call(
+        reqwest::Method::GET,
+        &format!("{base}/lattice/v1/usage?group=key"),
+        &session,
+        None,
+    )
+    .await;
+    assert_eq!(u["data"][0]["requests"].as_u64(), Some(ok as u64), "{u}");
+}
