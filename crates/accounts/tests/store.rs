@@ -1004,6 +1004,23 @@ async fn a_renewed_hold_outlives_its_ttl(url: &str, mode: LedgerMode) {
     assert!(audit.balanced(), "{audit:?}");
 }
 
+/// A session works until its time-to-live ends, then no longer.
+async fn a_session_expires(url: &str, mode: LedgerMode) {
+    use std::time::Duration;
+    let mut cfg = config("a", mode);
+    cfg.session_ttl = Duration::from_secs(2);
+    let acc = Accounts::open(Db::open(url).await.unwrap(), cfg)
+        .await
+        .unwrap();
+    let (user, session, _) = siwe_user(&acc, "10.0.0.8").await;
+    let live = acc.session_user(&session).await.unwrap();
+    assert_eq!(live.map(|u| u.id), Some(user));
+    // Expiry is in whole seconds: live a second after sign-in whatever the start's fraction,
+    // expired three seconds after.
+    tokio::time::sleep(Duration::from_millis(3_100)).await;
+    assert!(acc.session_user(&session).await.unwrap().is_none());
+}
+
 /// A batch of charges (as Nexus posts a node's signed receipt batch): each outcome in order —
 /// charged, replayed, refused for want of a hold — and only the good ones move money, with
 /// their usage rows, also after a restart (from disk).
@@ -1726,6 +1743,7 @@ macro_rules! both {
 both!(sign_in_faucet_hold_charge);
 both!(charges_in_a_batch);
 both!(a_renewed_hold_outlives_its_ttl);
+both!(a_session_expires);
 both!(usage_totals_follow_the_charges);
 both!(receipts_in_a_batch_are_stored_once);
 both!(concurrent_holds_never_overspend);
