@@ -16,7 +16,7 @@
 # for the CPUs to be >=90% idle and records the idle fraction: numbers taken
 # while e.g. a cargo build runs are low, erratic and not comparable.
 #
-# Env: LATTICE_BIN (default ${CARGO_TARGET_DIR:-$LATTICE_CACHE_DIR/target}/release/lattice),
+# Env: LATTICE_BIN (default ${CARGO_TARGET_DIR:-$LATTICE_CACHE_DIR/target}/dist/lattice),
 #      LATTICE_MODELS_DIR (default $LATTICE_CACHE_DIR/models), LATTICE_CACHE_DIR
 #      (default ~/.cache/lattice), PYTHON (default python3), HEALTH_TIMEOUT (300).
 set -euo pipefail
@@ -26,7 +26,7 @@ PYTHON="${PYTHON:-python3}"
 LATTICE_CACHE_DIR="${LATTICE_CACHE_DIR:-$HOME/.cache/lattice}"
 CACHE="${BENCH_CACHE_DIR:-$LATTICE_CACHE_DIR/bench}"
 MODELS_DIR="${LATTICE_MODELS_DIR:-$LATTICE_CACHE_DIR/models}"
-LATTICE_BIN="${LATTICE_BIN:-${CARGO_TARGET_DIR:-$LATTICE_CACHE_DIR/target}/release/lattice}"
+LATTICE_BIN="${LATTICE_BIN:-${CARGO_TARGET_DIR:-$LATTICE_CACHE_DIR/target}/dist/lattice}"
 RESULTS="$HERE/results"
 HEALTH_TIMEOUT="${HEALTH_TIMEOUT:-300}"
 

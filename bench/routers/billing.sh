@@ -14,12 +14,12 @@
 # the node — and, billed, how many requests were answered and how many the user's usage API
 # counts as charged (they differ by at most the requests wrk abandons at its end) — then each
 # mode's mean and the ratio on ÷ off.
-# BIN defaults to ${CARGO_TARGET_DIR:-$LATTICE_CACHE_DIR/target}/release/lattice. Needs wrk.
+# BIN defaults to ${CARGO_TARGET_DIR:-$LATTICE_CACHE_DIR/target}/dist/lattice (./lattice's build). Needs wrk.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 LATTICE_CACHE_DIR="${LATTICE_CACHE_DIR:-$HOME/.cache/lattice}"
-BIN="${CARGO_TARGET_DIR:-$LATTICE_CACHE_DIR/target}/release/lattice"
+BIN="${CARGO_TARGET_DIR:-$LATTICE_CACHE_DIR/target}/dist/lattice"
 RUNS=4
 DURATION=20
 CONNS=8

@@ -23,9 +23,9 @@
 # Results: bench/routers/results/TS-LABEL-MODE.json, TS-summary.{json,md}, latest.md,
 # and the servers' logs in results/TS-logs/.
 #
-# Env: LATTICE_BIN (default $LATTICE_CACHE_DIR/target/release/lattice),
-#      LATTICE_LOADGEN (the fixed-rate client; default lattice-loadgen next to LATTICE_BIN,
-#      built by `cargo build --release -p lattice-loadgen` or ./test),
+# Env: LATTICE_BIN (default $LATTICE_CACHE_DIR/target/dist/lattice, the build ./lattice runs),
+#      LATTICE_LOADGEN (the fixed-rate client; default $LATTICE_CACHE_DIR/target/release/
+#      lattice-loadgen, built by `cargo build --release -p lattice-loadgen` or ./test),
 #      LATTICE_CACHE_DIR (default ~/.cache/lattice; peer venvs live in its bench/venvs/),
 #      PYTHON (default python3; used for the venvs and the harness),
 #      BENCH_BILLED_NEXUS_ARGS (extra arguments of the billed Nexus, e.g. --no-chain).
@@ -34,8 +34,8 @@ set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 PYTHON="${PYTHON:-python3}"
 LATTICE_CACHE_DIR="${LATTICE_CACHE_DIR:-$HOME/.cache/lattice}"
-LATTICE_BIN="${LATTICE_BIN:-$LATTICE_CACHE_DIR/target/release/lattice}"
-LATTICE_LOADGEN="${LATTICE_LOADGEN:-$(dirname "$LATTICE_BIN")/lattice-loadgen}"
+LATTICE_BIN="${LATTICE_BIN:-$LATTICE_CACHE_DIR/target/dist/lattice}"
+LATTICE_LOADGEN="${LATTICE_LOADGEN:-$LATTICE_CACHE_DIR/target/release/lattice-loadgen}"
 VENVS="$LATTICE_CACHE_DIR/bench/venvs"
 RESULTS="$HERE/results"
 
