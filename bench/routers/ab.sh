@@ -2,13 +2,16 @@
 # A/B of lattice binaries on this host, alternated (A B A B …), so that the host's drift between
 # minutes — often larger than the difference between two builds — hits both alike.
 #
-#   bench/routers/ab.sh [--runs 3] [--mode billed|unbilled] [--stream] [--duration 10] BIN_A BIN_B [BIN…]
+#   bench/routers/ab.sh [--runs 3] [--mode billed|unbilled] [--stream] [--duration 10] [--perf DIR] BIN_A BIN_B [BIN…]
 #
 # Per run: a fresh network like the router harness's (canned nginx SSE upstream and wrk on CPU 1;
 # a Nexus — with billing unless --mode unbilled — and one `node --upstream` on CPU 0, a fresh
 # database), 3 s of warm-up, then `wrk -t1 -c32 -dDURATIONs`; it prints req/s and the CPU per
 # request of every thread of both processes (from /proc/PID/task/*/stat around the measured run).
-# Needs nginx and wrk (the router harness's setup installs both).
+# --perf DIR also records each run's Nexus and node with `perf record --call-graph dwarf` (1999 Hz)
+# from 1 s into the measured run to 1 s before its end, into DIR/RUN-BINARY.data (read with
+# `perf report -i FILE --pid PID`; the PIDs are printed): that run's figures include perf's cost.
+# Needs nginx and wrk (the router harness's setup installs both; --perf needs `perf`).
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -16,6 +19,8 @@ RUNS=3
 MODE=billed
 STREAM=""
 DURATION=10
+PERF_DIR=""
+RUN=0
 BINS=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -23,7 +28,8 @@ while [ $# -gt 0 ]; do
     --mode) MODE="$2"; shift 2 ;;
     --stream) STREAM=1; shift ;;
     --duration) DURATION="$2"; shift 2 ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    --perf) PERF_DIR="$2"; shift 2 ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
     *) BINS+=("$1"); shift ;;
   esac
 done
@@ -32,6 +38,11 @@ case "$MODE" in billed|unbilled) ;; *) echo "--mode is billed or unbilled" >&2; 
 for b in "${BINS[@]}"; do [ -x "$b" ] || { echo "not an executable: $b" >&2; exit 2; }; done
 NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
 if ! command -v wrk >/dev/null || [ ! -x "$NGINX" ]; then echo "needs wrk and nginx" >&2; exit 2; fi
+if [ -n "$PERF_DIR" ]; then
+  command -v perf >/dev/null || { echo "--perf needs perf" >&2; exit 2; }
+  [ "$DURATION" -ge 3 ] || { echo "--perf needs --duration 3 or more" >&2; exit 2; }
+  mkdir -p "$PERF_DIR"
+fi
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
@@ -71,8 +82,18 @@ one_run() {
   fi
   taskset -c 1 wrk -t1 -c32 -d3s -s "$HERE/post.lua" "$url" >/dev/null
   threads "$nexus" "$node" >"$work/before"
+  RUN=$((RUN + 1))
+  local perf_pid=""
+  if [ -n "$PERF_DIR" ]; then
+    local data; data="$PERF_DIR/$RUN-$(basename "$bin").data"
+    (sleep 1; exec perf record -q -F 1999 --call-graph dwarf,16384 -o "$data" -p "$nexus,$node" \
+      -- sleep $((DURATION - 2))) >/dev/null 2>&1 &
+    perf_pid=$!
+    echo "run $RUN: perf data $data (nexus pid $nexus, node pid $node)"
+  fi
   taskset -c 1 wrk -t1 -c32 -d"${DURATION}s" -s "$HERE/post.lua" "$url" >"$work/wrk.txt"
   threads "$nexus" "$node" >"$work/after"
+  [ -z "$perf_pid" ] || wait "$perf_pid" || true
   kill "$nexus" "$node" 2>/dev/null || true
   pkill -f "nginx -c $work/nginx/nginx.conf" 2>/dev/null || true
   wait "$nexus" "$node" 2>/dev/null || true
