@@ -79,6 +79,7 @@ fn sampling(
     default_max: Option<u32>,
     limits: &Limits,
 ) -> Result<SamplingParams, ApiError> {
+    refuse_unsupported(s)?;
     if let Some(n) = s.n.filter(|&n| n != 1) {
         return Err(ApiError::invalid_param(
             "n",
@@ -146,6 +147,79 @@ fn sampling(
     })
 }
 
+/// Whether a JSON value asks for nothing: absent, null, `false`, 0, `""`, `[]` or `{}`.
+fn asks_nothing(v: Option<&serde_json::Value>) -> bool {
+    use serde_json::Value;
+    match v {
+        None | Some(Value::Null) => true,
+        Some(Value::Bool(b)) => !b,
+        Some(Value::Number(n)) => n.as_f64() == Some(0.0),
+        Some(Value::String(t)) => t.is_empty(),
+        Some(Value::Array(a)) => a.is_empty(),
+        Some(Value::Object(o)) => o.is_empty(),
+    }
+}
+
+/// Refuses the OpenAI fields this API does not implement when they ask for something, naming
+/// the field ([`SamplingFields`]' doc says which values ask for nothing).
+fn refuse_unsupported(s: &SamplingFields) -> Result<(), ApiError> {
+    let refuse = |param: &str, what: &str| {
+        Err(ApiError::invalid_param(
+            param,
+            format!("{what} not supported by this network yet; remove `{param}` from the request."),
+        ))
+    };
+    if !asks_nothing(s.logprobs.as_ref()) || !asks_nothing(s.top_logprobs.as_ref()) {
+        let param = if asks_nothing(s.logprobs.as_ref()) {
+            "top_logprobs"
+        } else {
+            "logprobs"
+        };
+        return refuse(param, "Log probabilities are");
+    }
+    let plain_text = match &s.response_format {
+        None | Some(serde_json::Value::Null) => true,
+        Some(f) => f.get("type").and_then(|t| t.as_str()) == Some("text"),
+    };
+    if !plain_text {
+        return refuse(
+            "response_format",
+            "JSON mode and structured outputs (a `response_format` other than `{\"type\": \"text\"}`) are",
+        );
+    }
+    let no_tools = s.tool_choice.as_ref().and_then(|c| c.as_str()) == Some("none");
+    if !no_tools {
+        if !asks_nothing(s.tools.as_ref()) {
+            return refuse("tools", "Tool calling is");
+        }
+        if !asks_nothing(s.functions.as_ref()) {
+            return refuse("functions", "Function calling is");
+        }
+        if s.tool_choice
+            .as_ref()
+            .is_some_and(|c| !c.is_null() && c.as_str() != Some("auto"))
+        {
+            return refuse("tool_choice", "Tool calling is");
+        }
+    }
+    if !asks_nothing(s.logit_bias.as_ref()) {
+        return refuse("logit_bias", "Logit biases are");
+    }
+    if s.presence_penalty.is_some_and(|p| p != 0.0) {
+        return refuse("presence_penalty", "Presence penalties are");
+    }
+    if s.frequency_penalty.is_some_and(|p| p != 0.0) {
+        return refuse("frequency_penalty", "Frequency penalties are");
+    }
+    if s.suffix.as_deref().is_some_and(|t| !t.is_empty()) {
+        return refuse("suffix", "Suffixes (insertion) are");
+    }
+    if s.best_of.is_some_and(|n| n != 1) {
+        return refuse("best_of", "`best_of` other than 1 is");
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -156,6 +230,82 @@ mod tests {
 
     fn err_param(r: Result<(Prompt, SamplingParams), ApiError>) -> Option<String> {
         r.err().and_then(|e| e.body.param)
+    }
+
+    /// Fields the API does not implement are refused by name when they ask for something, and
+    /// accepted in the forms that ask for nothing (what many clients send by default).
+    #[test]
+    fn unsupported_fields_are_refused_not_ignored() {
+        let l = Limits::default();
+        let with = |extra: &str| {
+            chat_req(&format!(
+                r#"{{"model":"m","messages":[{{"role":"user","content":"hi"}}],{extra}}}"#
+            ))
+        };
+        for (extra, param) in [
+            (r#""logprobs":true"#, "logprobs"),
+            (r#""logprobs":true,"top_logprobs":2"#, "logprobs"),
+            (r#""top_logprobs":3"#, "top_logprobs"),
+            (
+                r#""response_format":{"type":"json_object"}"#,
+                "response_format",
+            ),
+            (
+                r#""response_format":{"type":"json_schema","json_schema":{"name":"x"}}"#,
+                "response_format",
+            ),
+            (r#""response_format":"json""#, "response_format"),
+            (
+                r#""tools":[{"type":"function","function":{"name":"f"}}]"#,
+                "tools",
+            ),
+            (
+                r#""tools":[{"type":"function","function":{"name":"f"}}],"tool_choice":"auto""#,
+                "tools",
+            ),
+            (r#""functions":[{"name":"f"}]"#, "functions"),
+            (r#""tool_choice":"required""#, "tool_choice"),
+            (r#""logit_bias":{"50256":-100}"#, "logit_bias"),
+            (r#""presence_penalty":0.5"#, "presence_penalty"),
+            (r#""frequency_penalty":-1"#, "frequency_penalty"),
+            (r#""suffix":"end""#, "suffix"),
+            (r#""best_of":2"#, "best_of"),
+        ] {
+            let e = chat(&with(extra), &l).err();
+            assert_eq!(
+                e.as_ref().and_then(|e| e.body.param.as_deref()),
+                Some(param),
+                "{extra}"
+            );
+            assert_eq!(e.as_ref().map(|e| e.status), Some(400), "{extra}");
+            assert!(
+                e.is_some_and(|e| e.body.message.contains("not supported")),
+                "{extra}"
+            );
+        }
+        for extra in [
+            r#""logprobs":false"#,
+            r#""logprobs":null,"top_logprobs":0"#,
+            r#""response_format":{"type":"text"}"#,
+            r#""tools":[]"#,
+            r#""tools":[{"type":"function","function":{"name":"f"}}],"tool_choice":"none""#,
+            r#""tool_choice":"auto""#,
+            r#""tools":null,"tool_choice":null,"response_format":null"#,
+            r#""logit_bias":{}"#,
+            r#""presence_penalty":0,"frequency_penalty":0.0"#,
+            r#""suffix":"","best_of":1"#,
+        ] {
+            assert!(chat(&with(extra), &l).is_ok(), "{extra}");
+        }
+        // Text completions share the fields (`logprobs` is a count there).
+        let c: CompletionRequest =
+            serde_json::from_str(r#"{"model":"m","prompt":"x","logprobs":2}"#)
+                .unwrap_or_else(|e| unreachable!("{e}"));
+        assert_eq!(err_param(completion(&c, &l)).as_deref(), Some("logprobs"));
+        let c: CompletionRequest =
+            serde_json::from_str(r#"{"model":"m","prompt":"x","logprobs":0}"#)
+                .unwrap_or_else(|e| unreachable!("{e}"));
+        assert!(completion(&c, &l).is_ok());
     }
 
     #[test]
