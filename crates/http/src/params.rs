@@ -228,6 +228,13 @@ mod tests {
         serde_json::from_str(json).unwrap_or_else(|e| unreachable!("{e}"))
     }
 
+    /// A one-message chat request with `extra` (`,"field":value…`) appended to its fields.
+    fn chat_with(extra: &str) -> ChatCompletionRequest {
+        chat_req(&format!(
+            r#"{{"model":"m","messages":[{{"role":"user","content":"hi"}}]{extra}}}"#
+        ))
+    }
+
     fn err_param(r: Result<(Prompt, SamplingParams), ApiError>) -> Option<String> {
         r.err().and_then(|e| e.body.param)
     }
@@ -237,11 +244,7 @@ mod tests {
     #[test]
     fn unsupported_fields_are_refused_not_ignored() {
         let l = Limits::default();
-        let with = |extra: &str| {
-            chat_req(&format!(
-                r#"{{"model":"m","messages":[{{"role":"user","content":"hi"}}],{extra}}}"#
-            ))
-        };
+        let with = |extra: &str| chat_with(&format!(",{extra}"));
         for (extra, param) in [
             (r#""logprobs":true"#, "logprobs"),
             (r#""logprobs":true,"top_logprobs":2"#, "logprobs"),
@@ -330,33 +333,28 @@ mod tests {
     #[test]
     fn out_of_range_fields_are_named() {
         let l = Limits::default();
-        let base = |extra: &str| {
-            chat_req(&format!(
-                r#"{{"model":"m","messages":[{{"role":"user","content":"hi"}}]{extra}}}"#
-            ))
-        };
         assert_eq!(
-            err_param(chat(&base(r#","temperature":2.5"#), &l)).as_deref(),
+            err_param(chat(&chat_with(r#","temperature":2.5"#), &l)).as_deref(),
             Some("temperature")
         );
         assert_eq!(
-            err_param(chat(&base(r#","top_p":0"#), &l)).as_deref(),
+            err_param(chat(&chat_with(r#","top_p":0"#), &l)).as_deref(),
             Some("top_p")
         );
         assert_eq!(
-            err_param(chat(&base(r#","top_k":-1"#), &l)).as_deref(),
+            err_param(chat(&chat_with(r#","top_k":-1"#), &l)).as_deref(),
             Some("top_k")
         );
         assert_eq!(
-            err_param(chat(&base(r#","max_tokens":0"#), &l)).as_deref(),
+            err_param(chat(&chat_with(r#","max_tokens":0"#), &l)).as_deref(),
             Some("max_tokens")
         );
         assert_eq!(
-            err_param(chat(&base(r#","n":3"#), &l)).as_deref(),
+            err_param(chat(&chat_with(r#","n":3"#), &l)).as_deref(),
             Some("n")
         );
         assert_eq!(
-            err_param(chat(&base(r#","stop":["a","b","c","d","e"]"#), &l)).as_deref(),
+            err_param(chat(&chat_with(r#","stop":["a","b","c","d","e"]"#), &l)).as_deref(),
             Some("stop")
         );
         let bad_role = chat_req(r#"{"model":"m","messages":[{"role":"wizard","content":"hi"}]}"#);
