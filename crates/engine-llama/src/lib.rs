@@ -4,7 +4,7 @@
 mod scheduler;
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{SyncSender, TrySendError};
 use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
@@ -78,6 +78,8 @@ pub enum LoadError {
 struct Shared {
     queued: AtomicUsize,
     busy: AtomicUsize,
+    /// Successful `llama_decode` calls since load.
+    decodes: AtomicU64,
 }
 
 /// A job's events. Dropped while the job still waits for a slot, it leaves the queue count at
@@ -238,6 +240,13 @@ impl LlamaEngine {
     /// The model this engine serves.
     pub fn card(&self) -> &ModelCard {
         &self.card
+    }
+
+    /// How many decode steps (`llama_decode` calls) the engine has run since it was loaded.
+    /// Concurrent requests share steps, so with batching this grows by about one per token of
+    /// the longest active request rather than one per token of every request.
+    pub fn decode_steps(&self) -> u64 {
+        self.shared.decodes.load(Ordering::Relaxed)
     }
 
     /// Renders (for chat) and tokenizes a prompt exactly as the engine will see it.

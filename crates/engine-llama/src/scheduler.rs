@@ -129,6 +129,7 @@ pub(crate) fn run(
             fail_batch(&mut ctx, &mut slots, &format!("decode failed: {e}"));
             continue;
         }
+        shared.decodes.fetch_add(1, Ordering::Relaxed);
         sample_and_emit(model, &ctx, &mut slots);
         publish_busy(&slots, shared);
     }

@@ -214,10 +214,12 @@ async fn base_model_refuses_chat_and_context_is_bounded() {
     ));
 }
 
-/// Batching pays off when decode is memory-bound, as for Gemma 3 270M here (SmolLM2-135M is
-/// small enough that 2 cores are compute-bound on it and batching gains little).
+/// Concurrent requests share decode steps: four 48-token answers take about 48 steps together
+/// instead of about 192 one after another. What that is worth in time is measured in
+/// `BENCHMARKS.md` (aggregate decode of 4 streams vs `llama-server`), not asserted here: wall-clock
+/// ratios on a shared 2-core runner are noise-bound.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_requests_are_batched_and_finish_faster_than_sequential() {
+async fn concurrent_requests_share_decode_steps() {
     const N: usize = 4;
     let e = engine("gemma3-270m", N as u32).await;
     let params = || SamplingParams {
@@ -246,14 +248,14 @@ async fn concurrent_requests_are_batched_and_finish_faster_than_sequential() {
     )
     .await;
 
-    let t = Instant::now();
+    let steps = e.decode_steps();
     let mut sequential = Vec::new();
     for i in 0..N {
         sequential.push(run(&e, req(i)).await);
     }
-    let sequential_time = t.elapsed();
+    let sequential_steps = e.decode_steps() - steps;
 
-    let t = Instant::now();
+    let steps = e.decode_steps();
     let mut streams = Vec::new();
     for i in 0..N {
         streams.push(e.generate(req(i)).await.unwrap());
@@ -267,7 +269,7 @@ async fn concurrent_requests_are_batched_and_finish_faster_than_sequential() {
         }
     };
     let concurrent = tokio::select! { r = results => r, () = watcher => unreachable!() };
-    let concurrent_time = t.elapsed();
+    let batched_steps = e.decode_steps() - steps;
 
     for (s, c) in sequential.iter().zip(&concurrent) {
         assert_eq!(c.1, FinishReason::Length);
@@ -280,10 +282,18 @@ async fn concurrent_requests_are_batched_and_finish_faster_than_sequential() {
         N,
         "all requests decoded together"
     );
-    eprintln!("sequential {sequential_time:?}, batched {concurrent_time:?}");
+    eprintln!("decode steps: sequential {sequential_steps}, batched {batched_steps}");
+    // One after another: a prompt step and 47 decode steps each (the 48th token is sampled
+    // and never fed back).
     assert!(
-        concurrent_time.as_secs_f64() < 0.8 * sequential_time.as_secs_f64(),
-        "batched {concurrent_time:?} should beat sequential {sequential_time:?}"
+        sequential_steps >= (N * 48) as u64,
+        "{sequential_steps} steps for {N} sequential requests"
+    );
+    // Together: the same 48 steps for all (49 measured here), plus one per step a request
+    // joined late; under 2 × 48 means most steps were shared even on a loaded runner.
+    assert!(
+        batched_steps < 2 * 48,
+        "{batched_steps} steps for {N} batched requests ({sequential_steps} sequentially)"
     );
 }
 
