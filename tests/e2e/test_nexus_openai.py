@@ -1,4 +1,6 @@
 """The official `openai` client against Nexus: the same API, served by a node over its link."""
+import json
+
 import openai
 import pytest
 from openai import OpenAI
@@ -80,3 +82,30 @@ def test_usage_is_charged_to_the_key(nexus_url):
     cost = (r.usage.prompt_tokens * 10**17 + r.usage.completion_tokens * 2 * 10**17) // 10**6
     assert before - int(after["available"]) == cost
     assert after["held"] == "0"
+
+
+def test_structured_output_through_nexus(nexus):
+    # The schema travels over the link (protocol 4) and the node's grammar enforces it.
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 30}, "country": {"enum": ["France", "Italy"]}},
+        "required": ["city", "country"],
+        "additionalProperties": False,
+    }
+    r = nexus.chat.completions.create(
+        model=MODEL, messages=QUESTION, temperature=0, max_tokens=100,
+        response_format={"type": "json_schema", "json_schema": {"name": "place", "strict": True, "schema": schema}},
+    )
+    assert r.choices[0].finish_reason == "stop"
+    answer = json.loads(r.choices[0].message.content)
+    assert list(answer) == ["city", "country"] and answer["country"] in ("France", "Italy")
+
+
+def test_unenforceable_schema_is_refused_by_nexus(nexus):
+    with pytest.raises(openai.BadRequestError) as e:
+        nexus.chat.completions.create(
+            model=MODEL, messages=QUESTION, max_tokens=4,
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "integer", "minimum": 1}}},
+        )
+    assert e.value.param == "response_format.json_schema.schema"
+    assert "minimum" in e.value.message

@@ -1,6 +1,10 @@
 """The official `openai` Python client against a real node: chat, streaming, completions, errors."""
+import json
+from typing import Literal
+
 import openai
 import pytest
+from pydantic import BaseModel, Field
 
 from conftest import MODEL
 
@@ -87,9 +91,7 @@ def test_max_tokens_out_of_range_is_400(client):
     "extra, param",
     [
         ({"logprobs": True, "top_logprobs": 2}, "logprobs"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
         ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}, "tools"),
-        ({"presence_penalty": 0.5}, "presence_penalty"),
     ],
 )
 def test_unsupported_fields_are_refused_by_name(client, extra, param):
@@ -106,6 +108,70 @@ def test_fields_asking_for_nothing_are_accepted(client):
         response_format={"type": "text"}, presence_penalty=0, frequency_penalty=0,
     )
     assert r.choices[0].message.content
+
+
+class Pet(BaseModel):
+    kind: Literal["cat", "dog"]
+    name: str = Field(max_length=16)
+
+
+class Person(BaseModel):
+    name: str = Field(max_length=20)
+    age: int
+    pets: list[Pet] = Field(max_length=2)
+
+
+def test_structured_output_parses_into_the_pydantic_model(client):
+    # The client turns the model class into a strict `json_schema` response format (with a
+    # `$defs` reference for Pet) and parses the answer back into it.
+    r = client.chat.completions.parse(
+        model=MODEL, temperature=0, max_tokens=300, response_format=Person,
+        messages=[{"role": "user", "content": "Invent a person who has one pet."}],
+    )
+    choice = r.choices[0]
+    assert choice.finish_reason == "stop", choice.message.content
+    person = choice.message.parsed
+    assert isinstance(person, Person), choice.message.content
+    assert list(json.loads(choice.message.content)) == ["name", "age", "pets"]
+    assert len(person.pets) <= 2
+
+
+def test_json_mode_answers_with_an_object(client):
+    r = client.chat.completions.create(
+        model=MODEL, messages=QUESTION, temperature=0, max_tokens=200,
+        response_format={"type": "json_object"},
+    )
+    text = r.choices[0].message.content
+    assert text.startswith("{"), text
+    if r.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(text), dict), text
+
+
+@pytest.mark.parametrize(
+    "extra, param",
+    [
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "pattern": "^a"}}}},
+         "response_format.json_schema.schema"),
+        ({"response_format": {"type": "yaml"}}, "response_format.type"),
+        ({"presence_penalty": 3}, "presence_penalty"),
+        ({"logit_bias": {"not-a-token": 1}}, "logit_bias"),
+        ({"logit_bias": {"4294967295": 1}}, None),  # outside the vocabulary: found by the engine
+    ],
+)
+def test_bad_formats_biases_and_penalties_are_400(client, extra, param):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=4, **extra)
+    assert e.value.param == param
+    assert e.value.type == "invalid_request_error"
+
+
+def test_penalties_are_applied(client):
+    ask = [{"role": "user", "content": "Write the word dog fifty times."}]
+    common = dict(model=MODEL, messages=ask, temperature=0, max_tokens=40, extra_body={"ignore_eos": True})
+    plain = client.chat.completions.create(**common).choices[0].message.content
+    penalised = client.chat.completions.create(frequency_penalty=2, **common).choices[0].message.content
+    assert penalised != plain
+    assert len(set(penalised.split())) > len(set(plain.split())), (plain, penalised)
 
 
 def test_streaming_error_before_first_token_is_an_http_error(client):

@@ -77,28 +77,31 @@ pub struct SamplingFields {
     pub stream_options: Option<StreamOptions>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
-    /// OpenAI fields this API does not implement. Each is accepted when it asks for nothing
-    /// (absent, `false`, 0, empty, `{"type": "text"}`, `tool_choice: "none"`) and refused with a
-    /// 400 naming it otherwise: a client asking for log probabilities, JSON mode, tool calls,
-    /// biases or penalties must not get an answer silently made without them.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub logprobs: Option<serde_json::Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub top_logprobs: Option<serde_json::Value>,
+    /// `{"type": "text" | "json_object"}` or `{"type": "json_schema", "json_schema": {"name",
+    /// "schema", "strict"?}}`; checked by the HTTP layer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub response_format: Option<serde_json::Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tools: Option<serde_json::Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub functions: Option<serde_json::Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tool_choice: Option<serde_json::Value>,
+    /// Token id (as a string) → bias in [-100, 100]; checked by the HTTP layer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logit_bias: Option<serde_json::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub presence_penalty: Option<f32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub frequency_penalty: Option<f32>,
+    /// OpenAI fields this API does not implement. Each is accepted when it asks for nothing
+    /// (absent, `false`, 0, empty, `tool_choice: "none"`) and refused with a 400 naming it
+    /// otherwise: a client asking for log probabilities or tool calls must not get an answer
+    /// silently made without them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_logprobs: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tools: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub functions: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_choice: Option<serde_json::Value>,
     /// Text completions only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub suffix: Option<String>,

@@ -1,6 +1,7 @@
 //! Embedded llama.cpp backend: one model, one context, `parallel` slots decoded together in a
 //! single batch per step (continuous batching) on a dedicated thread that owns the context.
 
+mod sampler;
 mod scheduler;
 
 use std::path::PathBuf;
@@ -329,8 +330,11 @@ impl Engine for LlamaEngine {
             let bos_text = self.bos_text.clone();
             let add_bos = self.add_bos;
             let prompt = req.prompt.clone();
-            let tokens = tokio::task::spawn_blocking(move || {
-                tokenize(&model, template.as_deref(), &bos_text, add_bos, &prompt)
+            let params = req.params.clone();
+            let window = self.card.context_length;
+            let (tokens, sampler) = tokio::task::spawn_blocking(move || {
+                let tokens = tokenize(&model, template.as_deref(), &bos_text, add_bos, &prompt)?;
+                Ok::<_, EngineError>((tokens, sampler::build(&model, &params, window)?))
             })
             .await
             .map_err(|e| EngineError::Internal(e.to_string()))??;
@@ -352,6 +356,7 @@ impl Engine for LlamaEngine {
                 request_id: req.request_id,
                 tokens,
                 params: req.params,
+                sampler,
                 max_tokens,
                 events,
                 state: state.clone(),

@@ -1,8 +1,6 @@
 //! The decode loop. Each step admits waiting requests into free slots, drops slots whose client
 //! went away, then feeds one token per generating slot plus prompt chunks to a single decode.
 
-use std::collections::hash_map::RandomState;
-use std::hash::BuildHasher;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -18,7 +16,6 @@ use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
-use llama_cpp_2::token::logit_bias::LlamaLogitBias;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::Shared;
@@ -37,6 +34,8 @@ pub(crate) struct Job {
     pub(crate) request_id: String,
     pub(crate) tokens: Vec<LlamaToken>,
     pub(crate) params: SamplingParams,
+    /// Built by the caller from `params` ([`crate::sampler::build`]).
+    pub(crate) sampler: LlamaSampler,
     pub(crate) max_tokens: u32,
     pub(crate) events: UnboundedSender<Result<Event, EngineError>>,
     /// [`WAITING`], [`TAKEN`] or [`ABANDONED`]: a job leaves the `queued` count exactly once,
@@ -55,7 +54,6 @@ struct Active {
     job: Job,
     /// Index of the next prompt token to feed.
     prefill_pos: usize,
-    sampler: LlamaSampler,
     /// Sampled but not yet decoded (its KV is not in the cache yet).
     pending: Option<LlamaToken>,
     generated: u32,
@@ -112,7 +110,7 @@ pub(crate) fn run(
     let _ = ready.send(Ok(()));
 
     loop {
-        if !admit(model, &mut ctx, &mut slots, jobs, shared) {
+        if !admit(&mut ctx, &mut slots, jobs, shared) {
             return;
         }
         drop_cancelled(&mut slots);
@@ -145,7 +143,6 @@ fn publish_busy(slots: &[Slot], shared: &Shared) {
 /// Moves waiting jobs into free slots. Blocks while nothing is running. Returns false when
 /// the engine is dropped and all work is done.
 fn admit(
-    model: &LlamaModel,
     ctx: &mut LlamaContext<'_>,
     slots: &mut [Slot],
     jobs: &Receiver<Job>,
@@ -179,12 +176,12 @@ fn admit(
         if job.events.is_closed() {
             continue;
         }
-        start(model, ctx, slots, job);
+        start(ctx, slots, job);
     }
 }
 
 /// Picks the free slot whose cache shares the longest prefix with the prompt and reuses it.
-fn start(model: &LlamaModel, ctx: &mut LlamaContext<'_>, slots: &mut [Slot], job: Job) {
+fn start(ctx: &mut LlamaContext<'_>, slots: &mut [Slot], job: Job) {
     let best = slots
         .iter_mut()
         .filter(|s| s.active.is_none())
@@ -212,51 +209,16 @@ fn start(model: &LlamaModel, ctx: &mut LlamaContext<'_>, slots: &mut [Slot], job
     }
     tracing::debug!(request_id = %job.request_id, seq = slot.seq, reused = reuse,
         prompt = job.tokens.len(), "request admitted");
-    let sampler = build_sampler(model, &job.params);
     let stop = StopMatcher::new(job.params.stop.clone());
     slot.active = Some(Active {
         job,
         prefill_pos: reuse,
-        sampler,
         pending: None,
         generated: 0,
         utf8: Utf8Decoder::default(),
         stop,
         logits_at: None,
     });
-}
-
-fn build_sampler(model: &LlamaModel, p: &SamplingParams) -> LlamaSampler {
-    let mut chain = Vec::new();
-    if p.ignore_eos {
-        let vocab = model.vocab();
-        let biases: Vec<LlamaLogitBias> = [vocab.eos(), vocab.eot()]
-            .into_iter()
-            .filter(|t| t.0 >= 0)
-            .map(|t| LlamaLogitBias::new(t, f32::NEG_INFINITY))
-            .collect();
-        chain.push(LlamaSampler::logit_bias(model.n_vocab(), &biases));
-    }
-    if p.temperature <= 0.0 {
-        chain.push(LlamaSampler::greedy());
-    } else {
-        if p.top_k > 0 {
-            chain.push(LlamaSampler::top_k(
-                i32::try_from(p.top_k).unwrap_or(i32::MAX),
-            ));
-        }
-        if p.top_p < 1.0 {
-            chain.push(LlamaSampler::top_p(p.top_p, 1));
-        }
-        chain.push(LlamaSampler::temp(p.temperature));
-        let seed = p
-            .seed
-            .unwrap_or_else(|| RandomState::new().hash_one(std::time::Instant::now()));
-        // llama.cpp seeds are 32-bit; fold the high half in so distinct 64-bit seeds differ.
-        let seed = u32::try_from((seed ^ (seed >> 32)) & u64::from(u32::MAX)).unwrap_or(0);
-        chain.push(LlamaSampler::dist(seed));
-    }
-    LlamaSampler::chain_simple(chain)
 }
 
 fn drop_cancelled(slots: &mut [Slot]) {
@@ -345,7 +307,7 @@ fn sample_and_emit(model: &LlamaModel, ctx: &LlamaContext<'_>, slots: &mut [Slot
         let Some(at) = a.logits_at.take() else {
             continue;
         };
-        let tok = a.sampler.sample(ctx, at);
+        let tok = a.job.sampler.sample(ctx, at);
         let finish = if vocab.is_eog(tok) && !a.job.params.ignore_eos {
             Some((FinishReason::Stop, false))
         } else {

@@ -6,11 +6,12 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use lattice_engine::{
-    Engine, EngineError, Event, EventStream, FinishReason, GenerateRequest, Message, Preference,
-    Prompt, SamplingParams, Usage,
+    Engine, EngineError, Event, EventStream, FinishReason, GenerateRequest, Message, OutputFormat,
+    Preference, Prompt, SamplingParams, Usage,
 };
 use lattice_engine_llama::{LlamaConfig, LlamaEngine};
 use lattice_models::ModelStore;
+use serde_json::{Value, json};
 
 async fn model_path(name: &str) -> std::path::PathBuf {
     let store = ModelStore::from_env().expect("model store");
@@ -436,4 +437,254 @@ async fn a_continued_conversation_reuses_the_cached_prefix() {
     let fresh = engine("smollm2-135m", 1).await;
     let uncached = run(&fresh, req).await;
     assert_eq!(cached, uncached, "prefix reuse must not change the output");
+}
+
+fn schema(schema: Value) -> OutputFormat {
+    OutputFormat::JsonSchema {
+        name: "t".into(),
+        schema,
+        strict: Some(true),
+    }
+}
+
+/// The token ids of `text` as a plain prompt, without a beginning-of-sequence token.
+fn ids(e: &LlamaEngine, text: &str) -> Vec<i32> {
+    // "a" is one token: a second one in front of it is the beginning of sequence.
+    let a = e.tokenize(&Prompt::Text("a".into())).unwrap();
+    let bos = if a.len() == 2 { &a[..1] } else { &[][..] };
+    let mut t: Vec<i32> = e
+        .tokenize(&Prompt::Text(text.into()))
+        .unwrap()
+        .iter()
+        .map(|t| t.0)
+        .collect();
+    if !bos.is_empty() && t.first() == bos.first().map(|b| &b.0) {
+        t.remove(0);
+    }
+    t
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schema_constrains_the_answer() {
+    let e = engine("smollm2-135m", 1).await;
+    // Bounded by the schema (a short name, an integer, one of two words, limited whitespace),
+    // so the grammar must end the answer well inside max_tokens.
+    let person = json!({
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 20},
+            "age": {"type": "integer"},
+            "pet": {"enum": ["cat", "dog"]},
+            "tags": {"type": "array", "items": {"type": "boolean"}, "maxItems": 3}
+        },
+        "required": ["name", "age", "pet", "tags"],
+        "additionalProperties": false
+    });
+    let (text, finish, _) = run(
+        &e,
+        chat(
+            "Invent a person with a pet.",
+            SamplingParams {
+                format: schema(person),
+                ..greedy(300)
+            },
+        ),
+    )
+    .await;
+    assert_eq!(finish, FinishReason::Stop, "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+    assert_eq!(keys, ["name", "age", "pet", "tags"], "{text}");
+    assert!(
+        v["name"].as_str().is_some_and(|n| n.chars().count() <= 20),
+        "{text}"
+    );
+    assert!(v["age"].is_i64(), "{text}");
+    assert!(
+        ["cat", "dog"].contains(&v["pet"].as_str().unwrap_or("")),
+        "{text}"
+    );
+    let tags = v["tags"].as_array().unwrap();
+    assert!(
+        tags.len() <= 3 && tags.iter().all(Value::is_boolean),
+        "{text}"
+    );
+
+    // JSON mode: without a grammar this model answers in prose.
+    let ask = "Tell me about Paris.";
+    let (prose, _, _) = run(&e, chat(ask, greedy(24))).await;
+    assert!(!prose.trim_start().starts_with('{'), "{prose}");
+    let (text, finish, _) = run(
+        &e,
+        chat(
+            ask,
+            SamplingParams {
+                format: OutputFormat::JsonObject,
+                ..greedy(200)
+            },
+        ),
+    )
+    .await;
+    assert!(text.starts_with('{'), "{text}");
+    if finish == FinishReason::Stop {
+        assert!(
+            serde_json::from_str::<Value>(&text).is_ok_and(|v| v.is_object()),
+            "{text}"
+        );
+    }
+}
+
+/// Every shape of grammar the converter writes is accepted by llama.cpp's parser.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_kind_of_schema_becomes_a_grammar_llama_cpp_accepts() {
+    let e = engine("smollm2-135m", 1).await;
+    for s in [
+        json!({"type": "object"}),
+        json!({"type": "array"}),
+        json!(true),
+        json!({"type": "object", "additionalProperties": {"type": "number"}}),
+        json!({"type": "object", "additionalProperties": false}),
+        json!({"properties": {"a": {}, "b": {"type": ["string", "null"]}, "c": {"const": "x\"y\\z\n"}}}),
+        json!({"properties": {"ключ \" ü": {"type": "string", "minLength": 2, "maxLength": 5}}, "required": ["ключ \" ü"]}),
+        json!({"type": "array", "items": {"type": "integer"}, "minItems": 1, "maxItems": 1}),
+        json!({"type": "array", "minItems": 3}),
+        json!({"type": "array", "maxItems": 0}),
+        json!({"anyOf": [{"type": "string", "format": "date"}, {"type": "string", "format": "uuid"},
+            {"type": "string", "format": "date-time"}, {"type": "string", "format": "time"}]}),
+        json!({"$defs": {"t": {"type": "object", "properties": {"kids": {"type": "array",
+            "items": {"$ref": "#/$defs/t"}}}, "required": ["kids"]}}, "$ref": "#/$defs/t"}),
+        json!({"oneOf": [{"type": "number"}, {"type": "boolean"}, {"type": "null"}], "nullable": true}),
+    ] {
+        let req = chat(
+            "Hi",
+            SamplingParams {
+                format: schema(s.clone()),
+                ..greedy(4)
+            },
+        );
+        match e.generate(req).await {
+            Ok(stream) => {
+                drain(stream).await;
+            }
+            Err(err) => panic!("{s}: {err}"),
+        }
+    }
+    // A reference that only refers to itself never produces a character: refused, not hung.
+    let req = chat(
+        "Hi",
+        SamplingParams {
+            format: schema(json!({"$defs": {"a": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"})),
+            ..greedy(4)
+        },
+    );
+    assert!(matches!(
+        e.generate(req).await.err(),
+        Some(EngineError::InvalidRequest(m)) if m.contains("response_format")
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logit_bias_and_penalties_change_the_answer() {
+    let e = engine("smollm2-135m", 1).await;
+    let ask = "Which city is the capital of France?";
+    let (baseline, _, _) = run(&e, chat(ask, greedy(16))).await;
+
+    // +100 on one token: greedy picks it at every step.
+    let word = ["Paris", "hello", "cat", "the"]
+        .into_iter()
+        .find(|w| ids(&e, w).len() == 1)
+        .expect("one of these words is a single token");
+    let token = u32::try_from(ids(&e, word)[0]).unwrap();
+    let (text, _, usage) = run(
+        &e,
+        chat(
+            ask,
+            SamplingParams {
+                logit_bias: vec![(token, 100.0)],
+                ..greedy(6)
+            },
+        ),
+    )
+    .await;
+    assert_eq!(text, word.repeat(6), "{word}");
+    assert_eq!(usage.completion_tokens, 6);
+
+    // −100 on the baseline's first token: the answer starts differently.
+    let first = u32::try_from(ids(&e, &baseline)[0]).unwrap();
+    let (text, _, _) = run(
+        &e,
+        chat(
+            ask,
+            SamplingParams {
+                logit_bias: vec![(first, -100.0)],
+                ..greedy(16)
+            },
+        ),
+    )
+    .await;
+    assert_ne!(
+        ids(&e, &text).first(),
+        ids(&e, &baseline).first(),
+        "{text} / {baseline}"
+    );
+
+    // A frequency penalty makes a repetitive answer use more distinct tokens.
+    let repeat = "Write the word dog fifty times.";
+    let distinct = |t: &str| {
+        let mut v = ids(&e, t);
+        v.sort_unstable();
+        v.dedup();
+        v.len()
+    };
+    let plain = SamplingParams {
+        ignore_eos: true,
+        ..greedy(48)
+    };
+    let (same, _, _) = run(&e, chat(repeat, plain.clone())).await;
+    let (varied, _, _) = run(
+        &e,
+        chat(
+            repeat,
+            SamplingParams {
+                frequency_penalty: 2.0,
+                ..plain.clone()
+            },
+        ),
+    )
+    .await;
+    let (present, _, _) = run(
+        &e,
+        chat(
+            repeat,
+            SamplingParams {
+                presence_penalty: 2.0,
+                ..plain
+            },
+        ),
+    )
+    .await;
+    eprintln!(
+        "distinct tokens: plain {}, frequency {}, presence {}",
+        distinct(&same),
+        distinct(&varied),
+        distinct(&present)
+    );
+    assert!(distinct(&varied) > distinct(&same), "{same:?} / {varied:?}");
+    assert!(
+        distinct(&present) > distinct(&same),
+        "{same:?} / {present:?}"
+    );
+
+    // A token id outside the vocabulary is the request's fault.
+    let req = chat(
+        ask,
+        SamplingParams {
+            logit_bias: vec![(u32::MAX, 1.0)],
+            ..greedy(4)
+        },
+    );
+    assert!(matches!(
+        e.generate(req).await.err(),
+        Some(EngineError::InvalidRequest(m)) if m.contains("logit_bias")
+    ));
 }

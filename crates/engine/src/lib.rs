@@ -2,6 +2,7 @@
 //! Backends (embedded llama.cpp, an OpenAI-compatible upstream) implement [`Engine`].
 
 mod chunk;
+pub mod json_schema;
 mod pool;
 mod template;
 mod text;
@@ -46,6 +47,26 @@ pub struct SamplingParams {
     /// `None` means "whatever fits in the context window".
     pub max_tokens: Option<u32>,
     pub ignore_eos: bool,
+    /// OpenAI's presence penalty, in [-2, 2]: subtracted once from the logit of every token the
+    /// answer has already produced.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub presence_penalty: f32,
+    /// OpenAI's frequency penalty, in [-2, 2]: subtracted from a token's logit once for every
+    /// time the answer has produced it.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub frequency_penalty: f32,
+    /// Added to the logits of these token ids of the served model's vocabulary (each in
+    /// [-100, 100]; −100 all but bans a token). Sorted by token id, ids distinct.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub logit_bias: Vec<(u32, f32)>,
+    /// What shape the answer must have.
+    #[serde(default, skip_serializing_if = "OutputFormat::is_text")]
+    pub format: OutputFormat,
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's `skip_serializing_if` passes a reference
+pub(crate) fn is_zero(v: &f32) -> bool {
+    *v == 0.0
 }
 
 impl Default for SamplingParams {
@@ -58,7 +79,35 @@ impl Default for SamplingParams {
             stop: Vec::new(),
             max_tokens: None,
             ignore_eos: false,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            logit_bias: Vec::new(),
+            format: OutputFormat::Text,
         }
+    }
+}
+
+/// OpenAI's `response_format`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutputFormat {
+    /// Free text.
+    #[default]
+    Text,
+    /// Any JSON object ("JSON mode").
+    JsonObject,
+    /// JSON that is an instance of `schema`, a JSON Schema ("structured outputs").
+    JsonSchema {
+        name: String,
+        schema: serde_json::Value,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        strict: Option<bool>,
+    },
+}
+
+impl OutputFormat {
+    pub fn is_text(&self) -> bool {
+        matches!(self, Self::Text)
     }
 }
 

@@ -17,7 +17,7 @@ use serde_json::Value;
 use crate::pool::{Lease, Pool};
 use crate::{
     Engine, EngineError, Event, EventStream, FinishReason, GenerateRequest, Load, ModelCard,
-    Prompt, Usage,
+    OutputFormat, Prompt, Usage,
 };
 
 /// Longest SSE line accepted from the upstream; a bound on memory per request.
@@ -164,6 +164,15 @@ impl UpstreamEngine {
             seed: p.seed,
             stop: &p.stop,
             ignore_eos: p.ignore_eos,
+            presence_penalty: p.presence_penalty,
+            frequency_penalty: p.frequency_penalty,
+            logit_bias: (!p.logit_bias.is_empty()).then(|| {
+                p.logit_bias
+                    .iter()
+                    .map(|(t, b)| (t.to_string(), serde_json::Value::from(*b)))
+                    .collect()
+            }),
+            response_format: response_format(&p.format),
         };
         (url, body)
     }
@@ -191,6 +200,33 @@ struct UpstreamBody<'a> {
     stop: &'a [String],
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     ignore_eos: bool,
+    #[serde(skip_serializing_if = "crate::is_zero")]
+    presence_penalty: f32,
+    #[serde(skip_serializing_if = "crate::is_zero")]
+    frequency_penalty: f32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    logit_bias: Option<serde_json::Map<String, serde_json::Value>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    response_format: Option<serde_json::Value>,
+}
+
+/// OpenAI's `response_format` for a non-text format.
+fn response_format(f: &OutputFormat) -> Option<serde_json::Value> {
+    match f {
+        OutputFormat::Text => None,
+        OutputFormat::JsonObject => Some(serde_json::json!({"type": "json_object"})),
+        OutputFormat::JsonSchema {
+            name,
+            schema,
+            strict,
+        } => {
+            let mut spec = serde_json::json!({"name": name, "schema": schema});
+            if let Some(strict) = strict {
+                spec["strict"] = serde_json::Value::Bool(*strict);
+            }
+            Some(serde_json::json!({"type": "json_schema", "json_schema": spec}))
+        }
+    }
 }
 
 #[derive(Serialize)]

@@ -1,12 +1,15 @@
 //! Validation of OpenAI request fields into engine parameters; every rejection names the field.
 
 use lattice_api::{ApiError, ChatCompletionRequest, CompletionRequest, PromptSpec, SamplingFields};
-use lattice_engine::{Message, Prompt, SamplingParams};
+use lattice_engine::{Message, OutputFormat, Prompt, SamplingParams, json_schema};
 
 use crate::Limits;
 
 /// OpenAI's default for `/v1/completions` when `max_tokens` is absent.
 const COMPLETIONS_DEFAULT_MAX_TOKENS: u32 = 16;
+
+/// Most entries in `logit_bias` (OpenAI's limit).
+const MAX_LOGIT_BIAS: usize = 300;
 
 const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
 
@@ -136,6 +139,14 @@ fn sampling(
             ),
         ));
     }
+    let format = output_format(s.response_format.as_ref())?;
+    let ignore_eos = s.ignore_eos.unwrap_or(false);
+    if ignore_eos && !format.is_text() {
+        return Err(ApiError::invalid_param(
+            "ignore_eos",
+            "`ignore_eos` cannot be combined with a JSON `response_format`: the answer ends where the JSON does.",
+        ));
+    }
     Ok(SamplingParams {
         temperature,
         top_p,
@@ -143,8 +154,124 @@ fn sampling(
         seed: s.seed.map(|v| v.cast_unsigned()),
         stop,
         max_tokens: max_tokens.or(default_max),
-        ignore_eos: s.ignore_eos.unwrap_or(false),
+        ignore_eos,
+        presence_penalty: penalty(s.presence_penalty, "presence_penalty")?,
+        frequency_penalty: penalty(s.frequency_penalty, "frequency_penalty")?,
+        logit_bias: logit_bias(s.logit_bias.as_ref())?,
+        format,
     })
+}
+
+fn penalty(p: Option<f32>, param: &str) -> Result<f32, ApiError> {
+    match p {
+        None => Ok(0.0),
+        Some(p) if (-2.0..=2.0).contains(&p) => Ok(p),
+        Some(p) => Err(ApiError::invalid_param(
+            param,
+            format!("`{param}` must be between -2 and 2, got {p}."),
+        )),
+    }
+}
+
+/// `{"<token id>": bias, …}` → sorted `(id, bias)` pairs.
+fn logit_bias(v: Option<&serde_json::Value>) -> Result<Vec<(u32, f32)>, ApiError> {
+    let err = |m: String| Err(ApiError::invalid_param("logit_bias", m));
+    let map = match v {
+        None | Some(serde_json::Value::Null) => return Ok(Vec::new()),
+        Some(serde_json::Value::Object(m)) => m,
+        Some(_) => {
+            return err("`logit_bias` must be an object mapping token ids to biases.".into());
+        }
+    };
+    if map.len() > MAX_LOGIT_BIAS {
+        return err(format!(
+            "`logit_bias` may bias at most {MAX_LOGIT_BIAS} tokens, got {}.",
+            map.len()
+        ));
+    }
+    let mut out = Vec::with_capacity(map.len());
+    for (k, b) in map {
+        let Ok(id) = k.parse::<u32>() else {
+            return err(format!(
+                "`logit_bias` keys are token ids (non-negative integers), got `{k}`."
+            ));
+        };
+        let Some(b) = b.as_f64().filter(|b| (-100.0..=100.0).contains(b)) else {
+            return err(format!(
+                "`logit_bias[{k}]` must be a number between -100 and 100, got {b}."
+            ));
+        };
+        #[allow(clippy::cast_possible_truncation)] // within ±100
+        out.push((id, b as f32));
+    }
+    out.sort_by_key(|(id, _)| *id);
+    out.dedup_by_key(|(id, _)| *id);
+    Ok(out)
+}
+
+/// OpenAI's `response_format`; a JSON schema is converted once here so that a schema no node
+/// can enforce is refused before it is routed.
+fn output_format(v: Option<&serde_json::Value>) -> Result<OutputFormat, ApiError> {
+    let err = |param: &str, m: String| Err(ApiError::invalid_param(param, m));
+    let Some(f) = v.filter(|f| !f.is_null()) else {
+        return Ok(OutputFormat::Text);
+    };
+    match f.get("type").and_then(|t| t.as_str()) {
+        Some("text") => Ok(OutputFormat::Text),
+        Some("json_object") => Ok(OutputFormat::JsonObject),
+        Some("json_schema") => {
+            let Some(spec) = f.get("json_schema").filter(|s| s.is_object()) else {
+                return err(
+                    "response_format.json_schema",
+                    "`response_format.json_schema` must be an object with the `schema`.".into(),
+                );
+            };
+            let Some(schema) = spec
+                .get("schema")
+                .filter(|s| s.is_object() || s.is_boolean())
+            else {
+                return err(
+                    "response_format.json_schema.schema",
+                    "`response_format.json_schema.schema` must be a JSON Schema object.".into(),
+                );
+            };
+            let name = match spec.get("name") {
+                None | Some(serde_json::Value::Null) => "response".to_owned(),
+                Some(serde_json::Value::String(n)) => n.clone(),
+                Some(_) => {
+                    return err(
+                        "response_format.json_schema.name",
+                        "`response_format.json_schema.name` must be a string.".into(),
+                    );
+                }
+            };
+            let strict = match spec.get("strict") {
+                None | Some(serde_json::Value::Null) => None,
+                Some(serde_json::Value::Bool(b)) => Some(*b),
+                Some(_) => {
+                    return err(
+                        "response_format.json_schema.strict",
+                        "`response_format.json_schema.strict` must be a boolean.".into(),
+                    );
+                }
+            };
+            if let Err(e) = json_schema::schema_grammar(schema) {
+                return err(
+                    "response_format.json_schema.schema",
+                    format!("The schema cannot be enforced: {e}."),
+                );
+            }
+            Ok(OutputFormat::JsonSchema {
+                name,
+                schema: schema.clone(),
+                strict,
+            })
+        }
+        _ => err(
+            "response_format.type",
+            "`response_format.type` must be `text`, `json_object` or `json_schema`.".into(),
+        ),
+    }
 }
 
 /// Whether a JSON value asks for nothing: absent, null, `false`, 0, `""`, `[]` or `{}`.
@@ -177,16 +304,6 @@ fn refuse_unsupported(s: &SamplingFields) -> Result<(), ApiError> {
         };
         return refuse(param, "Log probabilities are");
     }
-    let plain_text = match &s.response_format {
-        None | Some(serde_json::Value::Null) => true,
-        Some(f) => f.get("type").and_then(|t| t.as_str()) == Some("text"),
-    };
-    if !plain_text {
-        return refuse(
-            "response_format",
-            "JSON mode and structured outputs (a `response_format` other than `{\"type\": \"text\"}`) are",
-        );
-    }
     let no_tools = s.tool_choice.as_ref().and_then(|c| c.as_str()) == Some("none");
     if !no_tools {
         if !asks_nothing(s.tools.as_ref()) {
@@ -201,15 +318,6 @@ fn refuse_unsupported(s: &SamplingFields) -> Result<(), ApiError> {
         {
             return refuse("tool_choice", "Tool calling is");
         }
-    }
-    if !asks_nothing(s.logit_bias.as_ref()) {
-        return refuse("logit_bias", "Logit biases are");
-    }
-    if s.presence_penalty.is_some_and(|p| p != 0.0) {
-        return refuse("presence_penalty", "Presence penalties are");
-    }
-    if s.frequency_penalty.is_some_and(|p| p != 0.0) {
-        return refuse("frequency_penalty", "Frequency penalties are");
     }
     if s.suffix.as_deref().is_some_and(|t| !t.is_empty()) {
         return refuse("suffix", "Suffixes (insertion) are");
@@ -250,15 +358,6 @@ mod tests {
             (r#""logprobs":true,"top_logprobs":2"#, "logprobs"),
             (r#""top_logprobs":3"#, "top_logprobs"),
             (
-                r#""response_format":{"type":"json_object"}"#,
-                "response_format",
-            ),
-            (
-                r#""response_format":{"type":"json_schema","json_schema":{"name":"x"}}"#,
-                "response_format",
-            ),
-            (r#""response_format":"json""#, "response_format"),
-            (
                 r#""tools":[{"type":"function","function":{"name":"f"}}]"#,
                 "tools",
             ),
@@ -268,9 +367,6 @@ mod tests {
             ),
             (r#""functions":[{"name":"f"}]"#, "functions"),
             (r#""tool_choice":"required""#, "tool_choice"),
-            (r#""logit_bias":{"50256":-100}"#, "logit_bias"),
-            (r#""presence_penalty":0.5"#, "presence_penalty"),
-            (r#""frequency_penalty":-1"#, "frequency_penalty"),
             (r#""suffix":"end""#, "suffix"),
             (r#""best_of":2"#, "best_of"),
         ] {
@@ -364,5 +460,107 @@ mod tests {
         );
         let empty = chat_req(r#"{"model":"m","messages":[]}"#);
         assert_eq!(err_param(chat(&empty, &l)).as_deref(), Some("messages"));
+    }
+
+    #[test]
+    fn penalties_and_logit_bias_are_checked_and_kept() {
+        let l = Limits::default();
+        let ok = |extra: &str| {
+            chat(&chat_with(extra), &l)
+                .map(|(_, s)| s)
+                .unwrap_or_else(|e| unreachable!("{extra}: {e}"))
+        };
+        let s =
+            ok(r#","presence_penalty":0.5,"frequency_penalty":-2,"logit_bias":{"7":5,"3":-100}"#);
+        assert_eq!((s.presence_penalty, s.frequency_penalty), (0.5, -2.0));
+        assert_eq!(
+            s.logit_bias,
+            vec![(3, -100.0), (7, 5.0)],
+            "sorted by token id"
+        );
+        let s = ok("");
+        assert_eq!((s.presence_penalty, s.frequency_penalty), (0.0, 0.0));
+        assert!(s.logit_bias.is_empty() && s.format.is_text());
+        for (extra, param) in [
+            (r#","presence_penalty":2.5"#, "presence_penalty"),
+            (r#","frequency_penalty":-3"#, "frequency_penalty"),
+            (r#","logit_bias":{"x":1}"#, "logit_bias"),
+            (r#","logit_bias":{"-1":1}"#, "logit_bias"),
+            (r#","logit_bias":{"5":101}"#, "logit_bias"),
+            (r#","logit_bias":{"5":"1"}"#, "logit_bias"),
+            (r#","logit_bias":[1]"#, "logit_bias"),
+        ] {
+            assert_eq!(
+                err_param(chat(&chat_with(extra), &l)).as_deref(),
+                Some(param),
+                "{extra}"
+            );
+        }
+        let many: Vec<String> = (0..=MAX_LOGIT_BIAS)
+            .map(|i| format!(r#""{i}":1"#))
+            .collect();
+        let extra = format!(r#","logit_bias":{{{}}}"#, many.join(","));
+        assert_eq!(
+            err_param(chat(&chat_with(&extra), &l)).as_deref(),
+            Some("logit_bias")
+        );
+    }
+
+    #[test]
+    fn response_formats_are_parsed_and_unenforceable_schemas_refused() {
+        let l = Limits::default();
+        let format = |extra: &str| chat(&chat_with(extra), &l).map(|(_, s)| s.format);
+        assert_eq!(
+            format(r#","response_format":{"type":"json_object"}"#).ok(),
+            Some(OutputFormat::JsonObject)
+        );
+        assert_eq!(
+            format(r#","response_format":{"type":"json_schema","json_schema":{"name":"p","strict":true,"schema":{"type":"object","properties":{"a":{"type":"integer"}},"required":["a"]}}}"#).ok(),
+            Some(OutputFormat::JsonSchema {
+                name: "p".into(),
+                schema: serde_json::json!({"type":"object","properties":{"a":{"type":"integer"}},"required":["a"]}),
+                strict: Some(true),
+            })
+        );
+        for (extra, param, says) in [
+            (
+                r#","response_format":{"type":"xml"}"#,
+                "response_format.type",
+                "json_schema",
+            ),
+            (
+                r#","response_format":"json""#,
+                "response_format.type",
+                "json_object",
+            ),
+            (
+                r#","response_format":{"type":"json_schema"}"#,
+                "response_format.json_schema",
+                "schema",
+            ),
+            (
+                r#","response_format":{"type":"json_schema","json_schema":{"name":"x"}}"#,
+                "response_format.json_schema.schema",
+                "JSON Schema",
+            ),
+            (
+                r#","response_format":{"type":"json_schema","json_schema":{"schema":{"type":"string","pattern":"^a"}}}"#,
+                "response_format.json_schema.schema",
+                "`pattern`",
+            ),
+            (
+                r#","response_format":{"type":"json_object"},"ignore_eos":true"#,
+                "ignore_eos",
+                "JSON",
+            ),
+        ] {
+            let e = chat(&chat_with(extra), &l).err();
+            assert_eq!(
+                e.as_ref().and_then(|e| e.body.param.as_deref()),
+                Some(param),
+                "{extra}"
+            );
+            assert!(e.is_some_and(|e| e.body.message.contains(says)), "{extra}");
+        }
     }
 }

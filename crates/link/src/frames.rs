@@ -7,7 +7,9 @@ use serde::{Deserialize, Serialize};
 /// 2: paid requests' receipts are signed in batches ([`NodeFrame::Receipts`]).
 /// 3: frames are externally tagged (`{"events":{…}}`, not `{"type":"events",…}`), so they decode
 /// without buffering, and a stream's events that are ready together travel in one frame.
-pub const PROTOCOL_VERSION: u32 = 3;
+/// 4: requests may carry penalties, logit biases and a JSON `response_format` (a node of
+/// version 3 would silently answer without them).
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Most events in one [`NodeFrame::Events`].
 pub const MAX_FRAME_EVENTS: usize = 64;
