@@ -23,6 +23,9 @@ const MAX_RULES: usize = 2048;
 /// Largest `minItems`/`maxItems`/`minLength`/`maxLength`: llama.cpp expands a bounded
 /// repetition into one rule per count.
 const MAX_REPEAT: u64 = 1024;
+/// Most rules all of a schema's bounded repetitions may expand to together, so that a schema
+/// of many long bounded strings cannot make a node build millions of grammar rules.
+const MAX_EXPANDED: u64 = 8192;
 
 /// Why a schema cannot be turned into a grammar; the message names the keyword and its place.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -140,6 +143,8 @@ struct Converter<'a> {
     builtins: BTreeSet<&'static str>,
     /// `$ref` target → its rule's name, so shared and recursive definitions are made once.
     refs: HashMap<String, String>,
+    /// Rules llama.cpp will make for the bounded repetitions so far.
+    expanded: u64,
 }
 
 impl<'a> Converter<'a> {
@@ -149,7 +154,19 @@ impl<'a> Converter<'a> {
             rules: Vec::new(),
             builtins: BTreeSet::new(),
             refs: HashMap::new(),
+            expanded: 0,
         }
+    }
+
+    /// Counts the rules a repetition of `min..=max` expands to against [`MAX_EXPANDED`].
+    fn expand(&mut self, min: u64, max: Option<u64>, at: &str) -> Result<(), SchemaError> {
+        self.expanded += max.unwrap_or(min);
+        if self.expanded > MAX_EXPANDED {
+            return Err(SchemaError(format!(
+                "the schema's length and item bounds add up to more than {MAX_EXPANDED} (at `{at}`)"
+            )));
+        }
+        Ok(())
     }
 
     fn finish(self, root: String) -> String {
@@ -451,6 +468,7 @@ impl<'a> Converter<'a> {
         };
         let item = self.rule(at, item)?;
         let (min, max) = bounds(s, at, "minItems", "maxItems")?;
+        self.expand(min, max, at)?;
         let space = self.builtin("space");
         // The items after the first: `n` or more, up to `max - 1`.
         let more = |n: u64| match max {
@@ -497,6 +515,7 @@ impl<'a> Converter<'a> {
         if min == 0 && max.is_none() {
             return Ok(self.builtin("string"));
         }
+        self.expand(min, max, at)?;
         let c = self.builtin("char");
         Ok(format!(r#""\"" {c}{} "\"" {space}"#, repeat(min, max)))
     }
@@ -610,7 +629,10 @@ mod tests {
     fn all_optional_properties_may_each_come_first() {
         let g = grammar(&json!({"properties": {"x": {}, "y": {}}}));
         assert!(g.contains(r#"r2 ::= ( "," space r1 )?"#), "{g}");
-        assert!(g.contains(r#"r3 ::= "{" space ( r0 r2 | r1 )? "}" space"#), "{g}");
+        assert!(
+            g.contains(r#"r3 ::= "{" space ( r0 r2 | r1 )? "}" space"#),
+            "{g}"
+        );
     }
 
     #[test]
@@ -700,6 +722,18 @@ mod tests {
             let e = refusal(&schema);
             assert!(e.contains(says), "{schema}: {e}");
         }
+        let mut wide = serde_json::Map::new();
+        for i in 0..9 {
+            wide.insert(
+                format!("p{i}"),
+                json!({"type": "string", "maxLength": 1000}),
+            );
+        }
+        let e = refusal(&json!({"properties": wide}));
+        assert!(
+            e.contains("add up to more than 8192") && e.contains("properties.p8"),
+            "{e}"
+        );
         let mut deep = json!({"type": "string"});
         for _ in 0..=MAX_DEPTH {
             deep = json!({"type": "array", "items": deep});
