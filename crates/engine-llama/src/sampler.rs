@@ -1,15 +1,67 @@
-//! A request's sampler chain: logit biases, penalties, the output grammar, then greedy or
-//! top-k / top-p / temperature and a seeded draw. Built off the decode thread (a grammar takes
+//! A request's sampler: logit biases, penalties, then greedy or top-k / top-p / temperature and
+//! a seeded draw, constrained by the output grammar if there is one. Built off the decode thread (a grammar takes
 //! milliseconds to parse), so a request that cannot be honoured fails before it is queued.
 
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
 
 use lattice_engine::{EngineError, OutputFormat, SamplingParams, json_schema};
+use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
+use llama_cpp_2::token::data::LlamaTokenData;
+use llama_cpp_2::token::data_array::LlamaTokenDataArray;
 use llama_cpp_2::token::logit_bias::LlamaLogitBias;
+
+/// A request's sampler: the chain, and the output grammar kept beside it.
+pub(crate) struct Sampler {
+    chain: LlamaSampler,
+    grammar: Option<LlamaSampler>,
+    /// Returned should the grammar allow no token at all (never accepted into the grammar,
+    /// which would throw across the FFI boundary).
+    end: LlamaToken,
+}
+
+impl Sampler {
+    /// Draws the next token from the logits at batch index `at`, and records it.
+    pub(crate) fn sample(&mut self, ctx: &LlamaContext<'_>, at: i32) -> LlamaToken {
+        let Some(grammar) = self.grammar.as_mut() else {
+            return self.chain.sample(ctx, at);
+        };
+        // llama.cpp's own shortcut (`common_sampler_sample`): draw without the grammar and keep
+        // the token when the grammar allows it; only otherwise mask the whole vocabulary and
+        // draw again. Checking one token instead of ~50k is most of a grammar's cost, and the
+        // result is the same: greedy picks the best allowed token either way, and a draw kept
+        // when allowed or redrawn from the masked distribution has exactly the masked
+        // distribution's probabilities (before top-k / top-p truncation).
+        let mut cur = ctx.token_data_array_ith(at);
+        cur.apply_sampler(&mut self.chain);
+        let first = cur.selected_token().filter(|&t| {
+            let mut one = LlamaTokenDataArray::new(vec![LlamaTokenData::new(t, 0.0, 0.0)], false);
+            one.apply_sampler(grammar);
+            one.data.first().is_some_and(|d| d.logit().is_finite())
+        });
+        let token = first.or_else(|| {
+            let mut cur = ctx.token_data_array_ith(at);
+            cur.apply_sampler(grammar);
+            cur.apply_sampler(&mut self.chain);
+            cur.selected_token().filter(|t| {
+                cur.data
+                    .iter()
+                    .any(|d| d.id() == *t && d.logit().is_finite())
+            })
+        });
+        match token {
+            Some(t) => {
+                grammar.accept(t);
+                self.chain.accept(t);
+                t
+            }
+            None => self.end,
+        }
+    }
+}
 
 /// `window`: how many of the latest generated tokens the penalties look at (the context of a
 /// slot covers a whole answer).
@@ -17,7 +69,7 @@ pub(crate) fn build(
     model: &LlamaModel,
     p: &SamplingParams,
     window: u32,
-) -> Result<LlamaSampler, EngineError> {
+) -> Result<Sampler, EngineError> {
     let n_vocab = model.n_vocab();
     let mut biases = Vec::with_capacity(p.logit_bias.len() + 2);
     for &(id, bias) in &p.logit_bias {
@@ -61,16 +113,16 @@ pub(crate) fn build(
                 .map_err(|e| EngineError::InvalidRequest(format!("response_format: {e}")))?,
         ),
     };
-    if let Some(g) = grammar {
-        // A schema whose grammar llama.cpp refuses (e.g. a `$ref` that only refers to itself,
-        // which never produces a character) is the request's fault, not the node's.
-        let sampler = LlamaSampler::grammar(model, &g, "root").map_err(|e| {
+    // A schema whose grammar llama.cpp refuses (e.g. a `$ref` that only refers to itself,
+    // which never produces a character) is the request's fault, not the node's.
+    let grammar = grammar
+        .map(|g| LlamaSampler::grammar(model, &g, "root"))
+        .transpose()
+        .map_err(|e| {
             EngineError::InvalidRequest(format!(
                 "response_format: the schema cannot be turned into a usable grammar ({e})"
             ))
         })?;
-        chain.push(sampler);
-    }
     if p.temperature <= 0.0 {
         chain.push(LlamaSampler::greedy());
     } else {
@@ -90,5 +142,9 @@ pub(crate) fn build(
         let seed = u32::try_from((seed ^ (seed >> 32)) & u64::from(u32::MAX)).unwrap_or(0);
         chain.push(LlamaSampler::dist(seed));
     }
-    Ok(LlamaSampler::chain_simple(chain))
+    Ok(Sampler {
+        chain: LlamaSampler::chain_simple(chain),
+        grammar,
+        end: model.vocab().eos(),
+    })
 }

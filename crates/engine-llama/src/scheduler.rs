@@ -14,7 +14,6 @@ use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::LlamaModel;
-use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -35,7 +34,7 @@ pub(crate) struct Job {
     pub(crate) tokens: Vec<LlamaToken>,
     pub(crate) params: SamplingParams,
     /// Built by the caller from `params` ([`crate::sampler::build`]).
-    pub(crate) sampler: LlamaSampler,
+    pub(crate) sampler: crate::sampler::Sampler,
     pub(crate) max_tokens: u32,
     pub(crate) events: UnboundedSender<Result<Event, EngineError>>,
     /// [`WAITING`], [`TAKEN`] or [`ABANDONED`]: a job leaves the `queued` count exactly once,
