@@ -1,6 +1,7 @@
 //! A request's sampler: logit biases, penalties, then greedy or top-k / top-p / temperature and
-//! a seeded draw, constrained by the output grammar if there is one. Built off the decode thread (a grammar takes
-//! milliseconds to parse), so a request that cannot be honoured fails before it is queued.
+//! a seeded draw, constrained by the output grammar if there is one. Built off the decode thread
+//! (a grammar takes milliseconds to parse), so a request that cannot be honoured fails before
+//! it is queued.
 
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
