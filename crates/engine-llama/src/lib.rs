@@ -324,17 +324,23 @@ impl Engine for LlamaEngine {
 
     fn generate(&self, req: GenerateRequest) -> BoxFuture<'_, Result<EventStream, EngineError>> {
         async move {
-            // Tokenizing a long prompt takes milliseconds: keep it off the async workers.
+            // Tokenizing a long prompt or parsing a grammar takes milliseconds: keep both off the
+            // async workers.
             let model = self.model.clone();
             let template = self.template.clone();
             let bos_text = self.bos_text.clone();
             let add_bos = self.add_bos;
-            let prompt = req.prompt.clone();
-            let params = req.params.clone();
             let window = self.card.context_length;
-            let (tokens, sampler) = tokio::task::spawn_blocking(move || {
+            let GenerateRequest {
+                request_id,
+                prompt,
+                params,
+                ..
+            } = req;
+            let (tokens, sampler, params) = tokio::task::spawn_blocking(move || {
                 let tokens = tokenize(&model, template.as_deref(), &bos_text, add_bos, &prompt)?;
-                Ok::<_, EngineError>((tokens, sampler::build(&model, &params, window)?))
+                let sampler = sampler::build(&model, &params, window)?;
+                Ok::<_, EngineError>((tokens, sampler, params))
             })
             .await
             .map_err(|e| EngineError::Internal(e.to_string()))??;
@@ -342,7 +348,7 @@ impl Engine for LlamaEngine {
             let limit = self.card.context_length;
             let prompt_tokens = u32::try_from(tokens.len()).unwrap_or(u32::MAX);
             let room = limit.saturating_sub(prompt_tokens);
-            let max_tokens = req.params.max_tokens.unwrap_or(room);
+            let max_tokens = params.max_tokens.unwrap_or(room);
             if prompt_tokens >= limit || max_tokens > room {
                 return Err(EngineError::ContextOverflow {
                     prompt_tokens,
@@ -353,9 +359,9 @@ impl Engine for LlamaEngine {
             let (events, rx) = tokio::sync::mpsc::unbounded_channel();
             let state = Arc::new(AtomicU8::new(scheduler::WAITING));
             let job = Job {
-                request_id: req.request_id,
+                request_id,
                 tokens,
-                params: req.params,
+                params,
                 sampler,
                 max_tokens,
                 events,

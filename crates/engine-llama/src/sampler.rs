@@ -19,16 +19,16 @@ use llama_cpp_2::token::logit_bias::LlamaLogitBias;
 pub(crate) struct Sampler {
     chain: LlamaSampler,
     grammar: Option<LlamaSampler>,
-    /// Returned should the grammar allow no token at all (never accepted into the grammar,
-    /// which would throw across the FFI boundary).
-    end: LlamaToken,
 }
 
 impl Sampler {
-    /// Draws the next token from the logits at batch index `at`, and records it.
-    pub(crate) fn sample(&mut self, ctx: &LlamaContext<'_>, at: i32) -> LlamaToken {
+    /// Draws the next token from the logits at batch index `at`, and records it. `None` when
+    /// the grammar allows no token at all (e.g. it is complete and every end-of-generation token is
+    /// masked): the answer ends there, and nothing is fed to the grammar, whose refusal of a
+    /// token would throw across the FFI boundary.
+    pub(crate) fn sample(&mut self, ctx: &LlamaContext<'_>, at: i32) -> Option<LlamaToken> {
         let Some(grammar) = self.grammar.as_mut() else {
-            return self.chain.sample(ctx, at);
+            return Some(self.chain.sample(ctx, at));
         };
         // llama.cpp's own shortcut (`common_sampler_sample`): draw without the grammar and keep
         // the token when the grammar allows it; only otherwise mask the whole vocabulary and
@@ -53,14 +53,11 @@ impl Sampler {
                     .any(|d| d.id() == *t && d.logit().is_finite())
             })
         });
-        match token {
-            Some(t) => {
-                grammar.accept(t);
-                self.chain.accept(t);
-                t
-            }
-            None => self.end,
+        if let Some(t) = token {
+            grammar.accept(t);
+            self.chain.accept(t);
         }
+        token
     }
 }
 
@@ -146,6 +143,5 @@ pub(crate) fn build(
     Ok(Sampler {
         chain: LlamaSampler::chain_simple(chain),
         grammar,
-        end: model.vocab().eos(),
     })
 }

@@ -307,9 +307,8 @@ fn sample_and_emit(model: &LlamaModel, ctx: &LlamaContext<'_>, slots: &mut [Slot
             continue;
         };
         let tok = a.job.sampler.sample(ctx, at);
-        let finish = if vocab.is_eog(tok) && !a.job.params.ignore_eos {
-            Some((FinishReason::Stop, false))
-        } else {
+        let finish = if let Some(tok) = tok.filter(|&t| !vocab.is_eog(t) || a.job.params.ignore_eos)
+        {
             a.generated += 1;
             let text = a.utf8.push(&vocab.token_to_piece(tok, false, None));
             let out = a.stop.push(&text);
@@ -324,6 +323,8 @@ fn sample_and_emit(model: &LlamaModel, ctx: &LlamaContext<'_>, slots: &mut [Slot
                 a.pending = Some(tok);
                 None
             }
+        } else {
+            Some((FinishReason::Stop, false))
         };
         if let Some((reason, matched_stop)) = finish
             && let Some(a) = slot.active.take()

@@ -569,6 +569,23 @@ async fn every_kind_of_schema_becomes_a_grammar_llama_cpp_accepts() {
             Err(err) => panic!("{s}: {err}"),
         }
     }
+    // `ignore_eos` with a grammar (refused by the HTTP layer, possible for a library caller):
+    // once the grammar is complete only end-of-generation tokens are allowed, so the answer
+    // must stay the grammar's text however long it runs, and the process must not abort
+    // (llama.cpp's grammar throws on a token it refuses).
+    let (text, _, _) = run(
+        &e,
+        chat(
+            "Hi",
+            SamplingParams {
+                format: schema(json!({"const": "ok"})),
+                ignore_eos: true,
+                ..greedy(64)
+            },
+        ),
+    )
+    .await;
+    assert_eq!(text.trim_end(), "\"ok\"", "{text:?}");
     // A reference that only refers to itself never produces a character: refused, not hung.
     let req = chat(
         "Hi",

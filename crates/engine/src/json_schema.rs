@@ -138,8 +138,8 @@ pub fn schema_grammar(schema: &Value) -> Result<String, SchemaError> {
 
 struct Converter<'a> {
     root: &'a Value,
-    /// Generated rules, in the order they were made.
-    rules: Vec<(String, String)>,
+    /// Bodies of the generated rules; rule `i` is named `r{i}`.
+    rules: Vec<String>,
     builtins: BTreeSet<&'static str>,
     /// `$ref` target → its rule's name, so shared and recursive definitions are made once.
     refs: HashMap<String, String>,
@@ -171,8 +171,8 @@ impl<'a> Converter<'a> {
 
     fn finish(self, root: String) -> String {
         let mut out = format!("root ::= {root}\n");
-        for (name, body) in &self.rules {
-            out.push_str(&format!("{name} ::= {body}\n"));
+        for (i, body) in self.rules.iter().enumerate() {
+            out.push_str(&format!("r{i} ::= {body}\n"));
         }
         for (name, body, _) in BUILTINS {
             if self.builtins.contains(name) {
@@ -195,28 +195,22 @@ impl<'a> Converter<'a> {
         name.to_owned()
     }
 
-    /// Reserves a rule name; its body is set with [`Self::define`].
-    fn reserve(&mut self, at: &str) -> Result<String, SchemaError> {
+    /// Reserves a rule (a body is set later, for rules that may refer to themselves).
+    fn reserve(&mut self, at: &str) -> Result<usize, SchemaError> {
         if self.rules.len() >= MAX_RULES {
             return Err(SchemaError(format!(
                 "the schema needs more than {MAX_RULES} grammar rules (at `{at}`)"
             )));
         }
-        let name = format!("r{}", self.rules.len());
-        self.rules.push((name.clone(), String::new()));
-        Ok(name)
+        self.rules.push(String::new());
+        Ok(self.rules.len() - 1)
     }
 
-    fn define(&mut self, name: &str, body: String) {
-        if let Some(r) = self.rules.iter_mut().find(|(n, _)| n == name) {
-            r.1 = body;
-        }
-    }
-
+    /// A new rule with `body`; returns its name.
     fn rule(&mut self, at: &str, body: String) -> Result<String, SchemaError> {
-        let name = self.reserve(at)?;
-        self.define(&name, body);
-        Ok(name)
+        let i = self.reserve(at)?;
+        self.rules[i] = body;
+        Ok(format!("r{i}"))
     }
 
     /// A GBNF expression for `schema`, found at `at` (a path for error messages).
@@ -341,10 +335,10 @@ impl<'a> Converter<'a> {
                 "`{at}.$ref` points at `{target}`, which the schema does not have"
             ))
         })?;
-        let name = self.reserve(at)?;
+        let i = self.reserve(at)?;
+        let name = format!("r{i}");
         self.refs.insert(target.to_owned(), name.clone());
-        let body = self.visit(sub, target, depth + 1)?;
-        self.define(&name, body);
+        self.rules[i] = self.visit(sub, target, depth + 1)?;
         Ok(name)
     }
 
