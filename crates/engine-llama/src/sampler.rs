@@ -23,9 +23,9 @@ pub(crate) struct Sampler {
 
 impl Sampler {
     /// Draws the next token from the logits at batch index `at`, and records it. `None` when
-    /// the grammar allows no token at all (e.g. it is complete and every end-of-generation token is
-    /// masked): the answer ends there, and nothing is fed to the grammar, whose refusal of a
-    /// token would throw across the FFI boundary.
+    /// the grammar allows no token at all (e.g. it is complete and every end-of-generation
+    /// token is masked): the answer ends there, and nothing is fed to the grammar, whose
+    /// refusal of a token would throw across the FFI boundary.
     pub(crate) fn sample(&mut self, ctx: &LlamaContext<'_>, at: i32) -> Option<LlamaToken> {
         let Some(grammar) = self.grammar.as_mut() else {
             return Some(self.chain.sample(ctx, at));
