@@ -944,7 +944,7 @@ async fn up(a: UpArgs) -> Result<()> {
         "  curl {base}/v1/chat/completions -H \"Authorization: Bearer $OPENAI_API_KEY\" -H 'Content-Type: application/json' \\"
     );
     println!(
-        "    -d '{{\"model\":\"{chat}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Which city is the capital of France?\"}}]}}'"
+        "    -d '{{\"model\":\"{chat}\",\"temperature\":0,\"messages\":[{{\"role\":\"user\",\"content\":\"Which city is the capital of France?\"}}]}}'"
     );
     println!();
     println!(
