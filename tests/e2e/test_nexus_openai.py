@@ -109,3 +109,24 @@ def test_unenforceable_schema_is_refused_by_nexus(nexus):
         )
     assert e.value.param == "response_format.json_schema.schema"
     assert "minimum" in e.value.message
+
+
+def test_tool_calls_through_nexus(nexus):
+    # Nexus turns the tools into a schema for the node's grammar and reads the answer back into
+    # tool calls, streamed or whole; a paid request is charged like any other.
+    tool = {"type": "function", "function": {
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+    ask = [{"role": "user", "content": "What is the weather like in Paris today?"}]
+    kwargs = dict(model=MODEL, messages=ask, tools=[tool], tool_choice="required", parallel_tool_calls=False,
+                  temperature=0, max_tokens=60)
+    r = nexus.chat.completions.create(**kwargs)
+    assert r.choices[0].finish_reason == "tool_calls"
+    (call,) = r.choices[0].message.tool_calls
+    assert call.function.name == "get_weather"
+    assert isinstance(json.loads(call.function.arguments)["city"], str)
+    assert r.usage.completion_tokens >= 1
+    streamed = [tc for chunk in nexus.chat.completions.create(stream=True, **kwargs)
+                for choice in chunk.choices for tc in choice.delta.tool_calls or []]
+    assert [(tc.function.name, tc.function.arguments) for tc in streamed] == [
+        (call.function.name, call.function.arguments)]

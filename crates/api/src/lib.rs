@@ -88,20 +88,21 @@ pub struct SamplingFields {
     pub presence_penalty: Option<f32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub frequency_penalty: Option<f32>,
-    /// OpenAI fields this API does not implement. Each is accepted when it asks for nothing
-    /// (absent, `false`, 0, empty, `tool_choice: "none"`) and refused with a 400 naming it
-    /// otherwise: a client asking for log probabilities or tool calls must not get an answer
-    /// silently made without them.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub logprobs: Option<serde_json::Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub top_logprobs: Option<serde_json::Value>,
+    /// Chat only: the functions the model may call, and whether/which it must; checked by the
+    /// HTTP layer (`functions` is refused, naming `tools` as its replacement).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tools: Option<serde_json::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub functions: Option<serde_json::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tool_choice: Option<serde_json::Value>,
+    /// OpenAI fields this API does not implement. Each is accepted when it asks for nothing
+    /// (absent, `false`, 0, empty) and refused with a 400 naming it otherwise: a client asking
+    /// for log probabilities must not get an answer silently made without them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_logprobs: Option<serde_json::Value>,
     /// Text completions only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub suffix: Option<String>,
@@ -116,4 +117,6 @@ pub struct SamplingFields {
 pub enum FinishReason {
     Stop,
     Length,
+    /// The answer calls tools (chat with `tools`).
+    ToolCalls,
 }

@@ -27,7 +27,7 @@ trait OpenAiRequest: DeserializeOwned {
 impl OpenAiRequest for ChatCompletionRequest {
     const KIND: Kind = Kind::Chat;
     fn validate(self, limits: &crate::Limits) -> Result<Validated, ApiError> {
-        let (prompt, params) = params::chat(&self, limits)?;
+        let (prompt, params, tools) = params::chat(&self, limits)?;
         let include_usage = self
             .sampling
             .stream_options
@@ -38,6 +38,7 @@ impl OpenAiRequest for ChatCompletionRequest {
             params,
             streaming: self.stream,
             include_usage,
+            tools,
         })
     }
 }
@@ -56,6 +57,7 @@ impl OpenAiRequest for CompletionRequest {
             params,
             streaming: self.stream,
             include_usage,
+            tools: false,
         })
     }
 }
@@ -103,6 +105,8 @@ struct Validated {
     params: SamplingParams,
     streaming: bool,
     include_usage: bool,
+    /// The answer is in the tools' JSON shape, to be read back into tool calls.
+    tools: bool,
 }
 
 async fn respond(
@@ -119,6 +123,7 @@ async fn respond(
         params,
         streaming,
         include_usage,
+        tools,
     } = validated.inspect_err(|e| {
         st.metrics.request(kind.endpoint(), outcome(e.status));
     })?;
@@ -165,6 +170,7 @@ async fn respond(
         model,
         kind,
         include_usage,
+        tools,
     };
     let tracker = Tracker::new(st.clone(), kind, request_id.clone(), started);
     let rid = HeaderValue::from_str(&request_id).unwrap_or(HeaderValue::from_static("invalid"));

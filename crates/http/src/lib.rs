@@ -5,6 +5,7 @@ mod handlers;
 mod metrics;
 mod params;
 mod stream;
+mod tools;
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -1,9 +1,9 @@
 //! Validation of OpenAI request fields into engine parameters; every rejection names the field.
 
 use lattice_api::{ApiError, ChatCompletionRequest, CompletionRequest, PromptSpec, SamplingFields};
-use lattice_engine::{Message, OutputFormat, Prompt, SamplingParams, json_schema};
+use lattice_engine::{OutputFormat, Prompt, SamplingParams, json_schema};
 
-use crate::Limits;
+use crate::{Limits, tools};
 
 /// OpenAI's default for `/v1/completions` when `max_tokens` is absent.
 const COMPLETIONS_DEFAULT_MAX_TOKENS: u32 = 16;
@@ -13,17 +13,19 @@ const MAX_LOGIT_BIAS: usize = 300;
 
 const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
 
+/// A chat request in engine terms; the flag says the answer is in the tools' JSON shape (see
+/// [`tools`]) and is to be read back into tool calls.
 pub(crate) fn chat(
     req: &ChatCompletionRequest,
     limits: &Limits,
-) -> Result<(Prompt, SamplingParams), ApiError> {
+) -> Result<(Prompt, SamplingParams, bool), ApiError> {
     if req.messages.is_empty() {
         return Err(ApiError::invalid_param(
             "messages",
             "`messages` must not be empty.",
         ));
     }
-    let mut messages = Vec::with_capacity(req.messages.len());
+    let mut texts = Vec::with_capacity(req.messages.len());
     for (i, m) in req.messages.iter().enumerate() {
         if !ROLES.contains(&m.role.as_str()) {
             return Err(ApiError::invalid_param(
@@ -35,19 +37,27 @@ pub(crate) fn chat(
                 ),
             ));
         }
-        let content = m.text().map_err(|kind| {
+        texts.push(m.text().map_err(|kind| {
             ApiError::invalid_param(
                 &format!("messages[{i}].content"),
                 format!("Content parts of type `{kind}` are not supported by this model."),
             )
-        })?;
-        messages.push(Message {
-            role: m.role.clone(),
-            content,
-        });
+        })?);
     }
-    let params = sampling(&req.sampling, req.max_tokens(), None, limits)?;
-    Ok((Prompt::Chat(messages), params))
+    let mut messages = tools::conversation(&req.messages, texts)?;
+    let mut params = sampling(&req.sampling, req.max_tokens(), None, limits)?;
+    let tools = tools::parse(&req.sampling, req.parallel_tool_calls, &params.format)?;
+    if let Some(t) = &tools {
+        if params.ignore_eos {
+            return Err(ApiError::invalid_param(
+                "ignore_eos",
+                "`ignore_eos` cannot be combined with `tools`: the answer ends where its JSON does.",
+            ));
+        }
+        t.instruct(&mut messages);
+        params.format = t.format();
+    }
+    Ok((Prompt::Chat(messages), params, tools.is_some()))
 }
 
 pub(crate) fn completion(
@@ -66,6 +76,20 @@ pub(crate) fn completion(
     };
     if req.echo == Some(true) {
         return Err(ApiError::invalid_param("echo", "`echo` is not supported."));
+    }
+    let s = &req.sampling;
+    for (param, v) in [
+        ("tools", &s.tools),
+        ("tool_choice", &s.tool_choice),
+        ("functions", &s.functions),
+    ] {
+        let choice = v.as_ref().and_then(|c| c.as_str());
+        if !asks_nothing(v.as_ref()) && choice != Some("none") && choice != Some("auto") {
+            return Err(ApiError::invalid_param(
+                param,
+                format!("`{param}` is for chat completions; text completions cannot call tools."),
+            ));
+        }
     }
     let params = sampling(
         &req.sampling,
@@ -304,21 +328,6 @@ fn refuse_unsupported(s: &SamplingFields) -> Result<(), ApiError> {
         };
         return refuse(param, "Log probabilities are");
     }
-    let no_tools = s.tool_choice.as_ref().and_then(|c| c.as_str()) == Some("none");
-    if !no_tools {
-        if !asks_nothing(s.tools.as_ref()) {
-            return refuse("tools", "Tool calling is");
-        }
-        if !asks_nothing(s.functions.as_ref()) {
-            return refuse("functions", "Function calling is");
-        }
-        if s.tool_choice
-            .as_ref()
-            .is_some_and(|c| !c.is_null() && c.as_str() != Some("auto"))
-        {
-            return refuse("tool_choice", "Tool calling is");
-        }
-    }
     if s.suffix.as_deref().is_some_and(|t| !t.is_empty()) {
         return refuse("suffix", "Suffixes (insertion) are");
     }
@@ -343,7 +352,7 @@ mod tests {
         ))
     }
 
-    fn err_param(r: Result<(Prompt, SamplingParams), ApiError>) -> Option<String> {
+    fn err_param<T>(r: Result<T, ApiError>) -> Option<String> {
         r.err().and_then(|e| e.body.param)
     }
 
@@ -357,16 +366,6 @@ mod tests {
             (r#""logprobs":true"#, "logprobs"),
             (r#""logprobs":true,"top_logprobs":2"#, "logprobs"),
             (r#""top_logprobs":3"#, "top_logprobs"),
-            (
-                r#""tools":[{"type":"function","function":{"name":"f"}}]"#,
-                "tools",
-            ),
-            (
-                r#""tools":[{"type":"function","function":{"name":"f"}}],"tool_choice":"auto""#,
-                "tools",
-            ),
-            (r#""functions":[{"name":"f"}]"#, "functions"),
-            (r#""tool_choice":"required""#, "tool_choice"),
             (r#""suffix":"end""#, "suffix"),
             (r#""best_of":2"#, "best_of"),
         ] {
@@ -405,16 +404,31 @@ mod tests {
             serde_json::from_str(r#"{"model":"m","prompt":"x","logprobs":0}"#)
                 .unwrap_or_else(|e| unreachable!("{e}"));
         assert!(completion(&c, &l).is_ok());
+        // Tools are for chat; a text completion asking for them is refused by name.
+        for (extra, param) in [
+            (
+                r#""tools":[{"type":"function","function":{"name":"f"}}]"#,
+                Some("tools"),
+            ),
+            (r#""tool_choice":"required""#, Some("tool_choice")),
+            (r#""tool_choice":"none","tools":[]"#, None),
+        ] {
+            let c: CompletionRequest =
+                serde_json::from_str(&format!(r#"{{"model":"m","prompt":"x",{extra}}}"#))
+                    .unwrap_or_else(|e| unreachable!("{e}"));
+            assert_eq!(err_param(completion(&c, &l)).as_deref(), param, "{extra}");
+        }
     }
 
     #[test]
     fn defaults_follow_openai() {
         let l = Limits::default();
         let r = chat_req(r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#);
-        let (p, s) = chat(&r, &l).unwrap_or_else(|e| unreachable!("{e}"));
+        let (p, s, tools) = chat(&r, &l).unwrap_or_else(|e| unreachable!("{e}"));
+        assert!(!tools);
         assert_eq!(
             p,
-            Prompt::Chat(vec![Message {
+            Prompt::Chat(vec![lattice_engine::Message {
                 role: "user".into(),
                 content: "hi".into()
             }])
@@ -467,7 +481,7 @@ mod tests {
         let l = Limits::default();
         let ok = |extra: &str| {
             chat(&chat_with(extra), &l)
-                .map(|(_, s)| s)
+                .map(|(_, s, _)| s)
                 .unwrap_or_else(|e| unreachable!("{extra}: {e}"))
         };
         let s =
@@ -509,7 +523,7 @@ mod tests {
     #[test]
     fn response_formats_are_parsed_and_unenforceable_schemas_refused() {
         let l = Limits::default();
-        let format = |extra: &str| chat(&chat_with(extra), &l).map(|(_, s)| s.format);
+        let format = |extra: &str| chat(&chat_with(extra), &l).map(|(_, s, _)| s.format);
         assert_eq!(
             format(r#","response_format":{"type":"json_object"}"#).ok(),
             Some(OutputFormat::JsonObject)

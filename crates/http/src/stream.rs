@@ -9,11 +9,13 @@ use bytes::Bytes;
 use futures::{FutureExt, StreamExt};
 use lattice_api::{
     ApiError, AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionChunk, ChunkChoice,
-    Completion, CompletionChoice, Delta, FinishReason, Usage, UsageField,
+    Completion, CompletionChoice, Delta, FinishReason, FunctionCall, FunctionCallDelta, ToolCall,
+    ToolCallDelta, Usage, UsageField,
 };
 use lattice_engine::{EngineError, Event, EventStream};
 
 use crate::AppState;
+use crate::tools::{self, Answer, ReplyStream};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Kind {
@@ -37,6 +39,8 @@ pub(crate) struct Meta {
     pub(crate) model: String,
     pub(crate) kind: Kind,
     pub(crate) include_usage: bool,
+    /// The answer is in the tools' JSON shape ([`tools`]): read back into a reply or calls.
+    pub(crate) tools: bool,
 }
 
 pub(crate) fn engine_error(e: &EngineError) -> ApiError {
@@ -141,7 +145,12 @@ pub(crate) async fn collect(
                 usage,
             }) => {
                 tracker.on_done(&usage);
-                return Ok(full_body(meta, text, finish_reason, usage));
+                let message = if meta.tools {
+                    reply(tools::answer(&text), finish_reason)
+                } else {
+                    (Some(text), None, finish_reason)
+                };
+                return Ok(full_body(meta, message, usage));
             }
             Err(e) => {
                 tracker.on_error(&e);
@@ -154,7 +163,42 @@ pub(crate) async fn collect(
     Err(engine_error(&e))
 }
 
-fn full_body(meta: &Meta, text: String, finish_reason: FinishReason, usage: Usage) -> String {
+/// A chat answer's content, tool calls and finish reason.
+type Reply = (Option<String>, Option<Vec<ToolCall>>, FinishReason);
+
+/// An answer in the tools' shape as OpenAI's message: content, or calls with fresh ids.
+fn reply(answer: Answer, finish: FinishReason) -> Reply {
+    match answer {
+        Answer::Content(text) | Answer::Raw(text) => (Some(text), None, finish),
+        Answer::Calls { calls, complete } => (
+            None,
+            Some(
+                calls
+                    .into_iter()
+                    .map(|(name, arguments)| ToolCall {
+                        id: call_id(),
+                        kind: "function".into(),
+                        function: FunctionCall { name, arguments },
+                    })
+                    .collect(),
+            ),
+            if complete {
+                FinishReason::ToolCalls
+            } else {
+                finish
+            },
+        ),
+    }
+}
+
+/// OpenAI's form: `call_` and 24 characters.
+fn call_id() -> String {
+    let mut id = uuid::Uuid::new_v4().simple().to_string();
+    id.truncate(24);
+    format!("call_{id}")
+}
+
+fn full_body(meta: &Meta, (content, tool_calls, finish_reason): Reply, usage: Usage) -> String {
     let json = match meta.kind {
         Kind::Chat => serde_json::to_string(&ChatCompletion {
             id: meta.id.clone(),
@@ -165,7 +209,8 @@ fn full_body(meta: &Meta, text: String, finish_reason: FinishReason, usage: Usag
                 index: 0,
                 message: AssistantMessage {
                     role: "assistant".into(),
-                    content: Some(text),
+                    content,
+                    tool_calls,
                 },
                 logprobs: None,
                 finish_reason: Some(finish_reason),
@@ -179,7 +224,7 @@ fn full_body(meta: &Meta, text: String, finish_reason: FinishReason, usage: Usag
             created: meta.created,
             model: meta.model.clone(),
             choices: vec![CompletionChoice {
-                text,
+                text: content.unwrap_or_default(),
                 index: 0,
                 logprobs: None,
                 finish_reason: Some(finish_reason),
@@ -203,6 +248,8 @@ struct SseState {
     events: EventStream,
     tracker: Tracker,
     phase: Phase,
+    /// Reads an answer in the tools' shape (`meta.tools`).
+    reply: Option<ReplyStream>,
 }
 
 /// The SSE body: `data: {chunk}\n\n` per event, then `data: [DONE]\n\n`.
@@ -213,6 +260,7 @@ pub(crate) fn sse(
 ) -> impl futures::Stream<Item = Result<Bytes, Infallible>> + Send {
     let state = SseState {
         delta: DeltaTemplate::new(&meta),
+        reply: meta.tools.then(ReplyStream::default),
         meta,
         events,
         tracker,
@@ -261,14 +309,32 @@ fn push_event(s: &mut SseState, ev: Option<Result<Event, EngineError>>, out: &mu
     match ev {
         Some(Ok(Event::Delta(text))) => {
             s.tracker.on_delta();
-            s.delta.write(&text, out);
+            match &mut s.reply {
+                None => s.delta.write(&text, out),
+                Some(r) => {
+                    let shown = r.push(&text);
+                    if !shown.is_empty() {
+                        s.delta.write(&shown, out);
+                    }
+                }
+            }
         }
         Some(Ok(Event::Done {
-            finish_reason,
+            mut finish_reason,
             usage,
         })) => {
             s.tracker.on_done(&usage);
             s.phase = Phase::Finished;
+            if let Some(r) = s.reply.take() {
+                let (content, calls, finish) = reply(r.finish(), finish_reason);
+                if let Some(text) = content.filter(|t| !t.is_empty()) {
+                    s.delta.write(&text, out);
+                }
+                if let Some(calls) = calls {
+                    out.extend_from_slice(&tool_calls_chunk(&s.meta, calls));
+                }
+                finish_reason = finish;
+            }
             finish_chunk(&s.meta, finish_reason, out);
             if s.meta.include_usage {
                 out.extend_from_slice(&usage_chunk(&s.meta, usage));
@@ -395,11 +461,35 @@ fn role_chunk(meta: &Meta) -> Bytes {
 
 /// Appends the chunk with the finish reason (an empty delta).
 fn finish_chunk(meta: &Meta, finish: FinishReason, out: &mut Vec<u8>) {
-    let form = match finish {
-        FinishReason::Stop => Form::Stop,
-        FinishReason::Length => Form::Length,
+    match finish {
+        FinishReason::Stop => Form::Stop.write(meta, out),
+        FinishReason::Length => Form::Length.write(meta, out),
+        FinishReason::ToolCalls => {
+            out.extend_from_slice(&chunk(meta, Delta::default(), String::new(), Some(finish)));
+        }
+    }
+}
+
+/// One chunk with every call whole (OpenAI's clients join a call's pieces by `index`; one
+/// piece is a valid stream of them).
+fn tool_calls_chunk(meta: &Meta, calls: Vec<ToolCall>) -> Bytes {
+    let calls = (0u32..)
+        .zip(calls)
+        .map(|(index, c)| ToolCallDelta {
+            index,
+            id: Some(c.id),
+            kind: Some(c.kind),
+            function: Some(FunctionCallDelta {
+                name: Some(c.function.name),
+                arguments: Some(c.function.arguments),
+            }),
+        })
+        .collect();
+    let delta = Delta {
+        tool_calls: Some(calls),
+        ..Delta::default()
     };
-    form.write(meta, out);
+    chunk(meta, delta, String::new(), None)
 }
 
 /// The chunks every stream has, besides usage and errors.
@@ -423,6 +513,7 @@ impl Form {
                 Delta {
                     role: Some("assistant".into()),
                     content: Some(String::new()),
+                    tool_calls: None,
                 },
                 String::new(),
                 None,
@@ -431,6 +522,7 @@ impl Form {
                 Delta {
                     role: None,
                     content: Some(DeltaTemplate::MARK.into()),
+                    tool_calls: None,
                 },
                 DeltaTemplate::MARK.into(),
                 None,
@@ -498,6 +590,7 @@ impl Shape {
             model: Self::MODEL.into(),
             kind,
             include_usage,
+            tools: false,
         };
         let bytes = form.encode(&meta);
         let marks = [
@@ -592,6 +685,7 @@ mod tests {
             model: "m".into(),
             kind: Kind::Chat,
             include_usage: true,
+            tools: false,
         }
     }
 
@@ -601,6 +695,7 @@ mod tests {
         let role = Delta {
             role: Some("assistant".into()),
             content: Some(String::new()),
+            tool_calls: None,
         };
         let mut out = chunk(&m, role, String::new(), None).to_vec();
         for ev in events {
@@ -609,6 +704,7 @@ mod tests {
                     let d = Delta {
                         role: None,
                         content: Some(t.clone()),
+                        tool_calls: None,
                     };
                     out.extend_from_slice(&chunk(&m, d, t.clone(), None));
                 }
@@ -669,6 +765,136 @@ mod tests {
         assert_eq!(frames.concat(), one_by_one(&events));
     }
 
+    /// The chunks of an SSE body (the `[DONE]` line left out).
+    fn chunks(body: &[u8]) -> Vec<ChatCompletionChunk> {
+        String::from_utf8_lossy(body)
+            .split("\n\n")
+            .filter_map(|e| e.strip_prefix("data: "))
+            .filter(|d| *d != "[DONE]")
+            .map(|d| serde_json::from_str(d).unwrap_or_else(|e| unreachable!("{d}: {e}")))
+            .collect()
+    }
+
+    fn answer_events(text: &str, piece: usize) -> Vec<Event> {
+        let chars: Vec<char> = text.chars().collect();
+        let mut events: Vec<Event> = chars
+            .chunks(piece)
+            .map(|c| Event::Delta(c.iter().collect()))
+            .collect();
+        events.push(Event::Done {
+            finish_reason: FinishReason::Stop,
+            usage: Usage::new(3, 9),
+        });
+        events
+    }
+
+    async fn tool_answer(text: &str, piece: usize, streaming: bool) -> Vec<u8> {
+        let m = Meta {
+            tools: true,
+            ..meta()
+        };
+        let events: EventStream = Box::pin(futures::stream::iter(
+            answer_events(text, piece).into_iter().map(Ok),
+        ));
+        if streaming {
+            let frames: Vec<Bytes> = sse(m, events, tracker())
+                .map(|f| f.unwrap_or_default())
+                .collect()
+                .await;
+            frames.concat()
+        } else {
+            collect(&m, events, tracker())
+                .await
+                .unwrap_or_else(|e| unreachable!("{e:?}"))
+                .into_bytes()
+        }
+    }
+
+    #[tokio::test]
+    async fn an_answer_in_the_tools_shape_becomes_a_reply_or_tool_calls() {
+        // A reply is streamed as content as it comes, and is the whole answer's content.
+        let reply = r#"{"response": "Hi \"you\"\n"}"#;
+        let body = tool_answer(reply, 2, true).await;
+        let got = chunks(&body);
+        let content: Vec<String> = got
+            .iter()
+            .filter_map(|c| c.choices.first()?.delta.content.clone())
+            .filter(|c| !c.is_empty())
+            .collect();
+        assert!(content.len() > 1, "{content:?}");
+        assert_eq!(content.concat(), "Hi \"you\"\n");
+        let finish: Vec<_> = got
+            .iter()
+            .filter_map(|c| c.choices.first()?.finish_reason)
+            .collect();
+        assert_eq!(finish, [FinishReason::Stop]);
+        let whole: ChatCompletion = serde_json::from_slice(&tool_answer(reply, 2, false).await)
+            .unwrap_or_else(|e| unreachable!("{e}"));
+        assert_eq!(
+            whole.choices[0].message.content.as_deref(),
+            Some("Hi \"you\"\n")
+        );
+        assert_eq!(whole.choices[0].message.tool_calls, None);
+
+        // Calls: one chunk with every call, then finish `tool_calls`; no content.
+        let calls = r#"{"tool_calls": [{"name": "a", "arguments": {"x": 1}}, {"name": "b", "arguments": {}}]}"#;
+        let got = chunks(&tool_answer(calls, 3, true).await);
+        let deltas: Vec<&ToolCallDelta> = got
+            .iter()
+            .filter_map(|c| c.choices.first()?.delta.tool_calls.as_ref())
+            .flatten()
+            .collect();
+        let named: Vec<_> = deltas
+            .iter()
+            .map(|d| {
+                let f = d.function.clone().unwrap_or_default();
+                (
+                    d.index,
+                    f.name.unwrap_or_default(),
+                    f.arguments.unwrap_or_default(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            named,
+            [
+                (0, "a".into(), r#"{"x":1}"#.into()),
+                (1, "b".into(), "{}".into())
+            ]
+        );
+        assert!(
+            deltas
+                .iter()
+                .all(|d| d.id.as_ref().is_some_and(|i| i.starts_with("call_")))
+        );
+        assert!(got.iter().all(|c| {
+            c.choices
+                .first()
+                .and_then(|c| c.delta.content.as_deref())
+                .is_none_or(str::is_empty)
+        }));
+        let finish: Vec<_> = got
+            .iter()
+            .filter_map(|c| c.choices.first()?.finish_reason)
+            .collect();
+        assert_eq!(finish, [FinishReason::ToolCalls]);
+        let whole: ChatCompletion = serde_json::from_slice(&tool_answer(calls, 3, false).await)
+            .unwrap_or_else(|e| unreachable!("{e}"));
+        let message = &whole.choices[0].message;
+        assert_eq!(message.content, None);
+        let names: Vec<&str> = message
+            .tool_calls
+            .iter()
+            .flatten()
+            .map(|c| c.function.name.as_str())
+            .collect();
+        assert_eq!(names, ["a", "b"]);
+        assert_eq!(
+            whole.choices[0].finish_reason,
+            Some(FinishReason::ToolCalls)
+        );
+    }
+
     fn tokio_stream_from(
         rx: tokio::sync::mpsc::Receiver<Result<Event, EngineError>>,
     ) -> impl futures::Stream<Item = Result<Event, EngineError>> + Send {
@@ -701,12 +927,14 @@ mod tests {
                         model: model.into(),
                         kind,
                         include_usage,
+                        tools: false,
                     };
                     let template = DeltaTemplate::new(&meta);
                     for text in texts {
                         let delta = Delta {
                             role: None,
                             content: Some(text.into()),
+                            tool_calls: None,
                         };
                         let want = chunk(&meta, delta, text.into(), None);
                         let mut got = b"before".to_vec();
@@ -761,6 +989,7 @@ mod tests {
                                 model: model.into(),
                                 kind,
                                 include_usage,
+                                tools: false,
                             };
                             for form in Form::ALL {
                                 let mut got = b"before".to_vec();
