@@ -105,7 +105,7 @@ def test_unenforceable_schema_is_refused_by_nexus(nexus):
     with pytest.raises(openai.BadRequestError) as e:
         nexus.chat.completions.create(
             model=MODEL, messages=QUESTION, max_tokens=4,
-            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "integer", "minimum": 1}}},
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "number", "minimum": 1}}},
         )
     assert e.value.param == "response_format.json_schema.schema"
     assert "minimum" in e.value.message

@@ -117,7 +117,7 @@ class Pet(BaseModel):
 
 class Person(BaseModel):
     name: str = Field(max_length=20)
-    age: int
+    age: int = Field(ge=18, le=99)  # `minimum` / `maximum` in the schema
     pets: list[Pet] = Field(max_length=2)
 
 
@@ -134,6 +134,7 @@ def test_structured_output_parses_into_the_pydantic_model(client):
     assert isinstance(person, Person), choice.message.content
     assert list(json.loads(choice.message.content)) == ["name", "age", "pets"]
     assert len(person.pets) <= 2
+    assert 18 <= person.age <= 99
 
 
 def test_json_mode_answers_with_an_object(client):

@@ -554,6 +554,9 @@ async fn every_kind_of_schema_becomes_a_grammar_llama_cpp_accepts() {
         json!({"$defs": {"t": {"type": "object", "properties": {"kids": {"type": "array",
             "items": {"$ref": "#/$defs/t"}}}, "required": ["kids"]}}, "$ref": "#/$defs/t"}),
         json!({"oneOf": [{"type": "number"}, {"type": "boolean"}, {"type": "null"}], "nullable": true}),
+        json!({"type": "integer", "minimum": -5, "maximum": 120}),
+        json!({"type": ["integer", "null"], "exclusiveMinimum": 0}),
+        json!({"type": "integer", "minimum": -9_999_999_999_999_999_i64, "maximum": 123_456_789}),
     ] {
         let req = chat(
             "Hi",
@@ -568,6 +571,31 @@ async fn every_kind_of_schema_becomes_a_grammar_llama_cpp_accepts() {
             }
             Err(err) => panic!("{s}: {err}"),
         }
+    }
+    // Integer bounds hold whatever is sampled.
+    let bounded = json!({"type": "object", "properties": {
+        "year": {"type": "integer", "minimum": 1900, "maximum": 2025},
+        "delta": {"type": "integer", "exclusiveMinimum": -3, "exclusiveMaximum": 40}},
+        "required": ["year", "delta"], "additionalProperties": false});
+    for seed in 1..=6 {
+        let (text, finish, _) = run(
+            &e,
+            chat(
+                "Pick a year and a small number.",
+                SamplingParams {
+                    format: schema(bounded.clone()),
+                    temperature: 1.0,
+                    seed: Some(seed),
+                    ..greedy(60)
+                },
+            ),
+        )
+        .await;
+        assert_eq!(finish, FinishReason::Stop, "{text}");
+        let v: serde_json::Value = serde_json::from_str(&text).expect("the grammar's JSON");
+        let (year, delta) = (v["year"].as_i64(), v["delta"].as_i64());
+        assert!(year.is_some_and(|y| (1900..=2025).contains(&y)), "{text}");
+        assert!(delta.is_some_and(|d| (-2..=39).contains(&d)), "{text}");
     }
     // `ignore_eos` with a grammar (refused by the HTTP layer, possible for a library caller):
     // once the grammar is complete only end-of-generation tokens are allowed, so the answer

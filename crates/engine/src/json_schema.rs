@@ -16,6 +16,11 @@ use std::fmt;
 
 use serde_json::{Map, Value};
 
+use crate::int_range::{self, LIMIT};
+
+/// Numeric bounds: enforced on integers (as digit patterns), refused on other numbers.
+const BOUNDS: [&str; 4] = ["minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"];
+
 /// Deepest nesting of subschemas followed (a `$ref` cycle ends in a rule, not in recursion).
 const MAX_DEPTH: usize = 64;
 /// Most rules one grammar may have.
@@ -40,12 +45,8 @@ impl fmt::Display for SchemaError {
 impl std::error::Error for SchemaError {}
 
 /// Keywords that constrain values in ways the grammar does not express.
-const REFUSED: [&str; 26] = [
+const REFUSED: [&str; 22] = [
     "pattern",
-    "minimum",
-    "maximum",
-    "exclusiveMinimum",
-    "exclusiveMaximum",
     "multipleOf",
     "uniqueItems",
     "minProperties",
@@ -239,6 +240,24 @@ impl<'a> Converter<'a> {
                 "`{at}` uses `{k}`, which this network cannot enforce yet"
             )));
         }
+        if let Some(k) = BOUNDS.iter().find(|k| s.contains_key(**k)) {
+            let integers = match s.get("type") {
+                Some(Value::String(t)) => t == "integer",
+                Some(Value::Array(ts)) => {
+                    ts.contains(&Value::from("integer"))
+                        && ts.iter().all(|t| t == "integer" || t == "null")
+                }
+                _ => false,
+            };
+            let combined = ["$ref", "const", "enum", "anyOf", "oneOf"]
+                .iter()
+                .any(|c| s.contains_key(*c));
+            if !integers || combined {
+                return Err(SchemaError(format!(
+                    "`{at}` uses `{k}`, which this network can enforce only on a plain `integer` schema"
+                )));
+            }
+        }
         if let Some(r) = s.get("$ref") {
             return self.reference(r, at, depth);
         }
@@ -299,7 +318,7 @@ impl<'a> Converter<'a> {
                 "object" => self.object(s, at, depth)?,
                 "array" => self.array(s, at, depth)?,
                 "string" => self.string(s, at)?,
-                "integer" => self.builtin("integer"),
+                "integer" => self.integer(s, at)?,
                 "number" => self.builtin("number"),
                 "boolean" => self.builtin("boolean"),
                 "null" => self.builtin("null"),
@@ -340,6 +359,36 @@ impl<'a> Converter<'a> {
         self.refs.insert(target.to_owned(), name.clone());
         self.rules[i] = self.visit(sub, target, depth + 1)?;
         Ok(name)
+    }
+
+    /// An integer, within the schema's bounds if it has any.
+    fn integer(&mut self, s: &Map<String, Value>, at: &str) -> Result<String, SchemaError> {
+        let Some((lo, hi)) = int_bounds(s, at)? else {
+            return Ok(self.builtin("integer"));
+        };
+        let space = self.builtin("space");
+        let alts: Vec<String> = int_range::patterns(lo, hi)
+            .iter()
+            .map(|p| {
+                let mut alt = String::from(if p.negative { "\"-\"" } else { "" });
+                for d in &p.digits {
+                    if !alt.is_empty() {
+                        alt.push(' ');
+                    }
+                    let (lo, hi) = (char::from(d.lo), char::from(d.hi));
+                    alt.push_str(&if lo == hi {
+                        format!("\"{lo}\"")
+                    } else {
+                        format!("[{lo}-{hi}]")
+                    });
+                    if d.count > 1 {
+                        alt.push_str(&format!("{{{}}}", d.count));
+                    }
+                }
+                alt
+            })
+            .collect();
+        Ok(format!("( {} ) {space}", alts.join(" | ")))
     }
 
     /// The JSON text of `v` as a literal, then optional whitespace.
@@ -552,6 +601,49 @@ fn bounds(
     Ok((min, max))
 }
 
+/// An integer schema's bounds as an inclusive range (`None`: unbounded both ways). Fractional
+/// bounds round inwards; the range is clipped to what the grammar writes (16 digits).
+fn int_bounds(s: &Map<String, Value>, at: &str) -> Result<Option<(i64, i64)>, SchemaError> {
+    let get = |k: &str| -> Result<Option<f64>, SchemaError> {
+        match s.get(k) {
+            None => Ok(None),
+            Some(v) => v
+                .as_f64()
+                .filter(|f| f.is_finite())
+                .map(Some)
+                .ok_or_else(|| SchemaError(format!("`{at}.{k}` must be a number"))),
+        }
+    };
+    let (min, max) = (get("minimum")?, get("maximum")?);
+    let (xmin, xmax) = (get("exclusiveMinimum")?, get("exclusiveMaximum")?);
+    if min.is_none() && max.is_none() && xmin.is_none() && xmax.is_none() {
+        return Ok(None);
+    }
+    // `as` saturates; the bounds are clipped to ±LIMIT below anyway.
+    #[allow(clippy::cast_possible_truncation)]
+    let lo = [
+        min.map(|m| m.ceil() as i64),
+        xmin.map(|m| (m.floor() as i64).saturating_add(1)),
+    ]
+    .into_iter()
+    .flatten()
+    .fold(-LIMIT, i64::max);
+    #[allow(clippy::cast_possible_truncation)]
+    let hi = [
+        max.map(|m| m.floor() as i64),
+        xmax.map(|m| (m.ceil() as i64).saturating_sub(1)),
+    ]
+    .into_iter()
+    .flatten()
+    .fold(LIMIT, i64::min);
+    if lo > hi {
+        return Err(SchemaError(format!(
+            "`{at}` admits no integer of at most 16 digits (its bounds are empty)"
+        )));
+    }
+    Ok(Some((lo, hi)))
+}
+
 /// `text` as a GBNF string literal.
 fn gbnf_literal(text: &str) -> String {
     let mut out = String::with_capacity(text.len() + 2);
@@ -687,6 +779,23 @@ mod tests {
     }
 
     #[test]
+    fn integer_bounds_become_digit_patterns() {
+        let g = grammar(&json!({"type": "integer", "minimum": -5, "maximum": 120}));
+        assert!(
+            g.contains(r#"root ::= ( "-" [1-5] | [0-9] | [1-9] [0-9] | "1" [0-1] [0-9] | "1" "2" "0" ) space"#),
+            "{g}"
+        );
+        // Exclusive and fractional bounds round inwards; a null may stand in.
+        let g =
+            grammar(&json!({"type": ["integer", "null"], "exclusiveMinimum": 0, "maximum": 9.5}));
+        assert!(g.contains(r#"root ::= ( ( [1-9] ) space | null )"#), "{g}");
+        // Only a lower bound: up to the 16 digits the plain rule allows.
+        let g = grammar(&json!({"type": "integer", "minimum": 10}));
+        assert!(g.contains(r#"[1-9] [0-9]{15}"#), "{g}");
+        assert!(!g.contains(r#""-""#), "{g}");
+    }
+
+    #[test]
     fn what_cannot_be_enforced_is_refused_by_name() {
         for (schema, says) in [
             (
@@ -694,8 +803,25 @@ mod tests {
                 "`schema` uses `pattern`",
             ),
             (
-                json!({"properties": {"n": {"type": "integer", "minimum": 0}}}),
+                json!({"properties": {"n": {"type": "number", "minimum": 0}}}),
                 "`schema.properties.n` uses `minimum`",
+            ),
+            (json!({"maximum": 3}), "`schema` uses `maximum`"),
+            (
+                json!({"type": "integer", "enum": [1, 9], "maximum": 3}),
+                "only on a plain `integer`",
+            ),
+            (
+                json!({"type": "integer", "minimum": 3, "exclusiveMaximum": 4.0, "maximum": 2}),
+                "no integer",
+            ),
+            (
+                json!({"type": "integer", "exclusiveMinimum": true}),
+                "must be a number",
+            ),
+            (
+                json!({"type": "integer", "exclusiveMinimum": 1e30}),
+                "no integer",
             ),
             (json!({"type": "string", "format": "email"}), "format"),
             (json!({"type": "array", "maxItems": 100_000}), "maxItems"),

@@ -2,6 +2,7 @@
 //! Backends (embedded llama.cpp, an OpenAI-compatible upstream) implement [`Engine`].
 
 mod chunk;
+mod int_range;
 pub mod json_schema;
 mod pool;
 mod template;
