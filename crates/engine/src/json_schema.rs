@@ -604,38 +604,36 @@ fn bounds(
 /// An integer schema's bounds as an inclusive range (`None`: unbounded both ways). Fractional
 /// bounds round inwards; the range is clipped to what the grammar writes (16 digits).
 fn int_bounds(s: &Map<String, Value>, at: &str) -> Result<Option<(i64, i64)>, SchemaError> {
-    let get = |k: &str| -> Result<Option<f64>, SchemaError> {
-        match s.get(k) {
-            None => Ok(None),
-            Some(v) => v
-                .as_f64()
-                .filter(|f| f.is_finite())
-                .map(Some)
-                .ok_or_else(|| SchemaError(format!("`{at}.{k}` must be a number"))),
+    // A bound rounded inwards to an integer (`up`: a lower bound): integer literals exactly,
+    // fractions through `f64` (`as` saturates; the range is clipped to ±LIMIT anyway).
+    let get = |k: &str, up: bool| -> Result<Option<i64>, SchemaError> {
+        let Some(v) = s.get(k) else { return Ok(None) };
+        if let Some(i) = v.as_i64() {
+            return Ok(Some(i));
         }
+        if v.as_u64().is_some() {
+            return Ok(Some(i64::MAX));
+        }
+        let f = v
+            .as_f64()
+            .filter(|f| f.is_finite())
+            .ok_or_else(|| SchemaError(format!("`{at}.{k}` must be a number")))?;
+        #[allow(clippy::cast_possible_truncation)]
+        Ok(Some(if up {
+            f.ceil() as i64
+        } else {
+            f.floor() as i64
+        }))
     };
-    let (min, max) = (get("minimum")?, get("maximum")?);
-    let (xmin, xmax) = (get("exclusiveMinimum")?, get("exclusiveMaximum")?);
+    let (min, max) = (get("minimum", true)?, get("maximum", false)?);
+    // x > b is x ≥ floor(b) + 1; x < b is x ≤ ceil(b) − 1.
+    let xmin = get("exclusiveMinimum", false)?.map(|b| b.saturating_add(1));
+    let xmax = get("exclusiveMaximum", true)?.map(|b| b.saturating_sub(1));
     if min.is_none() && max.is_none() && xmin.is_none() && xmax.is_none() {
         return Ok(None);
     }
-    // `as` saturates; the bounds are clipped to ±LIMIT below anyway.
-    #[allow(clippy::cast_possible_truncation)]
-    let lo = [
-        min.map(|m| m.ceil() as i64),
-        xmin.map(|m| (m.floor() as i64).saturating_add(1)),
-    ]
-    .into_iter()
-    .flatten()
-    .fold(-LIMIT, i64::max);
-    #[allow(clippy::cast_possible_truncation)]
-    let hi = [
-        max.map(|m| m.floor() as i64),
-        xmax.map(|m| (m.ceil() as i64).saturating_sub(1)),
-    ]
-    .into_iter()
-    .flatten()
-    .fold(LIMIT, i64::min);
+    let lo = [min, xmin].into_iter().flatten().fold(-LIMIT, i64::max);
+    let hi = [max, xmax].into_iter().flatten().fold(LIMIT, i64::min);
     if lo > hi {
         return Err(SchemaError(format!(
             "`{at}` admits no integer of at most 16 digits (its bounds are empty)"
@@ -789,6 +787,15 @@ mod tests {
         let g =
             grammar(&json!({"type": ["integer", "null"], "exclusiveMinimum": 0, "maximum": 9.5}));
         assert!(g.contains(r#"root ::= ( ( [1-9] ) space | null )"#), "{g}");
+        // Integer literals are exact beyond 2^53 (through f64 they would round outwards).
+        let g = grammar(
+            &json!({"type": "integer", "minimum": 9_007_199_254_740_993_i64,
+                                "maximum": 9_007_199_254_740_995_i64}),
+        );
+        assert!(
+            g.contains(r#"( "9" "0"{2} "7" "1" "9"{2} "2" "5" "4" "7" "4" "0" "9"{2} [3-5] )"#),
+            "{g}"
+        );
         // Only a lower bound: up to the 16 digits the plain rule allows.
         let g = grammar(&json!({"type": "integer", "minimum": 10}));
         assert!(g.contains(r#"[1-9] [0-9]{15}"#), "{g}");

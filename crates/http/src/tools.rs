@@ -181,7 +181,23 @@ pub(crate) fn parse(
         };
         let parameters = match f.get("parameters") {
             None | Some(Value::Null) => json!({"type": "object", "properties": {}}),
-            Some(p @ Value::Object(_)) => p.clone(),
+            // Arguments are an object (clients pass them on as keyword arguments).
+            Some(Value::Object(p)) => match p.get("type") {
+                None => {
+                    let mut p = p.clone();
+                    p.insert("type".into(), "object".into());
+                    Value::Object(p)
+                }
+                Some(t) if t == "object" => Value::Object(p.clone()),
+                Some(_) => {
+                    return err(
+                        &format!("{at}.function.parameters"),
+                        format!(
+                            "`{at}.function.parameters` must describe an object (`\"type\": \"object\"`)."
+                        ),
+                    );
+                }
+            },
             Some(_) => {
                 return err(
                     &format!("{at}.function.parameters"),
@@ -312,28 +328,57 @@ pub(crate) fn parse(
 }
 
 /// Moves a schema under `#/$defs/<at>` of the answer's schema: its own references (`#…`)
-/// point into itself there. Literal values (`const`, `enum`, `default`, `examples`) are data,
-/// not schemas, and are kept as they are.
+/// point into itself there. Walks schema positions only — the subschemas under keywords —
+/// so a property that happens to be named `default` or `$ref` is a schema like any other, and
+/// literal values (`const`, `enum`, `default`, `examples`, annotations) are kept as they are.
 fn rebase(schema: Value, at: &str) -> Value {
-    match schema {
-        Value::Object(m) => Value::Object(
-            m.into_iter()
-                .map(|(k, v)| {
-                    let v = match (k.as_str(), v) {
-                        ("$ref", Value::String(r)) => match r.strip_prefix('#') {
+    let Value::Object(m) = schema else {
+        return schema;
+    };
+    let each = |v: Value, f: &dyn Fn(Value) -> Value| match v {
+        Value::Object(map) => Value::Object(map.into_iter().map(|(k, v)| (k, f(v))).collect()),
+        other => other,
+    };
+    let all = |v: Value| match v {
+        Value::Array(a) => Value::Array(a.into_iter().map(|v| rebase(v, at)).collect()),
+        other => rebase(other, at),
+    };
+    Value::Object(
+        m.into_iter()
+            .map(|(k, v)| {
+                let v = match k.as_str() {
+                    "$ref" => match v {
+                        Value::String(r) => match r.strip_prefix('#') {
                             Some(rest) => Value::String(format!("#/$defs/{at}{rest}")),
                             None => Value::String(r),
                         },
-                        ("const" | "enum" | "default" | "examples", v) => v,
-                        (_, v) => rebase(v, at),
-                    };
-                    (k, v)
-                })
-                .collect(),
-        ),
-        Value::Array(a) => Value::Array(a.into_iter().map(|v| rebase(v, at)).collect()),
-        v => v,
-    }
+                        other => other,
+                    },
+                    // Keywords whose value is a map of name → schema.
+                    "properties" | "$defs" | "definitions" | "patternProperties"
+                    | "dependentSchemas" => each(v, &|s| rebase(s, at)),
+                    // Keywords whose value is a schema or a list of schemas.
+                    "items"
+                    | "additionalProperties"
+                    | "anyOf"
+                    | "oneOf"
+                    | "allOf"
+                    | "not"
+                    | "if"
+                    | "then"
+                    | "else"
+                    | "prefixItems"
+                    | "additionalItems"
+                    | "contains"
+                    | "propertyNames"
+                    | "unevaluatedProperties"
+                    | "unevaluatedItems" => all(v),
+                    _ => v,
+                };
+                (k, v)
+            })
+            .collect(),
+    )
 }
 
 /// The conversation in the shape the model answers in: an assistant's `tool_calls` become its
@@ -345,7 +390,7 @@ pub(crate) fn conversation(
 ) -> Result<Vec<Message>, ApiError> {
     let mut out: Vec<Message> = Vec::with_capacity(messages.len());
     // Call id → tool name, from the assistant messages so far.
-    let mut called: Vec<(String, String)> = Vec::new();
+    let mut called: std::collections::HashMap<String, String> = std::collections::HashMap::new();
     let mut last_was_tool = false;
     for (i, (m, content)) in messages.iter().zip(texts).enumerate() {
         match (m.role.as_str(), &m.tool_calls) {
@@ -362,7 +407,7 @@ pub(crate) fn conversation(
                     let arguments = serde_json::from_str::<Value>(&c.function.arguments)
                         .unwrap_or_else(|_| Value::String(c.function.arguments.clone()));
                     list.push(json!({"name": c.function.name, "arguments": arguments}));
-                    called.push((c.id.clone(), c.function.name.clone()));
+                    called.insert(c.id.clone(), c.function.name.clone());
                 }
                 out.push(Message {
                     role: "assistant".into(),
@@ -371,14 +416,10 @@ pub(crate) fn conversation(
                 last_was_tool = false;
             }
             ("tool", _) => {
-                let name = m.name.clone().or_else(|| {
-                    let id = m.tool_call_id.as_deref()?;
-                    called
-                        .iter()
-                        .rev()
-                        .find(|(c, _)| c == id)
-                        .map(|(_, n)| n.clone())
-                });
+                let name = m
+                    .name
+                    .clone()
+                    .or_else(|| called.get(m.tool_call_id.as_deref()?).cloned());
                 let mut response = Map::new();
                 if let Some(n) = name {
                     response.insert("name".into(), n.into());
@@ -429,10 +470,12 @@ impl Tools {
     }
 
     pub(crate) fn format(&self) -> OutputFormat {
+        // Not `strict`: an OpenAI upstream's strict mode refuses a root `anyOf`; the grammar
+        // of an embedded node holds the answer to the schema either way.
         OutputFormat::JsonSchema {
             name: "tool_calls".into(),
             schema: self.schema.clone(),
-            strict: Some(true),
+            strict: None,
         }
     }
 }
@@ -445,20 +488,21 @@ fn call(c: &Value) -> Option<(String, String)> {
 
 /// The whole calls at the start of an answer cut short inside its `tool_calls` list.
 fn calls_before_cut(text: &str) -> Option<Vec<(String, String)>> {
-    let open = |rest: &str, token: &str| rest.trim_start().strip_prefix(token).map(str::to_owned);
+    fn open<'a>(rest: &'a str, token: &str) -> Option<&'a str> {
+        rest.trim_start().strip_prefix(token)
+    }
     let mut rest = open(text, "{")
-        .and_then(|r| open(&r, "\"tool_calls\""))
-        .and_then(|r| open(&r, ":"))
-        .and_then(|r| open(&r, "["))?;
+        .and_then(|r| open(r, "\"tool_calls\""))
+        .and_then(|r| open(r, ":"))
+        .and_then(|r| open(r, "["))?;
     let mut out = Vec::new();
     loop {
-        let mut values = serde_json::Deserializer::from_str(&rest).into_iter::<Value>();
+        let mut values = serde_json::Deserializer::from_str(rest).into_iter::<Value>();
         let Some(Ok(v)) = values.next() else { break };
         let used = values.byte_offset();
         out.push(call(&v)?);
-        rest = rest.get(used..)?.trim_start().to_owned();
-        match rest.strip_prefix(',') {
-            Some(r) => rest = r.to_owned(),
+        match rest.get(used..)?.trim_start().strip_prefix(',') {
+            Some(r) => rest = r,
             None => break,
         }
     }
@@ -468,12 +512,18 @@ fn calls_before_cut(text: &str) -> Option<Vec<(String, String)>> {
 /// Reads the model's answer back.
 pub(crate) fn answer(text: &str) -> Answer {
     let Ok(Value::Object(mut m)) = serde_json::from_str::<Value>(text) else {
-        return match calls_before_cut(text) {
-            Some(calls) => Answer::Calls {
+        if let Some(calls) = calls_before_cut(text) {
+            return Answer::Calls {
                 calls,
                 complete: false,
-            },
-            None => Answer::Raw(text.to_owned()),
+            };
+        }
+        // A reply cut short: what a stream of it would have shown.
+        let mut r = ReplyStream::default();
+        let shown = r.push(text);
+        return match r.state {
+            Reading::Reply { .. } | Reading::Replied => Answer::Content(shown),
+            Reading::Opening | Reading::Whole => Answer::Raw(text.to_owned()),
         };
     };
     if let Some(Value::Array(calls)) = m.remove("tool_calls") {
@@ -490,6 +540,54 @@ pub(crate) fn answer(text: &str) -> Answer {
         Some(v) => Answer::Content(v.to_string()),
         None => Answer::Raw(text.to_owned()),
     }
+}
+
+/// The text of a JSON string's body whose escapes are all complete. Lenient where JSON parsers
+/// are strict (the grammar allows both): a lone surrogate becomes U+FFFD, so that text decoded
+/// piece by piece and text decoded whole are the same.
+fn unescape(raw: &str) -> String {
+    let mut out = String::with_capacity(raw.len());
+    let mut chars = raw.chars();
+    let hex4 = |chars: &mut std::str::Chars<'_>| -> Option<u32> {
+        let h: String = chars.by_ref().take(4).collect();
+        u32::from_str_radix(&h, 16).ok().filter(|_| h.len() == 4)
+    };
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('n') => out.push('\n'),
+            Some('t') => out.push('\t'),
+            Some('r') => out.push('\r'),
+            Some('b') => out.push('\u{8}'),
+            Some('f') => out.push('\u{c}'),
+            Some('u') => {
+                let Some(unit) = hex4(&mut chars) else {
+                    out.push(char::REPLACEMENT_CHARACTER);
+                    continue;
+                };
+                let code = if (0xD800..0xDC00).contains(&unit) {
+                    // A low surrogate must follow as `\uXXXX`; otherwise the high one is lone.
+                    let mut ahead = chars.clone();
+                    match (ahead.next(), ahead.next(), hex4(&mut ahead)) {
+                        (Some('\\'), Some('u'), Some(low @ 0xDC00..=0xDFFF)) => {
+                            chars = ahead;
+                            0x10000 + ((unit - 0xD800) << 10) + (low - 0xDC00)
+                        }
+                        _ => 0xFFFD,
+                    }
+                } else {
+                    unit
+                };
+                out.push(char::from_u32(code).unwrap_or(char::REPLACEMENT_CHARACTER));
+            }
+            Some(other) => out.push(other), // `"`, `\`, `/`
+            None => {}
+        }
+    }
+    out
 }
 
 /// Reads a streamed answer as it comes, so that a reply (the `response` branch, a string) is
@@ -577,7 +675,9 @@ impl ReplyStream {
                                 .and_then(|h| u16::from_str_radix(h, 16).ok());
                             match high {
                                 None if b.len() < j + 6 => break,
-                                Some(0xD800..=0xDBFF) => 12, // and its low surrogate
+                                // A high surrogate and the `\u` of its low one.
+                                Some(0xD800..=0xDBFF) if b.len() < j + 8 => break,
+                                Some(0xD800..=0xDBFF) if b.get(j + 6..j + 8) == Some(b"\\u") => 12,
                                 _ => 6,
                             }
                         }
@@ -591,9 +691,7 @@ impl ReplyStream {
                 _ => j += 1,
             }
         }
-        let raw = &self.buf[at..j];
-        let text = serde_json::from_str::<String>(&format!("\"{raw}\""))
-            .unwrap_or_else(|_| raw.to_owned());
+        let text = unescape(&self.buf[at..j]);
         self.state = if closed {
             Reading::Replied
         } else {
@@ -724,6 +822,25 @@ mod tests {
         );
         // The references resolve in the whole schema (a wrong one would be refused).
         assert!(json_schema::schema_grammar(&t.schema).is_ok());
+    }
+
+    #[test]
+    fn only_schema_positions_are_rebased() {
+        // A property named `default` (or `const`) is a schema; its reference is moved too.
+        let tool = |parameters: Value| json!({"tools": [{"type": "function", "function": {"name": "f", "parameters": parameters}}]});
+        let t = ok(tool(json!({"type": "object", "properties": {
+            "default": {"$ref": "#"}, "const": {"$ref": "#/$defs/Mode"}},
+            "$defs": {"Mode": {"enum": ["a", "b"]}}})));
+        let props = &t.schema["$defs"]["tool0"]["properties"];
+        assert_eq!(props["default"]["$ref"], json!("#/$defs/tool0"));
+        assert_eq!(props["const"]["$ref"], json!("#/$defs/tool0/$defs/Mode"));
+        // Arguments are an object: a schema without a type becomes one, another type is refused.
+        let t = ok(tool(json!({"properties": {"q": {"type": "string"}}})));
+        assert_eq!(t.schema["$defs"]["tool0"]["type"], json!("object"));
+        assert_eq!(
+            param(tools(tool(json!({"type": "string"})))).as_deref(),
+            Some("tools[0].function.parameters")
+        );
     }
 
     #[test]
@@ -935,6 +1052,19 @@ mod tests {
                 (shown.as_str(), last),
                 ("", Answer::Content(r#"{"a":1}"#.into()))
             );
+        }
+        // Read whole, a reply cut short is what its stream showed, not the raw JSON.
+        assert_eq!(
+            answer(r#"{"response": "The weath"#),
+            Answer::Content("The weath".into())
+        );
+        // A lone surrogate (the grammar allows it; JSON parsers refuse it) neither swallows
+        // the closing quote nor makes the two readings differ.
+        let lone = r#"{"response": "\ud800abcde\"x\udc00"}"#;
+        for size in [1, 3, 100] {
+            let (shown, _) = stream(lone, size);
+            assert_eq!(shown, "\u{fffd}abcde\"x\u{fffd}", "size {size}");
+            assert_eq!(answer(lone), Answer::Content(shown), "size {size}");
         }
         // Cut off inside the reply: what was decodable was shown, the rest is dropped.
         let (shown, last) = stream(r#"{"response": "abc\u00"#, 3);
