@@ -130,3 +130,12 @@ def test_tool_calls_through_nexus(nexus):
                 for choice in chunk.choices for tc in choice.delta.tool_calls or []]
     assert [(tc.function.name, tc.function.arguments) for tc in streamed] == [
         (call.function.name, call.function.arguments)]
+
+
+def test_log_probabilities_through_nexus(nexus):
+    # Asked over the link (protocol 5), sent back as events before the text they belong to.
+    r = nexus.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=16,
+                                      logprobs=True, top_logprobs=2)
+    tokens = r.choices[0].logprobs.content
+    assert "".join(t.token for t in tokens) == r.choices[0].message.content
+    assert all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in tokens)

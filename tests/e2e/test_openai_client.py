@@ -90,8 +90,8 @@ def test_max_tokens_out_of_range_is_400(client):
 @pytest.mark.parametrize(
     "extra, param",
     [
-        ({"logprobs": True, "top_logprobs": 2}, "logprobs"),
-        ({"logprobs": True}, "logprobs"),
+        ({"extra_body": {"suffix": "end"}}, "suffix"),
+        ({"extra_body": {"best_of": 2}}, "best_of"),
     ],
 )
 def test_unsupported_fields_are_refused_by_name(client, extra, param):
@@ -178,3 +178,41 @@ def test_penalties_are_applied(client):
 def test_streaming_error_before_first_token_is_an_http_error(client):
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=5, stream=True)
+
+
+def test_chat_log_probabilities(client):
+    kwargs = dict(model=MODEL, messages=QUESTION, temperature=0, max_tokens=24, logprobs=True, top_logprobs=3)
+    r = client.chat.completions.create(**kwargs)
+    choice = r.choices[0]
+    tokens = choice.logprobs.content
+    assert len(tokens) == r.usage.completion_tokens
+    assert "".join(t.token for t in tokens) == choice.message.content
+    for t in tokens:
+        assert t.logprob <= 0 and bytes(t.bytes).decode("utf-8", "replace") == t.token
+        assert len(t.top_logprobs) == 3
+        assert [a.logprob for a in t.top_logprobs] == sorted((a.logprob for a in t.top_logprobs), reverse=True)
+        assert t.top_logprobs[0].token == t.token  # greedy
+    # Streamed, each chunk carries the log probabilities of its own text: the same tokens.
+    streamed = [t for chunk in client.chat.completions.create(stream=True, **kwargs)
+                for c in chunk.choices if c.logprobs for t in c.logprobs.content]
+    assert [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in tokens]
+
+
+def test_completion_log_probabilities(client):
+    r = client.completions.create(model=MODEL, prompt="1, 2, 3, 4,", max_tokens=8, temperature=0, logprobs=2)
+    lp = r.choices[0].logprobs
+    assert "".join(lp.tokens) == r.choices[0].text
+    assert len(lp.token_logprobs) == len(lp.tokens) == r.usage.completion_tokens
+    assert all(p <= 0 for p in lp.token_logprobs)
+    assert all(1 <= len(top) <= 2 for top in lp.top_logprobs)
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"top_logprobs": 2}, "top_logprobs"),
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+])
+def test_bad_log_probability_requests_are_400(client, extra, param):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=4, **extra)
+    assert e.value.param == param

@@ -1,6 +1,7 @@
 //! Embedded llama.cpp backend: one model, one context, `parallel` slots decoded together in a
 //! single batch per step (continuous batching) on a dedicated thread that owns the context.
 
+mod logprobs;
 mod sampler;
 mod scheduler;
 

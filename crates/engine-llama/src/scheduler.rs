@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError};
 
 use lattice_engine::{
-    EngineError, Event, FinishReason, SamplingParams, StopMatcher, Usage, Utf8Decoder,
+    EngineError, Event, FinishReason, SamplingParams, StopMatcher, TokenLogprob, Usage, Utf8Decoder,
 };
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::context::params::LlamaContextParams;
@@ -60,6 +60,8 @@ struct Active {
     stop: StopMatcher,
     /// Batch index holding this slot's logits after the current decode.
     logits_at: Option<i32>,
+    /// Log probabilities of tokens whose text is not sent yet (with `params.logprobs`).
+    logprobs: Vec<TokenLogprob>,
 }
 
 struct Slot {
@@ -217,6 +219,7 @@ fn start(ctx: &mut LlamaContext<'_>, slots: &mut [Slot], job: Job) {
         utf8: Utf8Decoder::default(),
         stop,
         logits_at: None,
+        logprobs: Vec::new(),
     });
 }
 
@@ -310,10 +313,15 @@ fn sample_and_emit(model: &LlamaModel, ctx: &LlamaContext<'_>, slots: &mut [Slot
         let finish = if let Some(tok) = tok.filter(|&t| !vocab.is_eog(t) || a.job.params.ignore_eos)
         {
             a.generated += 1;
+            if let Some(k) = a.job.params.logprobs {
+                let logits = ctx.get_logits_ith(at);
+                a.logprobs
+                    .push(crate::logprobs::token_logprob(&vocab, logits, tok, k));
+            }
             let text = a.utf8.push(&vocab.token_to_piece(tok, false, None));
             let out = a.stop.push(&text);
             if !out.emit.is_empty() {
-                let _ = a.job.events.send(Ok(Event::Delta(out.emit)));
+                send_text(a, out.emit);
             }
             if out.stopped {
                 Some((FinishReason::Stop, true))
@@ -334,6 +342,16 @@ fn sample_and_emit(model: &LlamaModel, ctx: &LlamaContext<'_>, slots: &mut [Slot
     }
 }
 
+/// Sends text, after the log probabilities of the tokens it came from when they were asked for
+/// (those of tokens held back as a possible stop sequence and then dropped are never sent).
+fn send_text(a: &mut Active, text: String) {
+    if !a.logprobs.is_empty() {
+        let tokens = std::mem::take(&mut a.logprobs);
+        let _ = a.job.events.send(Ok(Event::Logprobs(tokens)));
+    }
+    let _ = a.job.events.send(Ok(Event::Delta(text)));
+}
+
 fn finish_request(mut a: Active, reason: FinishReason, matched_stop: bool) {
     if !matched_stop {
         // Held-back text turned out not to start a stop sequence: deliver it.
@@ -344,7 +362,7 @@ fn finish_request(mut a: Active, reason: FinishReason, matched_stop: bool) {
             rest.push_str(&a.stop.finish());
         }
         if !rest.is_empty() {
-            let _ = a.job.events.send(Ok(Event::Delta(rest)));
+            send_text(&mut a, rest);
         }
     }
     let prompt_tokens = u32::try_from(a.job.tokens.len()).unwrap_or(u32::MAX);

@@ -75,6 +75,7 @@ async fn drain(mut s: EventStream) -> (String, FinishReason, Usage) {
                 assert!(done.is_none(), "two done events");
                 done = Some((finish_reason, usage));
             }
+            Event::Logprobs(_) => panic!("log probabilities that were not asked for"),
         }
     }
     let (f, u) = done.expect("stream ended with Done");
@@ -732,4 +733,54 @@ async fn logit_bias_and_penalties_change_the_answer() {
         e.generate(req).await.err(),
         Some(EngineError::InvalidRequest(m)) if m.contains("logit_bias")
     ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_probabilities_describe_the_answer() {
+    let e = engine("smollm2-135m", 1).await;
+    let ask = "Which city is the capital of France?";
+    let (plain, _, _) = run(&e, chat(ask, greedy(24))).await;
+    let params = SamplingParams {
+        logprobs: Some(5),
+        ..greedy(24)
+    };
+    let mut s = e.generate(chat(ask, params)).await.expect("admitted");
+    let (mut text, mut tokens, mut usage) = (String::new(), Vec::new(), None);
+    let mut waiting = 0; // log probabilities sent for text not yet seen
+    while let Some(ev) = s.next().await {
+        match ev.expect("no engine error") {
+            Event::Logprobs(l) => {
+                assert_eq!(waiting, 0, "two logprobs events in a row");
+                waiting = l.len();
+                tokens.extend(l);
+            }
+            Event::Delta(d) => {
+                assert!(waiting > 0, "text without its log probabilities: {d:?}");
+                waiting = 0;
+                text.push_str(&d);
+            }
+            Event::Done { usage: u, .. } => usage = Some(u),
+        }
+    }
+    // Asking for them does not change the answer; they cover it token by token.
+    assert_eq!(text, plain);
+    let usage = usage.expect("done");
+    assert_eq!(tokens.len(), usage.completion_tokens as usize);
+    let bytes: Vec<u8> = tokens.iter().flat_map(|t| t.bytes.clone()).collect();
+    assert_eq!(String::from_utf8_lossy(&bytes), text);
+    for t in &tokens {
+        assert!(t.logprob <= 0.0 && t.logprob.is_finite(), "{t:?}");
+        assert_eq!(t.top.len(), 5);
+        assert!(
+            t.top.windows(2).all(|w| w[0].logprob >= w[1].logprob),
+            "{t:?}"
+        );
+        let mass: f32 = t.top.iter().map(|a| a.logprob.exp()).sum();
+        assert!(mass <= 1.0 + 1e-4, "{t:?}");
+        // Greedy picks the most likely token (no penalties, biases or grammar here).
+        assert_eq!(
+            (t.top[0].bytes.as_slice(), t.top[0].logprob),
+            (t.bytes.as_slice(), t.logprob)
+        );
+    }
 }

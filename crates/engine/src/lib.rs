@@ -63,6 +63,34 @@ pub struct SamplingParams {
     /// What shape the answer must have.
     #[serde(default, skip_serializing_if = "OutputFormat::is_text")]
     pub format: OutputFormat,
+    /// Report each answer token's log probability and its `k` most likely alternatives
+    /// (`Some(k)`, k ≤ [`MAX_TOP_LOGPROBS`]) in [`Event::Logprobs`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<u8>,
+}
+
+/// Most alternatives a token's log probabilities may list (OpenAI's limit).
+pub const MAX_TOP_LOGPROBS: u8 = 20;
+
+/// A generated token's log probability under the model's own distribution (its raw logits'
+/// softmax: before temperature, penalties, biases or a grammar), with its most likely
+/// alternatives at that step, most likely first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenLogprob {
+    /// The token's text (invalid UTF-8, as in part of a character, is replaced).
+    pub token: String,
+    /// The token's bytes.
+    pub bytes: Vec<u8>,
+    pub logprob: f32,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub top: Vec<TopLogprob>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TopLogprob {
+    pub token: String,
+    pub bytes: Vec<u8>,
+    pub logprob: f32,
 }
 
 #[allow(clippy::trivially_copy_pass_by_ref)] // serde's `skip_serializing_if` passes a reference
@@ -84,6 +112,7 @@ impl Default for SamplingParams {
             frequency_penalty: 0.0,
             logit_bias: Vec::new(),
             format: OutputFormat::Text,
+            logprobs: None,
         }
     }
 }
@@ -167,11 +196,14 @@ pub struct Payer {
     pub key_spend_limit: Option<u128>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Event {
     /// Newly generated text; never splits a UTF-8 character and never contains a stop sequence.
     Delta(String),
+    /// With [`SamplingParams::logprobs`]: the tokens whose text the next [`Event::Delta`]
+    /// carries (sent right before it; tokens that only made up a stop sequence are left out).
+    Logprobs(Vec<TokenLogprob>),
     /// Always the last event of a successful stream.
     Done {
         finish_reason: FinishReason,

@@ -273,6 +273,11 @@ impl Engine for UpstreamEngine {
 
     fn generate(&self, req: GenerateRequest) -> BoxFuture<'_, Result<EventStream, EngineError>> {
         async move {
+            if req.params.logprobs.is_some() {
+                return Err(EngineError::InvalidRequest(
+                    "Log probabilities are not available from this node's upstream backend.".into(),
+                ));
+            }
             let prev = self.in_flight.fetch_add(1, Ordering::AcqRel);
             let guard = InFlight(self.in_flight.clone());
             if prev >= self.cfg.max_in_flight {

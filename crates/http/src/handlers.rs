@@ -143,6 +143,7 @@ async fn respond(
     let preference = preference(headers).inspect_err(|e| {
         st.metrics.request(kind.endpoint(), outcome(e.status));
     })?;
+    let logprobs = params.logprobs.is_some();
     let gen_req = GenerateRequest {
         request_id: request_id.clone(),
         model: model.clone(),
@@ -171,6 +172,7 @@ async fn respond(
         kind,
         include_usage,
         tools,
+        logprobs,
     };
     let tracker = Tracker::new(st.clone(), kind, request_id.clone(), started);
     let rid = HeaderValue::from_str(&request_id).unwrap_or(HeaderValue::from_static("invalid"));

@@ -1,7 +1,7 @@
 //! Validation of OpenAI request fields into engine parameters; every rejection names the field.
 
 use lattice_api::{ApiError, ChatCompletionRequest, CompletionRequest, PromptSpec, SamplingFields};
-use lattice_engine::{OutputFormat, Prompt, SamplingParams, json_schema};
+use lattice_engine::{MAX_TOP_LOGPROBS, OutputFormat, Prompt, SamplingParams, json_schema};
 
 use crate::{Limits, tools};
 
@@ -46,8 +46,15 @@ pub(crate) fn chat(
     }
     let mut messages = tools::conversation(&req.messages, texts)?;
     let mut params = sampling(&req.sampling, req.max_tokens(), None, limits)?;
+    params.logprobs = chat_logprobs(&req.sampling)?;
     let tools = tools::parse(&req.sampling, req.parallel_tool_calls, &params.format)?;
     if let Some(t) = &tools {
+        if params.logprobs.is_some() {
+            return Err(ApiError::invalid_param(
+                "logprobs",
+                "`logprobs` cannot be combined with `tools` (the tokens would be the tool-call JSON's, not the reply's).",
+            ));
+        }
         if params.ignore_eos {
             return Err(ApiError::invalid_param(
                 "ignore_eos",
@@ -91,12 +98,13 @@ pub(crate) fn completion(
             ));
         }
     }
-    let params = sampling(
+    let mut params = sampling(
         &req.sampling,
         req.max_tokens,
         Some(COMPLETIONS_DEFAULT_MAX_TOKENS),
         limits,
     )?;
+    params.logprobs = completion_logprobs(&req.sampling)?;
     Ok((Prompt::Text(prompt), params))
 }
 
@@ -183,7 +191,63 @@ fn sampling(
         frequency_penalty: penalty(s.frequency_penalty, "frequency_penalty")?,
         logit_bias: logit_bias(s.logit_bias.as_ref())?,
         format,
+        logprobs: None,
     })
+}
+
+/// Chat's `logprobs` (a boolean) and `top_logprobs` (0…20, only with `logprobs: true`).
+fn chat_logprobs(s: &SamplingFields) -> Result<Option<u8>, ApiError> {
+    use serde_json::Value;
+    let top = match &s.top_logprobs {
+        None | Some(Value::Null) => 0,
+        Some(v) => v
+            .as_u64()
+            .filter(|&n| n <= u64::from(MAX_TOP_LOGPROBS))
+            .and_then(|n| u8::try_from(n).ok())
+            .ok_or_else(|| {
+                ApiError::invalid_param(
+                    "top_logprobs",
+                    format!("`top_logprobs` must be an integer from 0 to {MAX_TOP_LOGPROBS}."),
+                )
+            })?,
+    };
+    match &s.logprobs {
+        Some(Value::Bool(true)) => Ok(Some(top)),
+        None | Some(Value::Null | Value::Bool(false)) if top == 0 => Ok(None),
+        None | Some(Value::Null | Value::Bool(false)) => Err(ApiError::invalid_param(
+            "top_logprobs",
+            "`top_logprobs` needs `logprobs: true`.",
+        )),
+        Some(_) => Err(ApiError::invalid_param(
+            "logprobs",
+            "`logprobs` must be a boolean (the count of alternatives is `top_logprobs`).",
+        )),
+    }
+}
+
+/// Text completions' `logprobs`: how many alternatives to list per token (0…20).
+fn completion_logprobs(s: &SamplingFields) -> Result<Option<u8>, ApiError> {
+    use serde_json::Value;
+    if !asks_nothing(s.top_logprobs.as_ref()) {
+        return Err(ApiError::invalid_param(
+            "top_logprobs",
+            "Text completions take the count of alternatives in `logprobs`.",
+        ));
+    }
+    match &s.logprobs {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v
+            .as_u64()
+            .filter(|&n| n <= u64::from(MAX_TOP_LOGPROBS))
+            .and_then(|n| u8::try_from(n).ok())
+            .map(Some)
+            .ok_or_else(|| {
+                ApiError::invalid_param(
+                    "logprobs",
+                    format!("`logprobs` must be an integer from 0 to {MAX_TOP_LOGPROBS}."),
+                )
+            }),
+    }
 }
 
 fn penalty(p: Option<f32>, param: &str) -> Result<f32, ApiError> {
@@ -320,14 +384,6 @@ fn refuse_unsupported(s: &SamplingFields) -> Result<(), ApiError> {
             format!("{what} not supported by this network yet; remove `{param}` from the request."),
         ))
     };
-    if !asks_nothing(s.logprobs.as_ref()) || !asks_nothing(s.top_logprobs.as_ref()) {
-        let param = if asks_nothing(s.logprobs.as_ref()) {
-            "top_logprobs"
-        } else {
-            "logprobs"
-        };
-        return refuse(param, "Log probabilities are");
-    }
     if s.suffix.as_deref().is_some_and(|t| !t.is_empty()) {
         return refuse("suffix", "Suffixes (insertion) are");
     }
@@ -363,9 +419,6 @@ mod tests {
         let l = Limits::default();
         let with = |extra: &str| chat_with(&format!(",{extra}"));
         for (extra, param) in [
-            (r#""logprobs":true"#, "logprobs"),
-            (r#""logprobs":true,"top_logprobs":2"#, "logprobs"),
-            (r#""top_logprobs":3"#, "top_logprobs"),
             (r#""suffix":"end""#, "suffix"),
             (r#""best_of":2"#, "best_of"),
         ] {
@@ -395,15 +448,40 @@ mod tests {
         ] {
             assert!(chat(&with(extra), &l).is_ok(), "{extra}");
         }
-        // Text completions share the fields (`logprobs` is a count there).
-        let c: CompletionRequest =
-            serde_json::from_str(r#"{"model":"m","prompt":"x","logprobs":2}"#)
-                .unwrap_or_else(|e| unreachable!("{e}"));
-        assert_eq!(err_param(completion(&c, &l)).as_deref(), Some("logprobs"));
-        let c: CompletionRequest =
-            serde_json::from_str(r#"{"model":"m","prompt":"x","logprobs":0}"#)
-                .unwrap_or_else(|e| unreachable!("{e}"));
-        assert!(completion(&c, &l).is_ok());
+        // Log probabilities: chat's boolean and count of alternatives, completions' count.
+        let chat_lp = |extra: &str| chat(&with(extra), &l).map(|(_, s, _)| s.logprobs);
+        for (extra, want) in [
+            (r#""logprobs":true"#, Ok(Some(0))),
+            (r#""logprobs":true,"top_logprobs":20"#, Ok(Some(20))),
+            (r#""logprobs":false,"top_logprobs":0"#, Ok(None)),
+            (r#""top_logprobs":3"#, Err("top_logprobs")),
+            (r#""logprobs":true,"top_logprobs":21"#, Err("top_logprobs")),
+            (r#""logprobs":5"#, Err("logprobs")),
+            (
+                r#""logprobs":true,"tools":[{"type":"function","function":{"name":"f"}}]"#,
+                Err("logprobs"),
+            ),
+        ] {
+            let got = chat_lp(extra).map_err(|e| e.body.param.unwrap_or_default());
+            assert_eq!(got, want.map_err(str::to_owned), "{extra}");
+        }
+        let completion_lp = |extra: &str| {
+            let c: CompletionRequest =
+                serde_json::from_str(&format!(r#"{{"model":"m","prompt":"x",{extra}}}"#))
+                    .unwrap_or_else(|e| unreachable!("{e}"));
+            completion(&c, &l)
+                .map(|(_, s)| s.logprobs)
+                .map_err(|e| e.body.param.unwrap_or_default())
+        };
+        assert_eq!(completion_lp(r#""logprobs":2"#), Ok(Some(2)));
+        assert_eq!(completion_lp(r#""logprobs":0"#), Ok(Some(0)));
+        assert_eq!(completion_lp(r#""logprobs":null"#), Ok(None));
+        assert_eq!(completion_lp(r#""logprobs":true"#), Err("logprobs".into()));
+        assert_eq!(completion_lp(r#""logprobs":21"#), Err("logprobs".into()));
+        assert_eq!(
+            completion_lp(r#""logprobs":1,"top_logprobs":1"#),
+            Err("top_logprobs".into())
+        );
         // Tools are for chat; a text completion asking for them is refused by name.
         for (extra, param) in [
             (

@@ -12,7 +12,8 @@ use lattice_api::{
     Completion, CompletionChoice, Delta, FinishReason, FunctionCall, FunctionCallDelta, ToolCall,
     ToolCallDelta, Usage, UsageField,
 };
-use lattice_engine::{EngineError, Event, EventStream};
+use lattice_engine::{EngineError, Event, EventStream, TokenLogprob};
+use serde_json::{Value, json};
 
 use crate::AppState;
 use crate::tools::{self, Answer, ReplyStream};
@@ -41,6 +42,8 @@ pub(crate) struct Meta {
     pub(crate) include_usage: bool,
     /// The answer is in the tools' JSON shape ([`tools`]): read back into a reply or calls.
     pub(crate) tools: bool,
+    /// The request asked for log probabilities (a whole answer lists them even when empty).
+    pub(crate) logprobs: bool,
 }
 
 pub(crate) fn engine_error(e: &EngineError) -> ApiError {
@@ -134,12 +137,14 @@ pub(crate) async fn collect(
     mut tracker: Tracker,
 ) -> Result<String, ApiError> {
     let mut text = String::new();
+    let mut logprobs: Vec<TokenLogprob> = Vec::new();
     while let Some(ev) = events.next().await {
         match ev {
             Ok(Event::Delta(d)) => {
                 tracker.on_delta();
                 text.push_str(&d);
             }
+            Ok(Event::Logprobs(l)) => logprobs.extend(l),
             Ok(Event::Done {
                 finish_reason,
                 usage,
@@ -150,7 +155,10 @@ pub(crate) async fn collect(
                 } else {
                     (Some(text), None, finish_reason)
                 };
-                return Ok(full_body(meta, message, usage));
+                let logprobs = meta
+                    .logprobs
+                    .then(|| logprobs_json(meta.kind, &logprobs, &mut 0));
+                return Ok(full_body(meta, message, logprobs, usage));
             }
             Err(e) => {
                 tracker.on_error(&e);
@@ -198,7 +206,12 @@ fn call_id() -> String {
     format!("call_{id}")
 }
 
-fn full_body(meta: &Meta, (content, tool_calls, finish_reason): Reply, usage: Usage) -> String {
+fn full_body(
+    meta: &Meta,
+    (content, tool_calls, finish_reason): Reply,
+    logprobs: Option<Value>,
+    usage: Usage,
+) -> String {
     let json = match meta.kind {
         Kind::Chat => serde_json::to_string(&ChatCompletion {
             id: meta.id.clone(),
@@ -212,7 +225,7 @@ fn full_body(meta: &Meta, (content, tool_calls, finish_reason): Reply, usage: Us
                     content,
                     tool_calls,
                 },
-                logprobs: None,
+                logprobs: logprobs.clone(),
                 finish_reason: Some(finish_reason),
             }],
             usage,
@@ -226,7 +239,7 @@ fn full_body(meta: &Meta, (content, tool_calls, finish_reason): Reply, usage: Us
             choices: vec![CompletionChoice {
                 text: content.unwrap_or_default(),
                 index: 0,
-                logprobs: None,
+                logprobs,
                 finish_reason: Some(finish_reason),
             }],
             usage: UsageField::Some(usage),
@@ -250,6 +263,10 @@ struct SseState {
     phase: Phase,
     /// Reads an answer in the tools' shape (`meta.tools`).
     reply: Option<ReplyStream>,
+    /// Log probabilities of the tokens of the next delta.
+    logprobs: Vec<TokenLogprob>,
+    /// Characters of text sent so far (completions' `text_offset`).
+    offset: usize,
 }
 
 /// The SSE body: `data: {chunk}\n\n` per event, then `data: [DONE]\n\n`.
@@ -261,6 +278,8 @@ pub(crate) fn sse(
     let state = SseState {
         delta: DeltaTemplate::new(&meta),
         reply: meta.tools.then(ReplyStream::default),
+        logprobs: Vec::new(),
+        offset: 0,
         meta,
         events,
         tracker,
@@ -307,9 +326,15 @@ async fn next_frame(s: &mut SseState) -> Bytes {
 /// Appends an event's SSE bytes (`None`: the engine's stream ended).
 fn push_event(s: &mut SseState, ev: Option<Result<Event, EngineError>>, out: &mut Vec<u8>) {
     match ev {
+        Some(Ok(Event::Logprobs(l))) => s.logprobs.extend(l),
         Some(Ok(Event::Delta(text))) => {
             s.tracker.on_delta();
             match &mut s.reply {
+                None if !s.logprobs.is_empty() => {
+                    let l = logprobs_json(s.meta.kind, &s.logprobs, &mut s.offset);
+                    s.logprobs.clear();
+                    out.extend_from_slice(&logprobs_chunk(&s.meta, text, l));
+                }
                 None => s.delta.write(&text, out),
                 Some(r) => {
                     let shown = r.push(&text);
@@ -325,6 +350,10 @@ fn push_event(s: &mut SseState, ev: Option<Result<Event, EngineError>>, out: &mu
         })) => {
             s.tracker.on_done(&usage);
             s.phase = Phase::Finished;
+            if !s.logprobs.is_empty() {
+                let l = logprobs_json(s.meta.kind, &s.logprobs, &mut s.offset);
+                out.extend_from_slice(&logprobs_chunk(&s.meta, String::new(), l));
+            }
             if let Some(r) = s.reply.take() {
                 let (content, calls, finish) = reply(r.finish(), finish_reason);
                 if let Some(text) = content.filter(|t| !t.is_empty()) {
@@ -375,7 +404,7 @@ fn usage_field(meta: &Meta) -> UsageField {
 /// the final usage chunk whose `choices` is empty.
 fn encode_chunk(
     meta: &Meta,
-    choice: Option<(Delta, String, Option<FinishReason>)>,
+    choice: Option<(Delta, String, Option<FinishReason>, Option<Value>)>,
     usage: UsageField,
 ) -> Bytes {
     let json = match meta.kind {
@@ -385,10 +414,10 @@ fn encode_chunk(
             created: meta.created,
             model: meta.model.clone(),
             choices: choice
-                .map(|(delta, _, finish_reason)| ChunkChoice {
+                .map(|(delta, _, finish_reason, logprobs)| ChunkChoice {
                     index: 0,
                     delta,
-                    logprobs: None,
+                    logprobs,
                     finish_reason,
                 })
                 .into_iter()
@@ -401,10 +430,10 @@ fn encode_chunk(
             created: meta.created,
             model: meta.model.clone(),
             choices: choice
-                .map(|(_, text, finish_reason)| CompletionChoice {
+                .map(|(_, text, finish_reason, logprobs)| CompletionChoice {
                     text,
                     index: 0,
-                    logprobs: None,
+                    logprobs,
                     finish_reason,
                 })
                 .into_iter()
@@ -591,6 +620,7 @@ impl Shape {
             kind,
             include_usage,
             tools: false,
+            logprobs: false,
         };
         let bytes = form.encode(&meta);
         let marks = [
@@ -639,7 +669,69 @@ impl Shape {
 }
 
 fn chunk(meta: &Meta, delta: Delta, text: String, finish: Option<FinishReason>) -> Bytes {
-    encode_chunk(meta, Some((delta, text, finish)), usage_field(meta))
+    encode_chunk(meta, Some((delta, text, finish, None)), usage_field(meta))
+}
+
+/// A content chunk that carries its tokens' log probabilities.
+fn logprobs_chunk(meta: &Meta, text: String, logprobs: Value) -> Bytes {
+    let delta = Delta {
+        content: Some(text.clone()),
+        ..Delta::default()
+    };
+    encode_chunk(
+        meta,
+        Some((delta, text, None, Some(logprobs))),
+        usage_field(meta),
+    )
+}
+
+/// Tokens' log probabilities in OpenAI's form: chat's `{"content": [{token, logprob, bytes,
+/// top_logprobs}]}`, or the completions' parallel lists (`text_offset` counts characters from
+/// `offset`, which moves past these tokens).
+fn logprobs_json(kind: Kind, tokens: &[TokenLogprob], offset: &mut usize) -> Value {
+    match kind {
+        Kind::Chat => {
+            let content: Vec<Value> = tokens
+                .iter()
+                .map(|t| {
+                    let top: Vec<Value> = t
+                        .top
+                        .iter()
+                        .map(|a| json!({"token": a.token, "logprob": a.logprob, "bytes": a.bytes}))
+                        .collect();
+                    json!({"token": t.token, "logprob": t.logprob, "bytes": t.bytes,
+                           "top_logprobs": top})
+                })
+                .collect();
+            json!({"content": content, "refusal": null})
+        }
+        Kind::Completion => {
+            let mut offsets = Vec::with_capacity(tokens.len());
+            for t in tokens {
+                offsets.push(*offset);
+                *offset += t.token.chars().count();
+            }
+            let top: Vec<Value> = tokens
+                .iter()
+                .map(|t| {
+                    if t.top.is_empty() {
+                        return Value::Null;
+                    }
+                    let mut m = serde_json::Map::new();
+                    for a in &t.top {
+                        m.entry(a.token.clone()).or_insert(json!(a.logprob));
+                    }
+                    Value::Object(m)
+                })
+                .collect();
+            json!({
+                "tokens": tokens.iter().map(|t| t.token.as_str()).collect::<Vec<_>>(),
+                "token_logprobs": tokens.iter().map(|t| t.logprob).collect::<Vec<_>>(),
+                "top_logprobs": top,
+                "text_offset": offsets,
+            })
+        }
+    }
 }
 
 fn usage_chunk(meta: &Meta, usage: Usage) -> Bytes {
@@ -686,6 +778,7 @@ mod tests {
             kind: Kind::Chat,
             include_usage: true,
             tools: false,
+            logprobs: false,
         }
     }
 
@@ -708,6 +801,7 @@ mod tests {
                     };
                     out.extend_from_slice(&chunk(&m, d, t.clone(), None));
                 }
+                Event::Logprobs(_) => {}
                 Event::Done {
                     finish_reason,
                     usage,
@@ -928,6 +1022,7 @@ mod tests {
                         kind,
                         include_usage,
                         tools: false,
+                        logprobs: false,
                     };
                     let template = DeltaTemplate::new(&meta);
                     for text in texts {
@@ -990,6 +1085,7 @@ mod tests {
                                 kind,
                                 include_usage,
                                 tools: false,
+                                logprobs: false,
                             };
                             for form in Form::ALL {
                                 let mut got = b"before".to_vec();

@@ -9,7 +9,9 @@ use serde::{Deserialize, Serialize};
 /// without buffering, and a stream's events that are ready together travel in one frame.
 /// 4: requests may carry penalties, logit biases and a JSON `response_format` (a node of
 /// version 3 would silently answer without them).
-pub const PROTOCOL_VERSION: u32 = 4;
+/// 5: requests may ask for log probabilities, which come back as `logprobs` events (a node of
+/// version 4 would silently leave them out).
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Most events in one [`NodeFrame::Events`].
 pub const MAX_FRAME_EVENTS: usize = 64;

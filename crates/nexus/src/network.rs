@@ -434,6 +434,10 @@ fn relay(
                         }
                         return Some((Ok(Event::Delta(d)), (None, rx, guard, bill, false, rid)));
                     }
+                    Some(LinkEvent::Engine(Event::Logprobs(l))) => {
+                        let state = (None, rx, guard, bill, false, rid);
+                        return Some((Ok(Event::Logprobs(l)), state));
+                    }
                     Some(LinkEvent::Receipt(r)) => {
                         if let Some(b) = &mut bill {
                             b.receipt = Some(r);

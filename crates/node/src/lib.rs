@@ -514,7 +514,7 @@ async fn serve_stream(
         let (mut text_bytes, mut last, mut leaf) = (0, false, None);
         let mut next = Some(first);
         while let Some(ev) = next.take() {
-            last = !matches!(ev, Ok(Event::Delta(_)));
+            last = matches!(ev, Ok(Event::Done { .. }) | Err(_));
             if let Ok(Event::Done { usage, .. }) = &ev {
                 generated.fetch_add(u64::from(usage.completion_tokens), Ordering::Relaxed);
             }
@@ -660,6 +660,38 @@ mod tests {
             (0..n).map(|i| Ok(Event::Delta(format!("t{i} ")))).collect();
         evs.push(done(n));
         evs
+    }
+
+    /// Log probabilities travel before their text, and the stream goes on after them (a node
+    /// that took them for the last event stopped forwarding and left Nexus waiting).
+    #[tokio::test]
+    async fn log_probabilities_are_forwarded_with_the_rest() {
+        let lp = |t: &str| {
+            Ok(Event::Logprobs(vec![lattice_engine::TokenLogprob {
+                token: t.into(),
+                bytes: t.as_bytes().to_vec(),
+                logprob: -0.5,
+                top: Vec::new(),
+            }]))
+        };
+        let evs = vec![
+            lp("a"),
+            Ok(Event::Delta("a".into())),
+            lp("b"),
+            Ok(Event::Delta("b".into())),
+            done(2),
+        ];
+        let got = frames(futures::stream::iter(evs.clone()).boxed(), None).await;
+        let forwarded: Vec<Event> = got
+            .into_iter()
+            .flatten()
+            .filter_map(|e| match e {
+                LinkEvent::Engine(e) => Some(e),
+                _ => None,
+            })
+            .collect();
+        let sent: Vec<Event> = evs.into_iter().flatten().collect();
+        assert_eq!(forwarded, sent);
     }
 
     /// Events that are ready together share a frame: at most `MAX_FRAME_EVENTS` of them, the
