@@ -205,7 +205,13 @@ def test_completion_log_probabilities(client):
     assert len(lp.token_logprobs) == len(lp.tokens) == r.usage.completion_tokens
     assert all(p <= 0 for p in lp.token_logprobs)
     assert all(1 <= len(top) <= 2 for top in lp.top_logprobs)
-    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+    # The sampled token is always among its alternatives (OpenAI's form).
+    assert all(top[t] == p for top, t, p in zip(lp.top_logprobs, lp.tokens, lp.token_logprobs))
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    # With no alternatives asked for, each entry still names the sampled token.
+    r = client.completions.create(model=MODEL, prompt="1, 2, 3, 4,", max_tokens=4, temperature=0, logprobs=0)
+    lp = r.choices[0].logprobs
+    assert [list(top) for top in lp.top_logprobs] == [[t] for t in lp.tokens]
 
 
 @pytest.mark.parametrize("extra, param", [

@@ -186,6 +186,7 @@ impl LlamaEngine {
             has_chat_template: template.is_some(),
             nodes: 1,
             quantization: quantization_from_file_name(&cfg.model_path),
+            logprobs: true,
         };
         let shared = Arc::new(Shared::default());
         let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(cfg.queue_capacity);

@@ -6,9 +6,13 @@ use lattice_engine::{TokenLogprob, TopLogprob};
 use llama_cpp_2::token::LlamaToken;
 use llama_cpp_2::vocab::LlamaVocab;
 
+/// Lowest log probability reported (as vLLM does): a token the model rules out entirely
+/// (a `-inf` logit) gets this instead of a value JSON cannot carry.
+const FLOOR: f32 = -9999.0;
+
 /// `token`'s log probability under `logits` and the `k` most likely tokens, most likely first
 /// (ties by lower id). One pass for the normalizer, one for the top `k`; no allocation beyond
-/// the `k` alternatives.
+/// the `k` alternatives. NaN logits count as ruled out.
 pub(crate) fn token_logprob(
     vocab: &LlamaVocab<'_>,
     logits: &[f32],
@@ -16,16 +20,27 @@ pub(crate) fn token_logprob(
     k: u8,
 ) -> TokenLogprob {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f64 = logits.iter().map(|&l| f64::from(l - max).exp()).sum();
+    // exp in f32 (the terms are ≤ 1), summed in f64 so ~50k–150k of them lose nothing.
+    let sum: f64 = logits
+        .iter()
+        .filter(|l| !l.is_nan())
+        .map(|&l| f64::from((l - max).exp()))
+        .sum();
     #[allow(clippy::cast_possible_truncation)] // a log-sum-exp of f32 logits fits f32
     let norm = max + sum.ln() as f32;
-    let logprob = |id: usize| logits.get(id).map_or(f32::NEG_INFINITY, |l| l - norm);
+    let logprob = |id: usize| {
+        logits
+            .get(id)
+            .map(|l| l - norm)
+            .filter(|lp| !lp.is_nan())
+            .map_or(FLOOR, |lp| lp.clamp(FLOOR, 0.0))
+    };
     let k = usize::from(k);
     // The k largest so far, largest first; a logit enters only if it beats the smallest.
     let mut best: Vec<(f32, usize)> = Vec::with_capacity(k + 1);
     if k > 0 {
         for (id, &l) in logits.iter().enumerate() {
-            if best.len() == k && best.last().is_some_and(|&(m, _)| l <= m) {
+            if l.is_nan() || best.len() == k && best.last().is_some_and(|&(m, _)| l <= m) {
                 continue;
             }
             let at = best.partition_point(|&(m, _)| m >= l);

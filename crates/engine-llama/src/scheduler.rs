@@ -317,6 +317,12 @@ fn sample_and_emit(model: &LlamaModel, ctx: &LlamaContext<'_>, slots: &mut [Slot
                 let logits = ctx.get_logits_ith(at);
                 a.logprobs
                     .push(crate::logprobs::token_logprob(&vocab, logits, tok, k));
+                // Tokens without text (special ones, with `ignore_eos`) must not pile up into
+                // one event: flushed on their own past a bound.
+                if a.logprobs.len() >= MAX_PENDING_LOGPROBS {
+                    let tokens = std::mem::take(&mut a.logprobs);
+                    let _ = a.job.events.send(Ok(Event::Logprobs(tokens)));
+                }
             }
             let text = a.utf8.push(&vocab.token_to_piece(tok, false, None));
             let out = a.stop.push(&text);
@@ -342,6 +348,10 @@ fn sample_and_emit(model: &LlamaModel, ctx: &LlamaContext<'_>, slots: &mut [Slot
     }
 }
 
+/// Most tokens whose log probabilities wait for text (a stop sequence being matched, a
+/// character being completed) before they are sent anyway.
+const MAX_PENDING_LOGPROBS: usize = 64;
+
 /// Sends text, after the log probabilities of the tokens it came from when they were asked for
 /// (those of tokens held back as a possible stop sequence and then dropped are never sent).
 fn send_text(a: &mut Active, text: String) {
@@ -363,6 +373,10 @@ fn finish_request(mut a: Active, reason: FinishReason, matched_stop: bool) {
         }
         if !rest.is_empty() {
             send_text(&mut a, rest);
+        } else if !a.logprobs.is_empty() {
+            // Tokens without text at the end (special tokens with `ignore_eos`).
+            let tokens = std::mem::take(&mut a.logprobs);
+            let _ = a.job.events.send(Ok(Event::Logprobs(tokens)));
         }
     }
     let prompt_tokens = u32::try_from(a.job.tokens.len()).unwrap_or(u32::MAX);

@@ -201,8 +201,10 @@ pub struct Payer {
 pub enum Event {
     /// Newly generated text; never splits a UTF-8 character and never contains a stop sequence.
     Delta(String),
-    /// With [`SamplingParams::logprobs`]: the tokens whose text the next [`Event::Delta`]
-    /// carries (sent right before it; tokens that only made up a stop sequence are left out).
+    /// With [`SamplingParams::logprobs`]: tokens in the order generated, sent before the
+    /// [`Event::Delta`] that carries their text (a token whose text is split by a stop
+    /// sequence's holdback is listed with the earlier text; tokens that only made up a matched
+    /// stop sequence are left out; tokens without text may come without a delta).
     Logprobs(Vec<TokenLogprob>),
     /// Always the last event of a successful stream.
     Done {
@@ -264,6 +266,9 @@ pub struct ModelCard {
     /// Weight format, e.g. `Q4_K_M`, when known.
     #[serde(default)]
     pub quantization: Option<String>,
+    /// The backend reports log probabilities ([`SamplingParams::logprobs`]).
+    #[serde(default)]
+    pub logprobs: bool,
 }
 
 fn one() -> u32 {

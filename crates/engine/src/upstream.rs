@@ -131,6 +131,7 @@ impl UpstreamEngine {
             has_chat_template: true,
             nodes: 1,
             quantization: None,
+            logprobs: false,
         };
         Ok(Self {
             cfg,

@@ -12,7 +12,7 @@ use lattice_api::{
     Completion, CompletionChoice, Delta, FinishReason, FunctionCall, FunctionCallDelta, ToolCall,
     ToolCallDelta, Usage, UsageField,
 };
-use lattice_engine::{EngineError, Event, EventStream, TokenLogprob};
+use lattice_engine::{EngineError, Event, EventStream, TokenLogprob, Utf8Decoder};
 use serde_json::{Value, json};
 
 use crate::AppState;
@@ -157,7 +157,7 @@ pub(crate) async fn collect(
                 };
                 let logprobs = meta
                     .logprobs
-                    .then(|| logprobs_json(meta.kind, &logprobs, &mut 0));
+                    .then(|| logprobs_json(meta.kind, &logprobs, &mut Offsets::default()));
                 return Ok(full_body(meta, message, logprobs, usage));
             }
             Err(e) => {
@@ -265,8 +265,8 @@ struct SseState {
     reply: Option<ReplyStream>,
     /// Log probabilities of the tokens of the next delta.
     logprobs: Vec<TokenLogprob>,
-    /// Characters of text sent so far (completions' `text_offset`).
-    offset: usize,
+    /// Where the next token starts in the text (completions' `text_offset`).
+    offset: Offsets,
 }
 
 /// The SSE body: `data: {chunk}\n\n` per event, then `data: [DONE]\n\n`.
@@ -279,7 +279,7 @@ pub(crate) fn sse(
         delta: DeltaTemplate::new(&meta),
         reply: meta.tools.then(ReplyStream::default),
         logprobs: Vec::new(),
-        offset: 0,
+        offset: Offsets::default(),
         meta,
         events,
         tracker,
@@ -685,10 +685,29 @@ fn logprobs_chunk(meta: &Meta, text: String, logprobs: Value) -> Bytes {
     )
 }
 
+/// Completions' `text_offset`: characters of the answer before a token, counted over the
+/// tokens' bytes (a character split across tokens counts once, where it ends).
+#[derive(Default)]
+struct Offsets {
+    chars: usize,
+    utf8: Utf8Decoder,
+}
+
+/// A log probability as JSON: its shortest `f32` digits (widened to `f64` it would print
+/// noise digits), or `null` if it is not a number.
+fn lp_json(lp: f32) -> Value {
+    lp.to_string()
+        .parse::<f64>()
+        .ok()
+        .and_then(serde_json::Number::from_f64)
+        .map_or(Value::Null, Value::Number)
+}
+
 /// Tokens' log probabilities in OpenAI's form: chat's `{"content": [{token, logprob, bytes,
-/// top_logprobs}]}`, or the completions' parallel lists (`text_offset` counts characters from
-/// `offset`, which moves past these tokens).
-fn logprobs_json(kind: Kind, tokens: &[TokenLogprob], offset: &mut usize) -> Value {
+/// top_logprobs}]}`, or the completions' parallel lists (`top_logprobs` maps texts to log
+/// probabilities, the sampled token's always among them; `text_offset` continues from
+/// `offset`).
+fn logprobs_json(kind: Kind, tokens: &[TokenLogprob], offset: &mut Offsets) -> Value {
     match kind {
         Kind::Chat => {
             let content: Vec<Value> = tokens
@@ -697,9 +716,9 @@ fn logprobs_json(kind: Kind, tokens: &[TokenLogprob], offset: &mut usize) -> Val
                     let top: Vec<Value> = t
                         .top
                         .iter()
-                        .map(|a| json!({"token": a.token, "logprob": a.logprob, "bytes": a.bytes}))
+                        .map(|a| json!({"token": a.token, "logprob": lp_json(a.logprob), "bytes": a.bytes}))
                         .collect();
-                    json!({"token": t.token, "logprob": t.logprob, "bytes": t.bytes,
+                    json!({"token": t.token, "logprob": lp_json(t.logprob), "bytes": t.bytes,
                            "top_logprobs": top})
                 })
                 .collect();
@@ -708,25 +727,24 @@ fn logprobs_json(kind: Kind, tokens: &[TokenLogprob], offset: &mut usize) -> Val
         Kind::Completion => {
             let mut offsets = Vec::with_capacity(tokens.len());
             for t in tokens {
-                offsets.push(*offset);
-                *offset += t.token.chars().count();
+                offsets.push(offset.chars);
+                offset.chars += offset.utf8.push(&t.bytes).chars().count();
             }
+            // Texts that decode alike (parts of characters) share one key, as in OpenAI's.
             let top: Vec<Value> = tokens
                 .iter()
                 .map(|t| {
-                    if t.top.is_empty() {
-                        return Value::Null;
-                    }
                     let mut m = serde_json::Map::new();
+                    m.insert(t.token.clone(), lp_json(t.logprob));
                     for a in &t.top {
-                        m.entry(a.token.clone()).or_insert(json!(a.logprob));
+                        m.entry(a.token.clone()).or_insert(lp_json(a.logprob));
                     }
                     Value::Object(m)
                 })
                 .collect();
             json!({
                 "tokens": tokens.iter().map(|t| t.token.as_str()).collect::<Vec<_>>(),
-                "token_logprobs": tokens.iter().map(|t| t.logprob).collect::<Vec<_>>(),
+                "token_logprobs": tokens.iter().map(|t| lp_json(t.logprob)).collect::<Vec<_>>(),
                 "top_logprobs": top,
                 "text_offset": offsets,
             })

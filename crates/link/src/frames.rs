@@ -42,6 +42,10 @@ pub struct ModelAd {
     /// e.g. `Q4_1`, when known.
     #[serde(default)]
     pub quantization: Option<String>,
+    /// The node reports log probabilities for it (an embedded engine does, an upstream
+    /// backend does not); Nexus routes requests that ask for them only to such nodes.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub logprobs: bool,
 }
 
 /// Smallest LAI units per 1M tokens.

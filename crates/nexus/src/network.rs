@@ -329,6 +329,7 @@ impl Engine for NetworkEngine {
                 max_tokens: req.params.max_tokens.unwrap_or(256),
                 preference: to_router_pref(req.preference),
                 affinity: lookup.and_then(|k| self.registry.affinity(k)),
+                logprobs: req.params.logprobs.is_some(),
             };
             let mut rng = SplitMix(self.seed.fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed));
             if !snap.serves(&req.model) {
@@ -340,6 +341,12 @@ impl Engine for NetworkEngine {
             // Dropped unsettled (every attempt failed), the bill releases its hold.
             let mut bill = self.open_bill(&req, &snap).await?;
             let mut candidates = route(&snap, &route_req, &mut rng);
+            if candidates.is_empty() && route_req.logprobs {
+                return Err(EngineError::InvalidRequest(format!(
+                    "No node serving `{}` reports log probabilities; remove `logprobs`.",
+                    req.model
+                )));
+            }
             if candidates.is_empty() {
                 return Err(EngineError::Unavailable(format!(
                     "No healthy node is serving `{}` right now; retry shortly.",

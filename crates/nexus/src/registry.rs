@@ -617,8 +617,10 @@ impl Registry {
                     has_chat_template: true,
                     nodes: 0,
                     quantization: ad.quantization.clone(),
+                    logprobs: false,
                 });
                 card.nodes += 1;
+                card.logprobs |= ad.logprobs;
                 card.parallel_slots += n.slots;
                 card.context_length = card.context_length.min(ad.context_length);
             }
@@ -631,6 +633,7 @@ impl Registry {
                 price_in: n.price.input_per_mtok,
                 price_out: n.price.output_per_mtok,
                 reputation: n.reputation.score(),
+                logprobs: n.models.iter().any(|m| m.logprobs),
                 live: n.live.clone(),
             });
         }

@@ -181,6 +181,7 @@ async fn session(
             id: m.id,
             context_length: m.context_length,
             quantization: m.quantization,
+            logprobs: m.logprobs,
         })
         .collect();
     let slots = u32::try_from(engine.load().slots).unwrap_or(u32::MAX);
@@ -527,8 +528,19 @@ async fn serve_stream(
                 frame.push(LinkEvent::Receipt(receipt));
                 leaf = paid_leaf;
             }
-            if let Ok(Event::Delta(d)) = &ev {
-                text_bytes += d.len();
+            match &ev {
+                Ok(Event::Delta(d)) => text_bytes += d.len(),
+                // Roughly their JSON: bytes listed as numbers, names, numbers.
+                Ok(Event::Logprobs(l)) => {
+                    text_bytes += l
+                        .iter()
+                        .map(|t| {
+                            48 + 4 * t.bytes.len()
+                                + t.top.iter().map(|a| 48 + 4 * a.bytes.len()).sum::<usize>()
+                        })
+                        .sum::<usize>();
+                }
+                _ => {}
             }
             match (ev, frame.last_mut()) {
                 // An answer read whole gets its ready text as one delta.

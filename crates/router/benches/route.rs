@@ -30,6 +30,7 @@ fn snapshot(n: u64) -> Snapshot {
                 price_in: 100 + u64::from(r(&mut rng, 50)),
                 price_out: 200 + u64::from(r(&mut rng, 100)),
                 reputation: 0.5 + f64::from(r(&mut rng, 50)) / 100.0,
+                logprobs: true,
                 live: Arc::new(LiveLoad::new(r(&mut rng, 5), r(&mut rng, 3))),
             }
         })
@@ -51,6 +52,7 @@ fn main() {
                 max_tokens: 256,
                 preference: Preference::Latency,
                 affinity: Some(NodeId(3)),
+                logprobs: false,
             };
             let mut rng = SplitMix(7);
             let iters = 200_000u32;

@@ -50,6 +50,8 @@ pub struct NodeView {
     pub price_out: u64,
     /// 0 (bad) ..= 1 (good).
     pub reputation: f64,
+    /// Reports log probabilities.
+    pub logprobs: bool,
     pub live: Arc<LiveLoad>,
 }
 
@@ -115,6 +117,8 @@ pub struct RouteRequest<'a> {
     pub preference: Preference,
     /// Node that served this conversation's prefix (likely KV-cache hit).
     pub affinity: Option<NodeId>,
+    /// Only nodes that report log probabilities will do.
+    pub logprobs: bool,
 }
 
 /// An immutable view of all routable nodes, indexed by model; rebuilt on change and published
@@ -170,8 +174,19 @@ impl Snapshot {
 /// Orders up to [`MAX_CANDIDATES`] nodes for `req`, best first (the rest are for failover).
 /// Empty when no routable node serves the model.
 pub fn route(snap: &Snapshot, req: &RouteRequest<'_>, rng: &mut impl Random) -> Vec<NodeId> {
-    let Some(idx) = snap.by_model.get(req.model) else {
+    let Some(all) = snap.by_model.get(req.model) else {
         return Vec::new();
+    };
+    let capable: Vec<usize>;
+    let idx: &[usize] = if req.logprobs {
+        capable = all
+            .iter()
+            .copied()
+            .filter(|&i| snap.nodes.get(i).is_some_and(|n| n.logprobs))
+            .collect();
+        &capable
+    } else {
+        all
     };
     let mut picked: Vec<&NodeView> = if idx.len() > P2C_THRESHOLD {
         // The affinity node is always a candidate (when it serves the model): sampling alone
@@ -180,9 +195,9 @@ pub fn route(snap: &Snapshot, req: &RouteRequest<'_>, rng: &mut impl Random) -> 
             .affinity
             .and_then(|a| snap.by_id.get(&a).copied())
             .filter(|&i| {
-                snap.nodes
-                    .get(i)
-                    .is_some_and(|n| n.models.iter().any(|m| m == req.model))
+                snap.nodes.get(i).is_some_and(|n| {
+                    n.models.iter().any(|m| m == req.model) && (n.logprobs || !req.logprobs)
+                })
             });
         sample(snap, idx, affinity, rng)
     } else {
@@ -273,6 +288,7 @@ mod tests {
             price_in: 100,
             price_out: 200,
             reputation: 0.9,
+            logprobs: true,
             live: Arc::default(),
         }
     }
@@ -284,6 +300,46 @@ mod tests {
             max_tokens: 100,
             preference: Preference::Latency,
             affinity: None,
+            logprobs: false,
+        }
+    }
+
+    #[test]
+    fn a_request_for_log_probabilities_goes_only_to_nodes_that_report_them() {
+        for n in [3u64, P2C_THRESHOLD as u64 * 4] {
+            let nodes: Vec<NodeView> = (0..n)
+                .map(|i| NodeView {
+                    logprobs: i % 3 == 1,
+                    ..node(i, "m")
+                })
+                .collect();
+            let snap = Snapshot::new(nodes);
+            let mut rng = SplitMix(9);
+            for affinity in [None, Some(NodeId(0)), Some(NodeId(1))] {
+                let r = RouteRequest {
+                    logprobs: true,
+                    affinity,
+                    ..req("m")
+                };
+                let got = route(&snap, &r, &mut rng);
+                assert!(!got.is_empty());
+                assert!(got.iter().all(|id| id.0 % 3 == 1), "{n} nodes: {got:?}");
+                // Without the need, every node may be chosen.
+                let r = RouteRequest {
+                    logprobs: false,
+                    ..r
+                };
+                assert!(route(&snap, &r, &mut rng).iter().any(|id| id.0 % 3 != 1));
+            }
+            let none = Snapshot::new(vec![NodeView {
+                logprobs: false,
+                ..node(1, "m")
+            }]);
+            let r = RouteRequest {
+                logprobs: true,
+                ..req("m")
+            };
+            assert!(route(&none, &r, &mut rng).is_empty());
         }
     }
 
