@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
-"""Decode speed with and without an output grammar, on one OpenAI-compatible server.
+"""Decode speed with and without an output grammar or log probabilities, on one server.
 
     python3 bench/structured.py --url http://127.0.0.1:8080 --model smollm2-135m [--runs 5]
 
 Greedy, one request at a time, the same prompt for every format: free text, JSON mode
 (`json_object`) and a `json_schema` whose one string property lets the model write as long as
 free text does. Prints completion tokens per second of wall time (median of --runs) for each
-format and its ratio to free text. Stdlib only.
+format and its ratio to free text; `logprobs` is free text with `logprobs: true` and
+`top_logprobs: 20` (each token's log probability and its 20 most likely alternatives; the
+answer's tokens are checked to spell its text). Stdlib only.
 """
 import argparse
 import json
@@ -25,6 +27,7 @@ FORMATS = {
     "text": None,
     "json_object": {"type": "json_object"},
     "json_schema": {"type": "json_schema", "json_schema": {"name": "story", "schema": SCHEMA}},
+    "logprobs": "logprobs",
 }
 
 
@@ -35,10 +38,12 @@ def one(url, model, fmt, max_tokens, api_key):
         "temperature": 0,
         "max_tokens": max_tokens,
     }
-    if fmt is None:
+    if fmt is None or fmt == "logprobs":
         body["ignore_eos"] = True
     else:
         body["response_format"] = fmt
+    if fmt == "logprobs":
+        body.update(logprobs=True, top_logprobs=20)
     req = urllib.request.Request(
         f"{url}/v1/chat/completions", data=json.dumps(body).encode(),
         headers={"content-type": "application/json",
@@ -49,7 +54,10 @@ def one(url, model, fmt, max_tokens, api_key):
         answer = json.load(r)
     elapsed = time.perf_counter() - t
     tokens = answer["usage"]["completion_tokens"]
-    if fmt is not None and answer["choices"][0]["finish_reason"] == "stop":
+    if fmt == "logprobs":
+        listed = answer["choices"][0]["logprobs"]["content"]
+        assert len(listed) >= 1 and all(len(t["top_logprobs"]) == 20 for t in listed), listed[:1]
+    elif fmt is not None and answer["choices"][0]["finish_reason"] == "stop":
         json.loads(answer["choices"][0]["message"]["content"])  # a finished answer must parse
     return tokens / elapsed, tokens
 
