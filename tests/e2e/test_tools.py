@@ -184,6 +184,7 @@ def test_a_tool_result_is_answered(client):
          "tools[0].function.parameters"),
         ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools[0].function.name"),
         ({"tools": [WEATHER, WEATHER]}, "tools[1].function.name"),
+        ({"tools": [WEATHER], "stop": ["}"]}, "stop"),
     ],
 )
 def test_bad_tools_are_400(client, extra, param):

@@ -49,6 +49,12 @@ pub(crate) fn chat(
     params.logprobs = chat_logprobs(&req.sampling)?;
     let tools = tools::parse(&req.sampling, req.parallel_tool_calls, &params.format)?;
     if let Some(t) = &tools {
+        if !params.stop.is_empty() {
+            return Err(ApiError::invalid_param(
+                "stop",
+                "`stop` cannot be combined with `tools`: the answer is JSON that a stop sequence would cut short.",
+            ));
+        }
         if params.logprobs.is_some() {
             return Err(ApiError::invalid_param(
                 "logprobs",
@@ -460,6 +466,14 @@ mod tests {
             (
                 r#""logprobs":true,"tools":[{"type":"function","function":{"name":"f"}}]"#,
                 Err("logprobs"),
+            ),
+            (
+                r#""stop":"}","tools":[{"type":"function","function":{"name":"f"}}]"#,
+                Err("stop"),
+            ),
+            (
+                r#""stop":"}","tools":[{"type":"function","function":{"name":"f"}}],"tool_choice":"none""#,
+                Ok(None),
             ),
         ] {
             let got = chat_lp(extra).map_err(|e| e.body.param.unwrap_or_default());
