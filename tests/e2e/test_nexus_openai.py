@@ -84,6 +84,33 @@ def test_usage_is_charged_to_the_key(nexus_url):
     assert after["held"] == "0"
 
 
+def test_several_answers_are_charged_as_reported(nexus_url):
+    import json
+    import urllib.request
+
+    url, key = nexus_url
+
+    def account():
+        req = urllib.request.Request(f"{url}/lattice/v1/account", headers={"Authorization": f"Bearer {key}"})
+        with urllib.request.urlopen(req) as r:
+            return json.load(r)
+
+    before = int(account()["balance"]["available"])
+    client = OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=120)
+    r = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=8, n=3, seed=1)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    assert all(c.message.content for c in r.choices)
+    after = account()["balance"]
+    # Each answer is routed, metered and charged as a request of its own; usage is their sum,
+    # and exactly what the balance lost.
+    cost = (r.usage.prompt_tokens * 10**17 + r.usage.completion_tokens * 2 * 10**17) // 10**6
+    assert before - int(after["available"]) == cost
+    assert after["held"] == "0"
+    stream = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=8, n=2, stream=True)
+    done = {c.index for chunk in stream for c in chunk.choices if c.finish_reason}
+    assert done == {0, 1}
+
+
 def test_structured_output_through_nexus(nexus):
     # The schema travels over the link (protocol 4) and the node's grammar enforces it.
     schema = {

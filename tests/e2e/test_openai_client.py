@@ -102,6 +102,77 @@ def test_unsupported_fields_are_refused_by_name(client, extra, param):
     assert "not supported" in e.value.message
 
 
+POEM = [{"role": "user", "content": "Write a short poem about the sea."}]
+
+
+def test_several_answers_with_n(client):
+    one = client.chat.completions.create(model=MODEL, messages=POEM, max_tokens=24, seed=7)
+    r = client.chat.completions.create(model=MODEL, messages=POEM, max_tokens=24, seed=7, n=3)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    texts = [c.message.content for c in r.choices]
+    assert all(texts) and all(c.finish_reason in ("stop", "length") for c in r.choices)
+    # Each answer samples with its own seed (seed + index): not three copies of one answer.
+    assert len(set(texts)) > 1, texts
+    # Each answer is a request of its own, so usage counts the prompt once per answer.
+    assert r.usage.prompt_tokens == 3 * one.usage.prompt_tokens
+    assert r.usage.completion_tokens >= 3
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_several_answers_streamed(client):
+    stream = client.chat.completions.create(
+        model=MODEL, messages=POEM, max_tokens=16, n=2, stream=True,
+        stream_options={"include_usage": True},
+    )
+    texts, finish, roles, usage = {}, {}, {}, []
+    for chunk in stream:
+        if chunk.usage is not None:
+            assert not chunk.choices
+            usage.append(chunk.usage)
+        for c in chunk.choices:
+            assert not usage, "the usage chunk comes last"
+            texts[c.index] = texts.get(c.index, "") + (c.delta.content or "")
+            roles.setdefault(c.index, c.delta.role)
+            if c.finish_reason:
+                assert c.index not in finish
+                finish[c.index] = c.finish_reason
+    assert sorted(texts) == [0, 1] and all(texts.values())
+    assert roles == {0: "assistant", 1: "assistant"}
+    assert sorted(finish) == [0, 1]
+    assert len(usage) == 1 and usage[0].completion_tokens >= 2
+
+
+def test_prompt_lists_and_echo(client):
+    prompts = ["1, 2, 3,", "A, B, C, D,"]
+    r = client.completions.create(model=MODEL, prompt=prompts, n=2, echo=True, max_tokens=6, temperature=0)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    # Answer i of prompt p is choice p * n + i, its text the prompt then the continuation.
+    for c in r.choices:
+        assert c.text.startswith(prompts[c.index // 2]), c
+    assert r.choices[0].text.startswith("1, 2, 3, 4")
+    assert r.choices[2].text.startswith("A, B, C, D, E")
+    stream = client.completions.create(model=MODEL, prompt=prompts[0], echo=True, max_tokens=6,
+                                       temperature=0, stream=True)
+    first, text = None, ""
+    for chunk in stream:
+        first = chunk.choices[0].text if first is None else first
+        text += chunk.choices[0].text
+    assert first == prompts[0]
+    assert text.startswith("1, 2, 3, 4")
+
+
+def test_too_many_answers_is_400(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=4, n=17)
+    assert e.value.param == "n"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt=["a"] * 9, n=2, max_tokens=4)
+    assert e.value.param == "prompt"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt="a", echo=True, logprobs=1, max_tokens=4)
+    assert e.value.param == "echo"
+
+
 def test_fields_asking_for_nothing_are_accepted(client):
     r = client.chat.completions.create(
         model=MODEL, messages=QUESTION, max_tokens=4, logprobs=False,

@@ -1300,13 +1300,10 @@ async fn lattice_up_starts_a_network_that_answers_its_printed_examples() {
     }
 }
 
-/// 1,000 concurrent paid requests from one user whose credit covers about twenty of them,
-/// through Nexus's whole path (key, hold, node, signed receipt, charge): every request gets 200
-/// or 402, the 200s are charged exactly (nothing else moves), nothing stays held, and the
-/// balance never pays for more than it had. The node is a real `lattice node` in front of a
-/// canned upstream answering 1,000 prompt + 4,000 completion tokens at once.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_thousand_concurrent_requests_never_overspend_and_the_rest_get_402() {
+/// Nexus (faucet 1 LAI) and a real `lattice node` in front of a canned upstream that answers
+/// every chat or completion at once with 1,000 prompt + 4,000 completion tokens, at `price`
+/// units per 1M tokens in and out.
+async fn canned_network(dir: &std::path::Path, price: &str) -> (Proc, Proc) {
     use axum::routing::post;
     let upstream = {
         // Chat and completions (the liveness probe is a completion) in one shape.
@@ -1321,11 +1318,8 @@ async fn a_thousand_concurrent_requests_never_overspend_and_the_rest_get_402() {
         tokio::spawn(async move { axum::serve(listener, app).await });
         format!("http://{addr}/v1")
     };
-    let dir = tmp();
-    let nexus = nexus_with(dir.path(), "127.0.0.1:0", &["--faucet-lai", "1"]);
-    // 10 LAI per 1M tokens: an answer (5,000 tokens) costs 0.05 LAI, so 1 LAI pays for 20.
-    let price = "10000000000000000000";
-    let _node = spawn(&[
+    let nexus = nexus_with(dir, "127.0.0.1:0", &["--faucet-lai", "1"]);
+    let node = spawn(&[
         "node",
         "--nexus",
         &nexus.url,
@@ -1342,9 +1336,96 @@ async fn a_thousand_concurrent_requests_never_overspend_and_the_rest_get_402() {
         "--port",
         "0",
         "--key",
-        key(dir.path(), "n").to_str().unwrap(),
+        key(dir, "n").to_str().unwrap(),
     ]);
     wait_for_models(&nexus.url, &[("canned", 1)]).await;
+    (nexus, node)
+}
+
+/// A paying user's balance as (available, held), read with a session or key.
+async fn balance(base: &str, auth: &str) -> (u128, u128) {
+    let (_, a) = call(
+        reqwest::Method::GET,
+        &format!("{base}/lattice/v1/account"),
+        auth,
+        None,
+    )
+    .await;
+    let units = |k: &str| a["balance"][k].as_str().unwrap().parse::<u128>().unwrap();
+    (units("available"), units("held"))
+}
+
+/// Several answers (`n`) are held, routed and charged one by one: when the credit covers only
+/// some of the holds, the request is a 402, the answers already admitted are cancelled, and
+/// nothing is charged or stays held; when it covers them all, each is charged exactly once and
+/// `usage` is their sum.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_answers_are_held_together_and_charged_each() {
+    let dir = tmp();
+    // 18 LAI per 1M tokens: a hold (~1,074 prompt + 7,000 completion tokens at most) is ~0.145
+    // LAI, so 1 LAI covers six of them; an answer (5,000 tokens) costs 0.09 LAI.
+    let (nexus, _node) = canned_network(dir.path(), "18000000000000000000").await;
+    let base = nexus.url.as_str();
+    let (session, _) = siwe_sign_in(base).await;
+    let start = balance(base, &session).await.0;
+    assert_eq!(start, 10u128.pow(18), "the faucet's 1 LAI");
+    let url = format!("{base}/v1/chat/completions");
+    let ask = |n: u32, stream: bool| {
+        json!({
+            "model": "canned",
+            "messages": [{"role": "user", "content": "x".repeat(990)}],
+            "max_tokens": 7000,
+            "n": n,
+            "stream": stream,
+        })
+    };
+    let settled = async |want: u128| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (available, held) = balance(base, &session).await;
+            if held == 0 && available == want {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "available {available} (want {want}), held {held}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    for stream in [false, true] {
+        let (s, v) = call(reqwest::Method::POST, &url, &session, Some(ask(16, stream))).await;
+        assert_eq!(s, 402, "sixteen holds of ~0.145 LAI exceed 1 LAI: {v}");
+        assert_eq!(v["error"]["code"], "insufficient_credits", "{v}");
+        settled(start).await;
+    }
+    let (s, v) = call(reqwest::Method::POST, &url, &session, Some(ask(2, false))).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["choices"].as_array().map(Vec::len), Some(2), "{v}");
+    assert_eq!(v["usage"]["prompt_tokens"], 2000, "{v}");
+    assert_eq!(v["usage"]["completion_tokens"], 8000, "{v}");
+    let cost = 5000 * 18 * 10u128.pow(18) / 1_000_000;
+    settled(start - 2 * cost).await;
+    let (_, u) = call(
+        reqwest::Method::GET,
+        &format!("{base}/lattice/v1/usage?group=model"),
+        &session,
+        None,
+    )
+    .await;
+    assert_eq!(u["data"][0]["requests"].as_u64(), Some(2), "{u}");
+}
+
+/// 1,000 concurrent paid requests from one user whose credit covers about twenty of them,
+/// through Nexus's whole path (key, hold, node, signed receipt, charge): every request gets 200
+/// or 402, the 200s are charged exactly (nothing else moves), nothing stays held, and the
+/// balance never pays for more than it had. The node is a real `lattice node` in front of a
+/// canned upstream answering 1,000 prompt + 4,000 completion tokens at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_concurrent_requests_never_overspend_and_the_rest_get_402() {
+    let dir = tmp();
+    // 10 LAI per 1M tokens: an answer (5,000 tokens) costs 0.05 LAI, so 1 LAI pays for 20.
+    let (nexus, _node) = canned_network(dir.path(), "10000000000000000000").await;
     let base = nexus.url.as_str();
     let (session, _) = siwe_sign_in(base).await;
     let (s, k) = call(
@@ -1356,17 +1437,7 @@ async fn a_thousand_concurrent_requests_never_overspend_and_the_rest_get_402() {
     .await;
     assert_eq!(s, 201, "{k}");
     let secret = k["secret"].as_str().unwrap().to_owned();
-    let account = async || {
-        let (_, a) = call(
-            reqwest::Method::GET,
-            &format!("{base}/lattice/v1/account"),
-            &session,
-            None,
-        )
-        .await;
-        let units = |k: &str| a["balance"][k].as_str().unwrap().parse::<u128>().unwrap();
-        (units("available"), units("held"))
-    };
+    let account = async || balance(base, &session).await;
     let start = account().await.0;
     assert_eq!(start, 10u128.pow(18), "the faucet's 1 LAI");
     // ~1,000 prompt bytes and 4,000 completion tokens: each hold is about one answer's cost.

@@ -28,13 +28,16 @@ impl OpenAiRequest for ChatCompletionRequest {
     const KIND: Kind = Kind::Chat;
     fn validate(self, limits: &crate::Limits) -> Result<Validated, ApiError> {
         let (prompt, params, tools) = params::chat(&self, limits)?;
+        let n = params::choices(self.sampling.n, 1, limits)?;
         let include_usage = self
             .sampling
             .stream_options
             .is_some_and(|o| o.include_usage);
         Ok(Validated {
             model: self.model,
-            prompt,
+            prompts: vec![prompt],
+            n,
+            echo: false,
             params,
             streaming: self.stream,
             include_usage,
@@ -46,14 +49,17 @@ impl OpenAiRequest for ChatCompletionRequest {
 impl OpenAiRequest for CompletionRequest {
     const KIND: Kind = Kind::Completion;
     fn validate(self, limits: &crate::Limits) -> Result<Validated, ApiError> {
-        let (prompt, params) = params::completion(&self, limits)?;
+        let (prompts, params) = params::completion(&self, limits)?;
+        let n = params::choices(self.sampling.n, prompts.len(), limits)?;
         let include_usage = self
             .sampling
             .stream_options
             .is_some_and(|o| o.include_usage);
         Ok(Validated {
             model: self.model,
-            prompt,
+            prompts: prompts.into_iter().map(Prompt::Text).collect(),
+            n,
+            echo: self.echo == Some(true),
             params,
             streaming: self.stream,
             include_usage,
@@ -101,7 +107,12 @@ async fn handle<R: OpenAiRequest>(
 
 struct Validated {
     model: String,
-    prompt: Prompt,
+    /// One for chat; a completions request may list several.
+    prompts: Vec<Prompt>,
+    /// Answers per prompt.
+    n: u32,
+    /// Completions: each answer starts with its prompt.
+    echo: bool,
     params: SamplingParams,
     streaming: bool,
     include_usage: bool,
@@ -119,7 +130,9 @@ async fn respond(
 ) -> HandlerResult {
     let Validated {
         model,
-        prompt,
+        prompts,
+        n,
+        echo,
         params,
         streaming,
         include_usage,
@@ -143,10 +156,35 @@ async fn respond(
     let preference = preference(headers).inspect_err(|e| {
         st.metrics.request(kind.endpoint(), outcome(e.status));
     })?;
+    let mut prompts = prompts.into_iter();
+    let Some(prompt) = prompts.next() else {
+        let e = ApiError::invalid_param("prompt", "The request has no prompt.");
+        st.metrics.request(kind.endpoint(), outcome(e.status));
+        return Err(e.into());
+    };
     let logprobs = params.logprobs.is_some();
+    let echo_of = |p: &Prompt| match p {
+        Prompt::Text(t) if echo => Some(t.clone()),
+        _ => None,
+    };
+    let prefix = match kind {
+        Kind::Chat => "chatcmpl",
+        Kind::Completion => "cmpl",
+    };
+    let meta = Meta {
+        id: format!("{prefix}-{request_id}"),
+        created: unix_now(),
+        model: model.clone(),
+        kind,
+        include_usage,
+        tools,
+        logprobs,
+        index: 0,
+        echo: echo_of(&prompt),
+    };
     let gen_req = GenerateRequest {
         request_id: request_id.clone(),
-        model: model.clone(),
+        model,
         prompt,
         params,
         preference,
@@ -155,40 +193,127 @@ async fn respond(
         whole: !streaming,
         payer,
     };
+    let rid = HeaderValue::from_str(&request_id).unwrap_or(HeaderValue::from_static("invalid"));
+    let more: Vec<Prompt> = prompts.collect();
+    if n > 1 || !more.is_empty() {
+        let answers = fan_out(gen_req, &more, n as usize)
+            .into_iter()
+            .zip(0u32..)
+            .map(|(g, index)| {
+                let echo = match index / n {
+                    0 => meta.echo.clone(),
+                    p => more.get(p as usize - 1).and_then(echo_of),
+                };
+                let meta = Meta {
+                    index,
+                    echo,
+                    ..meta.clone()
+                };
+                (g, meta)
+            })
+            .collect();
+        return respond_many(st, kind, started, streaming, meta, answers, rid).await;
+    }
     let events = st.engine.generate(gen_req).await.map_err(|e| {
         let api = stream::engine_error(&e);
         st.metrics.request(kind.endpoint(), outcome(api.status));
         tracing::debug!(request_id = %request_id, error = %e, "request rejected by the engine");
         api
     })?;
-    let prefix = match kind {
-        Kind::Chat => "chatcmpl",
-        Kind::Completion => "cmpl",
-    };
-    let meta = Meta {
-        id: format!("{prefix}-{request_id}"),
-        created: unix_now(),
-        model,
-        kind,
-        include_usage,
-        tools,
-        logprobs,
-    };
-    let tracker = Tracker::new(st.clone(), kind, request_id.clone(), started);
-    let rid = HeaderValue::from_str(&request_id).unwrap_or(HeaderValue::from_static("invalid"));
+    let tracker = Tracker::new(st.clone(), kind, request_id, started);
     if streaming {
         let body = Body::from_stream(stream::sse(meta, events, tracker));
-        let mut resp = (StatusCode::OK, body).into_response();
-        let h = resp.headers_mut();
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/event-stream"),
-        );
-        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-        h.insert("x-request-id", rid);
-        return Ok(resp);
+        return Ok(sse_response(body, rid));
     }
     let json = stream::collect(&meta, events, tracker).await?;
+    Ok(json_response(json, rid))
+}
+
+/// A request's answers as requests of their own: answer `i` of prompt `p` is choice
+/// `p * n + i`. The first is `first` (prompt 0); each other one has the id `{id}-{index}`,
+/// the seed plus its index when a seed is given (so answers differ and stay reproducible), and
+/// keeps no chat history (only the first answer is kept).
+fn fan_out(first: GenerateRequest, more: &[Prompt], n: usize) -> Vec<GenerateRequest> {
+    let count = n * (1 + more.len());
+    let mut all = Vec::with_capacity(count);
+    for index in 1..count {
+        let prompt = match index / n {
+            0 => first.prompt.clone(),
+            p => more
+                .get(p - 1)
+                .cloned()
+                .unwrap_or_else(|| first.prompt.clone()),
+        };
+        let mut params = first.params.clone();
+        params.seed = params.seed.map(|s| s.wrapping_add(index as u64));
+        all.push(GenerateRequest {
+            request_id: format!("{}-{index}", first.request_id),
+            model: first.model.clone(),
+            prompt,
+            params,
+            preference: first.preference,
+            user: first.user.clone(),
+            payer: first.payer.clone(),
+            conversation: None,
+            whole: first.whole,
+        });
+    }
+    all.insert(0, first);
+    all
+}
+
+/// Several answers: every one is admitted before the response starts (if one is refused, the
+/// others are dropped, which cancels them, and the refusal is the response), then they are
+/// generated side by side and the response lists each under its index.
+async fn respond_many(
+    st: Arc<AppState>,
+    kind: Kind,
+    started: Instant,
+    streaming: bool,
+    meta: Meta,
+    answers: Vec<(GenerateRequest, Meta)>,
+    rid: HeaderValue,
+) -> HandlerResult {
+    let (requests, metas): (Vec<_>, Vec<_>) = answers.into_iter().unzip();
+    let ids: Vec<String> = requests.iter().map(|g| g.request_id.clone()).collect();
+    let admitted = requests.into_iter().map(|g| st.engine.generate(g));
+    let streams = futures::future::try_join_all(admitted).await.map_err(|e| {
+        let api = stream::engine_error(&e);
+        st.metrics.request(kind.endpoint(), outcome(api.status));
+        tracing::debug!(request_id = ?ids.first(), error = %e, "request rejected by the engine");
+        api
+    })?;
+    let parts: Vec<_> = metas
+        .into_iter()
+        .zip(streams)
+        .zip(ids)
+        .map(|((m, events), id)| {
+            let primary = m.index == 0;
+            let tracker = Tracker::new(st.clone(), kind, id, started);
+            (m, events, if primary { tracker } else { tracker.part() })
+        })
+        .collect();
+    if streaming {
+        let body = Body::from_stream(stream::sse_many(meta, parts));
+        return Ok(sse_response(body, rid));
+    }
+    let json = stream::collect_many(&meta, parts).await?;
+    Ok(json_response(json, rid))
+}
+
+fn sse_response(body: Body, rid: HeaderValue) -> Response {
+    let mut resp = (StatusCode::OK, body).into_response();
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert("x-request-id", rid);
+    resp
+}
+
+fn json_response(json: String, rid: HeaderValue) -> Response {
     let mut resp = (
         StatusCode::OK,
         [(header::CONTENT_TYPE, "application/json")],
@@ -196,7 +321,7 @@ async fn respond(
     )
         .into_response();
     resp.headers_mut().insert("x-request-id", rid);
-    Ok(resp)
+    resp
 }
 
 fn outcome(status: u16) -> &'static str {
@@ -345,4 +470,65 @@ pub(crate) async fn metrics(State(st): State<Arc<AppState>>) -> Response {
         body,
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(p: &Prompt) -> &str {
+        match p {
+            Prompt::Text(t) => t,
+            Prompt::Chat(_) => "",
+        }
+    }
+
+    /// Answer `i` of prompt `p` is choice `p * n + i`, a request of its own: a fresh id after
+    /// the first, the seed moved by its index, the prompt it answers, no chat history.
+    #[test]
+    fn answers_fan_out_as_requests_of_their_own() {
+        let first = GenerateRequest {
+            request_id: "r".into(),
+            model: "m".into(),
+            prompt: Prompt::Text("a".into()),
+            params: SamplingParams {
+                seed: Some(u64::MAX - 1),
+                ..SamplingParams::default()
+            },
+            preference: Preference::Cost,
+            user: Some("0xabc".into()),
+            payer: None,
+            conversation: Some("c".into()),
+            whole: true,
+        };
+        let more = [Prompt::Text("b".into()), Prompt::Text("c".into())];
+        let all = fan_out(first.clone(), &more, 2);
+        let ids: Vec<_> = all.iter().map(|g| g.request_id.as_str()).collect();
+        assert_eq!(ids, ["r", "r-1", "r-2", "r-3", "r-4", "r-5"]);
+        let prompts: Vec<_> = all.iter().map(|g| text(&g.prompt)).collect();
+        assert_eq!(prompts, ["a", "a", "b", "b", "c", "c"]);
+        let seeds: Vec<_> = all.iter().map(|g| g.params.seed).collect();
+        assert_eq!(
+            seeds,
+            [u64::MAX - 1, u64::MAX, 0, 1, 2, 3].map(Some).to_vec()
+        );
+        let kept: Vec<_> = all.iter().map(|g| g.conversation.is_some()).collect();
+        assert_eq!(kept, [true, false, false, false, false, false]);
+        assert!(all.iter().all(|g| g.model == "m"
+            && g.user.as_deref() == Some("0xabc")
+            && g.preference == Preference::Cost
+            && g.whole));
+
+        // Without a seed every answer samples on its own; one prompt, one answer: unchanged.
+        let unseeded = GenerateRequest {
+            params: SamplingParams::default(),
+            ..first.clone()
+        };
+        assert!(
+            fan_out(unseeded, &[], 3)
+                .iter()
+                .all(|g| g.params.seed.is_none())
+        );
+        assert_eq!(fan_out(first.clone(), &[], 1).len(), 1);
+    }
 }

@@ -34,6 +34,9 @@ pub struct Limits {
     pub max_stop_sequences: usize,
     /// Length of one stop sequence, in bytes.
     pub max_stop_bytes: usize,
+    /// Answers one request may ask for (`n`, times the prompts of a completions list); each
+    /// is generated as a request of its own.
+    pub max_choices: usize,
 }
 
 impl Default for Limits {
@@ -43,6 +46,7 @@ impl Default for Limits {
             max_in_flight: 256,
             max_stop_sequences: 4,
             max_stop_bytes: 256,
+            max_choices: 16,
         }
     }
 }

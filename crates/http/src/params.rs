@@ -76,20 +76,17 @@ pub(crate) fn chat(
 pub(crate) fn completion(
     req: &CompletionRequest,
     limits: &Limits,
-) -> Result<(Prompt, SamplingParams), ApiError> {
-    let prompt = match &req.prompt {
-        PromptSpec::One(p) => p.clone(),
-        PromptSpec::Many(v) if v.len() == 1 => v.first().cloned().unwrap_or_default(),
-        PromptSpec::Many(_) => {
+) -> Result<(Vec<String>, SamplingParams), ApiError> {
+    let prompts = match &req.prompt {
+        PromptSpec::One(p) => vec![p.clone()],
+        PromptSpec::Many(v) if v.is_empty() => {
             return Err(ApiError::invalid_param(
                 "prompt",
-                "Exactly one prompt per request is supported.",
+                "`prompt` must be a string or a non-empty list of strings.",
             ));
         }
+        PromptSpec::Many(v) => v.clone(),
     };
-    if req.echo == Some(true) {
-        return Err(ApiError::invalid_param("echo", "`echo` is not supported."));
-    }
     let s = &req.sampling;
     for (param, v) in [
         ("tools", &s.tools),
@@ -111,7 +108,37 @@ pub(crate) fn completion(
         limits,
     )?;
     params.logprobs = completion_logprobs(&req.sampling)?;
-    Ok((Prompt::Text(prompt), params))
+    if req.echo == Some(true) && params.logprobs.is_some() {
+        return Err(ApiError::invalid_param(
+            "echo",
+            "`echo` with `logprobs` is not supported: the prompt's own log probabilities are not computed.",
+        ));
+    }
+    Ok((prompts, params))
+}
+
+/// The answers a request asks for: `n` per prompt (OpenAI's 1…128; here at most
+/// [`Limits::max_choices`] in all, counting every prompt of a list).
+pub(crate) fn choices(n: Option<u32>, prompts: usize, limits: &Limits) -> Result<u32, ApiError> {
+    let n = n.unwrap_or(1);
+    let all = usize::try_from(n)
+        .unwrap_or(usize::MAX)
+        .saturating_mul(prompts);
+    if n == 0 || all > limits.max_choices {
+        let (param, what) = if prompts > 1 {
+            ("prompt", format!("{prompts} prompts × n = {n}"))
+        } else {
+            ("n", format!("n = {n}"))
+        };
+        return Err(ApiError::invalid_param(
+            param,
+            format!(
+                "A request may ask for 1 to {} answers in all; {what} asks for {all}.",
+                limits.max_choices
+            ),
+        ));
+    }
+    Ok(n)
 }
 
 fn sampling(
@@ -121,12 +148,6 @@ fn sampling(
     limits: &Limits,
 ) -> Result<SamplingParams, ApiError> {
     refuse_unsupported(s)?;
-    if let Some(n) = s.n.filter(|&n| n != 1) {
-        return Err(ApiError::invalid_param(
-            "n",
-            format!("Only n=1 is supported, got {n}."),
-        ));
-    }
     let temperature = s.temperature.unwrap_or(1.0);
     if !(0.0..=2.0).contains(&temperature) {
         return Err(ApiError::invalid_param(
@@ -532,6 +553,52 @@ mod tests {
         assert_eq!(s.max_tokens, Some(16));
     }
 
+    /// `n` answers per prompt, every prompt of a completions list: at most `max_choices` in
+    /// all, the excess named by the field that makes it.
+    #[test]
+    fn answers_per_request_are_bounded_and_named() {
+        let l = Limits {
+            max_choices: 6,
+            ..Limits::default()
+        };
+        assert_eq!(choices(None, 1, &l).ok(), Some(1));
+        assert_eq!(choices(Some(6), 1, &l).ok(), Some(6));
+        assert_eq!(choices(Some(3), 2, &l).ok(), Some(3));
+        assert_eq!(choices(None, 6, &l).ok(), Some(1));
+        assert_eq!(err_param(choices(Some(0), 1, &l)).as_deref(), Some("n"));
+        assert_eq!(err_param(choices(Some(7), 1, &l)).as_deref(), Some("n"));
+        assert_eq!(
+            err_param(choices(Some(u32::MAX), 1, &l)).as_deref(),
+            Some("n")
+        );
+        assert_eq!(
+            err_param(choices(Some(4), 2, &l)).as_deref(),
+            Some("prompt")
+        );
+        assert_eq!(err_param(choices(None, 7, &l)).as_deref(), Some("prompt"));
+        let completion_with = |extra: &str| -> CompletionRequest {
+            serde_json::from_str(&format!(r#"{{"model":"m","prompt":["a","b"]{extra}}}"#))
+                .unwrap_or_else(|e| unreachable!("{e}"))
+        };
+        let (prompts, _) =
+            completion(&completion_with(""), &l).unwrap_or_else(|e| unreachable!("{e}"));
+        assert_eq!(prompts, ["a", "b"]);
+        let empty: CompletionRequest = serde_json::from_str(r#"{"model":"m","prompt":[]}"#)
+            .unwrap_or_else(|e| unreachable!("{e}"));
+        assert_eq!(err_param(completion(&empty, &l)).as_deref(), Some("prompt"));
+        // Echo gives the prompt back; its log probabilities are not computed, so both together
+        // are refused rather than answered without them.
+        assert!(completion(&completion_with(r#","echo":true"#), &l).is_ok());
+        assert_eq!(
+            err_param(completion(
+                &completion_with(r#","echo":true,"logprobs":2"#),
+                &l
+            ))
+            .as_deref(),
+            Some("echo")
+        );
+    }
+
     #[test]
     fn out_of_range_fields_are_named() {
         let l = Limits::default();
@@ -550,10 +617,6 @@ mod tests {
         assert_eq!(
             err_param(chat(&chat_with(r#","max_tokens":0"#), &l)).as_deref(),
             Some("max_tokens")
-        );
-        assert_eq!(
-            err_param(chat(&chat_with(r#","n":3"#), &l)).as_deref(),
-            Some("n")
         );
         assert_eq!(
             err_param(chat(&chat_with(r#","stop":["a","b","c","d","e"]"#), &l)).as_deref(),

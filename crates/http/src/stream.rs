@@ -33,7 +33,8 @@ impl Kind {
     }
 }
 
-/// Fields repeated in every chunk of one response.
+/// Fields repeated in every chunk of one response's answer.
+#[derive(Clone)]
 pub(crate) struct Meta {
     pub(crate) id: String,
     pub(crate) created: u64,
@@ -44,6 +45,10 @@ pub(crate) struct Meta {
     pub(crate) tools: bool,
     /// The request asked for log probabilities (a whole answer lists them even when empty).
     pub(crate) logprobs: bool,
+    /// The answer's place among the response's `choices` (`n`, prompt lists).
+    pub(crate) index: u32,
+    /// Completions' `echo`: the prompt, given back before the answer.
+    pub(crate) echo: Option<String>,
 }
 
 pub(crate) fn engine_error(e: &EngineError) -> ApiError {
@@ -72,6 +77,8 @@ pub(crate) struct Tracker {
     started: Instant,
     first: Option<Instant>,
     done: bool,
+    /// Counts the request's outcome; the other answers of a request only count their tokens.
+    primary: bool,
 }
 
 impl Tracker {
@@ -83,7 +90,15 @@ impl Tracker {
             started,
             first: None,
             done: false,
+            primary: true,
         }
+    }
+
+    /// The tracker of an answer after a request's first: its tokens are counted, its outcome
+    /// is the first answer's.
+    pub(crate) fn part(mut self) -> Self {
+        self.primary = false;
+        self
     }
 
     fn on_delta(&mut self) {
@@ -108,14 +123,18 @@ impl Tracker {
             decode,
             now.duration_since(self.started).as_secs_f64(),
         );
-        self.st.metrics.request(self.kind.endpoint(), "ok");
+        if self.primary {
+            self.st.metrics.request(self.kind.endpoint(), "ok");
+        }
         self.done = true;
         tracing::debug!(request_id = %self.request_id, prompt = usage.prompt_tokens,
             completion = usage.completion_tokens, "request finished");
     }
 
     fn on_error(&mut self, e: &EngineError) {
-        self.st.metrics.request(self.kind.endpoint(), "error");
+        if self.primary {
+            self.st.metrics.request(self.kind.endpoint(), "error");
+        }
         self.done = true;
         tracing::warn!(request_id = %self.request_id, error = %e, "request failed mid-generation");
     }
@@ -123,20 +142,69 @@ impl Tracker {
 
 impl Drop for Tracker {
     fn drop(&mut self) {
-        if !self.done {
+        if !self.done && self.primary {
             self.st.metrics.request(self.kind.endpoint(), "cancelled");
             tracing::debug!(request_id = %self.request_id, "client disconnected; generation cancelled");
         }
     }
 }
 
+/// One answer read whole.
+struct Whole {
+    reply: Reply,
+    logprobs: Option<Value>,
+    usage: Usage,
+}
+
 /// Collects the whole answer for a non-streaming request.
 pub(crate) async fn collect(
     meta: &Meta,
+    events: EventStream,
+    tracker: Tracker,
+) -> Result<String, ApiError> {
+    let w = collect_answer(meta, events, tracker).await?;
+    Ok(full_body(
+        meta,
+        vec![(meta.index, w.reply, w.logprobs)],
+        w.usage,
+    ))
+}
+
+/// Collects a request's answers side by side; the first that fails is the response (the
+/// others are dropped, which cancels them). Usage is the answers' sum: each was generated,
+/// and is paid for, as a request of its own.
+pub(crate) async fn collect_many(
+    meta: &Meta,
+    parts: Vec<(Meta, EventStream, Tracker)>,
+) -> Result<String, ApiError> {
+    let answers =
+        futures::future::try_join_all(parts.into_iter().map(|(m, events, tracker)| async move {
+            let w = collect_answer(&m, events, tracker).await?;
+            Ok::<_, ApiError>((m.index, w))
+        }))
+        .await?;
+    let mut usage = Usage::new(0, 0);
+    let mut choices = Vec::with_capacity(answers.len());
+    for (index, w) in answers {
+        usage = add_usage(usage, w.usage);
+        choices.push((index, w.reply, w.logprobs));
+    }
+    Ok(full_body(meta, choices, usage))
+}
+
+fn add_usage(a: Usage, b: Usage) -> Usage {
+    Usage::new(
+        a.prompt_tokens.saturating_add(b.prompt_tokens),
+        a.completion_tokens.saturating_add(b.completion_tokens),
+    )
+}
+
+async fn collect_answer(
+    meta: &Meta,
     mut events: EventStream,
     mut tracker: Tracker,
-) -> Result<String, ApiError> {
-    let mut text = String::new();
+) -> Result<Whole, ApiError> {
+    let mut text = meta.echo.clone().unwrap_or_default();
     let mut logprobs: Vec<TokenLogprob> = Vec::new();
     while let Some(ev) = events.next().await {
         match ev {
@@ -150,7 +218,7 @@ pub(crate) async fn collect(
                 usage,
             }) => {
                 tracker.on_done(&usage);
-                let message = if meta.tools {
+                let reply = if meta.tools {
                     reply(tools::answer(&text), finish_reason)
                 } else {
                     (Some(text), None, finish_reason)
@@ -158,7 +226,11 @@ pub(crate) async fn collect(
                 let logprobs = meta
                     .logprobs
                     .then(|| logprobs_json(meta.kind, &logprobs, &mut Offsets::default()));
-                return Ok(full_body(meta, message, logprobs, usage));
+                return Ok(Whole {
+                    reply,
+                    logprobs,
+                    usage,
+                });
             }
             Err(e) => {
                 tracker.on_error(&e);
@@ -206,28 +278,28 @@ fn call_id() -> String {
     format!("call_{id}")
 }
 
-fn full_body(
-    meta: &Meta,
-    (content, tool_calls, finish_reason): Reply,
-    logprobs: Option<Value>,
-    usage: Usage,
-) -> String {
+fn full_body(meta: &Meta, choices: Vec<(u32, Reply, Option<Value>)>, usage: Usage) -> String {
     let json = match meta.kind {
         Kind::Chat => serde_json::to_string(&ChatCompletion {
             id: meta.id.clone(),
             object: "chat.completion".into(),
             created: meta.created,
             model: meta.model.clone(),
-            choices: vec![ChatChoice {
-                index: 0,
-                message: AssistantMessage {
-                    role: "assistant".into(),
-                    content,
-                    tool_calls,
-                },
-                logprobs: logprobs.clone(),
-                finish_reason: Some(finish_reason),
-            }],
+            choices: choices
+                .into_iter()
+                .map(
+                    |(index, (content, tool_calls, finish_reason), logprobs)| ChatChoice {
+                        index,
+                        message: AssistantMessage {
+                            role: "assistant".into(),
+                            content,
+                            tool_calls,
+                        },
+                        logprobs,
+                        finish_reason: Some(finish_reason),
+                    },
+                )
+                .collect(),
             usage,
             system_fingerprint: None,
         }),
@@ -236,12 +308,17 @@ fn full_body(
             object: "text_completion".into(),
             created: meta.created,
             model: meta.model.clone(),
-            choices: vec![CompletionChoice {
-                text: content.unwrap_or_default(),
-                index: 0,
-                logprobs,
-                finish_reason: Some(finish_reason),
-            }],
+            choices: choices
+                .into_iter()
+                .map(
+                    |(index, (content, _, finish_reason), logprobs)| CompletionChoice {
+                        text: content.unwrap_or_default(),
+                        index,
+                        logprobs,
+                        finish_reason: Some(finish_reason),
+                    },
+                )
+                .collect(),
             usage: UsageField::Some(usage),
         }),
     };
@@ -267,6 +344,21 @@ struct SseState {
     logprobs: Vec<TokenLogprob>,
     /// Where the next token starts in the text (completions' `text_offset`).
     offset: Offsets,
+    /// One answer of several ([`sse_many`]): its end is reported, not written.
+    part: bool,
+    /// The answer's usage once it is done (`part`).
+    usage: Option<Usage>,
+    /// The answer ended with an error frame.
+    failed: bool,
+}
+
+/// A body frame of one answer.
+struct Frame {
+    bytes: Bytes,
+    /// The answer's usage, with its last frame ([`SseState::part`]).
+    done: Option<Usage>,
+    /// The frame ends with an error event; the answer is over.
+    failed: bool,
 }
 
 /// The SSE body: `data: {chunk}\n\n` per event, then `data: [DONE]\n\n`.
@@ -275,6 +367,77 @@ pub(crate) fn sse(
     events: EventStream,
     tracker: Tracker,
 ) -> impl futures::Stream<Item = Result<Bytes, Infallible>> + Send {
+    frames(meta, events, tracker, false).map(|f| Ok(f.bytes))
+}
+
+/// The SSE body of several answers generated side by side: each answer's chunks carry its
+/// index and come as they are made; after the last answer's end, the usage chunk (their sum)
+/// and `data: [DONE]`. An answer that fails ends the body with its error event and cancels
+/// the others.
+pub(crate) fn sse_many(
+    meta: Meta,
+    parts: Vec<(Meta, EventStream, Tracker)>,
+) -> impl futures::Stream<Item = Result<Bytes, Infallible>> + Send {
+    struct Merge {
+        meta: Meta,
+        all: futures::stream::SelectAll<futures::stream::BoxStream<'static, Frame>>,
+        left: usize,
+        usage: Usage,
+        over: bool,
+    }
+    let left = parts.len();
+    let all = futures::stream::select_all(
+        parts
+            .into_iter()
+            .map(|(m, events, tracker)| frames(m, events, tracker, true).boxed()),
+    );
+    let merge = Merge {
+        meta,
+        all,
+        left,
+        usage: Usage::new(0, 0),
+        over: false,
+    };
+    futures::stream::unfold(merge, |mut m| async move {
+        if m.over {
+            return None;
+        }
+        let Some(f) = m.all.next().await else {
+            // Every answer reports its end or its failure before it stops; this is a bug.
+            m.over = true;
+            let e = ApiError::internal("an answer ended without finishing");
+            return Some((Ok(error_frame(&e)), m));
+        };
+        if f.failed {
+            m.over = true;
+            m.all = futures::stream::SelectAll::new();
+            return Some((Ok(f.bytes), m));
+        }
+        let Some(usage) = f.done else {
+            return Some((Ok(f.bytes), m));
+        };
+        m.usage = add_usage(m.usage, usage);
+        m.left = m.left.saturating_sub(1);
+        if m.left > 0 {
+            return Some((Ok(f.bytes), m));
+        }
+        m.over = true;
+        let mut out = Vec::from(f.bytes);
+        if m.meta.include_usage {
+            out.extend_from_slice(&usage_chunk(&m.meta, m.usage));
+        }
+        out.extend_from_slice(b"data: [DONE]\n\n");
+        Some((Ok(Bytes::from(out)), m))
+    })
+}
+
+/// One answer's body frames (`part`: one answer of several, see [`SseState::part`]).
+fn frames(
+    meta: Meta,
+    events: EventStream,
+    tracker: Tracker,
+    part: bool,
+) -> impl futures::Stream<Item = Frame> + Send {
     let state = SseState {
         delta: DeltaTemplate::new(&meta),
         reply: meta.tools.then(ReplyStream::default),
@@ -284,23 +447,33 @@ pub(crate) fn sse(
         events,
         tracker,
         phase: Phase::Start,
+        part,
+        usage: None,
+        failed: false,
     };
     futures::stream::unfold(state, |mut s| async move {
-        match s.phase {
-            Phase::Finished => None,
+        let bytes = match s.phase {
+            Phase::Finished => return None,
             Phase::Start => {
                 s.phase = Phase::Streaming;
                 if s.meta.kind == Kind::Chat {
-                    return Some((Ok(role_chunk(&s.meta)), s));
+                    role_chunk(&s.meta)
+                } else if let Some(echo) = s.meta.echo.take().filter(|e| !e.is_empty()) {
+                    let mut out = Vec::new();
+                    s.delta.write(&echo, &mut out);
+                    Bytes::from(out)
+                } else {
+                    next_frame(&mut s).await
                 }
-                let frame = next_frame(&mut s).await;
-                Some((Ok(frame), s))
             }
-            Phase::Streaming => {
-                let frame = next_frame(&mut s).await;
-                Some((Ok(frame), s))
-            }
-        }
+            Phase::Streaming => next_frame(&mut s).await,
+        };
+        let frame = Frame {
+            bytes,
+            done: s.usage.take(),
+            failed: s.failed,
+        };
+        Some((frame, s))
     })
 }
 
@@ -365,6 +538,10 @@ fn push_event(s: &mut SseState, ev: Option<Result<Event, EngineError>>, out: &mu
                 finish_reason = finish;
             }
             finish_chunk(&s.meta, finish_reason, out);
+            if s.part {
+                s.usage = Some(usage);
+                return;
+            }
             if s.meta.include_usage {
                 out.extend_from_slice(&usage_chunk(&s.meta, usage));
             }
@@ -373,12 +550,14 @@ fn push_event(s: &mut SseState, ev: Option<Result<Event, EngineError>>, out: &mu
         Some(Err(e)) => {
             s.tracker.on_error(&e);
             s.phase = Phase::Finished;
+            s.failed = true;
             out.extend_from_slice(&error_frame(&engine_error(&e)));
         }
         None => {
             let e = EngineError::Internal("the engine ended the stream without finishing".into());
             s.tracker.on_error(&e);
             s.phase = Phase::Finished;
+            s.failed = true;
             out.extend_from_slice(&error_frame(&engine_error(&e)));
         }
     }
@@ -415,7 +594,7 @@ fn encode_chunk(
             model: meta.model.clone(),
             choices: choice
                 .map(|(delta, _, finish_reason, logprobs)| ChunkChoice {
-                    index: 0,
+                    index: meta.index,
                     delta,
                     logprobs,
                     finish_reason,
@@ -432,7 +611,7 @@ fn encode_chunk(
             choices: choice
                 .map(|(_, text, finish_reason, logprobs)| CompletionChoice {
                     text,
-                    index: 0,
+                    index: meta.index,
                     logprobs,
                     finish_reason,
                 })
@@ -580,7 +759,8 @@ impl Form {
         let kind = usize::from(meta.kind == Kind::Completion);
         let at = (kind * 2 + usize::from(meta.include_usage)) * Form::ALL.len() + self as usize;
         match shapes.get(at) {
-            Some(Some(shape)) => shape.write(meta, out),
+            // The shapes are cut for the first answer.
+            Some(Some(shape)) if meta.index == 0 => shape.write(meta, out),
             _ => out.extend_from_slice(&self.encode(meta)),
         }
     }
@@ -621,6 +801,8 @@ impl Shape {
             include_usage,
             tools: false,
             logprobs: false,
+            index: 0,
+            echo: None,
         };
         let bytes = form.encode(&meta);
         let marks = [
@@ -797,6 +979,8 @@ mod tests {
             include_usage: true,
             tools: false,
             logprobs: false,
+            index: 0,
+            echo: None,
         }
     }
 
@@ -875,6 +1059,144 @@ mod tests {
         let frames = body.await.expect("the body task ends");
         assert_eq!(frames.len(), 1 + events.len(), "{frames:?}");
         assert_eq!(frames.concat(), one_by_one(&events));
+    }
+
+    fn stream_of(events: Vec<Result<Event, EngineError>>) -> EventStream {
+        Box::pin(futures::stream::iter(events))
+    }
+
+    fn answer(text: &str, usage: Usage) -> Vec<Result<Event, EngineError>> {
+        let mut events: Vec<_> = text
+            .split_inclusive(' ')
+            .map(|w| Ok(Event::Delta(w.into())))
+            .collect();
+        events.push(Ok(Event::Done {
+            finish_reason: FinishReason::Stop,
+            usage,
+        }));
+        events
+    }
+
+    fn parts(answers: Vec<Vec<Result<Event, EngineError>>>) -> Vec<(Meta, EventStream, Tracker)> {
+        (0u32..)
+            .zip(answers)
+            .map(|(index, events)| {
+                let m = Meta { index, ..meta() };
+                let t = if index == 0 {
+                    tracker()
+                } else {
+                    tracker().part()
+                };
+                (m, stream_of(events), t)
+            })
+            .collect()
+    }
+
+    /// Several answers stream side by side: each chunk names its answer, each answer has its
+    /// role chunk, its text in order and its finish; then one usage chunk with their sum and
+    /// one `[DONE]`.
+    #[tokio::test]
+    async fn several_answers_stream_under_their_indexes_with_one_usage_and_done() {
+        let texts = ["one two three", "alpha beta", "x"];
+        let answers = (0u32..)
+            .zip(texts)
+            .map(|(i, t)| answer(t, Usage::new(5, 10 + i)))
+            .collect();
+        let body: Vec<u8> = sse_many(meta(), parts(answers))
+            .map(|f| f.unwrap_or_default().to_vec())
+            .concat()
+            .await;
+        let text = String::from_utf8_lossy(&body);
+        assert_eq!(text.matches("data: [DONE]").count(), 1, "{text}");
+        assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+        let chunks = chunks(&body);
+        let (usage, answers): (Vec<_>, Vec<_>) = chunks.iter().partition(|c| c.choices.is_empty());
+        assert_eq!(usage.len(), 1, "{text}");
+        assert!(chunks.last().is_some_and(|c| c.choices.is_empty()));
+        assert_eq!(usage[0].usage, UsageField::Some(Usage::new(15, 33)));
+        for (i, want) in (0u32..).zip(texts) {
+            let mine: Vec<_> = answers
+                .iter()
+                .flat_map(|c| &c.choices)
+                .filter(|c| c.index == i)
+                .collect();
+            assert_eq!(
+                mine.first().and_then(|c| c.delta.role.as_deref()),
+                Some("assistant")
+            );
+            let got: String = mine
+                .iter()
+                .filter_map(|c| c.delta.content.as_deref())
+                .collect();
+            assert_eq!(got, want);
+            let finishes: Vec<_> = mine.iter().filter_map(|c| c.finish_reason).collect();
+            assert_eq!(finishes, [FinishReason::Stop], "answer {i}");
+            assert!(mine.last().is_some_and(|c| c.finish_reason.is_some()));
+        }
+        assert_eq!(
+            answers.iter().map(|c| c.choices.len()).sum::<usize>(),
+            chunks.len() - 1
+        );
+    }
+
+    /// An answer that fails ends the body with its error; the others are not waited for.
+    #[tokio::test]
+    async fn a_failing_answer_ends_the_stream_of_several_with_its_error() {
+        let pending: EventStream = Box::pin(futures::stream::pending());
+        let failing = vec![
+            Ok(Event::Delta("par".into())),
+            Err(EngineError::Upstream("the node went away".into())),
+        ];
+        let mut p = parts(vec![failing]);
+        p.push((Meta { index: 1, ..meta() }, pending, tracker().part()));
+        let body = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            sse_many(meta(), p)
+                .map(|f| f.unwrap_or_default().to_vec())
+                .concat(),
+        )
+        .await
+        .expect("the body ends without waiting for the pending answer");
+        let text = String::from_utf8_lossy(&body);
+        assert!(!text.contains("[DONE]"), "{text}");
+        assert!(text.trim_end().ends_with('}'), "{text}");
+        assert!(text.contains("the node went away"), "{text}");
+    }
+
+    /// A whole response of several answers lists them by index with their texts (echoed
+    /// prompts first) and the sum of their usage; one failure is the response.
+    #[tokio::test]
+    async fn several_whole_answers_are_listed_by_index_with_summed_usage() {
+        let completion = Meta {
+            kind: Kind::Completion,
+            id: "cmpl-r".into(),
+            ..meta()
+        };
+        let mut p = parts(vec![
+            answer("one two", Usage::new(2, 2)),
+            answer("three", Usage::new(2, 1)),
+        ]);
+        for (m, _, _) in &mut p {
+            m.kind = Kind::Completion;
+            m.echo = Some(format!("prompt {}: ", m.index));
+        }
+        let json = collect_many(&completion, p)
+            .await
+            .expect("both answers end");
+        let c: Completion = serde_json::from_str(&json).expect("a completion");
+        let got: Vec<_> = c
+            .choices
+            .iter()
+            .map(|c| (c.index, c.text.as_str()))
+            .collect();
+        assert_eq!(got, [(0, "prompt 0: one two"), (1, "prompt 1: three")]);
+        assert_eq!(c.usage, UsageField::Some(Usage::new(4, 3)));
+
+        let mut failing = answer("fine", Usage::new(1, 1));
+        failing.insert(0, Err(EngineError::Internal("boom".into())));
+        let p = parts(vec![answer("fine", Usage::new(1, 1)), failing]);
+        let e = collect_many(&meta(), p).await.err();
+        assert_eq!(e.map(|e| e.status), Some(500));
     }
 
     /// The chunks of an SSE body (the `[DONE]` line left out).
@@ -1032,7 +1354,7 @@ mod tests {
         let mut checked = 0;
         for kind in [Kind::Chat, Kind::Completion] {
             for include_usage in [false, true] {
-                for model in models {
+                for (model, index) in models.into_iter().zip([0, 3, 0, 15]) {
                     let meta = Meta {
                         id: format!("chatcmpl-{model}"),
                         created: 1_700_000_000,
@@ -1041,6 +1363,8 @@ mod tests {
                         include_usage,
                         tools: false,
                         logprobs: false,
+                        index,
+                        echo: None,
                     };
                     let template = DeltaTemplate::new(&meta);
                     for text in texts {
@@ -1104,6 +1428,8 @@ mod tests {
                                 include_usage,
                                 tools: false,
                                 logprobs: false,
+                                index: 0,
+                                echo: None,
                             };
                             for form in Form::ALL {
                                 let mut got = b"before".to_vec();
