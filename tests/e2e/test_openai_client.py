@@ -161,6 +161,23 @@ def test_prompt_lists_and_echo(client):
     assert text.startswith("1, 2, 3, 4")
 
 
+def test_best_of_keeps_the_likeliest_answers(client):
+    prompt = "Once upon a time"
+    one = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8)
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, best_of=3, n=2, logprobs=1, seed=3)
+    assert [c.index for c in r.choices] == [0, 1]
+    means = [sum(c.logprobs.token_logprobs) / len(c.logprobs.token_logprobs) for c in r.choices]
+    assert means[0] >= means[1], means
+    # All three answers were generated, and are counted.
+    assert r.usage.prompt_tokens == 3 * one.usage.prompt_tokens
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, best_of=2, stream=True)
+    assert e.value.param == "best_of"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, best_of=2, n=3)
+    assert e.value.param == "best_of"
+
+
 def test_too_many_answers_is_400(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=4, n=17)

@@ -37,6 +37,7 @@ impl OpenAiRequest for ChatCompletionRequest {
             model: self.model,
             prompts: vec![prompt],
             n,
+            best_of: 1,
             echo: false,
             params,
             streaming: self.stream,
@@ -49,8 +50,13 @@ impl OpenAiRequest for ChatCompletionRequest {
 impl OpenAiRequest for CompletionRequest {
     const KIND: Kind = Kind::Completion;
     fn validate(self, limits: &crate::Limits) -> Result<Validated, ApiError> {
-        let (prompts, params) = params::completion(&self, limits)?;
+        let (prompts, params, best_of) = params::completion(&self, limits)?;
         let n = params::choices(self.sampling.n, prompts.len(), limits)?;
+        if best_of > 1 {
+            params::choices(Some(best_of), prompts.len(), limits).map_err(|e| {
+                ApiError::invalid_param("best_of", format!("`best_of`: {}", e.body.message))
+            })?;
+        }
         let include_usage = self
             .sampling
             .stream_options
@@ -59,6 +65,7 @@ impl OpenAiRequest for CompletionRequest {
             model: self.model,
             prompts: prompts.into_iter().map(Prompt::Text).collect(),
             n,
+            best_of,
             echo: self.echo == Some(true),
             params,
             streaming: self.stream,
@@ -111,6 +118,9 @@ struct Validated {
     prompts: Vec<Prompt>,
     /// Answers per prompt.
     n: u32,
+    /// Completions: answers generated per prompt, of which the `n` with the highest mean log
+    /// probability per token are returned (1: just `n`).
+    best_of: u32,
     /// Completions: each answer starts with its prompt.
     echo: bool,
     params: SamplingParams,
@@ -132,8 +142,9 @@ async fn respond(
         model,
         prompts,
         n,
+        best_of,
         echo,
-        params,
+        mut params,
         streaming,
         include_usage,
         tools,
@@ -163,6 +174,14 @@ async fn respond(
         return Err(e.into());
     };
     let logprobs = params.logprobs.is_some();
+    // `best_of` ranks answers by their tokens' log probabilities, so it asks for them (they
+    // are shown only if the caller asked too).
+    let generated = if best_of > 1 {
+        params.logprobs.get_or_insert(0);
+        best_of
+    } else {
+        n
+    };
     let echo_of = |p: &Prompt| match p {
         Prompt::Text(t) if echo => Some(t.clone()),
         _ => None,
@@ -195,12 +214,12 @@ async fn respond(
     };
     let rid = HeaderValue::from_str(&request_id).unwrap_or(HeaderValue::from_static("invalid"));
     let more: Vec<Prompt> = prompts.collect();
-    if n > 1 || !more.is_empty() {
-        let answers = fan_out(gen_req, &more, n as usize)
+    if generated > 1 || !more.is_empty() {
+        let answers = fan_out(gen_req, &more, generated as usize)
             .into_iter()
             .zip(0u32..)
             .map(|(g, index)| {
-                let echo = match index / n {
+                let echo = match index / generated {
                     0 => meta.echo.clone(),
                     p => more.get(p as usize - 1).and_then(echo_of),
                 };
@@ -212,7 +231,8 @@ async fn respond(
                 (g, meta)
             })
             .collect();
-        return respond_many(st, kind, started, streaming, meta, answers, rid).await;
+        let best = (best_of > 1).then_some((generated, n));
+        return respond_many(st, kind, started, streaming, meta, answers, best, rid).await;
     }
     let events = st.engine.generate(gen_req).await.map_err(|e| {
         let api = stream::engine_error(&e);
@@ -264,7 +284,9 @@ fn fan_out(first: GenerateRequest, more: &[Prompt], n: usize) -> Vec<GenerateReq
 
 /// Several answers: every one is admitted before the response starts (if one is refused, the
 /// others are dropped, which cancels them, and the refusal is the response), then they are
-/// generated side by side and the response lists each under its index.
+/// generated side by side and the response lists each under its index. With `best`
+/// (`best_of`, `n`): the `n` best of each prompt's `best_of` answers, whole.
+#[allow(clippy::too_many_arguments)]
 async fn respond_many(
     st: Arc<AppState>,
     kind: Kind,
@@ -272,6 +294,7 @@ async fn respond_many(
     streaming: bool,
     meta: Meta,
     answers: Vec<(GenerateRequest, Meta)>,
+    best: Option<(u32, u32)>,
     rid: HeaderValue,
 ) -> HandlerResult {
     let (requests, metas): (Vec<_>, Vec<_>) = answers.into_iter().unzip();
@@ -297,7 +320,10 @@ async fn respond_many(
         let body = Body::from_stream(stream::sse_many(meta, parts));
         return Ok(sse_response(body, rid));
     }
-    let json = stream::collect_many(&meta, parts).await?;
+    let json = match best {
+        Some((of, keep)) => stream::collect_best(&meta, parts, of, keep).await?,
+        None => stream::collect_many(&meta, parts).await?,
+    };
     Ok(json_response(json, rid))
 }
 

@@ -44,6 +44,12 @@ pub(crate) fn chat(
             )
         })?);
     }
+    if req.sampling.best_of.is_some_and(|n| n != 1) {
+        return Err(ApiError::invalid_param(
+            "best_of",
+            "`best_of` is not supported on chat completions (it is a text completions field); ask for several answers with `n`.",
+        ));
+    }
     let mut messages = tools::conversation(&req.messages, texts)?;
     let mut params = sampling(&req.sampling, req.max_tokens(), None, limits)?;
     params.logprobs = chat_logprobs(&req.sampling)?;
@@ -76,7 +82,7 @@ pub(crate) fn chat(
 pub(crate) fn completion(
     req: &CompletionRequest,
     limits: &Limits,
-) -> Result<(Vec<String>, SamplingParams), ApiError> {
+) -> Result<(Vec<String>, SamplingParams, u32), ApiError> {
     let prompts = match &req.prompt {
         PromptSpec::One(p) => vec![p.clone()],
         PromptSpec::Many(v) if v.is_empty() => {
@@ -114,7 +120,21 @@ pub(crate) fn completion(
             "`echo` with `logprobs` is not supported: the prompt's own log probabilities are not computed.",
         ));
     }
-    Ok((prompts, params))
+    let best_of = req.sampling.best_of.unwrap_or(1);
+    let n = req.sampling.n.unwrap_or(1);
+    if best_of == 0 || (best_of > 1 && best_of < n) {
+        return Err(ApiError::invalid_param(
+            "best_of",
+            format!("`best_of` must be at least `n` ({n}), got {best_of}."),
+        ));
+    }
+    if best_of > 1 && req.stream {
+        return Err(ApiError::invalid_param(
+            "best_of",
+            "`best_of` cannot be streamed: the best answers are known only when all have ended.",
+        ));
+    }
+    Ok((prompts, params, best_of))
 }
 
 /// The answers a request asks for: `n` per prompt (OpenAI's 1…128; here at most
@@ -414,9 +434,6 @@ fn refuse_unsupported(s: &SamplingFields) -> Result<(), ApiError> {
     if s.suffix.as_deref().is_some_and(|t| !t.is_empty()) {
         return refuse("suffix", "Suffixes (insertion) are");
     }
-    if s.best_of.is_some_and(|n| n != 1) {
-        return refuse("best_of", "`best_of` other than 1 is");
-    }
     Ok(())
 }
 
@@ -505,7 +522,7 @@ mod tests {
                 serde_json::from_str(&format!(r#"{{"model":"m","prompt":"x",{extra}}}"#))
                     .unwrap_or_else(|e| unreachable!("{e}"));
             completion(&c, &l)
-                .map(|(_, s)| s.logprobs)
+                .map(|(_, s, _)| s.logprobs)
                 .map_err(|e| e.body.param.unwrap_or_default())
         };
         assert_eq!(completion_lp(r#""logprobs":2"#), Ok(Some(2)));
@@ -549,7 +566,7 @@ mod tests {
         assert_eq!((s.temperature, s.top_p, s.max_tokens), (1.0, 1.0, None));
         let c: CompletionRequest = serde_json::from_str(r#"{"model":"m","prompt":["x"]}"#)
             .unwrap_or_else(|e| unreachable!("{e}"));
-        let (_, s) = completion(&c, &l).unwrap_or_else(|e| unreachable!("{e}"));
+        let (_, s, _) = completion(&c, &l).unwrap_or_else(|e| unreachable!("{e}"));
         assert_eq!(s.max_tokens, Some(16));
     }
 
@@ -580,9 +597,28 @@ mod tests {
             serde_json::from_str(&format!(r#"{{"model":"m","prompt":["a","b"]{extra}}}"#))
                 .unwrap_or_else(|e| unreachable!("{e}"))
         };
-        let (prompts, _) =
+        let (prompts, _, best_of) =
             completion(&completion_with(""), &l).unwrap_or_else(|e| unreachable!("{e}"));
         assert_eq!(prompts, ["a", "b"]);
+        assert_eq!(best_of, 1);
+        let best = |extra: &str| completion(&completion_with(extra), &l).map(|(_, _, b)| b);
+        assert_eq!(best(r#","best_of":3,"n":2"#).ok(), Some(3));
+        assert_eq!(best(r#","best_of":1,"n":2"#).ok(), Some(1));
+        for extra in [
+            r#","best_of":0"#,
+            r#","best_of":2,"n":3"#,
+            r#","best_of":2,"stream":true"#,
+        ] {
+            assert_eq!(
+                err_param(best(extra)).as_deref(),
+                Some("best_of"),
+                "{extra}"
+            );
+        }
+        assert_eq!(
+            err_param(chat(&chat_with(r#","best_of":2"#), &l)).as_deref(),
+            Some("best_of")
+        );
         let empty: CompletionRequest = serde_json::from_str(r#"{"model":"m","prompt":[]}"#)
             .unwrap_or_else(|e| unreachable!("{e}"));
         assert_eq!(err_param(completion(&empty, &l)).as_deref(), Some("prompt"));

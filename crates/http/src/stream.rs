@@ -154,6 +154,8 @@ struct Whole {
     reply: Reply,
     logprobs: Option<Value>,
     usage: Usage,
+    /// Mean log probability per token (`best_of`'s ranking); −∞ without tokens.
+    score: f64,
 }
 
 /// Collects the whole answer for a non-streaming request.
@@ -192,6 +194,41 @@ pub(crate) async fn collect_many(
     Ok(full_body(meta, choices, usage))
 }
 
+/// `best_of`: each prompt's `of` answers (indexes `p * of …`) are ranked by mean log
+/// probability per token, and the `keep` best are listed as answers `p * keep …`. Usage counts
+/// every answer generated.
+pub(crate) async fn collect_best(
+    meta: &Meta,
+    parts: Vec<(Meta, EventStream, Tracker)>,
+    of: u32,
+    keep: u32,
+) -> Result<String, ApiError> {
+    let mut answers =
+        futures::future::try_join_all(parts.into_iter().map(|(m, events, tracker)| async move {
+            let w = collect_answer(&m, events, tracker).await?;
+            Ok::<_, ApiError>((m.index, w))
+        }))
+        .await?;
+    answers.sort_by_key(|a| a.0);
+    let mut usage = Usage::new(0, 0);
+    let mut choices = Vec::new();
+    let mut prompt = 0u32;
+    let mut rest = answers.into_iter().peekable();
+    while rest.peek().is_some() {
+        let mut group: Vec<(u32, Whole)> = rest.by_ref().take(of as usize).collect();
+        for (_, w) in &group {
+            usage = add_usage(usage, w.usage);
+        }
+        // Best first; ties keep the generation order.
+        group.sort_by(|a, b| b.1.score.total_cmp(&a.1.score).then(a.0.cmp(&b.0)));
+        for (i, (_, w)) in (0u32..).zip(group).take(keep as usize) {
+            choices.push((prompt * keep + i, w.reply, w.logprobs));
+        }
+        prompt += 1;
+    }
+    Ok(full_body(meta, choices, usage))
+}
+
 fn add_usage(a: Usage, b: Usage) -> Usage {
     Usage::new(
         a.prompt_tokens.saturating_add(b.prompt_tokens),
@@ -223,6 +260,7 @@ async fn collect_answer(
                 } else {
                     (Some(text), None, finish_reason)
                 };
+                let score = mean_logprob(&logprobs);
                 let logprobs = meta
                     .logprobs
                     .then(|| logprobs_json(meta.kind, &logprobs, &mut Offsets::default()));
@@ -230,6 +268,7 @@ async fn collect_answer(
                     reply,
                     logprobs,
                     usage,
+                    score,
                 });
             }
             Err(e) => {
@@ -241,6 +280,20 @@ async fn collect_answer(
     let e = EngineError::Internal("the engine ended the stream without finishing".into());
     tracker.on_error(&e);
     Err(engine_error(&e))
+}
+
+/// The mean of the tokens' log probabilities; −∞ for none (an empty answer ranks last), and a
+/// token whose log probability is not a number counts as −∞.
+fn mean_logprob(tokens: &[TokenLogprob]) -> f64 {
+    if tokens.is_empty() {
+        return f64::NEG_INFINITY;
+    }
+    let sum: f64 = tokens
+        .iter()
+        .map(|t| f64::from(t.logprob))
+        .map(|l| if l.is_nan() { f64::NEG_INFINITY } else { l })
+        .sum();
+    sum / tokens.len() as f64
 }
 
 /// A chat answer's content, tool calls and finish reason.
@@ -1197,6 +1250,54 @@ mod tests {
         let p = parts(vec![answer("fine", Usage::new(1, 1)), failing]);
         let e = collect_many(&meta(), p).await.err();
         assert_eq!(e.map(|e| e.status), Some(500));
+    }
+
+    /// `best_of`: the answers with the highest mean log probability per token are kept, best
+    /// first, numbered per prompt; usage counts them all; log probabilities are shown only if
+    /// the caller asked.
+    #[tokio::test]
+    async fn best_of_keeps_the_likeliest_answers_of_each_prompt() {
+        let scored = |text: &str, lps: &[f32]| {
+            let tokens = lps
+                .iter()
+                .map(|&logprob| TokenLogprob {
+                    token: "t".into(),
+                    bytes: b"t".to_vec(),
+                    logprob,
+                    top: Vec::new(),
+                })
+                .collect();
+            let mut events = vec![Ok(Event::Logprobs(tokens))];
+            events.extend(answer(text, Usage::new(3, 2)));
+            events
+        };
+        let completion = Meta {
+            kind: Kind::Completion,
+            ..meta()
+        };
+        let mut p = parts(vec![
+            // Prompt 0: means −1.0, −0.25, −0.5.
+            scored("a0", &[-1.0, -1.0]),
+            scored("a1", &[-0.5, 0.0]),
+            scored("a2", &[-0.5]),
+            // Prompt 1: an empty answer ranks last; a tie keeps generation order.
+            scored("b0", &[]),
+            scored("b1", &[-2.0]),
+            scored("b2", &[-1.0, -3.0]),
+        ]);
+        for (m, _, _) in &mut p {
+            m.kind = Kind::Completion;
+        }
+        let json = collect_best(&completion, p, 3, 2).await.expect("all end");
+        let c: Completion = serde_json::from_str(&json).expect("a completion");
+        let got: Vec<_> = c
+            .choices
+            .iter()
+            .map(|c| (c.index, c.text.as_str()))
+            .collect();
+        assert_eq!(got, [(0, "a1"), (1, "a2"), (2, "b1"), (3, "b2")]);
+        assert!(c.choices.iter().all(|c| c.logprobs.is_none()));
+        assert_eq!(c.usage, UsageField::Some(Usage::new(18, 12)));
     }
 
     /// The chunks of an SSE body (the `[DONE]` line left out).

@@ -56,6 +56,8 @@ pub(crate) enum Answer {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Choice {
+    /// No call: the tools are checked and the answer is free.
+    None,
     Auto,
     Required,
     Named(String),
@@ -79,7 +81,7 @@ pub(crate) fn parse(
     let choice = match &s.tool_choice {
         None | Some(Value::Null) => Choice::Auto,
         Some(Value::String(c)) if c == "auto" => Choice::Auto,
-        Some(Value::String(c)) if c == "none" => return Ok(None),
+        Some(Value::String(c)) if c == "none" => Choice::None,
         Some(Value::String(c)) if c == "required" => Choice::Required,
         Some(Value::Object(o)) => {
             match o
@@ -114,7 +116,7 @@ pub(crate) fn parse(
         Some(_) => return err("tools", "`tools` must be an array of tools.".into()),
     };
     if list.is_empty() {
-        if choice == Choice::Auto {
+        if matches!(choice, Choice::Auto | Choice::None) {
             return Ok(None);
         }
         return err(
@@ -205,6 +207,11 @@ pub(crate) fn parse(
                 );
             }
         };
+        if choice == Choice::None {
+            // Nothing is enforced: the tool only has to be well formed.
+            names.push(name);
+            continue;
+        }
         if let Err(e) = json_schema::schema_grammar(&parameters) {
             return err(
                 &format!("{at}.function.parameters"),
@@ -220,6 +227,9 @@ pub(crate) fn parse(
         described.push(Value::Object(entry));
         defs.insert(format!("tool{i}"), rebase(parameters, &format!("tool{i}")));
         names.push(name);
+    }
+    if choice == Choice::None {
+        return Ok(None);
     }
     let only = match &choice {
         Choice::Named(n) => match names.iter().position(|m| m == n) {
@@ -409,9 +419,17 @@ pub(crate) fn conversation(
                     list.push(json!({"name": c.function.name, "arguments": arguments}));
                     called.insert(c.id.clone(), c.function.name.clone());
                 }
+                // Text the assistant wrote with its calls (another model's, or an edited
+                // history) is kept before them: the grammar keeps this model from imitating it.
+                let calls = json!({"tool_calls": list}).to_string();
+                let content = if content.trim().is_empty() {
+                    calls
+                } else {
+                    format!("{content}\n{calls}")
+                };
                 out.push(Message {
                     role: "assistant".into(),
-                    content: json!({"tool_calls": list}).to_string(),
+                    content,
                 });
                 last_was_tool = false;
             }
@@ -801,6 +819,25 @@ mod tests {
             Ok(None)
         );
         assert_eq!(tools(json!({"tool_choice": "auto"})), Ok(None));
+        assert_eq!(tools(json!({"tool_choice": "none"})), Ok(None));
+        // With `none` the tools are still checked, but their parameters need not be
+        // enforceable: nothing is enforced.
+        let loose = json!({"type": "function", "function": {"name": "a", "parameters":
+            {"type": "object", "properties": {"n": {"type": "integer", "multipleOf": 2}}}}});
+        assert_eq!(
+            tools(json!({"tools": [loose], "tool_choice": "none"})),
+            Ok(None)
+        );
+        for (bad, want) in [
+            (json!([{"type": "retrieval"}]), "tools[0].type"),
+            (json!({"a": 1}), "tools"),
+            (json!([weather(), weather()]), "tools[1].function.name"),
+        ] {
+            assert_eq!(
+                param(tools(json!({"tools": bad, "tool_choice": "none"}))).as_deref(),
+                Some(want)
+            );
+        }
     }
 
     #[test]
@@ -943,6 +980,17 @@ mod tests {
              {\"tool_response\":{\"name\":\"get_weather\",\"content\":\"rain\"}}"
         );
         assert_eq!(out[3].content, "Sunny in Paris, rain in Rome.");
+
+        // Text written with the calls is kept before them.
+        let said = vec![msg(json!({"role": "assistant", "content": "Let me look.",
+            "tool_calls": [{"id": "call_1", "type": "function",
+                            "function": {"name": "get_weather", "arguments": "{}"}}]}))];
+        let out = conversation(&said, vec!["Let me look.".into()])
+            .unwrap_or_else(|e| unreachable!("{e}"));
+        assert_eq!(
+            out[0].content,
+            "Let me look.\n{\"tool_calls\":[{\"name\":\"get_weather\",\"arguments\":{}}]}"
+        );
     }
 
     #[test]
