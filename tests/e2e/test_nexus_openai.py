@@ -111,6 +111,26 @@ def test_several_answers_are_charged_as_reported(nexus_url):
     assert done == {0, 1}
 
 
+def test_more_answers_than_slots_through_nexus(nexus):
+    # Three long answers on a node with two slots: the third waits in the node's queue until
+    # one of the first two ends, so those must be read while it waits. Each token is two
+    # events here (its log probability, then its text), more than Nexus keeps for a reader
+    # that does not read (1,024).
+    stream = nexus.chat.completions.create(
+        model=MODEL, messages=QUESTION, max_tokens=600, n=3, stream=True, logprobs=True,
+        extra_body={"ignore_eos": True},
+    )
+    tokens, finish = {}, {}
+    for chunk in stream:
+        for c in chunk.choices:
+            if c.logprobs and c.logprobs.content:
+                tokens[c.index] = tokens.get(c.index, 0) + len(c.logprobs.content)
+            if c.finish_reason:
+                finish[c.index] = c.finish_reason
+    assert finish == {0: "length", 1: "length", 2: "length"}
+    assert tokens == {0: 600, 1: 600, 2: 600}
+
+
 def test_structured_output_through_nexus(nexus):
     # The schema travels over the link (protocol 4) and the node's grammar enforces it.
     schema = {

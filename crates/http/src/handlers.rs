@@ -9,8 +9,11 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
+use futures::StreamExt;
 use lattice_api::{ApiError, ChatCompletionRequest, CompletionRequest, ModelList, ModelObject};
-use lattice_engine::{GenerateRequest, ModelCard, Preference, Prompt, SamplingParams};
+use lattice_engine::{
+    EngineError, Event, EventStream, GenerateRequest, ModelCard, Preference, Prompt, SamplingParams,
+};
 use serde::de::DeserializeOwned;
 
 use crate::stream::{self, Kind, Meta, Tracker};
@@ -106,6 +109,7 @@ async fn handle<R: OpenAiRequest>(
     let validated = parse_body::<R>(body, &st).and_then(|req| {
         // Validate the fields before the model so the caller learns about all its mistakes first.
         let v = req.validate(&st.limits)?;
+        check_copies(&v, &st.limits)?;
         check_model(&st, &v.model)?;
         Ok(v)
     });
@@ -249,6 +253,38 @@ async fn respond(
     Ok(json_response(json, rid))
 }
 
+/// Each answer carries its own copy of its prompt (on its way to a node, and through Nexus's
+/// link), so the copies one request makes are bounded: 4 × the body limit in all.
+fn check_copies(v: &Validated, limits: &crate::Limits) -> Result<(), ApiError> {
+    let (param, per) = if v.best_of > 1 {
+        ("best_of", v.best_of)
+    } else {
+        ("n", v.n)
+    };
+    if per <= 1 {
+        return Ok(());
+    }
+    let bytes: usize = v.prompts.iter().map(prompt_bytes).sum();
+    let copies = bytes.saturating_mul(per as usize);
+    let most = limits.max_body_bytes.saturating_mul(4);
+    if copies > most {
+        return Err(ApiError::invalid_param(
+            param,
+            format!(
+                "{per} answers of a {bytes}-byte prompt make {copies} bytes of copies; at most {most} are allowed. Ask for fewer answers or send a shorter prompt."
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn prompt_bytes(p: &Prompt) -> usize {
+    match p {
+        Prompt::Text(t) => t.len(),
+        Prompt::Chat(m) => m.iter().map(|m| m.content.len() + m.role.len()).sum(),
+    }
+}
+
 /// A request's answers as requests of their own: answer `i` of prompt `p` is choice
 /// `p * n + i`. The first is `first` (prompt 0); each other one has the id `{id}-{index}`,
 /// the seed plus its index when a seed is given (so answers differ and stay reproducible), and
@@ -299,32 +335,98 @@ async fn respond_many(
 ) -> HandlerResult {
     let (requests, metas): (Vec<_>, Vec<_>) = answers.into_iter().unzip();
     let ids: Vec<String> = requests.iter().map(|g| g.request_id.clone()).collect();
-    let admitted = requests.into_iter().map(|g| st.engine.generate(g));
-    let streams = futures::future::try_join_all(admitted).await.map_err(|e| {
+    let request_id = ids.first().cloned().unwrap_or_default();
+    let streams = admit_all(&st.engine, requests).await.map_err(|e| {
         let api = stream::engine_error(&e);
         st.metrics.request(kind.endpoint(), outcome(api.status));
-        tracing::debug!(request_id = ?ids.first(), error = %e, "request rejected by the engine");
+        tracing::debug!(request_id = %request_id, error = %e, "request rejected by the engine");
         api
     })?;
+    let tracker = Tracker::new(st.clone(), kind, request_id, started);
     let parts: Vec<_> = metas
         .into_iter()
         .zip(streams)
         .zip(ids)
         .map(|((m, events), id)| {
-            let primary = m.index == 0;
-            let tracker = Tracker::new(st.clone(), kind, id, started);
-            (m, events, if primary { tracker } else { tracker.part() })
+            (
+                m,
+                events,
+                Tracker::new(st.clone(), kind, id, started).quiet(),
+            )
         })
         .collect();
     if streaming {
-        let body = Body::from_stream(stream::sse_many(meta, parts));
+        let body = Body::from_stream(stream::sse_many(meta, parts, tracker));
         return Ok(sse_response(body, rid));
     }
     let json = match best {
-        Some((of, keep)) => stream::collect_best(&meta, parts, of, keep).await?,
-        None => stream::collect_many(&meta, parts).await?,
+        Some(best) => stream::collect_best(&meta, parts, best, tracker).await?,
+        None => stream::collect_many(&meta, parts, tracker).await?,
     };
     Ok(json_response(json, rid))
+}
+
+/// Admits every answer, each on a task of its own from then on: an answer that has started
+/// is read while the others wait for theirs (a node's queue, or Nexus's wait for a first
+/// token), its events kept until the response reads them — never more than its own tokens'.
+/// The first refusal is the result; then, as when the response is dropped, every task is
+/// aborted, which drops its engine stream and so cancels the answer.
+async fn admit_all(
+    engine: &Arc<dyn lattice_engine::Engine>,
+    requests: Vec<GenerateRequest>,
+) -> Result<Vec<EventStream>, EngineError> {
+    /// Aborts an answer's task when its stream (or the admission) is dropped.
+    struct Abort(tokio::task::AbortHandle);
+    impl Drop for Abort {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+    let mut admissions = Vec::with_capacity(requests.len());
+    let mut answers = Vec::with_capacity(requests.len());
+    for g in requests {
+        let (admitted, admission) = tokio::sync::oneshot::channel();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let engine = engine.clone();
+        let task = tokio::spawn(async move {
+            match engine.generate(g).await {
+                Err(e) => {
+                    let _ = admitted.send(Err(e));
+                }
+                Ok(mut events) => {
+                    if admitted.send(Ok(())).is_err() {
+                        return;
+                    }
+                    // Until the answer's last event (its end or its error).
+                    while let Some(ev) = events.next().await {
+                        let last = matches!(ev, Ok(Event::Done { .. }) | Err(_));
+                        if tx.send(ev).is_err() || last {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        admissions.push(admission);
+        answers.push((rx, Abort(task.abort_handle())));
+    }
+    futures::future::try_join_all(admissions.into_iter().map(|a| async move {
+        a.await.unwrap_or_else(|_| {
+            Err(EngineError::Internal(
+                "an answer's task ended before admission".into(),
+            ))
+        })
+    }))
+    .await?;
+    Ok(answers
+        .into_iter()
+        .map(|(rx, abort)| -> EventStream {
+            Box::pin(futures::stream::unfold(
+                (rx, abort),
+                |(mut rx, abort)| async move { rx.recv().await.map(|ev| (ev, (rx, abort))) },
+            ))
+        })
+        .collect())
 }
 
 fn sse_response(body: Body, rid: HeaderValue) -> Response {
@@ -501,6 +603,164 @@ pub(crate) async fn metrics(State(st): State<Arc<AppState>>) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures::future::BoxFuture;
+    use lattice_engine::{Engine, Load};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    /// One slot: an answer is admitted when it gets the slot and keeps it until its stream
+    /// ends or is dropped. Requests whose id ends in `-refused` are refused. `endless`: after
+    /// its tokens an answer waits forever instead of ending.
+    struct OneSlot {
+        slot: Arc<tokio::sync::Semaphore>,
+        tokens: usize,
+        endless: bool,
+        dropped: Arc<AtomicUsize>,
+    }
+
+    struct Counted(Arc<AtomicUsize>);
+    impl Drop for Counted {
+        fn drop(&mut self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    impl Engine for OneSlot {
+        fn models(&self) -> Vec<ModelCard> {
+            Vec::new()
+        }
+        fn load(&self) -> Load {
+            Load::default()
+        }
+        fn generate(
+            &self,
+            req: GenerateRequest,
+        ) -> BoxFuture<'_, Result<EventStream, EngineError>> {
+            Box::pin(async move {
+                if req.request_id.ends_with("-refused") {
+                    return Err(EngineError::PaymentRequired("no credit".into()));
+                }
+                let permit = self.slot.clone().acquire_owned().await;
+                let permit = permit.map_err(|_| EngineError::Internal("closed".into()))?;
+                let mut events: Vec<Event> =
+                    (0..self.tokens).map(|_| Event::Delta("x".into())).collect();
+                if !self.endless {
+                    events.push(Event::Done {
+                        finish_reason: lattice_api::FinishReason::Length,
+                        usage: lattice_api::Usage::new(1, 1),
+                    });
+                }
+                let endless = self.endless;
+                let held = (permit, Counted(self.dropped.clone()), events.into_iter());
+                let s: EventStream =
+                    Box::pin(futures::stream::unfold(held, move |mut h| async move {
+                        match h.2.next() {
+                            Some(ev) => Some((Ok(ev), h)),
+                            None if endless => futures::future::pending().await,
+                            None => None,
+                        }
+                    }));
+                Ok(s)
+            })
+        }
+    }
+
+    fn request(id: &str) -> GenerateRequest {
+        GenerateRequest {
+            request_id: id.into(),
+            model: "m".into(),
+            prompt: Prompt::Text("p".into()),
+            params: SamplingParams::default(),
+            preference: Preference::default(),
+            user: None,
+            payer: None,
+            conversation: None,
+            whole: true,
+        }
+    }
+
+    /// The copies of the prompt that several answers make are bounded by 4 × the body limit,
+    /// and the refusal names the field that multiplies them.
+    #[test]
+    fn prompt_copies_are_bounded() {
+        let limits = crate::Limits {
+            max_body_bytes: 1000,
+            ..crate::Limits::default()
+        };
+        let v = |bytes: usize, n: u32, best_of: u32| Validated {
+            model: "m".into(),
+            prompts: vec![Prompt::Text("x".repeat(bytes))],
+            n,
+            best_of,
+            echo: false,
+            params: SamplingParams::default(),
+            streaming: false,
+            include_usage: false,
+            tools: false,
+        };
+        let param = |r: Result<(), ApiError>| r.err().and_then(|e| e.body.param);
+        assert_eq!(param(check_copies(&v(250, 16, 1), &limits)), None);
+        assert_eq!(
+            param(check_copies(&v(251, 16, 1), &limits)).as_deref(),
+            Some("n")
+        );
+        assert_eq!(
+            param(check_copies(&v(401, 2, 10), &limits)).as_deref(),
+            Some("best_of")
+        );
+        // One answer per prompt: the body limit alone bounds it.
+        assert_eq!(param(check_copies(&v(100_000, 1, 1), &limits)), None);
+    }
+
+    /// Answers that have started are read while the others wait to be admitted: with one
+    /// slot, the second answer is admitted only once the first has ended, which takes someone
+    /// reading the first (thousands of events) before the response starts.
+    #[tokio::test]
+    async fn started_answers_are_read_while_the_others_wait() {
+        let engine: Arc<dyn Engine> = Arc::new(OneSlot {
+            slot: Arc::new(tokio::sync::Semaphore::new(1)),
+            tokens: 5000,
+            endless: false,
+            dropped: Arc::default(),
+        });
+        let streams = tokio::time::timeout(
+            Duration::from_secs(20),
+            admit_all(&engine, vec![request("r"), request("r-1"), request("r-2")]),
+        )
+        .await
+        .expect("every answer is admitted in turn")
+        .expect("admitted");
+        for s in streams {
+            let events: Vec<_> = s.collect().await;
+            assert_eq!(events.len(), 5001);
+            assert!(matches!(events.last(), Some(Ok(Event::Done { .. }))));
+        }
+    }
+
+    /// One refusal is the result, and the answers already admitted are dropped (cancelled).
+    #[tokio::test]
+    async fn a_refused_answer_cancels_the_admitted_ones() {
+        let dropped = Arc::new(AtomicUsize::new(0));
+        let engine: Arc<dyn Engine> = Arc::new(OneSlot {
+            slot: Arc::new(tokio::sync::Semaphore::new(8)),
+            tokens: 3,
+            endless: true,
+            dropped: dropped.clone(),
+        });
+        let r = admit_all(
+            &engine,
+            vec![request("r"), request("r-1"), request("r-refused")],
+        )
+        .await;
+        assert!(matches!(r, Err(EngineError::PaymentRequired(_))));
+        tokio::time::timeout(Duration::from_secs(20), async {
+            while dropped.load(Ordering::SeqCst) < 2 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("both admitted answers are dropped");
+    }
 
     fn text(p: &Prompt) -> &str {
         match p {

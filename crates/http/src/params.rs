@@ -91,6 +91,16 @@ pub(crate) fn completion(
                 "`prompt` must be a string or a non-empty list of strings.",
             ));
         }
+        PromptSpec::Many(v) if v.len() > limits.max_choices => {
+            return Err(ApiError::invalid_param(
+                "prompt",
+                format!(
+                    "At most {} prompts per request, got {}.",
+                    limits.max_choices,
+                    v.len()
+                ),
+            ));
+        }
         PromptSpec::Many(v) => v.clone(),
     };
     let s = &req.sampling;
@@ -145,7 +155,7 @@ pub(crate) fn choices(n: Option<u32>, prompts: usize, limits: &Limits) -> Result
         .unwrap_or(usize::MAX)
         .saturating_mul(prompts);
     if n == 0 || all > limits.max_choices {
-        let (param, what) = if prompts > 1 {
+        let (param, what) = if prompts > 1 && n != 0 && n as usize <= limits.max_choices {
             ("prompt", format!("{prompts} prompts × n = {n}"))
         } else {
             ("n", format!("n = {n}"))
@@ -593,6 +603,7 @@ mod tests {
             Some("prompt")
         );
         assert_eq!(err_param(choices(None, 7, &l)).as_deref(), Some("prompt"));
+        assert_eq!(err_param(choices(Some(7), 2, &l)).as_deref(), Some("n"));
         let completion_with = |extra: &str| -> CompletionRequest {
             serde_json::from_str(&format!(r#"{{"model":"m","prompt":["a","b"]{extra}}}"#))
                 .unwrap_or_else(|e| unreachable!("{e}"))

@@ -77,8 +77,8 @@ pub(crate) struct Tracker {
     started: Instant,
     first: Option<Instant>,
     done: bool,
-    /// Counts the request's outcome; the other answers of a request only count their tokens.
-    primary: bool,
+    /// One answer of several: only logged; the request's own tracker records the metrics.
+    quiet: bool,
 }
 
 impl Tracker {
@@ -90,28 +90,40 @@ impl Tracker {
             started,
             first: None,
             done: false,
-            primary: true,
+            quiet: false,
         }
     }
 
-    /// The tracker of an answer after a request's first: its tokens are counted, its outcome
-    /// is the first answer's.
-    pub(crate) fn part(mut self) -> Self {
-        self.primary = false;
+    /// The tracker of one answer of several: it records no metrics (the request's tracker
+    /// records the request once, with the answers' summed tokens).
+    pub(crate) fn quiet(mut self) -> Self {
+        self.quiet = true;
         self
     }
 
     fn on_delta(&mut self) {
         if self.first.is_none() {
-            let now = Instant::now();
-            self.first = Some(now);
+            self.on_first(Instant::now());
+        }
+    }
+
+    /// The first token came at `at` (the earliest of several answers').
+    fn on_first(&mut self, at: Instant) {
+        self.first = Some(at);
+        if !self.quiet {
             self.st
                 .metrics
-                .first_token(now.duration_since(self.started).as_secs_f64());
+                .first_token(at.saturating_duration_since(self.started).as_secs_f64());
         }
     }
 
     fn on_done(&mut self, usage: &Usage) {
+        self.done = true;
+        tracing::debug!(request_id = %self.request_id, prompt = usage.prompt_tokens,
+            completion = usage.completion_tokens, "request finished");
+        if self.quiet {
+            return;
+        }
         let now = Instant::now();
         let decode = self
             .first
@@ -123,16 +135,11 @@ impl Tracker {
             decode,
             now.duration_since(self.started).as_secs_f64(),
         );
-        if self.primary {
-            self.st.metrics.request(self.kind.endpoint(), "ok");
-        }
-        self.done = true;
-        tracing::debug!(request_id = %self.request_id, prompt = usage.prompt_tokens,
-            completion = usage.completion_tokens, "request finished");
+        self.st.metrics.request(self.kind.endpoint(), "ok");
     }
 
     fn on_error(&mut self, e: &EngineError) {
-        if self.primary {
+        if !self.quiet {
             self.st.metrics.request(self.kind.endpoint(), "error");
         }
         self.done = true;
@@ -142,8 +149,10 @@ impl Tracker {
 
 impl Drop for Tracker {
     fn drop(&mut self) {
-        if !self.done && self.primary {
-            self.st.metrics.request(self.kind.endpoint(), "cancelled");
+        if !self.done {
+            if !self.quiet {
+                self.st.metrics.request(self.kind.endpoint(), "cancelled");
+            }
             tracing::debug!(request_id = %self.request_id, "client disconnected; generation cancelled");
         }
     }
@@ -156,6 +165,8 @@ struct Whole {
     usage: Usage,
     /// Mean log probability per token (`best_of`'s ranking); −∞ without tokens.
     score: f64,
+    /// When its first token came.
+    first: Option<Instant>,
 }
 
 /// Collects the whole answer for a non-streaming request.
@@ -172,60 +183,87 @@ pub(crate) async fn collect(
     ))
 }
 
-/// Collects a request's answers side by side; the first that fails is the response (the
-/// others are dropped, which cancels them). Usage is the answers' sum: each was generated,
-/// and is paid for, as a request of its own.
+/// Reads a request's answers whole, side by side, each to its end: an answer that ends is
+/// complete and paid for, so it is returned even if another fails; the request fails only if
+/// every answer does (with the first answer's error). Sorted by index.
+async fn collect_all(
+    parts: Vec<(Meta, EventStream, Tracker)>,
+    tracker: &mut Tracker,
+) -> Result<Vec<(u32, Whole)>, ApiError> {
+    let results = futures::future::join_all(
+        parts
+            .into_iter()
+            .map(|(m, events, t)| async move { (m.index, collect_answer(&m, events, t).await) }),
+    )
+    .await;
+    let mut answers = Vec::with_capacity(results.len());
+    let mut failed = None;
+    for (index, r) in results {
+        match r {
+            Ok(w) => answers.push((index, w)),
+            Err(e) => {
+                failed.get_or_insert(e);
+            }
+        }
+    }
+    if answers.is_empty() {
+        let e = failed.unwrap_or_else(|| ApiError::internal("a request without answers"));
+        tracker.on_error(&EngineError::Upstream(e.body.message.clone()));
+        return Err(e);
+    }
+    if let Some(first) = answers.iter().filter_map(|(_, w)| w.first).min() {
+        tracker.on_first(first);
+    }
+    answers.sort_by_key(|a| a.0);
+    Ok(answers)
+}
+
+/// Collects a request's answers side by side ([`collect_all`]). Usage is the listed answers'
+/// sum: each was generated, and is paid for, as a request of its own.
 pub(crate) async fn collect_many(
     meta: &Meta,
     parts: Vec<(Meta, EventStream, Tracker)>,
+    mut tracker: Tracker,
 ) -> Result<String, ApiError> {
-    let answers =
-        futures::future::try_join_all(parts.into_iter().map(|(m, events, tracker)| async move {
-            let w = collect_answer(&m, events, tracker).await?;
-            Ok::<_, ApiError>((m.index, w))
-        }))
-        .await?;
+    let answers = collect_all(parts, &mut tracker).await?;
     let mut usage = Usage::new(0, 0);
     let mut choices = Vec::with_capacity(answers.len());
     for (index, w) in answers {
         usage = add_usage(usage, w.usage);
         choices.push((index, w.reply, w.logprobs));
     }
+    tracker.on_done(&usage);
     Ok(full_body(meta, choices, usage))
 }
 
-/// `best_of`: each prompt's `of` answers (indexes `p * of …`) are ranked by mean log
+/// `best_of`: prompt `p`'s answers (indexes `p * of …`) that ended are ranked by mean log
 /// probability per token, and the `keep` best are listed as answers `p * keep …`. Usage counts
-/// every answer generated.
+/// every answer that ended.
 pub(crate) async fn collect_best(
     meta: &Meta,
     parts: Vec<(Meta, EventStream, Tracker)>,
-    of: u32,
-    keep: u32,
+    (of, keep): (u32, u32),
+    mut tracker: Tracker,
 ) -> Result<String, ApiError> {
-    let mut answers =
-        futures::future::try_join_all(parts.into_iter().map(|(m, events, tracker)| async move {
-            let w = collect_answer(&m, events, tracker).await?;
-            Ok::<_, ApiError>((m.index, w))
-        }))
-        .await?;
-    answers.sort_by_key(|a| a.0);
+    let answers = collect_all(parts, &mut tracker).await?;
     let mut usage = Usage::new(0, 0);
+    let mut groups: std::collections::BTreeMap<u32, Vec<(u32, Whole)>> = Default::default();
+    for (index, w) in answers {
+        usage = add_usage(usage, w.usage);
+        groups
+            .entry(index / of.max(1))
+            .or_default()
+            .push((index, w));
+    }
     let mut choices = Vec::new();
-    let mut prompt = 0u32;
-    let mut rest = answers.into_iter().peekable();
-    while rest.peek().is_some() {
-        let mut group: Vec<(u32, Whole)> = rest.by_ref().take(of as usize).collect();
-        for (_, w) in &group {
-            usage = add_usage(usage, w.usage);
-        }
+    for (prompt, mut group) in groups {
         // Best first; ties keep the generation order.
         group.sort_by(|a, b| b.1.score.total_cmp(&a.1.score).then(a.0.cmp(&b.0)));
         for (i, (_, w)) in (0u32..).zip(group).take(keep as usize) {
             choices.push((prompt * keep + i, w.reply, w.logprobs));
         }
-        prompt += 1;
     }
+    tracker.on_done(&usage);
     Ok(full_body(meta, choices, usage))
 }
 
@@ -269,6 +307,7 @@ async fn collect_answer(
                     logprobs,
                     usage,
                     score,
+                    first: tracker.first,
                 });
             }
             Err(e) => {
@@ -401,8 +440,8 @@ struct SseState {
     part: bool,
     /// The answer's usage once it is done (`part`).
     usage: Option<Usage>,
-    /// The answer ended with an error frame.
-    failed: bool,
+    /// The error the answer ended with (its error frame is written).
+    failed: Option<EngineError>,
 }
 
 /// A body frame of one answer.
@@ -410,8 +449,10 @@ struct Frame {
     bytes: Bytes,
     /// The answer's usage, with its last frame ([`SseState::part`]).
     done: Option<Usage>,
-    /// The frame ends with an error event; the answer is over.
-    failed: bool,
+    /// The frame ends with this error's event; the answer is over.
+    failed: Option<EngineError>,
+    /// The answer's first token came (at this or an earlier frame).
+    first: Option<Instant>,
 }
 
 /// The SSE body: `data: {chunk}\n\n` per event, then `data: [DONE]\n\n`.
@@ -430,6 +471,7 @@ pub(crate) fn sse(
 pub(crate) fn sse_many(
     meta: Meta,
     parts: Vec<(Meta, EventStream, Tracker)>,
+    tracker: Tracker,
 ) -> impl futures::Stream<Item = Result<Bytes, Infallible>> + Send {
     struct Merge {
         meta: Meta,
@@ -437,6 +479,7 @@ pub(crate) fn sse_many(
         left: usize,
         usage: Usage,
         over: bool,
+        tracker: Tracker,
     }
     let left = parts.len();
     let all = futures::stream::select_all(
@@ -450,6 +493,7 @@ pub(crate) fn sse_many(
         left,
         usage: Usage::new(0, 0),
         over: false,
+        tracker,
     };
     futures::stream::unfold(merge, |mut m| async move {
         if m.over {
@@ -458,10 +502,15 @@ pub(crate) fn sse_many(
         let Some(f) = m.all.next().await else {
             // Every answer reports its end or its failure before it stops; this is a bug.
             m.over = true;
-            let e = ApiError::internal("an answer ended without finishing");
-            return Some((Ok(error_frame(&e)), m));
+            let e = EngineError::Internal("an answer ended without finishing".into());
+            m.tracker.on_error(&e);
+            return Some((Ok(error_frame(&engine_error(&e))), m));
         };
-        if f.failed {
+        if let (None, Some(at)) = (m.tracker.first, f.first) {
+            m.tracker.on_first(at);
+        }
+        if let Some(e) = f.failed {
+            m.tracker.on_error(&e);
             m.over = true;
             m.all = futures::stream::SelectAll::new();
             return Some((Ok(f.bytes), m));
@@ -475,6 +524,7 @@ pub(crate) fn sse_many(
             return Some((Ok(f.bytes), m));
         }
         m.over = true;
+        m.tracker.on_done(&m.usage);
         let mut out = Vec::from(f.bytes);
         if m.meta.include_usage {
             out.extend_from_slice(&usage_chunk(&m.meta, m.usage));
@@ -502,7 +552,7 @@ fn frames(
         phase: Phase::Start,
         part,
         usage: None,
-        failed: false,
+        failed: None,
     };
     futures::stream::unfold(state, |mut s| async move {
         let bytes = match s.phase {
@@ -524,7 +574,8 @@ fn frames(
         let frame = Frame {
             bytes,
             done: s.usage.take(),
-            failed: s.failed,
+            failed: s.failed.take(),
+            first: s.tracker.first,
         };
         Some((frame, s))
     })
@@ -603,15 +654,15 @@ fn push_event(s: &mut SseState, ev: Option<Result<Event, EngineError>>, out: &mu
         Some(Err(e)) => {
             s.tracker.on_error(&e);
             s.phase = Phase::Finished;
-            s.failed = true;
             out.extend_from_slice(&error_frame(&engine_error(&e)));
+            s.failed = Some(e);
         }
         None => {
             let e = EngineError::Internal("the engine ended the stream without finishing".into());
             s.tracker.on_error(&e);
             s.phase = Phase::Finished;
-            s.failed = true;
             out.extend_from_slice(&error_frame(&engine_error(&e)));
+            s.failed = Some(e);
         }
     }
 }
@@ -1135,12 +1186,7 @@ mod tests {
             .zip(answers)
             .map(|(index, events)| {
                 let m = Meta { index, ..meta() };
-                let t = if index == 0 {
-                    tracker()
-                } else {
-                    tracker().part()
-                };
-                (m, stream_of(events), t)
+                (m, stream_of(events), tracker().quiet())
             })
             .collect()
     }
@@ -1155,7 +1201,7 @@ mod tests {
             .zip(texts)
             .map(|(i, t)| answer(t, Usage::new(5, 10 + i)))
             .collect();
-        let body: Vec<u8> = sse_many(meta(), parts(answers))
+        let body: Vec<u8> = sse_many(meta(), parts(answers), tracker())
             .map(|f| f.unwrap_or_default().to_vec())
             .concat()
             .await;
@@ -1201,10 +1247,10 @@ mod tests {
             Err(EngineError::Upstream("the node went away".into())),
         ];
         let mut p = parts(vec![failing]);
-        p.push((Meta { index: 1, ..meta() }, pending, tracker().part()));
+        p.push((Meta { index: 1, ..meta() }, pending, tracker().quiet()));
         let body = tokio::time::timeout(
             std::time::Duration::from_secs(10),
-            sse_many(meta(), p)
+            sse_many(meta(), p, tracker())
                 .map(|f| f.unwrap_or_default().to_vec())
                 .concat(),
         )
@@ -1217,7 +1263,8 @@ mod tests {
     }
 
     /// A whole response of several answers lists them by index with their texts (echoed
-    /// prompts first) and the sum of their usage; one failure is the response.
+    /// prompts first) and the sum of their usage. An answer that ended was paid for, so it is
+    /// listed even when another fails (which is left out); only if all fail is it an error.
     #[tokio::test]
     async fn several_whole_answers_are_listed_by_index_with_summed_usage() {
         let completion = Meta {
@@ -1233,7 +1280,7 @@ mod tests {
             m.kind = Kind::Completion;
             m.echo = Some(format!("prompt {}: ", m.index));
         }
-        let json = collect_many(&completion, p)
+        let json = collect_many(&completion, p, tracker())
             .await
             .expect("both answers end");
         let c: Completion = serde_json::from_str(&json).expect("a completion");
@@ -1245,10 +1292,26 @@ mod tests {
         assert_eq!(got, [(0, "prompt 0: one two"), (1, "prompt 1: three")]);
         assert_eq!(c.usage, UsageField::Some(Usage::new(4, 3)));
 
-        let mut failing = answer("fine", Usage::new(1, 1));
-        failing.insert(0, Err(EngineError::Internal("boom".into())));
-        let p = parts(vec![answer("fine", Usage::new(1, 1)), failing]);
-        let e = collect_many(&meta(), p).await.err();
+        let failing = || {
+            vec![
+                Ok(Event::Delta("half".into())),
+                Err(EngineError::Internal("boom".into())),
+            ]
+        };
+        let p = parts(vec![failing(), answer("fine", Usage::new(1, 1)), failing()]);
+        let json = collect_many(&meta(), p, tracker())
+            .await
+            .expect("one answer ended");
+        let c: ChatCompletion = serde_json::from_str(&json).expect("a chat completion");
+        let got: Vec<_> = c
+            .choices
+            .iter()
+            .map(|c| (c.index, c.message.content.as_deref()))
+            .collect();
+        assert_eq!(got, [(1, Some("fine"))]);
+        assert_eq!(c.usage, Usage::new(1, 1));
+        let p = parts(vec![failing(), failing()]);
+        let e = collect_many(&meta(), p, tracker()).await.err();
         assert_eq!(e.map(|e| e.status), Some(500));
     }
 
@@ -1288,7 +1351,9 @@ mod tests {
         for (m, _, _) in &mut p {
             m.kind = Kind::Completion;
         }
-        let json = collect_best(&completion, p, 3, 2).await.expect("all end");
+        let json = collect_best(&completion, p, (3, 2), tracker())
+            .await
+            .expect("all end");
         let c: Completion = serde_json::from_str(&json).expect("a completion");
         let got: Vec<_> = c
             .choices
