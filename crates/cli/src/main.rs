@@ -158,6 +158,10 @@ struct NexusArgs {
     /// Seconds between health probes of each node and model.
     #[arg(long, default_value_t = 30)]
     probe_interval: u64,
+    /// Seconds a node may send nothing mid-answer before the request ends with an error (its
+    /// work cancelled, nothing charged, a failure on the node's record).
+    #[arg(long, default_value_t = 60)]
+    stall_timeout: u64,
     /// Largest request body accepted, in bytes.
     #[arg(long, default_value_t = 4 << 20)]
     max_body_bytes: usize,
@@ -717,6 +721,10 @@ async fn nexus(a: NexusArgs) -> Result<()> {
             ..lattice_http::Limits::default()
         },
         probe_interval: Duration::from_secs(a.probe_interval.max(1)),
+        failover: lattice_nexus::Failover {
+            stall_timeout: Duration::from_secs(a.stall_timeout.max(1)),
+            ..lattice_nexus::Failover::default()
+        },
         require_node_token: a.require_node_token,
         split: a.fee_split,
         ..lattice_nexus::NexusConfig::default()

@@ -324,6 +324,148 @@ async fn lying_upstream(
     format!("http://{addr}/v1")
 }
 
+/// An upstream that answers at once, except a prompt containing `STALL`: one token, then
+/// nothing, the connection held open (`released` counts stalled answers whose connection the
+/// node closed); and one containing `SLOW`: six tokens 500 ms apart, then the end.
+async fn stalling_upstream(released: Arc<AtomicUsize>) -> String {
+    use axum::routing::post;
+    struct Released(Arc<AtomicUsize>);
+    impl Drop for Released {
+        fn drop(&mut self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+    const HEAD: &str = "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"ok\"},\"text\":\"ok\",\"finish_reason\":null}]}\n\n";
+    const TAIL: &str = "data: {\"choices\":[{\"index\":0,\"delta\":{},\"text\":\"\",\"finish_reason\":\"stop\"}]}\n\n\
+                        data: {\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":1,\"total_tokens\":6}}\n\ndata: [DONE]\n\n";
+    let handler = move |body: axum::Json<Value>| {
+        let released = released.clone();
+        async move {
+            let prompt = body.0.to_string();
+            if prompt.contains("SLOW") {
+                let tokens = futures::stream::unfold(0, |i| async move {
+                    if i > 6 {
+                        return None;
+                    }
+                    if i > 0 {
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                    let piece = if i < 6 { HEAD } else { TAIL };
+                    Some((Ok::<_, std::io::Error>(piece), i + 1))
+                });
+                return axum::body::Body::from_stream(tokens);
+            }
+            if !prompt.contains("STALL") {
+                return axum::body::Body::from(format!("{HEAD}{TAIL}"));
+            }
+            let guard = Released(released);
+            let head = futures::stream::once(async { Ok::<_, std::io::Error>(HEAD) });
+            let never = futures::stream::unfold(guard, |g| async move {
+                futures::future::pending::<()>().await;
+                Some((Ok(""), g))
+            });
+            axum::body::Body::from_stream(head.chain(never))
+        }
+    };
+    let app = axum::Router::new()
+        .route("/v1/chat/completions", post(handler.clone()))
+        .route("/v1/completions", post(handler));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{addr}/v1")
+}
+
+/// A node that stops sending mid-answer (its link alive) is cut off after `--stall-timeout`:
+/// a stream ends with an error event after the tokens it had, a whole answer is a 502, the
+/// node's work is cancelled (it closes its upstream request), nothing is charged or held, and
+/// the failure is on the node's record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_stalls_mid_answer_is_cut_off_and_nothing_is_charged() {
+    let released = Arc::new(AtomicUsize::new(0));
+    let upstream = stalling_upstream(released.clone()).await;
+    let dir = tmp();
+    let nexus = nexus_with(
+        dir.path(),
+        "127.0.0.1:0",
+        &["--stall-timeout", "1", "--faucet-lai", "1"],
+    );
+    let _node = spawn(&[
+        "node",
+        "--nexus",
+        &nexus.url,
+        "--upstream",
+        &upstream,
+        "--model-id",
+        "canned",
+        "--port",
+        "0",
+        "--key",
+        key(dir.path(), "n").to_str().unwrap(),
+    ]);
+    wait_for_models(&nexus.url, &[("canned", 1)]).await;
+    let base = nexus.url.as_str();
+    let (session, _) = siwe_sign_in(base).await;
+    let start = balance(base, &session).await.0;
+    let url = format!("{base}/v1/chat/completions");
+    let ask = |stream: bool| {
+        json!({"model": "canned", "messages": [{"role": "user", "content": "STALL here"}],
+               "max_tokens": 16, "stream": stream})
+    };
+    let resp = reqwest::Client::new()
+        .post(&url)
+        .bearer_auth(&session)
+        .json(&ask(true))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = tokio::time::timeout(Duration::from_secs(30), resp.text())
+        .await
+        .expect("the stream ends instead of hanging")
+        .unwrap();
+    assert!(
+        body.contains("\"ok\""),
+        "the token before the stall: {body}"
+    );
+    assert!(body.contains("stalled"), "{body}");
+    assert!(!body.contains("[DONE]"), "{body}");
+    let (s, v) = tokio::time::timeout(
+        Duration::from_secs(30),
+        call(reqwest::Method::POST, &url, &session, Some(ask(false))),
+    )
+    .await
+    .expect("the whole answer ends instead of hanging");
+    assert_eq!(s, 502, "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("stalled"),
+        "{v}"
+    );
+    // Both stalled upstream requests are closed by the node, and nothing moved.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (available, held) = balance(base, &session).await;
+        let closed = released.load(Ordering::SeqCst);
+        if closed == 2 && held == 0 && available == start {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "closed {closed} of 2 stalled upstream requests; available {available} (want {start}), held {held}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let n = &nodes(base).await["online"][0];
+    assert!(n["failed"].as_u64().unwrap() >= 2, "{n}");
+
+    // Slow but steady (a token every 0.5 s, 3 s in all) is not a stall.
+    let slow = json!({"model": "canned", "messages": [{"role": "user", "content": "SLOW here"}],
+                      "max_tokens": 16});
+    let (s, v) = call(reqwest::Method::POST, &url, &session, Some(slow)).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["choices"][0]["message"]["content"], "ok".repeat(6), "{v}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_answering_the_canary_wrongly_never_gets_traffic() {
     let dir = tmp();

@@ -24,6 +24,10 @@ pub struct Failover {
     pub max_attempts: usize,
     /// Time allowed from arrival to the first token, across all attempts.
     pub first_token_deadline: Duration,
+    /// After the first token: how long a node may send nothing before the request ends with
+    /// an error (its work cancelled, nothing charged, a failure on its record). Checked
+    /// lazily, so a stall is noticed between one and two of these after the last event.
+    pub stall_timeout: Duration,
 }
 
 impl Default for Failover {
@@ -31,6 +35,7 @@ impl Default for Failover {
         Self {
             max_attempts: 3,
             first_token_deadline: Duration::from_secs(60),
+            stall_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -385,7 +390,16 @@ impl Engine for NetworkEngine {
                             b.book = Some(guard.dispatch.link.book.clone());
                             b.receipt = receipt;
                         }
-                        return Ok(relay(first, rx, guard, bill, req.request_id.clone()));
+                        let relay = Relay {
+                            first: Some(first),
+                            rx,
+                            guard,
+                            bill,
+                            ended: false,
+                            request_id: req.request_id.clone(),
+                            stall: Stall::new(self.failover.stall_timeout),
+                        };
+                        return Ok(relay.stream());
                     }
                     Attempt::Failed { error, retry } => {
                         drop(dispatch);
@@ -411,61 +425,121 @@ impl Engine for NetworkEngine {
     }
 }
 
-/// Yields the first event, then the node's events; a link lost mid-stream ends the stream
-/// with an error (tokens already sent cannot be taken back, so no failover after this point).
-/// A successful end settles the bill before the final event goes to the client.
-fn relay(
-    first: Event,
+/// A routed request's stream after its first event (see [`Relay::stream`]).
+struct Relay {
+    first: Option<Event>,
     rx: mpsc::Receiver<LinkEvent>,
     guard: InFlight,
     bill: Option<Bill>,
+    ended: bool,
     request_id: String,
-) -> EventStream {
-    let state = (Some(first), rx, guard, bill, false, request_id);
-    Box::pin(futures::stream::unfold(
-        state,
-        |(mut first, mut rx, mut guard, mut bill, ended, rid)| async move {
-            if ended {
+    stall: Stall,
+}
+
+/// Watches for a node that stops sending mid-stream, with one timer per answer: the timer is
+/// set once (only if the node's events are not already waiting), and when it fires after
+/// events came, it is moved on instead of firing; so a stall shows between one and two
+/// periods after the last event.
+struct Stall {
+    period: Duration,
+    timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    /// Events since the timer was set or moved.
+    events: u64,
+}
+
+impl Stall {
+    fn new(period: Duration) -> Self {
+        Self {
+            period,
+            timer: None,
+            events: 0,
+        }
+    }
+}
+
+/// The node sent nothing for a whole stall period.
+struct Stalled;
+
+impl Relay {
+    /// The node's next event; `Ok(None)` when its stream is gone (the link was lost).
+    async fn next(&mut self) -> Result<Option<LinkEvent>, Stalled> {
+        if let Some(ev) = self.first.take() {
+            return Ok(Some(LinkEvent::Engine(ev)));
+        }
+        match self.rx.try_recv() {
+            Ok(ev) => {
+                self.stall.events += 1;
+                return Ok(Some(ev));
+            }
+            Err(mpsc::error::TryRecvError::Disconnected) => return Ok(None),
+            Err(mpsc::error::TryRecvError::Empty) => {}
+        }
+        let period = self.stall.period;
+        loop {
+            let timer = self
+                .stall
+                .timer
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(period)));
+            tokio::select! {
+                biased;
+                ev = self.rx.recv() => {
+                    self.stall.events += 1;
+                    return Ok(ev);
+                }
+                () = timer.as_mut() => {
+                    if self.stall.events == 0 {
+                        return Err(Stalled);
+                    }
+                    self.stall.events = 0;
+                    timer.as_mut().reset(tokio::time::Instant::now() + period);
+                }
+            }
+        }
+    }
+
+    /// Yields the first event, then the node's events; a link lost mid-stream, or a node that
+    /// stalls, ends the stream with an error (tokens already sent cannot be taken back, so no
+    /// failover after this point). A successful end settles the bill before the final event
+    /// goes to the client.
+    fn stream(self) -> EventStream {
+        Box::pin(futures::stream::unfold(self, |mut r| async move {
+            if r.ended {
                 return None;
             }
             let item = loop {
-                let ev = match first.take() {
-                    Some(ev) => Some(LinkEvent::Engine(ev)),
-                    None => rx.recv().await,
-                };
-                match ev {
-                    Some(LinkEvent::Engine(Event::Delta(d))) => {
-                        guard.tokens += 1;
-                        if let Some(b) = &mut bill {
+                match r.next().await {
+                    Ok(Some(LinkEvent::Engine(Event::Delta(d)))) => {
+                        r.guard.tokens += 1;
+                        if let Some(b) = &mut r.bill {
                             b.on_delta(&d);
                         }
-                        return Some((Ok(Event::Delta(d)), (None, rx, guard, bill, false, rid)));
+                        return Some((Ok(Event::Delta(d)), r));
                     }
-                    Some(LinkEvent::Engine(Event::Logprobs(l))) => {
-                        let state = (None, rx, guard, bill, false, rid);
-                        return Some((Ok(Event::Logprobs(l)), state));
+                    Ok(Some(LinkEvent::Engine(Event::Logprobs(l)))) => {
+                        return Some((Ok(Event::Logprobs(l)), r));
                     }
-                    Some(LinkEvent::Receipt(r)) => {
-                        if let Some(b) = &mut bill {
-                            b.receipt = Some(r);
+                    Ok(Some(LinkEvent::Receipt(rc))) => {
+                        if let Some(b) = &mut r.bill {
+                            b.receipt = Some(rc);
                         }
                     }
-                    Some(LinkEvent::Engine(Event::Done {
+                    Ok(Some(LinkEvent::Engine(Event::Done {
                         finish_reason,
                         usage,
-                    })) => {
+                    }))) => {
+                        let guard = &mut r.guard;
                         guard.tokens = usage.completion_tokens;
                         guard.finish(true);
-                        if let Some(b) = &mut bill {
+                        if let Some(b) = &mut r.bill {
                             match b.settle(&usage).await {
                                 Settlement::Charged(cost) => {
-                                    tracing::debug!(request_id = %rid, %cost, "charged");
+                                    tracing::debug!(request_id = %r.request_id, %cost, "charged");
                                 }
                                 Settlement::Parked(cost) => {
-                                    tracing::debug!(request_id = %rid, %cost, "charge waits for the node's batch signature");
+                                    tracing::debug!(request_id = %r.request_id, %cost, "charge waits for the node's batch signature");
                                 }
                                 Settlement::Refused(why) => {
-                                    tracing::warn!(request_id = %rid, node = %guard.node, reason = %why, "usage receipt refused; nothing charged");
+                                    tracing::warn!(request_id = %r.request_id, node = %guard.node, reason = %why, "usage receipt refused; nothing charged");
                                     guard.registry.record(
                                         guard.node,
                                         &guard.model,
@@ -480,20 +554,37 @@ fn relay(
                             usage,
                         });
                     }
-                    Some(LinkEvent::Error(e)) => {
-                        guard.finish(false);
+                    Ok(Some(LinkEvent::Error(e))) => {
+                        r.guard.finish(false);
                         break Err(e);
                     }
-                    None => {
-                        tracing::warn!(request_id = %rid, node = %guard.node, "node lost mid-stream");
-                        guard.finish(false);
+                    Ok(None) => {
+                        tracing::warn!(request_id = %r.request_id, node = %r.guard.node, "node lost mid-stream");
+                        r.guard.finish(false);
                         break Err(EngineError::Upstream(
                             "the node serving this request went offline mid-stream".into(),
                         ));
                     }
+                    Err(Stalled) => {
+                        let secs = r.stall.period.as_secs_f64();
+                        tracing::warn!(request_id = %r.request_id, node = %r.guard.node,
+                            "node sent nothing for {secs} s mid-stream; request ended, its work cancelled");
+                        // Not `finish`: the node's work is still running, and dropping the
+                        // dispatch (with this stream) cancels it.
+                        r.guard.done = true;
+                        r.guard.registry.record(
+                            r.guard.node,
+                            &r.guard.model,
+                            RequestOutcome::Failed,
+                        );
+                        break Err(EngineError::Upstream(format!(
+                            "the node serving this request stalled (nothing for {secs} s)"
+                        )));
+                    }
                 }
             };
-            Some((item, (None, rx, guard, bill, true, rid)))
-        },
-    ))
+            r.ended = true;
+            Some((item, r))
+        }))
+    }
 }
