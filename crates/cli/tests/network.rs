@@ -326,7 +326,7 @@ async fn lying_upstream(
 
 /// An upstream that answers at once, except a prompt containing `STALL`: one token, then
 /// nothing, the connection held open (`released` counts stalled answers whose connection the
-/// node closed); and one containing `SLOW`: six tokens 500 ms apart, then the end.
+/// node closed); and one containing `SLOW`: six tokens 250 ms apart, then the end.
 async fn stalling_upstream(released: Arc<AtomicUsize>) -> String {
     use axum::routing::post;
     struct Released(Arc<AtomicUsize>);
@@ -348,7 +348,7 @@ async fn stalling_upstream(released: Arc<AtomicUsize>) -> String {
                         return None;
                     }
                     if i > 0 {
-                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        tokio::time::sleep(Duration::from_millis(250)).await;
                     }
                     let piece = if i < 6 { HEAD } else { TAIL };
                     Some((Ok::<_, std::io::Error>(piece), i + 1))
@@ -388,7 +388,7 @@ async fn a_node_that_stalls_mid_answer_is_cut_off_and_nothing_is_charged() {
     let nexus = nexus_with(
         dir.path(),
         "127.0.0.1:0",
-        &["--stall-timeout", "1", "--faucet-lai", "1"],
+        &["--stall-timeout", "2", "--faucet-lai", "1"],
     );
     let _node = spawn(&[
         "node",
@@ -458,7 +458,7 @@ async fn a_node_that_stalls_mid_answer_is_cut_off_and_nothing_is_charged() {
     let n = &nodes(base).await["online"][0];
     assert!(n["failed"].as_u64().unwrap() >= 2, "{n}");
 
-    // Slow but steady (a token every 0.5 s, 3 s in all) is not a stall.
+    // Slow but steady (a token every 0.25 s, 1.75 s in all, against 2 s) is not a stall.
     let slow = json!({"model": "canned", "messages": [{"role": "user", "content": "SLOW here"}],
                       "max_tokens": 16});
     let (s, v) = call(reqwest::Method::POST, &url, &session, Some(slow)).await;

@@ -369,12 +369,15 @@ async fn respond_many(
 /// Admits every answer, each on a task of its own from then on: an answer that has started
 /// is read while the others wait for theirs (a node's queue, or Nexus's wait for a first
 /// token), its events kept until the response reads them — never more than its own tokens'.
-/// The first refusal is the result; then, as when the response is dropped, every task is
-/// aborted, which drops its engine stream and so cancels the answer.
+/// A refusal is the result while no answer has ended; then, as when the response is dropped,
+/// every task is aborted, which drops its engine stream and so cancels its answer (on Nexus:
+/// nothing charged). Once an answer has ended it has been paid for, so a later refusal only
+/// fails its own answer (its stream is the error) and the others are kept.
 async fn admit_all(
     engine: &Arc<dyn lattice_engine::Engine>,
     requests: Vec<GenerateRequest>,
 ) -> Result<Vec<EventStream>, EngineError> {
+    use std::sync::atomic::{AtomicBool, Ordering};
     /// Aborts an answer's task when its stream (or the admission) is dropped.
     struct Abort(tokio::task::AbortHandle);
     impl Drop for Abort {
@@ -382,12 +385,13 @@ async fn admit_all(
             self.0.abort();
         }
     }
-    let mut admissions = Vec::with_capacity(requests.len());
+    let mut admissions = futures::stream::FuturesUnordered::new();
     let mut answers = Vec::with_capacity(requests.len());
-    for g in requests {
+    let ended = Arc::new(AtomicBool::new(false));
+    for (i, g) in requests.into_iter().enumerate() {
         let (admitted, admission) = tokio::sync::oneshot::channel();
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let engine = engine.clone();
+        let (engine, ended) = (engine.clone(), ended.clone());
         let task = tokio::spawn(async move {
             match engine.generate(g).await {
                 Err(e) => {
@@ -397,34 +401,54 @@ async fn admit_all(
                     if admitted.send(Ok(())).is_err() {
                         return;
                     }
-                    // Until the answer's last event (its end or its error).
+                    // Until the answer's last event (its end or its error); an unbounded send
+                    // never waits, so yield to the runtime as a channel receive would.
                     while let Some(ev) = events.next().await {
-                        let last = matches!(ev, Ok(Event::Done { .. }) | Err(_));
+                        let done = matches!(ev, Ok(Event::Done { .. }));
+                        let last = done || ev.is_err();
+                        if done {
+                            ended.store(true, Ordering::Release);
+                        }
                         if tx.send(ev).is_err() || last {
                             return;
                         }
+                        tokio::task::consume_budget().await;
                     }
                 }
             }
         });
-        admissions.push(admission);
+        admissions.push(async move {
+            let r = admission.await.unwrap_or_else(|_| {
+                Err(EngineError::Internal(
+                    "an answer's task ended before admission".into(),
+                ))
+            });
+            (i, r)
+        });
         answers.push((rx, Abort(task.abort_handle())));
     }
-    futures::future::try_join_all(admissions.into_iter().map(|a| async move {
-        a.await.unwrap_or_else(|_| {
-            Err(EngineError::Internal(
-                "an answer's task ended before admission".into(),
-            ))
-        })
-    }))
-    .await?;
+    let mut refused: Vec<Option<EngineError>> = answers.iter().map(|_| None).collect();
+    while let Some((i, r)) = admissions.next().await {
+        if let Err(e) = r {
+            if !ended.load(Ordering::Acquire) {
+                return Err(e);
+            }
+            if let Some(slot) = refused.get_mut(i) {
+                *slot = Some(e);
+            }
+        }
+    }
     Ok(answers
         .into_iter()
-        .map(|(rx, abort)| -> EventStream {
-            Box::pin(futures::stream::unfold(
-                (rx, abort),
-                |(mut rx, abort)| async move { rx.recv().await.map(|ev| (ev, (rx, abort))) },
-            ))
+        .zip(refused)
+        .map(|((rx, abort), refused)| -> EventStream {
+            match refused {
+                Some(e) => Box::pin(futures::stream::once(async move { Err(e) })),
+                None => Box::pin(futures::stream::unfold(
+                    (rx, abort),
+                    |(mut rx, abort)| async move { rx.recv().await.map(|ev| (ev, (rx, abort))) },
+                )),
+            }
         })
         .collect())
 }
@@ -615,7 +639,12 @@ mod tests {
         slot: Arc<tokio::sync::Semaphore>,
         tokens: usize,
         endless: bool,
+        /// Answers whose stream was dropped (ended or cancelled).
         dropped: Arc<AtomicUsize>,
+        /// Answers admitted so far.
+        admitted: Arc<AtomicUsize>,
+        /// A refusal waits until this many answers were admitted and this many dropped.
+        refuse_after: (usize, usize),
     }
 
     struct Counted(Arc<AtomicUsize>);
@@ -638,6 +667,12 @@ mod tests {
         ) -> BoxFuture<'_, Result<EventStream, EngineError>> {
             Box::pin(async move {
                 if req.request_id.ends_with("-refused") {
+                    let (admitted, dropped) = self.refuse_after;
+                    while self.admitted.load(Ordering::SeqCst) < admitted
+                        || self.dropped.load(Ordering::SeqCst) < dropped
+                    {
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                    }
                     return Err(EngineError::PaymentRequired("no credit".into()));
                 }
                 let permit = self.slot.clone().acquire_owned().await;
@@ -651,6 +686,7 @@ mod tests {
                     });
                 }
                 let endless = self.endless;
+                self.admitted.fetch_add(1, Ordering::SeqCst);
                 let held = (permit, Counted(self.dropped.clone()), events.into_iter());
                 let s: EventStream =
                     Box::pin(futures::stream::unfold(held, move |mut h| async move {
@@ -722,6 +758,8 @@ mod tests {
             tokens: 5000,
             endless: false,
             dropped: Arc::default(),
+            admitted: Arc::default(),
+            refuse_after: (0, 0),
         });
         let streams = tokio::time::timeout(
             Duration::from_secs(20),
@@ -746,6 +784,8 @@ mod tests {
             tokens: 3,
             endless: true,
             dropped: dropped.clone(),
+            admitted: Arc::default(),
+            refuse_after: (2, 0),
         });
         let r = admit_all(
             &engine,
@@ -760,6 +800,40 @@ mod tests {
         })
         .await
         .expect("both admitted answers are dropped");
+    }
+
+    /// A refusal that comes after an answer has ended (and been paid for) fails only its own
+    /// answer: the others are kept.
+    #[tokio::test]
+    async fn a_refusal_after_an_answer_ended_fails_only_its_own() {
+        let engine: Arc<dyn Engine> = Arc::new(OneSlot {
+            slot: Arc::new(tokio::sync::Semaphore::new(8)),
+            tokens: 3,
+            endless: false,
+            dropped: Arc::default(),
+            admitted: Arc::default(),
+            refuse_after: (2, 1),
+        });
+        let streams = tokio::time::timeout(
+            Duration::from_secs(20),
+            admit_all(
+                &engine,
+                vec![request("r"), request("r-1"), request("r-refused")],
+            ),
+        )
+        .await
+        .expect("admission ends")
+        .expect("the answers that ended are kept");
+        let mut ends = Vec::new();
+        for s in streams {
+            let events: Vec<_> = s.collect().await;
+            ends.push(match events.last() {
+                Some(Ok(Event::Done { .. })) => "done",
+                Some(Err(EngineError::PaymentRequired(_))) => "refused",
+                _ => "other",
+            });
+        }
+        assert_eq!(ends, ["done", "done", "refused"]);
     }
 
     fn text(p: &Prompt) -> &str {

@@ -440,7 +440,8 @@ struct SseState {
     part: bool,
     /// The answer's usage once it is done (`part`).
     usage: Option<Usage>,
-    /// The error the answer ended with (its error frame is written).
+    /// The error the answer ended with (its error frame is written, or with `part` left to
+    /// [`sse_many`]).
     failed: Option<EngineError>,
 }
 
@@ -449,7 +450,8 @@ struct Frame {
     bytes: Bytes,
     /// The answer's usage, with its last frame ([`SseState::part`]).
     done: Option<Usage>,
-    /// The frame ends with this error's event; the answer is over.
+    /// The answer failed with this error (its event ends the frame, or with
+    /// [`SseState::part`] is left to [`sse_many`]); the answer is over.
     failed: Option<EngineError>,
     /// The answer's first token came (at this or an earlier frame).
     first: Option<Instant>,
@@ -465,9 +467,10 @@ pub(crate) fn sse(
 }
 
 /// The SSE body of several answers generated side by side: each answer's chunks carry its
-/// index and come as they are made; after the last answer's end, the usage chunk (their sum)
-/// and `data: [DONE]`. An answer that fails ends the body with its error event and cancels
-/// the others.
+/// index and come as they are made; after the last answer's end, the usage chunk (the ended
+/// answers' sum) and `data: [DONE]`. An answer that fails stops there, and the others go on to
+/// their ends (each is paid for when it ends, so none is cut short); the body then ends with
+/// the first failure's error event instead of `[DONE]`.
 pub(crate) fn sse_many(
     meta: Meta,
     parts: Vec<(Meta, EventStream, Tracker)>,
@@ -480,6 +483,8 @@ pub(crate) fn sse_many(
         usage: Usage,
         over: bool,
         tracker: Tracker,
+        /// The first answer that failed.
+        failed: Option<EngineError>,
     }
     let left = parts.len();
     let all = futures::stream::select_all(
@@ -494,6 +499,7 @@ pub(crate) fn sse_many(
         usage: Usage::new(0, 0),
         over: false,
         tracker,
+        failed: None,
     };
     futures::stream::unfold(merge, |mut m| async move {
         if m.over {
@@ -509,27 +515,32 @@ pub(crate) fn sse_many(
         if let (None, Some(at)) = (m.tracker.first, f.first) {
             m.tracker.on_first(at);
         }
-        if let Some(e) = f.failed {
-            m.tracker.on_error(&e);
-            m.over = true;
-            m.all = futures::stream::SelectAll::new();
-            return Some((Ok(f.bytes), m));
+        match (f.failed, f.done) {
+            (Some(e), _) => {
+                m.failed.get_or_insert(e);
+            }
+            (None, Some(usage)) => m.usage = add_usage(m.usage, usage),
+            (None, None) => return Some((Ok(f.bytes), m)),
         }
-        let Some(usage) = f.done else {
-            return Some((Ok(f.bytes), m));
-        };
-        m.usage = add_usage(m.usage, usage);
         m.left = m.left.saturating_sub(1);
         if m.left > 0 {
             return Some((Ok(f.bytes), m));
         }
         m.over = true;
-        m.tracker.on_done(&m.usage);
         let mut out = Vec::from(f.bytes);
         if m.meta.include_usage {
             out.extend_from_slice(&usage_chunk(&m.meta, m.usage));
         }
-        out.extend_from_slice(b"data: [DONE]\n\n");
+        match m.failed.take() {
+            Some(e) => {
+                m.tracker.on_error(&e);
+                out.extend_from_slice(&error_frame(&engine_error(&e)));
+            }
+            None => {
+                m.tracker.on_done(&m.usage);
+                out.extend_from_slice(b"data: [DONE]\n\n");
+            }
+        }
         Some((Ok(Bytes::from(out)), m))
     })
 }
@@ -654,14 +665,18 @@ fn push_event(s: &mut SseState, ev: Option<Result<Event, EngineError>>, out: &mu
         Some(Err(e)) => {
             s.tracker.on_error(&e);
             s.phase = Phase::Finished;
-            out.extend_from_slice(&error_frame(&engine_error(&e)));
+            if !s.part {
+                out.extend_from_slice(&error_frame(&engine_error(&e)));
+            }
             s.failed = Some(e);
         }
         None => {
             let e = EngineError::Internal("the engine ended the stream without finishing".into());
             s.tracker.on_error(&e);
             s.phase = Phase::Finished;
-            out.extend_from_slice(&error_frame(&engine_error(&e)));
+            if !s.part {
+                out.extend_from_slice(&error_frame(&engine_error(&e)));
+            }
             s.failed = Some(e);
         }
     }
@@ -1238,28 +1253,70 @@ mod tests {
         );
     }
 
-    /// An answer that fails ends the body with its error; the others are not waited for.
+    /// An answer that fails stops there; the others go on to their ends (each paid for when
+    /// it ends), and the body ends with the failure's error event, after the usage chunk,
+    /// instead of `[DONE]`.
     #[tokio::test]
-    async fn a_failing_answer_ends_the_stream_of_several_with_its_error() {
-        let pending: EventStream = Box::pin(futures::stream::pending());
+    async fn a_failing_answer_lets_the_others_end_and_ends_the_stream_with_its_error() {
         let failing = vec![
             Ok(Event::Delta("par".into())),
             Err(EngineError::Upstream("the node went away".into())),
         ];
+        // The other answer is still generating when the first fails.
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
         let mut p = parts(vec![failing]);
-        p.push((Meta { index: 1, ..meta() }, pending, tracker().quiet()));
-        let body = tokio::time::timeout(
-            std::time::Duration::from_secs(10),
+        p.push((
+            Meta { index: 1, ..meta() },
+            Box::pin(tokio_stream_from(rx)),
+            tracker().quiet(),
+        ));
+        let body = tokio::spawn(
             sse_many(meta(), p, tracker())
                 .map(|f| f.unwrap_or_default().to_vec())
                 .concat(),
-        )
-        .await
-        .expect("the body ends without waiting for the pending answer");
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        for ev in answer("whole answer", Usage::new(2, 2)) {
+            tx.send(ev).await.expect("the body reads on");
+        }
+        let body = tokio::time::timeout(std::time::Duration::from_secs(10), body)
+            .await
+            .expect("the body ends")
+            .expect("the body task ends");
         let text = String::from_utf8_lossy(&body);
         assert!(!text.contains("[DONE]"), "{text}");
         assert!(text.trim_end().ends_with('}'), "{text}");
         assert!(text.contains("the node went away"), "{text}");
+        let events: Vec<&str> = text.split("\n\n").filter(|e| !e.is_empty()).collect();
+        let (last, rest) = events.split_last().expect("events");
+        assert!(last.contains("the node went away"), "{last}");
+        let answers = chunks_of(rest);
+        let second: String = answers
+            .iter()
+            .flat_map(|c| &c.choices)
+            .filter(|c| c.index == 1)
+            .filter_map(|c| c.delta.content.clone())
+            .collect();
+        assert_eq!(second, "whole answer", "{text}");
+        assert!(
+            answers
+                .iter()
+                .flat_map(|c| &c.choices)
+                .any(|c| c.index == 1 && c.finish_reason == Some(FinishReason::Stop))
+        );
+        assert_eq!(
+            answers.last().map(|c| c.usage),
+            Some(UsageField::Some(Usage::new(2, 2))),
+            "the usage chunk counts the answer that ended"
+        );
+    }
+
+    fn chunks_of(events: &[&str]) -> Vec<ChatCompletionChunk> {
+        events
+            .iter()
+            .filter_map(|e| e.strip_prefix("data: "))
+            .map(|d| serde_json::from_str(d).unwrap_or_else(|e| unreachable!("{d}: {e}")))
+            .collect()
     }
 
     /// A whole response of several answers lists them by index with their texts (echoed
