@@ -56,6 +56,16 @@ def node_url():
 
 
 @pytest.fixture(scope="session")
+def upstream_node_url(node_url):
+    """A node whose engine is the session's node, as an OpenAI-compatible upstream that reports
+    log probabilities."""
+    proc, url = _start(["node", "--standalone", "--upstream", f"{node_url}/v1", "--upstream-model", MODEL,
+                        "--model-id", "via-upstream", "--upstream-logprobs", "--port", "0"])
+    yield url
+    _stop(proc)
+
+
+@pytest.fixture(scope="session")
 def nexus_url(tmp_path_factory):
     """A real network: Nexus plus one linked node, ready once the node passed calibration."""
     import json

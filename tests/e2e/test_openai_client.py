@@ -178,6 +178,30 @@ def test_best_of_keeps_the_likeliest_answers(client):
     assert e.value.param == "best_of"
 
 
+def test_log_probabilities_through_an_upstream_backend(client, upstream_node_url):
+    # A node in front of another node (any OpenAI-compatible server that reports them): the
+    # same greedy tokens with the same log probabilities and alternatives, in both formats.
+    via = openai.OpenAI(base_url=f"{upstream_node_url}/v1", api_key="x", max_retries=0, timeout=120)
+    chat = dict(messages=QUESTION, temperature=0, max_tokens=12, logprobs=True, top_logprobs=2)
+    direct = client.chat.completions.create(model=MODEL, **chat).choices[0]
+    proxied = via.chat.completions.create(model="via-upstream", **chat).choices[0]
+    assert proxied.message.content == direct.message.content
+    flat = lambda c: [(t.token, t.logprob, [(a.token, a.logprob) for a in t.top_logprobs])
+                      for t in c.logprobs.content]
+    assert flat(proxied) == flat(direct)
+    assert len(flat(direct)) >= 1
+    text = dict(prompt="1, 2, 3,", temperature=0, max_tokens=6, logprobs=2)
+    direct = client.completions.create(model=MODEL, **text).choices[0]
+    proxied = via.completions.create(model="via-upstream", **text).choices[0]
+    assert proxied.text == direct.text
+    assert proxied.logprobs.tokens == direct.logprobs.tokens
+    assert proxied.logprobs.token_logprobs == direct.logprobs.token_logprobs
+    assert proxied.logprobs.top_logprobs == direct.logprobs.top_logprobs
+    # best_of ranks by them, so it works there too.
+    r = via.completions.create(model="via-upstream", prompt="Once upon a time", max_tokens=6, best_of=2)
+    assert len(r.choices) == 1 and r.choices[0].text
+
+
 def test_too_many_answers_is_400(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=4, n=17)

@@ -247,6 +247,11 @@ struct NodeArgs {
     /// Bearer token for the upstream.
     #[arg(long, env = "LATTICE_UPSTREAM_API_KEY", hide_env_values = true)]
     upstream_api_key: Option<String>,
+    /// The upstream reports log probabilities in OpenAI's formats (vLLM, llama.cpp's server,
+    /// another lattice node): requests for them are passed on (and fail if an answer comes
+    /// without them) instead of refused.
+    #[arg(long, requires = "upstream")]
+    upstream_logprobs: bool,
     #[command(flatten)]
     engine: EngineArgs,
     /// Largest request body accepted, in bytes.
@@ -427,10 +432,10 @@ fn default_threads() -> u32 {
 async fn build_engine(
     model: Option<&str>,
     model_id: Option<String>,
-    upstream: Option<(String, Option<String>, Option<String>)>,
+    upstream: Option<(String, Option<String>, Option<String>, bool)>,
     e: &EngineArgs,
 ) -> Result<Arc<dyn Engine>> {
-    if let Some((base_url, upstream_model, api_key)) = upstream {
+    if let Some((base_url, upstream_model, api_key, logprobs)) = upstream {
         let model_id = model_id
             .or_else(|| upstream_model.clone())
             .or_else(|| model.map(str::to_owned))
@@ -445,6 +450,7 @@ async fn build_engine(
                 .unwrap_or(4)
                 .saturating_add(e.queue),
             connect_timeout: Duration::from_secs(5),
+            logprobs,
         })?;
         return Ok(Arc::new(engine));
     }
@@ -545,10 +551,10 @@ async fn node(a: NodeArgs) -> Result<()> {
             lattice_accounts::NODE_TOKEN_PREFIX
         );
     }
-    let upstream = a
-        .upstream
-        .clone()
-        .map(|u| (u, a.upstream_model.clone(), a.upstream_api_key.clone()));
+    let upstream = a.upstream.clone().map(|u| {
+        let (model, key) = (a.upstream_model.clone(), a.upstream_api_key.clone());
+        (u, model, key, a.upstream_logprobs)
+    });
     let engine = build_engine(a.model.as_deref(), a.model_id.clone(), upstream, &a.engine).await?;
     let addr: SocketAddr = format!("{}:{}", a.host, a.port)
         .parse()

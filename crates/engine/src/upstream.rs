@@ -17,7 +17,7 @@ use serde_json::Value;
 use crate::pool::{Lease, Pool};
 use crate::{
     Engine, EngineError, Event, EventStream, FinishReason, GenerateRequest, Load, ModelCard,
-    OutputFormat, Prompt, Usage,
+    OutputFormat, Prompt, TokenLogprob, TopLogprob, Usage,
 };
 
 /// Longest SSE line accepted from the upstream; a bound on memory per request.
@@ -36,6 +36,10 @@ pub struct UpstreamConfig {
     /// Concurrent requests we let through; more are rejected as overloaded.
     pub max_in_flight: usize,
     pub connect_timeout: Duration,
+    /// The upstream reports log probabilities in OpenAI's formats (vLLM, llama.cpp's server,
+    /// another lattice node); requests for them are passed on, and an answer that comes
+    /// without them fails instead of being returned without.
+    pub logprobs: bool,
 }
 
 /// Longest part of a failed upstream response's body that is read (the rest is dropped).
@@ -131,7 +135,7 @@ impl UpstreamEngine {
             has_chat_template: true,
             nodes: 1,
             quantization: None,
-            logprobs: false,
+            logprobs: cfg.logprobs,
         };
         Ok(Self {
             cfg,
@@ -174,6 +178,12 @@ impl UpstreamEngine {
                     .collect()
             }),
             response_format: response_format(&p.format),
+            // Chat: `logprobs: true` and `top_logprobs: k`; completions: `logprobs: k`.
+            logprobs: p.logprobs.map(|k| match messages {
+                Some(_) => Value::Bool(true),
+                None => Value::from(k),
+            }),
+            top_logprobs: p.logprobs.filter(|_| messages.is_some()),
         };
         (url, body)
     }
@@ -209,6 +219,10 @@ struct UpstreamBody<'a> {
     logit_bias: Option<serde_json::Map<String, serde_json::Value>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     response_format: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    logprobs: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top_logprobs: Option<u8>,
 }
 
 /// OpenAI's `response_format` for a non-text format.
@@ -274,7 +288,7 @@ impl Engine for UpstreamEngine {
 
     fn generate(&self, req: GenerateRequest) -> BoxFuture<'_, Result<EventStream, EngineError>> {
         async move {
-            if req.params.logprobs.is_some() {
+            if req.params.logprobs.is_some() && !self.cfg.logprobs {
                 return Err(EngineError::InvalidRequest(
                     "Log probabilities are not available from this node's upstream backend.".into(),
                 ));
@@ -327,7 +341,13 @@ impl Engine for UpstreamEngine {
                 body: http_body_util::BodyDataStream::new(resp.into_body()),
                 lease,
                 parser: SseParser::default(),
-                tr: Translate::default(),
+                tr: Translate {
+                    logprobs: req
+                        .params
+                        .logprobs
+                        .map(|_| matches!(req.prompt, Prompt::Chat(_))),
+                    ..Translate::default()
+                },
                 body_ended: false,
                 _slot: guard,
             };
@@ -458,6 +478,9 @@ struct Translate {
     finish: Option<FinishReason>,
     usage: Option<Usage>,
     ended: bool,
+    /// The request asked for log probabilities: `Some(true)` in chat's format, `Some(false)`
+    /// in the completions' one. Every chunk is then read whole (the fast scan skips them).
+    logprobs: Option<bool>,
 }
 
 impl Translate {
@@ -478,6 +501,9 @@ impl Translate {
         }
         if payload == "[DONE]" {
             return self.end();
+        }
+        if let Some(chat) = self.logprobs {
+            return self.feed_logprobs(payload, chat);
         }
         // The usual chunk, scanned in place; the rest with serde, typed and borrowed, and what
         // that refuses through a `Value` (same rules).
@@ -503,6 +529,45 @@ impl Translate {
                 .as_str()
                 .or_else(|| ch["text"].as_str())
         });
+        let finish = choice.and_then(|ch| ch["finish_reason"].as_str());
+        let usage = serde_json::from_value::<Usage>(v["usage"].clone()).ok();
+        self.apply(v["error"]["message"].as_str(), text, finish, usage);
+    }
+
+    /// A chunk of an answer that reports log probabilities: they become an
+    /// [`Event::Logprobs`] before the chunk's text, and text that comes without them fails the
+    /// answer (the caller asked for them; an upstream that ignores the field must not make
+    /// them silently disappear).
+    fn feed_logprobs(&mut self, payload: &str, chat: bool) {
+        let v: Value = match serde_json::from_str(payload) {
+            Ok(v) => v,
+            Err(e) => {
+                return self.fail(EngineError::Upstream(format!(
+                    "bad chunk from upstream: {e}"
+                )));
+            }
+        };
+        let choice = v["choices"].get(0);
+        let text = choice.and_then(|ch| {
+            ch["delta"]["content"]
+                .as_str()
+                .or_else(|| ch["text"].as_str())
+        });
+        let tokens = choice.map_or_else(Vec::new, |ch| {
+            if chat {
+                chat_logprobs(&ch["logprobs"])
+            } else {
+                completion_logprobs(&ch["logprobs"])
+            }
+        });
+        if tokens.is_empty() && text.is_some_and(|t| !t.is_empty()) && v["error"].is_null() {
+            return self.fail(EngineError::Upstream(
+                "the upstream answered without the log probabilities asked for".into(),
+            ));
+        }
+        if !tokens.is_empty() {
+            self.out.push_back(Ok(Event::Logprobs(tokens)));
+        }
         let finish = choice.and_then(|ch| ch["finish_reason"].as_str());
         let usage = serde_json::from_value::<Usage>(v["usage"].clone()).ok();
         self.apply(v["error"]["message"].as_str(), text, finish, usage);
@@ -547,6 +612,97 @@ impl Translate {
             ))),
         }
     }
+}
+
+/// A log probability as the upstream wrote it (a number; anything else is −9999, as we write a
+/// −∞ one).
+fn logprob(v: &Value) -> f32 {
+    v.as_f64().map_or(-9999.0, |l| l as f32)
+}
+
+/// A token's bytes: its `bytes` list when given, else its text's.
+fn token_bytes(v: &Value, token: &str) -> Vec<u8> {
+    v.as_array()
+        .and_then(|b| {
+            b.iter()
+                .map(|x| x.as_u64().and_then(|x| u8::try_from(x).ok()))
+                .collect::<Option<Vec<u8>>>()
+        })
+        .unwrap_or_else(|| token.as_bytes().to_vec())
+}
+
+/// Chat's `logprobs`: `{"content": [{token, logprob, bytes, top_logprobs: [{token, logprob,
+/// bytes}]}]}`.
+fn chat_logprobs(v: &Value) -> Vec<TokenLogprob> {
+    let Some(content) = v["content"].as_array() else {
+        return Vec::new();
+    };
+    content
+        .iter()
+        .map(|t| {
+            let token = t["token"].as_str().unwrap_or_default().to_owned();
+            let top = t["top_logprobs"]
+                .as_array()
+                .map(|alts| {
+                    alts.iter()
+                        .map(|a| {
+                            let token = a["token"].as_str().unwrap_or_default().to_owned();
+                            TopLogprob {
+                                bytes: token_bytes(&a["bytes"], &token),
+                                logprob: logprob(&a["logprob"]),
+                                token,
+                            }
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            TokenLogprob {
+                bytes: token_bytes(&t["bytes"], &token),
+                logprob: logprob(&t["logprob"]),
+                token,
+                top,
+            }
+        })
+        .collect()
+}
+
+/// Completions' `logprobs`: parallel `tokens`, `token_logprobs` and `top_logprobs` (a map of
+/// text to log probability per token, most likely first as sent).
+fn completion_logprobs(v: &Value) -> Vec<TokenLogprob> {
+    let Some(tokens) = v["tokens"].as_array() else {
+        return Vec::new();
+    };
+    let lps = v["token_logprobs"].as_array();
+    let tops = v["top_logprobs"].as_array();
+    tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let token = t.as_str().unwrap_or_default().to_owned();
+            let top = tops
+                .and_then(|all| all.get(i))
+                .and_then(Value::as_object)
+                .map(|m| {
+                    let mut top: Vec<TopLogprob> = m
+                        .iter()
+                        .map(|(alt, lp)| TopLogprob {
+                            token: alt.clone(),
+                            bytes: alt.as_bytes().to_vec(),
+                            logprob: logprob(lp),
+                        })
+                        .collect();
+                    top.sort_by(|a, b| b.logprob.total_cmp(&a.logprob));
+                    top
+                })
+                .unwrap_or_default();
+            TokenLogprob {
+                bytes: token.as_bytes().to_vec(),
+                logprob: lps.and_then(|l| l.get(i)).map_or(-9999.0, logprob),
+                token,
+                top,
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -647,6 +803,78 @@ mod tests {
         assert_eq!(t.pop(), None);
     }
 
+    /// Log probabilities in both of OpenAI's formats become an event before their text; a
+    /// chunk with text but none fails the answer.
+    #[test]
+    fn translate_log_probabilities() {
+        let mut t = Translate {
+            logprobs: Some(true),
+            ..Translate::default()
+        };
+        t.feed(r#"{"choices":[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]}"#);
+        t.feed(r#"{"choices":[{"index":0,"delta":{"content":"Hé"},"logprobs":{"content":[{"token":"H","logprob":-0.5,"bytes":[72],"top_logprobs":[{"token":"H","logprob":-0.5,"bytes":[72]},{"token":"W","logprob":-1.25,"bytes":null}]},{"token":"é","logprob":-2,"bytes":[195,169],"top_logprobs":[]}]},"finish_reason":null}]}"#);
+        t.feed(r#"{"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}"#);
+        t.feed("[DONE]");
+        let top = |token: &str, logprob: f32, bytes: &[u8]| TopLogprob {
+            token: token.into(),
+            logprob,
+            bytes: bytes.to_vec(),
+        };
+        assert_eq!(
+            t.pop(),
+            Some(Ok(Event::Logprobs(vec![
+                TokenLogprob {
+                    token: "H".into(),
+                    bytes: vec![72],
+                    logprob: -0.5,
+                    top: vec![top("H", -0.5, b"H"), top("W", -1.25, b"W")],
+                },
+                TokenLogprob {
+                    token: "é".into(),
+                    bytes: vec![195, 169],
+                    logprob: -2.0,
+                    top: Vec::new(),
+                },
+            ])))
+        );
+        assert_eq!(t.pop(), Some(Ok(Event::Delta("Hé".into()))));
+        assert!(matches!(t.pop(), Some(Ok(Event::Done { .. }))));
+
+        let mut t = Translate {
+            logprobs: Some(false),
+            ..Translate::default()
+        };
+        t.feed(r#"{"choices":[{"index":0,"text":" 5,","logprobs":{"tokens":[" 5",","],"token_logprobs":[-0.25,null],"top_logprobs":[{" 6":-3.0," 5":-0.25},null],"text_offset":[0,2]},"finish_reason":null}]}"#);
+        let Some(Ok(Event::Logprobs(l))) = t.pop() else {
+            unreachable!("log probabilities first")
+        };
+        let got: Vec<_> = l
+            .iter()
+            .map(|t| (t.token.as_str(), t.logprob, t.top.len()))
+            .collect();
+        assert_eq!(got, [(" 5", -0.25, 2), (",", -9999.0, 0)]);
+        assert_eq!(
+            l[0].top
+                .iter()
+                .map(|a| a.token.as_str())
+                .collect::<Vec<_>>(),
+            [" 5", " 6"],
+            "most likely first"
+        );
+        assert_eq!(t.pop(), Some(Ok(Event::Delta(" 5,".into()))));
+
+        // An upstream that ignored the request's `logprobs`.
+        let mut t = Translate {
+            logprobs: Some(true),
+            ..Translate::default()
+        };
+        t.feed(r#"{"choices":[{"index":0,"delta":{"content":"Hi"},"finish_reason":null}]}"#);
+        assert!(
+            matches!(t.pop(), Some(Err(EngineError::Upstream(m))) if m.contains("log probabilities"))
+        );
+        assert_eq!(t.pop(), None);
+    }
+
     #[test]
     fn truncated_stream_is_an_error() {
         let mut t = Translate::default();
@@ -688,6 +916,7 @@ mod tests {
             context_length: 2048,
             max_in_flight: 2,
             connect_timeout: Duration::from_secs(2),
+            logprobs: false,
         });
         let Ok(engine) = engine else {
             unreachable!("client")
