@@ -178,12 +178,14 @@ impl UpstreamEngine {
                     .collect()
             }),
             response_format: response_format(&p.format),
-            // Chat: `logprobs: true` and `top_logprobs: k`; completions: `logprobs: k`.
+            // Chat: `logprobs: true` and `top_logprobs: k`; completions: `logprobs: k`. At
+            // least 1: llama.cpp's server reports none for 0 (the answer's alternatives are cut
+            // back to k when read).
             logprobs: p.logprobs.map(|k| match messages {
                 Some(_) => Value::Bool(true),
-                None => Value::from(k),
+                None => Value::from(k.max(1)),
             }),
-            top_logprobs: p.logprobs.filter(|_| messages.is_some()),
+            top_logprobs: p.logprobs.filter(|_| messages.is_some()).map(|k| k.max(1)),
         };
         (url, body)
     }
@@ -342,10 +344,7 @@ impl Engine for UpstreamEngine {
                 lease,
                 parser: SseParser::default(),
                 tr: Translate {
-                    logprobs: req
-                        .params
-                        .logprobs
-                        .map(|_| matches!(req.prompt, Prompt::Chat(_))),
+                    logprobs: req.params.logprobs,
                     ..Translate::default()
                 },
                 body_ended: false,
@@ -478,9 +477,11 @@ struct Translate {
     finish: Option<FinishReason>,
     usage: Option<Usage>,
     ended: bool,
-    /// The request asked for log probabilities: `Some(true)` in chat's format, `Some(false)`
-    /// in the completions' one. Every chunk is then read whole (the fast scan skips them).
-    logprobs: Option<bool>,
+    /// The request asked for log probabilities with this many alternatives per token. Every
+    /// chunk is then read whole (the fast scan skips them).
+    logprobs: Option<u8>,
+    /// Log probabilities have come in this answer.
+    seen_logprobs: bool,
 }
 
 impl Translate {
@@ -502,8 +503,8 @@ impl Translate {
         if payload == "[DONE]" {
             return self.end();
         }
-        if let Some(chat) = self.logprobs {
-            return self.feed_logprobs(payload, chat);
+        if let Some(k) = self.logprobs {
+            return self.feed_logprobs(payload, k);
         }
         // The usual chunk, scanned in place; the rest with serde, typed and borrowed, and what
         // that refuses through a `Value` (same rules).
@@ -534,11 +535,13 @@ impl Translate {
         self.apply(v["error"]["message"].as_str(), text, finish, usage);
     }
 
-    /// A chunk of an answer that reports log probabilities: they become an
-    /// [`Event::Logprobs`] before the chunk's text, and text that comes without them fails the
-    /// answer (the caller asked for them; an upstream that ignores the field must not make
-    /// them silently disappear).
-    fn feed_logprobs(&mut self, payload: &str, chat: bool) {
+    /// A chunk of an answer that reports log probabilities (`k` alternatives per token): they
+    /// become an [`Event::Logprobs`] before the chunk's text, in whichever of OpenAI's shapes
+    /// they come (llama.cpp's server uses chat's for completions too). An answer whose text
+    /// starts without them fails (the caller asked; an upstream that ignores the field must not
+    /// make them silently disappear); later text without them is kept (llama.cpp's server
+    /// sends text it held back for a stop sequence that way at the end).
+    fn feed_logprobs(&mut self, payload: &str, k: u8) {
         let v: Value = match serde_json::from_str(payload) {
             Ok(v) => v,
             Err(e) => {
@@ -553,19 +556,26 @@ impl Translate {
                 .as_str()
                 .or_else(|| ch["text"].as_str())
         });
-        let tokens = choice.map_or_else(Vec::new, |ch| {
-            if chat {
-                chat_logprobs(&ch["logprobs"])
+        let mut tokens = choice.map_or_else(Vec::new, |ch| {
+            let lp = &ch["logprobs"];
+            if lp["content"].is_array() {
+                chat_logprobs(lp)
             } else {
-                completion_logprobs(&ch["logprobs"])
+                completion_logprobs(lp)
             }
         });
-        if tokens.is_empty() && text.is_some_and(|t| !t.is_empty()) && v["error"].is_null() {
+        let text_first = text.is_some_and(|t| !t.is_empty()) && !self.seen_logprobs;
+        if tokens.is_empty() && text_first && v["error"].is_null() {
             return self.fail(EngineError::Upstream(
                 "the upstream answered without the log probabilities asked for".into(),
             ));
         }
         if !tokens.is_empty() {
+            for t in &mut tokens {
+                t.top.sort_by(|a, b| b.logprob.total_cmp(&a.logprob));
+                t.top.truncate(usize::from(k));
+            }
+            self.seen_logprobs = true;
             self.out.push_back(Ok(Event::Logprobs(tokens)));
         }
         let finish = choice.and_then(|ch| ch["finish_reason"].as_str());
@@ -667,7 +677,7 @@ fn chat_logprobs(v: &Value) -> Vec<TokenLogprob> {
 }
 
 /// Completions' `logprobs`: parallel `tokens`, `token_logprobs` and `top_logprobs` (a map of
-/// text to log probability per token, most likely first as sent).
+/// text to log probability per token).
 fn completion_logprobs(v: &Value) -> Vec<TokenLogprob> {
     let Some(tokens) = v["tokens"].as_array() else {
         return Vec::new();
@@ -683,16 +693,13 @@ fn completion_logprobs(v: &Value) -> Vec<TokenLogprob> {
                 .and_then(|all| all.get(i))
                 .and_then(Value::as_object)
                 .map(|m| {
-                    let mut top: Vec<TopLogprob> = m
-                        .iter()
+                    m.iter()
                         .map(|(alt, lp)| TopLogprob {
                             token: alt.clone(),
                             bytes: alt.as_bytes().to_vec(),
                             logprob: logprob(lp),
                         })
-                        .collect();
-                    top.sort_by(|a, b| b.logprob.total_cmp(&a.logprob));
-                    top
+                        .collect()
                 })
                 .unwrap_or_default();
             TokenLogprob {
@@ -808,11 +815,13 @@ mod tests {
     #[test]
     fn translate_log_probabilities() {
         let mut t = Translate {
-            logprobs: Some(true),
+            logprobs: Some(2),
             ..Translate::default()
         };
         t.feed(r#"{"choices":[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]}"#);
         t.feed(r#"{"choices":[{"index":0,"delta":{"content":"Hé"},"logprobs":{"content":[{"token":"H","logprob":-0.5,"bytes":[72],"top_logprobs":[{"token":"H","logprob":-0.5,"bytes":[72]},{"token":"W","logprob":-1.25,"bytes":null}]},{"token":"é","logprob":-2,"bytes":[195,169],"top_logprobs":[]}]},"finish_reason":null}]}"#);
+        // Text held back for a stop sequence comes at the end without log probabilities.
+        t.feed(r#"{"choices":[{"index":0,"delta":{"content":"!"},"finish_reason":null}]}"#);
         t.feed(r#"{"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}"#);
         t.feed("[DONE]");
         let top = |token: &str, logprob: f32, bytes: &[u8]| TopLogprob {
@@ -838,10 +847,30 @@ mod tests {
             ])))
         );
         assert_eq!(t.pop(), Some(Ok(Event::Delta("Hé".into()))));
+        assert_eq!(t.pop(), Some(Ok(Event::Delta("!".into()))));
         assert!(matches!(t.pop(), Some(Ok(Event::Done { .. }))));
 
+        // llama.cpp's server: completions in chat's shape; alternatives cut back to k.
         let mut t = Translate {
-            logprobs: Some(false),
+            logprobs: Some(1),
+            ..Translate::default()
+        };
+        t.feed(r#"{"choices":[{"index":0,"text":" 5","logprobs":{"content":[{"id":642,"token":" 5","logprob":-0.1,"bytes":[32,53],"top_logprobs":[{"id":643,"token":" 6","logprob":-3.5,"bytes":[32,54]},{"id":642,"token":" 5","logprob":-0.1,"bytes":[32,53]}]}]},"finish_reason":null}]}"#);
+        let Some(Ok(Event::Logprobs(l))) = t.pop() else {
+            unreachable!("log probabilities first")
+        };
+        assert_eq!(l.len(), 1);
+        assert_eq!(
+            l[0].top
+                .iter()
+                .map(|a| a.token.as_str())
+                .collect::<Vec<_>>(),
+            [" 5"],
+            "the most likely, cut to k"
+        );
+
+        let mut t = Translate {
+            logprobs: Some(2),
             ..Translate::default()
         };
         t.feed(r#"{"choices":[{"index":0,"text":" 5,","logprobs":{"tokens":[" 5",","],"token_logprobs":[-0.25,null],"top_logprobs":[{" 6":-3.0," 5":-0.25},null],"text_offset":[0,2]},"finish_reason":null}]}"#);
@@ -865,7 +894,7 @@ mod tests {
 
         // An upstream that ignored the request's `logprobs`.
         let mut t = Translate {
-            logprobs: Some(true),
+            logprobs: Some(0),
             ..Translate::default()
         };
         t.feed(r#"{"choices":[{"index":0,"delta":{"content":"Hi"},"finish_reason":null}]}"#);
@@ -873,6 +902,40 @@ mod tests {
             matches!(t.pop(), Some(Err(EngineError::Upstream(m))) if m.contains("log probabilities"))
         );
         assert_eq!(t.pop(), None);
+    }
+
+    /// Log probabilities are asked for in each endpoint's form, with at least one alternative
+    /// (llama.cpp's server reports none for 0).
+    #[test]
+    fn log_probabilities_are_asked_for_upstream() {
+        let e = engine("http://127.0.0.1:9/v1".into(), None);
+        let with = |prompt: Prompt, k: u8| {
+            let mut r = request("r");
+            r.prompt = prompt;
+            r.params.logprobs = Some(k);
+            let (_, body) = e.body(&r);
+            serde_json::to_value(&body).unwrap_or_default()
+        };
+        let chat = Prompt::Chat(vec![crate::Message {
+            role: "user".into(),
+            content: "hi".into(),
+        }]);
+        let b = with(chat.clone(), 0);
+        assert_eq!(
+            (&b["logprobs"], &b["top_logprobs"]),
+            (&Value::Bool(true), &Value::from(1))
+        );
+        let b = with(chat, 5);
+        assert_eq!(b["top_logprobs"], 5);
+        let b = with(Prompt::Text("1,".into()), 0);
+        assert_eq!(
+            (&b["logprobs"], &b["top_logprobs"]),
+            (&Value::from(1), &Value::Null)
+        );
+        let b = with(Prompt::Text("1,".into()), 3);
+        assert_eq!(b["logprobs"], 3);
+        let plain = serde_json::to_value(e.body(&request("r")).1).unwrap_or_default();
+        assert!(plain.get("logprobs").is_none() && plain.get("top_logprobs").is_none());
     }
 
     #[test]

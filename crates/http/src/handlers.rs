@@ -318,8 +318,8 @@ fn fan_out(first: GenerateRequest, more: &[Prompt], n: usize) -> Vec<GenerateReq
     all
 }
 
-/// Several answers: every one is admitted before the response starts (if one is refused, the
-/// others are dropped, which cancels them, and the refusal is the response), then they are
+/// Several answers: every one is admitted before the response starts ([`admit_all`]: a
+/// refusal while no answer has ended cancels the others and is the response), then they are
 /// generated side by side and the response lists each under its index. With `best`
 /// (`best_of`, `n`): the `n` best of each prompt's `best_of` answers, whole.
 #[allow(clippy::too_many_arguments)]
@@ -372,7 +372,11 @@ async fn respond_many(
 /// A refusal is the result while no answer has ended; then, as when the response is dropped,
 /// every task is aborted, which drops its engine stream and so cancels its answer (on Nexus:
 /// nothing charged). Once an answer has ended it has been paid for, so a later refusal only
-/// fails its own answer (its stream is the error) and the others are kept.
+/// fails its own answer (its stream is the error) and the others are kept. Left open: a
+/// refusal that lands while another answer's charge is being made (Nexus charges inside the
+/// poll that yields that answer's end, before `ended` can be set) refuses the request although
+/// that charge completes — a window of one ledger post, needing a late refusal (first-token
+/// deadline, every node failing) at that very moment.
 async fn admit_all(
     engine: &Arc<dyn lattice_engine::Engine>,
     requests: Vec<GenerateRequest>,
