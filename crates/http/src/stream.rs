@@ -138,6 +138,21 @@ impl Tracker {
         self.st.metrics.request(self.kind.endpoint(), "ok");
     }
 
+    /// The request failed after answers worth `usage` ended (several answers): their tokens
+    /// count, the request is an error.
+    fn on_error_after(&mut self, usage: &Usage, e: &EngineError) {
+        if !self.quiet && usage.total_tokens > 0 {
+            let now = Instant::now();
+            let decode = self
+                .first
+                .map_or(0.0, |f| now.duration_since(f).as_secs_f64());
+            let total = now.duration_since(self.started).as_secs_f64();
+            let metrics = &self.st.metrics;
+            metrics.finished(usage.prompt_tokens, usage.completion_tokens, decode, total);
+        }
+        self.on_error(e);
+    }
+
     fn on_error(&mut self, e: &EngineError) {
         if !self.quiet {
             self.st.metrics.request(self.kind.endpoint(), "error");
@@ -533,7 +548,7 @@ pub(crate) fn sse_many(
         }
         match m.failed.take() {
             Some(e) => {
-                m.tracker.on_error(&e);
+                m.tracker.on_error_after(&m.usage, &e);
                 out.extend_from_slice(&error_frame(&engine_error(&e)));
             }
             None => {
