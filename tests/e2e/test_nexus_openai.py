@@ -63,21 +63,21 @@ def test_wrong_or_missing_key_is_an_authentication_error(nexus_url):
     assert e.value.code == "invalid_api_key"
 
 
-def test_usage_is_charged_to_the_key(nexus_url):
-    import json
+def _balance(url, key):
+    """The key's account balance: {"available": units, "held": units} as strings."""
     import urllib.request
 
+    req = urllib.request.Request(f"{url}/lattice/v1/account", headers={"Authorization": f"Bearer {key}"})
+    with urllib.request.urlopen(req) as r:
+        return json.load(r)["balance"]
+
+
+def test_usage_is_charged_to_the_key(nexus_url):
     url, key = nexus_url
-
-    def account():
-        req = urllib.request.Request(f"{url}/lattice/v1/account", headers={"Authorization": f"Bearer {key}"})
-        with urllib.request.urlopen(req) as r:
-            return json.load(r)
-
-    before = int(account()["balance"]["available"])
+    before = int(_balance(url, key)["available"])
     client = OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=120)
     r = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=8)
-    after = account()["balance"]
+    after = _balance(url, key)
     # Node default price: 0.1 LAI per 1M prompt tokens, 0.2 LAI per 1M completion tokens.
     cost = (r.usage.prompt_tokens * 10**17 + r.usage.completion_tokens * 2 * 10**17) // 10**6
     assert before - int(after["available"]) == cost
@@ -85,22 +85,13 @@ def test_usage_is_charged_to_the_key(nexus_url):
 
 
 def test_several_answers_are_charged_as_reported(nexus_url):
-    import json
-    import urllib.request
-
     url, key = nexus_url
-
-    def account():
-        req = urllib.request.Request(f"{url}/lattice/v1/account", headers={"Authorization": f"Bearer {key}"})
-        with urllib.request.urlopen(req) as r:
-            return json.load(r)
-
-    before = int(account()["balance"]["available"])
+    before = int(_balance(url, key)["available"])
     client = OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=120)
     r = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=8, n=3, seed=1)
     assert [c.index for c in r.choices] == [0, 1, 2]
     assert all(c.message.content for c in r.choices)
-    after = account()["balance"]
+    after = _balance(url, key)
     # Each answer is routed, metered and charged as a request of its own; usage is their sum,
     # and exactly what the balance lost.
     cost = (r.usage.prompt_tokens * 10**17 + r.usage.completion_tokens * 2 * 10**17) // 10**6

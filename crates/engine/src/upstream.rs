@@ -516,20 +516,27 @@ impl Translate {
             let error = c.error.as_ref().and_then(|e| e.message.as_deref());
             return self.apply(error, f.text, f.finish, c.usage);
         }
-        let v: Value = match serde_json::from_str(payload) {
-            Ok(v) => v,
+        let Some(v) = self.value(payload) else { return };
+        let choice = v["choices"].get(0);
+        self.apply_value(&v, choice_text(choice));
+    }
+
+    /// A chunk as a `Value`; a chunk that is no JSON fails the answer.
+    fn value(&mut self, payload: &str) -> Option<Value> {
+        match serde_json::from_str(payload) {
+            Ok(v) => Some(v),
             Err(e) => {
-                return self.fail(EngineError::Upstream(format!(
+                self.fail(EngineError::Upstream(format!(
                     "bad chunk from upstream: {e}"
                 )));
+                None
             }
-        };
+        }
+    }
+
+    /// [`Translate::apply`] of a chunk read as a `Value`, with its text.
+    fn apply_value(&mut self, v: &Value, text: Option<&str>) {
         let choice = v["choices"].get(0);
-        let text = choice.and_then(|ch| {
-            ch["delta"]["content"]
-                .as_str()
-                .or_else(|| ch["text"].as_str())
-        });
         let finish = choice.and_then(|ch| ch["finish_reason"].as_str());
         let usage = serde_json::from_value::<Usage>(v["usage"].clone()).ok();
         self.apply(v["error"]["message"].as_str(), text, finish, usage);
@@ -542,20 +549,9 @@ impl Translate {
     /// make them silently disappear); later text without them is kept (llama.cpp's server
     /// sends text it held back for a stop sequence that way at the end).
     fn feed_logprobs(&mut self, payload: &str, k: u8) {
-        let v: Value = match serde_json::from_str(payload) {
-            Ok(v) => v,
-            Err(e) => {
-                return self.fail(EngineError::Upstream(format!(
-                    "bad chunk from upstream: {e}"
-                )));
-            }
-        };
+        let Some(v) = self.value(payload) else { return };
         let choice = v["choices"].get(0);
-        let text = choice.and_then(|ch| {
-            ch["delta"]["content"]
-                .as_str()
-                .or_else(|| ch["text"].as_str())
-        });
+        let text = choice_text(choice);
         let mut tokens = choice.map_or_else(Vec::new, |ch| {
             let lp = &ch["logprobs"];
             if lp["content"].is_array() {
@@ -578,9 +574,7 @@ impl Translate {
             self.seen_logprobs = true;
             self.out.push_back(Ok(Event::Logprobs(tokens)));
         }
-        let finish = choice.and_then(|ch| ch["finish_reason"].as_str());
-        let usage = serde_json::from_value::<Usage>(v["usage"].clone()).ok();
-        self.apply(v["error"]["message"].as_str(), text, finish, usage);
+        self.apply_value(&v, text);
     }
 
     /// One chunk's parts: an error ends the stream; otherwise its text, finish reason and usage.
@@ -622,6 +616,15 @@ impl Translate {
             ))),
         }
     }
+}
+
+/// A chunk choice's text: chat's `delta.content`, or completions' `text`.
+fn choice_text(choice: Option<&Value>) -> Option<&str> {
+    choice.and_then(|ch| {
+        ch["delta"]["content"]
+            .as_str()
+            .or_else(|| ch["text"].as_str())
+    })
 }
 
 /// A log probability as the upstream wrote it (a number; anything else is −9999, as we write a
