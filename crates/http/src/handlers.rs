@@ -359,10 +359,7 @@ async fn respond_many(
         let body = Body::from_stream(stream::sse_many(meta, parts, tracker));
         return Ok(sse_response(body, rid));
     }
-    let json = match best {
-        Some(best) => stream::collect_best(&meta, parts, best, tracker).await?,
-        None => stream::collect_many(&meta, parts, tracker).await?,
-    };
+    let json = stream::collect_many(&meta, parts, best, tracker).await?;
     Ok(json_response(json, rid))
 }
 
@@ -636,10 +633,11 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Duration;
 
-    /// One slot: an answer is admitted when it gets the slot and keeps it until its stream
-    /// ends or is dropped. Requests whose id ends in `-refused` are refused. `endless`: after
-    /// its tokens an answer waits forever instead of ending.
-    struct OneSlot {
+    /// An engine with a few slots (one in the admission test): an answer is admitted when it
+    /// gets a slot and keeps it until its stream ends or is dropped. Requests whose id ends in
+    /// `-refused` are refused. `endless`: after its tokens an answer waits forever instead of
+    /// ending.
+    struct Slots {
         slot: Arc<tokio::sync::Semaphore>,
         tokens: usize,
         endless: bool,
@@ -651,6 +649,19 @@ mod tests {
         refuse_after: (usize, usize),
     }
 
+    impl Slots {
+        fn new(slots: usize, tokens: usize, endless: bool, refuse_after: (usize, usize)) -> Self {
+            Self {
+                slot: Arc::new(tokio::sync::Semaphore::new(slots)),
+                tokens,
+                endless,
+                dropped: Arc::default(),
+                admitted: Arc::default(),
+                refuse_after,
+            }
+        }
+    }
+
     struct Counted(Arc<AtomicUsize>);
     impl Drop for Counted {
         fn drop(&mut self) {
@@ -658,7 +669,7 @@ mod tests {
         }
     }
 
-    impl Engine for OneSlot {
+    impl Engine for Slots {
         fn models(&self) -> Vec<ModelCard> {
             Vec::new()
         }
@@ -757,14 +768,7 @@ mod tests {
     /// reading the first (thousands of events) before the response starts.
     #[tokio::test]
     async fn started_answers_are_read_while_the_others_wait() {
-        let engine: Arc<dyn Engine> = Arc::new(OneSlot {
-            slot: Arc::new(tokio::sync::Semaphore::new(1)),
-            tokens: 5000,
-            endless: false,
-            dropped: Arc::default(),
-            admitted: Arc::default(),
-            refuse_after: (0, 0),
-        });
+        let engine: Arc<dyn Engine> = Arc::new(Slots::new(1, 5000, false, (0, 0)));
         let streams = tokio::time::timeout(
             Duration::from_secs(20),
             admit_all(&engine, vec![request("r"), request("r-1"), request("r-2")]),
@@ -782,15 +786,9 @@ mod tests {
     /// One refusal is the result, and the answers already admitted are dropped (cancelled).
     #[tokio::test]
     async fn a_refused_answer_cancels_the_admitted_ones() {
-        let dropped = Arc::new(AtomicUsize::new(0));
-        let engine: Arc<dyn Engine> = Arc::new(OneSlot {
-            slot: Arc::new(tokio::sync::Semaphore::new(8)),
-            tokens: 3,
-            endless: true,
-            dropped: dropped.clone(),
-            admitted: Arc::default(),
-            refuse_after: (2, 0),
-        });
+        let one = Slots::new(8, 3, true, (2, 0));
+        let dropped = one.dropped.clone();
+        let engine: Arc<dyn Engine> = Arc::new(one);
         let r = admit_all(
             &engine,
             vec![request("r"), request("r-1"), request("r-refused")],
@@ -810,14 +808,7 @@ mod tests {
     /// answer: the others are kept.
     #[tokio::test]
     async fn a_refusal_after_an_answer_ended_fails_only_its_own() {
-        let engine: Arc<dyn Engine> = Arc::new(OneSlot {
-            slot: Arc::new(tokio::sync::Semaphore::new(8)),
-            tokens: 3,
-            endless: false,
-            dropped: Arc::default(),
-            admitted: Arc::default(),
-            refuse_after: (2, 1),
-        });
+        let engine: Arc<dyn Engine> = Arc::new(Slots::new(8, 3, false, (2, 1)));
         let streams = tokio::time::timeout(
             Duration::from_secs(20),
             admit_all(

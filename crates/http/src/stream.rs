@@ -233,33 +233,19 @@ async fn collect_all(
     Ok(answers)
 }
 
-/// Collects a request's answers side by side ([`collect_all`]). Usage is the listed answers'
-/// sum: each was generated, and is paid for, as a request of its own.
+/// Collects a request's answers side by side ([`collect_all`]) and lists them under their
+/// indexes. With `best` (`best_of`, `n`): prompt `p`'s answers (indexes `p * best_of …`) that
+/// ended are ranked by mean log probability per token, and the `n` best are listed as answers
+/// `p * n …`. Usage is the sum of every answer that ended: each was generated, and is paid
+/// for, as a request of its own.
 pub(crate) async fn collect_many(
     meta: &Meta,
     parts: Vec<(Meta, EventStream, Tracker)>,
+    best: Option<(u32, u32)>,
     mut tracker: Tracker,
 ) -> Result<String, ApiError> {
-    let answers = collect_all(parts, &mut tracker).await?;
-    let mut usage = Usage::new(0, 0);
-    let mut choices = Vec::with_capacity(answers.len());
-    for (index, w) in answers {
-        usage = add_usage(usage, w.usage);
-        choices.push((index, w.reply, w.logprobs));
-    }
-    tracker.on_done(&usage);
-    Ok(full_body(meta, choices, usage))
-}
-
-/// `best_of`: prompt `p`'s answers (indexes `p * of …`) that ended are ranked by mean log
-/// probability per token, and the `keep` best are listed as answers `p * keep …`. Usage counts
-/// every answer that ended.
-pub(crate) async fn collect_best(
-    meta: &Meta,
-    parts: Vec<(Meta, EventStream, Tracker)>,
-    (of, keep): (u32, u32),
-    mut tracker: Tracker,
-) -> Result<String, ApiError> {
+    // Without `best_of` each answer is a group of one, listed at its own index.
+    let (of, keep) = best.unwrap_or((1, 1));
     let answers = collect_all(parts, &mut tracker).await?;
     let mut usage = Usage::new(0, 0);
     let mut groups: std::collections::BTreeMap<u32, Vec<(u32, Whole)>> = Default::default();
@@ -1352,7 +1338,7 @@ mod tests {
             m.kind = Kind::Completion;
             m.echo = Some(format!("prompt {}: ", m.index));
         }
-        let json = collect_many(&completion, p, tracker())
+        let json = collect_many(&completion, p, None, tracker())
             .await
             .expect("both answers end");
         let c: Completion = serde_json::from_str(&json).expect("a completion");
@@ -1371,7 +1357,7 @@ mod tests {
             ]
         };
         let p = parts(vec![failing(), answer("fine", Usage::new(1, 1)), failing()]);
-        let json = collect_many(&meta(), p, tracker())
+        let json = collect_many(&meta(), p, None, tracker())
             .await
             .expect("one answer ended");
         let c: ChatCompletion = serde_json::from_str(&json).expect("a chat completion");
@@ -1383,7 +1369,7 @@ mod tests {
         assert_eq!(got, [(1, Some("fine"))]);
         assert_eq!(c.usage, Usage::new(1, 1));
         let p = parts(vec![failing(), failing()]);
-        let e = collect_many(&meta(), p, tracker()).await.err();
+        let e = collect_many(&meta(), p, None, tracker()).await.err();
         assert_eq!(e.map(|e| e.status), Some(500));
     }
 
@@ -1423,7 +1409,7 @@ mod tests {
         for (m, _, _) in &mut p {
             m.kind = Kind::Completion;
         }
-        let json = collect_best(&completion, p, (3, 2), tracker())
+        let json = collect_many(&completion, p, Some((3, 2)), tracker())
             .await
             .expect("all end");
         let c: Completion = serde_json::from_str(&json).expect("a completion");
