@@ -363,22 +363,27 @@ async fn respond_many(
     Ok(json_response(json, rid))
 }
 
+/// How long an answer asked to stop (another was refused) may take to reach its next event:
+/// an end under way is waited for, anything else is dropped.
+const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Admits every answer, each on a task of its own from then on: an answer that has started
 /// is read while the others wait for theirs (a node's queue, or Nexus's wait for a first
 /// token), its events kept until the response reads them — never more than its own tokens'.
-/// A refusal is the result while no answer has ended; then, as when the response is dropped,
-/// every task is aborted, which drops its engine stream and so cancels its answer (on Nexus:
-/// nothing charged). Once an answer has ended it has been paid for, so a later refusal only
-/// fails its own answer (its stream is the error) and the others are kept. Left open: a
-/// refusal that lands while another answer's charge is being made (Nexus charges inside the
-/// poll that yields that answer's end, before `ended` can be set) refuses the request although
-/// that charge completes — a window of one ledger post, needing a late refusal (first-token
-/// deadline, every node failing) at that very moment.
+///
+/// A refusal is the result while no answer has ended. Every other answer is then asked to
+/// stop: one still being admitted or generated is dropped, which cancels it (on Nexus: nothing
+/// charged), but an end already under way (on Nexus: the charge made as the node's last event
+/// is read) is waited for, at most [`STOP_GRACE`]. If an answer ended after all, it was paid
+/// for, so the request is not refused: as for a refusal that comes after an answer ended, the
+/// refused answer fails on its own, and so do the answers stopped for it. Dropping the
+/// response aborts every task, which drops its engine stream.
 async fn admit_all(
     engine: &Arc<dyn lattice_engine::Engine>,
     requests: Vec<GenerateRequest>,
 ) -> Result<Vec<EventStream>, EngineError> {
     use std::sync::atomic::{AtomicBool, Ordering};
+    use tokio::sync::watch;
     /// Aborts an answer's task when its stream (or the admission) is dropped.
     struct Abort(tokio::task::AbortHandle);
     impl Drop for Abort {
@@ -386,36 +391,80 @@ async fn admit_all(
             self.0.abort();
         }
     }
+    /// The refusal the answers are asked to stop for, once there is one.
+    async fn stop_asked(rx: &mut watch::Receiver<Option<EngineError>>) -> EngineError {
+        let asked = rx
+            .wait_for(Option::is_some)
+            .await
+            .ok()
+            .and_then(|r| r.clone());
+        match asked {
+            Some(e) => e,
+            // The admission is over: nobody will ask any more.
+            None => std::future::pending().await,
+        }
+    }
     let mut admissions = futures::stream::FuturesUnordered::new();
     let mut answers = Vec::with_capacity(requests.len());
+    let mut tasks = Vec::with_capacity(requests.len());
     let ended = Arc::new(AtomicBool::new(false));
+    let (stop, stopping) = watch::channel(None);
     for (i, g) in requests.into_iter().enumerate() {
         let (admitted, admission) = tokio::sync::oneshot::channel();
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let (engine, ended) = (engine.clone(), ended.clone());
+        let (engine, ended, mut stopping) = (engine.clone(), ended.clone(), stopping.clone());
         let task = tokio::spawn(async move {
-            match engine.generate(g).await {
-                Err(e) => {
-                    let _ = admitted.send(Err(e));
-                }
-                Ok(mut events) => {
-                    if admitted.send(Ok(())).is_err() {
+            let mut events = tokio::select! {
+                biased;
+                r = engine.generate(g) => match r {
+                    Err(e) => {
+                        let _ = admitted.send(Err(e));
                         return;
                     }
-                    // Until the answer's last event (its end or its error); an unbounded send
-                    // never waits, so yield to the runtime as a channel receive would.
-                    while let Some(ev) = events.next().await {
-                        let done = matches!(ev, Ok(Event::Done { .. }));
-                        let last = done || ev.is_err();
-                        if done {
-                            ended.store(true, Ordering::Release);
+                    Ok(events) => events,
+                },
+                e = stop_asked(&mut stopping) => {
+                    let _ = admitted.send(Err(e));
+                    return;
+                }
+            };
+            if admitted.send(Ok(())).is_err() {
+                return;
+            }
+            let mut stopped = None;
+            // Until the answer's last event (its end or its error); an unbounded send never
+            // waits, so yield to the runtime as a channel receive would. Dropping `next()`'s
+            // future for the stop leaves the event under way in the stream, to be read next.
+            loop {
+                let ev = match &stopped {
+                    None => tokio::select! {
+                        biased;
+                        ev = events.next() => match ev {
+                            Some(ev) => ev,
+                            None => return,
+                        },
+                        e = stop_asked(&mut stopping) => {
+                            stopped = Some(e);
+                            continue;
                         }
-                        if tx.send(ev).is_err() || last {
+                    },
+                    Some(e) => match tokio::time::timeout(STOP_GRACE, events.next()).await {
+                        Ok(Some(ev @ Ok(Event::Done { .. }))) => ev,
+                        _ => {
+                            let _ = tx.send(Err(e.clone()));
                             return;
                         }
-                        tokio::task::consume_budget().await;
-                    }
+                    },
+                };
+                let done = matches!(ev, Ok(Event::Done { .. }));
+                let last = done || ev.is_err();
+                if done {
+                    ended.store(true, Ordering::Release);
                 }
+                if tx.send(ev).is_err() || last {
+                    return;
+                }
+                tokio::task::consume_budget().await;
             }
         });
         admissions.push(async move {
@@ -427,12 +476,18 @@ async fn admit_all(
             (i, r)
         });
         answers.push((rx, Abort(task.abort_handle())));
+        tasks.push(task);
     }
     let mut refused: Vec<Option<EngineError>> = answers.iter().map(|_| None).collect();
     while let Some((i, r)) = admissions.next().await {
         if let Err(e) = r {
             if !ended.load(Ordering::Acquire) {
-                return Err(e);
+                stop.send_replace(Some(e.clone()));
+                // Each task ends within the grace; a panicked one is as good as stopped.
+                futures::future::join_all(tasks.drain(..)).await;
+                if !ended.load(Ordering::Acquire) {
+                    return Err(e);
+                }
             }
             if let Some(slot) = refused.get_mut(i) {
                 *slot = Some(e);
@@ -635,28 +690,42 @@ mod tests {
 
     /// An engine with a few slots (one in the admission test): an answer is admitted when it
     /// gets a slot and keeps it until its stream ends or is dropped. Requests whose id ends in
-    /// `-refused` are refused. `endless`: after its tokens an answer waits forever instead of
-    /// ending.
+    /// `-refused` are refused. `endless` (or an id ending in `-endless`): after its tokens an
+    /// answer waits forever instead of ending. Before its end an answer takes `settle` (as
+    /// Nexus charges inside the poll that yields the end).
     struct Slots {
         slot: Arc<tokio::sync::Semaphore>,
         tokens: usize,
         endless: bool,
+        settle: Duration,
         /// Answers whose stream was dropped (ended or cancelled).
         dropped: Arc<AtomicUsize>,
         /// Answers admitted so far.
         admitted: Arc<AtomicUsize>,
-        /// A refusal waits until this many answers were admitted and this many dropped.
-        refuse_after: (usize, usize),
+        /// Answers whose end (after their tokens) has started, and those that have ended.
+        settling: Arc<AtomicUsize>,
+        settled: Arc<AtomicUsize>,
+        /// A refusal waits until this many answers were admitted, this many dropped and this
+        /// many started their end.
+        refuse_after: (usize, usize, usize),
     }
 
     impl Slots {
-        fn new(slots: usize, tokens: usize, endless: bool, refuse_after: (usize, usize)) -> Self {
+        fn new(
+            slots: usize,
+            tokens: usize,
+            endless: bool,
+            refuse_after: (usize, usize, usize),
+        ) -> Self {
             Self {
                 slot: Arc::new(tokio::sync::Semaphore::new(slots)),
                 tokens,
                 endless,
+                settle: Duration::ZERO,
                 dropped: Arc::default(),
                 admitted: Arc::default(),
+                settling: Arc::default(),
+                settled: Arc::default(),
                 refuse_after,
             }
         }
@@ -682,9 +751,10 @@ mod tests {
         ) -> BoxFuture<'_, Result<EventStream, EngineError>> {
             Box::pin(async move {
                 if req.request_id.ends_with("-refused") {
-                    let (admitted, dropped) = self.refuse_after;
+                    let (admitted, dropped, settling) = self.refuse_after;
                     while self.admitted.load(Ordering::SeqCst) < admitted
                         || self.dropped.load(Ordering::SeqCst) < dropped
+                        || self.settling.load(Ordering::SeqCst) < settling
                     {
                         tokio::time::sleep(Duration::from_millis(2)).await;
                     }
@@ -692,25 +762,39 @@ mod tests {
                 }
                 let permit = self.slot.clone().acquire_owned().await;
                 let permit = permit.map_err(|_| EngineError::Internal("closed".into()))?;
-                let mut events: Vec<Event> =
+                let events: Vec<Event> =
                     (0..self.tokens).map(|_| Event::Delta("x".into())).collect();
-                if !self.endless {
-                    events.push(Event::Done {
-                        finish_reason: lattice_api::FinishReason::Length,
-                        usage: lattice_api::Usage::new(1, 1),
-                    });
-                }
-                let endless = self.endless;
+                let endless = self.endless || req.request_id.ends_with("-endless");
+                let (settle, settling, settled) =
+                    (self.settle, self.settling.clone(), self.settled.clone());
                 self.admitted.fetch_add(1, Ordering::SeqCst);
-                let held = (permit, Counted(self.dropped.clone()), events.into_iter());
-                let s: EventStream =
-                    Box::pin(futures::stream::unfold(held, move |mut h| async move {
+                let held = (
+                    permit,
+                    Counted(self.dropped.clone()),
+                    events.into_iter(),
+                    false,
+                );
+                let s: EventStream = Box::pin(futures::stream::unfold(held, move |mut h| {
+                    let (settling, settled) = (settling.clone(), settled.clone());
+                    async move {
                         match h.2.next() {
                             Some(ev) => Some((Ok(ev), h)),
                             None if endless => futures::future::pending().await,
-                            None => None,
+                            None if h.3 => None,
+                            None => {
+                                settling.fetch_add(1, Ordering::SeqCst);
+                                tokio::time::sleep(settle).await;
+                                settled.fetch_add(1, Ordering::SeqCst);
+                                h.3 = true;
+                                let done = Event::Done {
+                                    finish_reason: lattice_api::FinishReason::Length,
+                                    usage: lattice_api::Usage::new(1, 1),
+                                };
+                                Some((Ok(done), h))
+                            }
                         }
-                    }));
+                    }
+                }));
                 Ok(s)
             })
         }
@@ -768,7 +852,7 @@ mod tests {
     /// reading the first (thousands of events) before the response starts.
     #[tokio::test]
     async fn started_answers_are_read_while_the_others_wait() {
-        let engine: Arc<dyn Engine> = Arc::new(Slots::new(1, 5000, false, (0, 0)));
+        let engine: Arc<dyn Engine> = Arc::new(Slots::new(1, 5000, false, (0, 0, 0)));
         let streams = tokio::time::timeout(
             Duration::from_secs(20),
             admit_all(&engine, vec![request("r"), request("r-1"), request("r-2")]),
@@ -786,7 +870,7 @@ mod tests {
     /// One refusal is the result, and the answers already admitted are dropped (cancelled).
     #[tokio::test]
     async fn a_refused_answer_cancels_the_admitted_ones() {
-        let one = Slots::new(8, 3, true, (2, 0));
+        let one = Slots::new(8, 3, true, (2, 0, 0));
         let dropped = one.dropped.clone();
         let engine: Arc<dyn Engine> = Arc::new(one);
         let r = admit_all(
@@ -808,7 +892,7 @@ mod tests {
     /// answer: the others are kept.
     #[tokio::test]
     async fn a_refusal_after_an_answer_ended_fails_only_its_own() {
-        let engine: Arc<dyn Engine> = Arc::new(Slots::new(8, 3, false, (2, 1)));
+        let engine: Arc<dyn Engine> = Arc::new(Slots::new(8, 3, false, (2, 1, 0)));
         let streams = tokio::time::timeout(
             Duration::from_secs(20),
             admit_all(
@@ -819,6 +903,11 @@ mod tests {
         .await
         .expect("admission ends")
         .expect("the answers that ended are kept");
+        assert_eq!(ends(streams).await, ["done", "done", "refused"]);
+    }
+
+    /// The outcome of each answer's stream: its end, the refusal, or anything else.
+    async fn ends(streams: Vec<EventStream>) -> Vec<&'static str> {
         let mut ends = Vec::new();
         for s in streams {
             let events: Vec<_> = s.collect().await;
@@ -828,7 +917,35 @@ mod tests {
                 _ => "other",
             });
         }
-        assert_eq!(ends, ["done", "done", "refused"]);
+        ends
+    }
+
+    /// A refusal that lands while another answer's end is under way (on Nexus: its charge)
+    /// waits for that end: the answer was paid for, so the request is not refused. The refused
+    /// answer fails on its own, and so does one still generating, which is dropped (cancelled).
+    #[tokio::test]
+    async fn a_refusal_during_an_answers_end_keeps_that_answer() {
+        let mut slots = Slots::new(8, 3, false, (2, 0, 1));
+        slots.settle = Duration::from_millis(300);
+        let (dropped, settled) = (slots.dropped.clone(), slots.settled.clone());
+        let engine: Arc<dyn Engine> = Arc::new(slots);
+        let streams = tokio::time::timeout(
+            Duration::from_secs(20),
+            admit_all(
+                &engine,
+                vec![request("r"), request("r-1-endless"), request("r-refused")],
+            ),
+        )
+        .await
+        .expect("admission ends")
+        .expect("the answer whose end was under way is kept");
+        assert_eq!(settled.load(Ordering::SeqCst), 1);
+        assert_eq!(ends(streams).await, ["done", "refused", "refused"]);
+        assert_eq!(
+            dropped.load(Ordering::SeqCst),
+            2,
+            "both engine streams are gone"
+        );
     }
 
     fn text(p: &Prompt) -> &str {
