@@ -530,7 +530,7 @@ async fn measure_decode_tps(engine: &Arc<dyn Engine>) -> f64 {
                 first.get_or_insert_with(std::time::Instant::now);
             }
             lattice_engine::Event::Done { .. } => break,
-            lattice_engine::Event::Logprobs(_) => {}
+            lattice_engine::Event::Logprobs(_) | lattice_engine::Event::Ending => {}
         }
     }
     match first {

@@ -76,6 +76,7 @@ async fn drain(mut s: EventStream) -> (String, FinishReason, Usage) {
                 done = Some((finish_reason, usage));
             }
             Event::Logprobs(_) => panic!("log probabilities that were not asked for"),
+            Event::Ending => panic!("only Nexus says Ending"),
         }
     }
     let (f, u) = done.expect("stream ended with Done");
@@ -760,6 +761,7 @@ async fn log_probabilities_describe_the_answer() {
                 text.push_str(&d);
             }
             Event::Done { usage: u, .. } => usage = Some(u),
+            Event::Ending => panic!("only Nexus says Ending"),
         }
     }
     // Asking for them does not change the answer; they cover it token by token.

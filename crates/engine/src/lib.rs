@@ -206,6 +206,12 @@ pub enum Event {
     /// sequence's holdback is listed with the earlier text; tokens that only made up a matched
     /// stop sequence are left out; tokens without text may come without a delta).
     Logprobs(Vec<TokenLogprob>),
+    /// Nexus only, before [`Event::Done`] of a paid answer: the answer is complete and the
+    /// next poll pays for it, then yields its `Done`. A consumer that drops the stream now
+    /// cancels the charge (the node's work is done and nothing is charged); one that polls on
+    /// gets the `Done`. Nodes never send it, and consumers other than the admission of several
+    /// answers skip it.
+    Ending,
     /// Always the last event of a successful stream.
     Done {
         finish_reason: FinishReason,

@@ -363,21 +363,17 @@ async fn respond_many(
     Ok(json_response(json, rid))
 }
 
-/// How long an answer asked to stop (another was refused) may take to reach its next event:
-/// an end under way is waited for, anything else is dropped.
-const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
-
 /// Admits every answer, each on a task of its own from then on: an answer that has started
 /// is read while the others wait for theirs (a node's queue, or Nexus's wait for a first
 /// token), its events kept until the response reads them — never more than its own tokens'.
 ///
 /// A refusal is the result while no answer has ended. Every other answer is then asked to
 /// stop: one still being admitted or generated is dropped, which cancels it (on Nexus: nothing
-/// charged), but an end already under way (on Nexus: the charge made as the node's last event
-/// is read) is waited for, at most [`STOP_GRACE`]. If an answer ended after all, it was paid
-/// for, so the request is not refused: as for a refusal that comes after an answer ended, the
-/// refused answer fails on its own, and so do the answers stopped for it. Dropping the
-/// response aborts every task, which drops its engine stream.
+/// charged), but one whose end is under way (it said [`Event::Ending`]: Nexus is paying for
+/// it) is read to its end. If an answer ended after all, it was paid for, so the request is
+/// not refused: as for a refusal that comes after an answer ended, the refused answer fails on
+/// its own, and so do the answers stopped for it. Dropping the response aborts every task,
+/// which drops its engine stream.
 async fn admit_all(
     engine: &Arc<dyn lattice_engine::Engine>,
     requests: Vec<GenerateRequest>,
@@ -431,31 +427,26 @@ async fn admit_all(
             if admitted.send(Ok(())).is_err() {
                 return;
             }
-            let mut stopped = None;
+            let mut ending = false;
             // Until the answer's last event (its end or its error); an unbounded send never
-            // waits, so yield to the runtime as a channel receive would. Dropping `next()`'s
-            // future for the stop leaves the event under way in the stream, to be read next.
+            // waits, so yield to the runtime as a channel receive would. Once the answer's end
+            // is under way, a stop no longer drops it.
             loop {
-                let ev = match &stopped {
-                    None => tokio::select! {
-                        biased;
-                        ev = events.next() => match ev {
-                            Some(ev) => ev,
-                            None => return,
-                        },
-                        e = stop_asked(&mut stopping) => {
-                            stopped = Some(e);
-                            continue;
-                        }
+                let ev = tokio::select! {
+                    biased;
+                    ev = events.next() => match ev {
+                        Some(ev) => ev,
+                        None => return,
                     },
-                    Some(e) => match tokio::time::timeout(STOP_GRACE, events.next()).await {
-                        Ok(Some(ev @ Ok(Event::Done { .. }))) => ev,
-                        _ => {
-                            let _ = tx.send(Err(e.clone()));
-                            return;
-                        }
-                    },
+                    e = stop_asked(&mut stopping), if !ending => {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
                 };
+                if matches!(ev, Ok(Event::Ending)) {
+                    ending = true;
+                    continue;
+                }
                 let done = matches!(ev, Ok(Event::Done { .. }));
                 let last = done || ev.is_err();
                 if done {
@@ -691,8 +682,8 @@ mod tests {
     /// An engine with a few slots (one in the admission test): an answer is admitted when it
     /// gets a slot and keeps it until its stream ends or is dropped. Requests whose id ends in
     /// `-refused` are refused. `endless` (or an id ending in `-endless`): after its tokens an
-    /// answer waits forever instead of ending. Before its end an answer takes `settle` (as
-    /// Nexus charges inside the poll that yields the end).
+    /// answer waits forever instead of ending. An answer ends as a paid one does on Nexus:
+    /// `Ending`, then `Done` after `settle` (the charge).
     struct Slots {
         slot: Arc<tokio::sync::Semaphore>,
         tokens: usize,
@@ -768,30 +759,35 @@ mod tests {
                 let (settle, settling, settled) =
                     (self.settle, self.settling.clone(), self.settled.clone());
                 self.admitted.fetch_add(1, Ordering::SeqCst);
+                // The last field: 0 while tokens go, 1 once `Ending` went, 2 once `Done` went.
                 let held = (
                     permit,
                     Counted(self.dropped.clone()),
                     events.into_iter(),
-                    false,
+                    0u8,
                 );
                 let s: EventStream = Box::pin(futures::stream::unfold(held, move |mut h| {
                     let (settling, settled) = (settling.clone(), settled.clone());
                     async move {
-                        match h.2.next() {
-                            Some(ev) => Some((Ok(ev), h)),
-                            None if endless => futures::future::pending().await,
-                            None if h.3 => None,
-                            None => {
+                        match (h.2.next(), h.3) {
+                            (Some(ev), _) => Some((Ok(ev), h)),
+                            (None, _) if endless => futures::future::pending().await,
+                            (None, 0) => {
+                                h.3 = 1;
+                                Some((Ok(Event::Ending), h))
+                            }
+                            (None, 1) => {
                                 settling.fetch_add(1, Ordering::SeqCst);
                                 tokio::time::sleep(settle).await;
                                 settled.fetch_add(1, Ordering::SeqCst);
-                                h.3 = true;
+                                h.3 = 2;
                                 let done = Event::Done {
                                     finish_reason: lattice_api::FinishReason::Length,
                                     usage: lattice_api::Usage::new(1, 1),
                                 };
                                 Some((Ok(done), h))
                             }
+                            (None, _) => None,
                         }
                     }
                 }));
@@ -867,17 +863,27 @@ mod tests {
         }
     }
 
-    /// One refusal is the result, and the answers already admitted are dropped (cancelled).
+    /// One refusal is the result: the answers already admitted are dropped (cancelled), and so
+    /// is one still waiting for a slot.
     #[tokio::test]
     async fn a_refused_answer_cancels_the_admitted_ones() {
-        let one = Slots::new(8, 3, true, (2, 0, 0));
-        let dropped = one.dropped.clone();
-        let engine: Arc<dyn Engine> = Arc::new(one);
-        let r = admit_all(
-            &engine,
-            vec![request("r"), request("r-1"), request("r-refused")],
+        let two = Slots::new(2, 3, true, (2, 0, 0));
+        let dropped = two.dropped.clone();
+        let engine: Arc<dyn Engine> = Arc::new(two);
+        let r = tokio::time::timeout(
+            Duration::from_secs(20),
+            admit_all(
+                &engine,
+                vec![
+                    request("r"),
+                    request("r-1"),
+                    request("r-2"),
+                    request("r-refused"),
+                ],
+            ),
         )
-        .await;
+        .await
+        .expect("the refusal is the result, not a wait for a slot");
         assert!(matches!(r, Err(EngineError::PaymentRequired(_))));
         tokio::time::timeout(Duration::from_secs(20), async {
             while dropped.load(Ordering::SeqCst) < 2 {
@@ -927,7 +933,11 @@ mod tests {
     async fn a_refusal_during_an_answers_end_keeps_that_answer() {
         let mut slots = Slots::new(8, 3, false, (2, 0, 1));
         slots.settle = Duration::from_millis(300);
-        let (dropped, settled) = (slots.dropped.clone(), slots.settled.clone());
+        let (dropped, settling, settled) = (
+            slots.dropped.clone(),
+            slots.settling.clone(),
+            slots.settled.clone(),
+        );
         let engine: Arc<dyn Engine> = Arc::new(slots);
         let streams = tokio::time::timeout(
             Duration::from_secs(20),
@@ -939,8 +949,14 @@ mod tests {
         .await
         .expect("admission ends")
         .expect("the answer whose end was under way is kept");
+        // The end was resumed, not started again.
+        assert_eq!(settling.load(Ordering::SeqCst), 1);
         assert_eq!(settled.load(Ordering::SeqCst), 1);
-        assert_eq!(ends(streams).await, ["done", "refused", "refused"]);
+        let ends = tokio::time::timeout(Duration::from_secs(20), ends(streams)).await;
+        assert_eq!(
+            ends.expect("every answer ends"),
+            ["done", "refused", "refused"]
+        );
         assert_eq!(
             dropped.load(Ordering::SeqCst),
             2,

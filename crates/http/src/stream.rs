@@ -289,6 +289,7 @@ async fn collect_answer(
                 text.push_str(&d);
             }
             Ok(Event::Logprobs(l)) => logprobs.extend(l),
+            Ok(Event::Ending) => {}
             Ok(Event::Done {
                 finish_reason,
                 usage,
@@ -601,7 +602,11 @@ const JOIN_BYTES: usize = 16 << 10;
 /// the server writes one body chunk for them instead of one each.
 async fn next_frame(s: &mut SseState) -> Bytes {
     let mut out = Vec::new();
-    let ev = s.events.next().await;
+    let mut ev = s.events.next().await;
+    // Nothing to write for it, and its `Done` takes a moment (Nexus pays for the answer).
+    while matches!(ev, Some(Ok(Event::Ending))) {
+        ev = s.events.next().await;
+    }
     push_event(s, ev, &mut out);
     while matches!(s.phase, Phase::Streaming) && out.len() < JOIN_BYTES {
         match s.events.next().now_or_never() {
@@ -615,6 +620,7 @@ async fn next_frame(s: &mut SseState) -> Bytes {
 /// Appends an event's SSE bytes (`None`: the engine's stream ended).
 fn push_event(s: &mut SseState, ev: Option<Result<Event, EngineError>>, out: &mut Vec<u8>) {
     match ev {
+        Some(Ok(Event::Ending)) => {}
         Some(Ok(Event::Logprobs(l))) => s.logprobs.extend(l),
         Some(Ok(Event::Delta(text))) => {
             s.tracker.on_delta();
@@ -1123,7 +1129,7 @@ mod tests {
                     };
                     out.extend_from_slice(&chunk(&m, d, t.clone(), None));
                 }
-                Event::Logprobs(_) => {}
+                Event::Logprobs(_) | Event::Ending => {}
                 Event::Done {
                     finish_reason,
                     usage,

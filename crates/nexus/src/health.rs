@@ -126,7 +126,7 @@ async fn probe(nexus: &Nexus, node: lattice_router::NodeId, model: &str) -> Outc
     let finished = loop {
         match ev {
             Some(LinkEvent::Engine(Event::Delta(d))) => text.push_str(&d),
-            Some(LinkEvent::Engine(Event::Logprobs(_))) => {}
+            Some(LinkEvent::Engine(Event::Logprobs(_) | Event::Ending)) => {}
             // Probes also check that the node signs its receipts with its registered key.
             Some(LinkEvent::Engine(Event::Done { .. })) => {
                 dispatch.ended();

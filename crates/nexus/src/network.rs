@@ -395,6 +395,7 @@ impl Engine for NetworkEngine {
                             rx,
                             guard,
                             bill,
+                            ending: None,
                             ended: false,
                             request_id: req.request_id.clone(),
                             stall: Stall::new(self.failover.stall_timeout),
@@ -431,6 +432,8 @@ struct Relay {
     rx: mpsc::Receiver<LinkEvent>,
     guard: InFlight,
     bill: Option<Bill>,
+    /// A paid answer's end, yielded as [`Event::Ending`] and settled on the next poll.
+    ending: Option<(lattice_api::FinishReason, lattice_api::Usage)>,
     ended: bool,
     request_id: String,
     stall: Stall,
@@ -461,6 +464,30 @@ impl Stall {
 struct Stalled;
 
 impl Relay {
+    /// Pays for a complete answer (a refused receipt charges nothing and counts against the
+    /// node).
+    async fn settle(&mut self, usage: &lattice_api::Usage) {
+        let Some(b) = &mut self.bill else {
+            return;
+        };
+        let guard = &self.guard;
+        match b.settle(usage).await {
+            Settlement::Charged(cost) => {
+                tracing::debug!(request_id = %self.request_id, %cost, "charged");
+            }
+            Settlement::Parked(cost) => {
+                tracing::debug!(request_id = %self.request_id, %cost, "charge waits for the node's batch signature");
+            }
+            Settlement::Refused(why) => {
+                tracing::warn!(request_id = %self.request_id, node = %guard.node, reason = %why, "usage receipt refused; nothing charged");
+                guard
+                    .registry
+                    .record(guard.node, &guard.model, RequestOutcome::Failed);
+            }
+            Settlement::Deferred(_) => {}
+        }
+    }
+
     /// The node's next event; `Ok(None)` when its stream is gone (the link was lost).
     async fn next(&mut self) -> Result<Option<LinkEvent>, Stalled> {
         if let Some(ev) = self.first.take() {
@@ -499,12 +526,21 @@ impl Relay {
 
     /// Yields the first event, then the node's events; a link lost mid-stream, or a node that
     /// stalls, ends the stream with an error (tokens already sent cannot be taken back, so no
-    /// failover after this point). A successful end settles the bill before the final event
-    /// goes to the client.
+    /// failover after this point). A paid answer's end is [`Event::Ending`], then (on the next
+    /// poll) the bill is settled and the answer's `Done` yielded.
     fn stream(self) -> EventStream {
         Box::pin(futures::stream::unfold(self, |mut r| async move {
             if r.ended {
                 return None;
+            }
+            if let Some((finish_reason, usage)) = r.ending.take() {
+                r.settle(&usage).await;
+                r.ended = true;
+                let done = Event::Done {
+                    finish_reason,
+                    usage,
+                };
+                return Some((Ok(done), r));
             }
             let item = loop {
                 match r.next().await {
@@ -527,33 +563,21 @@ impl Relay {
                         finish_reason,
                         usage,
                     }))) => {
-                        let guard = &mut r.guard;
-                        guard.tokens = usage.completion_tokens;
-                        guard.finish(true);
-                        if let Some(b) = &mut r.bill {
-                            match b.settle(&usage).await {
-                                Settlement::Charged(cost) => {
-                                    tracing::debug!(request_id = %r.request_id, %cost, "charged");
-                                }
-                                Settlement::Parked(cost) => {
-                                    tracing::debug!(request_id = %r.request_id, %cost, "charge waits for the node's batch signature");
-                                }
-                                Settlement::Refused(why) => {
-                                    tracing::warn!(request_id = %r.request_id, node = %guard.node, reason = %why, "usage receipt refused; nothing charged");
-                                    guard.registry.record(
-                                        guard.node,
-                                        &guard.model,
-                                        RequestOutcome::Failed,
-                                    );
-                                }
-                                Settlement::Deferred(_) => {}
-                            }
+                        r.guard.tokens = usage.completion_tokens;
+                        r.guard.finish(true);
+                        if r.bill.is_some() {
+                            // Paid for on the next poll: a consumer may still drop the answer
+                            // now, and then nothing is charged.
+                            r.ending = Some((finish_reason, usage));
+                            return Some((Ok(Event::Ending), r));
                         }
                         break Ok(Event::Done {
                             finish_reason,
                             usage,
                         });
                     }
+                    // Only Nexus says this; from a node it means nothing.
+                    Ok(Some(LinkEvent::Engine(Event::Ending))) => {}
                     Ok(Some(LinkEvent::Error(e))) => {
                         r.guard.finish(false);
                         break Err(e);
