@@ -370,10 +370,11 @@ async fn respond_many(
 /// A refusal is the result while no answer has ended. Every other answer is then asked to
 /// stop: one still being admitted or generated is dropped, which cancels it (on Nexus: nothing
 /// charged), but one whose end is under way (it said [`Event::Ending`]: Nexus is paying for
-/// it) is read to its end. If an answer ended after all, it was paid for, so the request is
-/// not refused: as for a refusal that comes after an answer ended, the refused answer fails on
-/// its own, and so do the answers stopped for it. Dropping the response aborts every task,
-/// which drops its engine stream.
+/// it) is read to its end, so the refusal waits for that charge. If an answer ended after
+/// all, it was paid for, so the request is not refused: as for a refusal that comes after an
+/// answer ended, the refused answer fails on its own, and so do the answers stopped for it
+/// (each is its error alone, without the text it had). Dropping the response aborts every
+/// task, which drops its engine stream.
 async fn admit_all(
     engine: &Arc<dyn lattice_engine::Engine>,
     requests: Vec<GenerateRequest>,
@@ -415,17 +416,17 @@ async fn admit_all(
                 r = engine.generate(g) => match r {
                     Err(e) => {
                         let _ = admitted.send(Err(e));
-                        return;
+                        return None;
                     }
                     Ok(events) => events,
                 },
                 e = stop_asked(&mut stopping) => {
                     let _ = admitted.send(Err(e));
-                    return;
+                    return None;
                 }
             };
             if admitted.send(Ok(())).is_err() {
-                return;
+                return None;
             }
             let mut ending = false;
             // Until the answer's last event (its end or its error); an unbounded send never
@@ -436,12 +437,10 @@ async fn admit_all(
                     biased;
                     ev = events.next() => match ev {
                         Some(ev) => ev,
-                        None => return,
+                        None => return None,
                     },
-                    e = stop_asked(&mut stopping), if !ending => {
-                        let _ = tx.send(Err(e));
-                        return;
-                    }
+                    // Its events so far are not shown: the answer is its error alone.
+                    e = stop_asked(&mut stopping), if !ending => return Some(e),
                 };
                 if matches!(ev, Ok(Event::Ending)) {
                     ending = true;
@@ -453,7 +452,7 @@ async fn admit_all(
                     ended.store(true, Ordering::Release);
                 }
                 if tx.send(ev).is_err() || last {
-                    return;
+                    return None;
                 }
                 tokio::task::consume_budget().await;
             }
@@ -474,10 +473,16 @@ async fn admit_all(
         if let Err(e) = r {
             if !ended.load(Ordering::Acquire) {
                 stop.send_replace(Some(e.clone()));
-                // Each task ends within the grace; a panicked one is as good as stopped.
-                futures::future::join_all(tasks.drain(..)).await;
+                // Each task ends at once, or after its answer's charge if one is under way (a
+                // panicked task is as good as stopped).
+                let stopped = futures::future::join_all(tasks.drain(..)).await;
                 if !ended.load(Ordering::Acquire) {
                     return Err(e);
+                }
+                for (slot, task) in refused.iter_mut().zip(stopped) {
+                    if let Ok(Some(stop)) = task {
+                        *slot = Some(stop);
+                    }
                 }
             }
             if let Some(slot) = refused.get_mut(i) {
@@ -909,19 +914,24 @@ mod tests {
         .await
         .expect("admission ends")
         .expect("the answers that ended are kept");
-        assert_eq!(ends(streams).await, ["done", "done", "refused"]);
+        assert_eq!(
+            ends(streams).await,
+            [("done", 4), ("done", 4), ("refused", 1)]
+        );
     }
 
-    /// The outcome of each answer's stream: its end, the refusal, or anything else.
-    async fn ends(streams: Vec<EventStream>) -> Vec<&'static str> {
+    /// The outcome of each answer's stream (its end, the refusal, or anything else), and how
+    /// many events it had.
+    async fn ends(streams: Vec<EventStream>) -> Vec<(&'static str, usize)> {
         let mut ends = Vec::new();
         for s in streams {
             let events: Vec<_> = s.collect().await;
-            ends.push(match events.last() {
+            let end = match events.last() {
                 Some(Ok(Event::Done { .. })) => "done",
                 Some(Err(EngineError::PaymentRequired(_))) => "refused",
                 _ => "other",
-            });
+            };
+            ends.push((end, events.len()));
         }
         ends
     }
@@ -953,9 +963,10 @@ mod tests {
         assert_eq!(settling.load(Ordering::SeqCst), 1);
         assert_eq!(settled.load(Ordering::SeqCst), 1);
         let ends = tokio::time::timeout(Duration::from_secs(20), ends(streams)).await;
+        // The answer stopped after three tokens is its error alone.
         assert_eq!(
             ends.expect("every answer ends"),
-            ["done", "refused", "refused"]
+            [("done", 4), ("refused", 1), ("refused", 1)]
         );
         assert_eq!(
             dropped.load(Ordering::SeqCst),

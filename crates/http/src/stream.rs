@@ -1187,6 +1187,56 @@ mod tests {
         assert_eq!(frames.concat(), one_by_one(&events));
     }
 
+    /// Nexus's `Ending` (a paid answer's charge under way) writes nothing: the SSE bytes and
+    /// the whole answer are those of the same events without it, whether it comes with events
+    /// already waiting or alone, its `Done` a moment later.
+    #[tokio::test]
+    async fn a_paid_answers_ending_writes_nothing() {
+        let events = vec![
+            Event::Delta("Hel".into()),
+            Event::Delta("lo".into()),
+            Event::Done {
+                finish_reason: FinishReason::Stop,
+                usage: Usage::new(3, 2),
+            },
+        ];
+        let mut with_ending = events.clone();
+        with_ending.insert(2, Event::Ending);
+        let ready = |evs: Vec<Event>| -> EventStream {
+            Box::pin(futures::stream::iter(evs.into_iter().map(Ok)))
+        };
+        let frames: Vec<Bytes> = sse(meta(), ready(with_ending.clone()), tracker())
+            .map(|f| f.unwrap_or_default())
+            .collect()
+            .await;
+        assert_eq!(frames.concat(), one_by_one(&events));
+
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let paced: EventStream = Box::pin(tokio_stream_from(rx));
+        let body = tokio::spawn(
+            sse(meta(), paced, tracker())
+                .map(|f| f.unwrap_or_default())
+                .collect::<Vec<Bytes>>(),
+        );
+        for ev in with_ending.clone() {
+            tx.send(Ok(ev)).await.expect("the body reads on");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        let frames = body.await.expect("the body task ends");
+        assert!(frames.iter().all(|f| !f.is_empty()), "{frames:?}");
+        assert_eq!(frames.concat(), one_by_one(&events));
+
+        let whole = collect(&meta(), ready(with_ending), tracker()).await;
+        let plain = collect(&meta(), ready(events), tracker()).await;
+        let parsed = |j: Result<String, ApiError>| -> serde_json::Value {
+            let mut v: serde_json::Value =
+                serde_json::from_str(&j.expect("an answer")).expect("json");
+            v["created"] = serde_json::Value::Null;
+            v
+        };
+        assert_eq!(parsed(whole), parsed(plain));
+    }
+
     fn stream_of(events: Vec<Result<Event, EngineError>>) -> EventStream {
         Box::pin(futures::stream::iter(events))
     }
