@@ -66,6 +66,15 @@ def upstream_node_url(node_url):
 
 
 @pytest.fixture(scope="session")
+def plain_upstream_node_url(node_url):
+    """The same, with an upstream not said to report log probabilities."""
+    proc, url = _start(["node", "--standalone", "--upstream", f"{node_url}/v1", "--upstream-model", MODEL,
+                        "--model-id", "plain-upstream", "--port", "0"])
+    yield url
+    _stop(proc)
+
+
+@pytest.fixture(scope="session")
 def nexus_url(tmp_path_factory):
     """A real network: Nexus plus one linked node, ready once the node passed calibration."""
     import json

@@ -202,6 +202,17 @@ def test_log_probabilities_through_an_upstream_backend(client, upstream_node_url
     assert len(r.choices) == 1 and r.choices[0].text
 
 
+def test_best_of_without_log_probabilities_is_refused_by_its_name(plain_upstream_node_url):
+    # best_of ranks answers by log probabilities; a backend that reports none cannot rank, and
+    # the 400 names the field the caller sent, not the `logprobs` it did not.
+    via = openai.OpenAI(base_url=f"{plain_upstream_node_url}/v1", api_key="x", max_retries=0, timeout=120)
+    with pytest.raises(openai.BadRequestError) as e:
+        via.completions.create(model="plain-upstream", prompt="Once upon a time", max_tokens=4, best_of=2)
+    assert e.value.param == "best_of"
+    # Without best_of the same backend answers.
+    assert via.completions.create(model="plain-upstream", prompt="Once upon a time", max_tokens=4).choices[0].text
+
+
 def test_too_many_answers_is_400(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=4, n=17)

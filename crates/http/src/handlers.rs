@@ -179,8 +179,25 @@ async fn respond(
     };
     let logprobs = params.logprobs.is_some();
     // `best_of` ranks answers by their tokens' log probabilities, so it asks for them (they
-    // are shown only if the caller asked too).
+    // are shown only if the caller asked too); a model whose backends report none is refused
+    // here, naming `best_of` rather than the `logprobs` the caller did not send.
     let generated = if best_of > 1 {
+        if !logprobs
+            && st
+                .engine
+                .models()
+                .iter()
+                .any(|c| c.id == model && !c.logprobs)
+        {
+            let e = ApiError::invalid_param(
+                "best_of",
+                format!(
+                    "`best_of` ranks answers by their log probabilities, which no backend serving `{model}` reports; remove `best_of`."
+                ),
+            );
+            st.metrics.request(kind.endpoint(), outcome(e.status));
+            return Err(e.into());
+        }
         params.logprobs.get_or_insert(0);
         best_of
     } else {
