@@ -1500,7 +1500,7 @@ async fn balance(base: &str, auth: &str) -> (u128, u128) {
 /// Several answers (`n`) are held, routed and charged one by one: when the credit covers only
 /// some of the holds, the request is a 402, the answers already admitted are cancelled, and
 /// nothing is charged or stays held; when it covers them all, each is charged exactly once and
-/// `usage` is their sum.
+/// `usage` is their sum, whole and streamed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn several_answers_are_held_together_and_charged_each() {
     let dir = tmp();
@@ -1548,6 +1548,41 @@ async fn several_answers_are_held_together_and_charged_each() {
     assert_eq!(v["usage"]["completion_tokens"], 8000, "{v}");
     let cost = 5000 * 18 * 10u128.pow(18) / 1_000_000;
     settled(start - 2 * cost).await;
+    // Streamed: both answers' ends are charged before their finish chunks go out, one usage
+    // chunk sums them, and the body ends with `[DONE]`.
+    let mut body = ask(2, true);
+    body["stream_options"] = json!({"include_usage": true});
+    let sse = reqwest::Client::new()
+        .post(&url)
+        .bearer_auth(&session)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sse.status().as_u16(), 200);
+    let text = sse.text().await.unwrap();
+    let chunks: Vec<Value> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let finished: Vec<u64> = chunks
+        .iter()
+        .filter_map(|c| c["choices"].as_array())
+        .flatten()
+        .filter(|c| c["finish_reason"].is_string())
+        .filter_map(|c| c["index"].as_u64())
+        .collect();
+    assert_eq!(finished.len(), 2, "{text}");
+    assert!(finished.contains(&0) && finished.contains(&1), "{text}");
+    let usage = chunks
+        .iter()
+        .find(|c| c["usage"].is_object())
+        .expect("a usage chunk");
+    assert_eq!(usage["usage"]["completion_tokens"], 8000, "{text}");
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+    settled(start - 4 * cost).await;
     let (_, u) = call(
         reqwest::Method::GET,
         &format!("{base}/lattice/v1/usage?group=model"),
@@ -1555,7 +1590,7 @@ async fn several_answers_are_held_together_and_charged_each() {
         None,
     )
     .await;
-    assert_eq!(u["data"][0]["requests"].as_u64(), Some(2), "{u}");
+    assert_eq!(u["data"][0]["requests"].as_u64(), Some(4), "{u}");
 }
 
 /// 1,000 concurrent paid requests from one user whose credit covers about twenty of them,
