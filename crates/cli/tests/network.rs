@@ -1548,8 +1548,8 @@ async fn several_answers_are_held_together_and_charged_each() {
     assert_eq!(v["usage"]["completion_tokens"], 8000, "{v}");
     let cost = 5000 * 18 * 10u128.pow(18) / 1_000_000;
     settled(start - 2 * cost).await;
-    // Streamed: both answers' ends are charged before their finish chunks go out, one usage
-    // chunk sums them, and the body ends with `[DONE]`.
+    // Streamed: both answers finish, one usage chunk sums them, the body ends with `[DONE]`,
+    // and each is charged once.
     let mut body = ask(2, true);
     body["stream_options"] = json!({"include_usage": true});
     let sse = reqwest::Client::new()

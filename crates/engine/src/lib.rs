@@ -207,9 +207,10 @@ pub enum Event {
     /// stop sequence are left out; tokens without text may come without a delta).
     Logprobs(Vec<TokenLogprob>),
     /// Nexus only, before [`Event::Done`] of a paid answer: the answer is complete and the
-    /// next poll pays for it, then yields its `Done`. A consumer that drops the stream now
-    /// cancels the charge (the node's work is done and nothing is charged); one that polls on
-    /// gets the `Done`. Nodes never send it, and consumers other than the admission of several
+    /// next poll settles its bill (charges it, or parks the charge until the node's batch
+    /// signature covers its receipt), then yields its `Done`. A consumer that drops the stream
+    /// now cancels the charge (the node's work is done and nothing is charged); one that polls
+    /// on gets the `Done`. Nodes never send it, and consumers other than the admission of several
     /// answers skip it.
     Ending,
     /// Always the last event of a successful stream.

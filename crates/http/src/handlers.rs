@@ -705,12 +705,13 @@ mod tests {
     /// gets a slot and keeps it until its stream ends or is dropped. Requests whose id ends in
     /// `-refused` are refused. `endless` (or an id ending in `-endless`): after its tokens an
     /// answer waits forever instead of ending. An answer ends as a paid one does on Nexus:
-    /// `Ending`, then `Done` after `settle` (the charge).
+    /// `Ending`, then `Done` once `settle_until_dropped` answers' streams were dropped (the
+    /// charge; 0: at once).
     struct Slots {
         slot: Arc<tokio::sync::Semaphore>,
         tokens: usize,
         endless: bool,
-        settle: Duration,
+        settle_until_dropped: usize,
         /// Answers whose stream was dropped (ended or cancelled).
         dropped: Arc<AtomicUsize>,
         /// Answers admitted so far.
@@ -734,7 +735,7 @@ mod tests {
                 slot: Arc::new(tokio::sync::Semaphore::new(slots)),
                 tokens,
                 endless,
-                settle: Duration::ZERO,
+                settle_until_dropped: 0,
                 dropped: Arc::default(),
                 admitted: Arc::default(),
                 settling: Arc::default(),
@@ -778,8 +779,12 @@ mod tests {
                 let events: Vec<Event> =
                     (0..self.tokens).map(|_| Event::Delta("x".into())).collect();
                 let endless = self.endless || req.request_id.ends_with("-endless");
-                let (settle, settling, settled) =
-                    (self.settle, self.settling.clone(), self.settled.clone());
+                let (settle_until, dropped, settling, settled) = (
+                    self.settle_until_dropped,
+                    self.dropped.clone(),
+                    self.settling.clone(),
+                    self.settled.clone(),
+                );
                 self.admitted.fetch_add(1, Ordering::SeqCst);
                 // The last field: 0 while tokens go, 1 once `Ending` went, 2 once `Done` went.
                 let held = (
@@ -789,7 +794,8 @@ mod tests {
                     0u8,
                 );
                 let s: EventStream = Box::pin(futures::stream::unfold(held, move |mut h| {
-                    let (settling, settled) = (settling.clone(), settled.clone());
+                    let (dropped, settling, settled) =
+                        (dropped.clone(), settling.clone(), settled.clone());
                     async move {
                         match (h.2.next(), h.3) {
                             (Some(ev), _) => Some((Ok(ev), h)),
@@ -800,7 +806,9 @@ mod tests {
                             }
                             (None, 1) => {
                                 settling.fetch_add(1, Ordering::SeqCst);
-                                tokio::time::sleep(settle).await;
+                                while dropped.load(Ordering::SeqCst) < settle_until {
+                                    tokio::time::sleep(Duration::from_millis(2)).await;
+                                }
                                 settled.fetch_add(1, Ordering::SeqCst);
                                 h.3 = 2;
                                 let done = Event::Done {
@@ -959,7 +967,9 @@ mod tests {
     #[tokio::test]
     async fn a_refusal_during_an_answers_end_keeps_that_answer() {
         let mut slots = Slots::new(8, 3, false, (2, 0, 1));
-        slots.settle = Duration::from_millis(300);
+        // The charge lasts until the stop has dropped the answer still generating: the refusal
+        // lands inside it, however the tasks are scheduled.
+        slots.settle_until_dropped = 1;
         let (dropped, settling, settled) = (
             slots.dropped.clone(),
             slots.settling.clone(),

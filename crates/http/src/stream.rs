@@ -1170,6 +1170,13 @@ mod tests {
         assert_eq!(frames.concat(), one_by_one(&events));
 
         // One at a time: a frame each.
+        let frames = paced_frames(&events).await;
+        assert_eq!(frames.len(), 1 + events.len(), "{frames:?}");
+        assert_eq!(frames.concat(), one_by_one(&events));
+    }
+
+    /// The body frames of an SSE response whose events arrive one at a time, 5 ms apart.
+    async fn paced_frames(events: &[Event]) -> Vec<Bytes> {
         let (tx, rx) = tokio::sync::mpsc::channel(1);
         let paced: EventStream = Box::pin(tokio_stream_from(rx));
         let body = tokio::spawn(
@@ -1177,14 +1184,12 @@ mod tests {
                 .map(|f| f.unwrap_or_default())
                 .collect::<Vec<Bytes>>(),
         );
-        for ev in events.clone() {
-            tx.send(Ok(ev)).await.expect("the body reads on");
+        for ev in events {
+            tx.send(Ok(ev.clone())).await.expect("the body reads on");
             tokio::task::yield_now().await;
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
-        let frames = body.await.expect("the body task ends");
-        assert_eq!(frames.len(), 1 + events.len(), "{frames:?}");
-        assert_eq!(frames.concat(), one_by_one(&events));
+        body.await.expect("the body task ends")
     }
 
     /// Nexus's `Ending` (a paid answer's charge under way) writes nothing: the SSE bytes and
@@ -1211,18 +1216,7 @@ mod tests {
             .await;
         assert_eq!(frames.concat(), one_by_one(&events));
 
-        let (tx, rx) = tokio::sync::mpsc::channel(1);
-        let paced: EventStream = Box::pin(tokio_stream_from(rx));
-        let body = tokio::spawn(
-            sse(meta(), paced, tracker())
-                .map(|f| f.unwrap_or_default())
-                .collect::<Vec<Bytes>>(),
-        );
-        for ev in with_ending.clone() {
-            tx.send(Ok(ev)).await.expect("the body reads on");
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        }
-        let frames = body.await.expect("the body task ends");
+        let frames = paced_frames(&with_ending).await;
         assert!(frames.iter().all(|f| !f.is_empty()), "{frames:?}");
         assert_eq!(frames.concat(), one_by_one(&events));
 
