@@ -162,6 +162,11 @@ struct NexusArgs {
     /// work cancelled, nothing charged, a failure on the node's record).
     #[arg(long, default_value_t = 60)]
     stall_timeout: u64,
+    /// Seconds from a request's arrival to its first token, across the nodes tried (routing,
+    /// a node's queue and the prompt's prefill all count); then it fails. Raise it for slow
+    /// nodes or long prompts.
+    #[arg(long, default_value_t = 60)]
+    first_token_timeout: u64,
     /// Largest request body accepted, in bytes.
     #[arg(long, default_value_t = 4 << 20)]
     max_body_bytes: usize,
@@ -729,6 +734,7 @@ async fn nexus(a: NexusArgs) -> Result<()> {
         probe_interval: Duration::from_secs(a.probe_interval.max(1)),
         failover: lattice_nexus::Failover {
             stall_timeout: Duration::from_secs(a.stall_timeout.max(1)),
+            first_token_deadline: Duration::from_secs(a.first_token_timeout.max(1)),
             ..lattice_nexus::Failover::default()
         },
         require_node_token: a.require_node_token,

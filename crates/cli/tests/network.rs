@@ -326,7 +326,8 @@ async fn lying_upstream(
 
 /// An upstream that answers at once, except a prompt containing `STALL`: one token, then
 /// nothing, the connection held open (`released` counts stalled answers whose connection the
-/// node closed); and one containing `SLOW`: six tokens 250 ms apart, then the end.
+/// node closed); one containing `HUSH`: the same without the token; and one containing `SLOW`:
+/// six tokens 250 ms apart, then the end.
 async fn stalling_upstream(released: Arc<AtomicUsize>) -> String {
     use axum::routing::post;
     struct Released(Arc<AtomicUsize>);
@@ -355,11 +356,12 @@ async fn stalling_upstream(released: Arc<AtomicUsize>) -> String {
                 });
                 return axum::body::Body::from_stream(tokens);
             }
-            if !prompt.contains("STALL") {
+            if !prompt.contains("STALL") && !prompt.contains("HUSH") {
                 return axum::body::Body::from(format!("{HEAD}{TAIL}"));
             }
             let guard = Released(released);
-            let head = futures::stream::once(async { Ok::<_, std::io::Error>(HEAD) });
+            let first = if prompt.contains("HUSH") { "" } else { HEAD };
+            let head = futures::stream::once(async move { Ok::<_, std::io::Error>(first) });
             let never = futures::stream::unfold(guard, |g| async move {
                 futures::future::pending::<()>().await;
                 Some((Ok(""), g))
@@ -388,7 +390,14 @@ async fn a_node_that_stalls_mid_answer_is_cut_off_and_nothing_is_charged() {
     let nexus = nexus_with(
         dir.path(),
         "127.0.0.1:0",
-        &["--stall-timeout", "2", "--faucet-lai", "1"],
+        &[
+            "--stall-timeout",
+            "2",
+            "--first-token-timeout",
+            "3",
+            "--faucet-lai",
+            "1",
+        ],
     );
     let _node = spawn(&[
         "node",
@@ -464,6 +473,41 @@ async fn a_node_that_stalls_mid_answer_is_cut_off_and_nothing_is_charged() {
     let (s, v) = call(reqwest::Method::POST, &url, &session, Some(slow)).await;
     assert_eq!(s, 200, "{v}");
     assert_eq!(v["choices"][0]["message"]["content"], "ok".repeat(6), "{v}");
+
+    // A node that never sends a first token fails the request at `--first-token-timeout` (3 s,
+    // against the default 60), with its work cancelled and nothing charged.
+    let paid = async || loop {
+        let (available, held) = balance(base, &session).await;
+        if held == 0 && available < start {
+            return available;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let start = tokio::time::timeout(Duration::from_secs(20), paid())
+        .await
+        .expect("the slow answer is charged");
+    let hush = json!({"model": "canned", "messages": [{"role": "user", "content": "HUSH here"}],
+                      "max_tokens": 16});
+    let (s, v) = tokio::time::timeout(
+        Duration::from_secs(30),
+        call(reqwest::Method::POST, &url, &session, Some(hush)),
+    )
+    .await
+    .expect("the request fails at the first-token deadline instead of waiting 60 s");
+    assert!(s >= 500, "{s}: {v}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (available, held) = balance(base, &session).await;
+        let closed = released.load(Ordering::SeqCst);
+        if closed == 3 && held == 0 && available == start {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "closed {closed} of 3 upstream requests; available {available} (want {start}), held {held}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
