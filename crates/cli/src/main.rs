@@ -102,6 +102,9 @@ struct UpArgs {
     threads: u32,
 }
 
+/// Upper bound of Nexus's timeouts in seconds (a deadline past it would overflow the clock).
+const WEEK_SECS: u64 = 7 * 24 * 3600;
+
 #[derive(Args)]
 struct NexusArgs {
     #[arg(long, default_value = "127.0.0.1:8080")]
@@ -159,13 +162,13 @@ struct NexusArgs {
     #[arg(long, default_value_t = 30)]
     probe_interval: u64,
     /// Seconds a node may send nothing mid-answer before the request ends with an error (its
-    /// work cancelled, nothing charged, a failure on the node's record).
-    #[arg(long, default_value_t = 60)]
+    /// work cancelled, nothing charged, a failure on the node's record). At most a week.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=WEEK_SECS))]
     stall_timeout: u64,
     /// Seconds from a request's arrival to its first token, across the nodes tried (routing,
     /// a node's queue and the prompt's prefill all count); then it fails. Raise it for slow
-    /// nodes or long prompts.
-    #[arg(long, default_value_t = 60)]
+    /// nodes or long prompts. At most a week.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=WEEK_SECS))]
     first_token_timeout: u64,
     /// Largest request body accepted, in bytes.
     #[arg(long, default_value_t = 4 << 20)]
@@ -733,8 +736,8 @@ async fn nexus(a: NexusArgs) -> Result<()> {
         },
         probe_interval: Duration::from_secs(a.probe_interval.max(1)),
         failover: lattice_nexus::Failover {
-            stall_timeout: Duration::from_secs(a.stall_timeout.max(1)),
-            first_token_deadline: Duration::from_secs(a.first_token_timeout.max(1)),
+            stall_timeout: Duration::from_secs(a.stall_timeout),
+            first_token_deadline: Duration::from_secs(a.first_token_timeout),
             ..lattice_nexus::Failover::default()
         },
         require_node_token: a.require_node_token,
