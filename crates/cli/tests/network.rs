@@ -416,6 +416,23 @@ async fn a_node_that_stalls_mid_answer_is_cut_off_and_nothing_is_charged() {
     let base = nexus.url.as_str();
     let (session, _) = siwe_sign_in(base).await;
     let start = balance(base, &session).await.0;
+    // Waits until the node has closed this many held upstream requests and the balance is
+    // `want`, nothing held.
+    let closed_and_unmoved = async |closed_want: usize, want: u128| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let (available, held) = balance(base, &session).await;
+            let closed = released.load(Ordering::SeqCst);
+            if closed == closed_want && held == 0 && available == want {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "closed {closed} of {closed_want} held upstream requests; available {available} (want {want}), held {held}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
     let url = format!("{base}/v1/chat/completions");
     let ask = |stream: bool| {
         json!({"model": "canned", "messages": [{"role": "user", "content": "STALL here"}],
@@ -451,19 +468,7 @@ async fn a_node_that_stalls_mid_answer_is_cut_off_and_nothing_is_charged() {
         "{v}"
     );
     // Both stalled upstream requests are closed by the node, and nothing moved.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let (available, held) = balance(base, &session).await;
-        let closed = released.load(Ordering::SeqCst);
-        if closed == 2 && held == 0 && available == start {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "closed {closed} of 2 stalled upstream requests; available {available} (want {start}), held {held}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    closed_and_unmoved(2, start).await;
     let n = &nodes(base).await["online"][0];
     assert!(n["failed"].as_u64().unwrap() >= 2, "{n}");
 
@@ -495,19 +500,7 @@ async fn a_node_that_stalls_mid_answer_is_cut_off_and_nothing_is_charged() {
     .await
     .expect("the request fails at the first-token deadline instead of waiting 60 s");
     assert!(s >= 500, "{s}: {v}");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let (available, held) = balance(base, &session).await;
-        let closed = released.load(Ordering::SeqCst);
-        if closed == 3 && held == 0 && available == start {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "closed {closed} of 3 upstream requests; available {available} (want {start}), held {held}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    closed_and_unmoved(3, start).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
