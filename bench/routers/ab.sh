@@ -2,7 +2,8 @@
 # A/B of lattice binaries on this host, alternated (A B A B …), so that the host's drift between
 # minutes — often larger than the difference between two builds — hits both alike.
 #
-#   bench/routers/ab.sh [--runs 3] [--mode billed|unbilled] [--stream] [--duration 10] [--perf DIR] BIN_A BIN_B [BIN…]
+#   bench/routers/ab.sh [--runs 3] [--mode billed|unbilled] [--stream] [--duration 10] [--perf DIR]
+#                       [--count EVENTS] BIN_A BIN_B [BIN…]
 #
 # Per run: a fresh network like the router harness's (canned nginx SSE upstream and wrk on CPU 1;
 # a Nexus — with billing unless --mode unbilled — and one `node --upstream` on CPU 0, a fresh
@@ -11,6 +12,9 @@
 # --perf DIR also records each run's Nexus and node with `perf record --call-graph dwarf` (1999 Hz)
 # from 1 s into the measured run to 1 s before its end, into DIR/RUN-BINARY.data (read with
 # `perf report -i FILE --pid PID`; the PIDs are printed): that run's figures include perf's cost.
+# --count EVENTS counts perf events (a comma list, e.g. 'syscalls:sys_enter_futex,sched:sched_switch'
+# or 'raw_syscalls:sys_enter') in Nexus and the node over the whole measured run, and prints each
+# per request and per process: counts, unlike CPU time, do not move with the host's speed.
 # Needs nginx and wrk (the router harness's setup installs both; --perf needs `perf`).
 set -euo pipefail
 
@@ -20,6 +24,7 @@ MODE=billed
 STREAM=""
 DURATION=10
 PERF_DIR=""
+COUNT=""
 RUN=0
 BINS=()
 while [ $# -gt 0 ]; do
@@ -29,6 +34,7 @@ while [ $# -gt 0 ]; do
     --stream) STREAM=1; shift ;;
     --duration) DURATION="$2"; shift 2 ;;
     --perf) PERF_DIR="$2"; shift 2 ;;
+    --count) COUNT="$2"; shift 2 ;;
     -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
     *) BINS+=("$1"); shift ;;
   esac
@@ -43,6 +49,7 @@ if [ -n "$PERF_DIR" ]; then
   [ "$DURATION" -ge 3 ] || { echo "--perf needs --duration 3 or more" >&2; exit 2; }
   mkdir -p "$PERF_DIR"
 fi
+if [ -n "$COUNT" ] && ! command -v perf >/dev/null; then echo "--count needs perf" >&2; exit 2; fi
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
@@ -91,8 +98,16 @@ one_run() {
     perf_pid=$!
     echo "run $RUN: perf data $data (nexus pid $nexus, node pid $node)"
   fi
+  local count_pids=()
+  if [ -n "$COUNT" ]; then
+    for p in "$nexus" "$node"; do
+      perf stat -x, -e "$COUNT" -p "$p" -o "$work/count-$p.csv" >/dev/null 2>&1 &
+      count_pids+=($!)
+    done
+  fi
   taskset -c 1 wrk -t1 -c32 -d"${DURATION}s" -s "$HERE/post.lua" "$url" >"$work/wrk.txt"
   threads "$nexus" "$node" >"$work/after"
+  for p in "${count_pids[@]}"; do kill -INT "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
   [ -z "$perf_pid" ] || wait "$perf_pid" || true
   kill "$nexus" "$node" 2>/dev/null || true
   pkill -f "nginx -c $work/nginx/nginx.conf" 2>/dev/null || true
@@ -122,6 +137,19 @@ total = sum(per.values())
 threads = ", ".join(f"{p} {c} {us:.1f}" for (p, c), us in sorted(per.items()))
 print(f"{binary}: {rps:,.0f} req/s, {total:.1f} us/req ({threads})"
       + (f", {bad.group(1)} non-2xx" if bad else ""))
+import os
+for proc, pid in (("nexus", nexus), ("node", node)):
+    path = f"{work}/count-{pid}.csv"
+    if not os.path.exists(path):
+        continue
+    counts = []
+    for line in open(path):
+        f = line.strip().split(",")
+        if len(f) > 2 and f[0].replace(".", "").isdigit():
+            v = float(f[0]) / reqs
+            if v >= 0.005:
+                counts.append(f"{f[2].split(':')[-1]} {v:.2f}")
+    print(f"  {proc} per request: " + ", ".join(counts))
 PY
   rm -rf "$work"
 }
