@@ -24,14 +24,16 @@ if ((${#need_apt[@]})); then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >&2
 fi
 
-# The official OpenAI Python client drives our end-to-end API tests.
+# The official OpenAI Python client drives our end-to-end API tests; numpy and Hugging Face's
+# tokenizers run the independent reference the embeddings are checked against.
 VENV="$CACHE/venv"
 if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
 fi
-if ! "$VENV/bin/python" -c 'import openai, pytest' >/dev/null 2>&1; then
-  echo "setup: installing the test venv (openai, pytest)" >&2
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check 'openai>=1.50,<3' 'pytest>=8,<10' >&2
+if ! "$VENV/bin/python" -c 'import openai, pytest, numpy, tokenizers' >/dev/null 2>&1; then
+  echo "setup: installing the test venv (openai, pytest, numpy, tokenizers)" >&2
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check 'openai>=1.50,<3' \
+    'pytest>=8,<10' 'numpy>=1.26,<3' 'tokenizers>=0.19,<1' >&2
 fi
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -1,4 +1,5 @@
-"""Starts a real `lattice node` (SmolLM2-135M on llama.cpp) on a free loopback port."""
+"""Starts real `lattice` nodes (SmolLM2-135M on llama.cpp, all-MiniLM-L6-v2 on candle) and a Nexus
+on free loopback ports."""
 import os
 import subprocess
 import sys
@@ -7,6 +8,7 @@ import threading
 import pytest
 
 MODEL = "smollm2-135m"
+EMBEDDING_MODEL = "all-minilm-l6-v2"
 
 
 def _binary() -> str:
@@ -87,17 +89,28 @@ def nexus_url(tmp_path_factory):
                          "--operator-key-file", str(key_file)])
     node, _ = _start(["node", "--nexus", url, "--model", MODEL, "--port", "0", "--parallel", "2",
                       "--ctx-per-slot", "1024", "--key", str(d / "node.key")])
+    embedder, _ = _start(["node", "--nexus", url, "--model", EMBEDDING_MODEL, "--port", "0",
+                          "--key", str(d / "embedder.key")])
     deadline = time.time() + 120
     while True:
         with urllib.request.urlopen(f"{url}/v1/models") as r:
-            if any(m["id"] == MODEL for m in json.load(r)["data"]):
+            if {MODEL, EMBEDDING_MODEL} <= {m["id"] for m in json.load(r)["data"]}:
                 break
         if time.time() > deadline:
-            raise RuntimeError("node never became healthy behind Nexus")
+            raise RuntimeError("nodes never became healthy behind Nexus")
         time.sleep(0.2)
     yield url, key_file.read_text().strip()
+    _stop(embedder)
     _stop(node)
     _stop(nexus)
+
+
+@pytest.fixture(scope="session")
+def embedding_node_url():
+    """A standalone node serving the sentence-embedding model."""
+    proc, url = _start(["node", "--standalone", "--model", EMBEDDING_MODEL, "--port", "0"])
+    yield url
+    _stop(proc)
 
 
 @pytest.fixture()

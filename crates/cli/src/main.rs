@@ -9,6 +9,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use lattice_engine::Engine;
 use lattice_engine::upstream::{UpstreamConfig, UpstreamEngine};
+use lattice_engine_embed::{EmbedConfig, EmbedEngine};
 use lattice_engine_llama::{LlamaConfig, LlamaEngine};
 use lattice_models::{ModelSpec, ModelStore, PullOptions, TerminalProgress};
 
@@ -409,7 +410,7 @@ async fn model(cmd: ModelCommand) -> Result<()> {
                     .unwrap_or_else(|| "-".into());
                 let state = if m.verified { "verified" } else { "unverified" };
                 println!(
-                    "{:<28} {:>6} {:>10} MB  {:<10} {}",
+                    "{:<28} {:>9} {:>7} MB  {:<10} {}",
                     m.name,
                     kind,
                     m.size / 1_000_000,
@@ -472,6 +473,18 @@ async fn build_engine(
             .file_stem()
             .map_or_else(|| spec.to_owned(), |s| s.to_string_lossy().into_owned()),
     });
+    // Sentence-embedding models come as safetensors (with their tokenizer and configuration
+    // next to them); text models as GGUF.
+    if local
+        .path
+        .extension()
+        .is_some_and(|x| x.eq_ignore_ascii_case("safetensors"))
+    {
+        let mut cfg = EmbedConfig::new(local.path.clone(), id);
+        cfg.queue_capacity = e.queue;
+        let engine = tokio::task::spawn_blocking(move || EmbedEngine::load(cfg)).await??;
+        return Ok(Arc::new(engine));
+    }
     let chat_template = match &e.chat_template {
         Some(p) => {
             Some(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?)
@@ -506,8 +519,14 @@ fn cache_dir() -> PathBuf {
 }
 
 /// Single-stream decode speed, measured once at start-up and advertised to Nexus.
+/// (0 for an embedding model, which decodes nothing.)
 async fn measure_decode_tps(engine: &Arc<dyn Engine>) -> f64 {
-    let Some(model) = engine.models().first().map(|m| m.id.clone()) else {
+    let Some(model) = engine
+        .models()
+        .first()
+        .filter(|m| m.dimensions.is_none())
+        .map(|m| m.id.clone())
+    else {
         return 0.0;
     };
     let req = lattice_engine::GenerateRequest {
@@ -538,7 +557,9 @@ async fn measure_decode_tps(engine: &Arc<dyn Engine>) -> f64 {
                 first.get_or_insert_with(std::time::Instant::now);
             }
             lattice_engine::Event::Done { .. } => break,
-            lattice_engine::Event::Logprobs(_) | lattice_engine::Event::Ending => {}
+            lattice_engine::Event::Logprobs(_)
+            | lattice_engine::Event::Ending
+            | lattice_engine::Event::Embedding(_) => {}
         }
     }
     match first {

@@ -851,6 +851,7 @@ async fn malformed_or_oversized_frames_close_a_live_link_with_a_reason() {
                 context_length: 1024,
                 quantization: None,
                 logprobs: false,
+                dimensions: None,
             }],
             price: Price {
                 input_per_mtok: 1,

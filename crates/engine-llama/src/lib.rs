@@ -187,6 +187,7 @@ impl LlamaEngine {
             nodes: 1,
             quantization: quantization_from_file_name(&cfg.model_path),
             logprobs: true,
+            dimensions: None,
         };
         let shared = Arc::new(Shared::default());
         let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(cfg.queue_capacity);
@@ -297,6 +298,11 @@ fn tokenize(
             t.render(messages)
                 .map_err(|e| EngineError::InvalidRequest(e.to_string()))?
         }
+        Prompt::Embed(_) => {
+            return Err(EngineError::InvalidRequest(
+                "this is a text generation model: it gives no embeddings".into(),
+            ));
+        }
     };
     // Templates usually print the BOS token themselves; never add a second one.
     let add_special = add_bos && (bos_text.is_empty() || !text.starts_with(bos_text));
@@ -314,6 +320,10 @@ impl Engine for LlamaEngine {
 
     fn serves(&self, model: &str) -> bool {
         self.card.id == model
+    }
+
+    fn dimensions(&self, _model: &str) -> Option<u32> {
+        None
     }
 
     fn load(&self) -> Load {

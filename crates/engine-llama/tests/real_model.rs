@@ -77,6 +77,7 @@ async fn drain(mut s: EventStream) -> (String, FinishReason, Usage) {
             }
             Event::Logprobs(_) => panic!("log probabilities that were not asked for"),
             Event::Ending => panic!("only Nexus says Ending"),
+            Event::Embedding(_) => panic!("a text model gave an embedding"),
         }
     }
     let (f, u) = done.expect("stream ended with Done");
@@ -762,6 +763,7 @@ async fn log_probabilities_describe_the_answer() {
             }
             Event::Done { usage: u, .. } => usage = Some(u),
             Event::Ending => panic!("only Nexus says Ending"),
+            Event::Embedding(_) => panic!("a text model gave an embedding"),
         }
     }
     // Asking for them does not change the answer; they cover it token by token.

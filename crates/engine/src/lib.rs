@@ -33,6 +33,17 @@ pub enum Prompt {
     Chat(Vec<Message>),
     /// Plain text completion, no template.
     Text(String),
+    /// Texts to embed (`/v1/embeddings`): one [`Event::Embedding`] per text, in order, then
+    /// [`Event::Done`] with the texts' tokens as prompt tokens and no completion. Served only by
+    /// models whose card has [`ModelCard::dimensions`]; nothing is generated.
+    Embed(Vec<String>),
+}
+
+impl Prompt {
+    /// Whether this asks for embeddings rather than generated text.
+    pub fn is_embed(&self) -> bool {
+        matches!(self, Prompt::Embed(_))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -206,6 +217,8 @@ pub enum Event {
     /// sequence's holdback is listed with the earlier text; tokens that only made up a matched
     /// stop sequence are left out; tokens without text may come without a delta).
     Logprobs(Vec<TokenLogprob>),
+    /// For [`Prompt::Embed`]: the next text's embedding (unit length), in the order given.
+    Embedding(Vec<f32>),
     /// Nexus only, before [`Event::Done`] of a paid answer: the answer is complete and the
     /// next poll settles its bill (charges it, or parks the charge until the node's batch
     /// signature covers its receipt), then yields its `Done`. A consumer that drops the stream
@@ -276,6 +289,10 @@ pub struct ModelCard {
     /// The backend reports log probabilities ([`SamplingParams::logprobs`]).
     #[serde(default)]
     pub logprobs: bool,
+    /// An embedding model: the length of its vectors. It serves [`Prompt::Embed`] only, and
+    /// text models (`None`) never serve it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dimensions: Option<u32>,
 }
 
 fn one() -> u32 {
@@ -297,6 +314,14 @@ pub trait Engine: Send + Sync + 'static {
     /// override it to avoid building the whole list.
     fn serves(&self, model: &str) -> bool {
         self.models().iter().any(|m| m.id == model)
+    }
+    /// The vector length of `model` if it is an embedding model (it serves [`Prompt::Embed`]
+    /// only); `None` for a text model or one not served. Called on every request.
+    fn dimensions(&self, model: &str) -> Option<u32> {
+        self.models()
+            .iter()
+            .find(|m| m.id == model)
+            .and_then(|m| m.dimensions)
     }
     fn load(&self) -> Load;
     /// Admits the request or rejects it before any token is produced. Dropping the returned

@@ -136,6 +136,7 @@ impl UpstreamEngine {
             nodes: 1,
             quantization: None,
             logprobs: cfg.logprobs,
+            dimensions: None,
         };
         Ok(Self {
             cfg,
@@ -153,6 +154,8 @@ impl UpstreamEngine {
         let (url, messages, prompt) = match &req.prompt {
             Prompt::Chat(msgs) => (&self.chat_path, Some(msgs.as_slice()), None),
             Prompt::Text(t) => (&self.completions_path, None, Some(t.as_str())),
+            // Refused before a body is built (`generate`).
+            Prompt::Embed(_) => (&self.completions_path, None, None),
         };
         let body = UpstreamBody {
             model: &self.cfg.upstream_model,
@@ -279,6 +282,10 @@ impl Engine for UpstreamEngine {
         self.card.id == model
     }
 
+    fn dimensions(&self, _model: &str) -> Option<u32> {
+        None
+    }
+
     fn load(&self) -> Load {
         let busy = self.in_flight.load(Ordering::Acquire);
         Load {
@@ -290,6 +297,12 @@ impl Engine for UpstreamEngine {
 
     fn generate(&self, req: GenerateRequest) -> BoxFuture<'_, Result<EventStream, EngineError>> {
         async move {
+            if req.prompt.is_embed() {
+                return Err(EngineError::InvalidRequest(
+                    "This node's upstream backend serves text generation only, not embeddings."
+                        .into(),
+                ));
+            }
             if req.params.logprobs.is_some() && !self.cfg.logprobs {
                 return Err(EngineError::InvalidRequest(
                     "Log probabilities are not available from this node's upstream backend.".into(),

@@ -19,7 +19,7 @@ use serde::de::DeserializeOwned;
 use crate::stream::{self, Kind, Meta, Tracker};
 use crate::{ApiErrorResponse, AppState, params};
 
-type HandlerResult = Result<Response, ApiErrorResponse>;
+pub(crate) type HandlerResult = Result<Response, ApiErrorResponse>;
 
 /// An OpenAI request body this API serves, validated into engine terms.
 trait OpenAiRequest: DeserializeOwned {
@@ -111,6 +111,7 @@ async fn handle<R: OpenAiRequest>(
         let v = req.validate(&st.limits)?;
         check_copies(&v, &st.limits)?;
         check_model(&st, &v.model)?;
+        check_text_model(&st, &v.model)?;
         Ok(v)
     });
     respond(st, &headers, R::KIND, started, validated, payer).await
@@ -155,19 +156,7 @@ async fn respond(
     } = validated.inspect_err(|e| {
         st.metrics.request(kind.endpoint(), outcome(e.status));
     })?;
-    // A paid request's id keys its hold, charge and receipt, so it is always fresh: the
-    // caller's `x-request-id` is kept only for unpaid requests (Nexus → node) and logged. It is
-    // time-ordered (UUIDv7: 48 bits of milliseconds, 74 random), so the ledger's rows keyed by
-    // it are appended at the end of their indexes instead of splitting pages anywhere.
-    let request_id = if payer.is_some() {
-        let id = uuid::Uuid::now_v7().simple().to_string();
-        if let Some(theirs) = headers.get("x-request-id").and_then(|v| v.to_str().ok()) {
-            tracing::debug!(request_id = %id, client_request_id = %theirs, "paid request");
-        }
-        id
-    } else {
-        request_id(headers)
-    };
+    let request_id = fresh_request_id(headers, payer.is_some());
     let preference = preference(headers).inspect_err(|e| {
         st.metrics.request(kind.endpoint(), outcome(e.status));
     })?;
@@ -299,6 +288,7 @@ fn prompt_bytes(p: &Prompt) -> usize {
     match p {
         Prompt::Text(t) => t.len(),
         Prompt::Chat(m) => m.iter().map(|m| m.content.len() + m.role.len()).sum(),
+        Prompt::Embed(texts) => texts.iter().map(String::len).sum(),
     }
 }
 
@@ -534,7 +524,7 @@ fn sse_response(body: Body, rid: HeaderValue) -> Response {
     resp
 }
 
-fn json_response(json: String, rid: HeaderValue) -> Response {
+pub(crate) fn json_response(json: String, rid: HeaderValue) -> Response {
     let mut resp = (
         StatusCode::OK,
         [(header::CONTENT_TYPE, "application/json")],
@@ -545,7 +535,7 @@ fn json_response(json: String, rid: HeaderValue) -> Response {
     resp
 }
 
-fn outcome(status: u16) -> &'static str {
+pub(crate) fn outcome(status: u16) -> &'static str {
     match status {
         429 | 503 => "overloaded",
         400..=499 => "client_error",
@@ -553,7 +543,7 @@ fn outcome(status: u16) -> &'static str {
     }
 }
 
-fn parse_body<T: DeserializeOwned>(
+pub(crate) fn parse_body<T: DeserializeOwned>(
     body: Result<Bytes, BytesRejection>,
     st: &AppState,
 ) -> Result<T, ApiError> {
@@ -574,7 +564,7 @@ fn parse_body<T: DeserializeOwned>(
     })
 }
 
-fn check_model(st: &AppState, model: &str) -> Result<(), ApiError> {
+pub(crate) fn check_model(st: &AppState, model: &str) -> Result<(), ApiError> {
     if st.engine.serves(model) {
         Ok(())
     } else {
@@ -582,8 +572,20 @@ fn check_model(st: &AppState, model: &str) -> Result<(), ApiError> {
     }
 }
 
+/// A text endpoint's model must generate text (an embedding model would refuse on the node, and
+/// Nexus would count that against a healthy node).
+fn check_text_model(st: &AppState, model: &str) -> Result<(), ApiError> {
+    match st.engine.dimensions(model) {
+        None => Ok(()),
+        Some(_) => Err(ApiError::invalid_param(
+            "model",
+            format!("`{model}` is an embedding model: use it with /v1/embeddings."),
+        )),
+    }
+}
+
 /// `x-lattice-preference: latency | cost | quality` steers Nexus's routing.
-fn preference(headers: &HeaderMap) -> Result<Preference, ApiError> {
+pub(crate) fn preference(headers: &HeaderMap) -> Result<Preference, ApiError> {
     match headers
         .get("x-lattice-preference")
         .map(|v| v.to_str().unwrap_or(""))
@@ -598,7 +600,6 @@ fn preference(headers: &HeaderMap) -> Result<Preference, ApiError> {
     }
 }
 
-/// Keeps a caller's request id (Nexus sets one) when it is short and printable.
 /// `x-lattice-conversation`: where an opted-in user's exchange is kept (ids like `[A-Za-z0-9_-]{1,64}`).
 fn conversation(headers: &HeaderMap) -> Option<String> {
     let v = headers.get("x-lattice-conversation")?.to_str().ok()?;
@@ -609,6 +610,22 @@ fn conversation(headers: &HeaderMap) -> Option<String> {
     .then(|| v.to_owned())
 }
 
+/// A paid request's id keys its hold, charge and receipt, so it is always fresh: the caller's
+/// `x-request-id` is kept only for unpaid requests (Nexus → node) and logged. It is
+/// time-ordered (UUIDv7: 48 bits of milliseconds, 74 random), so the ledger's rows keyed by it
+/// are appended at the end of their indexes instead of splitting pages anywhere.
+pub(crate) fn fresh_request_id(headers: &HeaderMap, paid: bool) -> String {
+    if !paid {
+        return request_id(headers);
+    }
+    let id = uuid::Uuid::now_v7().simple().to_string();
+    if let Some(theirs) = headers.get("x-request-id").and_then(|v| v.to_str().ok()) {
+        tracing::debug!(request_id = %id, client_request_id = %theirs, "paid request");
+    }
+    id
+}
+
+/// Keeps a caller's request id (Nexus sets one) when it is short and printable.
 fn request_id(headers: &HeaderMap) -> String {
     headers
         .get("x-request-id")
@@ -1005,7 +1022,7 @@ mod tests {
     fn text(p: &Prompt) -> &str {
         match p {
             Prompt::Text(t) => t,
-            Prompt::Chat(_) => "",
+            Prompt::Chat(_) | Prompt::Embed(_) => "",
         }
     }
 

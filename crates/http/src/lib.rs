@@ -1,6 +1,7 @@
 //! OpenAI-compatible HTTP API over any [`Engine`] (a node's model or Nexus's network): request
 //! validation, SSE streaming, Prometheus metrics and explicit bounds on body, tokens and load.
 
+mod embeddings;
 mod handlers;
 mod metrics;
 mod params;
@@ -129,6 +130,7 @@ pub fn router_with_auth(
     let api = Router::new()
         .route("/v1/chat/completions", post(handlers::chat_completions))
         .route("/v1/completions", post(handlers::completions))
+        .route("/v1/embeddings", post(embeddings::embeddings))
         .route("/v1/models", get(handlers::models))
         .route("/v1/models/{id}", get(handlers::model))
         .layer(

@@ -289,7 +289,8 @@ async fn collect_answer(
                 text.push_str(&d);
             }
             Ok(Event::Logprobs(l)) => logprobs.extend(l),
-            Ok(Event::Ending) => {}
+            // Embeddings come only for `Prompt::Embed`, never in a text answer.
+            Ok(Event::Ending | Event::Embedding(_)) => {}
             Ok(Event::Done {
                 finish_reason,
                 usage,
@@ -620,7 +621,7 @@ async fn next_frame(s: &mut SseState) -> Bytes {
 /// Appends an event's SSE bytes (`None`: the engine's stream ended).
 fn push_event(s: &mut SseState, ev: Option<Result<Event, EngineError>>, out: &mut Vec<u8>) {
     match ev {
-        Some(Ok(Event::Ending)) => {}
+        Some(Ok(Event::Ending | Event::Embedding(_))) => {}
         Some(Ok(Event::Logprobs(l))) => s.logprobs.extend(l),
         Some(Ok(Event::Delta(text))) => {
             s.tracker.on_delta();
@@ -1129,7 +1130,7 @@ mod tests {
                     };
                     out.extend_from_slice(&chunk(&m, d, t.clone(), None));
                 }
-                Event::Logprobs(_) | Event::Ending => {}
+                Event::Logprobs(_) | Event::Ending | Event::Embedding(_) => {}
                 Event::Done {
                     finish_reason,
                     usage,

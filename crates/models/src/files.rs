@@ -14,6 +14,39 @@ use crate::progress::Progress;
 /// First four bytes of every GGUF file.
 pub(crate) const GGUF_MAGIC: &[u8; 4] = b"GGUF";
 
+/// A safetensors file starts with an 8-byte little-endian header length, then that much JSON.
+/// Real headers are a few hundred kilobytes at most; anything bigger is not a model we can load.
+const MAX_SAFETENSORS_HEADER: u64 = 100 << 20;
+
+/// Model file formats, told apart by file name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Format {
+    /// `*.gguf`: llama.cpp models.
+    Gguf,
+    /// `*.safetensors`: embedding models, with companion files next to them.
+    Safetensors,
+}
+
+impl Format {
+    /// The format a file name promises, ignoring ASCII case; `None` for anything else.
+    pub(crate) fn of_name(name: &str) -> Option<Format> {
+        let lower = name.to_ascii_lowercase();
+        if lower.ends_with(".gguf") {
+            Some(Format::Gguf)
+        } else if lower.ends_with(".safetensors") {
+            Some(Format::Safetensors)
+        } else {
+            None
+        }
+    }
+
+    pub(crate) fn of(path: &Path) -> Option<Format> {
+        path.file_name()
+            .and_then(|n| n.to_str())
+            .and_then(Format::of_name)
+    }
+}
+
 /// Copy buffer size: large enough that hashing, not syscalls, dominates.
 pub(crate) const CHUNK: usize = 1 << 20;
 
@@ -396,6 +429,52 @@ pub(crate) fn check_gguf(path: &Path) -> Result<u64, ModelError> {
             path: path.to_owned(),
         }),
         Err(e) => Err(ModelError::io(format!("cannot read {}", path.display()), e)),
+    }
+}
+
+/// Fails unless `path` is an existing file that starts like a safetensors file: a header length
+/// that fits in the file, then a JSON object. Returns the file size.
+pub(crate) fn check_safetensors(path: &Path) -> Result<u64, ModelError> {
+    let not = || ModelError::NotSafetensors {
+        path: path.to_owned(),
+    };
+    let mut file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(ModelError::NotFound {
+                path: path.to_owned(),
+            });
+        }
+        Err(e) => return Err(ModelError::io(format!("cannot open {}", path.display()), e)),
+    };
+    let meta = file
+        .metadata()
+        .map_err(|e| ModelError::io(format!("cannot stat {}", path.display()), e))?;
+    if !meta.is_file() {
+        return Err(not());
+    }
+    let mut head = [0u8; 9];
+    match file.read_exact(&mut head) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(not()),
+        Err(e) => return Err(ModelError::io(format!("cannot read {}", path.display()), e)),
+    }
+    let [l0, l1, l2, l3, l4, l5, l6, l7, first] = head;
+    let header = u64::from_le_bytes([l0, l1, l2, l3, l4, l5, l6, l7]);
+    let fits =
+        (2..=MAX_SAFETENSORS_HEADER).contains(&header) && header <= meta.len().saturating_sub(8);
+    if fits && first == b'{' {
+        Ok(meta.len())
+    } else {
+        Err(not())
+    }
+}
+
+/// Checks that `path` is a model file we can hand to an engine: safetensors by name, else GGUF.
+pub(crate) fn check_model_file(path: &Path) -> Result<u64, ModelError> {
+    match Format::of(path) {
+        Some(Format::Safetensors) => check_safetensors(path),
+        Some(Format::Gguf) | None => check_gguf(path),
     }
 }
 

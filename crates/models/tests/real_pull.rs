@@ -59,6 +59,25 @@ async fn pulls_smollm2_for_real() {
 }
 
 #[tokio::test]
+async fn pulls_minilm_with_its_tokenizer_and_config_for_real() {
+    let (_tmp, store) = pull_real("all-minilm-l6-v2", ModelKind::Embedding).await;
+    let entry = lattice_models::find("all-minilm-l6-v2").unwrap();
+    let m = store.resolve("all-minilm-l6-v2", false).await.unwrap();
+    assert!(m.path.ends_with("all-MiniLM-L6-v2.safetensors"));
+    let expected: Vec<_> = ["tokenizer.json", "config.json", "sentence_bert_config.json"]
+        .iter()
+        .map(|suffix| m.path.with_extension(suffix))
+        .collect();
+    assert_eq!(m.companions, expected);
+    for c in entry.companions {
+        let path = m.path.with_file_name(c.file);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), c.size);
+    }
+    let config = std::fs::read_to_string(m.path.with_extension("config.json")).unwrap();
+    assert!(config.contains("\"hidden_size\": 384"), "{config}");
+}
+
+#[tokio::test]
 async fn pulls_gemma3_for_real() {
     let (tmp, _store) = pull_real("gemma3-270m", ModelKind::Base).await;
     let terms = tmp

@@ -262,8 +262,17 @@ pub(crate) fn rate(p: Price) -> Rate {
 }
 
 /// An upper bound of a request's tokens: a token covers at least one byte, plus the chat
-/// template's markers per message; never more than the context window.
+/// template's markers per message; never more than the context window (for embeddings, per
+/// text: each is refused beyond it, and each adds its model's two markers).
 pub(crate) fn token_bounds(prompt: &Prompt, max_tokens: Option<u32>, context: u32) -> (u64, u64) {
+    let context = u64::from(context.max(1));
+    if let Prompt::Embed(texts) = prompt {
+        let prompt = texts
+            .iter()
+            .map(|t| (u64::try_from(t.len()).unwrap_or(u64::MAX).saturating_add(2)).min(context))
+            .fold(0u64, u64::saturating_add);
+        return (prompt, 0);
+    }
     let prompt_bytes = match prompt {
         Prompt::Text(t) => t.len() + 16,
         Prompt::Chat(m) => {
@@ -272,8 +281,8 @@ pub(crate) fn token_bounds(prompt: &Prompt, max_tokens: Option<u32>, context: u3
                 .sum::<usize>()
                 + 64
         }
+        Prompt::Embed(_) => 0,
     };
-    let context = u64::from(context.max(1));
     let prompt = u64::try_from(prompt_bytes).unwrap_or(u64::MAX).min(context);
     let completion = max_tokens.map_or(context, u64::from).min(context);
     (prompt, completion)
@@ -872,6 +881,11 @@ mod tests {
         assert_eq!(token_bounds(&chat, None, 2048).1, 2048);
         let long = Prompt::Text("x".repeat(100_000));
         assert_eq!(token_bounds(&long, Some(1 << 30), 4096), (4096, 4096));
+        // Embeddings: each text bounded on its own (its bytes and two markers, at most the
+        // context), nothing generated whatever max_tokens says.
+        let texts = Prompt::Embed(vec!["abc".into(), "x".repeat(1000), "é".into()]);
+        assert_eq!(token_bounds(&texts, None, 256), (3 + 2 + 256 + 2 + 2, 0));
+        assert_eq!(token_bounds(&texts, Some(50), 256).1, 0);
     }
 
     #[test]

@@ -45,6 +45,46 @@ pub fn builtin_canary(model: &str) -> Option<Canary> {
     }
 }
 
+/// An embedding model's probe: two paraphrases and an unrelated sentence. Every vector must
+/// have the model's length and unit length, and the paraphrases must be clearly closer to each
+/// other than to the unrelated sentence.
+const EMBEDDING_CANARY: [&str; 3] = [
+    "The cat sits on the mat.",
+    "A cat is sitting on a mat.",
+    "Stock markets fell sharply on Monday.",
+];
+
+/// How much closer (cosine) the paraphrases must be than the unrelated pair.
+const EMBEDDING_MARGIN: f32 = 0.2;
+
+/// Why an embedding probe's answer is wrong, if it is.
+pub(crate) fn check_embeddings(vectors: &[Vec<f32>], dimensions: u32) -> Result<(), String> {
+    if vectors.len() != EMBEDDING_CANARY.len() {
+        return Err(format!(
+            "{} vectors for {} texts",
+            vectors.len(),
+            EMBEDDING_CANARY.len()
+        ));
+    }
+    for v in vectors {
+        if v.len() != dimensions as usize {
+            return Err(format!("a vector of {} numbers, not {dimensions}", v.len()));
+        }
+        let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        if !(norm - 1.0).abs().lt(&1e-3) {
+            return Err(format!("a vector of length {norm}, not 1"));
+        }
+    }
+    let cos = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
+    let (close, far) = (cos(&vectors[0], &vectors[1]), cos(&vectors[0], &vectors[2]));
+    if close < far + EMBEDDING_MARGIN {
+        return Err(format!(
+            "paraphrases at cosine {close:.3}, an unrelated sentence at {far:.3}"
+        ));
+    }
+    Ok(())
+}
+
 /// For models without a known answer the probe checks liveness only: some text comes back.
 fn liveness_canary() -> Canary {
     Canary {
@@ -88,7 +128,15 @@ async fn probe(nexus: &Nexus, node: lattice_router::NodeId, model: &str) -> Outc
     let Some((link, live)) = nexus.registry.link(node) else {
         return Outcome::Failure;
     };
-    let canary = nexus.config.canary(model).unwrap_or_else(liveness_canary);
+    let dimensions = nexus.registry.dimensions(node, model);
+    let canary = match dimensions {
+        Some(_) => Canary {
+            prompt: Prompt::Embed(EMBEDDING_CANARY.map(str::to_owned).to_vec()),
+            max_tokens: 0,
+            expect: String::new(),
+        },
+        None => nexus.config.canary(model).unwrap_or_else(liveness_canary),
+    };
     let req = GenerateRequest {
         // Unique: several of a node's models may be probed at once.
         request_id: format!("probe-{node}-{}", PROBES.fetch_add(1, Ordering::Relaxed)),
@@ -122,11 +170,13 @@ async fn probe(nexus: &Nexus, node: lattice_router::NodeId, model: &str) -> Outc
     };
     let mut receipt = early.as_ref().is_some_and(signed_by_node);
     let mut text = String::new();
+    let mut vectors = Vec::new();
     let mut ev = Some(LinkEvent::Engine(first));
     let finished = loop {
         match ev {
             Some(LinkEvent::Engine(Event::Delta(d))) => text.push_str(&d),
             Some(LinkEvent::Engine(Event::Logprobs(_) | Event::Ending)) => {}
+            Some(LinkEvent::Engine(Event::Embedding(v))) => vectors.push(v),
             // Probes also check that the node signs its receipts with its registered key.
             Some(LinkEvent::Engine(Event::Done { .. })) => {
                 dispatch.ended();
@@ -155,10 +205,55 @@ async fn probe(nexus: &Nexus, node: lattice_router::NodeId, model: &str) -> Outc
     if !finished {
         return Outcome::Failure;
     }
+    if let Some(d) = dimensions {
+        return match check_embeddings(&vectors, d) {
+            Ok(()) => Outcome::ProbePassed,
+            Err(why) => {
+                tracing::warn!(%node, %model, %why, "wrong embeddings for the canary texts");
+                Outcome::ProbeWrong
+            }
+        };
+    }
     if text.contains(&canary.expect) && !text.is_empty() {
         Outcome::ProbePassed
     } else {
         tracing::warn!(%node, %model, answer = %text, expected = %canary.expect, "wrong canary answer");
         Outcome::ProbeWrong
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn unit(v: &[f32]) -> Vec<f32> {
+        let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        v.iter().map(|x| x / n).collect()
+    }
+
+    #[test]
+    fn embedding_probes_check_shape_length_and_meaning() {
+        let good = vec![
+            unit(&[1.0, 0.0, 0.0, 0.0]),
+            unit(&[0.9, 0.4, 0.0, 0.0]),
+            unit(&[0.1, 0.0, 1.0, 0.0]),
+        ];
+        assert_eq!(check_embeddings(&good, 4), Ok(()));
+        // Too few vectors, the wrong length, not unit length.
+        assert!(check_embeddings(&good[..2], 4).is_err());
+        assert!(check_embeddings(&good, 5).is_err());
+        let mut long = good.clone();
+        long[1] = vec![0.9, 0.4, 0.0, 0.0];
+        assert!(check_embeddings(&long, 4).unwrap_err().contains("length"));
+        // A model that cannot tell a paraphrase from an unrelated sentence (here: every vector
+        // the same, as a constant or broken model gives) is wrong.
+        let same = vec![unit(&[1.0, 1.0, 0.0, 0.0]); 3];
+        assert!(
+            check_embeddings(&same, 4)
+                .unwrap_err()
+                .contains("paraphrases")
+        );
+        let swapped = vec![good[0].clone(), good[2].clone(), good[1].clone()];
+        assert!(check_embeddings(&swapped, 4).is_err());
     }
 }

@@ -107,7 +107,7 @@ impl NetworkEngine {
                         String::new(),
                     )
                 }),
-                Prompt::Text(_) => None,
+                Prompt::Text(_) | Prompt::Embed(_) => None,
             });
         // The bill exists before the hold is awaited: if this future is dropped mid-await (the
         // client went away) after the writer applied the hold, the bill's drop releases it.
@@ -147,6 +147,7 @@ fn estimate_tokens(p: &Prompt) -> u32 {
     let bytes = match p {
         Prompt::Text(t) => t.len(),
         Prompt::Chat(m) => m.iter().map(|m| m.content.len() + 8).sum(),
+        Prompt::Embed(texts) => texts.iter().map(String::len).sum(),
     };
     u32::try_from(bytes / 4).unwrap_or(u32::MAX)
 }
@@ -304,6 +305,14 @@ impl Engine for NetworkEngine {
         self.registry.snapshot().serves(model)
     }
 
+    fn dimensions(&self, model: &str) -> Option<u32> {
+        self.registry
+            .cards()
+            .iter()
+            .find(|c| c.id == model)
+            .and_then(|c| c.dimensions)
+    }
+
     fn load(&self) -> Load {
         let snap = self.registry.snapshot();
         let mut load = Load::default();
@@ -325,7 +334,7 @@ impl Engine for NetworkEngine {
                     let (l, s) = conversation_keys(&req.model, &turns);
                     (l, Some(s))
                 }
-                Prompt::Text(_) => (None, None),
+                Prompt::Text(_) | Prompt::Embed(_) => (None, None),
             };
             let snap = self.registry.snapshot();
             let route_req = RouteRequest {
@@ -553,6 +562,9 @@ impl Relay {
                     }
                     Ok(Some(LinkEvent::Engine(Event::Logprobs(l)))) => {
                         return Some((Ok(Event::Logprobs(l)), r));
+                    }
+                    Ok(Some(LinkEvent::Engine(Event::Embedding(v)))) => {
+                        return Some((Ok(Event::Embedding(v)), r));
                     }
                     Ok(Some(LinkEvent::Receipt(rc))) => {
                         if let Some(b) = &mut r.bill {

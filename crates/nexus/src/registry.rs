@@ -368,6 +368,17 @@ impl Registry {
             .map(|r| (r.address.clone(), r.price))
     }
 
+    /// The vector length of `model` on node `id`, if the node serves it as an embedding model.
+    pub(crate) fn dimensions(&self, id: NodeId, model: &str) -> Option<u32> {
+        let nodes = self.nodes.lock().unwrap_or_else(PoisonError::into_inner);
+        nodes
+            .get(&id)?
+            .models
+            .iter()
+            .find(|m| m.id == model)?
+            .dimensions
+    }
+
     pub(crate) fn link(&self, id: NodeId) -> Option<(Arc<LinkHandle>, Arc<LiveLoad>)> {
         self.routes
             .load()
@@ -618,6 +629,7 @@ impl Registry {
                     nodes: 0,
                     quantization: ad.quantization.clone(),
                     logprobs: false,
+                    dimensions: ad.dimensions,
                 });
                 card.nodes += 1;
                 card.logprobs |= ad.logprobs;

@@ -182,6 +182,7 @@ async fn session(
             context_length: m.context_length,
             quantization: m.quantization,
             logprobs: m.logprobs,
+            dimensions: m.dimensions,
         })
         .collect();
     let slots = u32::try_from(engine.load().slots).unwrap_or(u32::MAX);
@@ -530,6 +531,8 @@ async fn serve_stream(
             }
             match &ev {
                 Ok(Event::Delta(d)) => text_bytes += d.len(),
+                // Roughly their JSON: up to ~12 bytes per number.
+                Ok(Event::Embedding(v)) => text_bytes += 12 * v.len(),
                 // Roughly their JSON: bytes listed as numbers, names, numbers.
                 Ok(Event::Logprobs(l)) => {
                     text_bytes += l

