@@ -98,7 +98,10 @@ struct UpArgs {
     /// Completion model (second node).
     #[arg(long, default_value = "gemma3-270m")]
     completion_model: String,
-    /// Threads per node (both nodes share the machine's cores).
+    /// Sentence-embedding model for /v1/embeddings (third node).
+    #[arg(long, default_value = "all-minilm-l6-v2")]
+    embedding_model: String,
+    /// Threads per text node (the nodes share the machine's cores).
     #[arg(long, default_value_t = 1)]
     threads: u32,
 }
@@ -891,7 +894,8 @@ fn catalog_name(spec: &str) -> String {
 async fn up(a: UpArgs) -> Result<()> {
     let store = ModelStore::from_env()?;
     let progress = Arc::new(TerminalProgress::new());
-    for m in [&a.chat_model, &a.completion_model] {
+    let models = [&a.chat_model, &a.completion_model, &a.embedding_model];
+    for m in models {
         let spec = ModelSpec::parse(m)?;
         store
             .pull(
@@ -912,7 +916,7 @@ async fn up(a: UpArgs) -> Result<()> {
         "--operator-key-file".into(),
         dir.join("operator.key").display().to_string(),
     ])?];
-    for (i, model) in [&a.chat_model, &a.completion_model].into_iter().enumerate() {
+    for (i, model) in models.into_iter().enumerate() {
         let args: Vec<String> = [
             "node",
             "--nexus",
@@ -935,10 +939,7 @@ async fn up(a: UpArgs) -> Result<()> {
         .collect();
         children.push(spawn_self(&args)?);
     }
-    let want = [
-        catalog_name(&a.chat_model),
-        catalog_name(&a.completion_model),
-    ];
+    let want = models.map(|m| catalog_name(m));
     eprintln!("waiting for the nodes to link and pass calibration…");
     let client = reqwest::Client::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(300);
@@ -968,13 +969,15 @@ async fn up(a: UpArgs) -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    let [chat, text] = &want;
+    let [chat, text, embedding] = &want;
     let key = std::fs::read_to_string(dir.join("operator.key"))
         .context("reading the operator API key")?;
     let key = key.trim();
     println!("listening on {base}");
     println!();
-    println!("Lattice is up: Nexus + 2 nodes ({chat}, {text}). OpenAI endpoint: {base}/v1");
+    println!(
+        "Lattice is up: Nexus + 3 nodes ({chat}, {text}, {embedding}). OpenAI endpoint: {base}/v1"
+    );
     println!(
         "Web UI: http://localhost:{}/ (passkeys need the name localhost, not 127.0.0.1)",
         a.listen.port()
@@ -996,6 +999,13 @@ async fn up(a: UpArgs) -> Result<()> {
         "  curl {base}/v1/completions -H \"Authorization: Bearer $OPENAI_API_KEY\" -H 'Content-Type: application/json' \\"
     );
     println!("    -d '{{\"model\":\"{text}\",\"prompt\":\"Once upon a time\",\"max_tokens\":32}}'");
+    println!();
+    println!(
+        "  curl {base}/v1/embeddings -H \"Authorization: Bearer $OPENAI_API_KEY\" -H 'Content-Type: application/json' \\"
+    );
+    println!(
+        "    -d '{{\"model\":\"{embedding}\",\"input\":[\"The cat sits on the mat.\",\"A cat is sitting on a mat.\"]}}'"
+    );
     println!();
     // The setup's venv has the `openai` client; a system python3 usually has not.
     let venv = cache_dir().join("venv/bin/python");

@@ -1463,9 +1463,28 @@ async fn lattice_up_starts_a_network_that_answers_its_printed_examples() {
     .await;
     assert_eq!(s, 200, "{v}");
     assert!(!v["choices"][0]["text"].as_str().unwrap().is_empty(), "{v}");
+    // The embeddings example exactly as printed: two paraphrases, close to each other.
+    let printed_embeddings: Value = printed
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("-d '")?.strip_suffix('\''))
+        .find(|body| body.contains("\"input\""))
+        .and_then(|body| serde_json::from_str(body).ok())
+        .unwrap_or_else(|| panic!("no embeddings example printed:\n{printed}"));
+    let (s, v) = ask("/v1/embeddings", printed_embeddings).await;
+    assert_eq!(s, 200, "{v}");
+    let vectors: Vec<Vec<f64>> = v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| serde_json::from_value(d["embedding"].clone()).unwrap())
+        .collect();
+    assert_eq!(vectors.len(), 2, "{v}");
+    assert_eq!(vectors[0].len(), 384);
+    let cos: f64 = vectors[0].iter().zip(&vectors[1]).map(|(a, b)| a * b).sum();
+    assert!(cos > 0.7, "paraphrases at cosine {cos}");
     let (ok, out) = run(&["status", "--nexus", &base]);
     assert!(
-        ok && out.contains("local-1") && out.contains("local-2"),
+        ok && out.contains("local-1") && out.contains("local-2") && out.contains("local-3"),
         "{out}"
     );
 
