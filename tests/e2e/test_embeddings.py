@@ -59,7 +59,10 @@ def test_float_and_base64_give_the_same_vectors(embedder):
     b64 = embedder.embeddings.create(model=EMBEDDING_MODEL, input=TEXTS[0])
     flt = embedder.embeddings.create(model=EMBEDDING_MODEL, input=TEXTS[0], encoding_format="float")
     assert len(b64.data) == len(flt.data) == 1
-    assert b64.data[0].embedding == flt.data[0].embedding
+    # Floats are written as the shortest decimals that read back as the same f32s (base64
+    # carries the f32 bits): equal once both are read as f32.
+    assert np.array_equal(np.array(b64.data[0].embedding, dtype=np.float32),
+                          np.array(flt.data[0].embedding, dtype=np.float32))
     # Same model, same text, same vector: nothing random in an embedding.
     again = embedder.embeddings.create(model=EMBEDDING_MODEL, input=[TEXTS[0]], dimensions=384)
     assert again.data[0].embedding == b64.data[0].embedding
@@ -71,7 +74,8 @@ def test_float_and_base64_give_the_same_vectors(embedder):
         ({"input": []}, "input"),
         ({"input": ["fine", ""]}, "input"),
         ({"input": [[101, 2023, 102]]}, "input"),
-        ({"input": "word " * 300}, None),
+        ({"input": "word " * 300}, "input"),
+        ({"input": ["ok", "a" * 9000]}, "input"),
         ({"input": "x", "dimensions": 128}, "dimensions"),
         ({"input": "x", "encoding_format": "int8"}, "encoding_format"),
     ],
@@ -82,9 +86,8 @@ def test_bad_requests_are_clear_400s(embedder, kwargs, param):
     assert e.value.status_code == 400
     body = e.value.body
     assert body["message"]
-    if param:
-        assert body["param"] == param
-    else:
+    assert body["param"] == param
+    if isinstance(kwargs["input"], str) and kwargs["input"].startswith("word"):
         assert "256" in body["message"], body
 
 
@@ -106,8 +109,11 @@ def _balance(url, key):
 def test_embeddings_through_nexus_are_routed_and_charged(nexus_url, reference):
     url, key = nexus_url
     client = OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=120)
-    listed = {m.id for m in client.models.list().data}
-    assert {MODEL, EMBEDDING_MODEL} <= listed
+    listed = {m.id: m for m in client.models.list().data}
+    assert {MODEL, EMBEDDING_MODEL} <= set(listed)
+    # Extension: an embedding model says its vector length, a text model says none.
+    assert listed[EMBEDDING_MODEL].dimensions == 384
+    assert getattr(listed[MODEL], "dimensions", None) is None
     before = int(_balance(url, key)["available"])
     r = client.embeddings.create(model=EMBEDDING_MODEL, input=TEXTS)
     assert len(r.data) == len(TEXTS)

@@ -20,4 +20,7 @@ pub struct ModelObject {
     /// Extension: how many nodes serve it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nodes: Option<u32>,
+    /// Extension: an embedding model's vector length (it serves `/v1/embeddings` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dimensions: Option<u32>,
 }

@@ -199,19 +199,39 @@ impl EmbedEngine {
     }
 }
 
+/// Bytes allowed per token of the model's limit in one text. English averages ~4–5 bytes per
+/// WordPiece token and CJK 3; only long runs of spaces or words of 100+ characters (one `[UNK]`
+/// each) come near this.
+const MAX_BYTES_PER_TOKEN: usize = 32;
+
 fn internal(e: impl std::fmt::Display) -> EngineError {
     EngineError::Internal(format!("embedding failed: {e}"))
 }
 
 impl Model {
+    /// Longest text in bytes: [`MAX_BYTES_PER_TOKEN`] per token the model takes, checked before
+    /// tokenizing (which costs time and memory in proportion to the text, whatever its limit).
+    fn max_bytes(&self) -> usize {
+        self.max_tokens.saturating_mul(MAX_BYTES_PER_TOKEN)
+    }
+
     /// Token ids of each text, with the model's special tokens; refuses an empty text and one
-    /// longer than the model takes.
+    /// longer than the model takes, stopping at the first such text.
     fn tokenize(&self, texts: &[String]) -> Result<Vec<Vec<u32>>, EngineError> {
         let mut all = Vec::with_capacity(texts.len());
         for (i, text) in texts.iter().enumerate() {
             if text.is_empty() {
                 return Err(EngineError::InvalidRequest(format!(
                     "input {i} is empty; every input must have some text"
+                )));
+            }
+            if text.len() > self.max_bytes() {
+                return Err(EngineError::InvalidRequest(format!(
+                    "input {i} is {} bytes; this model takes at most {} tokens per input, and \
+                     at most {} bytes. Split it into shorter texts.",
+                    text.len(),
+                    self.max_tokens,
+                    self.max_bytes()
                 )));
             }
             let enc = self
@@ -268,6 +288,11 @@ impl Model {
         if pooled.iter().any(|v| v.len() != self.dimensions) {
             return Err(EngineError::Internal(
                 "the model returned vectors of another length".into(),
+            ));
+        }
+        if pooled.iter().flatten().any(|x| !x.is_finite()) {
+            return Err(EngineError::Internal(
+                "the model returned a vector that is not finite".into(),
             ));
         }
         Ok(pooled)
@@ -334,11 +359,15 @@ impl Engine for EmbedEngine {
                 });
             }
             let model = self.model.clone();
-            let ids =
-                tokio::task::spawn_blocking(move || model.tokenize(&texts).map(|ids| (model, ids)))
-                    .await
-                    .map_err(internal)?;
-            let (model, ids) = ids?;
+            // The admission goes into the task and comes back with the tokens, so a caller
+            // that leaves while it runs does not free its place before the work stops.
+            let (model, ids, admitted) = tokio::task::spawn_blocking(move || {
+                let ids = model.tokenize(&texts);
+                (model, ids, admitted)
+            })
+            .await
+            .map_err(internal)?;
+            let ids = ids?;
             let prompt_tokens = ids.iter().map(Vec::len).sum::<usize>();
             let permit = self
                 .compute

@@ -145,6 +145,17 @@ async fn bad_requests_are_refused_before_any_work() {
         }
         other => panic!("{other:?}"),
     }
+    // Far past any 256-token text in bytes: refused before it is tokenized.
+    let huge = "a".repeat(256 * 32 + 1);
+    match err(e
+        .generate(request(Prompt::Embed(vec!["ok".into(), huge])))
+        .await)
+    {
+        EngineError::InvalidRequest(m) => {
+            assert!(m.contains("input 1") && m.contains("8192 bytes"), "{m}");
+        }
+        other => panic!("{other:?}"),
+    }
     match err(e.generate(request(texts(&["a", ""]))).await) {
         EngineError::InvalidRequest(m) => assert!(m.contains("input 1"), "{m}"),
         other => panic!("{other:?}"),

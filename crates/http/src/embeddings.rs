@@ -180,7 +180,7 @@ pub(crate) async fn embeddings(
     };
     let mut events = st.engine.generate(req).await.map_err(|e| {
         tracing::debug!(request_id = %request_id, error = %e, "embeddings refused by the engine");
-        failed(stream::engine_error(&e))
+        failed(refusal(&e))
     })?;
     let mut vectors = Vec::with_capacity(count);
     let usage = loop {
@@ -188,7 +188,7 @@ pub(crate) async fn embeddings(
             Some(Ok(Event::Embedding(vec))) => vectors.push(vec),
             Some(Ok(Event::Done { usage, .. })) => break usage,
             Some(Ok(_)) => {}
-            Some(Err(e)) => return Err(failed(stream::engine_error(&e)).into()),
+            Some(Err(e)) => return Err(failed(refusal(&e)).into()),
             None => {
                 let e = EngineError::Upstream("the embedding stream ended early".into());
                 return Err(failed(stream::engine_error(&e)).into());
@@ -211,26 +211,65 @@ pub(crate) async fn embeddings(
     Ok(handlers::json_response(json, rid))
 }
 
+/// The engine's refusal as an API error; one about a text names `input`, as OpenAI's do.
+fn refusal(e: &EngineError) -> ApiError {
+    let api = stream::engine_error(e);
+    match e {
+        EngineError::InvalidRequest(m) if m.starts_with("input ") => api.with_param("input"),
+        _ => api,
+    }
+}
+
 /// OpenAI's response: `{"object":"list","data":[{"object":"embedding","index":i,"embedding":…}],"model":…,"usage":…}`.
 fn body_json(model: &str, vectors: &[Vec<f32>], encoding: Encoding, usage: Usage) -> String {
-    let data: Vec<Value> = vectors
+    #[derive(serde::Serialize)]
+    #[serde(untagged)]
+    enum Vector<'a> {
+        /// Written as `f32`s (shortest round-trip form), not widened to `f64`.
+        Float(&'a [f32]),
+        Base64(String),
+    }
+    #[derive(serde::Serialize)]
+    struct Item<'a> {
+        object: &'static str,
+        index: usize,
+        embedding: Vector<'a>,
+    }
+    #[derive(serde::Serialize)]
+    struct Tokens {
+        prompt_tokens: u32,
+        total_tokens: u32,
+    }
+    #[derive(serde::Serialize)]
+    struct Body<'a> {
+        object: &'static str,
+        data: Vec<Item<'a>>,
+        model: &'a str,
+        usage: Tokens,
+    }
+    let data = vectors
         .iter()
         .enumerate()
-        .map(|(index, v)| {
-            let embedding = match encoding {
-                Encoding::Float => Value::from(v.as_slice()),
-                Encoding::Base64 => Value::String(base64_f32(v)),
-            };
-            serde_json::json!({"object": "embedding", "index": index, "embedding": embedding})
+        .map(|(index, v)| Item {
+            object: "embedding",
+            index,
+            embedding: match encoding {
+                Encoding::Float => Vector::Float(v),
+                Encoding::Base64 => Vector::Base64(base64_f32(v)),
+            },
         })
         .collect();
-    serde_json::json!({
-        "object": "list",
-        "data": data,
-        "model": model,
-        "usage": {"prompt_tokens": usage.prompt_tokens, "total_tokens": usage.prompt_tokens},
-    })
-    .to_string()
+    let body = Body {
+        object: "list",
+        data,
+        model,
+        usage: Tokens {
+            prompt_tokens: usage.prompt_tokens,
+            total_tokens: usage.prompt_tokens,
+        },
+    };
+    // Only strings and finite numbers (the engine refuses others): this cannot fail.
+    serde_json::to_string(&body).unwrap_or_default()
 }
 
 /// Little-endian `f32`s in standard base64 with padding (what `numpy.frombuffer(…, "float32")`

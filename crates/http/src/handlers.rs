@@ -572,8 +572,8 @@ pub(crate) fn check_model(st: &AppState, model: &str) -> Result<(), ApiError> {
     }
 }
 
-/// A text endpoint's model must generate text (an embedding model would refuse on the node, and
-/// Nexus would count that against a healthy node).
+/// A text endpoint's model must generate text (an embedding model would refuse it only on the
+/// node, after Nexus held credit and routed it).
 fn check_text_model(st: &AppState, model: &str) -> Result<(), ApiError> {
     match st.engine.dimensions(model) {
         None => Ok(()),
@@ -658,6 +658,7 @@ fn model_object(st: &AppState, card: &ModelCard) -> ModelObject {
         owned_by: "lattice".into(),
         context_length: Some(card.context_length),
         nodes: Some(card.nodes),
+        dimensions: card.dimensions,
     }
 }
 

@@ -323,7 +323,10 @@ async fn bad_input_gets_openai_errors() {
         .post_raw("/v1/chat/completions", vec![b'x'; 100 * 1024])
         .await;
     assert_error(s, &b, 413, Some("request_too_large"));
+    // A route that exists, with a body that is not a request of it.
     let (s, b) = n.post("/v1/embeddings", &json!({})).await;
+    assert_error(s, &b, 400, None);
+    let (s, b) = n.post("/v1/rerank", &json!({})).await;
     assert_error(s, &b, 404, None);
     let r = n
         .client

@@ -30,6 +30,9 @@ pub struct Failover {
     pub stall_timeout: Duration,
 }
 
+/// How many times the first-token deadline an embeddings request may wait for its first vector.
+const EMBEDDINGS_DEADLINE_FACTOR: u32 = 5;
+
 impl Default for Failover {
     fn default() -> Self {
         Self {
@@ -327,7 +330,14 @@ impl Engine for NetworkEngine {
     fn generate(&self, req: GenerateRequest) -> BoxFuture<'_, Result<EventStream, EngineError>> {
         async move {
             let started = Instant::now();
-            let deadline = started + self.failover.first_token_deadline;
+            // An embeddings request's first vector comes after its texts are encoded (and after
+            // any large request ahead of it on the node): there is no short prefill to wait for.
+            let wait = if req.prompt.is_embed() {
+                self.failover.first_token_deadline * EMBEDDINGS_DEADLINE_FACTOR
+            } else {
+                self.failover.first_token_deadline
+            };
+            let deadline = started + wait;
             let (lookup, store) = match &req.prompt {
                 Prompt::Chat(m) => {
                     let turns: Vec<(&str, &str)> = m.iter().map(|m| (m.role.as_str(), m.content.as_str())).collect();
@@ -399,6 +409,14 @@ impl Engine for NetworkEngine {
                             b.book = Some(guard.dispatch.link.book.clone());
                             b.receipt = receipt;
                         }
+                        let vectors = match &req.prompt {
+                            Prompt::Embed(texts) => Some(Vectors {
+                                expected: texts.len(),
+                                dimensions: self.registry.dimensions(node, &req.model),
+                                seen: 0,
+                            }),
+                            _ => None,
+                        };
                         let relay = Relay {
                             first: Some(first),
                             rx,
@@ -408,6 +426,7 @@ impl Engine for NetworkEngine {
                             ended: false,
                             request_id: req.request_id.clone(),
                             stall: Stall::new(self.failover.stall_timeout),
+                            vectors,
                         };
                         return Ok(relay.stream());
                     }
@@ -446,6 +465,42 @@ struct Relay {
     ended: bool,
     request_id: String,
     stall: Stall,
+    /// An embeddings request: what the node's vectors must be before anyone pays for them.
+    vectors: Option<Vectors>,
+}
+
+/// The vectors an embeddings request is owed: one per text, each of the model's advertised
+/// length and finite. A node that sends anything else fails the request (nothing charged).
+struct Vectors {
+    expected: usize,
+    dimensions: Option<u32>,
+    seen: usize,
+}
+
+impl Vectors {
+    fn accept(&mut self, v: &[f32]) -> Result<(), String> {
+        self.seen += 1;
+        if self.seen > self.expected {
+            return Err(format!("more than {} vectors", self.expected));
+        }
+        if self.dimensions.is_some_and(|d| v.len() != d as usize) {
+            return Err(format!("a vector of {} numbers", v.len()));
+        }
+        if v.iter().any(|x| !x.is_finite()) {
+            return Err("a vector that is not finite".into());
+        }
+        Ok(())
+    }
+
+    fn complete(&self, usage: &lattice_api::Usage) -> Result<(), String> {
+        if self.seen != self.expected {
+            return Err(format!("{} vectors for {} texts", self.seen, self.expected));
+        }
+        if usage.completion_tokens != 0 {
+            return Err("completion tokens for embeddings".into());
+        }
+        Ok(())
+    }
 }
 
 /// Watches for a node that stops sending mid-stream, with one timer per answer: the timer is
@@ -473,6 +528,21 @@ impl Stall {
 struct Stalled;
 
 impl Relay {
+    /// Ends an embeddings request whose node sent vectors it is not owed: a failure on the
+    /// node's record, and the bill dropped with the stream, unsettled (its hold released).
+    fn malformed(&mut self, why: &str) -> Result<Event, EngineError> {
+        tracing::warn!(request_id = %self.request_id, node = %self.guard.node, %why, "malformed embeddings; nothing charged");
+        // Not `finish`: the node may still be sending, and dropping the dispatch (with this
+        // stream) cancels its work.
+        self.guard.done = true;
+        self.guard
+            .registry
+            .record(self.guard.node, &self.guard.model, RequestOutcome::Failed);
+        Err(EngineError::Upstream(format!(
+            "the node serving this request sent malformed embeddings ({why})"
+        )))
+    }
+
     /// Pays for a complete answer (a refused receipt charges nothing and counts against the
     /// node).
     async fn settle(&mut self, usage: &lattice_api::Usage) {
@@ -564,6 +634,13 @@ impl Relay {
                         return Some((Ok(Event::Logprobs(l)), r));
                     }
                     Ok(Some(LinkEvent::Engine(Event::Embedding(v)))) => {
+                        if let Some(Err(why)) = r.vectors.as_mut().map(|c| c.accept(&v)) {
+                            break r.malformed(&why);
+                        }
+                        if let Some(b) = &mut r.bill {
+                            // Renews a long request's hold like an answer's tokens do.
+                            b.on_delta("");
+                        }
                         return Some((Ok(Event::Embedding(v)), r));
                     }
                     Ok(Some(LinkEvent::Receipt(rc))) => {
@@ -575,6 +652,9 @@ impl Relay {
                         finish_reason,
                         usage,
                     }))) => {
+                        if let Some(Err(why)) = r.vectors.as_ref().map(|c| c.complete(&usage)) {
+                            break r.malformed(&why);
+                        }
                         r.guard.tokens = usage.completion_tokens;
                         r.guard.finish(true);
                         if r.bill.is_some() {
@@ -622,5 +702,53 @@ impl Relay {
             r.ended = true;
             Some((item, r))
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn owed(expected: usize) -> Vectors {
+        Vectors {
+            expected,
+            dimensions: Some(3),
+            seen: 0,
+        }
+    }
+
+    #[test]
+    fn an_embeddings_request_is_owed_one_finite_vector_per_text() {
+        let usage = lattice_api::Usage::new(7, 0);
+        let mut ok = owed(2);
+        assert!(ok.accept(&[0.0, 0.6, 0.8]).is_ok());
+        assert!(ok.complete(&usage).unwrap_err().contains("1 vectors for 2"));
+        assert!(ok.accept(&[1.0, 0.0, 0.0]).is_ok());
+        assert_eq!(ok.complete(&usage), Ok(()));
+        // One too many, the wrong length, not finite.
+        assert!(
+            ok.accept(&[1.0, 0.0, 0.0])
+                .unwrap_err()
+                .contains("more than 2")
+        );
+        assert!(
+            owed(1)
+                .accept(&[1.0, 0.0])
+                .unwrap_err()
+                .contains("2 numbers")
+        );
+        assert!(owed(1).accept(&[f32::NAN, 0.0, 0.0]).is_err());
+        assert!(owed(1).accept(&[f32::INFINITY, 0.0, 0.0]).is_err());
+        // A receipt's completion tokens for embeddings are a claim nothing was generated for.
+        let mut one = owed(1);
+        assert!(one.accept(&[1.0, 0.0, 0.0]).is_ok());
+        assert!(one.complete(&lattice_api::Usage::new(7, 3)).is_err());
+        // A node whose advertised length is unknown is held to count and finiteness only.
+        let mut any = Vectors {
+            expected: 1,
+            dimensions: None,
+            seen: 0,
+        };
+        assert!(any.accept(&[0.5; 10]).is_ok());
     }
 }

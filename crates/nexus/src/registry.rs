@@ -368,6 +368,26 @@ impl Registry {
             .map(|r| (r.address.clone(), r.price))
     }
 
+    /// A model of `models` that linked nodes other than `address` serve as another kind (text
+    /// or embedding, or embeddings of another length), with theirs.
+    pub(crate) fn kind_conflict(
+        &self,
+        address: &str,
+        models: &[ModelAd],
+    ) -> Option<(String, Option<u32>)> {
+        let nodes = self.nodes.lock().unwrap_or_else(PoisonError::into_inner);
+        nodes
+            .values()
+            .filter(|n| !n.address.eq_ignore_ascii_case(address) && !n.link.is_closed())
+            .flat_map(|n| n.models.iter())
+            .find_map(|theirs| {
+                models
+                    .iter()
+                    .find(|m| m.id == theirs.id && m.dimensions != theirs.dimensions)
+                    .map(|m| (m.id.clone(), theirs.dimensions))
+            })
+    }
+
     /// The vector length of `model` on node `id`, if the node serves it as an embedding model.
     pub(crate) fn dimensions(&self, id: NodeId, model: &str) -> Option<u32> {
         let nodes = self.nodes.lock().unwrap_or_else(PoisonError::into_inner);

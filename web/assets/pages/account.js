@@ -365,7 +365,7 @@ export async function mount(root, ctx) {
     }
     let firstModel = 'smollm2-135m';
     try {
-      firstModel = (await api('/v1/models')).data?.[0]?.id || firstModel;
+      firstModel = (await api('/v1/models')).data?.find((x) => !x.dimensions)?.id || firstModel;
     } catch { /* the example keeps the default model */ }
     try {
       const k = await api('/lattice/v1/keys', { method: 'POST', body });

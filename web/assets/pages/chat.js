@@ -106,7 +106,8 @@ export async function mount(root, ctx) {
   async function loadModels() {
     try {
       const [m, n] = await Promise.all([api('/v1/models'), api('/lattice/v1/nodes')]);
-      models = m.data || [];
+      // Embedding models (they carry `dimensions`) cannot chat.
+      models = (m.data || []).filter((x) => !x.dimensions);
       nodesByAddr = new Map((n.online || []).map((x) => [x.address, x]));
       const stats = modelStats(n.online || []);
       const keep = modelSelect.value || localStorage.getItem('lattice.model');
