@@ -264,25 +264,10 @@ async fn handshake(nexus: &Nexus, ws: &mut WebSocket) -> Result<Registered, Refu
     if label.as_ref().is_some_and(|l| l.len() > 64) {
         return Err("label is longer than 64 bytes".into());
     }
-    // One id, one kind: requests are routed by model id alone.
-    if let Some((id, theirs)) = nexus.registry.kind_conflict(&signer, &models) {
-        let kind = |d: Option<u32>| {
-            d.map_or_else(
-                || "a text model".to_owned(),
-                |n| format!("an embedding model of {n} dimensions"),
-            )
-        };
-        return Err(format!(
-            "model `{id}` is served by other nodes as {}; it cannot also be {}",
-            kind(theirs),
-            kind(
-                models
-                    .iter()
-                    .find(|m| m.id == id)
-                    .and_then(|m| m.dimensions)
-            )
-        )
-        .into());
+    let mut ids: Vec<&str> = models.iter().map(|m| m.id.as_str()).collect();
+    ids.sort_unstable();
+    if ids.windows(2).any(|w| w[0] == w[1]) {
+        return Err("a model id is listed twice".into());
     }
     let owner = node_owner(nexus, token.as_deref(), &signer).await?;
     if let Some(chain) = &nexus.chain {
@@ -319,7 +304,7 @@ async fn handshake(nexus: &Nexus, ws: &mut WebSocket) -> Result<Registered, Refu
         },
         Reputation::from_score(reputation.unwrap_or(0.5)),
         link.clone(),
-    );
+    )?;
     send_frame(
         ws,
         &NexusFrame::Registered {

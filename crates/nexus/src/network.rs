@@ -410,9 +410,13 @@ impl Engine for NetworkEngine {
                             b.receipt = receipt;
                         }
                         let vectors = match &req.prompt {
+                            // The length the client was promised (the network's card), else
+                            // the node's own; unknown, the first vector sets it for the rest.
                             Prompt::Embed(texts) => Some(Vectors {
                                 expected: texts.len(),
-                                dimensions: self.registry.dimensions(node, &req.model),
+                                dimensions: self
+                                    .dimensions(&req.model)
+                                    .or_else(|| self.registry.dimensions(node, &req.model)),
                                 seen: 0,
                             }),
                             _ => None,
@@ -483,7 +487,8 @@ impl Vectors {
         if self.seen > self.expected {
             return Err(format!("more than {} vectors", self.expected));
         }
-        if self.dimensions.is_some_and(|d| v.len() != d as usize) {
+        let length = u32::try_from(v.len()).unwrap_or(u32::MAX);
+        if *self.dimensions.get_or_insert(length) != length || length == 0 {
             return Err(format!("a vector of {} numbers", v.len()));
         }
         if v.iter().any(|x| !x.is_finite()) {
@@ -743,12 +748,15 @@ mod tests {
         let mut one = owed(1);
         assert!(one.accept(&[1.0, 0.0, 0.0]).is_ok());
         assert!(one.complete(&lattice_api::Usage::new(7, 3)).is_err());
-        // A node whose advertised length is unknown is held to count and finiteness only.
+        // A length not known in advance is set by the first vector, for all the others.
         let mut any = Vectors {
-            expected: 1,
+            expected: 3,
             dimensions: None,
             seen: 0,
         };
         assert!(any.accept(&[0.5; 10]).is_ok());
+        assert!(any.accept(&[0.5; 10]).is_ok());
+        assert!(any.accept(&[0.5; 9]).is_err());
+        assert!(owed(1).accept(&[]).is_err());
     }
 }

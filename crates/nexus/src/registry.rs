@@ -16,6 +16,42 @@ use lattice_router::{
 use serde::Serialize;
 use tokio::sync::mpsc;
 
+/// Why `models` cannot join: one of them is served, admitted, by a linked node other than
+/// `address` as another kind (text or embedding, or embeddings of another length). Requests are
+/// routed by model id alone, so one id is one kind. Only admitted models count, so a node that
+/// never passes calibration cannot block an id.
+fn kind_conflict(
+    nodes: &HashMap<NodeId, NodeEntry>,
+    address: &str,
+    models: &[ModelAd],
+) -> Option<String> {
+    let kind = |d: Option<u32>| {
+        d.map_or_else(
+            || "a text model".to_owned(),
+            |n| format!("an embedding model of {n} dimensions"),
+        )
+    };
+    nodes
+        .values()
+        .filter(|n| !n.address.eq_ignore_ascii_case(address) && !n.link.is_closed())
+        .flat_map(|n| {
+            n.models
+                .iter()
+                .filter(|m| n.health.get(&m.id).is_some_and(|h| h.admitted))
+        })
+        .find_map(|theirs| {
+            let ours = models.iter().find(|m| m.id == theirs.id)?;
+            (ours.dimensions != theirs.dimensions).then(|| {
+                format!(
+                    "model `{}` is served by other nodes as {}; it cannot also be {}",
+                    ours.id,
+                    kind(theirs.dimensions),
+                    kind(ours.dimensions)
+                )
+            })
+        })
+}
+
 /// How often the speeds requests record (EWMAs) are published to the routing snapshot.
 pub(crate) const REPUBLISH_EVERY: Duration = Duration::from_millis(250);
 
@@ -260,7 +296,7 @@ impl Registry {
         decode_tps: f64,
         reputation: Reputation,
         link: Arc<LinkHandle>,
-    ) -> NodeId {
+    ) -> Result<NodeId, String> {
         let id = NodeId(self.next_id.fetch_add(1, Ordering::Relaxed));
         let mut tps = Ewma::new(0.2);
         tps.observe(decode_tps);
@@ -297,6 +333,11 @@ impl Registry {
             recent_tps: 0.0,
         };
         self.with_nodes(|nodes| {
+            // Checked under the lock of the insert: two nodes registering at once cannot both
+            // pass with conflicting kinds.
+            if let Some(why) = kind_conflict(nodes, &entry.address, &entry.models) {
+                return Err(why);
+            }
             // A node that reconnects replaces its stale entry (same address).
             let stale: Vec<NodeId> = nodes
                 .values()
@@ -309,8 +350,8 @@ impl Registry {
                 }
             }
             nodes.insert(id, entry);
-        });
-        id
+            Ok(id)
+        })
     }
 
     /// Link lost: the node is offline at once and its streams end.
@@ -366,26 +407,6 @@ impl Registry {
             .load()
             .get(&id)
             .map(|r| (r.address.clone(), r.price))
-    }
-
-    /// A model of `models` that linked nodes other than `address` serve as another kind (text
-    /// or embedding, or embeddings of another length), with theirs.
-    pub(crate) fn kind_conflict(
-        &self,
-        address: &str,
-        models: &[ModelAd],
-    ) -> Option<(String, Option<u32>)> {
-        let nodes = self.nodes.lock().unwrap_or_else(PoisonError::into_inner);
-        nodes
-            .values()
-            .filter(|n| !n.address.eq_ignore_ascii_case(address) && !n.link.is_closed())
-            .flat_map(|n| n.models.iter())
-            .find_map(|theirs| {
-                models
-                    .iter()
-                    .find(|m| m.id == theirs.id && m.dimensions != theirs.dimensions)
-                    .map(|m| (m.id.clone(), theirs.dimensions))
-            })
     }
 
     /// The vector length of `model` on node `id`, if the node serves it as an embedding model.
@@ -712,5 +733,44 @@ mod tests {
         // Later events for the ended stream are dropped, not buffered.
         link.deliver(id, vec![delta("y")]);
         assert!(link.streams.lock().map(|s| s.is_empty()).unwrap_or(false));
+    }
+
+    #[test]
+    fn one_model_id_is_one_kind_among_admitted_nodes() {
+        let reg = Registry::new(3, Duration::from_secs(15));
+        let mut outs = Vec::new();
+        let mut add = |address: &str, dimensions: Option<u32>| {
+            let (tx, out) = mpsc::channel(4);
+            outs.push(out);
+            let ad = ModelAd {
+                id: "m".into(),
+                context_length: 256,
+                quantization: None,
+                logprobs: false,
+                dimensions,
+            };
+            reg.add(
+                address.into(),
+                None,
+                None,
+                NodeKind::Llm,
+                vec![ad],
+                Price::default(),
+                1,
+                10.0,
+                Reputation::from_score(0.5),
+                Arc::new(LinkHandle::new(tx)),
+            )
+        };
+        let a = add("0xa", Some(4)).unwrap();
+        // Not admitted yet: a node that never passes calibration blocks nothing.
+        assert!(add("0xb", None).is_ok());
+        reg.probe_result(a, "m", Outcome::ProbePassed);
+        let why = add("0xc", None).unwrap_err();
+        assert!(why.contains("embedding model of 4 dimensions"), "{why}");
+        assert!(add("0xd", Some(8)).is_err());
+        assert!(add("0xe", Some(4)).is_ok());
+        // The same node reconnecting is not its own conflict.
+        assert!(add("0xa", None).is_ok());
     }
 }
