@@ -193,7 +193,8 @@ impl EmbedEngine {
         let ids = self.model.tokenize(texts)?;
         let mut out = Vec::with_capacity(texts.len());
         for chunk in ids.chunks(self.batch) {
-            out.extend(self.model.encode(chunk)?);
+            let seqs: Vec<&[u32]> = chunk.iter().map(Vec::as_slice).collect();
+            out.extend(self.model.encode(&seqs)?);
         }
         Ok(out)
     }
@@ -253,8 +254,8 @@ impl Model {
     }
 
     /// Unit-length mean-pooled embeddings of a batch of tokenized texts.
-    fn encode(&self, batch: &[Vec<u32>]) -> Result<Vec<Vec<f32>>, EngineError> {
-        let longest = batch.iter().map(Vec::len).max().unwrap_or(0);
+    fn encode(&self, batch: &[&[u32]]) -> Result<Vec<Vec<f32>>, EngineError> {
+        let longest = batch.iter().map(|s| s.len()).max().unwrap_or(0);
         if longest == 0 {
             return Ok(Vec::new());
         }
@@ -379,22 +380,33 @@ impl Engine for EmbedEngine {
             let batch = self.batch;
             tokio::task::spawn_blocking(move || {
                 let _held = (permit, admitted);
-                for chunk in ids.chunks(batch) {
+                // Encoded shortest first, so a batch's texts are alike in length and little is
+                // padding; sent in the order given, each as soon as those before it are done.
+                let mut order: Vec<usize> = (0..ids.len()).collect();
+                order.sort_by_key(|&i| ids[i].len());
+                let mut done: Vec<Option<Vec<f32>>> = vec![None; ids.len()];
+                let mut next = 0;
+                for chunk in order.chunks(batch) {
                     if tx.is_closed() {
                         return; // the caller left: stop computing
                     }
-                    match model.encode(chunk) {
+                    let seqs: Vec<&[u32]> = chunk.iter().map(|&i| ids[i].as_slice()).collect();
+                    match model.encode(&seqs) {
                         Ok(vectors) => {
-                            for v in vectors {
-                                if tx.blocking_send(Ok(Event::Embedding(v))).is_err() {
-                                    return;
-                                }
+                            for (&i, v) in chunk.iter().zip(vectors) {
+                                done[i] = Some(v);
                             }
                         }
                         Err(e) => {
                             let _ = tx.blocking_send(Err(e));
                             return;
                         }
+                    }
+                    while let Some(v) = done.get_mut(next).and_then(Option::take) {
+                        if tx.blocking_send(Ok(Event::Embedding(v))).is_err() {
+                            return;
+                        }
+                        next += 1;
                     }
                 }
                 let usage = Usage::new(u32::try_from(prompt_tokens).unwrap_or(u32::MAX), 0);
