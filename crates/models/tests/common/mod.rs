@@ -208,3 +208,27 @@ pub fn names_in(dir: &Path) -> Vec<String> {
     v.sort();
     v
 }
+
+/// A store in a temporary directory whose pip cannot run, so any attempt to download fails
+/// loudly.
+pub struct Fixture {
+    pub tmp: tempfile::TempDir,
+    pub store: lattice_models::ModelStore,
+    pub models: PathBuf,
+    pub wheels: PathBuf,
+}
+
+pub fn fixture() -> Fixture {
+    let tmp = tempfile::tempdir().unwrap();
+    let models = tmp.path().join("models");
+    let wheels = tmp.path().join("wheels");
+    let store = lattice_models::ModelStore::new(&models)
+        .with_wheel_dir(&wheels)
+        .with_python(tmp.path().join("no-such-python"));
+    Fixture {
+        tmp,
+        store,
+        models,
+        wheels,
+    }
+}
