@@ -205,6 +205,10 @@ impl EmbedEngine {
 /// each) come near this.
 const MAX_BYTES_PER_TOKEN: usize = 32;
 
+/// Texts sorted by length together (the rest of a request waits at most this many texts'
+/// encoding for its next vector).
+const SORT_WINDOW: usize = 256;
+
 fn internal(e: impl std::fmt::Display) -> EngineError {
     EngineError::Internal(format!("embedding failed: {e}"))
 }
@@ -380,10 +384,13 @@ impl Engine for EmbedEngine {
             let batch = self.batch;
             tokio::task::spawn_blocking(move || {
                 let _held = (permit, admitted);
-                // Encoded shortest first, so a batch's texts are alike in length and little is
-                // padding; sent in the order given, each as soon as those before it are done.
+                // Encoded shortest first within each window of texts, so a batch's texts are
+                // alike in length and little is padding; sent in the order given, each as soon
+                // as those before it are done (so the first comes after one window at most).
                 let mut order: Vec<usize> = (0..ids.len()).collect();
-                order.sort_by_key(|&i| ids[i].len());
+                for window in order.chunks_mut(SORT_WINDOW) {
+                    window.sort_by_key(|&i| ids[i].len());
+                }
                 let mut done: Vec<Option<Vec<f32>>> = vec![None; ids.len()];
                 let mut next = 0;
                 for chunk in order.chunks(batch) {

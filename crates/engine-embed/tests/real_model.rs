@@ -118,14 +118,19 @@ async fn a_text_gets_the_same_vector_alone_or_padded_in_a_batch() {
     let c = cos(&alone[0], &batch[1]);
     assert!(c > 0.99999, "padding changed the vector: cosine {c}");
     assert!(cos(&batch[0], &batch[2]) > 0.99999);
-    // More texts than one batch (16), in order.
-    let many: Vec<String> = (0..37).map(|i| format!("sentence number {i}")).collect();
+    // More texts than one batch (16) and than one sorting window (256), of varied lengths
+    // (encoded shortest first within a window), come back in the order given.
+    let many: Vec<String> = (0..300)
+        .map(|i| format!("sentence number {i}{}", " and more words".repeat(i % 7)))
+        .collect();
     let refs: Vec<&str> = many.iter().map(String::as_str).collect();
     let (all, _) = embed(&e, &refs).await;
-    assert_eq!(all.len(), 37);
-    let (one, _) = embed(&e, &[refs[30]]).await;
-    assert!(cos(&one[0], &all[30]) > 0.99999);
-    assert!(cos(&one[0], &all[29]) < 0.9999);
+    assert_eq!(all.len(), 300);
+    for i in [0, 30, 255, 256, 299] {
+        let (one, _) = embed(&e, &[refs[i]]).await;
+        assert!(cos(&one[0], &all[i]) > 0.99999, "text {i}");
+        assert!(cos(&one[0], &all[i - usize::from(i > 0)]) < 0.9999 || i == 0);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
