@@ -187,17 +187,6 @@ impl EmbedEngine {
             batch: cfg.batch,
         })
     }
-
-    /// Embeds `texts` at once (blocking), for callers outside the [`Engine`] interface.
-    pub fn embed_blocking(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, EngineError> {
-        let ids = self.model.tokenize(texts)?;
-        let mut out = Vec::with_capacity(texts.len());
-        for chunk in ids.chunks(self.batch) {
-            let seqs: Vec<&[u32]> = chunk.iter().map(Vec::as_slice).collect();
-            out.extend(self.model.encode(&seqs)?);
-        }
-        Ok(out)
-    }
 }
 
 /// Bytes allowed per token of the model's limit in one text. English averages ~4–5 bytes per

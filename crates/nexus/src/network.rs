@@ -309,11 +309,7 @@ impl Engine for NetworkEngine {
     }
 
     fn dimensions(&self, model: &str) -> Option<u32> {
-        self.registry
-            .cards()
-            .iter()
-            .find(|c| c.id == model)
-            .and_then(|c| c.dimensions)
+        self.registry.card_dimensions(model)
     }
 
     fn load(&self) -> Load {

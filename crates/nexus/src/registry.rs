@@ -283,6 +283,16 @@ impl Registry {
         self.cards.load_full()
     }
 
+    /// The vector length of `model` if the network serves it as an embedding model (asked on
+    /// every request, so it reads the published cards without taking a reference to them).
+    pub(crate) fn card_dimensions(&self, model: &str) -> Option<u32> {
+        self.cards
+            .load()
+            .iter()
+            .find(|c| c.id == model)
+            .and_then(|c| c.dimensions)
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn add(
         &self,
