@@ -276,7 +276,8 @@ struct NodeArgs {
 
 #[derive(Args, Clone)]
 struct EngineArgs {
-    /// Decode threads (default: available cores, at most 8).
+    /// Decode threads (default: available cores, at most 8); for an embedding model, the
+    /// threads of its matrix products (default: one per core).
     #[arg(long)]
     threads: Option<u32>,
     /// Prompt-processing threads (default: same as --threads).
@@ -301,6 +302,9 @@ struct EngineArgs {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Node(_)) {
+        limit_candle_threads();
+    }
     let _flush_logs = init_tracing();
     let serves = matches!(cli.command, Command::Nexus(_) | Command::Node(_));
     let rt = runtime(cli.runtime_threads, serves)?;
@@ -326,6 +330,20 @@ fn main() -> Result<()> {
             }
         }
     })
+}
+
+/// An embedding node runs one encoder thread per core, each computing its own batch (see
+/// lattice-engine-embed); candle's own thread pool would spread each encoder's elementwise ops
+/// over every core again, and the two contend: on 2 cores, batches of 64 ran at 106 texts/s
+/// that way against 182 with one candle thread (BENCHMARKS.md). candle reads its thread count
+/// from `CANDLE_NUM_THREADS` alone, once; this sets it to 1 unless the operator set it.
+#[allow(unsafe_code)]
+fn limit_candle_threads() {
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        // SAFETY: called first thing in `main`, before the log writer, the runtime or any other
+        // thread exists, so nothing can read or write the environment at the same time.
+        unsafe { std::env::set_var("CANDLE_NUM_THREADS", "1") };
+    }
 }
 
 /// The async runtime: a single-threaded scheduler when one thread is asked for or only one CPU
@@ -485,6 +503,7 @@ async fn build_engine(
     {
         let mut cfg = EmbedConfig::new(local.path.clone(), id);
         cfg.queue_capacity = e.queue;
+        cfg.threads = e.threads.map(|t| t.max(1) as usize);
         let engine = tokio::task::spawn_blocking(move || EmbedEngine::load(cfg)).await??;
         return Ok(Arc::new(engine));
     }

@@ -1,11 +1,12 @@
 //! Sentence embeddings on the CPU: a BERT-family encoder (e.g. all-MiniLM-L6-v2) run with
 //! candle, mean-pooled over the text's tokens and scaled to unit length, as sentence-transformers
-//! does for these models. Serves [`Prompt::Embed`] only, one request at a time (candle spreads a
-//! batch's matrix products over the CPU's threads); others wait in a bounded queue.
+//! does for these models. Serves [`Prompt::Embed`] only. Encoder threads (one per core) take
+//! batches of texts from every admitted request in turn, each computing its own batch; requests
+//! past a bounded queue are refused.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -16,7 +17,7 @@ use lattice_engine::{
     Prompt, Usage,
 };
 use tokenizers::Tokenizer;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::mpsc;
 
 #[derive(Debug, Clone)]
 pub struct EmbedConfig {
@@ -30,8 +31,12 @@ pub struct EmbedConfig {
     pub model_id: String,
     /// Requests allowed to wait while one is computed; beyond that, `Overloaded`.
     pub queue_capacity: usize,
-    /// Texts encoded together (padded to the longest of them).
+    /// Texts encoded together (padded to the longest of them), from one request or several.
     pub batch: usize,
+    /// Encoder threads, each computing its own batch (default: one per core). candle's own
+    /// pool should then have one thread (`CANDLE_NUM_THREADS=1`, which `lattice node` sets),
+    /// or it spreads every encoder's elementwise ops over all cores again.
+    pub threads: Option<usize>,
 }
 
 impl EmbedConfig {
@@ -41,6 +46,7 @@ impl EmbedConfig {
             model_id: model_id.into(),
             queue_capacity: 64,
             batch: 16,
+            threads: None,
         }
     }
 }
@@ -73,12 +79,11 @@ struct Model {
 pub struct EmbedEngine {
     model: Arc<Model>,
     card: ModelCard,
-    /// One request computes at a time.
-    compute: Arc<Semaphore>,
-    /// Requests admitted and not finished (the one computing included).
+    /// Tokenized requests, shared by the encoder threads.
+    queue: Arc<Queue>,
+    /// Requests admitted whose caller still holds the stream.
     admitted: Arc<AtomicUsize>,
     queue_capacity: usize,
-    batch: usize,
 }
 
 /// `<stem>.<suffix>` next to the weights, else `<plain>` in their directory.
@@ -172,19 +177,37 @@ impl EmbedEngine {
             logprobs: false,
             dimensions: Some(u32::try_from(dimensions).unwrap_or(u32::MAX)),
         };
-        tracing::info!(model = %cfg.model_id, dimensions, max_tokens, "embedding model loaded");
+        let model = Arc::new(Model {
+            bert,
+            tokenizer,
+            max_tokens,
+            dimensions,
+        });
+        let queue = Arc::new(Queue::default());
+        let encoders = cfg
+            .threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+            .max(1);
+        for n in 0..encoders {
+            // Each encoder computes inside a rayon pool of one thread, so candle's matrix
+            // products (gemm over rayon) stay on that encoder's thread.
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(1)
+                .thread_name(move |_| format!("embed-{n}"))
+                .build()
+                .map_err(|e| LoadError::Config(format!("cannot start an encoder thread: {e}")))?;
+            let (model, queue, batch) = (model.clone(), queue.clone(), cfg.batch);
+            // The pool's handle is dropped here; its thread lives on until `work` returns
+            // (when the engine is dropped).
+            pool.spawn(move || work(&model, &queue, batch));
+        }
+        tracing::info!(model = %cfg.model_id, dimensions, max_tokens, encoders, "embedding model loaded");
         Ok(Self {
-            model: Arc::new(Model {
-                bert,
-                tokenizer,
-                max_tokens,
-                dimensions,
-            }),
+            model,
             card,
-            compute: Arc::new(Semaphore::new(1)),
+            queue,
             admitted: Arc::default(),
             queue_capacity: cfg.queue_capacity,
-            batch: cfg.batch,
         })
     }
 }
@@ -293,12 +316,185 @@ impl Model {
     }
 }
 
+impl Drop for EmbedEngine {
+    fn drop(&mut self) {
+        self.queue.lock().closed = true;
+        self.queue.wake.notify_all();
+    }
+}
+
 /// Gives the admission back when the request ends, however it ends.
 struct Admitted(Arc<AtomicUsize>);
 
 impl Drop for Admitted {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// One request's texts on the worker: encoded in `order` (shortest first within each window),
+/// sent in the order given.
+struct Job {
+    id: u64,
+    ids: Vec<Vec<u32>>,
+    order: Vec<usize>,
+    /// Texts of `order` already put into a batch.
+    taken: usize,
+    done: Vec<Option<Vec<f32>>>,
+    /// Vectors sent so far (texts `0..sent`).
+    sent: usize,
+    prompt_tokens: u32,
+    /// Unbounded: a reader that is slow to take its vectors never stalls the other requests'
+    /// batches; what it can hold is bounded by its request's size.
+    tx: mpsc::UnboundedSender<Result<Event, EngineError>>,
+}
+
+impl Job {
+    fn new(
+        id: u64,
+        ids: Vec<Vec<u32>>,
+        tx: mpsc::UnboundedSender<Result<Event, EngineError>>,
+    ) -> Self {
+        let mut order: Vec<usize> = (0..ids.len()).collect();
+        for window in order.chunks_mut(SORT_WINDOW) {
+            window.sort_by_key(|&i| ids[i].len());
+        }
+        let prompt_tokens = ids.iter().map(Vec::len).sum::<usize>();
+        Self {
+            id,
+            done: vec![None; ids.len()],
+            order,
+            taken: 0,
+            sent: 0,
+            prompt_tokens: u32::try_from(prompt_tokens).unwrap_or(u32::MAX),
+            ids,
+            tx,
+        }
+    }
+
+    /// Sends the vectors that are next in order; false once the reader has gone.
+    fn flush(&mut self) -> bool {
+        while let Some(v) = self.done.get_mut(self.sent).and_then(Option::take) {
+            if self.tx.send(Ok(Event::Embedding(v))).is_err() {
+                return false;
+            }
+            self.sent += 1;
+        }
+        true
+    }
+}
+
+/// Up to `batch` texts, taken one at a time from each request in turn (oldest first), so a
+/// request of one text waits for one batch behind a request of thousands, not for all of it.
+fn pick(jobs: &mut [Job], batch: usize) -> Vec<(u64, usize)> {
+    let mut picks = Vec::with_capacity(batch);
+    loop {
+        let before = picks.len();
+        for job in jobs.iter_mut() {
+            if picks.len() == batch {
+                return picks;
+            }
+            if let Some(&i) = job.order.get(job.taken) {
+                picks.push((job.id, i));
+                job.taken += 1;
+            }
+        }
+        if picks.len() == before {
+            return picks;
+        }
+    }
+}
+
+/// The requests the encoders share.
+#[derive(Default)]
+struct Queue {
+    state: Mutex<State>,
+    /// Signalled when a request arrives, texts remain after a batch was taken, or the engine
+    /// is dropped.
+    wake: Condvar,
+}
+
+#[derive(Default)]
+struct State {
+    jobs: Vec<Job>,
+    next_id: u64,
+    closed: bool,
+}
+
+impl Queue {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // An encoder panic is caught before it could poison the lock; if one did, the list
+        // is still whole (every change is a plain push, field update or retain).
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// One encoder thread: takes a batch of the waiting requests' texts, encodes it (alone on its
+/// core), hands the vectors out, and takes the next. Several run side by side; on a small
+/// model this beats spreading each batch's products over the cores (BENCHMARKS.md).
+fn work(model: &Model, queue: &Queue, batch: usize) {
+    let mut state = queue.lock();
+    loop {
+        // A request whose reader left is dropped here, before its texts take a batch.
+        state.jobs.retain(|j| !j.tx.is_closed());
+        let picks = pick(&mut state.jobs, batch);
+        if picks.is_empty() {
+            if state.closed {
+                return;
+            }
+            state = queue
+                .wake
+                .wait(state)
+                .unwrap_or_else(PoisonError::into_inner);
+            continue;
+        }
+        if state.jobs.iter().any(|j| j.taken < j.order.len()) {
+            queue.wake.notify_one(); // more texts wait: another encoder can start on them
+        }
+        // Copied out (a few hundred ids) so the list is free while this batch is encoded.
+        let (picks, seqs): (Vec<(u64, usize)>, Vec<Vec<u32>>) = picks
+            .into_iter()
+            .filter_map(|(id, i)| {
+                let job = state.jobs.iter().find(|j| j.id == id)?;
+                Some(((id, i), job.ids.get(i)?.clone()))
+            })
+            .unzip();
+        drop(state);
+        let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+        let encoded =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| model.encode(&refs)))
+                .unwrap_or_else(|_| Err(internal("the encoder panicked")));
+        state = queue.lock();
+        let mut failed = Vec::new();
+        match encoded {
+            Ok(vectors) => {
+                for (&(id, i), v) in picks.iter().zip(vectors) {
+                    // Gone if its reader left meanwhile.
+                    if let Some(job) = state.jobs.iter_mut().find(|j| j.id == id) {
+                        job.done[i] = Some(v);
+                    }
+                }
+            }
+            Err(e) => failed.extend(picks.iter().map(|&(id, _)| (id, e.clone()))),
+        }
+        state.jobs.retain_mut(|job| {
+            if let Some((_, e)) = failed.iter().find(|(id, _)| *id == job.id) {
+                let _ = job.tx.send(Err(e.clone()));
+                return false;
+            }
+            if !job.flush() {
+                return false;
+            }
+            if job.sent < job.ids.len() {
+                return true;
+            }
+            let usage = Usage::new(job.prompt_tokens, 0);
+            let _ = job.tx.send(Ok(Event::Done {
+                finish_reason: FinishReason::Stop,
+                usage,
+            }));
+            false
+        });
     }
 }
 
@@ -316,10 +512,12 @@ impl Engine for EmbedEngine {
     }
 
     fn load(&self) -> Load {
+        // The worker encodes every admitted request's texts together: one slot, busy while
+        // any request is admitted.
         let admitted = self.admitted.load(Ordering::Acquire);
-        let busy = usize::from(self.compute.available_permits() == 0);
+        let busy = admitted.min(1);
         Load {
-            queued: admitted.saturating_sub(busy),
+            queued: admitted - busy,
             busy_slots: busy,
             slots: 1,
         }
@@ -344,7 +542,8 @@ impl Engine for EmbedEngine {
                     "input must not be empty".into(),
                 ));
             }
-            // Counted before anything waits, so a full queue refuses at once.
+            // Counted before anything waits, so a full queue refuses at once; held until the
+            // caller drops the stream.
             let before = self.admitted.fetch_add(1, Ordering::AcqRel);
             let admitted = Admitted(self.admitted.clone());
             if before > self.queue_capacity {
@@ -355,70 +554,73 @@ impl Engine for EmbedEngine {
             let model = self.model.clone();
             // The admission goes into the task and comes back with the tokens, so a caller
             // that leaves while it runs does not free its place before the work stops.
-            let (model, ids, admitted) = tokio::task::spawn_blocking(move || {
+            let (ids, admitted) = tokio::task::spawn_blocking(move || {
                 let ids = model.tokenize(&texts);
-                (model, ids, admitted)
+                (ids, admitted)
             })
             .await
             .map_err(internal)?;
             let ids = ids?;
-            let prompt_tokens = ids.iter().map(Vec::len).sum::<usize>();
-            let permit = self
-                .compute
-                .clone()
-                .acquire_owned()
-                .await
-                .map_err(internal)?;
-            let (tx, rx) = mpsc::channel::<Result<Event, EngineError>>(2 * self.batch);
-            let batch = self.batch;
-            tokio::task::spawn_blocking(move || {
-                let _held = (permit, admitted);
-                // Encoded shortest first within each window of texts, so a batch's texts are
-                // alike in length and little is padding; sent in the order given, each as soon
-                // as those before it are done (so the first comes after one window at most).
-                let mut order: Vec<usize> = (0..ids.len()).collect();
-                for window in order.chunks_mut(SORT_WINDOW) {
-                    window.sort_by_key(|&i| ids[i].len());
-                }
-                let mut done: Vec<Option<Vec<f32>>> = vec![None; ids.len()];
-                let mut next = 0;
-                for chunk in order.chunks(batch) {
-                    if tx.is_closed() {
-                        return; // the caller left: stop computing
-                    }
-                    let seqs: Vec<&[u32]> = chunk.iter().map(|&i| ids[i].as_slice()).collect();
-                    match model.encode(&seqs) {
-                        Ok(vectors) => {
-                            for (&i, v) in chunk.iter().zip(vectors) {
-                                done[i] = Some(v);
-                            }
-                        }
-                        Err(e) => {
-                            let _ = tx.blocking_send(Err(e));
-                            return;
-                        }
-                    }
-                    while let Some(v) = done.get_mut(next).and_then(Option::take) {
-                        if tx.blocking_send(Ok(Event::Embedding(v))).is_err() {
-                            return;
-                        }
-                        next += 1;
-                    }
-                }
-                let usage = Usage::new(u32::try_from(prompt_tokens).unwrap_or(u32::MAX), 0);
-                let _ = tx.blocking_send(Ok(Event::Done {
-                    finish_reason: FinishReason::Stop,
-                    usage,
-                }));
+            let (tx, mut rx) = mpsc::unbounded_channel();
+            {
+                let mut state = self.queue.lock();
+                let id = state.next_id;
+                state.next_id += 1;
+                state.jobs.push(Job::new(id, ids, tx));
+            }
+            self.queue.wake.notify_one();
+            let stream = futures::stream::poll_fn(move |cx| {
+                let _held = &admitted;
+                rx.poll_recv(cx)
             });
-            Ok(Box::pin(tokio_stream_from(rx)) as EventStream)
+            Ok(Box::pin(stream) as EventStream)
         })
     }
 }
 
-/// The receiver as a stream.
-fn tokio_stream_from(
-    mut rx: mpsc::Receiver<Result<Event, EngineError>>,
-) -> impl futures::Stream<Item = Result<Event, EngineError>> + Send {
-    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(id: u64, lengths: &[usize]) -> Job {
+        let (tx, _rx) = mpsc::unbounded_channel();
+        Job::new(id, lengths.iter().map(|&n| vec![0; n]).collect(), tx)
+    }
+
+    #[test]
+    fn batches_take_from_every_request_in_turn() {
+        let mut jobs = vec![job(7, &[5; 40]), job(8, &[3]), job(9, &[9, 2])];
+        let first = pick(&mut jobs, 6);
+        // Round robin, oldest first; within a request shortest first (1 before 0).
+        assert_eq!(first, vec![(7, 0), (8, 0), (9, 1), (7, 1), (9, 0), (7, 2)]);
+        let second = pick(&mut jobs, 6);
+        assert_eq!(second, (3..9).map(|i| (7, i)).collect::<Vec<_>>());
+        assert_eq!(pick(&mut jobs, 100).len(), 40 - 9);
+        assert!(pick(&mut jobs, 100).is_empty());
+    }
+
+    #[test]
+    fn vectors_go_out_in_the_order_given() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut j = Job::new(0, vec![vec![0; 4], vec![0; 1], vec![0; 2]], tx);
+        assert_eq!(j.order, vec![1, 2, 0]);
+        j.done[1] = Some(vec![1.0]);
+        assert!(j.flush());
+        assert!(
+            rx.try_recv().is_err(),
+            "text 0 is not done: nothing is sent"
+        );
+        j.done[0] = Some(vec![0.0]);
+        assert!(j.flush());
+        for want in [0.0, 1.0] {
+            match rx.try_recv() {
+                Ok(Ok(Event::Embedding(v))) => assert_eq!(v, vec![want]),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(j.sent, 2);
+        drop(rx);
+        j.done[2] = Some(vec![2.0]);
+        assert!(!j.flush(), "the reader is gone");
+    }
 }

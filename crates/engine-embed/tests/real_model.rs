@@ -3,7 +3,7 @@
 //! in the end-to-end tests (tests/e2e); here: shape, meaning, batching and admission.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use lattice_engine::{
     Engine, EngineError, Event, EventStream, FinishReason, GenerateRequest, Preference, Prompt,
     SamplingParams, Usage,
@@ -139,6 +139,51 @@ async fn a_text_gets_the_same_vector_alone_or_padded_in_a_batch() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_are_encoded_together_and_a_short_one_is_not_held_behind_a_long_one() {
+    let e = engine(8).await;
+    let long: Vec<String> = (0..400)
+        .map(|i| {
+            format!(
+                "document {i} is about {}",
+                "several unrelated things ".repeat(i % 5)
+            )
+        })
+        .collect();
+    let mut big = e
+        .generate(request(Prompt::Embed(long.clone())))
+        .await
+        .expect("admitted");
+    // Its first vector out means the worker is on it.
+    let first = match big.next().await {
+        Some(Ok(Event::Embedding(v))) => v,
+        other => panic!("{other:?}"),
+    };
+    let short = "Paris is the capital of France.";
+    let (during, usage) = embed(&e, &[short]).await;
+    assert_eq!(usage.prompt_tokens, 9);
+    // The long request is not done: its texts were shared out with the short one's, batch by
+    // batch, rather than all encoded first.
+    let mut ready = vec![first];
+    while let Some(ev) = big.next().now_or_never() {
+        match ev {
+            Some(Ok(Event::Embedding(v))) => ready.push(v),
+            other => panic!("the long request ended first: {other:?}"),
+        }
+    }
+    assert!(ready.len() < long.len(), "all {} were ready", ready.len());
+    let (rest, usage) = read(big).await;
+    ready.extend(rest);
+    assert_eq!(ready.len(), long.len());
+    assert!(usage.prompt_tokens > 400 * 5, "{usage:?}");
+    // Batched with each other's texts, every vector is still its own text's.
+    let (alone, _) = embed(&e, &[short, &long[0], &long[399]]).await;
+    assert!(cos(&alone[0], &during[0]) > 0.99999);
+    assert!(cos(&alone[1], &ready[0]) > 0.99999);
+    assert!(cos(&alone[2], &ready[399]) > 0.99999);
+    assert!(cos(&alone[2], &ready[398]) < 0.9999);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_are_refused_before_any_work() {
     let e = engine(8).await;
     let too_long = "word ".repeat(300);
@@ -187,7 +232,7 @@ async fn bad_requests_are_refused_before_any_work() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_queue_refuses_and_a_dropped_request_frees_its_place() {
     let e = engine(0).await;
-    // Unread, it stays admitted: its results fill the channel and it waits.
+    // While its caller holds the stream, it stays admitted (read or not).
     let many: Vec<String> = (0..200).map(|i| format!("text {i}")).collect();
     let first = e
         .generate(request(Prompt::Embed(many)))

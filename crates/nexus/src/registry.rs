@@ -526,6 +526,18 @@ impl Registry {
     ) -> Option<(String, f64)> {
         let now = Instant::now();
         self.with_nodes(|nodes| {
+            // Two nodes that registered with conflicting kinds before either was admitted:
+            // the first admitted keeps the id; the other waits, unadmitted, until it is free.
+            let conflict = match (outcome, nodes.get(&id)) {
+                (Outcome::ProbePassed, Some(n))
+                    if n.health.get(model).is_some_and(|h| !h.admitted) =>
+                {
+                    let ad: Vec<ModelAd> =
+                        n.models.iter().filter(|m| m.id == model).cloned().collect();
+                    kind_conflict(nodes, &n.address, &ad)
+                }
+                _ => None,
+            };
             let n = nodes.get_mut(&id)?;
             n.reputation.record(outcome);
             if let Some(h) = n.health.get_mut(model) {
@@ -533,10 +545,14 @@ impl Registry {
                 h.last_probe = Some(now);
                 match outcome {
                     Outcome::ProbePassed => {
-                        if !h.admitted {
-                            tracing::info!(node = %id, %model, "calibration passed; node admitted for traffic");
+                        if let Some(why) = conflict {
+                            tracing::warn!(node = %id, %model, %why, "calibration passed; not admitted while the id is served as another kind");
+                        } else {
+                            if !h.admitted {
+                                tracing::info!(node = %id, %model, "calibration passed; node admitted for traffic");
+                            }
+                            h.admitted = true;
                         }
-                        h.admitted = true;
                         h.breaker.on_success();
                     }
                     _ => h.breaker.on_failure(now),
@@ -774,8 +790,15 @@ mod tests {
         };
         let a = add("0xa", Some(4)).unwrap();
         // Not admitted yet: a node that never passes calibration blocks nothing.
-        assert!(add("0xb", None).is_ok());
+        let b = add("0xb", None).unwrap();
         reg.probe_result(a, "m", Outcome::ProbePassed);
+        // Registered before `a` was admitted, `b` passes its calibration too, but the id is
+        // now served as embeddings: `b` is not admitted.
+        reg.probe_result(b, "m", Outcome::ProbePassed);
+        let admitted = |id: NodeId| {
+            reg.with_nodes(|nodes| nodes.get(&id).is_some_and(|n| n.health["m"].admitted))
+        };
+        assert!(admitted(a) && !admitted(b));
         let why = add("0xc", None).unwrap_err();
         assert!(why.contains("embedding model of 4 dimensions"), "{why}");
         assert!(add("0xd", Some(8)).is_err());
