@@ -10,7 +10,6 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use candle_transformers::models::bert::{BertModel, Config};
 use futures::future::BoxFuture;
 use lattice_engine::{
     Engine, EngineError, Event, EventStream, FinishReason, GenerateRequest, Load, ModelCard,
@@ -18,6 +17,9 @@ use lattice_engine::{
 };
 use tokenizers::Tokenizer;
 use tokio::sync::mpsc;
+
+mod bert;
+use bert::{Bert, Config};
 
 #[derive(Debug, Clone)]
 pub struct EmbedConfig {
@@ -69,7 +71,7 @@ pub enum LoadError {
 
 /// The encoder, its tokenizer and its limits (read-only once loaded).
 struct Model {
-    bert: BertModel,
+    bert: Bert,
     tokenizer: Tokenizer,
     /// Longest input in tokens, [CLS] and [SEP] included.
     max_tokens: usize,
@@ -127,6 +129,7 @@ impl EmbedEngine {
                 path: config_path.clone(),
                 reason: e.to_string(),
             })?;
+        config.check().map_err(LoadError::Config)?;
         let mut max_tokens = config.max_position_embeddings;
         if let (Some(p), _) = companion(
             weights,
@@ -165,7 +168,7 @@ impl EmbedEngine {
         };
         let tensors = candle_core::safetensors::load(weights, &device).map_err(model_err)?;
         let vb = VarBuilder::from_tensors(tensors, DType::F32, &device);
-        let bert = BertModel::load(vb, &config).map_err(model_err)?;
+        let bert = Bert::load(vb, &config).map_err(model_err)?;
         let dimensions = config.hidden_size;
         let card = ModelCard {
             id: cfg.model_id.clone(),
@@ -285,13 +288,12 @@ impl Model {
             mask.extend(std::iter::repeat_n(1u32, seq.len()));
             mask.resize(mask.len() + longest - seq.len(), 0);
         }
-        let device = &self.bert.device;
+        let device = self.bert.device();
         let shape = (batch.len(), longest);
         let ids = Tensor::from_vec(ids, shape, device).map_err(internal)?;
         let mask = Tensor::from_vec(mask, shape, device).map_err(internal)?;
-        let types = ids.zeros_like().map_err(internal)?;
         let pooled = (|| {
-            let hidden = self.bert.forward(&ids, &types, Some(&mask))?;
+            let hidden = self.bert.forward(&ids, &mask)?;
             // Mean over the text's own tokens (padding masked out), then unit length.
             let m = mask.to_dtype(DType::F32)?.unsqueeze(2)?;
             let summed = hidden.broadcast_mul(&m)?.sum(1)?;
