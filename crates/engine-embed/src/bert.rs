@@ -8,7 +8,7 @@
 use candle_core::{
     CpuStorage, CustomOp1, D, DType, Device, Layout, Module, Result, Shape, Tensor, bail,
 };
-use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::{Embedding, LayerNorm, VarBuilder};
 use serde::Deserialize;
 
 /// The fields of a Hugging Face BERT `config.json` the encoder uses.
@@ -71,13 +71,41 @@ impl Config {
     }
 }
 
+/// A linear layer whose weight is kept transposed, `(inputs, outputs)` row-major. gemm computes
+/// a row-major product as its transpose, so this weight is then already in the column-major
+/// form its kernel reads; kept as Hugging Face stores it, gemm repacked the whole weight on
+/// every product (a third of the CPU for single texts, in a profile).
+struct Dense {
+    weight_t: Tensor,
+    bias: Tensor,
+}
+
+impl Dense {
+    fn new(weight: &Tensor, bias: Tensor) -> Result<Self> {
+        Ok(Self {
+            weight_t: weight.t()?.contiguous()?,
+            bias,
+        })
+    }
+
+    /// `(batch, tokens, inputs)` → `(batch, tokens, outputs)`.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (batch, tokens, inputs) = x.dims3()?;
+        let outputs = self.weight_t.dim(1)?;
+        x.reshape((batch * tokens, inputs))?
+            .matmul(&self.weight_t)?
+            .broadcast_add(&self.bias)?
+            .reshape((batch, tokens, outputs))
+    }
+}
+
 struct Layer {
-    /// Query, key and value in one product: `(3 × hidden, hidden)`.
-    qkv: Linear,
-    attention_out: Linear,
+    /// Query, key and value in one product: `hidden` → `3 × hidden`.
+    qkv: Dense,
+    attention_out: Dense,
     attention_norm: LayerNorm,
-    up: Linear,
-    down: Linear,
+    up: Dense,
+    down: Dense,
     out_norm: LayerNorm,
 }
 
@@ -138,19 +166,19 @@ impl Bert {
                 let (q, qb) = linear(&att.pp("self.query"), h, h)?;
                 let (k, kb) = linear(&att.pp("self.key"), h, h)?;
                 let (v, vb_) = linear(&att.pp("self.value"), h, h)?;
-                let qkv = Linear::new(
-                    Tensor::cat(&[q, k, v], 0)?,
-                    Some(Tensor::cat(&[qb, kb, vb_], 0)?),
-                );
+                let qkv = Dense::new(
+                    &Tensor::cat(&[q, k, v], 0)?,
+                    Tensor::cat(&[qb, kb, vb_], 0)?,
+                )?;
                 let (w, b) = linear(&att.pp("output.dense"), h, h)?;
                 let (uw, ub) = linear(&l.pp("intermediate.dense"), h, cfg.intermediate_size)?;
                 let (dw, db) = linear(&l.pp("output.dense"), cfg.intermediate_size, h)?;
                 Ok(Layer {
                     qkv,
-                    attention_out: Linear::new(w, Some(b)),
+                    attention_out: Dense::new(&w, b)?,
                     attention_norm: layer_norm(att.pp("output.LayerNorm"), h, cfg.layer_norm_eps)?,
-                    up: Linear::new(uw, Some(ub)),
-                    down: Linear::new(dw, Some(db)),
+                    up: Dense::new(&uw, ub)?,
+                    down: Dense::new(&dw, db)?,
                     out_norm: layer_norm(l.pp("output.LayerNorm"), h, cfg.layer_norm_eps)?,
                 })
             })
