@@ -113,6 +113,16 @@ def embedding_node_url():
     _stop(proc)
 
 
+@pytest.fixture(scope="session")
+def embedding_upstream_node_url(embedding_node_url):
+    """A node whose engine is the embedding node, as an OpenAI-compatible upstream."""
+    proc, url = _start(["node", "--standalone", "--upstream", f"{embedding_node_url}/v1",
+                        "--upstream-model", EMBEDDING_MODEL, "--model-id", "embed-via-upstream",
+                        "--upstream-dimensions", "384", "--port", "0"])
+    yield url
+    _stop(proc)
+
+
 @pytest.fixture()
 def client(node_url):
     from openai import OpenAI

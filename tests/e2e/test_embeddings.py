@@ -140,3 +140,42 @@ def test_nexus_keeps_embedding_and_text_models_apart(nexus_url):
         client.embeddings.create(model=EMBEDDING_MODEL, input=["ok", ""])
     # Refused requests cost nothing and hold nothing.
     assert _balance(url, key) == before
+
+
+def test_a_node_passes_embeddings_on_to_an_upstream(embedder, embedding_upstream_node_url):
+    via = OpenAI(base_url=f"{embedding_upstream_node_url}/v1", api_key="standalone", max_retries=0,
+                 timeout=120)
+    direct = embedder.embeddings.create(model=EMBEDDING_MODEL, input=TEXTS, encoding_format="float")
+    r = via.embeddings.create(model="embed-via-upstream", input=TEXTS)
+    assert r.model == "embed-via-upstream"
+    assert [d.index for d in r.data] == list(range(len(TEXTS)))
+    for a, b in zip(direct.data, r.data):
+        assert np.allclose(a.embedding, b.embedding, atol=1e-6)
+    assert r.usage.prompt_tokens == direct.usage.prompt_tokens > 0
+    models = {m.id: m for m in via.models.list().data}
+    assert models["embed-via-upstream"].model_extra.get("dimensions") == 384
+    # The upstream's refusals come back as the same 400s (this node has no tokenizer: the
+    # upstream counts the tokens); text endpoints refuse the model.
+    with pytest.raises(openai.BadRequestError) as e:
+        via.embeddings.create(model="embed-via-upstream", input=["ok", "word " * 300])
+    assert "input 1 has 302 tokens" in e.value.body["message"]
+    assert e.value.body["param"] == "input"
+    with pytest.raises(openai.BadRequestError) as e:
+        via.chat.completions.create(model="embed-via-upstream", messages=[{"role": "user", "content": "hi"}])
+    assert "embedding" in e.value.body["message"]
+
+
+def test_an_upstream_giving_vectors_of_another_length_fails_the_request(embedding_node_url):
+    from conftest import _start, _stop
+
+    proc, url = _start(["node", "--standalone", "--upstream", f"{embedding_node_url}/v1",
+                        "--upstream-model", EMBEDDING_MODEL, "--model-id", "wrong-length",
+                        "--upstream-dimensions", "768", "--port", "0"])
+    try:
+        via = OpenAI(base_url=f"{url}/v1", api_key="standalone", max_retries=0, timeout=120)
+        with pytest.raises(openai.APIStatusError) as e:
+            via.embeddings.create(model="wrong-length", input="hello")
+        assert e.value.status_code == 502
+        assert "384 numbers, not 768" in e.value.body["message"]
+    finally:
+        _stop(proc)

@@ -264,6 +264,12 @@ struct NodeArgs {
     /// without them) instead of refused.
     #[arg(long, requires = "upstream")]
     upstream_logprobs: bool,
+    /// The upstream model is an embedding model giving vectors of this many numbers (e.g. 384
+    /// for all-MiniLM-L6-v2): `/v1/embeddings` is passed on to its `/embeddings`, each answer
+    /// checked (one finite vector of this length per text, usage present), and the text
+    /// endpoints refuse it.
+    #[arg(long, requires = "upstream", conflicts_with = "upstream_logprobs", value_parser = clap::value_parser!(u32).range(1..=65536))]
+    upstream_dimensions: Option<u32>,
     #[command(flatten)]
     engine: EngineArgs,
     /// Largest request body accepted, in bytes.
@@ -276,8 +282,8 @@ struct NodeArgs {
 
 #[derive(Args, Clone)]
 struct EngineArgs {
-    /// Decode threads (default: available cores, at most 8); for an embedding model, the
-    /// threads of its matrix products (default: one per core).
+    /// Decode threads (default: available cores, at most 8); for an embedding model, its
+    /// encoder threads, each computing its own batch (default: one per core).
     #[arg(long)]
     threads: Option<u32>,
     /// Prompt-processing threads (default: same as --threads).
@@ -333,10 +339,11 @@ fn main() -> Result<()> {
 }
 
 /// An embedding node runs one encoder thread per core, each computing its own batch (see
-/// lattice-engine-embed); candle's own thread pool would spread each encoder's elementwise ops
-/// over every core again, and the two contend: on 2 cores, batches of 64 ran at 106 texts/s
-/// that way against 182 with one candle thread (BENCHMARKS.md). candle reads its thread count
-/// from `CANDLE_NUM_THREADS` alone, once; this sets it to 1 unless the operator set it.
+/// lattice-engine-embed). Its matrix products stay on the encoder's thread (each encoder runs in
+/// a rayon pool of one), but candle spreads large element-wise ops over a pool of its own, sized
+/// once from `CANDLE_NUM_THREADS` (else one per core), and the encoders contend for it: on 2
+/// cores, batches of 64 ran at 106 texts/s that way against 182 with that pool at one thread
+/// (BENCHMARKS.md). This sets it to 1 unless the operator set it.
 #[allow(unsafe_code)]
 fn limit_candle_threads() {
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
@@ -458,14 +465,30 @@ fn default_threads() -> u32 {
     std::thread::available_parallelism().map_or(2, |n| u32::try_from(n.get()).unwrap_or(2).min(8))
 }
 
+/// `--upstream` and the options that go with it.
+struct Upstream {
+    base_url: String,
+    model: Option<String>,
+    api_key: Option<String>,
+    logprobs: bool,
+    dimensions: Option<u32>,
+}
+
 /// Loads the engine for `--model` (pulling it first if needed) or connects to `--upstream`.
 async fn build_engine(
     model: Option<&str>,
     model_id: Option<String>,
-    upstream: Option<(String, Option<String>, Option<String>, bool)>,
+    upstream: Option<Upstream>,
     e: &EngineArgs,
 ) -> Result<Arc<dyn Engine>> {
-    if let Some((base_url, upstream_model, api_key, logprobs)) = upstream {
+    if let Some(Upstream {
+        base_url,
+        model: upstream_model,
+        api_key,
+        logprobs,
+        dimensions,
+    }) = upstream
+    {
         let model_id = model_id
             .or_else(|| upstream_model.clone())
             .or_else(|| model.map(str::to_owned))
@@ -481,6 +504,7 @@ async fn build_engine(
                 .saturating_add(e.queue),
             connect_timeout: Duration::from_secs(5),
             logprobs,
+            dimensions,
         })?;
         return Ok(Arc::new(engine));
     }
@@ -602,9 +626,12 @@ async fn node(a: NodeArgs) -> Result<()> {
             lattice_accounts::NODE_TOKEN_PREFIX
         );
     }
-    let upstream = a.upstream.clone().map(|u| {
-        let (model, key) = (a.upstream_model.clone(), a.upstream_api_key.clone());
-        (u, model, key, a.upstream_logprobs)
+    let upstream = a.upstream.clone().map(|base_url| Upstream {
+        base_url,
+        model: a.upstream_model.clone(),
+        api_key: a.upstream_api_key.clone(),
+        logprobs: a.upstream_logprobs,
+        dimensions: a.upstream_dimensions,
     });
     let engine = build_engine(a.model.as_deref(), a.model_id.clone(), upstream, &a.engine).await?;
     let addr: SocketAddr = format!("{}:{}", a.host, a.port)

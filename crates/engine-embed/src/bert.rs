@@ -28,6 +28,8 @@ pub(crate) struct Config {
     pub(crate) layer_norm_eps: f64,
     #[serde(default)]
     pub(crate) position_embedding_type: Option<String>,
+    #[serde(default)]
+    pub(crate) model_type: Option<String>,
 }
 
 fn gelu() -> String {
@@ -43,6 +45,10 @@ fn eps() -> f64 {
 impl Config {
     /// Refuses what this encoder does not implement, naming it.
     pub(crate) fn check(&self) -> std::result::Result<(), String> {
+        // RoBERTa-style models share BERT's tensor names but number positions from an offset.
+        if let Some(t) = self.model_type.as_deref().filter(|t| *t != "bert") {
+            return Err(format!("model type `{t}` is not supported (only `bert`)"));
+        }
         if self.hidden_act != "gelu" {
             return Err(format!(
                 "activation `{}` is not supported (only `gelu`)",
@@ -327,6 +333,12 @@ mod tests {
             ..cfg.clone()
         };
         assert!(tanh.check().unwrap_err().contains("gelu_new"));
+        let roberta = Config {
+            num_attention_heads: 2,
+            model_type: Some("roberta".into()),
+            ..cfg.clone()
+        };
+        assert!(roberta.check().unwrap_err().contains("roberta"));
         let ok = Config {
             num_attention_heads: 2,
             ..cfg

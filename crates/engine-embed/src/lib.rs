@@ -31,7 +31,8 @@ pub struct EmbedConfig {
     pub model_path: PathBuf,
     /// Id clients use in `model`.
     pub model_id: String,
-    /// Requests allowed to wait while one is computed; beyond that, `Overloaded`.
+    /// Requests admitted beyond the first (each until its caller drops the stream); beyond
+    /// that, `Overloaded`.
     pub queue_capacity: usize,
     /// Texts encoded together (padded to the longest of them), from one request or several.
     pub batch: usize,
@@ -191,14 +192,20 @@ impl EmbedEngine {
             .threads
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
             .max(1);
-        for n in 0..encoders {
-            // Each encoder computes inside a rayon pool of one thread, so candle's matrix
-            // products (gemm over rayon) stay on that encoder's thread.
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(1)
-                .thread_name(move |_| format!("embed-{n}"))
-                .build()
-                .map_err(|e| LoadError::Config(format!("cannot start an encoder thread: {e}")))?;
+        // Each encoder computes inside a rayon pool of one thread, so candle's matrix products
+        // (gemm over rayon) stay on that encoder's thread. All are built before any starts, so
+        // a failure leaves no encoder waiting for an engine that never was.
+        let pools = (0..encoders)
+            .map(|n| {
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(1)
+                    .thread_name(move |_| format!("embed-{n}"))
+                    .panic_handler(|_| tracing::error!("an embedding encoder thread panicked"))
+                    .build()
+                    .map_err(|e| LoadError::Config(format!("cannot start an encoder thread: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        for pool in pools {
             let (model, queue, batch) = (model.clone(), queue.clone(), cfg.batch);
             // The pool's handle is dropped here; its thread lives on until `work` returns
             // (when the engine is dropped).
@@ -259,6 +266,11 @@ impl Model {
                 .encode(text.as_str(), true)
                 .map_err(internal)?;
             let ids = enc.get_ids();
+            if ids.is_empty() {
+                return Err(EngineError::InvalidRequest(format!(
+                    "input {i} has no tokens for this model; every input must have some text"
+                )));
+            }
             if ids.len() > self.max_tokens {
                 return Err(EngineError::InvalidRequest(format!(
                     "input {i} has {} tokens; this model takes at most {} per input. \
@@ -386,25 +398,34 @@ impl Job {
     }
 }
 
-/// Up to `batch` texts, taken one at a time from each request in turn (oldest first), so a
-/// request of one text waits for one batch behind a request of thousands, not for all of it.
+/// Up to `batch` texts, taken one at a time from each request in turn, so a request of one
+/// text waits about one batch behind a request of thousands, not for all of it. The turn goes
+/// on from one batch to the next: the requests served last move to the back, so with more
+/// requests waiting than a batch holds, none waits for the others to finish.
 fn pick(jobs: &mut [Job], batch: usize) -> Vec<(u64, usize)> {
     let mut picks = Vec::with_capacity(batch);
-    loop {
+    // The position after the last request a text was taken from.
+    let mut next = 0;
+    'rounds: loop {
         let before = picks.len();
-        for job in jobs.iter_mut() {
+        for (k, job) in jobs.iter_mut().enumerate() {
             if picks.len() == batch {
-                return picks;
+                break 'rounds;
             }
             if let Some(&i) = job.order.get(job.taken) {
                 picks.push((job.id, i));
                 job.taken += 1;
+                next = k + 1;
             }
         }
         if picks.len() == before {
-            return picks;
+            break;
         }
     }
+    if !jobs.is_empty() {
+        jobs.rotate_left(next % jobs.len());
+    }
+    picks
 }
 
 /// The requests the encoders share.
@@ -468,6 +489,17 @@ fn work(model: &Model, queue: &Queue, batch: usize) {
                 .unwrap_or_else(|_| Err(internal("the encoder panicked")));
         state = queue.lock();
         let mut failed = Vec::new();
+        let encoded = encoded.and_then(|v| {
+            if v.len() == picks.len() {
+                Ok(v)
+            } else {
+                Err(internal(format!(
+                    "{} vectors for {} texts",
+                    v.len(),
+                    picks.len()
+                )))
+            }
+        });
         match encoded {
             Ok(vectors) => {
                 for (&(id, i), v) in picks.iter().zip(vectors) {
@@ -593,12 +625,27 @@ mod tests {
     fn batches_take_from_every_request_in_turn() {
         let mut jobs = vec![job(7, &[5; 40]), job(8, &[3]), job(9, &[9, 2])];
         let first = pick(&mut jobs, 6);
-        // Round robin, oldest first; within a request shortest first (1 before 0).
+        // Round robin; within a request shortest first (1 before 0).
         assert_eq!(first, vec![(7, 0), (8, 0), (9, 1), (7, 1), (9, 0), (7, 2)]);
         let second = pick(&mut jobs, 6);
         assert_eq!(second, (3..9).map(|i| (7, i)).collect::<Vec<_>>());
         assert_eq!(pick(&mut jobs, 100).len(), 40 - 9);
         assert!(pick(&mut jobs, 100).is_empty());
+    }
+
+    #[test]
+    fn the_turn_goes_on_across_batches() {
+        // More requests than a batch holds, each with many texts, then one of a single text:
+        // it is served within two batches, not after the others are done.
+        let mut jobs: Vec<Job> = (0..20).map(|id| job(id, &[4; 100])).collect();
+        jobs.push(job(99, &[4]));
+        let first = pick(&mut jobs, 16);
+        assert_eq!(first, (0..16).map(|id| (id, 0)).collect::<Vec<_>>());
+        let second = pick(&mut jobs, 16);
+        assert!(second.contains(&(99, 0)), "{second:?}");
+        // Then 0.. again, each once before any twice.
+        assert_eq!(&second[..5], &[(16, 0), (17, 0), (18, 0), (19, 0), (99, 0)]);
+        assert_eq!(second[5], (0, 1));
     }
 
     #[test]

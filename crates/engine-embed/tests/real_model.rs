@@ -18,6 +18,9 @@ async fn engine(queue: usize) -> EmbedEngine {
     let path = store.resolve(MODEL, true).await.expect("model").path;
     let mut cfg = EmbedConfig::new(path, MODEL);
     cfg.queue_capacity = queue;
+    // As on this project's 2-core machines, whatever the test machine has: with one encoder
+    // per core on many cores, a long request's batches would all be taken at once.
+    cfg.threads = Some(2);
     tokio::task::spawn_blocking(move || EmbedEngine::load(cfg))
         .await
         .unwrap()
@@ -244,15 +247,12 @@ async fn a_full_queue_refuses_and_a_dropped_request_frees_its_place() {
         Ok(_) => panic!("admitted past the queue"),
     }
     drop(first);
-    // The computation notices the dropped reader and gives its place back.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
-        if let Ok(s) = e.generate(request(texts(&["x"]))).await {
-            let (v, _) = read(s).await;
-            assert_eq!(v.len(), 1);
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "place never freed");
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    // Dropping the stream gives its place back at once; the abandoned texts are dropped
+    // from the encoders' list before they take another batch.
+    let s = e
+        .generate(request(texts(&["x"])))
+        .await
+        .expect("admitted once the first was dropped");
+    let (v, _) = read(s).await;
+    assert_eq!(v.len(), 1);
 }

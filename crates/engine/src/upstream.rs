@@ -40,6 +40,9 @@ pub struct UpstreamConfig {
     /// another lattice node); requests for them are passed on, and an answer that comes
     /// without them fails instead of being returned without.
     pub logprobs: bool,
+    /// The upstream model is an embedding model giving vectors of this many numbers:
+    /// `Prompt::Embed` goes to its `/embeddings`, and text prompts are refused.
+    pub dimensions: Option<u32>,
 }
 
 /// Longest part of a failed upstream response's body that is read (the rest is dropped).
@@ -57,6 +60,7 @@ pub struct UpstreamEngine {
     /// The endpoints' paths (origin form, as sent on the connection).
     chat_path: Uri,
     completions_path: Uri,
+    embeddings_path: Uri,
     /// `Bearer <api key>`, marked sensitive.
     auth: Option<HeaderValue>,
     in_flight: Arc<AtomicUsize>,
@@ -94,12 +98,14 @@ impl UpstreamEngine {
             }
         };
         let (chat_url, completions_url) = (url("chat/completions")?, url("completions")?);
+        let embeddings_url = url("embeddings")?;
         let path = |u: &Uri| -> Result<Uri, EngineError> {
             let p = u.path_and_query().map_or("/", |p| p.as_str());
             p.parse()
                 .map_err(|e| EngineError::Internal(format!("bad upstream path `{p}`: {e}")))
         };
         let (chat_path, completions_path) = (path(&chat_url)?, path(&completions_url)?);
+        let embeddings_path = path(&embeddings_url)?;
         // Both URLs share the base's scheme and authority (checked above).
         let mut origin = http::uri::Parts::default();
         origin.scheme = chat_url.scheme().cloned();
@@ -132,11 +138,11 @@ impl UpstreamEngine {
             id: cfg.model_id.clone(),
             context_length: cfg.context_length,
             parallel_slots: u32::try_from(cfg.max_in_flight).unwrap_or(u32::MAX),
-            has_chat_template: true,
+            has_chat_template: cfg.dimensions.is_none(),
             nodes: 1,
             quantization: None,
-            logprobs: cfg.logprobs,
-            dimensions: None,
+            logprobs: cfg.logprobs && cfg.dimensions.is_none(),
+            dimensions: cfg.dimensions,
         };
         Ok(Self {
             cfg,
@@ -144,6 +150,7 @@ impl UpstreamEngine {
             http,
             chat_path,
             completions_path,
+            embeddings_path,
             auth,
             in_flight: Arc::new(AtomicUsize::new(0)),
         })
@@ -192,6 +199,158 @@ impl UpstreamEngine {
         };
         (url, body)
     }
+}
+
+impl UpstreamEngine {
+    /// Sends `body` as JSON to `path`; a response that is not a success becomes the error it
+    /// says (its `error.message`, else its text).
+    async fn post(
+        &self,
+        path: &Uri,
+        request_id: &str,
+        body: &impl Serialize,
+    ) -> Result<(http::Response<hyper::body::Incoming>, Lease), EngineError> {
+        let body = serde_json::to_vec(body)
+            .map_err(|e| EngineError::Internal(format!("encoding the upstream body: {e}")))?;
+        let mut rb = http::Request::post(path.clone())
+            .header(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        // An id that is no header value (it came over the link) is left out, not fatal.
+        if let Ok(id) = HeaderValue::from_str(request_id) {
+            rb = rb.header("x-request-id", id);
+        }
+        if let Some(auth) = &self.auth {
+            rb = rb.header(AUTHORIZATION, auth.clone());
+        }
+        let request = rb
+            .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+            .map_err(|e| EngineError::Internal(format!("building the upstream request: {e}")))?;
+        let (resp, lease) = self
+            .http
+            .send(request)
+            .await
+            .map_err(EngineError::Upstream)?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok((resp, lease));
+        }
+        let text = error_body(resp.into_body()).await;
+        let msg = serde_json::from_str::<Value>(&text)
+            .ok()
+            .and_then(|v| v["error"]["message"].as_str().map(str::to_owned))
+            .unwrap_or(text);
+        Err(match status.as_u16() {
+            400 | 404 | 413 | 422 => EngineError::InvalidRequest(msg),
+            429 | 503 => EngineError::Overloaded {
+                capacity: self.cfg.max_in_flight,
+            },
+            _ => EngineError::Upstream(format!("HTTP {status}: {msg}")),
+        })
+    }
+
+    /// `/embeddings` upstream, read whole (bounded by what `texts` vectors of `dims` numbers
+    /// can take as JSON), checked (`embedding_answer`), and given out as events.
+    async fn embed(
+        &self,
+        req: &GenerateRequest,
+        texts: &[String],
+        dims: u32,
+    ) -> Result<EventStream, EngineError> {
+        let prev = self.in_flight.fetch_add(1, Ordering::AcqRel);
+        let _slot = InFlight(self.in_flight.clone());
+        if prev >= self.cfg.max_in_flight {
+            return Err(EngineError::Overloaded {
+                capacity: self.cfg.max_in_flight,
+            });
+        }
+        let body = serde_json::json!({
+            "model": self.cfg.upstream_model,
+            "input": texts,
+            "encoding_format": "float",
+        });
+        let (resp, lease) = self
+            .post(&self.embeddings_path, &req.request_id, &body)
+            .await?;
+        // ~25 bytes per number as JSON at most, plus the envelope.
+        let limit = texts
+            .len()
+            .saturating_mul(dims as usize)
+            .saturating_mul(32)
+            .saturating_add(64 << 10);
+        let mut stream = http_body_util::BodyDataStream::new(resp.into_body());
+        let mut bytes = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| EngineError::Upstream(error_chain(&e)))?;
+            if bytes.len() + chunk.len() > limit {
+                return Err(EngineError::Upstream(format!(
+                    "the upstream's embeddings answer is over {limit} bytes"
+                )));
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+        lease.finish(stream, true);
+        let (vectors, prompt_tokens) = embedding_answer(&bytes, texts.len(), dims as usize)?;
+        let events = vectors
+            .into_iter()
+            .map(|v| Ok(Event::Embedding(v)))
+            .chain(std::iter::once(Ok(Event::Done {
+                finish_reason: FinishReason::Stop,
+                usage: Usage::new(prompt_tokens, 0),
+            })));
+        Ok(Box::pin(futures::stream::iter(events)) as EventStream)
+    }
+}
+
+/// An upstream's `/embeddings` answer: one finite vector of `dims` numbers per text, put in the
+/// texts' order by `index` (each once), and its usage's prompt tokens (what is billed).
+fn embedding_answer(
+    bytes: &[u8],
+    texts: usize,
+    dims: usize,
+) -> Result<(Vec<Vec<f32>>, u32), EngineError> {
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        data: Vec<Item>,
+        usage: Option<AnswerUsage>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Item {
+        index: Option<usize>,
+        embedding: Vec<f32>,
+    }
+    #[derive(serde::Deserialize)]
+    struct AnswerUsage {
+        prompt_tokens: u32,
+    }
+    let bad = |why: String| EngineError::Upstream(format!("the upstream's embeddings: {why}"));
+    let answer: Answer = serde_json::from_slice(bytes).map_err(|e| bad(e.to_string()))?;
+    if answer.data.len() != texts {
+        return Err(bad(format!(
+            "{} vectors for {texts} texts",
+            answer.data.len()
+        )));
+    }
+    let usage = answer
+        .usage
+        .ok_or_else(|| bad("no usage (prompt tokens), so nothing to bill".into()))?;
+    let mut out: Vec<Option<Vec<f32>>> = vec![None; texts];
+    for (pos, item) in answer.data.into_iter().enumerate() {
+        let i = item.index.unwrap_or(pos);
+        if item.embedding.len() != dims {
+            return Err(bad(format!(
+                "a vector of {} numbers, not {dims}",
+                item.embedding.len()
+            )));
+        }
+        if item.embedding.iter().any(|x| !x.is_finite()) {
+            return Err(bad("a vector that is not finite".into()));
+        }
+        match out.get_mut(i) {
+            Some(slot @ None) => *slot = Some(item.embedding),
+            _ => return Err(bad(format!("index {i} is out of range or repeated"))),
+        }
+    }
+    // `texts` items, each index in range and used once: every slot is filled.
+    Ok((out.into_iter().flatten().collect(), usage.prompt_tokens))
 }
 
 /// The streamed request sent upstream.
@@ -282,8 +441,8 @@ impl Engine for UpstreamEngine {
         self.card.id == model
     }
 
-    fn dimensions(&self, _model: &str) -> Option<u32> {
-        None
+    fn dimensions(&self, model: &str) -> Option<u32> {
+        self.card.dimensions.filter(|_| model == self.card.id)
     }
 
     fn load(&self) -> Load {
@@ -297,11 +456,21 @@ impl Engine for UpstreamEngine {
 
     fn generate(&self, req: GenerateRequest) -> BoxFuture<'_, Result<EventStream, EngineError>> {
         async move {
-            if req.prompt.is_embed() {
-                return Err(EngineError::InvalidRequest(
-                    "This node's upstream backend serves text generation only, not embeddings."
-                        .into(),
-                ));
+            match (&req.prompt, self.cfg.dimensions) {
+                (Prompt::Embed(texts), Some(dims)) => return self.embed(&req, texts, dims).await,
+                (Prompt::Embed(_), None) => {
+                    return Err(EngineError::InvalidRequest(
+                        "This node's upstream backend serves text generation only, not embeddings."
+                            .into(),
+                    ));
+                }
+                (_, Some(_)) => {
+                    return Err(EngineError::InvalidRequest(format!(
+                        "'{}' is an embedding model: it serves /v1/embeddings only",
+                        self.card.id
+                    )));
+                }
+                (_, None) => {}
             }
             if req.params.logprobs.is_some() && !self.cfg.logprobs {
                 return Err(EngineError::InvalidRequest(
@@ -316,42 +485,7 @@ impl Engine for UpstreamEngine {
                 });
             }
             let (url, body) = self.body(&req);
-            let body = serde_json::to_vec(&body)
-                .map_err(|e| EngineError::Internal(format!("encoding the upstream body: {e}")))?;
-            let mut rb = http::Request::post(url.clone())
-                .header(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-            // An id that is no header value (it came over the link) is left out, not fatal.
-            if let Ok(id) = HeaderValue::from_str(&req.request_id) {
-                rb = rb.header("x-request-id", id);
-            }
-            if let Some(auth) = &self.auth {
-                rb = rb.header(AUTHORIZATION, auth.clone());
-            }
-            let request = rb
-                .body(http_body_util::Full::new(bytes::Bytes::from(body)))
-                .map_err(|e| {
-                    EngineError::Internal(format!("building the upstream request: {e}"))
-                })?;
-            let (resp, lease) = self
-                .http
-                .send(request)
-                .await
-                .map_err(EngineError::Upstream)?;
-            let status = resp.status();
-            if !status.is_success() {
-                let text = error_body(resp.into_body()).await;
-                let msg = serde_json::from_str::<Value>(&text)
-                    .ok()
-                    .and_then(|v| v["error"]["message"].as_str().map(str::to_owned))
-                    .unwrap_or(text);
-                return Err(match status.as_u16() {
-                    400 | 404 | 413 | 422 => EngineError::InvalidRequest(msg),
-                    429 | 503 => EngineError::Overloaded {
-                        capacity: self.cfg.max_in_flight,
-                    },
-                    _ => EngineError::Upstream(format!("HTTP {status}: {msg}")),
-                });
-            }
+            let (resp, lease) = self.post(url, &req.request_id, &body).await?;
             let reading = Reading {
                 body: http_body_util::BodyDataStream::new(resp.into_body()),
                 lease,
@@ -740,6 +874,36 @@ mod tests {
     }
 
     #[test]
+    fn embedding_answers_are_checked_and_put_in_order() {
+        let ok = br#"{"object":"list","data":[
+            {"object":"embedding","index":1,"embedding":[0.0,1.0]},
+            {"object":"embedding","index":0,"embedding":[1.0,0.0]}],
+            "model":"m","usage":{"prompt_tokens":7,"total_tokens":7}}"#;
+        let (v, tokens) = embedding_answer(ok, 2, 2).unwrap();
+        assert_eq!(v, vec![vec![1.0, 0.0], vec![0.0, 1.0]]);
+        assert_eq!(tokens, 7);
+        // Without indexes, in the order given.
+        let plain =
+            br#"{"data":[{"embedding":[1,2]},{"embedding":[3,4]}],"usage":{"prompt_tokens":2}}"#;
+        assert_eq!(embedding_answer(plain, 2, 2).unwrap().0[1], vec![3.0, 4.0]);
+        let refused = |body: &[u8], texts, dims| match embedding_answer(body, texts, dims) {
+            Err(EngineError::Upstream(m)) => m,
+            other => panic!("{other:?}"),
+        };
+        assert!(refused(ok, 3, 2).contains("2 vectors for 3 texts"));
+        assert!(refused(ok, 2, 3).contains("not 3"));
+        let twice = br#"{"data":[{"index":0,"embedding":[1]},{"index":0,"embedding":[2]}],"usage":{"prompt_tokens":2}}"#;
+        assert!(refused(twice, 2, 1).contains("repeated"));
+        let beyond = br#"{"data":[{"index":5,"embedding":[1]}],"usage":{"prompt_tokens":2}}"#;
+        assert!(refused(beyond, 1, 1).contains("out of range"));
+        let unbilled = br#"{"data":[{"index":0,"embedding":[1]}]}"#;
+        assert!(refused(unbilled, 1, 1).contains("no usage"));
+        let huge = br#"{"data":[{"index":0,"embedding":[1e300]}],"usage":{"prompt_tokens":2}}"#;
+        assert!(refused(huge, 1, 1).contains("not finite"));
+        assert!(refused(b"<html>", 1, 1).contains("embeddings"));
+    }
+
+    #[test]
     fn sse_parser_handles_split_lines_and_crlf() {
         let mut p = SseParser::default();
         assert_eq!(payloads(&mut p, b"data: {\"a\"").ok(), Some(vec![]));
@@ -996,6 +1160,7 @@ mod tests {
             max_in_flight: 2,
             connect_timeout: Duration::from_secs(2),
             logprobs: false,
+            dimensions: None,
         });
         let Ok(engine) = engine else {
             unreachable!("client")

@@ -172,6 +172,9 @@ pub(crate) struct ModelHealth {
     pub(crate) breaker: Breaker,
     pub(crate) last_probe: Option<Instant>,
     pub(crate) probing: bool,
+    /// Passed calibration but not admitted: the id is served as another kind by an admitted
+    /// node. Probed every probe interval (not every tick) until the id is free.
+    pub(crate) held: bool,
 }
 
 pub(crate) struct NodeEntry {
@@ -318,6 +321,7 @@ impl Registry {
                     breaker: Breaker::new(self.breaker_threshold, self.breaker_cooldown),
                     last_probe: None,
                     probing: false,
+                    held: false,
                 };
                 (m.id.clone(), h)
             })
@@ -507,7 +511,8 @@ impl Registry {
                     let periodic = h
                         .last_probe
                         .is_none_or(|t| now.duration_since(t) >= interval);
-                    if (!h.admitted || periodic) && h.breaker.probe_due(now) {
+                    let calibrating = !h.admitted && !h.held;
+                    if (calibrating || periodic) && h.breaker.probe_due(now) {
                         h.probing = true;
                         due.push((n.id, model.clone()));
                     }
@@ -539,19 +544,26 @@ impl Registry {
                 _ => None,
             };
             let n = nodes.get_mut(&id)?;
-            n.reputation.record(outcome);
+            // A held node's passes say nothing new about it: its reputation stays.
+            if conflict.is_none() {
+                n.reputation.record(outcome);
+            }
             if let Some(h) = n.health.get_mut(model) {
                 h.probing = false;
                 h.last_probe = Some(now);
                 match outcome {
                     Outcome::ProbePassed => {
                         if let Some(why) = conflict {
-                            tracing::warn!(node = %id, %model, %why, "calibration passed; not admitted while the id is served as another kind");
+                            if !h.held {
+                                tracing::warn!(node = %id, %model, %why, "calibration passed; not admitted while the id is served as another kind");
+                            }
+                            h.held = true;
                         } else {
                             if !h.admitted {
                                 tracing::info!(node = %id, %model, "calibration passed; node admitted for traffic");
                             }
                             h.admitted = true;
+                            h.held = false;
                         }
                         h.breaker.on_success();
                     }
@@ -794,16 +806,34 @@ mod tests {
         reg.probe_result(a, "m", Outcome::ProbePassed);
         // Registered before `a` was admitted, `b` passes its calibration too, but the id is
         // now served as embeddings: `b` is not admitted.
+        let score = |id: NodeId| reg.with_nodes(|nodes| nodes[&id].reputation.score());
+        let before = score(b);
+        let now = Instant::now();
         reg.probe_result(b, "m", Outcome::ProbePassed);
         let admitted = |id: NodeId| {
             reg.with_nodes(|nodes| nodes.get(&id).is_some_and(|n| n.health["m"].admitted))
         };
         assert!(admitted(a) && !admitted(b));
+        assert_eq!(
+            score(b),
+            before,
+            "a held node's passes do not raise its reputation"
+        );
+        // Held, it is probed every interval, not at every tick like a node in calibration.
+        let interval = Duration::from_secs(30);
+        let due = |at: Instant| reg.probes_due(at, interval).iter().any(|(id, _)| *id == b);
+        assert!(!due(now + Duration::from_secs(1)));
+        assert!(due(now + interval + Duration::from_secs(1)));
         let why = add("0xc", None).unwrap_err();
         assert!(why.contains("embedding model of 4 dimensions"), "{why}");
         assert!(add("0xd", Some(8)).is_err());
-        assert!(add("0xe", Some(4)).is_ok());
+        let e = add("0xe", Some(4)).unwrap();
+        // Once the node serving it otherwise is gone, the next pass admits the held one.
+        reg.remove(a);
+        reg.remove(e);
+        reg.probe_result(b, "m", Outcome::ProbePassed);
+        assert!(admitted(b));
         // The same node reconnecting is not its own conflict.
-        assert!(add("0xa", None).is_ok());
+        assert!(add("0xb", Some(4)).is_ok());
     }
 }
