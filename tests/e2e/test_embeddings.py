@@ -179,3 +179,36 @@ def test_an_upstream_giving_vectors_of_another_length_fails_the_request(embeddin
         assert "384 numbers, not 768" in e.value.body["message"]
     finally:
         _stop(proc)
+
+
+def test_an_upstream_embedding_node_is_admitted_and_used_behind_nexus(tmp_path, embedding_node_url):
+    import time
+
+    from conftest import _start, _stop
+
+    nexus, url = _start(["nexus", "--listen", "127.0.0.1:0", "--db", str(tmp_path / "nexus.db"),
+                         "--operator-key-file", str(tmp_path / "operator.key")])
+    node = None
+    try:
+        node, _ = _start(["node", "--nexus", url, "--upstream", f"{embedding_node_url}/v1",
+                          "--upstream-model", EMBEDDING_MODEL, "--model-id", "minilm-upstream",
+                          "--upstream-dimensions", "384", "--port", "0", "--key", str(tmp_path / "node.key")])
+        # Listed once the node passed its calibration (the paraphrase probes, through the upstream).
+        deadline = time.time() + 60
+        while True:
+            with urllib.request.urlopen(f"{url}/v1/models") as r:
+                models = {m["id"]: m for m in json.load(r)["data"]}
+            if "minilm-upstream" in models:
+                break
+            assert time.time() < deadline, "the upstream embedding node was never admitted"
+            time.sleep(0.2)
+        assert models["minilm-upstream"]["dimensions"] == 384
+        key = (tmp_path / "operator.key").read_text().strip()
+        client = OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=120)
+        r = client.embeddings.create(model="minilm-upstream", input=TEXTS[:2])
+        assert [len(d.embedding) for d in r.data] == [384, 384]
+        assert r.usage.prompt_tokens == 9 + 10
+    finally:
+        if node is not None:
+            _stop(node)
+        _stop(nexus)

@@ -200,7 +200,13 @@ impl EmbedEngine {
                 rayon::ThreadPoolBuilder::new()
                     .num_threads(1)
                     .thread_name(move |_| format!("embed-{n}"))
-                    .panic_handler(|_| tracing::error!("an embedding encoder thread panicked"))
+                    // Encoding runs under `catch_unwind`; a panic anywhere else in an encoder
+                    // would leave its texts unanswered, so it ends the process, as rayon's
+                    // default does, with a line in the log.
+                    .panic_handler(|_| {
+                        tracing::error!("an embedding encoder panicked outside an encode");
+                        std::process::abort()
+                    })
                     .build()
                     .map_err(|e| LoadError::Config(format!("cannot start an encoder thread: {e}")))
             })

@@ -270,11 +270,11 @@ impl UpstreamEngine {
         let (resp, lease) = self
             .post(&self.embeddings_path, &req.request_id, &body)
             .await?;
-        // ~25 bytes per number as JSON at most, plus the envelope.
+        // 32 bytes per number as JSON (even pretty-printed), 128 per item's own keys, and the
+        // envelope.
         let limit = texts
             .len()
-            .saturating_mul(dims as usize)
-            .saturating_mul(32)
+            .saturating_mul((dims as usize).saturating_mul(32).saturating_add(128))
             .saturating_add(64 << 10);
         let mut stream = http_body_util::BodyDataStream::new(resp.into_body());
         let mut bytes = Vec::new();
@@ -300,8 +300,9 @@ impl UpstreamEngine {
     }
 }
 
-/// An upstream's `/embeddings` answer: one finite vector of `dims` numbers per text, put in the
-/// texts' order by `index` (each once), and its usage's prompt tokens (what is billed).
+/// An upstream's `/embeddings` answer: one finite, unit-length vector of `dims` numbers per
+/// text (what the node's endpoint promises and Nexus's probes check), put in the texts' order
+/// by `index` (each once), and its usage's prompt tokens (what is billed, so not 0).
 fn embedding_answer(
     bytes: &[u8],
     texts: usize,
@@ -331,6 +332,7 @@ fn embedding_answer(
     }
     let usage = answer
         .usage
+        .filter(|u| u.prompt_tokens > 0)
         .ok_or_else(|| bad("no usage (prompt tokens), so nothing to bill".into()))?;
     let mut out: Vec<Option<Vec<f32>>> = vec![None; texts];
     for (pos, item) in answer.data.into_iter().enumerate() {
@@ -343,6 +345,13 @@ fn embedding_answer(
         }
         if item.embedding.iter().any(|x| !x.is_finite()) {
             return Err(bad("a vector that is not finite".into()));
+        }
+        let norm = item.embedding.iter().map(|x| x * x).sum::<f32>().sqrt();
+        if (norm - 1.0).abs() > 1e-3 {
+            return Err(bad(format!(
+                "a vector of length {norm}, not 1: the upstream must return normalized \
+                 (unit-length) pooled vectors"
+            )));
         }
         match out.get_mut(i) {
             Some(slot @ None) => *slot = Some(item.embedding),
@@ -883,24 +892,28 @@ mod tests {
         assert_eq!(v, vec![vec![1.0, 0.0], vec![0.0, 1.0]]);
         assert_eq!(tokens, 7);
         // Without indexes, in the order given.
-        let plain =
-            br#"{"data":[{"embedding":[1,2]},{"embedding":[3,4]}],"usage":{"prompt_tokens":2}}"#;
-        assert_eq!(embedding_answer(plain, 2, 2).unwrap().0[1], vec![3.0, 4.0]);
+        let plain = br#"{"data":[{"embedding":[0.6,0.8]},{"embedding":[0.8,-0.6]}],
+            "usage":{"prompt_tokens":2}}"#;
+        assert_eq!(embedding_answer(plain, 2, 2).unwrap().0[1], vec![0.8, -0.6]);
         let refused = |body: &[u8], texts, dims| match embedding_answer(body, texts, dims) {
             Err(EngineError::Upstream(m)) => m,
             other => panic!("{other:?}"),
         };
         assert!(refused(ok, 3, 2).contains("2 vectors for 3 texts"));
         assert!(refused(ok, 2, 3).contains("not 3"));
-        let twice = br#"{"data":[{"index":0,"embedding":[1]},{"index":0,"embedding":[2]}],"usage":{"prompt_tokens":2}}"#;
+        let twice = br#"{"data":[{"index":0,"embedding":[1]},{"index":0,"embedding":[-1]}],"usage":{"prompt_tokens":2}}"#;
         assert!(refused(twice, 2, 1).contains("repeated"));
         let beyond = br#"{"data":[{"index":5,"embedding":[1]}],"usage":{"prompt_tokens":2}}"#;
         assert!(refused(beyond, 1, 1).contains("out of range"));
         let unbilled = br#"{"data":[{"index":0,"embedding":[1]}]}"#;
         assert!(refused(unbilled, 1, 1).contains("no usage"));
+        let free = br#"{"data":[{"index":0,"embedding":[1]}],"usage":{"prompt_tokens":0}}"#;
+        assert!(refused(free, 1, 1).contains("no usage"));
+        let raw = br#"{"data":[{"index":0,"embedding":[3,4]}],"usage":{"prompt_tokens":2}}"#;
+        assert!(refused(raw, 1, 2).contains("length 5, not 1"));
         let huge = br#"{"data":[{"index":0,"embedding":[1e300]}],"usage":{"prompt_tokens":2}}"#;
         assert!(refused(huge, 1, 1).contains("not finite"));
-        assert!(refused(b"<html>", 1, 1).contains("embeddings"));
+        assert!(refused(b"<html>", 1, 1).contains("expected value"));
     }
 
     #[test]
