@@ -847,11 +847,14 @@ async fn status(base: &str) -> Result<()> {
                 ms.iter()
                     .map(|m| {
                         let ok = m["admitted"] == true && m["circuit"] == "closed";
-                        format!(
-                            "{}{}",
-                            m["id"].as_str().unwrap_or("?"),
-                            if ok { "" } else { "*" }
-                        )
+                        let mark = if m["held"] == true {
+                            "!"
+                        } else if ok {
+                            ""
+                        } else {
+                            "*"
+                        };
+                        format!("{}{mark}", m["id"].as_str().unwrap_or("?"))
                     })
                     .collect()
             })
@@ -880,7 +883,10 @@ async fn status(base: &str) -> Result<()> {
             n["address"].as_str().unwrap_or("?"),
         );
     }
-    println!("(* = calibrating or circuit open: no user traffic)");
+    println!(
+        "(* = calibrating or circuit open, ! = held: other nodes serve the id as another kind; \
+         no user traffic either way)"
+    );
     let known = v["known"].as_array().map_or(0, Vec::len);
     println!("{known} node(s) in the registry database");
     Ok(())

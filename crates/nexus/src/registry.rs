@@ -232,6 +232,8 @@ pub struct ModelStatus {
     /// Weight format the node registered, e.g. `Q4_K_M`, when known.
     pub quantization: Option<String>,
     pub admitted: bool,
+    /// Passed calibration but held back: admitted nodes serve this id as another kind.
+    pub held: bool,
     pub circuit: &'static str,
 }
 
@@ -617,6 +619,7 @@ impl Registry {
                             id: m.id.clone(),
                             quantization: m.quantization.clone(),
                             admitted: h.is_some_and(|h| h.admitted),
+                            held: h.is_some_and(|h| h.held && !h.admitted),
                             circuit: match h.map(|h| h.breaker.state()) {
                                 Some(lattice_router::BreakerState::Closed { .. }) => "closed",
                                 Some(lattice_router::BreakerState::HalfOpen) => "half-open",
