@@ -11,7 +11,14 @@ const POLL_MS = 2000;
 
 function health(n) {
   const open = n.models.filter((m) => m.circuit !== 'closed');
-  if (!n.models.some((m) => m.admitted)) return h('span', { class: 'badge warn' }, 'Calibrating');
+  if (!n.models.some((m) => m.admitted)) {
+    const held = n.models.filter((m) => m.held);
+    if (held.length) {
+      const why = `${held.map((m) => m.id).join(', ')}: other nodes serve this id as another kind (text or embeddings)`;
+      return h('span', { class: 'badge warn', title: why }, 'Held');
+    }
+    return h('span', { class: 'badge warn' }, 'Calibrating');
+  }
   if (open.length) return h('span', { class: 'badge bad', title: open.map((m) => `${m.id}: ${m.circuit}`).join(', ') }, 'Failing');
   return h('span', { class: 'badge ok' }, 'Healthy');
 }
