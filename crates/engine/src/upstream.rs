@@ -262,11 +262,18 @@ impl UpstreamEngine {
                 capacity: self.cfg.max_in_flight,
             });
         }
-        let body = serde_json::json!({
-            "model": self.cfg.upstream_model,
-            "input": texts,
-            "encoding_format": "float",
-        });
+        #[derive(Serialize)]
+        struct EmbedBody<'a> {
+            model: &'a str,
+            input: &'a [String],
+            encoding_format: &'static str,
+        }
+        // Borrowed, not copied into a JSON value first (up to 2,048 texts).
+        let body = EmbedBody {
+            model: &self.cfg.upstream_model,
+            input: texts,
+            encoding_format: "float",
+        };
         let (resp, lease) = self
             .post(&self.embeddings_path, &req.request_id, &body)
             .await?;
